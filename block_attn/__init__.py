@@ -1,0 +1,32 @@
+"""block_attn: exact, memory-efficient block-diagonal and causal attention for PyTorch.
+
+Functions take SDPA's layout: q (B, Hq, N, D), k and v (B, Hkv, N, D).
+"""
+
+from block_attn import reference
+from block_attn.api import attention, block_diagonal_attention, causal_attention
+from block_attn.blocks import BlockLayout
+
+
+def build_info() -> dict:
+    """What the native extension was built with.
+
+    Returns:
+        dict with keys ``cuda`` (bool: CUDA kernels compiled), ``cuda_archs`` (str),
+        ``torch_version`` (the torch it was built against), ``openmp`` (bool),
+        ``cpu_threads`` (threads the CPU kernels use) and ``parallel_backend`` (ATen's report).
+    """
+    from block_attn import _C
+
+    return dict(_C.build_info())
+
+
+__all__ = [
+    "BlockLayout",
+    "attention",
+    "block_diagonal_attention",
+    "build_info",
+    "causal_attention",
+    "reference",
+]
+__version__ = "0.1.0"

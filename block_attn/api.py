@@ -1,0 +1,126 @@
+"""Public attention functions."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from block_attn import ops
+from block_attn.blocks import make_layout
+from block_attn.validation import check_qkv, resolve_scale, with_unit_last_stride
+
+__all__ = ["attention", "block_diagonal_attention", "causal_attention"]
+
+CuSeqlens = torch.Tensor | Sequence[int]
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    block_size: int | None = None,
+    cu_seqlens: CuSeqlens | None = None,
+    causal: bool = False,
+    scale: float | None = None,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Exact scaled dot-product attention with block-diagonal and/or causal masks.
+
+    Never materialises an Nq×Nk matrix; work grows with Σ b_i² (the blocks' squared lengths),
+    not N².
+
+    Args:
+        q: (B, Hq, Nq, D) queries, PyTorch SDPA's layout. Any strides with unit stride in the
+            last dim are used without a copy (e.g. ``x.view(B, N, H, D).transpose(1, 2)``).
+        k: (B, Hkv, Nk, D) keys. ``Hq % Hkv == 0``: query head h reads kv head
+            ``h // (Hq // Hkv)`` (GQA / MQA).
+        v: (B, Hkv, Nk, D) values.
+        block_size: tokens ``[i*b, (i+1)*b)`` form block i; the last block may be shorter.
+        cu_seqlens: block offsets ``0 = c0 < c1 < ... < cm = N`` as a 1-D int32/int64 tensor
+            (any device; a CUDA tensor is read once on the host) or a list of ints; block j is
+            ``[c_j, c_{j+1})`` (packed documents). ``block_size`` and ``cu_seqlens`` need
+            Nq == Nk; pass at most one. Neither means one block (full attention).
+        causal: inside a block, query i attends key j iff j <= i. With no blocks and Nq != Nk
+            the mask is aligned bottom-right: query i attends key j iff j <= i + Nk - Nq
+            (FlashAttention's convention). PyTorch SDPA's ``is_causal`` aligns top-left
+            (j <= i) instead; the two agree when Nq == Nk. A query with no allowed key outputs
+            0 and lse = -inf.
+        scale: multiplies q·k before the softmax; default 1/sqrt(D).
+        return_lse: also return the log-sum-exp of the scaled scores over allowed keys.
+
+    Returns:
+        out: (B, Hq, Nq, D) in q's dtype, in q's memory layout when q is dense.
+        lse: (B, Hq, Nq) float32, only with ``return_lse=True``.
+
+    Float16 and bfloat16 are computed with float32 accumulation. NaN or Inf in q, k or v
+    propagate to the outputs of the rows that see them (as in any softmax attention); they are
+    not detected.
+    """
+    check_qkv(q, k, v)
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    scale = resolve_scale(scale, q.shape[-1])
+    layout = make_layout(q.shape[2], k.shape[2], block_size, cu_seqlens)
+    if q.numel() == 0 or layout.num_blocks == 0:
+        out = torch.zeros_like(q) + 0 * q.sum()  # keeps autograd connected
+        lse = torch.full(q.shape[:3], float("-inf"), dtype=torch.float32, device=q.device)
+        return (out, lse) if return_lse else out
+    cu_seqlens_q, cu_seqlens_k = layout.tensors(q.device)
+    out, lse = ops.attention_forward(
+        with_unit_last_stride(q),
+        with_unit_last_stride(k),
+        with_unit_last_stride(v),
+        cu_seqlens_q,
+        cu_seqlens_k,
+        layout.max_len_q,
+        layout.max_len_k,
+        causal,
+        scale,
+    )
+    return (out, lse) if return_lse else out
+
+
+def block_diagonal_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_size: int | None = None,
+    *,
+    cu_seqlens: CuSeqlens | None = None,
+    causal: bool = False,
+    scale: float | None = None,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Attention restricted to diagonal blocks; exactly one of ``block_size``/``cu_seqlens``.
+
+    Same arguments and shapes as :func:`attention`.
+    """
+    if block_size is None and cu_seqlens is None:
+        raise ValueError("block_diagonal_attention needs block_size or cu_seqlens, got neither")
+    return attention(
+        q,
+        k,
+        v,
+        block_size=block_size,
+        cu_seqlens=cu_seqlens,
+        causal=causal,
+        scale=scale,
+        return_lse=return_lse,
+    )
+
+
+def causal_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float | None = None,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention over the whole sequence (bottom-right aligned when Nq != Nk).
+
+    Same arguments and shapes as :func:`attention`.
+    """
+    return attention(q, k, v, causal=True, scale=scale, return_lse=return_lse)

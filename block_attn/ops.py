@@ -1,0 +1,152 @@
+"""The block_attn operators: fake (meta) kernels and autograd wiring.
+
+The schemas live in ``csrc/ops.cpp``; device kernels register in C++. This module makes the
+forward op differentiable (through the ``attention_backward`` op) and traceable by
+``torch.compile`` (through fake kernels that give output shapes without computing).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from block_attn import _C  # noqa: F401  (loading the extension registers the operators)
+
+__all__ = ["attention_backward", "attention_forward"]
+
+
+def attention_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    causal: bool,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw forward operator; inputs are assumed validated (see ``block_attn.attention``).
+
+    Args:
+        q: (B, Hq, Nq, D), unit stride in D.
+        k, v: (B, Hkv, Nk, D), unit stride in D; Hq % Hkv == 0.
+        cu_seqlens_q, cu_seqlens_k: (num_blocks + 1,) int32 offsets on q's device; block j
+            pairs queries [cu_q[j], cu_q[j+1]) with keys [cu_k[j], cu_k[j+1]).
+        max_seqlen_q, max_seqlen_k: the longest query / key block.
+        causal: bottom-right aligned causal mask inside each block.
+        scale: multiplies q·k before the softmax.
+
+    Returns:
+        out (B, Hq, Nq, D) in q's dtype and layout; lse (B, Hq, Nq) float32.
+    """
+    return torch.ops.block_attn.attention_forward.default(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale
+    )
+
+
+def attention_backward(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    grad_lse: torch.Tensor | None,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    causal: bool,
+    scale: float,
+    deterministic: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Raw backward operator: (grad_q, grad_k, grad_v) shaped like (q, k, v)."""
+    return torch.ops.block_attn.attention_backward.default(
+        grad_out,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        grad_lse,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        max_seqlen_q,
+        max_seqlen_k,
+        causal,
+        scale,
+        deterministic,
+    )
+
+
+@torch.library.register_fake("block_attn::attention_forward")
+def _attention_forward_fake(
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale
+):
+    out = torch.empty_like(q)
+    lse = q.new_empty((q.shape[0], q.shape[1], q.shape[2]), dtype=torch.float32)
+    return out, lse
+
+
+@torch.library.register_fake("block_attn::attention_backward")
+def _attention_backward_fake(
+    grad_out,
+    q,
+    k,
+    v,
+    out,
+    lse,
+    grad_lse,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    causal,
+    scale,
+    deterministic,
+):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _with_unit_last_stride(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
+    ctx.max_seqlen_q = max_seqlen_q
+    ctx.max_seqlen_k = max_seqlen_k
+    ctx.causal = causal
+    ctx.scale = scale
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    grad_lse = None if grad_lse is None else grad_lse.to(torch.float32).contiguous()
+    grad_q, grad_k, grad_v = attention_backward(
+        _with_unit_last_stride(grad_out),
+        q,
+        k,
+        v,
+        out,
+        lse,
+        grad_lse,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        ctx.max_seqlen_q,
+        ctx.max_seqlen_k,
+        ctx.causal,
+        ctx.scale,
+        torch.are_deterministic_algorithms_enabled(),
+    )
+    return grad_q, grad_k, grad_v, None, None, None, None, None, None
+
+
+torch.library.register_autograd(
+    "block_attn::attention_forward", _backward, setup_context=_setup_context
+)

@@ -1,0 +1,52 @@
+"""Pure-PyTorch reference attention: materialises the (Nq, Nk) mask. The tests' ground truth.
+
+It computes in the inputs' dtype (the softmax in float32), so running it on float64 inputs
+gives the high-precision answer and on float16/bfloat16 inputs the low-precision baseline that
+a kernel's error is compared against.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from block_attn.blocks import make_layout
+from block_attn.validation import check_qkv, resolve_scale
+
+__all__ = ["attention"]
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    block_size: int | None = None,
+    cu_seqlens: torch.Tensor | Sequence[int] | None = None,
+    causal: bool = False,
+    scale: float | None = None,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Same contract as :func:`block_attn.attention`, computed densely. O(Nq·Nk) memory."""
+    check_qkv(q, k, v)
+    scale = resolve_scale(scale, q.shape[-1])
+    layout = make_layout(q.shape[2], k.shape[2], block_size, cu_seqlens)
+    groups = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(groups, dim=1)
+    v = v.repeat_interleave(groups, dim=1)
+    if layout.num_blocks == 0:
+        allowed = torch.zeros(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device)
+    else:
+        allowed = layout.mask(causal, device=q.device)
+    scores = torch.matmul(q, k.transpose(-2, -1)) * scale
+    scores = scores.float() if scores.dtype != torch.float64 else scores
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    # Rows with no allowed key: softmax would be NaN; they output 0.
+    has_key = allowed.any(dim=-1)
+    probs = torch.softmax(scores.masked_fill(~has_key[:, None], 0.0), dim=-1)
+    probs = probs.masked_fill(~has_key[:, None], 0.0).to(q.dtype)
+    out = torch.matmul(probs, v)
+    lse = lse.to(torch.float32)
+    return (out, lse) if return_lse else out

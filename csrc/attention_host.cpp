@@ -1,0 +1,150 @@
+#include "attention_host.h"
+
+#include <cmath>
+#include <limits>
+
+namespace block_attn {
+namespace {
+
+void check_attention_tensor(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() == 4, name, " must be 4-D (batch, heads, seqlen, head_dim), got ", t.dim(),
+              "-D");
+  TORCH_CHECK(t.size(-1) <= 1 || t.stride(-1) == 1, name,
+              " must have unit stride in its last (head_dim) dimension, got stride ", t.stride(-1));
+}
+
+void check_offsets(const at::Tensor& cu, const char* name, const at::Tensor& q) {
+  TORCH_CHECK(cu.dim() == 1 && cu.size(0) >= 2, name,
+              " must be 1-D with at least 2 offsets, got shape ", cu.sizes());
+  TORCH_CHECK(cu.scalar_type() == at::kInt, name, " must be int32, got ", cu.scalar_type());
+  TORCH_CHECK(cu.device() == q.device(), name, " must be on q's device ", q.device(), ", got ",
+              cu.device());
+  TORCH_CHECK(cu.is_contiguous(), name, " must be contiguous");
+}
+
+void fill_strides(const at::Tensor& t, int64_t& batch, int64_t& head, int64_t& row) {
+  batch = t.stride(0);
+  head = t.stride(1);
+  row = t.stride(2);
+}
+
+}  // namespace
+
+void check_forward_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                          const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
+                          int64_t max_seqlen_q, int64_t max_seqlen_k, double scale) {
+  check_attention_tensor(q, "q");
+  check_attention_tensor(k, "k");
+  check_attention_tensor(v, "v");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
+              "q, k and v must share a dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ",
+              v.scalar_type());
+  TORCH_CHECK(q.device() == k.device() && q.device() == v.device(),
+              "q, k and v must be on one device, got ", q.device(), ", ", k.device(), ", ",
+              v.device());
+  TORCH_CHECK(k.sizes() == v.sizes(), "k and v must have the same shape, got ", k.sizes(), " and ",
+              v.sizes());
+  TORCH_CHECK(q.size(0) == k.size(0), "q and k must have the same batch size, got ", q.size(0),
+              " and ", k.size(0));
+  TORCH_CHECK(q.size(3) == k.size(3), "q and k must have the same head_dim, got ", q.size(3),
+              " and ", k.size(3));
+  TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0,
+              "the number of query heads must be a multiple of the number of kv heads, got ",
+              q.size(1), " and ", k.size(1));
+  check_offsets(cu_seqlens_q, "cu_seqlens_q", q);
+  check_offsets(cu_seqlens_k, "cu_seqlens_k", q);
+  TORCH_CHECK(cu_seqlens_q.size(0) == cu_seqlens_k.size(0),
+              "cu_seqlens_q and cu_seqlens_k must describe the same number of blocks, got ",
+              cu_seqlens_q.size(0) - 1, " and ", cu_seqlens_k.size(0) - 1);
+  TORCH_CHECK(max_seqlen_q >= 0 && max_seqlen_k >= 0,
+              "max_seqlen_q and max_seqlen_k must be non-negative");
+  TORCH_CHECK(std::isfinite(scale), "scale must be finite, got ", scale);
+  constexpr int64_t kInt32Max = std::numeric_limits<int32_t>::max();
+  TORCH_CHECK(q.size(2) <= kInt32Max && k.size(2) <= kInt32Max,
+              "sequence lengths must fit in int32");
+}
+
+void check_backward_inputs(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+                           const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                           const std::optional<at::Tensor>& grad_lse) {
+  check_attention_tensor(grad_out, "grad_out");
+  check_attention_tensor(out, "out");
+  TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(),
+              "grad_out and out must have q's shape ", q.sizes(), ", got ", grad_out.sizes(),
+              " and ", out.sizes());
+  TORCH_CHECK(grad_out.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(),
+              "grad_out and out must have q's dtype ", q.scalar_type());
+  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.is_contiguous() && lse.dim() == 3 &&
+                  lse.size(0) == q.size(0) && lse.size(1) == q.size(1) && lse.size(2) == q.size(2),
+              "lse must be a contiguous float32 tensor of shape (batch, heads_q, seqlen_q)");
+  if (grad_lse.has_value()) {
+    TORCH_CHECK(grad_lse->scalar_type() == at::kFloat && grad_lse->sizes() == lse.sizes(),
+                "grad_lse must be float32 with lse's shape ", lse.sizes());
+  }
+}
+
+ForwardParams make_forward_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                  const at::Tensor& out, const at::Tensor& lse,
+                                  const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
+                                  int64_t max_seqlen_q, int64_t max_seqlen_k, bool is_causal,
+                                  double scale) {
+  ForwardParams p{};
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  fill_strides(q, p.q_batch_stride, p.q_head_stride, p.q_row_stride);
+  fill_strides(k, p.k_batch_stride, p.k_head_stride, p.k_row_stride);
+  fill_strides(v, p.v_batch_stride, p.v_head_stride, p.v_row_stride);
+  fill_strides(out, p.out_batch_stride, p.out_head_stride, p.out_row_stride);
+  p.cu_seqlens_q = cu_seqlens_q.data_ptr<int32_t>();
+  p.cu_seqlens_k = cu_seqlens_k.data_ptr<int32_t>();
+  p.num_blocks = static_cast<int>(cu_seqlens_q.size(0) - 1);
+  p.max_seqlen_q = static_cast<int>(max_seqlen_q);
+  p.max_seqlen_k = static_cast<int>(max_seqlen_k);
+  p.batch = static_cast<int>(q.size(0));
+  p.heads_q = static_cast<int>(q.size(1));
+  p.heads_kv = static_cast<int>(k.size(1));
+  p.seqlen_q = static_cast<int>(q.size(2));
+  p.seqlen_k = static_cast<int>(k.size(2));
+  p.head_dim = static_cast<int>(q.size(3));
+  p.scale = static_cast<float>(scale);
+  p.is_causal = is_causal;
+  return p;
+}
+
+BackwardParams make_backward_params(const at::Tensor& grad_out, const at::Tensor& q,
+                                    const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+                                    const at::Tensor& lse, const std::optional<at::Tensor>& grad_lse,
+                                    const at::Tensor& grad_q, const at::Tensor& grad_k,
+                                    const at::Tensor& grad_v, const at::Tensor& cu_seqlens_q,
+                                    const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+                                    int64_t max_seqlen_k, bool is_causal, double scale,
+                                    bool deterministic) {
+  BackwardParams p{};
+  static_cast<ForwardParams&>(p) = make_forward_params(
+      q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal, scale);
+  p.grad_out = grad_out.data_ptr();
+  p.grad_lse = grad_lse.has_value() ? grad_lse->data_ptr<float>() : nullptr;
+  p.grad_q = grad_q.data_ptr();
+  p.grad_k = grad_k.data_ptr();
+  p.grad_v = grad_v.data_ptr();
+  fill_strides(grad_out, p.grad_out_batch_stride, p.grad_out_head_stride, p.grad_out_row_stride);
+  fill_strides(grad_q, p.grad_q_batch_stride, p.grad_q_head_stride, p.grad_q_row_stride);
+  fill_strides(grad_k, p.grad_k_batch_stride, p.grad_k_head_stride, p.grad_k_row_stride);
+  fill_strides(grad_v, p.grad_v_batch_stride, p.grad_v_head_stride, p.grad_v_row_stride);
+  p.deterministic = deterministic;
+  return p;
+}
+
+at::Tensor empty_output_like(const at::Tensor& q) {
+  // empty_like keeps q's dense layout (including a transposed (B, N, H, D) view).
+  return at::empty_like(q);
+}
+
+at::Tensor empty_lse_for(const at::Tensor& q) {
+  return at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
+}
+
+}  // namespace block_attn

@@ -1,0 +1,42 @@
+// Host-side checks and Params construction shared by every device's registration.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+
+#include "attention_params.h"
+
+namespace block_attn {
+
+// Checks what the op itself needs (the Python layer validates user input first, with friendlier
+// messages); every message names the argument.
+void check_forward_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                          const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
+                          int64_t max_seqlen_q, int64_t max_seqlen_k, double scale);
+
+ForwardParams make_forward_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                  const at::Tensor& out, const at::Tensor& lse,
+                                  const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
+                                  int64_t max_seqlen_q, int64_t max_seqlen_k, bool is_causal,
+                                  double scale);
+
+void check_backward_inputs(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+                           const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                           const std::optional<at::Tensor>& grad_lse);
+
+BackwardParams make_backward_params(const at::Tensor& grad_out, const at::Tensor& q,
+                                    const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+                                    const at::Tensor& lse, const std::optional<at::Tensor>& grad_lse,
+                                    const at::Tensor& grad_q, const at::Tensor& grad_k,
+                                    const at::Tensor& grad_v, const at::Tensor& cu_seqlens_q,
+                                    const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+                                    int64_t max_seqlen_k, bool is_causal, double scale,
+                                    bool deterministic);
+
+// Output of the forward: same shape, dtype and memory layout as q (a transposed (B, N, H, D)
+// view stays transposed), and lse of shape (B, Hq, Nq) in float32.
+at::Tensor empty_output_like(const at::Tensor& q);
+at::Tensor empty_lse_for(const at::Tensor& q);
+
+}  // namespace block_attn

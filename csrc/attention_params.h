@@ -1,0 +1,60 @@
+// Plain description of one attention call, shared by the CPU and CUDA kernels.
+// No ATen types: CUDA kernel files include only this header.
+#pragma once
+
+#include <cstdint>
+
+namespace block_attn {
+
+// Forward inputs and outputs. Tensors are (batch, heads, seqlen, head_dim) with unit stride in
+// head_dim; the other strides are in elements. Block j pairs queries
+// [cu_seqlens_q[j], cu_seqlens_q[j+1]) with keys [cu_seqlens_k[j], cu_seqlens_k[j+1]).
+// With is_causal, local query i of a block attends local key t iff
+// t <= i + (block_len_k - block_len_q) (bottom-right aligned). A query with no allowed key
+// gets out = 0 and lse = -inf.
+struct ForwardParams {
+  const void* q;
+  const void* k;
+  const void* v;
+  void* out;
+  float* lse;  // (batch, heads_q, seqlen_q), contiguous
+
+  int64_t q_batch_stride, q_head_stride, q_row_stride;
+  int64_t k_batch_stride, k_head_stride, k_row_stride;
+  int64_t v_batch_stride, v_head_stride, v_row_stride;
+  int64_t out_batch_stride, out_head_stride, out_row_stride;
+
+  const int32_t* cu_seqlens_q;  // num_blocks + 1 offsets, on the kernel's device
+  const int32_t* cu_seqlens_k;
+  int num_blocks;
+  int max_seqlen_q;  // longest query block
+  int max_seqlen_k;  // longest key block
+
+  int batch;
+  int heads_q;
+  int heads_kv;  // heads_q % heads_kv == 0; query head h reads kv head h / (heads_q / heads_kv)
+  int seqlen_q;
+  int seqlen_k;
+  int head_dim;
+
+  float scale;
+  bool is_causal;
+};
+
+// Backward: the forward's fields plus the gradients. grad_lse may be null (treated as zero).
+struct BackwardParams : ForwardParams {
+  const void* grad_out;
+  const float* grad_lse;  // (batch, heads_q, seqlen_q), contiguous, or nullptr
+  void* grad_q;
+  void* grad_k;
+  void* grad_v;
+
+  int64_t grad_out_batch_stride, grad_out_head_stride, grad_out_row_stride;
+  int64_t grad_q_batch_stride, grad_q_head_stride, grad_q_row_stride;
+  int64_t grad_k_batch_stride, grad_k_head_stride, grad_k_row_stride;
+  int64_t grad_v_batch_stride, grad_v_head_stride, grad_v_row_stride;
+
+  bool deterministic;  // CUDA: no atomics in the reductions; CPU kernels are always deterministic
+};
+
+}  // namespace block_attn

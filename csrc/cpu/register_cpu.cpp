@@ -1,0 +1,63 @@
+// Registers the CPU kernels for the block_attn operators.
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include "../attention_host.h"
+#include "attention_cpu.h"
+
+namespace block_attn {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& q, const at::Tensor& k,
+                                                         const at::Tensor& v,
+                                                         const at::Tensor& cu_seqlens_q,
+                                                         const at::Tensor& cu_seqlens_k,
+                                                         int64_t max_seqlen_q, int64_t max_seqlen_k,
+                                                         bool causal, double scale) {
+  check_forward_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale);
+  at::Tensor out = empty_output_like(q);
+  at::Tensor lse = empty_lse_for(q);
+  if (q.numel() == 0) {
+    lse.fill_(-std::numeric_limits<float>::infinity());
+    return {out, lse};
+  }
+  const ForwardParams params = make_forward_params(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
+                                                   max_seqlen_q, max_seqlen_k, causal, scale);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attention_forward",
+                                  [&] { cpu::run_forward<scalar_t>(params); });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& grad_lse,
+    const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+    int64_t max_seqlen_k, bool causal, double scale, bool deterministic) {
+  check_forward_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale);
+  check_backward_inputs(grad_out, q, k, v, out, lse, grad_lse);
+  at::Tensor grad_q = at::empty_like(q);
+  at::Tensor grad_k = at::empty_like(k);
+  at::Tensor grad_v = at::empty_like(v);
+  if (q.numel() == 0 || k.numel() == 0) {
+    grad_q.zero_();
+    grad_k.zero_();
+    grad_v.zero_();
+    return {grad_q, grad_k, grad_v};
+  }
+  const BackwardParams params =
+      make_backward_params(grad_out, q, k, v, out, lse, grad_lse, grad_q, grad_k, grad_v,
+                           cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
+                           deterministic);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attention_backward",
+                                  [&] { cpu::run_backward<scalar_t>(params); });
+  return {grad_q, grad_k, grad_v};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(block_attn, CPU, m) {
+  m.impl("attention_forward", &attention_forward_cpu);
+  m.impl("attention_backward", &attention_backward_cpu);
+}
+
+}  // namespace block_attn

@@ -1,0 +1,53 @@
+// The one place that declares every block_attn operator schema, plus the pybind11 module that
+// exposes what is not an operator (build information).
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+#include <torch/library.h>
+#include <torch/version.h>
+
+#ifndef BLOCK_ATTN_CUDA_ARCHS
+#define BLOCK_ATTN_CUDA_ARCHS ""
+#endif
+
+TORCH_LIBRARY(block_attn, m) {
+  // Block j pairs queries [cu_seqlens_q[j], cu_seqlens_q[j+1]) with keys
+  // [cu_seqlens_k[j], cu_seqlens_k[j+1]); causal masking is bottom-right aligned per block.
+  m.def(
+      "attention_forward(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
+      "int max_seqlen_q, int max_seqlen_k, bool causal, float scale) -> (Tensor out, Tensor lse)");
+  m.def(
+      "attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+      "Tensor? grad_lse, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, "
+      "int max_seqlen_k, bool causal, float scale, bool deterministic) "
+      "-> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
+}
+
+namespace {
+
+pybind11::dict build_info() {
+  pybind11::dict info;
+#ifdef BLOCK_ATTN_WITH_CUDA
+  info["cuda"] = true;
+#else
+  info["cuda"] = false;
+#endif
+  info["cuda_archs"] = std::string(BLOCK_ATTN_CUDA_ARCHS);
+  info["torch_version"] = std::string(TORCH_VERSION);
+#ifdef _OPENMP
+  info["openmp"] = true;
+#else
+  info["openmp"] = false;
+#endif
+  info["cpu_threads"] = at::get_num_threads();
+  info["parallel_backend"] = at::get_parallel_info();
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
+  module.doc() = "block_attn native extension: operators are registered under torch.ops.block_attn";
+  module.def("build_info", &build_info,
+             "What was compiled: CUDA kernels or not, CUDA archs, the torch version built against, "
+             "OpenMP, and the number of CPU threads the kernels use.");
+}

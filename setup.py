@@ -1,0 +1,75 @@
+"""Builds block_attn's native extension against the installed PyTorch.
+
+CPU kernels are always built. CUDA kernels are added when torch is a CUDA build and nvcc is
+found (CUDA_HOME), or forced with BLOCK_ATTN_CUDA=1; BLOCK_ATTN_CUDA=0 forces a CPU-only build.
+TORCH_CUDA_ARCH_LIST picks the GPU archs (default: 8.0 8.6 8.9 9.0).
+Build with `pip install --no-build-isolation .` so the extension links the torch you have.
+"""
+
+import glob
+import os
+
+from setuptools import setup
+from torch.utils import cpp_extension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_CUDA_ARCHS = "8.0;8.6;8.9;9.0"
+
+
+def want_cuda() -> bool:
+    forced = os.environ.get("BLOCK_ATTN_CUDA")
+    if forced == "0":
+        return False
+    available = cpp_extension.CUDA_HOME is not None and __import__("torch").version.cuda is not None
+    if forced == "1":
+        if not available:
+            raise RuntimeError(
+                "BLOCK_ATTN_CUDA=1 but torch is not a CUDA build or nvcc was not found "
+                "(set CUDA_HOME to the CUDA toolkit)"
+            )
+        return True
+    return available
+
+
+def cuda_include_dirs() -> list[str]:
+    """cuBLAS/cuSPARSE headers that torch's CUDA headers include, from the nvidia pip wheels."""
+    import site
+
+    dirs = []
+    for base in [*site.getsitepackages(), site.getusersitepackages()]:
+        dirs += glob.glob(os.path.join(base, "nvidia", "cu*", "include"))
+        dirs += glob.glob(os.path.join(base, "nvidia", "*", "include"))
+    return [d for d in dirs if os.path.isdir(d)]
+
+
+def sources(pattern: str) -> list[str]:
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+
+
+def make_extension():
+    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+    link_flags = ["-fopenmp"]
+    srcs = sources("csrc/*.cpp") + sources("csrc/cpu/*.cpp")
+    if not want_cuda():
+        return cpp_extension.CppExtension(
+            "block_attn._C",
+            srcs,
+            extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=link_flags,
+        )
+    archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
+    defines = ["-DBLOCK_ATTN_WITH_CUDA", f'-DBLOCK_ATTN_CUDA_ARCHS="{archs}"']
+    nvcc_flags = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+    return cpp_extension.CUDAExtension(
+        "block_attn._C",
+        srcs + sources("csrc/cuda/*.cpp") + sources("csrc/cuda/*.cu") + sources("csrc/cuda/*/*.cu"),
+        include_dirs=cuda_include_dirs(),
+        extra_compile_args={"cxx": cxx_flags + defines, "nvcc": nvcc_flags + defines},
+        extra_link_args=link_flags,
+    )
+
+
+setup(
+    ext_modules=[make_extension()],
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+)
