@@ -47,7 +47,7 @@ def sources(pattern: str) -> list[str]:
 
 
 def make_extension():
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+    cxx_flags = ["-O3", "-fopenmp"]
     link_flags = ["-fopenmp"]
     srcs = sources("csrc/*.cpp") + sources("csrc/cpu/*.cpp")
     if not want_cuda():
@@ -59,7 +59,7 @@ def make_extension():
         )
     archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
     defines = ["-DBLOCK_ATTN_WITH_CUDA", f'-DBLOCK_ATTN_CUDA_ARCHS="{archs}"']
-    nvcc_flags = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+    nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
     return cpp_extension.CUDAExtension(
         "block_attn._C",
         srcs + sources("csrc/cuda/*.cpp") + sources("csrc/cuda/*.cu") + sources("csrc/cuda/*/*.cu"),
