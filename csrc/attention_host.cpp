@@ -109,7 +109,7 @@ ForwardParams make_forward_params(const at::Tensor& q, const at::Tensor& k, cons
   p.seqlen_q = static_cast<int>(q.size(2));
   p.seqlen_k = static_cast<int>(k.size(2));
   p.head_dim = static_cast<int>(q.size(3));
-  p.scale = static_cast<float>(scale);
+  p.scale = scale;
   p.is_causal = is_causal;
   return p;
 }

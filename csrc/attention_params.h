@@ -37,7 +37,7 @@ struct ForwardParams {
   int seqlen_k;
   int head_dim;
 
-  float scale;
+  double scale;  // double so float64 inputs are not rounded through float32
   bool is_causal;
 };
 

@@ -1,0 +1,71 @@
+// Work items of the CPU kernels: tiles of one block, listed once so that blocks of very
+// different lengths still balance across threads.
+#pragma once
+
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "../attention_params.h"
+
+namespace block_attn::cpu {
+
+// Rows [begin, end) of block `block`, local to the block.
+struct Tile {
+  int block;
+  int begin;
+  int end;
+};
+
+struct BlockExtent {
+  int64_t q_start;
+  int64_t k_start;
+  int len_q;
+  int len_k;
+};
+
+inline BlockExtent block_extent(const ForwardParams& p, int block) {
+  const int64_t q0 = p.cu_seqlens_q[block], q1 = p.cu_seqlens_q[block + 1];
+  const int64_t k0 = p.cu_seqlens_k[block], k1 = p.cu_seqlens_k[block + 1];
+  return {q0, k0, static_cast<int>(q1 - q0), static_cast<int>(k1 - k0)};
+}
+
+// The offsets live in host memory for CPU kernels, so they are checked here once: an invalid
+// list would otherwise index out of bounds.
+inline void check_host_offsets(const int32_t* offsets, int num_blocks, int seqlen,
+                               const char* name) {
+  TORCH_CHECK(offsets[0] == 0, name, " must start at 0, got ", offsets[0]);
+  for (int j = 0; j < num_blocks; ++j) {
+    TORCH_CHECK(offsets[j + 1] >= offsets[j], name, " must be non-decreasing, but offset ",
+                j + 1, " (", offsets[j + 1], ") < offset ", j, " (", offsets[j], ")");
+  }
+  TORCH_CHECK(offsets[num_blocks] == seqlen, name, " must end at the sequence length ", seqlen,
+              ", got ", offsets[num_blocks]);
+}
+
+// Splits every block's rows (queries when `by_query`, else keys) into tiles of `tile` rows.
+inline std::vector<Tile> make_tiles(const ForwardParams& p, int tile, bool by_query) {
+  std::vector<Tile> tiles;
+  for (int j = 0; j < p.num_blocks; ++j) {
+    const BlockExtent e = block_extent(p, j);
+    const int len = by_query ? e.len_q : e.len_k;
+    for (int r = 0; r < len; r += tile) tiles.push_back({j, r, std::min(len, r + tile)});
+  }
+  return tiles;
+}
+
+// Causal limit: local query i sees local keys t < key_end(i). Without causal, all len_k keys.
+inline int causal_key_end(int query, const BlockExtent& e, bool is_causal) {
+  if (!is_causal) return e.len_k;
+  return std::clamp(query + 1 + e.len_k - e.len_q, 0, e.len_k);
+}
+
+// Causal limit: key t is seen by local queries i >= query_begin(t).
+inline int causal_query_begin(int key, const BlockExtent& e, bool is_causal) {
+  if (!is_causal) return 0;
+  return std::clamp(key - (e.len_k - e.len_q), 0, e.len_q);
+}
+
+}  // namespace block_attn::cpu
