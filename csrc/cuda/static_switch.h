@@ -59,3 +59,19 @@
       return __VA_ARGS__();                             \
     }                                                   \
   }()
+
+// Rounds head_dim up to the head dims the tensor-core kernels are built for. 64 and 128 are the
+// common sizes and get exact tiles; the rest pays for zero padding up to the next size.
+#define FLASH_HEADDIM_SWITCH(HEADDIM, CONST_NAME, ...) \
+  [&] {                                                \
+    if (HEADDIM <= 64) {                               \
+      constexpr static int CONST_NAME = 64;            \
+      return __VA_ARGS__();                            \
+    } else if (HEADDIM <= 128) {                       \
+      constexpr static int CONST_NAME = 128;           \
+      return __VA_ARGS__();                            \
+    } else {                                           \
+      constexpr static int CONST_NAME = 256;           \
+      return __VA_ARGS__();                            \
+    }                                                  \
+  }()
