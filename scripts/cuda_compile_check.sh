@@ -53,12 +53,15 @@ SO="$(find "$LIB_DIR" -name '_C*.so' | head -n 1)"
 
 # Undefined symbols of our own namespace mean a kernel or host function was declared but never
 # compiled in; torch/CUDA symbols are resolved when torch is imported.
-undefined="$(nm -C -u "$SO" | grep 'block_attn::' || true)"
+# (nm's output is captured first: grep -q closing the pipe early would fail it under pipefail.)
+undefined_all="$(nm -C -u "$SO")"
+undefined="$(grep 'block_attn::' <<<"$undefined_all" || true)"
 if [[ -n "$undefined" ]]; then
   echo "$undefined" >&2
   fail "$SO leaves block_attn symbols undefined"
 fi
-nm -C "$SO" | grep -q 'block_attn::cuda::launch_forward' ||
+defined_all="$(nm -C --defined-only "$SO")"
+grep -q 'block_attn::cuda::launch_forward' <<<"$defined_all" ||
   fail "$SO has no CUDA forward (was it built without BLOCK_ATTN_CUDA?)"
 
 echo "cuda_compile_check: OK: $SO built in ${elapsed}s (archs $TORCH_CUDA_ARCH_LIST)"

@@ -28,6 +28,17 @@ cudaError_t launch_forward_flash(const ForwardParams& params, cudaStream_t strea
   });
 }
 
+// Backward accumulators (two head_dim-wide tiles per warp) stop fitting in registers above 128.
+template <typename T>
+cudaError_t launch_backward_flash(const BackwardParams& params, void* delta, cudaStream_t stream) {
+  return BOOL_SWITCH(params.head_dim <= 64, kSmallHeadDim, [&] {
+    constexpr int kHeadDim = kSmallHeadDim ? 64 : 128;
+    return BOOL_SWITCH(params.is_causal, kIsCausal, [&] {
+      return run_bwd_flash<T, kHeadDim, kIsCausal>(params, delta, stream);
+    });
+  });
+}
+
 }  // namespace
 
 cudaError_t launch_forward(const ForwardParams& params, DType dtype, cudaStream_t stream) {
@@ -52,6 +63,16 @@ cudaError_t launch_forward(const ForwardParams& params, DType dtype, cudaStream_
 cudaError_t launch_backward(const BackwardParams& params, const BackwardWorkspace& workspace,
                             DType dtype, cudaStream_t stream) {
   if (params.head_dim < 1 || params.head_dim > kMaxHeadDim) return cudaErrorInvalidValue;
+  if ((dtype == DType::kFloat16 || dtype == DType::kBFloat16) && params.head_dim <= 128) {
+    bool tensor_cores = false;
+    const cudaError_t err = device_has_tensor_core_kernels(tensor_cores);
+    if (err != cudaSuccess) return err;
+    if (tensor_cores) {
+      return dtype == DType::kFloat16
+                 ? launch_backward_flash<__half>(params, workspace.delta, stream)
+                 : launch_backward_flash<__nv_bfloat16>(params, workspace.delta, stream);
+    }
+  }
   return DTYPE_SWITCH(dtype, T, [&] {
     return SIMPLE_HEADDIM_SWITCH(params.head_dim, kHeadDim, [&] {
       return BOOL_SWITCH(params.is_causal, kIsCausal, [&] {

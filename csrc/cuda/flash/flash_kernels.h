@@ -11,4 +11,9 @@ namespace block_attn::cuda {
 template <typename T, int kHeadDim, bool kIsCausal>
 cudaError_t run_fwd_flash(const ForwardParams& params, cudaStream_t stream);
 
+// kHeadDim: head_dim rounded up to 64 or 128 (larger head dims use the simple backward).
+// delta: the workspace of launch_backward (float, (batch, heads_q, seqlen_q)).
+template <typename T, int kHeadDim, bool kIsCausal>
+cudaError_t run_bwd_flash(const BackwardParams& params, void* delta, cudaStream_t stream);
+
 }  // namespace block_attn::cuda

@@ -12,6 +12,7 @@
 #include "../utils.cuh"
 #include "flash_kernels.h"
 #include "mma_utils.cuh"
+#include "tile_io.cuh"
 
 namespace block_attn::cuda {
 
@@ -28,33 +29,6 @@ struct FlashFwdTraits {
   static constexpr int kSharedBytes = (kBlockM + 2 * kBlockN) * kSmemStride * 2;
   static_assert(kHeadDim % 16 == 0 && kHeadDim <= 256, "unsupported head dim");
 };
-
-// Stages rows [row0, row0 + kRows) of a (rows, head_dim) matrix in shared memory; rows past
-// `rows` and columns past head_dim are zero so they add nothing to the products. `vectorized`:
-// every 16-byte chunk of a row is 16-byte aligned in global memory (cp.async); otherwise the
-// chunk is copied element by element.
-template <typename Traits, int kRows, typename T>
-__device__ __forceinline__ void load_tile_async(T* smem, const T* gmem, int64_t row_stride,
-                                                int row0, int rows, int head_dim, bool vectorized) {
-  constexpr int kChunks = Traits::kHeadDim / 8;
-  for (int idx = threadIdx.x; idx < kRows * kChunks; idx += Traits::kThreads) {
-    const int r = idx / kChunks;
-    const int c = (idx % kChunks) * 8;
-    T* dst = smem + r * Traits::kSmemStride + c;
-    const int row = row0 + r;
-    if (row < rows && c < head_dim) {
-      const T* src = gmem + static_cast<int64_t>(row) * row_stride + c;
-      if (vectorized) {
-        cp_async_16(dst, src);
-      } else {
-#pragma unroll
-        for (int e = 0; e < 8; ++e) dst[e] = c + e < head_dim ? src[e] : from_acc<T>(0.f);
-      }
-    } else {
-      *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);
-    }
-  }
-}
 
 template <typename Traits, typename T, bool kIsCausal>
 __global__ void __launch_bounds__(Traits::kThreads)
@@ -236,35 +210,8 @@ __global__ void __launch_bounds__(Traits::kThreads)
 
   T* out = static_cast<T*>(params.out) + batch * params.out_batch_stride +
            head * params.out_head_stride + static_cast<int64_t>(qr.start) * params.out_row_stride;
-  constexpr int kChunks = kHeadDim / 8;
-  for (int idx = threadIdx.x; idx < kBlockM * kChunks; idx += Traits::kThreads) {
-    const int r = idx / kChunks;
-    const int c = (idx % kChunks) * 8;
-    const int i = m0 + r;
-    if (i >= qr.length || c >= head_dim) continue;
-    T* dst = out + static_cast<int64_t>(i) * params.out_row_stride + c;
-    const T* src = sO + r * kStride + c;
-    if (vectorized) {
-      *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
-    } else {
-      for (int e = 0; e < 8 && c + e < head_dim; ++e) dst[e] = src[e];
-    }
-  }
+  store_tile<Traits, kBlockM>(out, params.out_row_stride, sO, m0, qr.length, head_dim, vectorized);
 #endif
-}
-
-// cp.async and 16-byte stores need every row chunk 16-byte aligned: aligned base pointers and
-// strides and head_dim that are multiples of 8 elements.
-inline bool rows_are_16_byte_aligned(const ForwardParams& p) {
-  auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
-  const int64_t strides[] = {p.q_batch_stride,   p.q_head_stride,   p.q_row_stride,
-                             p.k_batch_stride,   p.k_head_stride,   p.k_row_stride,
-                             p.v_batch_stride,   p.v_head_stride,   p.v_row_stride,
-                             p.out_batch_stride, p.out_head_stride, p.out_row_stride};
-  for (const int64_t s : strides) {
-    if (s % 8 != 0) return false;
-  }
-  return p.head_dim % 8 == 0 && aligned(p.q) && aligned(p.k) && aligned(p.v) && aligned(p.out);
 }
 
 template <typename T, int kHeadDim, bool kIsCausal>
