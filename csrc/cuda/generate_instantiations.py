@@ -1,6 +1,7 @@
 """Writes one small .cu per kernel instantiation into instantiations/ so they compile in parallel.
 
-Run from anywhere after changing the lists below: python csrc/cuda/generate_instantiations.py
+Run from anywhere after changing the lists below, then format the output:
+  python csrc/cuda/generate_instantiations.py && clang-format -i csrc/cuda/instantiations/*.cu
 """
 
 import pathlib

@@ -30,7 +30,7 @@ cuda::DType to_kernel_dtype(at::ScalarType t) {
 }
 
 // Limits that only the CUDA kernels have (grid dimensions, register tiles).
-void check_cuda_limits(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cu_seqlens_q) {
+void check_cuda_limits(const at::Tensor& q, const at::Tensor& cu_seqlens_q) {
   TORCH_CHECK(q.is_cuda(), "q must be a CUDA tensor, got device ", q.device());
   TORCH_CHECK(q.size(3) <= cuda::kMaxHeadDim, "head_dim must be at most ", cuda::kMaxHeadDim,
               " on CUDA, got ", q.size(3));
@@ -39,7 +39,6 @@ void check_cuda_limits(const at::Tensor& q, const at::Tensor& k, const at::Tenso
               " blocks are supported on CUDA, got ", cu_seqlens_q.size(0) - 1);
   TORCH_CHECK(q.size(0) * q.size(1) <= kMaxGridYZ, "batch * heads_q must be at most ", kMaxGridYZ,
               " on CUDA, got ", q.size(0) * q.size(1));
-  (void)k;
 }
 
 std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(
@@ -47,7 +46,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(
     const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, bool causal,
     double scale) {
   check_forward_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale);
-  check_cuda_limits(q, k, cu_seqlens_q);
+  check_cuda_limits(q, cu_seqlens_q);
   const c10::cuda::CUDAGuard device_guard(q.device());
   at::Tensor out = empty_output_like(q);
   at::Tensor lse = empty_lse_for(q);
@@ -70,7 +69,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
     int64_t max_seqlen_k, bool causal, double scale, bool deterministic) {
   check_forward_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale);
   check_backward_inputs(grad_out, q, k, v, out, lse, grad_lse);
-  check_cuda_limits(q, k, cu_seqlens_q);
+  check_cuda_limits(q, cu_seqlens_q);
   TORCH_CHECK(
       grad_out.device() == q.device() && out.device() == q.device() && lse.device() == q.device(),
       "grad_out, out and lse must be on q's device ", q.device());

@@ -3,9 +3,7 @@
 
 namespace block_attn::cuda {
 
-template cudaError_t run_bwd_simple<__half, 64, false>(
-    const BackwardParams&, void*, cudaStream_t);
-template cudaError_t run_bwd_simple<__half, 64, true>(
-    const BackwardParams&, void*, cudaStream_t);
+template cudaError_t run_bwd_simple<__half, 64, false>(const BackwardParams&, void*, cudaStream_t);
+template cudaError_t run_bwd_simple<__half, 64, true>(const BackwardParams&, void*, cudaStream_t);
 
 }  // namespace block_attn::cuda

@@ -3,9 +3,7 @@
 
 namespace block_attn::cuda {
 
-template cudaError_t run_fwd_flash<__nv_bfloat16, 64, false>(
-    const ForwardParams&, cudaStream_t);
-template cudaError_t run_fwd_flash<__nv_bfloat16, 64, true>(
-    const ForwardParams&, cudaStream_t);
+template cudaError_t run_fwd_flash<__nv_bfloat16, 64, false>(const ForwardParams&, cudaStream_t);
+template cudaError_t run_fwd_flash<__nv_bfloat16, 64, true>(const ForwardParams&, cudaStream_t);
 
 }  // namespace block_attn::cuda
