@@ -1,0 +1,353 @@
+// Tensor-core backward for float16/bfloat16, deterministic without atomics:
+//   1. delta_kernel (shared with the simple backward): Delta_i = rowsum(dO_i * O_i) - grad_lse_i.
+//   2. dkdv_flash_kernel: a CTA owns kBlockN keys of a block and kv head (16 per warp) and loops
+//      over the group's query heads and the query tiles that see its keys, double-buffering
+//      Q / dO tiles with cp.async. Per tile: S^T = K Q^T, dP^T = V dO^T, P^T = exp(S^T - lse),
+//      dS^T = P^T (dP^T - Delta), dV += P^T dO, dK += dS^T Q.
+//   3. dq_flash_kernel: a CTA owns kBlockM queries and loops over the key tiles they see:
+//      dQ += dS K.
+// Causal: query/key tiles that see nothing are skipped; only tiles crossing the diagonal (or the
+// block's end) are masked.
+#pragma once
+
+#include "../simple/bwd_simple.cuh"
+#include "../utils.cuh"
+#include "flash_kernels.h"
+#include "mma_utils.cuh"
+#include "tile_io.cuh"
+#include "warp_gemm.cuh"
+
+namespace block_attn::cuda {
+
+template <int kHeadDim_>
+struct FlashBwdTraits {
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kWarps = 4;
+  static constexpr int kThreads = kWarps * 32;
+  // Rows a CTA owns (16 per warp) and rows of the tiles it streams. The streamed tile is 32 rows
+  // at head_dim 128 so that two head_dim-wide accumulators plus two score tiles fit in registers.
+  static constexpr int kBlockOwn = 16 * kWarps;
+  static constexpr int kBlockStream = kHeadDim <= 64 ? 64 : 32;
+  static constexpr int kSmemStride = kHeadDim + 8;  // elements; +16 bytes against bank conflicts
+  // Two owned tiles plus two double-buffered streamed tiles, and per streamed row lse and Delta.
+  static constexpr int kSharedBytes =
+      (2 * kBlockOwn + 4 * kBlockStream) * kSmemStride * 2 + 2 * 2 * kBlockStream * 4;
+  static_assert(kHeadDim % 16 == 0 && kHeadDim <= 128, "unsupported head dim");
+};
+
+template <typename Traits, typename T, bool kIsCausal>
+__global__ void __launch_bounds__(Traits::kThreads)
+    dkdv_flash_kernel(const BackwardParams params, const float* delta, const bool vectorized) {
+#ifdef BLOCK_ATTN_SM80_OR_NEWER
+  constexpr int kBlockN = Traits::kBlockOwn;     // keys of this CTA
+  constexpr int kBlockM = Traits::kBlockStream;  // queries per streamed tile
+  constexpr int kHeadDim = Traits::kHeadDim;
+  constexpr int kStride = Traits::kSmemStride;
+
+  const BlockRange qr = block_range(params.cu_seqlens_q, blockIdx.y);
+  const BlockRange kr = block_range(params.cu_seqlens_k, blockIdx.y);
+  const int n0 = blockIdx.x * kBlockN;
+  if (n0 >= kr.length) return;
+  const int batch = blockIdx.z / params.heads_kv;
+  const int head_kv = blockIdx.z % params.heads_kv;
+  const int group = params.heads_q / params.heads_kv;
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int group_row = lane / 4;
+  const int quad_col = lane % 4;
+  const int head_dim = params.head_dim;
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* sK = reinterpret_cast<T*>(smem_raw);
+  T* sV = sK + kBlockN * kStride;
+  // Double buffers: buffer b of a tile starts b * (one tile) after its first buffer.
+  constexpr int kTile = kBlockM * kStride;
+  T* sQ = sV + kBlockN * kStride;
+  T* sdO = sQ + 2 * kTile;
+  float* s_lse = reinterpret_cast<float*>(sdO + 2 * kTile);
+  float* s_delta = s_lse + 2 * kBlockM;
+
+  const T* k = static_cast<const T*>(params.k) + batch * params.k_batch_stride +
+               head_kv * params.k_head_stride +
+               static_cast<int64_t>(kr.start) * params.k_row_stride;
+  const T* v = static_cast<const T*>(params.v) + batch * params.v_batch_stride +
+               head_kv * params.v_head_stride +
+               static_cast<int64_t>(kr.start) * params.v_row_stride;
+  load_tile_async<Traits, kBlockN>(sK, k, params.k_row_stride, n0, kr.length, head_dim, vectorized);
+  load_tile_async<Traits, kBlockN>(sV, v, params.v_row_stride, n0, kr.length, head_dim, vectorized);
+
+  // Query tiles that may see a key of this tile, for each query head of the group.
+  const int m_begin = kIsCausal ? causal_query_begin(n0, qr.length, kr.length) : 0;
+  const int m_tiles = ceil_div(qr.length - m_begin, kBlockM);
+  const int iterations = group * m_tiles;
+  constexpr float kLog2e = 1.4426950408889634f;
+
+  auto load_query_tile = [&](int it, int buf) {
+    const int head = head_kv * group + it / m_tiles;
+    const int m0 = m_begin + (it % m_tiles) * kBlockM;
+    const T* q = static_cast<const T*>(params.q) + batch * params.q_batch_stride +
+                 head * params.q_head_stride + static_cast<int64_t>(qr.start) * params.q_row_stride;
+    const T* grad_out = static_cast<const T*>(params.grad_out) +
+                        batch * params.grad_out_batch_stride + head * params.grad_out_head_stride +
+                        static_cast<int64_t>(qr.start) * params.grad_out_row_stride;
+    load_tile_async<Traits, kBlockM>((sQ + buf * kTile), q, params.q_row_stride, m0, qr.length,
+                                     head_dim, vectorized);
+    load_tile_async<Traits, kBlockM>((sdO + buf * kTile), grad_out, params.grad_out_row_stride, m0,
+                                     qr.length, head_dim, vectorized);
+    const int64_t row_base =
+        (static_cast<int64_t>(batch) * params.heads_q + head) * params.seqlen_q + qr.start;
+    for (int r = threadIdx.x; r < kBlockM; r += Traits::kThreads) {
+      const int i = m0 + r;
+      // +inf makes P = 0 on rows past the block.
+      s_lse[buf * kBlockM + r] = i < qr.length ? params.lse[row_base + i] * kLog2e : INFINITY;
+      s_delta[buf * kBlockM + r] = i < qr.length ? delta[row_base + i] : 0.f;
+    }
+  };
+
+  if (iterations > 0) load_query_tile(0, 0);
+  cp_async_commit();
+
+  const float scale_log2 = params.scale * kLog2e;
+  float dk[kHeadDim / 8][4];
+  float dv[kHeadDim / 8][4];
+#pragma unroll
+  for (int d = 0; d < kHeadDim / 8; ++d) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dk[d][e] = dv[d][e] = 0.f;
+  }
+  const T* sK_warp = sK + warp * 16 * kStride;
+  const T* sV_warp = sV + warp * 16 * kStride;
+
+  for (int it = 0; it < iterations; ++it) {
+    const int buf = it % 2;
+    cp_async_wait_all();
+    __syncthreads();  // tile `it` is in; every warp is done with the other buffer
+    if (it + 1 < iterations) load_query_tile(it + 1, buf ^ 1);
+    cp_async_commit();
+    const int m0 = m_begin + (it % m_tiles) * kBlockM;
+
+    float s[kBlockM / 8][4];
+    float dp[kBlockM / 8][4];
+#pragma unroll
+    for (int n = 0; n < kBlockM / 8; ++n) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[n][e] = dp[n][e] = 0.f;
+    }
+    warp_gemm_abt<T, kHeadDim, kBlockM, kStride>(s, sK_warp, (sQ + buf * kTile), lane);
+    warp_gemm_abt<T, kHeadDim, kBlockM, kStride>(dp, sV_warp, (sdO + buf * kTile), lane);
+
+    const bool needs_mask = m0 + kBlockM > qr.length ||
+                            (kIsCausal && n0 + kBlockN > causal_key_end(m0, qr.length, kr.length));
+#pragma unroll
+    for (int n = 0; n < kBlockM / 8; ++n) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int col = n * 8 + quad_col * 2 + (e % 2);  // query within the tile
+        float p = exp2f(s[n][e] * scale_log2 - s_lse[buf * kBlockM + col]);
+        if (needs_mask) {
+          const int t = n0 + warp * 16 + group_row + (e / 2) * 8;
+          const int i = m0 + col;
+          const bool allowed =
+              i < qr.length && (!kIsCausal || t < causal_key_end(i, qr.length, kr.length));
+          if (!allowed) p = 0.f;
+        }
+        s[n][e] = p;
+        dp[n][e] = p * (dp[n][e] - s_delta[buf * kBlockM + col]);
+      }
+    }
+    warp_gemm_pb<T, kBlockM, kHeadDim, kStride>(dv, s, (sdO + buf * kTile), lane);
+    warp_gemm_pb<T, kBlockM, kHeadDim, kStride>(dk, dp, (sQ + buf * kTile), lane);
+  }
+
+  cp_async_wait_all();
+  __syncthreads();
+  // Each warp overwrites only its own rows of sK / sV, which only it has read.
+  warp_store_acc<T, kHeadDim, kStride>(sK + warp * 16 * kStride, dk, params.scale, lane);
+  warp_store_acc<T, kHeadDim, kStride>(sV + warp * 16 * kStride, dv, 1.f, lane);
+  __syncthreads();
+  T* grad_k = static_cast<T*>(params.grad_k) + batch * params.grad_k_batch_stride +
+              head_kv * params.grad_k_head_stride +
+              static_cast<int64_t>(kr.start) * params.grad_k_row_stride;
+  T* grad_v = static_cast<T*>(params.grad_v) + batch * params.grad_v_batch_stride +
+              head_kv * params.grad_v_head_stride +
+              static_cast<int64_t>(kr.start) * params.grad_v_row_stride;
+  store_tile<Traits, kBlockN>(grad_k, params.grad_k_row_stride, sK, n0, kr.length, head_dim,
+                              vectorized);
+  store_tile<Traits, kBlockN>(grad_v, params.grad_v_row_stride, sV, n0, kr.length, head_dim,
+                              vectorized);
+#endif
+}
+
+template <typename Traits, typename T, bool kIsCausal>
+__global__ void __launch_bounds__(Traits::kThreads)
+    dq_flash_kernel(const BackwardParams params, const float* delta, const bool vectorized) {
+#ifdef BLOCK_ATTN_SM80_OR_NEWER
+  constexpr int kBlockM = Traits::kBlockOwn;     // queries of this CTA
+  constexpr int kBlockN = Traits::kBlockStream;  // keys per streamed tile
+  constexpr int kHeadDim = Traits::kHeadDim;
+  constexpr int kStride = Traits::kSmemStride;
+
+  const BlockRange qr = block_range(params.cu_seqlens_q, blockIdx.y);
+  const BlockRange kr = block_range(params.cu_seqlens_k, blockIdx.y);
+  const int m0 = blockIdx.x * kBlockM;
+  if (m0 >= qr.length) return;
+  const int batch = blockIdx.z / params.heads_q;
+  const int head = blockIdx.z % params.heads_q;
+  const int head_kv = head / (params.heads_q / params.heads_kv);
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int group_row = lane / 4;
+  const int quad_col = lane % 4;
+  const int head_dim = params.head_dim;
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* sQ = reinterpret_cast<T*>(smem_raw);
+  T* sdO = sQ + kBlockM * kStride;
+  // Double buffers: buffer b of a tile starts b * (one tile) after its first buffer.
+  constexpr int kTile = kBlockN * kStride;
+  T* sK = sdO + kBlockM * kStride;
+  T* sV = sK + 2 * kTile;
+
+  const T* q = static_cast<const T*>(params.q) + batch * params.q_batch_stride +
+               head * params.q_head_stride + static_cast<int64_t>(qr.start) * params.q_row_stride;
+  const T* grad_out = static_cast<const T*>(params.grad_out) +
+                      batch * params.grad_out_batch_stride + head * params.grad_out_head_stride +
+                      static_cast<int64_t>(qr.start) * params.grad_out_row_stride;
+  const T* k = static_cast<const T*>(params.k) + batch * params.k_batch_stride +
+               head_kv * params.k_head_stride +
+               static_cast<int64_t>(kr.start) * params.k_row_stride;
+  const T* v = static_cast<const T*>(params.v) + batch * params.v_batch_stride +
+               head_kv * params.v_head_stride +
+               static_cast<int64_t>(kr.start) * params.v_row_stride;
+
+  const int last_row = min(m0 + kBlockM, qr.length) - 1;
+  const int n_end = kIsCausal ? causal_key_end(last_row, qr.length, kr.length) : kr.length;
+  const int unmasked_end = kIsCausal ? causal_key_end(m0, qr.length, kr.length) : kr.length;
+  const int n_tiles = ceil_div(n_end, kBlockN);
+
+  load_tile_async<Traits, kBlockM>(sQ, q, params.q_row_stride, m0, qr.length, head_dim, vectorized);
+  load_tile_async<Traits, kBlockM>(sdO, grad_out, params.grad_out_row_stride, m0, qr.length,
+                                   head_dim, vectorized);
+  if (n_tiles > 0) {
+    load_tile_async<Traits, kBlockN>(sK, k, params.k_row_stride, 0, n_end, head_dim, vectorized);
+    load_tile_async<Traits, kBlockN>(sV, v, params.v_row_stride, 0, n_end, head_dim, vectorized);
+  }
+  cp_async_commit();
+
+  constexpr float kLog2e = 1.4426950408889634f;
+  const float scale_log2 = params.scale * kLog2e;
+  const int64_t row_base =
+      (static_cast<int64_t>(batch) * params.heads_q + head) * params.seqlen_q + qr.start;
+  float lse_log2[2];
+  float row_delta[2];
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    const int i = m0 + warp * 16 + group_row + rr * 8;
+    lse_log2[rr] = i < qr.length ? params.lse[row_base + i] * kLog2e : INFINITY;
+    row_delta[rr] = i < qr.length ? delta[row_base + i] : 0.f;
+  }
+
+  float dq[kHeadDim / 8][4];
+#pragma unroll
+  for (int d = 0; d < kHeadDim / 8; ++d) dq[d][0] = dq[d][1] = dq[d][2] = dq[d][3] = 0.f;
+  const T* sQ_warp = sQ + warp * 16 * kStride;
+  const T* sdO_warp = sdO + warp * 16 * kStride;
+
+  for (int j = 0; j < n_tiles; ++j) {
+    const int buf = j % 2;
+    const int n0 = j * kBlockN;
+    cp_async_wait_all();
+    __syncthreads();  // tile j is in; every warp is done with the other buffer
+    if (j + 1 < n_tiles) {
+      load_tile_async<Traits, kBlockN>((sK + (buf ^ 1) * kTile), k, params.k_row_stride,
+                                       n0 + kBlockN, n_end, head_dim, vectorized);
+      load_tile_async<Traits, kBlockN>((sV + (buf ^ 1) * kTile), v, params.v_row_stride,
+                                       n0 + kBlockN, n_end, head_dim, vectorized);
+    }
+    cp_async_commit();
+
+    float s[kBlockN / 8][4];
+    float dp[kBlockN / 8][4];
+#pragma unroll
+    for (int n = 0; n < kBlockN / 8; ++n) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[n][e] = dp[n][e] = 0.f;
+    }
+    warp_gemm_abt<T, kHeadDim, kBlockN, kStride>(s, sQ_warp, (sK + buf * kTile), lane);
+    warp_gemm_abt<T, kHeadDim, kBlockN, kStride>(dp, sdO_warp, (sV + buf * kTile), lane);
+
+    const bool needs_mask = n0 + kBlockN > unmasked_end;
+#pragma unroll
+    for (int n = 0; n < kBlockN / 8; ++n) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int rr = e / 2;
+        float p = exp2f(s[n][e] * scale_log2 - lse_log2[rr]);
+        if (needs_mask) {
+          const int i = m0 + warp * 16 + group_row + rr * 8;
+          const int key = n0 + n * 8 + quad_col * 2 + (e % 2);
+          const int key_end = kIsCausal ? causal_key_end(i, qr.length, kr.length) : kr.length;
+          if (key >= key_end) p = 0.f;
+        }
+        s[n][e] = p * (dp[n][e] - row_delta[rr]);  // dS
+      }
+    }
+    warp_gemm_pb<T, kBlockN, kHeadDim, kStride>(dq, s, (sK + buf * kTile), lane);
+  }
+
+  cp_async_wait_all();
+  __syncthreads();
+  warp_store_acc<T, kHeadDim, kStride>(sQ + warp * 16 * kStride, dq, params.scale, lane);
+  __syncthreads();
+  T* grad_q = static_cast<T*>(params.grad_q) + batch * params.grad_q_batch_stride +
+              head * params.grad_q_head_stride +
+              static_cast<int64_t>(qr.start) * params.grad_q_row_stride;
+  store_tile<Traits, kBlockM>(grad_q, params.grad_q_row_stride, sQ, m0, qr.length, head_dim,
+                              vectorized);
+#endif
+}
+
+template <typename Kernel>
+cudaError_t allow_shared_bytes(Kernel kernel, int bytes) {
+  if (bytes <= 48 * 1024) return cudaSuccess;
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+}
+
+template <typename T, int kHeadDim, bool kIsCausal>
+cudaError_t run_bwd_flash(const BackwardParams& params, void* delta_workspace,
+                          cudaStream_t stream) {
+  using Traits = FlashBwdTraits<kHeadDim>;
+  auto* delta = static_cast<float*>(delta_workspace);
+  const bool vectorized = rows_are_16_byte_aligned(params);
+  if (params.seqlen_q > 0 && params.batch * params.heads_q > 0) {
+    delta_kernel<T>
+        <<<dim3(ceil_div(params.seqlen_q, 4), params.batch * params.heads_q), 128, 0, stream>>>(
+            params, delta);
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  const dim3 grid_dkdv(ceil_div(params.max_seqlen_k, Traits::kBlockOwn), params.num_blocks,
+                       params.batch * params.heads_kv);
+  if (grid_dkdv.x > 0 && grid_dkdv.y > 0 && grid_dkdv.z > 0) {
+    auto kernel = dkdv_flash_kernel<Traits, T, kIsCausal>;
+    cudaError_t err = allow_shared_bytes(kernel, Traits::kSharedBytes);
+    if (err != cudaSuccess) return err;
+    kernel<<<grid_dkdv, Traits::kThreads, Traits::kSharedBytes, stream>>>(params, delta,
+                                                                          vectorized);
+    err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  const dim3 grid_dq(ceil_div(params.max_seqlen_q, Traits::kBlockOwn), params.num_blocks,
+                     params.batch * params.heads_q);
+  if (grid_dq.x > 0 && grid_dq.y > 0 && grid_dq.z > 0) {
+    auto kernel = dq_flash_kernel<Traits, T, kIsCausal>;
+    cudaError_t err = allow_shared_bytes(kernel, Traits::kSharedBytes);
+    if (err != cudaSuccess) return err;
+    kernel<<<grid_dq, Traits::kThreads, Traits::kSharedBytes, stream>>>(params, delta, vectorized);
+    err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
+}
+
+}  // namespace block_attn::cuda

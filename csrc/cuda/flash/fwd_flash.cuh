@@ -1,0 +1,234 @@
+// FlashAttention-2-style forward on tensor cores for float16/bfloat16.
+//
+// Grid (query tiles of the longest block, blocks, batch * heads_q); a CTA reads its block's
+// offsets on the device and exits if its tile lies past the block. Four warps each own 16 query
+// rows of a kBlockM = 64 tile; S = Q K^T and O += P V use mma.sync.m16n8k16 with fp32
+// accumulators, O and the softmax statistics stay in registers. Loads use cp.async: V_j streams
+// in while S_j is computed, and K_{j+1} while P_j V_j is. Shared-memory rows are padded by 16
+// bytes so the eight row addresses of every ldmatrix hit distinct banks.
+// Causal: only key tiles up to the diagonal are visited and only tiles crossing it are masked.
+#pragma once
+
+#include "../utils.cuh"
+#include "flash_kernels.h"
+#include "mma_utils.cuh"
+#include "tile_io.cuh"
+
+namespace block_attn::cuda {
+
+template <int kHeadDim_>
+struct FlashFwdTraits {
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kWarps = 4;
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int kBlockM = 16 * kWarps;
+  // 64 keys per tile up to head_dim 128; 32 at 256 keeps O (head_dim / 2 floats per thread) and
+  // S in registers without spilling.
+  static constexpr int kBlockN = kHeadDim <= 128 ? 64 : 32;
+  static constexpr int kSmemStride = kHeadDim + 8;  // elements; +16 bytes against bank conflicts
+  static constexpr int kSharedBytes = (kBlockM + 2 * kBlockN) * kSmemStride * 2;
+  static_assert(kHeadDim % 16 == 0 && kHeadDim <= 256, "unsupported head dim");
+};
+
+template <typename Traits, typename T, bool kIsCausal>
+__global__ void __launch_bounds__(Traits::kThreads)
+    fwd_flash_kernel(const ForwardParams params, const bool vectorized) {
+#ifdef BLOCK_ATTN_SM80_OR_NEWER
+  constexpr int kBlockM = Traits::kBlockM;
+  constexpr int kBlockN = Traits::kBlockN;
+  constexpr int kHeadDim = Traits::kHeadDim;
+  constexpr int kStride = Traits::kSmemStride;
+  constexpr int kNBlocksS = kBlockN / 8;   // 8-column mma tiles of S
+  constexpr int kNBlocksO = kHeadDim / 8;  // 8-column mma tiles of O
+
+  const BlockRange qr = block_range(params.cu_seqlens_q, blockIdx.y);
+  const BlockRange kr = block_range(params.cu_seqlens_k, blockIdx.y);
+  const int m0 = blockIdx.x * kBlockM;
+  if (m0 >= qr.length) return;
+  const int batch = blockIdx.z / params.heads_q;
+  const int head = blockIdx.z % params.heads_q;
+  const int head_kv = head / (params.heads_q / params.heads_kv);
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int group_row = lane / 4;  // row of the mma fragments (and row + 8)
+  const int quad_col = lane % 4;   // column pair of the mma fragments
+  const int head_dim = params.head_dim;
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* sQ = reinterpret_cast<T*>(smem_raw);
+  T* sK = sQ + kBlockM * kStride;
+  T* sV = sK + kBlockN * kStride;
+
+  const T* q = static_cast<const T*>(params.q) + batch * params.q_batch_stride +
+               head * params.q_head_stride + static_cast<int64_t>(qr.start) * params.q_row_stride;
+  const T* k = static_cast<const T*>(params.k) + batch * params.k_batch_stride +
+               head_kv * params.k_head_stride +
+               static_cast<int64_t>(kr.start) * params.k_row_stride;
+  const T* v = static_cast<const T*>(params.v) + batch * params.v_batch_stride +
+               head_kv * params.v_head_stride +
+               static_cast<int64_t>(kr.start) * params.v_row_stride;
+
+  // Keys some row of the tile may see, and keys every row sees (no mask needed below it).
+  const int last_row = min(m0 + kBlockM, qr.length) - 1;
+  const int n_end = kIsCausal ? causal_key_end(last_row, qr.length, kr.length) : kr.length;
+  const int unmasked_end = kIsCausal ? causal_key_end(m0, qr.length, kr.length) : kr.length;
+  const int n_tiles = ceil_div(n_end, kBlockN);
+
+  // Scores are kept in the log2 domain: exp(x * scale) = exp2(x * scale * log2(e)).
+  const float scale_log2 = params.scale * 1.4426950408889634f;
+  float acc_o[kNBlocksO][4];
+#pragma unroll
+  for (int d = 0; d < kNBlocksO; ++d) acc_o[d][0] = acc_o[d][1] = acc_o[d][2] = acc_o[d][3] = 0.f;
+  float row_max[2] = {-INFINITY, -INFINITY};
+  float row_sum[2] = {0.f, 0.f};  // per-thread partial sums, reduced over the quad at the end
+
+  load_tile_async<Traits, kBlockM>(sQ, q, params.q_row_stride, m0, qr.length, head_dim, vectorized);
+  if (n_tiles > 0) {
+    load_tile_async<Traits, kBlockN>(sK, k, params.k_row_stride, 0, n_end, head_dim, vectorized);
+  }
+  cp_async_commit();
+
+  for (int j = 0; j < n_tiles; ++j) {
+    const int n0 = j * kBlockN;
+    cp_async_wait_all();
+    __syncthreads();  // K_j is in; every warp is done with V_{j-1}
+    load_tile_async<Traits, kBlockN>(sV, v, params.v_row_stride, n0, n_end, head_dim, vectorized);
+    cp_async_commit();
+
+    float s[kNBlocksS][4];
+#pragma unroll
+    for (int n = 0; n < kNBlocksS; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+#pragma unroll
+    for (int ks = 0; ks < kHeadDim / 16; ++ks) {
+      uint32_t a[4];
+      ldmatrix_x4(a, sQ + (warp * 16 + (lane % 16)) * kStride + ks * 16 + (lane / 16) * 8);
+#pragma unroll
+      for (int n2 = 0; n2 < kBlockN / 16; ++n2) {
+        uint32_t b[4];
+        ldmatrix_x4(b, sK + (n2 * 16 + (lane % 8) + (lane / 16) * 8) * kStride + ks * 16 +
+                           ((lane / 8) % 2) * 8);
+        mma_16816<T>(s[2 * n2], a, b[0], b[1]);
+        mma_16816<T>(s[2 * n2 + 1], a, b[2], b[3]);
+      }
+    }
+
+    // Scale first (scale may be negative), then mask the tiles that cross the diagonal or the
+    // block's end.
+    const bool needs_mask = n0 + kBlockN > unmasked_end;
+#pragma unroll
+    for (int n = 0; n < kNBlocksS; ++n) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        s[n][e] *= scale_log2;
+        if (needs_mask) {
+          const int i = m0 + warp * 16 + group_row + (e / 2) * 8;
+          const int key = n0 + n * 8 + quad_col * 2 + (e % 2);
+          const int key_end = kIsCausal ? causal_key_end(i, qr.length, kr.length) : kr.length;
+          if (key >= key_end) s[n][e] = -INFINITY;
+        }
+      }
+    }
+
+    // Online softmax for rows group_row (e = 0, 1) and group_row + 8 (e = 2, 3).
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+      float mx = row_max[rr];
+#pragma unroll
+      for (int n = 0; n < kNBlocksS; ++n) mx = fmaxf(mx, fmaxf(s[n][2 * rr], s[n][2 * rr + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      // A row with no allowed key so far keeps max -inf; subtract 0 instead to avoid inf - inf.
+      const float m_use = mx == -INFINITY ? 0.f : mx;
+      const float alpha = exp2f(row_max[rr] - m_use);
+      row_max[rr] = mx;
+      row_sum[rr] *= alpha;
+#pragma unroll
+      for (int d = 0; d < kNBlocksO; ++d) {
+        acc_o[d][2 * rr] *= alpha;
+        acc_o[d][2 * rr + 1] *= alpha;
+      }
+#pragma unroll
+      for (int n = 0; n < kNBlocksS; ++n) {
+        s[n][2 * rr] = exp2f(s[n][2 * rr] - m_use);
+        s[n][2 * rr + 1] = exp2f(s[n][2 * rr + 1] - m_use);
+        row_sum[rr] += s[n][2 * rr] + s[n][2 * rr + 1];
+      }
+    }
+
+    cp_async_wait_all();
+    __syncthreads();  // V_j is in; every warp is done with K_j
+    if (j + 1 < n_tiles) {
+      load_tile_async<Traits, kBlockN>(sK, k, params.k_row_stride, n0 + kBlockN, n_end, head_dim,
+                                       vectorized);
+    }
+    cp_async_commit();
+
+    // O += P V: the S accumulators of two adjacent 8-key tiles form one 16-key A fragment.
+#pragma unroll
+    for (int kk = 0; kk < kBlockN / 16; ++kk) {
+      uint32_t a[4];
+      a[0] = pack2<T>(s[2 * kk][0], s[2 * kk][1]);
+      a[1] = pack2<T>(s[2 * kk][2], s[2 * kk][3]);
+      a[2] = pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+      a[3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+#pragma unroll
+      for (int d2 = 0; d2 < kHeadDim / 16; ++d2) {
+        uint32_t b[4];
+        ldmatrix_x4_trans(b, sV + (kk * 16 + (lane % 8) + ((lane / 8) % 2) * 8) * kStride +
+                                 d2 * 16 + (lane / 16) * 8);
+        mma_16816<T>(acc_o[2 * d2], a, b[0], b[1]);
+        mma_16816<T>(acc_o[2 * d2 + 1], a, b[2], b[3]);
+      }
+    }
+  }
+
+  cp_async_wait_all();
+  __syncthreads();  // all loads landed and all warps are done with shared memory
+
+  // Normalise, stage O in shared memory (over Q) and write real rows and columns only.
+  float* lse = params.lse +
+               (static_cast<int64_t>(batch) * params.heads_q + head) * params.seqlen_q + qr.start;
+  T* sO = sQ;
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    float sum = row_sum[rr];
+    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+    const float inv = sum > 0.f ? 1.f / sum : 0.f;
+    const int row_local = warp * 16 + group_row + rr * 8;
+    const int i = m0 + row_local;
+    if (quad_col == 0 && i < qr.length) {
+      lse[i] = sum > 0.f ? (row_max[rr] + log2f(sum)) * 0.6931471805599453f : -INFINITY;
+    }
+#pragma unroll
+    for (int d = 0; d < kNBlocksO; ++d) {
+      *reinterpret_cast<uint32_t*>(sO + row_local * kStride + d * 8 + quad_col * 2) =
+          pack2<T>(acc_o[d][2 * rr] * inv, acc_o[d][2 * rr + 1] * inv);
+    }
+  }
+  __syncthreads();
+
+  T* out = static_cast<T*>(params.out) + batch * params.out_batch_stride +
+           head * params.out_head_stride + static_cast<int64_t>(qr.start) * params.out_row_stride;
+  store_tile<Traits, kBlockM>(out, params.out_row_stride, sO, m0, qr.length, head_dim, vectorized);
+#endif
+}
+
+template <typename T, int kHeadDim, bool kIsCausal>
+cudaError_t run_fwd_flash(const ForwardParams& params, cudaStream_t stream) {
+  using Traits = FlashFwdTraits<kHeadDim>;
+  const dim3 grid(ceil_div(params.max_seqlen_q, Traits::kBlockM), params.num_blocks,
+                  params.batch * params.heads_q);
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0) return cudaSuccess;
+  auto kernel = fwd_flash_kernel<Traits, T, kIsCausal>;
+  if (Traits::kSharedBytes > 48 * 1024) {
+    const cudaError_t err = cudaFuncSetAttribute(
+        kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Traits::kSharedBytes);
+    if (err != cudaSuccess) return err;
+  }
+  kernel<<<grid, Traits::kThreads, Traits::kSharedBytes, stream>>>(
+      params, rows_are_16_byte_aligned(params));
+  return cudaGetLastError();
+}
+
+}  // namespace block_attn::cuda

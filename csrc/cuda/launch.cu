@@ -1,0 +1,85 @@
+// Dispatch from runtime dtype / head dim / causal to the instantiated kernels.
+#include "flash/flash_kernels.h"
+#include "launch.h"
+#include "simple/simple_kernels.h"
+#include "static_switch.h"
+
+namespace block_attn::cuda {
+namespace {
+
+// mma.sync, ldmatrix and cp.async need sm_80 or newer. An attribute query, not a stream
+// operation: safe during graph capture.
+cudaError_t device_has_tensor_core_kernels(bool& result) {
+  int device = 0;
+  int major = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess) {
+    err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  }
+  result = major >= 8;
+  return err;
+}
+
+template <typename T>
+cudaError_t launch_forward_flash(const ForwardParams& params, cudaStream_t stream) {
+  return FLASH_HEADDIM_SWITCH(params.head_dim, kHeadDim, [&] {
+    return BOOL_SWITCH(params.is_causal, kIsCausal,
+                       [&] { return run_fwd_flash<T, kHeadDim, kIsCausal>(params, stream); });
+  });
+}
+
+// Backward accumulators (two head_dim-wide tiles per warp) stop fitting in registers above 128.
+template <typename T>
+cudaError_t launch_backward_flash(const BackwardParams& params, void* delta, cudaStream_t stream) {
+  return BOOL_SWITCH(params.head_dim <= 64, kSmallHeadDim, [&] {
+    constexpr int kHeadDim = kSmallHeadDim ? 64 : 128;
+    return BOOL_SWITCH(params.is_causal, kIsCausal, [&] {
+      return run_bwd_flash<T, kHeadDim, kIsCausal>(params, delta, stream);
+    });
+  });
+}
+
+}  // namespace
+
+cudaError_t launch_forward(const ForwardParams& params, DType dtype, cudaStream_t stream) {
+  if (params.head_dim < 1 || params.head_dim > kMaxHeadDim) return cudaErrorInvalidValue;
+  if (dtype == DType::kFloat16 || dtype == DType::kBFloat16) {
+    bool tensor_cores = false;
+    const cudaError_t err = device_has_tensor_core_kernels(tensor_cores);
+    if (err != cudaSuccess) return err;
+    if (tensor_cores) {
+      return dtype == DType::kFloat16 ? launch_forward_flash<__half>(params, stream)
+                                      : launch_forward_flash<__nv_bfloat16>(params, stream);
+    }
+  }
+  return DTYPE_SWITCH(dtype, T, [&] {
+    return SIMPLE_HEADDIM_SWITCH(params.head_dim, kHeadDim, [&] {
+      return BOOL_SWITCH(params.is_causal, kIsCausal,
+                         [&] { return run_fwd_simple<T, kHeadDim, kIsCausal>(params, stream); });
+    });
+  });
+}
+
+cudaError_t launch_backward(const BackwardParams& params, const BackwardWorkspace& workspace,
+                            DType dtype, cudaStream_t stream) {
+  if (params.head_dim < 1 || params.head_dim > kMaxHeadDim) return cudaErrorInvalidValue;
+  if ((dtype == DType::kFloat16 || dtype == DType::kBFloat16) && params.head_dim <= 128) {
+    bool tensor_cores = false;
+    const cudaError_t err = device_has_tensor_core_kernels(tensor_cores);
+    if (err != cudaSuccess) return err;
+    if (tensor_cores) {
+      return dtype == DType::kFloat16
+                 ? launch_backward_flash<__half>(params, workspace.delta, stream)
+                 : launch_backward_flash<__nv_bfloat16>(params, workspace.delta, stream);
+    }
+  }
+  return DTYPE_SWITCH(dtype, T, [&] {
+    return SIMPLE_HEADDIM_SWITCH(params.head_dim, kHeadDim, [&] {
+      return BOOL_SWITCH(params.is_causal, kIsCausal, [&] {
+        return run_bwd_simple<T, kHeadDim, kIsCausal>(params, workspace.delta, stream);
+      });
+    });
+  });
+}
+
+}  // namespace block_attn::cuda

@@ -1,0 +1,38 @@
+// Launch interface of the CUDA kernels. Plain CUDA: no ATen here, so the kernel files compile
+// without torch headers; the torch glue (register_cuda.cpp) maps tensors to these calls.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include "../attention_params.h"
+
+namespace block_attn::cuda {
+
+// Element types the kernels are built for; float16 and bfloat16 accumulate in float32,
+// float64 in double.
+enum class DType { kFloat32, kFloat64, kFloat16, kBFloat16 };
+
+// Largest head_dim the kernels support.
+constexpr int kMaxHeadDim = 256;
+
+// Scratch memory of the backward, allocated by the caller.
+struct BackwardWorkspace {
+  // (batch, heads_q, seqlen_q) contiguous: rowsum(grad_out * out) - grad_lse, in the accumulator
+  // type (double for float64 inputs, float otherwise).
+  void* delta;
+};
+
+// Element size of BackwardWorkspace::delta for inputs of this dtype.
+inline int delta_element_size(DType dtype) {
+  return dtype == DType::kFloat64 ? 8 : 4;
+}
+
+// Writes params.out and params.lse. Returns the first launch error, or cudaSuccess.
+cudaError_t launch_forward(const ForwardParams& params, DType dtype, cudaStream_t stream);
+
+// Writes params.grad_q, grad_k and grad_v (fully overwritten). Deterministic: every output
+// element is reduced by one thread in a fixed order, so params.deterministic needs no other path.
+cudaError_t launch_backward(const BackwardParams& params, const BackwardWorkspace& workspace,
+                            DType dtype, cudaStream_t stream);
+
+}  // namespace block_attn::cuda

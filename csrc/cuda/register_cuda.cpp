@@ -1,0 +1,115 @@
+// Registers the CUDA kernels for the block_attn operators: checks, workspace allocation and
+// launch on the current stream of q's device. Nothing here waits on the device, so the ops can be
+// captured in CUDA graphs.
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <limits>
+
+#include "../attention_host.h"
+#include "launch.h"
+
+namespace block_attn {
+namespace {
+
+cuda::DType to_kernel_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat:
+      return cuda::DType::kFloat32;
+    case at::kDouble:
+      return cuda::DType::kFloat64;
+    case at::kHalf:
+      return cuda::DType::kFloat16;
+    case at::kBFloat16:
+      return cuda::DType::kBFloat16;
+    default:
+      TORCH_CHECK(false, "q has unsupported dtype ", t,
+                  " on CUDA; supported: float32, float64, float16, bfloat16");
+  }
+}
+
+// Limits that only the CUDA kernels have (grid dimensions, register tiles).
+void check_cuda_limits(const at::Tensor& q, const at::Tensor& cu_seqlens_q) {
+  TORCH_CHECK(q.is_cuda(), "q must be a CUDA tensor, got device ", q.device());
+  TORCH_CHECK(q.size(3) <= cuda::kMaxHeadDim, "head_dim must be at most ", cuda::kMaxHeadDim,
+              " on CUDA, got ", q.size(3));
+  constexpr int64_t kMaxGridYZ = 65535;
+  TORCH_CHECK(cu_seqlens_q.size(0) - 1 <= kMaxGridYZ, "at most ", kMaxGridYZ,
+              " blocks are supported on CUDA, got ", cu_seqlens_q.size(0) - 1);
+  TORCH_CHECK(q.size(0) * q.size(1) <= kMaxGridYZ, "batch * heads_q must be at most ", kMaxGridYZ,
+              " on CUDA, got ", q.size(0) * q.size(1));
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,
+    const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, bool causal,
+    double scale) {
+  check_forward_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale);
+  check_cuda_limits(q, cu_seqlens_q);
+  const c10::cuda::CUDAGuard device_guard(q.device());
+  at::Tensor out = empty_output_like(q);
+  at::Tensor lse = empty_lse_for(q);
+  if (q.numel() == 0) {
+    lse.fill_(-std::numeric_limits<float>::infinity());
+    return {out, lse};
+  }
+  const ForwardParams params = make_forward_params(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
+                                                   max_seqlen_q, max_seqlen_k, causal, scale);
+  const cudaError_t err = cuda::launch_forward(params, to_kernel_dtype(q.scalar_type()),
+                                               at::cuda::getCurrentCUDAStream());
+  C10_CUDA_CHECK(err);
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& grad_lse,
+    const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+    int64_t max_seqlen_k, bool causal, double scale, bool deterministic) {
+  check_forward_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale);
+  check_backward_inputs(grad_out, q, k, v, out, lse, grad_lse);
+  check_cuda_limits(q, cu_seqlens_q);
+  TORCH_CHECK(
+      grad_out.device() == q.device() && out.device() == q.device() && lse.device() == q.device(),
+      "grad_out, out and lse must be on q's device ", q.device());
+  // The kernels read grad_lse as a contiguous (batch, heads_q, seqlen_q) array.
+  std::optional<at::Tensor> grad_lse_contiguous;
+  if (grad_lse.has_value()) {
+    TORCH_CHECK(grad_lse->device() == q.device(), "grad_lse must be on q's device ", q.device(),
+                ", got ", grad_lse->device());
+    grad_lse_contiguous = grad_lse->contiguous();
+  }
+  const c10::cuda::CUDAGuard device_guard(q.device());
+  at::Tensor grad_q = at::empty_like(q);
+  at::Tensor grad_k = at::empty_like(k);
+  at::Tensor grad_v = at::empty_like(v);
+  if (q.numel() == 0 || k.numel() == 0) {
+    grad_q.zero_();
+    grad_k.zero_();
+    grad_v.zero_();
+    return {grad_q, grad_k, grad_v};
+  }
+  const cuda::DType dtype = to_kernel_dtype(q.scalar_type());
+  at::Tensor delta =
+      at::empty({q.size(0), q.size(1), q.size(2)},
+                q.options().dtype(dtype == cuda::DType::kFloat64 ? at::kDouble : at::kFloat));
+  const BackwardParams params = make_backward_params(
+      grad_out, q, k, v, out, lse, grad_lse_contiguous, grad_q, grad_k, grad_v, cu_seqlens_q,
+      cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, deterministic);
+  cuda::BackwardWorkspace workspace{};
+  workspace.delta = delta.data_ptr();
+  const cudaError_t err =
+      cuda::launch_backward(params, workspace, dtype, at::cuda::getCurrentCUDAStream());
+  C10_CUDA_CHECK(err);
+  return {grad_q, grad_k, grad_v};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(block_attn, CUDA, m) {
+  m.impl("attention_forward", &attention_forward_cuda);
+  m.impl("attention_backward", &attention_backward_cuda);
+}
+
+}  // namespace block_attn

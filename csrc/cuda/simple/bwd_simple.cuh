@@ -1,0 +1,274 @@
+// Simple backward in three deterministic passes, no atomics:
+//   1. delta_kernel: Delta_i = rowsum(dO_i * O_i) - grad_lse_i, one warp per query row.
+//   2. dkdv_simple_kernel: one CTA per key tile of a block and kv head; each warp owns key rows
+//      and loops over the group's query heads and the query tiles that see its keys.
+//   3. dq_simple_kernel: one CTA per query tile, looping over the key tiles it sees.
+// P is recomputed from lse; dS = P * (dP - Delta).
+#pragma once
+
+#include "../utils.cuh"
+#include "simple_kernels.h"
+#include "simple_traits.cuh"
+
+namespace block_attn::cuda {
+
+template <typename T>
+__global__ void __launch_bounds__(128) delta_kernel(const BackwardParams params, Acc<T>* delta) {
+  using A = Acc<T>;
+  const int lane = threadIdx.x % 32;
+  const int row = blockIdx.x * 4 + threadIdx.x / 32;
+  if (row >= params.seqlen_q) return;
+  const int batch = blockIdx.y / params.heads_q;
+  const int head = blockIdx.y % params.heads_q;
+  const T* grad_out = static_cast<const T*>(params.grad_out) +
+                      batch * params.grad_out_batch_stride + head * params.grad_out_head_stride +
+                      static_cast<int64_t>(row) * params.grad_out_row_stride;
+  const T* out = static_cast<const T*>(params.out) + batch * params.out_batch_stride +
+                 head * params.out_head_stride + static_cast<int64_t>(row) * params.out_row_stride;
+  A sum = 0;
+  for (int d = lane; d < params.head_dim; d += 32) sum += to_acc(grad_out[d]) * to_acc(out[d]);
+  sum = warp_sum(sum);
+  if (lane == 0) {
+    const int64_t idx = static_cast<int64_t>(blockIdx.y) * params.seqlen_q + row;
+    delta[idx] = sum - (params.grad_lse ? static_cast<A>(params.grad_lse[idx]) : A(0));
+  }
+}
+
+template <typename Traits, typename T, bool kIsCausal>
+__global__ void __launch_bounds__(Traits::kThreads)
+    dkdv_simple_kernel(const BackwardParams params, const Acc<T>* delta) {
+  using A = Acc<T>;
+  constexpr int kPerLane = Traits::kPerLane;
+  constexpr int kRows = Traits::kRowsPerWarp;
+  constexpr int kTileRows = Traits::kTileRows;
+  constexpr int kHeadDim = Traits::kHeadDim;
+
+  const BlockRange qr = block_range(params.cu_seqlens_q, blockIdx.y);
+  const BlockRange kr = block_range(params.cu_seqlens_k, blockIdx.y);
+  const int n0 = blockIdx.x * Traits::kRowsPerBlock;
+  if (n0 >= kr.length) return;
+  const int batch = blockIdx.z / params.heads_kv;
+  const int head_kv = blockIdx.z % params.heads_kv;
+  const int group = params.heads_q / params.heads_kv;
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int head_dim = params.head_dim;
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* sQ = reinterpret_cast<T*>(smem_raw);
+  T* sdO = sQ + kTileRows * kHeadDim;
+  __shared__ A s_lse[Traits::kTileRows];
+  __shared__ A s_delta[Traits::kTileRows];
+
+  const T* k = static_cast<const T*>(params.k) + batch * params.k_batch_stride +
+               head_kv * params.k_head_stride +
+               static_cast<int64_t>(kr.start) * params.k_row_stride;
+  const T* v = static_cast<const T*>(params.v) + batch * params.v_batch_stride +
+               head_kv * params.v_head_stride +
+               static_cast<int64_t>(kr.start) * params.v_row_stride;
+
+  A k_reg[kRows][kPerLane];
+  A v_reg[kRows][kPerLane];
+  A dk[kRows][kPerLane];
+  A dv[kRows][kPerLane];
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) {
+    const int t = n0 + warp * kRows + r;
+    if (t < kr.length) {
+      load_row<Traits>(k_reg[r], k + static_cast<int64_t>(t) * params.k_row_stride, head_dim, lane);
+      load_row<Traits>(v_reg[r], v + static_cast<int64_t>(t) * params.v_row_stride, head_dim, lane);
+    }
+#pragma unroll
+    for (int e = 0; e < kPerLane; ++e) dk[r][e] = dv[r][e] = 0;
+  }
+
+  const A scale = static_cast<A>(params.scale);
+  // Queries that may see the first key of this tile; earlier ones see none of it.
+  const int m_begin = kIsCausal ? causal_query_begin(n0, qr.length, kr.length) : 0;
+
+  for (int g = 0; g < group; ++g) {
+    const int head = head_kv * group + g;
+    const T* q = static_cast<const T*>(params.q) + batch * params.q_batch_stride +
+                 head * params.q_head_stride + static_cast<int64_t>(qr.start) * params.q_row_stride;
+    const T* grad_out = static_cast<const T*>(params.grad_out) +
+                        batch * params.grad_out_batch_stride + head * params.grad_out_head_stride +
+                        static_cast<int64_t>(qr.start) * params.grad_out_row_stride;
+    const int64_t row_base =
+        (static_cast<int64_t>(batch) * params.heads_q + head) * params.seqlen_q + qr.start;
+    for (int m0 = m_begin; m0 < qr.length; m0 += kTileRows) {
+      __syncthreads();
+      load_tile<Traits>(sQ, q, params.q_row_stride, m0, qr.length, head_dim);
+      load_tile<Traits>(sdO, grad_out, params.grad_out_row_stride, m0, qr.length, head_dim);
+      if (threadIdx.x < kTileRows) {
+        const int i = m0 + threadIdx.x;
+        s_lse[threadIdx.x] = i < qr.length ? static_cast<A>(params.lse[row_base + i]) : A(0);
+        s_delta[threadIdx.x] = i < qr.length ? delta[row_base + i] : A(0);
+      }
+      __syncthreads();
+      const int m_end = min(kTileRows, qr.length - m0);
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        const int t = n0 + warp * kRows + r;
+        if (t >= kr.length) continue;  // warp-uniform
+        const int first = kIsCausal ? causal_query_begin(t, qr.length, kr.length) - m0 : 0;
+        for (int m = max(first, 0); m < m_end; ++m) {
+          const T* qrow = sQ + m * kHeadDim;
+          const T* dorow = sdO + m * kHeadDim;
+          const A s = dot_row<Traits>(k_reg[r], qrow, lane) * scale;
+          const A dp = dot_row<Traits>(v_reg[r], dorow, lane);
+          const A p = exp_acc(s - s_lse[m]);
+          const A ds = p * (dp - s_delta[m]);
+#pragma unroll
+          for (int e = 0; e < kPerLane; ++e) {
+            dv[r][e] += p * to_acc(dorow[lane + 32 * e]);
+            dk[r][e] += ds * to_acc(qrow[lane + 32 * e]);
+          }
+        }
+      }
+    }
+  }
+
+  T* grad_k = static_cast<T*>(params.grad_k) + batch * params.grad_k_batch_stride +
+              head_kv * params.grad_k_head_stride +
+              static_cast<int64_t>(kr.start) * params.grad_k_row_stride;
+  T* grad_v = static_cast<T*>(params.grad_v) + batch * params.grad_v_batch_stride +
+              head_kv * params.grad_v_head_stride +
+              static_cast<int64_t>(kr.start) * params.grad_v_row_stride;
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) {
+    const int t = n0 + warp * kRows + r;
+    if (t >= kr.length) continue;
+    store_row<Traits>(grad_k + static_cast<int64_t>(t) * params.grad_k_row_stride, dk[r], scale,
+                      head_dim, lane);
+    store_row<Traits>(grad_v + static_cast<int64_t>(t) * params.grad_v_row_stride, dv[r], A(1),
+                      head_dim, lane);
+  }
+}
+
+template <typename Traits, typename T, bool kIsCausal>
+__global__ void __launch_bounds__(Traits::kThreads)
+    dq_simple_kernel(const BackwardParams params, const Acc<T>* delta) {
+  using A = Acc<T>;
+  constexpr int kPerLane = Traits::kPerLane;
+  constexpr int kRows = Traits::kRowsPerWarp;
+  constexpr int kTileRows = Traits::kTileRows;
+  constexpr int kHeadDim = Traits::kHeadDim;
+
+  const BlockRange qr = block_range(params.cu_seqlens_q, blockIdx.y);
+  const BlockRange kr = block_range(params.cu_seqlens_k, blockIdx.y);
+  const int m0 = blockIdx.x * Traits::kRowsPerBlock;
+  if (m0 >= qr.length) return;
+  const int batch = blockIdx.z / params.heads_q;
+  const int head = blockIdx.z % params.heads_q;
+  const int head_kv = head / (params.heads_q / params.heads_kv);
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int head_dim = params.head_dim;
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* sK = reinterpret_cast<T*>(smem_raw);
+  T* sV = sK + kTileRows * kHeadDim;
+
+  const T* q = static_cast<const T*>(params.q) + batch * params.q_batch_stride +
+               head * params.q_head_stride + static_cast<int64_t>(qr.start) * params.q_row_stride;
+  const T* grad_out = static_cast<const T*>(params.grad_out) +
+                      batch * params.grad_out_batch_stride + head * params.grad_out_head_stride +
+                      static_cast<int64_t>(qr.start) * params.grad_out_row_stride;
+  const T* k = static_cast<const T*>(params.k) + batch * params.k_batch_stride +
+               head_kv * params.k_head_stride +
+               static_cast<int64_t>(kr.start) * params.k_row_stride;
+  const T* v = static_cast<const T*>(params.v) + batch * params.v_batch_stride +
+               head_kv * params.v_head_stride +
+               static_cast<int64_t>(kr.start) * params.v_row_stride;
+  const int64_t row_base =
+      (static_cast<int64_t>(batch) * params.heads_q + head) * params.seqlen_q + qr.start;
+
+  A q_reg[kRows][kPerLane];
+  A do_reg[kRows][kPerLane];
+  A dq[kRows][kPerLane];
+  A lse[kRows];
+  A row_delta[kRows];
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) {
+    const int i = m0 + warp * kRows + r;
+    if (i < qr.length) {
+      load_row<Traits>(q_reg[r], q + static_cast<int64_t>(i) * params.q_row_stride, head_dim, lane);
+      load_row<Traits>(do_reg[r], grad_out + static_cast<int64_t>(i) * params.grad_out_row_stride,
+                       head_dim, lane);
+      lse[r] = static_cast<A>(params.lse[row_base + i]);
+      row_delta[r] = delta[row_base + i];
+    }
+#pragma unroll
+    for (int e = 0; e < kPerLane; ++e) dq[r][e] = 0;
+  }
+
+  const A scale = static_cast<A>(params.scale);
+  const int last_row = min(m0 + Traits::kRowsPerBlock, qr.length) - 1;
+  const int n_end = kIsCausal ? causal_key_end(last_row, qr.length, kr.length) : kr.length;
+
+  for (int n0 = 0; n0 < n_end; n0 += kTileRows) {
+    __syncthreads();
+    load_tile<Traits>(sK, k, params.k_row_stride, n0, n_end, head_dim);
+    load_tile<Traits>(sV, v, params.v_row_stride, n0, n_end, head_dim);
+    __syncthreads();
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      const int i = m0 + warp * kRows + r;
+      if (i >= qr.length) continue;  // warp-uniform
+      const int key_end = kIsCausal ? causal_key_end(i, qr.length, kr.length) : kr.length;
+      const int n_stop = min(kTileRows, key_end - n0);
+      for (int n = 0; n < n_stop; ++n) {
+        const T* krow = sK + n * kHeadDim;
+        const A s = dot_row<Traits>(q_reg[r], krow, lane) * scale;
+        const A dp = dot_row<Traits>(do_reg[r], sV + n * kHeadDim, lane);
+        const A ds = exp_acc(s - lse[r]) * (dp - row_delta[r]);
+#pragma unroll
+        for (int e = 0; e < kPerLane; ++e) dq[r][e] += ds * to_acc(krow[lane + 32 * e]);
+      }
+    }
+  }
+
+  T* grad_q = static_cast<T*>(params.grad_q) + batch * params.grad_q_batch_stride +
+              head * params.grad_q_head_stride +
+              static_cast<int64_t>(qr.start) * params.grad_q_row_stride;
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) {
+    const int i = m0 + warp * kRows + r;
+    if (i >= qr.length) continue;
+    store_row<Traits>(grad_q + static_cast<int64_t>(i) * params.grad_q_row_stride, dq[r], scale,
+                      head_dim, lane);
+  }
+}
+
+template <typename T, int kHeadDim, bool kIsCausal>
+cudaError_t run_bwd_simple(const BackwardParams& params, void* delta_workspace,
+                           cudaStream_t stream) {
+  using Traits = SimpleTraits<T, kHeadDim>;
+  auto* delta = static_cast<Acc<T>*>(delta_workspace);
+  if (params.seqlen_q > 0 && params.batch * params.heads_q > 0) {
+    delta_kernel<T>
+        <<<dim3(ceil_div(params.seqlen_q, 4), params.batch * params.heads_q), 128, 0, stream>>>(
+            params, delta);
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  const dim3 grid_dkdv(ceil_div(params.max_seqlen_k, Traits::kRowsPerBlock), params.num_blocks,
+                       params.batch * params.heads_kv);
+  if (grid_dkdv.x > 0 && grid_dkdv.y > 0 && grid_dkdv.z > 0) {
+    dkdv_simple_kernel<Traits, T, kIsCausal>
+        <<<grid_dkdv, Traits::kThreads, Traits::kSharedBytes, stream>>>(params, delta);
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  const dim3 grid_dq(ceil_div(params.max_seqlen_q, Traits::kRowsPerBlock), params.num_blocks,
+                     params.batch * params.heads_q);
+  if (grid_dq.x > 0 && grid_dq.y > 0 && grid_dq.z > 0) {
+    dq_simple_kernel<Traits, T, kIsCausal>
+        <<<grid_dq, Traits::kThreads, Traits::kSharedBytes, stream>>>(params, delta);
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
+}
+
+}  // namespace block_attn::cuda

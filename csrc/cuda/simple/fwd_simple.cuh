@@ -1,0 +1,126 @@
+// Simple forward: grid (query tiles of the longest block, blocks, batch * heads_q). Each warp
+// owns kRowsPerWarp query rows and runs an online softmax over key/value tiles staged in shared
+// memory; key tiles past the causal diagonal are skipped, not masked.
+#pragma once
+
+#include "../utils.cuh"
+#include "simple_kernels.h"
+#include "simple_traits.cuh"
+
+namespace block_attn::cuda {
+
+template <typename Traits, typename T, bool kIsCausal>
+__global__ void __launch_bounds__(Traits::kThreads) fwd_simple_kernel(const ForwardParams params) {
+  using A = Acc<T>;
+  constexpr int kPerLane = Traits::kPerLane;
+  constexpr int kRows = Traits::kRowsPerWarp;
+  constexpr int kTileRows = Traits::kTileRows;
+  constexpr int kHeadDim = Traits::kHeadDim;
+
+  const BlockRange qr = block_range(params.cu_seqlens_q, blockIdx.y);
+  const BlockRange kr = block_range(params.cu_seqlens_k, blockIdx.y);
+  const int m0 = blockIdx.x * Traits::kRowsPerBlock;
+  if (m0 >= qr.length) return;
+  const int batch = blockIdx.z / params.heads_q;
+  const int head = blockIdx.z % params.heads_q;
+  const int head_kv = head / (params.heads_q / params.heads_kv);
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int head_dim = params.head_dim;
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* sK = reinterpret_cast<T*>(smem_raw);
+  T* sV = sK + kTileRows * kHeadDim;
+
+  const T* q = static_cast<const T*>(params.q) + batch * params.q_batch_stride +
+               head * params.q_head_stride + static_cast<int64_t>(qr.start) * params.q_row_stride;
+  const T* k = static_cast<const T*>(params.k) + batch * params.k_batch_stride +
+               head_kv * params.k_head_stride +
+               static_cast<int64_t>(kr.start) * params.k_row_stride;
+  const T* v = static_cast<const T*>(params.v) + batch * params.v_batch_stride +
+               head_kv * params.v_head_stride +
+               static_cast<int64_t>(kr.start) * params.v_row_stride;
+
+  const A scale = static_cast<A>(params.scale);
+  A q_reg[kRows][kPerLane];
+  A acc[kRows][kPerLane];
+  A row_max[kRows];
+  A row_sum[kRows];
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) {
+    const int i = m0 + warp * kRows + r;
+    if (i < qr.length) {
+      load_row<Traits>(q_reg[r], q + static_cast<int64_t>(i) * params.q_row_stride, head_dim, lane);
+    }
+#pragma unroll
+    for (int e = 0; e < kPerLane; ++e) acc[r][e] = 0;
+    row_max[r] = neg_inf<A>();
+    row_sum[r] = 0;
+  }
+
+  // Keys any row of this tile may see.
+  const int last_row = min(m0 + Traits::kRowsPerBlock, qr.length) - 1;
+  const int n_end = kIsCausal ? causal_key_end(last_row, qr.length, kr.length) : kr.length;
+
+  for (int n0 = 0; n0 < n_end; n0 += kTileRows) {
+    __syncthreads();
+    load_tile<Traits>(sK, k, params.k_row_stride, n0, n_end, head_dim);
+    load_tile<Traits>(sV, v, params.v_row_stride, n0, n_end, head_dim);
+    __syncthreads();
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      const int i = m0 + warp * kRows + r;
+      if (i >= qr.length) continue;  // warp-uniform
+      const int key_end = kIsCausal ? causal_key_end(i, qr.length, kr.length) : kr.length;
+      // Lane n keeps the score of key n0 + n.
+      A my_score = neg_inf<A>();
+      for (int n = 0; n < kTileRows; ++n) {
+        const A s = dot_row<Traits>(q_reg[r], sK + n * kHeadDim, lane);
+        if (lane == n && n0 + n < key_end) my_score = s * scale;
+      }
+      const A new_max = max(row_max[r], warp_max(my_score));
+      if (new_max == neg_inf<A>()) continue;  // no allowed key yet; warp-uniform
+      const A alpha = exp_acc(row_max[r] - new_max);
+      const A p = exp_acc(my_score - new_max);
+      row_sum[r] = row_sum[r] * alpha + warp_sum(p);
+      row_max[r] = new_max;
+#pragma unroll
+      for (int e = 0; e < kPerLane; ++e) acc[r][e] *= alpha;
+      for (int n = 0; n < kTileRows; ++n) {
+        const A pn = __shfl_sync(0xffffffffu, p, n);
+        const T* vrow = sV + n * kHeadDim;
+#pragma unroll
+        for (int e = 0; e < kPerLane; ++e) acc[r][e] += pn * to_acc(vrow[lane + 32 * e]);
+      }
+    }
+  }
+
+  T* out = static_cast<T*>(params.out) + batch * params.out_batch_stride +
+           head * params.out_head_stride + static_cast<int64_t>(qr.start) * params.out_row_stride;
+  float* lse = params.lse +
+               (static_cast<int64_t>(batch) * params.heads_q + head) * params.seqlen_q + qr.start;
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) {
+    const int i = m0 + warp * kRows + r;
+    if (i >= qr.length) continue;
+    const bool any = row_sum[r] > 0;
+    store_row<Traits>(out + static_cast<int64_t>(i) * params.out_row_stride, acc[r],
+                      any ? A(1) / row_sum[r] : A(0), head_dim, lane);
+    if (lane == 0) {
+      lse[i] = any ? static_cast<float>(row_max[r] + log_acc(row_sum[r])) : -INFINITY;
+    }
+  }
+}
+
+template <typename T, int kHeadDim, bool kIsCausal>
+cudaError_t run_fwd_simple(const ForwardParams& params, cudaStream_t stream) {
+  using Traits = SimpleTraits<T, kHeadDim>;
+  const dim3 grid(ceil_div(params.max_seqlen_q, Traits::kRowsPerBlock), params.num_blocks,
+                  params.batch * params.heads_q);
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0) return cudaSuccess;
+  fwd_simple_kernel<Traits, T, kIsCausal>
+      <<<grid, Traits::kThreads, Traits::kSharedBytes, stream>>>(params);
+  return cudaGetLastError();
+}
+
+}  // namespace block_attn::cuda

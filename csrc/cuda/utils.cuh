@@ -1,0 +1,119 @@
+// Small device helpers shared by the kernels: element/accumulator conversions, warp reductions,
+// per-block offsets and the causal bound.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+namespace block_attn::cuda {
+
+// float16/bfloat16/float32 accumulate in float, float64 in double.
+template <typename T>
+struct AccumulatorOf {
+  using type = float;
+};
+template <>
+struct AccumulatorOf<double> {
+  using type = double;
+};
+template <typename T>
+using Acc = typename AccumulatorOf<T>::type;
+
+// Explicit conversions: torch builds with __CUDA_NO_HALF_CONVERSIONS__ and friends.
+__device__ __forceinline__ float to_acc(__half x) {
+  return __half2float(x);
+}
+__device__ __forceinline__ float to_acc(__nv_bfloat16 x) {
+  return __bfloat162float(x);
+}
+__device__ __forceinline__ float to_acc(float x) {
+  return x;
+}
+__device__ __forceinline__ double to_acc(double x) {
+  return x;
+}
+
+template <typename T>
+__device__ __forceinline__ T from_acc(Acc<T> x);
+template <>
+__device__ __forceinline__ __half from_acc<__half>(float x) {
+  return __float2half_rn(x);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
+template <>
+__device__ __forceinline__ float from_acc<float>(float x) {
+  return x;
+}
+template <>
+__device__ __forceinline__ double from_acc<double>(double x) {
+  return x;
+}
+
+__device__ __forceinline__ float exp_acc(float x) {
+  return expf(x);
+}
+__device__ __forceinline__ double exp_acc(double x) {
+  return exp(x);
+}
+__device__ __forceinline__ float log_acc(float x) {
+  return logf(x);
+}
+__device__ __forceinline__ double log_acc(double x) {
+  return log(x);
+}
+
+template <typename A>
+__device__ __forceinline__ A neg_inf() {
+  return -static_cast<A>(INFINITY);
+}
+
+// Butterfly reductions: every lane ends with the result, in the same order on every run.
+template <typename A>
+__device__ __forceinline__ A warp_sum(A x) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) x += __shfl_xor_sync(0xffffffffu, x, offset);
+  return x;
+}
+template <typename A>
+__device__ __forceinline__ A warp_max(A x) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1)
+    x = max(x, __shfl_xor_sync(0xffffffffu, x, offset));
+  return x;
+}
+
+// Start and length of block `block` in a cu_seqlens array (read on the device: no host sync).
+struct BlockRange {
+  int start;
+  int length;
+};
+__device__ __forceinline__ BlockRange block_range(const int32_t* cu_seqlens, int block) {
+  const int start = cu_seqlens[block];
+  return {start, cu_seqlens[block + 1] - start};
+}
+
+// Causal, bottom-right aligned: local query i attends local key t iff t <= i + (len_k - len_q).
+// Number of keys, from the start, that query i may see (clamped to [0, len_k]).
+__device__ __forceinline__ int causal_key_end(int i, int len_q, int len_k) {
+  return min(len_k, max(0, i + 1 + len_k - len_q));
+}
+// First query that may see key t (clamped to [0, len_q]).
+__device__ __forceinline__ int causal_query_begin(int t, int len_q, int len_k) {
+  return min(len_q, max(0, t - (len_k - len_q)));
+}
+
+__host__ __device__ constexpr int ceil_div(int a, int b) {
+  return (a + b - 1) / b;
+}
+
+// Largest power of two <= x (x >= 1).
+__host__ __device__ constexpr int floor_pow2(int x) {
+  return x >= 2 ? 2 * floor_pow2(x / 2) : 1;
+}
+
+}  // namespace block_attn::cuda
