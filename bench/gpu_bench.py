@@ -281,6 +281,17 @@ def main(argv=None) -> int:
     save()
     print(report.tables(results), flush=True)
     print(f"\nwrote {args.out} ({results['elapsed_s']} s)")
+    # Exit non-zero when block_attn itself failed or was inaccurate; peers' failures and
+    # missed speed targets are results, not errors.
+    ours_failed = [
+        r for r in results["rows"] if r["peer"] == "block_attn" and r["status"] == "error"
+    ]
+    inaccurate = [a for a in results["accuracy"] if a.get("status") != "ok" or not a["met"]]
+    if ours_failed or inaccurate:
+        print(
+            f"block_attn: {len(ours_failed)} rows failed, {len(inaccurate)} accuracy checks not met"
+        )
+        return 1
     return 0
 
 
