@@ -1,0 +1,173 @@
+"""Small forward+backward cases for compute-sanitizer, each checked against the reference.
+
+Run under ``compute-sanitizer --tool memcheck|racecheck|initcheck`` with
+``PYTORCH_NO_CUDA_MEMORY_CACHING=1`` (so every tensor is its own allocation and an
+out-of-bounds access is not hidden inside the caching allocator's pool). Exits 1 if any case
+fails or is wrong, so the sanitizer's own exit code and ours can both fail the step.
+
+Covers bf16/fp16/fp32/fp64, fixed blocks, ragged cu_seqlens, causal, GQA/MQA, and head dims
+64, 128 and 80, at lengths just off the kernels' tile sizes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+OUTPUT_FACTOR = 2.0
+GRADIENT_FACTOR = 3.0
+ABSOLUTE_FLOOR = {
+    torch.float64: 1e-10,
+    torch.float32: 1e-5,
+    torch.float16: 1e-3,
+    torch.bfloat16: 1e-2,
+}
+
+
+@dataclass
+class Case:
+    dtype: torch.dtype
+    head_dim: int
+    heads_q: int
+    heads_kv: int
+    seqlen: int
+    block_size: int | None = None
+    cu_seqlens: list[int] | None = None
+    causal: bool = False
+    batch: int = 2
+
+    @property
+    def name(self) -> str:
+        blocks = (
+            f"b{self.block_size}"
+            if self.block_size
+            else f"cu{len(self.cu_seqlens) - 1}"
+            if self.cu_seqlens
+            else "full"
+        )
+        dtype = str(self.dtype).removeprefix("torch.")
+        return (
+            f"{dtype}-d{self.head_dim}-h{self.heads_q}/{self.heads_kv}-n{self.seqlen}-{blocks}"
+            f"{'-causal' if self.causal else ''}"
+        )
+
+    def kwargs(self) -> dict:
+        return {"block_size": self.block_size, "cu_seqlens": self.cu_seqlens, "causal": self.causal}
+
+
+RAGGED = [0, 1, 17, 80, 145, 209, 211]  # a 1-token block, lengths off 64/128 tiles
+
+
+def all_cases() -> list[Case]:
+    """Each dtype meets every head dim; structures and head layouts rotate among them."""
+    structures = [
+        {"block_size": 64},
+        {"cu_seqlens": RAGGED},
+        {"causal": True},
+        {"cu_seqlens": RAGGED, "causal": True},
+        {"block_size": 48, "causal": True},
+    ]
+    heads = [(4, 4), (4, 2), (4, 1)]
+    cases = []
+    i = 0
+    for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
+        for head_dim in (64, 128, 80):
+            structure = structures[i % len(structures)]
+            heads_q, heads_kv = heads[i % len(heads)]
+            seqlen = RAGGED[-1] if "cu_seqlens" in structure else 130 + i
+            cases.append(Case(dtype, head_dim, heads_q, heads_kv, seqlen, **structure))
+            i += 1
+    return cases
+
+
+def forward_backward(fn, inputs, dtype, kwargs):
+    q, k, v, dout = (x.to(dtype) for x in inputs)
+    q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
+    out, lse = fn(q, k, v, return_lse=True, **kwargs)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    return {"out": out, "lse": lse, "dq": grads[0], "dk": grads[1], "dv": grads[2]}
+
+
+def run_case(case: Case, attention, reference, device: str) -> list[str]:
+    """Problems found (empty when the case passes)."""
+    gen = torch.Generator().manual_seed(0)
+    shape_q = (case.batch, case.heads_q, case.seqlen, case.head_dim)
+    shape_kv = (case.batch, case.heads_kv, case.seqlen, case.head_dim)
+    inputs = [torch.randn(s, generator=gen).to(device) for s in (shape_q, shape_kv, shape_kv)]
+    inputs.append(torch.randn(shape_q, generator=gen).to(device))
+    exact = forward_backward(reference, inputs, torch.float64, case.kwargs())
+    low = forward_backward(reference, inputs, case.dtype, case.kwargs())
+    mine = forward_backward(attention, inputs, case.dtype, case.kwargs())
+    if device == "cuda":
+        torch.cuda.synchronize()
+    problems = []
+    floor = ABSOLUTE_FLOOR[case.dtype]
+    for name, truth in exact.items():
+        got = mine[name]
+        if got.shape != truth.shape or got.dtype != low[name].dtype:
+            problems.append(f"{name}: got {tuple(got.shape)} {got.dtype}")
+            continue
+        finite = torch.isfinite(truth)
+        err = (got.double() - truth).abs().where(finite, 0.0)
+        ref_err = (low[name].double() - truth).abs().where(finite, 0.0)
+        factor = OUTPUT_FACTOR if name in ("out", "lse") else GRADIENT_FACTOR
+        limit = factor * ref_err.max().item() + floor
+        if not torch.equal(torch.isfinite(got), finite):
+            problems.append(f"{name}: non-finite values where the reference has none")
+        elif err.max().item() > limit:
+            worst = divmod(int(err.argmax()), truth.shape[-1]) if truth.dim() else (0, 0)
+            problems.append(
+                f"{name}: max error {err.max().item():.3e} > {limit:.3e} "
+                f"({factor}x reference error + {floor}), worst at flat row/col {worst}, "
+                f"{int((err > limit).sum())} elements over"
+            )
+    return problems
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--impl", choices=["ours", "reference"], default="ours")
+    parser.add_argument("--max-cases", type=int, default=0, help="run only the first N cases")
+    args = parser.parse_args(argv)
+
+    import block_attn.reference
+
+    reference = block_attn.reference.attention
+    if args.impl == "reference":
+        attention = reference
+    else:
+        import block_attn
+
+        attention = block_attn.attention
+    cases = all_cases()
+    if args.max_cases:
+        cases = cases[: args.max_cases]
+    failed = 0
+    for case in cases:
+        start = time.perf_counter()
+        try:
+            problems = run_case(case, attention, reference, args.device)
+        except Exception as error:
+            lines = str(error).strip().splitlines()
+            problems = [f"{type(error).__name__}: {lines[0][:300] if lines else ''}"]
+        seconds = time.perf_counter() - start
+        status = "ok  " if not problems else "FAIL"
+        print(f"{status} {case.name:<44} {seconds:6.2f} s", flush=True)
+        for problem in problems:
+            print(f"     {problem}", flush=True)
+        failed += bool(problems)
+    print(f"{len(cases) - failed}/{len(cases)} cases passed", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
