@@ -64,8 +64,12 @@ def attention(
     scale = resolve_scale(scale, q.shape[-1])
     layout = make_layout(q.shape[2], k.shape[2], block_size, cu_seqlens)
     if q.numel() == 0 or layout.num_blocks == 0:
-        out = torch.zeros_like(q) + 0 * q.sum()  # keeps autograd connected
+        # Empty result, still connected to q, k and v so that every input gets a (zero)
+        # gradient. q.numel() == 0 here (N = 0 or B = 0), so out and lse hold no elements.
+        connect = q.sum() + k.sum() + v.sum()
+        out = torch.zeros_like(q) + 0 * connect
         lse = torch.full(q.shape[:3], float("-inf"), dtype=torch.float32, device=q.device)
+        lse = lse + 0 * connect.float()
         return (out, lse) if return_lse else out
     cu_seqlens_q, cu_seqlens_k = layout.tensors(q.device)
     out, lse = ops.attention_forward(

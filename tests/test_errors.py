@@ -1,0 +1,228 @@
+"""Bad input: every check raises the right exception with a message naming the problem."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import block_attn
+
+B, H, N, D = 2, 4, 12, 8
+
+
+def qkv(**shapes):
+    """Valid float32 inputs, with any of q, k, v replaced by the given tensor."""
+    tensors = {name: torch.randn(B, H, N, D) for name in "qkv"}
+    tensors.update(shapes)
+    return tensors["q"], tensors["k"], tensors["v"]
+
+
+def call(**kwargs):
+    """Calls ``block_attn.attention`` with valid inputs and the given overrides."""
+    q, k, v = qkv(**{name: kwargs.pop(name) for name in "qkv" if name in kwargs})
+    return block_attn.attention(q, k, v, **kwargs)
+
+
+BAD_INPUTS = [
+    # Tensors and shapes.
+    ("q-not-tensor", lambda: call(q=[[1.0]]), TypeError, r"q must be a torch\.Tensor, got list"),
+    ("v-not-tensor", lambda: call(v=None), TypeError, r"v must be a torch\.Tensor"),
+    ("q-rank-3", lambda: call(q=torch.randn(H, N, D)), ValueError, r"q must be 4-D.*3-D"),
+    ("k-rank-5", lambda: call(k=torch.randn(1, B, H, N, D)), ValueError, r"k must be 4-D.*5-D"),
+    ("batch", lambda: call(q=torch.randn(3, H, N, D)), ValueError, r"batch size mismatch.*3"),
+    ("head-dim", lambda: call(q=torch.randn(B, H, N, 16)), ValueError, r"head_dim mismatch.*16"),
+    ("k-v-shape", lambda: call(v=torch.randn(B, H, N + 1, D)), ValueError, r"k and v .*shape"),
+    ("k-v-dim", lambda: call(v=torch.randn(B, H, N, 4)), ValueError, r"k and v .*shape"),
+    ("gqa", lambda: call(k=torch.randn(B, 3, N, D), v=torch.randn(B, 3, N, D)), ValueError,
+     r"multiple of the number of kv heads.*Hq = 4, Hkv = 3"),
+    ("zero-kv-heads", lambda: call(k=torch.randn(B, 0, N, D), v=torch.randn(B, 0, N, D)),
+     ValueError, r"Hkv = 0"),
+    ("zero-head-dim", lambda: call(**{n: torch.randn(B, H, N, 0) for n in "qkv"}), ValueError,
+     r"head_dim D must be at least 1"),
+    # Dtypes and devices.
+    ("mixed-dtypes", lambda: call(k=torch.randn(B, H, N, D, dtype=torch.float64)), TypeError,
+     r"share a dtype.*float32.*float64"),
+    ("int-dtype", lambda: call(**{n: torch.ones(B, H, N, D, dtype=torch.int32) for n in "qkv"}),
+     TypeError, r"q has unsupported dtype torch\.int32"),
+    ("int64-v", lambda: call(v=torch.ones(B, H, N, D, dtype=torch.int64)), TypeError,
+     r"v has unsupported dtype torch\.int64"),
+    ("bool-dtype", lambda: call(q=torch.ones(B, H, N, D, dtype=torch.bool)), TypeError,
+     r"unsupported dtype torch\.bool"),
+    ("mixed-devices", lambda: call(k=torch.randn(B, H, N, D, device="meta")), ValueError,
+     r"one device.*cpu.*meta"),
+    # block_size.
+    ("block-size-zero", lambda: call(block_size=0), ValueError,
+     r"block_size must be a positive.*0"),
+    ("block-size-negative", lambda: call(block_size=-3), ValueError, r"block_size.*-3"),
+    ("block-size-float", lambda: call(block_size=4.0), TypeError,
+     r"block_size must be an int.*float"),
+    ("block-size-bool", lambda: call(block_size=True), TypeError,
+     r"block_size must be an int.*bool"),
+    ("block-size-tensor", lambda: call(block_size=torch.tensor(4)), TypeError,
+     r"block_size must be an int.*Tensor"),
+    # cu_seqlens.
+    ("cu-not-from-0", lambda: call(cu_seqlens=[1, 5, N]), ValueError,
+     r"cu_seqlens must start at 0"),
+    ("cu-not-to-N", lambda: call(cu_seqlens=[0, 5, 10]), ValueError, r"must end at N = 12.*10"),
+    ("cu-beyond-N", lambda: call(cu_seqlens=[0, 5, 20]), ValueError, r"beyond the sequence.*20"),
+    ("cu-decreasing", lambda: call(cu_seqlens=[0, 8, 5, N]), ValueError,
+     r"cu_seqlens must be increasing.*\(5\) < .*\(8\)"),
+    ("cu-empty-block", lambda: call(cu_seqlens=[0, 5, 5, N]), ValueError,
+     r"cu_seqlens has an empty block.*both 5"),
+    ("cu-single-offset", lambda: call(cu_seqlens=[0]), ValueError, r"at least 2 offsets"),
+    ("cu-float-tensor", lambda: call(cu_seqlens=torch.tensor([0.0, 12.0])), TypeError,
+     r"cu_seqlens must be an int32 or int64 tensor, got torch\.float32"),
+    ("cu-float-list", lambda: call(cu_seqlens=[0, 6.0, 12]), TypeError,
+     r"cu_seqlens must contain ints.*float"),
+    ("cu-2d", lambda: call(cu_seqlens=torch.tensor([[0, 12]])), ValueError,
+     r"cu_seqlens must be 1-D, got 2-D"),
+    ("cu-too-large", lambda: call(cu_seqlens=torch.tensor([0, 2**31, 2**32])), ValueError,
+     r"fit in int32.*2147483648"),
+    ("cu-not-sequence", lambda: call(cu_seqlens="0,12"), TypeError,
+     r"cu_seqlens must be a 1-D int tensor or a list of ints, got str"),
+    ("both-block-args", lambda: call(block_size=4, cu_seqlens=[0, N]), ValueError,
+     r"at most one of block_size and cu_seqlens"),
+    ("blocks-nq-ne-nk", lambda: call(q=torch.randn(B, H, 5, D), block_size=4), ValueError,
+     r"block_size needs as many queries as keys.*Nq = 5, Nk = 12"),
+    ("cu-nq-ne-nk", lambda: call(q=torch.randn(B, H, 5, D), cu_seqlens=[0, 5]), ValueError,
+     r"cu_seqlens needs as many queries as keys"),
+    # Scalars.
+    ("scale-inf", lambda: call(scale=float("inf")), ValueError, r"scale must be finite, got inf"),
+    ("scale-nan", lambda: call(scale=float("nan")), ValueError, r"scale must be finite, got nan"),
+    ("scale-str", lambda: call(scale="0.5"), TypeError, r"scale must be a float, got str"),
+    ("causal-int", lambda: call(causal=1), TypeError, r"causal must be a bool, got int"),
+    ("causal-tensor", lambda: call(causal=torch.tensor(True)), TypeError,
+     r"causal must be a bool, got Tensor"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("fn", "exception", "match"),
+    [pytest.param(fn, exc, match, id=name) for name, fn, exc, match in BAD_INPUTS],
+)
+def test_bad_input_raises(fn, exception, match):
+    with pytest.raises(exception, match=match):
+        fn()
+
+
+def test_block_diagonal_attention_needs_blocks():
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match="needs block_size or cu_seqlens, got neither"):
+        block_attn.block_diagonal_attention(q, k, v)
+
+
+def test_reference_validates_like_the_kernel_path():
+    q, k, v = qkv(k=torch.randn(B, 3, N, D), v=torch.randn(B, 3, N, D))
+    with pytest.raises(ValueError, match="multiple of the number of kv heads"):
+        block_attn.reference.attention(q, k, v)
+    with pytest.raises(ValueError, match="cu_seqlens must start at 0"):
+        block_attn.reference.attention(*qkv(), cu_seqlens=[2, N])
+
+
+# The raw operators check what they rely on, independently of the Python layer.
+forward_op = torch.ops.block_attn.attention_forward.default
+backward_op = torch.ops.block_attn.attention_backward.default
+
+
+def raw_forward(device="cpu", **overrides):
+    q, k, v = (torch.randn(B, H, N, D, device=device) for _ in range(3))
+    cu = torch.tensor([0, 4, N], dtype=torch.int32, device=device)
+    args = {
+        "q": q,
+        "k": k,
+        "v": v,
+        "cu_seqlens_q": cu,
+        "cu_seqlens_k": cu,
+        "max_seqlen_q": 8,
+        "max_seqlen_k": 8,
+        "causal": False,
+        "scale": 0.5,
+    }
+    args.update(overrides)
+    return forward_op(*args.values())
+
+
+RAW_FORWARD_ERRORS = [
+    ("cu-int64", {"cu_seqlens_q": torch.tensor([0, 4, N])}, r"cu_seqlens_q must be int32.*Long"),
+    ("cu-k-float", {"cu_seqlens_k": torch.tensor([0.0, 12.0])}, r"cu_seqlens_k must be int32"),
+    ("cu-2d", {"cu_seqlens_q": torch.tensor([[0, N]], dtype=torch.int32)},
+     r"cu_seqlens_q must be 1-D with at least 2 offsets"),
+    ("cu-one-offset", {"cu_seqlens_k": torch.tensor([0], dtype=torch.int32)},
+     r"cu_seqlens_k must be 1-D with at least 2 offsets"),
+    ("cu-noncontiguous", {"cu_seqlens_q": torch.tensor([0, 9, 4, 9, N, 9], dtype=torch.int32)[::2]},
+     r"cu_seqlens_q must be contiguous"),
+    ("cu-block-counts", {"cu_seqlens_k": torch.tensor([0, N], dtype=torch.int32)},
+     r"same number of blocks, got 2 and 1"),
+    ("q-rank", {"q": torch.randn(H, N, D)}, r"q must be 4-D"),
+    ("k-last-stride", {"k": torch.randn(B, H, D, N).transpose(-1, -2)},
+     r"k must have unit stride in its last \(head_dim\) dimension"),
+    ("dtypes", {"v": torch.randn(B, H, N, D, dtype=torch.float64)},
+     r"q, k and v must share a dtype"),
+    ("k-v-shape", {"v": torch.randn(B, H, N + 1, D)}, r"k and v must have the same shape"),
+    ("batch", {"q": torch.randn(1, H, N, D)}, r"q and k must have the same batch size"),
+    ("head-dim", {"q": torch.randn(B, H, N, 4)}, r"q and k must have the same head_dim"),
+    ("gqa", {"q": torch.randn(B, 3, N, D)}, r"multiple of the number of kv heads, got 3 and 4"),
+    ("max-seqlen", {"max_seqlen_q": -1}, r"max_seqlen_q and max_seqlen_k must be non-negative"),
+    ("scale-inf", {"scale": float("inf")}, r"scale must be finite, got inf"),
+    ("scale-nan", {"scale": float("nan")}, r"scale must be finite, got nan"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [pytest.param(overrides, match, id=name) for name, overrides, match in RAW_FORWARD_ERRORS],
+)
+def test_raw_forward_checks(overrides, match):
+    with pytest.raises(RuntimeError, match=match):
+        raw_forward(**overrides)
+
+
+def raw_backward(**overrides):
+    q, k, v = (torch.randn(B, H, N, D) for _ in range(3))
+    cu = torch.tensor([0, 4, N], dtype=torch.int32)
+    out, lse = forward_op(q, k, v, cu, cu, 8, 8, False, 0.5)
+    args = {
+        "grad_out": torch.randn_like(out),
+        "q": q,
+        "k": k,
+        "v": v,
+        "out": out,
+        "lse": lse,
+        "grad_lse": None,
+        "cu_seqlens_q": cu,
+        "cu_seqlens_k": cu,
+        "max_seqlen_q": 8,
+        "max_seqlen_k": 8,
+        "causal": False,
+        "scale": 0.5,
+        "deterministic": False,
+    }
+    args.update(overrides)
+    return backward_op(*args.values())
+
+
+RAW_BACKWARD_ERRORS = [
+    ("lse-dtype", {"lse": torch.zeros(B, H, N, dtype=torch.float64)},
+     r"lse must be a contiguous float32"),
+    ("lse-shape", {"lse": torch.zeros(B, H, N + 1)},
+     r"lse must be .*shape \(batch, heads_q, seqlen_q\)"),
+    ("grad-lse-shape", {"grad_lse": torch.zeros(B, H)},
+     r"grad_lse must be float32 with lse's shape"),
+    ("grad-lse-dtype", {"grad_lse": torch.zeros(B, H, N, dtype=torch.float64)},
+     r"grad_lse must be float32"),
+    ("grad-out-shape", {"grad_out": torch.randn(B, H, N - 1, D)},
+     r"grad_out and out must have q's shape"),
+    ("grad-out-dtype", {"grad_out": torch.randn(B, H, N, D, dtype=torch.float64)},
+     r"grad_out and out must have q's dtype"),
+    ("grad-out-rank", {"grad_out": torch.randn(H, N, D)}, r"grad_out must be 4-D"),
+    ("cu-int64", {"cu_seqlens_k": torch.tensor([0, 4, N])}, r"cu_seqlens_k must be int32"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [pytest.param(overrides, match, id=name) for name, overrides, match in RAW_BACKWARD_ERRORS],
+)
+def test_raw_backward_checks(overrides, match):
+    with pytest.raises(RuntimeError, match=match):
+        raw_backward(**overrides)

@@ -1,0 +1,56 @@
+"""Float16 / bfloat16: errors bounded relative to the reference computed in the same dtype.
+
+FlashAttention's criterion: the kernel may be at most 2x as far from the float64 answer as the
+pure-PyTorch reference run in the low precision is (3x for gradients), plus a small floor.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from common import assert_within_reference_error, grads, make_qkv
+
+import block_attn
+from block_attn import reference
+
+LOW_PRECISION = [torch.float16, torch.bfloat16]
+CONFIGS = [
+    # (B, Hq, Hkv, N, D, kwargs)
+    pytest.param(2, 4, 2, 129, 64, {"block_size": 64}, id="block64-gqa"),
+    pytest.param(1, 4, 1, 257, 80, {"cu_seqlens": [0, 5, 100, 101, 257]}, id="ragged-mqa"),
+    pytest.param(1, 2, 2, 200, 128, {"causal": True}, id="causal"),
+    pytest.param(1, 8, 2, 300, 256, {"cu_seqlens": [0, 150, 300], "causal": True}, id="both"),
+    pytest.param(2, 2, 2, 65, 16, {"block_size": 3, "causal": True}, id="small-blocks"),
+]
+OUTPUT_ATOL = 1e-3
+GRAD_ATOL = 1e-3
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+@pytest.mark.parametrize(("B", "Hq", "Hkv", "N", "D", "kwargs"), CONFIGS)
+def test_low_precision_forward_and_backward(device, dtype, B, Hq, Hkv, N, D, kwargs):
+    q, k, v = make_qkv(B, Hq, Hkv, N, N, D, dtype=dtype, device=device, requires_grad=True)
+    grad_out = torch.randn_like(q)
+    out, lse = block_attn.attention(q, k, v, return_lse=True, **kwargs)
+    assert out.dtype == dtype and lse.dtype == torch.float32
+
+    low = tuple(t.detach().requires_grad_() for t in (q, k, v))
+    high = tuple(t.detach().double().requires_grad_() for t in (q, k, v))
+    ref_low, lse_low = reference.attention(*low, return_lse=True, **kwargs)
+    ref_high, lse_high = reference.attention(*high, return_lse=True, **kwargs)
+
+    assert_within_reference_error(
+        out, ref_low, ref_high, factor=2, atol=OUTPUT_ATOL, what=f"{dtype} out"
+    )
+    assert_within_reference_error(
+        lse, lse_low, lse_high, factor=2, atol=OUTPUT_ATOL, what=f"{dtype} lse"
+    )
+
+    ours = grads(out, (q, k, v), grad_out)
+    ref_low_grads = grads(ref_low, low, grad_out)
+    ref_high_grads = grads(ref_high, high, grad_out.double())
+    for name, g, g_low, g_high in zip("qkv", ours, ref_low_grads, ref_high_grads, strict=True):
+        assert g.dtype == dtype
+        assert_within_reference_error(
+            g, g_low, g_high, factor=3, atol=GRAD_ATOL, what=f"{dtype} grad_{name}"
+        )
