@@ -83,7 +83,7 @@ def attention(
         causal,
         scale,
     )
-    return (out, lse) if return_lse else out
+    return (out, lse.to(torch.float32)) if return_lse else out
 
 
 def block_diagonal_attention(

@@ -37,7 +37,8 @@ def attention_forward(
         scale: multiplies q·k before the softmax.
 
     Returns:
-        out (B, Hq, Nq, D) in q's dtype and layout; lse (B, Hq, Nq) float32.
+        out (B, Hq, Nq, D) in q's dtype and layout; lse (B, Hq, Nq), float64 for float64 q
+        (so float64 gradients are exact to float64 rounding), else float32.
     """
     return torch.ops.block_attn.attention_forward.default(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale
@@ -84,7 +85,8 @@ def _attention_forward_fake(
     q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale
 ):
     out = torch.empty_like(q)
-    lse = q.new_empty((q.shape[0], q.shape[1], q.shape[2]), dtype=torch.float32)
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    lse = q.new_empty((q.shape[0], q.shape[1], q.shape[2]), dtype=lse_dtype)
     return out, lse
 
 
@@ -127,7 +129,7 @@ def _backward(ctx, grad_out, grad_lse):
     q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros_like(out)
-    grad_lse = None if grad_lse is None else grad_lse.to(torch.float32).contiguous()
+    grad_lse = None if grad_lse is None else grad_lse.to(lse.dtype).contiguous()
     grad_q, grad_k, grad_v = attention_backward(
         _with_unit_last_stride(grad_out),
         q,

@@ -74,12 +74,17 @@ void check_backward_inputs(const at::Tensor& grad_out, const at::Tensor& q, cons
               " and ", out.sizes());
   TORCH_CHECK(grad_out.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(),
               "grad_out and out must have q's dtype ", q.scalar_type());
-  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.is_contiguous() && lse.dim() == 3 &&
+  const at::ScalarType lse_dtype = lse_dtype_for(q);
+  const char* lse_dtype_name = lse_dtype == at::kDouble ? "float64" : "float32";
+  TORCH_CHECK(lse.scalar_type() == lse_dtype && lse.is_contiguous() && lse.dim() == 3 &&
                   lse.size(0) == q.size(0) && lse.size(1) == q.size(1) && lse.size(2) == q.size(2),
-              "lse must be a contiguous float32 tensor of shape (batch, heads_q, seqlen_q)");
+              "lse must be a contiguous ", lse_dtype_name,
+              " tensor of shape (batch, heads_q, seqlen_q), got ", lse.scalar_type(), " ",
+              lse.sizes());
   if (grad_lse.has_value()) {
-    TORCH_CHECK(grad_lse->scalar_type() == at::kFloat && grad_lse->sizes() == lse.sizes(),
-                "grad_lse must be float32 with lse's shape ", lse.sizes());
+    TORCH_CHECK(grad_lse->scalar_type() == lse_dtype && grad_lse->sizes() == lse.sizes() &&
+                    grad_lse->is_contiguous(),
+                "grad_lse must be a contiguous ", lse_dtype_name, " tensor with lse's shape ", lse.sizes());
   }
 }
 
@@ -93,7 +98,7 @@ ForwardParams make_forward_params(const at::Tensor& q, const at::Tensor& k, cons
   p.k = k.data_ptr();
   p.v = v.data_ptr();
   p.out = out.data_ptr();
-  p.lse = lse.data_ptr<float>();
+  p.lse = lse.data_ptr();
   fill_strides(q, p.q_batch_stride, p.q_head_stride, p.q_row_stride);
   fill_strides(k, p.k_batch_stride, p.k_head_stride, p.k_row_stride);
   fill_strides(v, p.v_batch_stride, p.v_head_stride, p.v_row_stride);
@@ -126,7 +131,7 @@ BackwardParams make_backward_params(const at::Tensor& grad_out, const at::Tensor
   static_cast<ForwardParams&>(p) = make_forward_params(
       q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal, scale);
   p.grad_out = grad_out.data_ptr();
-  p.grad_lse = grad_lse.has_value() ? grad_lse->data_ptr<float>() : nullptr;
+  p.grad_lse = grad_lse.has_value() ? grad_lse->data_ptr() : nullptr;
   p.grad_q = grad_q.data_ptr();
   p.grad_k = grad_k.data_ptr();
   p.grad_v = grad_v.data_ptr();
@@ -143,8 +148,12 @@ at::Tensor empty_output_like(const at::Tensor& q) {
   return at::empty_like(q);
 }
 
+at::ScalarType lse_dtype_for(const at::Tensor& q) {
+  return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
 at::Tensor empty_lse_for(const at::Tensor& q) {
-  return at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
+  return at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(lse_dtype_for(q)));
 }
 
 }  // namespace block_attn

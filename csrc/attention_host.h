@@ -35,8 +35,9 @@ BackwardParams make_backward_params(const at::Tensor& grad_out, const at::Tensor
                                     bool deterministic);
 
 // Output of the forward: same shape, dtype and memory layout as q (a transposed (B, N, H, D)
-// view stays transposed), and lse of shape (B, Hq, Nq) in float32.
+// view stays transposed), and lse of shape (B, Hq, Nq): float64 for float64 q, else float32.
 at::Tensor empty_output_like(const at::Tensor& q);
+at::ScalarType lse_dtype_for(const at::Tensor& q);
 at::Tensor empty_lse_for(const at::Tensor& q);
 
 }  // namespace block_attn

@@ -17,7 +17,9 @@ struct ForwardParams {
   const void* k;
   const void* v;
   void* out;
-  float* lse;  // (batch, heads_q, seqlen_q), contiguous
+  // (batch, heads_q, seqlen_q), contiguous; float64 for float64 inputs (so their gradients are
+  // not limited by a float32 lse), else float32.
+  void* lse;
 
   int64_t q_batch_stride, q_head_stride, q_row_stride;
   int64_t k_batch_stride, k_head_stride, k_row_stride;
@@ -44,7 +46,7 @@ struct ForwardParams {
 // Backward: the forward's fields plus the gradients. grad_lse may be null (treated as zero).
 struct BackwardParams : ForwardParams {
   const void* grad_out;
-  const float* grad_lse;  // (batch, heads_q, seqlen_q), contiguous, or nullptr
+  const void* grad_lse;  // lse's dtype and shape, contiguous, or nullptr
   void* grad_q;
   void* grad_k;
   void* grad_v;

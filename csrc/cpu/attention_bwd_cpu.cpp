@@ -24,7 +24,7 @@ struct Pointers {
   const scalar_t* k;
   const scalar_t* v;
   const scalar_t* grad_out;
-  const float* lse;
+  const acc_t<scalar_t>* lse;
   const acc_t<scalar_t>* delta;
 };
 
@@ -42,27 +42,27 @@ Pointers<scalar_t> head_pointers(const BackwardParams& p, const std::vector<acc_
               kv_head * p.v_head_stride + e.k_start * p.v_row_stride,
           static_cast<const scalar_t*>(p.grad_out) + batch * p.grad_out_batch_stride +
               head * p.grad_out_head_stride + e.q_start * p.grad_out_row_stride,
-          p.lse + row_index, delta.data() + row_index};
+          static_cast<const acc_t<scalar_t>*>(p.lse) + row_index, delta.data() + row_index};
 }
 
 // scores (rows×cols, ld kBlockN) := P, then dP (ld kBlockN) := dS = P ∘ (dP − Delta) · scale.
 // Query rows [q_begin, q_begin + rows) and keys [k_begin, k_begin + cols) are block-local.
 template <typename acc>
 void probabilities_and_score_grads(const BackwardParams& p, const BlockExtent& e, int q_begin,
-                                   int rows, int k_begin, int cols, const float* lse,
+                                   int rows, int k_begin, int cols, const acc* lse,
                                    const acc* delta, acc* scores, acc* grad_scores) {
   for (int r = 0; r < rows; ++r) {
     acc* s = scores + r * kBlockN;
     acc* ds = grad_scores + r * kBlockN;
     const int allowed =
         std::clamp(causal_key_end(q_begin + r, e, p.is_causal) - k_begin, 0, cols);
-    const float row_lse = lse[q_begin + r];
-    if (allowed == 0 || row_lse == -std::numeric_limits<float>::infinity()) {
+    const acc row_lse = lse[q_begin + r];
+    if (allowed == 0 || row_lse == -std::numeric_limits<acc>::infinity()) {
       fill<acc>(s, cols, 0);
       fill<acc>(ds, cols, 0);
       continue;
     }
-    exp_shifted(s, allowed, static_cast<acc>(row_lse));
+    exp_shifted(s, allowed, row_lse);
     fill<acc>(s + allowed, cols - allowed, 0);
     const acc row_delta = delta[q_begin + r];
     const acc scale = static_cast<acc>(p.scale);
@@ -183,7 +183,7 @@ std::vector<acc_t<scalar_t>> compute_delta(const BackwardParams& p) {
                       h * p.grad_out_head_stride + n * p.grad_out_row_stride;
       acc sum = 0;
       for (int d = 0; d < p.head_dim; ++d) sum += static_cast<acc>(o[d]) * static_cast<acc>(g[d]);
-      delta[i] = sum - (p.grad_lse ? static_cast<acc>(p.grad_lse[i]) : acc(0));
+      delta[i] = sum - (p.grad_lse ? static_cast<const acc*>(p.grad_lse)[i] : acc(0));
     }
   });
   return delta;

@@ -71,13 +71,12 @@ void forward_tile(const ForwardParams& p, int batch, int head, const Tile& tile,
     matmul_ab<acc>(rows, dim, cols, 1, scores, kBlockN, kv_tile, dim, 1, out_acc, dim);
   }
 
-  float* lse = p.lse + (static_cast<int64_t>(batch) * p.heads_q + head) * p.seqlen_q +
-               e.q_start + tile.begin;
+  acc* lse = static_cast<acc*>(p.lse) +
+             (static_cast<int64_t>(batch) * p.heads_q + head) * p.seqlen_q + e.q_start + tile.begin;
   for (int r = 0; r < rows; ++r) {
-    const bool any_key = row_sum[r] > 0;
+    const bool any_key = row_sum[r] != 0;  // NaN inputs give a NaN sum: keep it visible
     scale_in_place(out_acc + r * dim, dim, any_key ? acc(1) / row_sum[r] : acc(0));
-    lse[r] = any_key ? static_cast<float>(row_max[r] + std::log(row_sum[r]))
-                     : -std::numeric_limits<float>::infinity();
+    lse[r] = any_key ? row_max[r] + std::log(row_sum[r]) : -std::numeric_limits<acc>::infinity();
   }
   auto* out = static_cast<scalar_t*>(p.out) + batch * p.out_batch_stride +
               head * p.out_head_stride + (e.q_start + tile.begin) * p.out_row_stride;

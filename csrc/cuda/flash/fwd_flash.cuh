@@ -186,7 +186,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
   __syncthreads();  // all loads landed and all warps are done with shared memory
 
   // Normalise, stage O in shared memory (over Q) and write real rows and columns only.
-  float* lse = params.lse +
+  float* lse = static_cast<float*>(params.lse) +
                (static_cast<int64_t>(batch) * params.heads_q + head) * params.seqlen_q + qr.start;
   T* sO = sQ;
 #pragma unroll
@@ -194,11 +194,11 @@ __global__ void __launch_bounds__(Traits::kThreads)
     float sum = row_sum[rr];
     sum += __shfl_xor_sync(0xffffffffu, sum, 1);
     sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-    const float inv = sum > 0.f ? 1.f / sum : 0.f;
+    const float inv = sum != 0.f ? 1.f / sum : 0.f;  // a NaN sum (NaN inputs) stays visible
     const int row_local = warp * 16 + group_row + rr * 8;
     const int i = m0 + row_local;
     if (quad_col == 0 && i < qr.length) {
-      lse[i] = sum > 0.f ? (row_max[rr] + log2f(sum)) * 0.6931471805599453f : -INFINITY;
+      lse[i] = sum != 0.f ? (row_max[rr] + log2f(sum)) * 0.6931471805599453f : -INFINITY;
     }
 #pragma unroll
     for (int d = 0; d < kNBlocksO; ++d) {

@@ -30,7 +30,7 @@ __global__ void __launch_bounds__(128) delta_kernel(const BackwardParams params,
   sum = warp_sum(sum);
   if (lane == 0) {
     const int64_t idx = static_cast<int64_t>(blockIdx.y) * params.seqlen_q + row;
-    delta[idx] = sum - (params.grad_lse ? static_cast<A>(params.grad_lse[idx]) : A(0));
+    delta[idx] = sum - (params.grad_lse ? static_cast<const A*>(params.grad_lse)[idx] : A(0));
   }
 }
 
@@ -101,7 +101,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
       load_tile<Traits>(sdO, grad_out, params.grad_out_row_stride, m0, qr.length, head_dim);
       if (threadIdx.x < kTileRows) {
         const int i = m0 + threadIdx.x;
-        s_lse[threadIdx.x] = i < qr.length ? static_cast<A>(params.lse[row_base + i]) : A(0);
+        s_lse[threadIdx.x] = i < qr.length ? static_cast<const A*>(params.lse)[row_base + i] : A(0);
         s_delta[threadIdx.x] = i < qr.length ? delta[row_base + i] : A(0);
       }
       __syncthreads();
@@ -195,7 +195,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
       load_row<Traits>(q_reg[r], q + static_cast<int64_t>(i) * params.q_row_stride, head_dim, lane);
       load_row<Traits>(do_reg[r], grad_out + static_cast<int64_t>(i) * params.grad_out_row_stride,
                        head_dim, lane);
-      lse[r] = static_cast<A>(params.lse[row_base + i]);
+      lse[r] = static_cast<const A*>(params.lse)[row_base + i];
       row_delta[r] = delta[row_base + i];
     }
 #pragma unroll

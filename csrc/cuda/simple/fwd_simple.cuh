@@ -97,17 +97,17 @@ __global__ void __launch_bounds__(Traits::kThreads) fwd_simple_kernel(const Forw
 
   T* out = static_cast<T*>(params.out) + batch * params.out_batch_stride +
            head * params.out_head_stride + static_cast<int64_t>(qr.start) * params.out_row_stride;
-  float* lse = params.lse +
-               (static_cast<int64_t>(batch) * params.heads_q + head) * params.seqlen_q + qr.start;
+  A* lse = static_cast<A*>(params.lse) +
+           (static_cast<int64_t>(batch) * params.heads_q + head) * params.seqlen_q + qr.start;
 #pragma unroll
   for (int r = 0; r < kRows; ++r) {
     const int i = m0 + warp * kRows + r;
     if (i >= qr.length) continue;
-    const bool any = row_sum[r] > 0;
+    const bool any = row_sum[r] != A(0);  // a NaN sum (NaN inputs) stays visible
     store_row<Traits>(out + static_cast<int64_t>(i) * params.out_row_stride, acc[r],
                       any ? A(1) / row_sum[r] : A(0), head_dim, lane);
     if (lane == 0) {
-      lse[i] = any ? static_cast<float>(row_max[r] + log_acc(row_sum[r])) : -INFINITY;
+      lse[i] = any ? row_max[r] + log_acc(row_sum[r]) : A(-INFINITY);
     }
   }
 }
