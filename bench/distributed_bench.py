@@ -227,6 +227,7 @@ def main() -> None:
             "platform": platform.platform(),
             "torch": torch.__version__,
             "block_attn_build": block_attn.build_info(),
+            "op_kernels": os.path.basename(block_attn._C.__file__),
             "note": "all processes share this machine's cores; with more processes than "
             "cores the timings include contention",
         },
