@@ -6,6 +6,11 @@ single-process result, forward and backward. Keys and values travel between rank
 point-to-point transfers, only where a block (document) spans both ranks.
 """
 
+import torch.distributed
+
+if not torch.distributed.is_available():
+    raise ImportError("block_attn.distributed needs a torch build with torch.distributed")
+
 from block_attn.distributed.attention import context_parallel_attention
 from block_attn.distributed.comm import STATS, CommStats
 from block_attn.distributed.layout import chunk_ranges, shard_sequence, unshard_sequence
