@@ -21,6 +21,16 @@ def build_info() -> dict:
     return dict(_C.build_info())
 
 
+def __getattr__(name: str):
+    # block_attn.distributed is imported on first use, so `import block_attn` works on
+    # builds of torch without torch.distributed.
+    if name == "distributed":
+        import importlib
+
+        return importlib.import_module("block_attn.distributed")
+    raise AttributeError(f"module 'block_attn' has no attribute {name!r}")
+
+
 __all__ = [
     "BlockLayout",
     "attention",

@@ -1,0 +1,130 @@
+"""Exact context-parallel block attention: the public function and its autograd wiring."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+
+from block_attn.blocks import make_layout
+from block_attn.distributed.checks import check_local_inputs, check_same_on_all_ranks
+from block_attn.distributed.ring import ring_backward, ring_forward
+from block_attn.distributed.schedule import Schedule, build_schedule
+from block_attn.validation import resolve_scale, with_unit_last_stride
+
+__all__ = ["context_parallel_attention"]
+
+
+class _ContextParallelAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        schedule: Schedule,
+        rank: int,
+        scale: float,
+        mode: str,
+        group: dist.ProcessGroup | None,
+    ) -> torch.Tensor:
+        out, lse = ring_forward(q, k, v, schedule, rank, scale, mode, group)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.schedule, ctx.rank, ctx.scale, ctx.mode, ctx.group = schedule, rank, scale, mode, group
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        q, k, v, out, lse = ctx.saved_tensors
+        grad_q, grad_k, grad_v = ring_backward(
+            with_unit_last_stride(grad_out),
+            q,
+            k,
+            v,
+            out,
+            lse,
+            ctx.schedule,
+            ctx.rank,
+            ctx.scale,
+            ctx.mode,
+            ctx.group,
+        )
+        return grad_q, grad_k, grad_v, None, None, None, None, None
+
+
+def context_parallel_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    cu_seqlens: torch.Tensor | Sequence[int] | None = None,
+    block_size: int | None = None,
+    causal: bool = False,
+    scale: float | None = None,
+    group: dist.ProcessGroup | None = None,
+    layout: str = "zigzag",
+    schedule: str = "block",
+    validate: bool = True,
+) -> torch.Tensor:
+    """Block attention over a sequence sharded across the ranks of ``group``.
+
+    Collective: every rank of ``group`` calls it with its own shards (see
+    :func:`~block_attn.distributed.shard_sequence`). Each rank's output equals its slice of
+    ``block_attn.attention`` on the full sequence, and so do the gradients of q, k and v.
+
+    Args:
+        q: (B, Hq, N / W, D) this rank's queries.
+        k: (B, Hkv, N / W, D) this rank's keys; ``Hq % Hkv == 0`` (GQA / MQA).
+        v: (B, Hkv, N / W, D) this rank's values.
+        cu_seqlens: block offsets of the GLOBAL sequence, ``0 = c0 < ... < cm = N`` (packed
+            documents), identical on every rank. Documents may cross shard boundaries.
+        block_size: fixed blocks of the GLOBAL sequence; at most one of this and cu_seqlens.
+        causal: causal mask inside each block, by global position.
+        scale: multiplies q·k before the softmax; default 1/sqrt(D).
+        group: the process group (default: the world); W is its size.
+        layout: how the sequence is sharded: ``"zigzag"`` (2W chunks, rank r holds chunks r
+            and 2W-1-r; balances causal work) or ``"contiguous"`` (rank r holds chunk r).
+        schedule: ``"block"`` sends a key/value shard only to ranks whose queries share a
+            block with it (none at all when shards are block-aligned); ``"ring"`` passes every
+            shard around the whole ring (the classic ring attention, for comparison).
+        validate: check with one small all_gather that all ranks pass matching shapes, blocks
+            and options, so a mismatch raises ValueError on every rank instead of hanging.
+
+    Returns:
+        (B, Hq, N / W, D) this rank's output, in q's dtype.
+
+    Raises:
+        ValueError: N is not a multiple of 2W (zigzag) or W (contiguous), or the ranks
+            disagree on shapes, blocks or options.
+    """
+    world_size = dist.get_world_size(group)
+    rank = dist.get_rank(group)
+    # Local checks first, but raise only after the ranks have compared notes: a rank that
+    # raised alone would leave the others waiting for it forever.
+    offsets: tuple[int, ...] = ()
+    local_error: Exception | None = None
+    try:
+        if not isinstance(causal, bool):
+            raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+        check_local_inputs(q, k, v, world_size, layout, schedule)
+        scale = resolve_scale(scale, q.shape[-1])
+        seqlen = q.shape[2] * world_size
+        offsets = make_layout(seqlen, seqlen, block_size, cu_seqlens).offsets_q
+    except (TypeError, ValueError) as error:
+        if not validate:
+            raise
+        local_error = error
+    if validate:
+        check_same_on_all_ranks(q, k, offsets, causal, scale, layout, schedule, group, local_error)
+    plan = build_schedule(offsets, world_size, layout, causal)
+    return _ContextParallelAttention.apply(
+        with_unit_last_stride(q),
+        with_unit_last_stride(k),
+        with_unit_last_stride(v),
+        plan,
+        rank,
+        scale,
+        schedule,
+        group,
+    )
