@@ -46,6 +46,22 @@ def sources(pattern: str) -> list[str]:
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
 
 
+class BuildExtension(cpp_extension.BuildExtension):
+    """torch's BuildExtension, minus a static libstdc++ some Python builds link extensions with.
+
+    A second libstdc++ copy inside the extension, beside the shared one torch uses, crashes on
+    the first formatted error message (seen with a standalone Python 3.12 build).
+    """
+
+    def build_extensions(self) -> None:
+        static_runtime = {"-static-libstdc++", "-static-libgcc"}
+        for attr in ("linker_so", "linker_so_cxx"):
+            command = getattr(self.compiler, attr, None)
+            if command:
+                setattr(self.compiler, attr, [a for a in command if a not in static_runtime])
+        super().build_extensions()
+
+
 def make_extension():
     cxx_flags = ["-O3", "-fopenmp"]
     link_flags = ["-fopenmp"]
@@ -71,5 +87,5 @@ def make_extension():
 
 setup(
     ext_modules=[make_extension()],
-    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )
