@@ -54,7 +54,7 @@ class BuildExtension(cpp_extension.BuildExtension):
     """
 
     def build_extensions(self) -> None:
-        static_runtime = {"-static-libstdc++", "-static-libgcc"}
+        static_runtime = {"-static-libstdc++", "-static-libgcc", "-Wl,-Bsymbolic-functions"}
         for attr in ("linker_so", "linker_so_cxx"):
             command = getattr(self.compiler, attr, None)
             if command:

@@ -57,7 +57,8 @@ void forward_tile(const ForwardParams& p, int batch, int head, const Tile& tile,
       // Keys at or past `allowed` are masked for this row (causal boundary tiles only).
       const int allowed = std::clamp(causal_key_end(tile.begin + r, e, p.is_causal) - k0, 0, cols);
       fill(s + allowed, cols - allowed, -std::numeric_limits<acc>::infinity());
-      const acc new_max = std::max(row_max[r], max_of(s, allowed));
+      const acc tile_max = max_of(s, allowed);
+      const acc new_max = std::isnan(tile_max) ? tile_max : std::max(row_max[r], tile_max);
       if (new_max == -std::numeric_limits<acc>::infinity()) {
         fill<acc>(s, cols, 0);  // no key seen yet: nothing to add
         continue;

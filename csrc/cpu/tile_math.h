@@ -67,7 +67,8 @@ inline void matmul_atb(int m, int n, int k, T alpha, const T* a, int lda, const 
 template <typename T>
 inline T max_of(const T* x, int n) {
   T m = -std::numeric_limits<T>::infinity();
-  for (int i = 0; i < n; ++i) m = x[i] > m ? x[i] : m;
+  // NaN wins so that NaN inputs propagate instead of looking like a fully masked row.
+  for (int i = 0; i < n; ++i) m = (x[i] > m || std::isnan(x[i])) ? x[i] : m;
   return m;
 }
 
