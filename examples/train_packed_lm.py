@@ -141,11 +141,13 @@ def packed_batch(documents: list[bytes], device: torch.device) -> dict:
 def dense_causal_attention(attention: MultiheadBlockAttention, x: torch.Tensor) -> torch.Tensor:
     """The baseline: ``attention``'s weights applied with PyTorch SDPA's dense causal mask."""
     batch, length, _ = x.shape
-    heads, head_dim = attention.num_heads, attention.head_dim
+    heads, kv_heads, head_dim = attention.num_heads, attention.num_kv_heads, attention.head_dim
     q = attention.q_proj(x).view(batch, length, heads, head_dim).transpose(1, 2)
-    k = attention.k_proj(x).view(batch, length, heads, head_dim).transpose(1, 2)
-    v = attention.v_proj(x).view(batch, length, heads, head_dim).transpose(1, 2)
-    out = functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    k = attention.k_proj(x).view(batch, length, kv_heads, head_dim).transpose(1, 2)
+    v = attention.v_proj(x).view(batch, length, kv_heads, head_dim).transpose(1, 2)
+    out = functional.scaled_dot_product_attention(
+        q, k, v, is_causal=True, enable_gqa=kv_heads != heads
+    )
     return attention.out_proj(out.transpose(1, 2).reshape(batch, length, -1))
 
 
