@@ -46,8 +46,18 @@ def sources(pattern: str) -> list[str]:
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
 
 
+def cpu_arch_flags() -> list[str]:
+    """Vector ISA for the CPU kernels (AVX2/AVX-512 exp and max loops instead of scalar ones).
+
+    BLOCK_ATTN_CPU_ARCH is passed as -march (default: native, the build machine's ISA); set it
+    empty to keep the compiler's default target, e.g. for a portable binary.
+    """
+    arch = os.environ.get("BLOCK_ATTN_CPU_ARCH", "native")
+    return [f"-march={arch}"] if arch else []
+
+
 def make_extension():
-    cxx_flags = ["-O3", "-fopenmp"]
+    cxx_flags = ["-O3", "-fopenmp", *cpu_arch_flags()]
     link_flags = ["-fopenmp"]
     srcs = sources("csrc/*.cpp") + sources("csrc/cpu/*.cpp")
     if not want_cuda():
