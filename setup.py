@@ -63,7 +63,7 @@ class BuildExtension(cpp_extension.BuildExtension):
 
 
 def make_extension():
-    cxx_flags = ["-O3", "-fopenmp"]
+    cxx_flags = ["-O3", "-fopenmp", *cpu_arch_flags()]
     link_flags = ["-fopenmp"]
     srcs = sources("csrc/*.cpp") + sources("csrc/cpu/*.cpp")
     if not want_cuda():

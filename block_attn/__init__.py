@@ -3,7 +3,7 @@
 Functions take SDPA's layout: q (B, Hq, N, D), k and v (B, Hkv, N, D).
 """
 
-from block_attn import reference
+from block_attn import nn, reference
 from block_attn.api import attention, block_diagonal_attention, causal_attention
 from block_attn.blocks import BlockLayout
 
@@ -37,6 +37,7 @@ __all__ = [
     "block_diagonal_attention",
     "build_info",
     "causal_attention",
+    "nn",
     "reference",
 ]
 __version__ = "0.1.0"

@@ -1,0 +1,218 @@
+"""Multi-head attention module built on :func:`block_attn.attention`."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+import block_attn
+from block_attn.blocks import make_layout
+
+__all__ = ["MultiheadBlockAttention"]
+
+
+class MultiheadBlockAttention(nn.Module):
+    """Multi-head attention with block-diagonal and/or causal masks, batch first.
+
+    A drop-in for ``torch.nn.MultiheadAttention(batch_first=True)`` where the mask is a block
+    structure instead of a dense tensor: fixed blocks (``block_size``), variable-length blocks
+    per call (``cu_seqlens``, e.g. documents packed into one row) and/or causal. Attention runs
+    through :func:`block_attn.attention`, which never materialises the (Nq, Nk) score matrix.
+
+    Separate ``q_proj``, ``k_proj``, ``v_proj`` and ``out_proj`` linear layers. With
+    ``num_kv_heads < num_heads`` the key and value projections are smaller
+    (``embed_dim // num_heads * num_kv_heads`` outputs) and groups of query heads share a
+    key/value head (grouped-query attention; ``num_kv_heads=1`` is multi-query attention).
+
+    ``dropout`` is applied to the output projection's output. Dropout on the attention
+    probabilities inside the kernels is not implemented yet.
+
+    Args:
+        embed_dim: width E of the inputs and the output; a multiple of ``num_heads``.
+        num_heads: query heads H; each head has dimension ``embed_dim // num_heads``.
+        num_kv_heads: key/value heads; ``num_heads`` must be a multiple of it. Default
+            ``num_heads``.
+        block_size: default block structure: tokens ``[i*b, (i+1)*b)`` form block i. A
+            ``cu_seqlens`` passed to :meth:`forward` overrides it for that call.
+        causal: each query attends only keys at or before its position (inside its block).
+            When query and key lengths differ (and no blocks are used) the mask is aligned
+            bottom-right: query i attends key j iff ``j <= i + Nk - Nq``.
+        dropout: probability of zeroing elements of the output in training.
+        bias: add biases to the four projections.
+        device: device of the parameters.
+        dtype: dtype of the parameters.
+
+    Attributes:
+        max_weights_elements: the largest ``B * H * Nq * Nk`` for which
+            ``forward(..., need_weights=True)`` builds the dense attention probabilities.
+    """
+
+    max_weights_elements: int = 2**26
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        *,
+        num_kv_heads: int | None = None,
+        block_size: int | None = None,
+        causal: bool = False,
+        dropout: float = 0.0,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        if embed_dim <= 0 or num_heads <= 0 or num_kv_heads <= 0:
+            raise ValueError(
+                f"embed_dim, num_heads and num_kv_heads must be positive, got embed_dim = "
+                f"{embed_dim}, num_heads = {num_heads}, num_kv_heads = {num_kv_heads}"
+            )
+        if embed_dim % num_heads != 0:
+            raise ValueError(
+                f"embed_dim must be divisible by num_heads, got embed_dim = {embed_dim}, "
+                f"num_heads = {num_heads}"
+            )
+        if num_heads % num_kv_heads != 0:
+            raise ValueError(
+                f"num_heads must be a multiple of num_kv_heads, got num_heads = {num_heads}, "
+                f"num_kv_heads = {num_kv_heads}"
+            )
+        if block_size is not None and (
+            isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0
+        ):
+            raise ValueError(f"block_size must be a positive int or None, got {block_size!r}")
+        if not 0.0 <= dropout <= 1.0:
+            raise ValueError(f"dropout must be in [0, 1], got {dropout}")
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = embed_dim // num_heads
+        self.block_size = block_size
+        self.causal = causal
+        kv_dim = self.head_dim * num_kv_heads
+        factory = {"device": device, "dtype": dtype}
+        self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
+        self.k_proj = nn.Linear(embed_dim, kv_dim, bias=bias, **factory)
+        self.v_proj = nn.Linear(embed_dim, kv_dim, bias=bias, **factory)
+        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
+        self.dropout = nn.Dropout(dropout)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Xavier-uniform input projections and zero biases, as torch.nn.MultiheadAttention."""
+        for proj in (self.q_proj, self.k_proj, self.v_proj):
+            nn.init.xavier_uniform_(proj.weight)
+        self.out_proj.reset_parameters()
+        for proj in (self.q_proj, self.k_proj, self.v_proj, self.out_proj):
+            if proj.bias is not None:
+                nn.init.zeros_(proj.bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, "
+            f"num_kv_heads={self.num_kv_heads}, block_size={self.block_size}, "
+            f"causal={self.causal}, dropout={self.dropout.p}"
+        )
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor | None = None,
+        value: torch.Tensor | None = None,
+        *,
+        cu_seqlens: torch.Tensor | Sequence[int] | None = None,
+        need_weights: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Attends ``query`` to ``key``/``value``.
+
+        Args:
+            query: (B, Nq, E).
+            key: (B, Nk, E); default ``query`` (self-attention).
+            value: (B, Nk, E); default ``key``.
+            cu_seqlens: block offsets ``0 = c0 < c1 < ... < cm = N`` shared by all batch rows
+                (a list of ints or a 1-D int tensor); overrides ``block_size`` for this call.
+                Blocks need Nq == Nk.
+            need_weights: also return the attention probabilities. They are computed by a
+                separate dense path that materialises (B, H, Nq, Nk) — O(N²) time and memory —
+                and is refused above ``max_weights_elements`` elements. Meant for inspection
+                and tests; the output itself never goes through it.
+
+        Returns:
+            out: (B, Nq, E).
+            weights: (B, H, Nq, Nk) probabilities per head (not averaged over heads, before
+                any dropout), only with ``need_weights=True``. Masked entries are 0; a query
+                with no allowed key has an all-zero row and outputs 0.
+        """
+        key = query if key is None else key
+        value = key if value is None else value
+        self._check_inputs(query, key, value)
+        batch, len_q, _ = query.shape
+        len_k = key.shape[1]
+        # (B, N, H, D) views transposed to SDPA's (B, H, N, D): the kernels take them as they are.
+        q = self.q_proj(query).view(batch, len_q, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(key).view(batch, len_k, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(value).view(batch, len_k, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        block_size = self.block_size if cu_seqlens is None else None
+        weights = None
+        if need_weights:
+            weights = self._attention_weights(q, k, block_size, cu_seqlens)
+        out = block_attn.attention(
+            q, k, v, block_size=block_size, cu_seqlens=cu_seqlens, causal=self.causal
+        )
+        out = out.transpose(1, 2).reshape(batch, len_q, self.embed_dim)
+        out = self.dropout(self.out_proj(out))
+        return out if weights is None else (out, weights)
+
+    def _check_inputs(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
+        for name, t in (("query", query), ("key", key), ("value", value)):
+            if t.dim() != 3:
+                raise ValueError(
+                    f"{name} must be 3-D (batch, seqlen, embed_dim), got {t.dim()}-D shape "
+                    f"{tuple(t.shape)}"
+                )
+            if t.shape[-1] != self.embed_dim:
+                raise ValueError(
+                    f"{name} must have embed_dim = {self.embed_dim} features in its last dim, "
+                    f"got shape {tuple(t.shape)}"
+                )
+        if not query.shape[0] == key.shape[0] == value.shape[0]:
+            raise ValueError(
+                f"query, key and value must share the batch size, got {query.shape[0]}, "
+                f"{key.shape[0]}, {value.shape[0]}"
+            )
+        if key.shape[1] != value.shape[1]:
+            raise ValueError(
+                f"key and value must have the same length, got {key.shape[1]} and {value.shape[1]}"
+            )
+
+    def _attention_weights(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        block_size: int | None,
+        cu_seqlens: torch.Tensor | Sequence[int] | None,
+    ) -> torch.Tensor:
+        """Dense (B, H, Nq, Nk) probabilities for q (B, H, Nq, D) and k (B, Hkv, Nk, D)."""
+        batch, heads, len_q, _ = q.shape
+        len_k = k.shape[2]
+        elements = batch * heads * len_q * len_k
+        if elements > self.max_weights_elements:
+            raise ValueError(
+                f"need_weights=True materialises B*H*Nq*Nk = {batch}*{heads}*{len_q}*{len_k} = "
+                f"{elements} elements, above max_weights_elements = {self.max_weights_elements}; "
+                f"call with need_weights=False or raise the class attribute"
+            )
+        layout = make_layout(len_q, len_k, block_size, cu_seqlens)
+        allowed = layout.mask(self.causal, device=q.device)
+        k = k.repeat_interleave(heads // k.shape[1], dim=1)
+        scores = torch.matmul(q, k.transpose(-2, -1)).float() / math.sqrt(self.head_dim)
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        # A query with no allowed key (bottom-right causal with Nq > Nk) gets a zero row, not NaN.
+        has_key = allowed.any(dim=-1, keepdim=True)
+        probs = torch.softmax(scores.masked_fill(~has_key, 0.0), dim=-1)
+        return probs.masked_fill(~has_key, 0.0).to(q.dtype)

@@ -1,0 +1,72 @@
+"""Runs the examples in their small configurations."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+
+
+def run_example(*args: str, timeout: float = 120) -> str:
+    """Runs ``python examples/<args>`` from the repository root; returns its stdout."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    result = subprocess.run(
+        [sys.executable, *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert result.returncode == 0, (
+        f"{' '.join(args)} exited with {result.returncode}\n"
+        f"stdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-3000:]}"
+    )
+    return result.stdout
+
+
+def test_train_packed_lm_small(tmp_path):
+    stdout = run_example(
+        str(EXAMPLES / "train_packed_lm.py"), "--small", "--steps", "3", "--device", "cpu",
+        "--out", str(tmp_path),
+    )  # fmt: skip
+    assert "(equal)" in stdout, stdout  # the script asserts equal first-step losses
+    results = json.loads((tmp_path / "results.json").read_text())
+    for mode in ("padded", "packed"):
+        losses = results[mode]["losses"]
+        assert len(losses) == 3, f"{mode}: expected 3 losses, got {losses}"
+        assert all(0 < loss < 10 for loss in losses), f"{mode}: implausible losses {losses}"
+        assert results[mode]["tokens_per_second"] > 0
+    assert results["packed"]["real_tokens"] == results["padded"]["real_tokens"]
+    assert results["packed"]["tokens_processed"] < results["padded"]["tokens_processed"]
+    assert (tmp_path / "results.md").read_text().count("|") > 10
+    assert (tmp_path / "loss_curves.png").stat().st_size > 0
+
+
+def test_walkthrough_runs_and_every_check_holds():
+    stdout = run_example(str(EXAMPLES / "walkthrough.py"))
+    checks = re.findall(r": (True|False)$", stdout, flags=re.MULTILINE)
+    assert len(checks) >= 8, f"expected at least 8 checks in the output, got:\n{stdout}"
+    assert "False" not in checks, f"a walk-through check failed:\n{stdout}"
+
+
+def test_walkthrough_document_shows_the_current_code():
+    """docs/walkthrough.md must be regenerated when the script's sections change."""
+    stdout = run_example(
+        "-c",
+        "import sys; sys.path.insert(0, 'examples'); import walkthrough; "
+        "print(walkthrough.markdown())",
+    )
+    code_blocks = re.compile(r"```python\n(.*?)```", flags=re.DOTALL)
+    document = (ROOT / "docs" / "walkthrough.md").read_text()
+    assert code_blocks.findall(document) == code_blocks.findall(stdout), (
+        "docs/walkthrough.md is out of date: run "
+        "`PYTHONPATH=. python examples/walkthrough.py --markdown docs/walkthrough.md`"
+    )
