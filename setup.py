@@ -46,6 +46,16 @@ def sources(pattern: str) -> list[str]:
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
 
 
+def cpu_arch_flags() -> list[str]:
+    """Vector ISA for the CPU kernels: BLOCK_ATTN_CPU_ARCH is passed as -march.
+
+    Default: native (the build machine's ISA, so the packing and softmax loops vectorise); set it
+    empty to keep the compiler's default target, e.g. for a portable binary.
+    """
+    arch = os.environ.get("BLOCK_ATTN_CPU_ARCH", "native")
+    return [f"-march={arch}"] if arch else []
+
+
 class BuildExtension(cpp_extension.BuildExtension):
     """torch's BuildExtension, minus a static libstdc++ some Python builds link extensions with.
 

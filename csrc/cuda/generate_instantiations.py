@@ -37,9 +37,15 @@ def simple_file(direction: str, dtype: str, head_dim: int) -> str:
 
 
 def flash_file(direction: str, dtype: str, head_dim: int) -> str:
-    lines = [HEADER, f'#include "../flash/{direction}_flash.cuh"\n', "\nnamespace block_attn::cuda {\n\n"]
-    args = "const ForwardParams&, cudaStream_t" if direction == "fwd" else (
-        "const BackwardParams&, void*, cudaStream_t"
+    lines = [
+        HEADER,
+        f'#include "../flash/{direction}_flash.cuh"\n',
+        "\nnamespace block_attn::cuda {\n\n",
+    ]
+    args = (
+        "const ForwardParams&, cudaStream_t"
+        if direction == "fwd"
+        else ("const BackwardParams&, void*, cudaStream_t")
     )
     for causal in ("false", "true"):
         lines.append(
