@@ -18,9 +18,9 @@ def merge_into(
 
     Args:
         out_acc: (B, H, n, D) float32 or float64 running output, updated in place.
-        lse_acc: (B, H, n) float32 running log-sum-exp, updated in place.
+        lse_acc: (B, H, n) running log-sum-exp (float64 for float64 inputs), updated in place.
         out: (B, H, n, D) partial output (any floating dtype).
-        lse: (B, H, n) float32 partial log-sum-exp.
+        lse: (B, H, n) partial log-sum-exp, lse_acc's dtype.
     """
     new_lse = torch.logaddexp(lse_acc, lse)
     # Where both are -inf, subtracting -inf would give NaN; shift by 0 instead.

@@ -134,12 +134,14 @@ def ring_forward(
         group: the process group.
 
     Returns:
-        out (B, Hq, n, D) in q's dtype and lse (B, Hq, n) float32.
+        out (B, Hq, n, D) in q's dtype and lse (B, Hq, n), float64 for float64 q else float32.
     """
     chunk_size = q.shape[2] // len(schedule.chunks[rank])
     offsets = _Offsets(q.device)
     out_acc = torch.zeros(q.shape, dtype=_accumulate_dtype(q.dtype), device=q.device)
-    lse_acc = torch.full(q.shape[:3], float("-inf"), dtype=torch.float32, device=q.device)
+    lse_acc = torch.full(
+        q.shape[:3], float("-inf"), dtype=_accumulate_dtype(q.dtype), device=q.device
+    )
     rounds = _kv_rounds(schedule, rank, mode)
     own = pack(k, v) if rounds else None
     for i, buffer in _stream_kv(own, rank, rounds, group):
