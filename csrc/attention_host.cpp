@@ -84,7 +84,8 @@ void check_backward_inputs(const at::Tensor& grad_out, const at::Tensor& q, cons
   if (grad_lse.has_value()) {
     TORCH_CHECK(grad_lse->scalar_type() == lse_dtype && grad_lse->sizes() == lse.sizes() &&
                     grad_lse->is_contiguous(),
-                "grad_lse must be a contiguous ", lse_dtype_name, " tensor with lse's shape ", lse.sizes());
+                "grad_lse must be a contiguous ", lse_dtype_name, " tensor with lse's shape ",
+                lse.sizes());
   }
 }
 
@@ -119,14 +120,12 @@ ForwardParams make_forward_params(const at::Tensor& q, const at::Tensor& k, cons
   return p;
 }
 
-BackwardParams make_backward_params(const at::Tensor& grad_out, const at::Tensor& q,
-                                    const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-                                    const at::Tensor& lse, const std::optional<at::Tensor>& grad_lse,
-                                    const at::Tensor& grad_q, const at::Tensor& grad_k,
-                                    const at::Tensor& grad_v, const at::Tensor& cu_seqlens_q,
-                                    const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
-                                    int64_t max_seqlen_k, bool is_causal, double scale,
-                                    bool deterministic) {
+BackwardParams make_backward_params(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& grad_lse,
+    const at::Tensor& grad_q, const at::Tensor& grad_k, const at::Tensor& grad_v,
+    const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+    int64_t max_seqlen_k, bool is_causal, double scale, bool deterministic) {
   BackwardParams p{};
   static_cast<ForwardParams&>(p) = make_forward_params(
       q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal, scale);

@@ -25,14 +25,12 @@ void check_backward_inputs(const at::Tensor& grad_out, const at::Tensor& q, cons
                            const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
                            const std::optional<at::Tensor>& grad_lse);
 
-BackwardParams make_backward_params(const at::Tensor& grad_out, const at::Tensor& q,
-                                    const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-                                    const at::Tensor& lse, const std::optional<at::Tensor>& grad_lse,
-                                    const at::Tensor& grad_q, const at::Tensor& grad_k,
-                                    const at::Tensor& grad_v, const at::Tensor& cu_seqlens_q,
-                                    const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
-                                    int64_t max_seqlen_k, bool is_causal, double scale,
-                                    bool deterministic);
+BackwardParams make_backward_params(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& grad_lse,
+    const at::Tensor& grad_q, const at::Tensor& grad_k, const at::Tensor& grad_v,
+    const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+    int64_t max_seqlen_k, bool is_causal, double scale, bool deterministic);
 
 // Output of the forward: same shape, dtype and memory layout as q (a transposed (B, N, H, D)
 // view stays transposed), and lse of shape (B, Hq, Nq): float64 for float64 q, else float32.

@@ -33,16 +33,18 @@ template <typename scalar_t>
 Pointers<scalar_t> head_pointers(const BackwardParams& p, const std::vector<acc_t<scalar_t>>& delta,
                                  int batch, int head, const BlockExtent& e) {
   const int kv_head = head / (p.heads_q / p.heads_kv);
-  const int64_t row_index = (static_cast<int64_t>(batch) * p.heads_q + head) * p.seqlen_q + e.q_start;
+  const int64_t row_index =
+      (static_cast<int64_t>(batch) * p.heads_q + head) * p.seqlen_q + e.q_start;
   return {static_cast<const scalar_t*>(p.q) + batch * p.q_batch_stride + head * p.q_head_stride +
               e.q_start * p.q_row_stride,
-          static_cast<const scalar_t*>(p.k) + batch * p.k_batch_stride +
-              kv_head * p.k_head_stride + e.k_start * p.k_row_stride,
-          static_cast<const scalar_t*>(p.v) + batch * p.v_batch_stride +
-              kv_head * p.v_head_stride + e.k_start * p.v_row_stride,
+          static_cast<const scalar_t*>(p.k) + batch * p.k_batch_stride + kv_head * p.k_head_stride +
+              e.k_start * p.k_row_stride,
+          static_cast<const scalar_t*>(p.v) + batch * p.v_batch_stride + kv_head * p.v_head_stride +
+              e.k_start * p.v_row_stride,
           static_cast<const scalar_t*>(p.grad_out) + batch * p.grad_out_batch_stride +
               head * p.grad_out_head_stride + e.q_start * p.grad_out_row_stride,
-          static_cast<const acc_t<scalar_t>*>(p.lse) + row_index, delta.data() + row_index};
+          static_cast<const acc_t<scalar_t>*>(p.lse) + row_index,
+          delta.data() + row_index};
 }
 
 // scores (rows×cols, ld kBlockN) := P, then dP (ld kBlockN) := dS = P ∘ (dP − Delta) · scale.
@@ -54,8 +56,7 @@ void probabilities_and_score_grads(const BackwardParams& p, const BlockExtent& e
   for (int r = 0; r < rows; ++r) {
     acc* s = scores + r * kBlockN;
     acc* ds = grad_scores + r * kBlockN;
-    const int allowed =
-        std::clamp(causal_key_end(q_begin + r, e, p.is_causal) - k_begin, 0, cols);
+    const int allowed = std::clamp(causal_key_end(q_begin + r, e, p.is_causal) - k_begin, 0, cols);
     const acc row_lse = lse[q_begin + r];
     if (allowed == 0 || row_lse == -std::numeric_limits<acc>::infinity()) {
       fill<acc>(s, cols, 0);
@@ -74,7 +75,8 @@ template <typename scalar_t>
 struct Scratch {
   using acc = acc_t<scalar_t>;
   explicit Scratch(int dim)
-      : storage(static_cast<size_t>(4 * kBlockM * dim + 2 * kBlockN * dim + 2 * kBlockM * kBlockN)) {
+      : storage(
+            static_cast<size_t>(4 * kBlockM * dim + 2 * kBlockN * dim + 2 * kBlockM * kBlockN)) {
     q = storage.data();
     grad_out = q + kBlockM * dim;
     k = grad_out + kBlockM * dim;
@@ -135,8 +137,8 @@ void key_value_grads_tile(const BackwardParams& p, const std::vector<acc_t<scala
 
 // dQ of queries [query.begin, query.end) of one block for one (batch, query head).
 template <typename scalar_t>
-void query_grads_tile(const BackwardParams& p, const std::vector<acc_t<scalar_t>>& delta,
-                      int batch, int head, const Tile& query, Scratch<scalar_t>& t) {
+void query_grads_tile(const BackwardParams& p, const std::vector<acc_t<scalar_t>>& delta, int batch,
+                      int head, const Tile& query, Scratch<scalar_t>& t) {
   using acc = acc_t<scalar_t>;
   const int dim = p.head_dim;
   const BlockExtent e = block_extent(p, query.block);

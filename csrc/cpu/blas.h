@@ -24,8 +24,10 @@ inline void fallback_gemm(bool ta, bool tb, int m, int n, int k, T alpha, const 
     for (int i = 0; i < m; ++i) {
       T sum = 0;
       for (int l = 0; l < k; ++l) {
-        const T av = ta ? a[l + static_cast<int64_t>(i) * lda] : a[i + static_cast<int64_t>(l) * lda];
-        const T bv = tb ? b[j + static_cast<int64_t>(l) * ldb] : b[l + static_cast<int64_t>(j) * ldb];
+        const T av =
+            ta ? a[l + static_cast<int64_t>(i) * lda] : a[i + static_cast<int64_t>(l) * lda];
+        const T bv =
+            tb ? b[j + static_cast<int64_t>(l) * ldb] : b[l + static_cast<int64_t>(j) * ldb];
         sum += av * bv;
       }
       T& out = c[i + static_cast<int64_t>(j) * ldc];

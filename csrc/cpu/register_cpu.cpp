@@ -44,10 +44,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
     grad_v.zero_();
     return {grad_q, grad_k, grad_v};
   }
-  const BackwardParams params =
-      make_backward_params(grad_out, q, k, v, out, lse, grad_lse, grad_q, grad_k, grad_v,
-                           cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
-                           deterministic);
+  const BackwardParams params = make_backward_params(
+      grad_out, q, k, v, out, lse, grad_lse, grad_q, grad_k, grad_v, cu_seqlens_q, cu_seqlens_k,
+      max_seqlen_q, max_seqlen_k, causal, scale, deterministic);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attention_backward",
                                   [&] { cpu::run_backward<scalar_t>(params); });
   return {grad_q, grad_k, grad_v};

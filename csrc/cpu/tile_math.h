@@ -24,7 +24,8 @@ using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float
 // Packing costs O(rows·dim) against the O(rows·cols·dim) product it feeds, and gives BLAS a
 // dense, aligned operand whatever the input layout or dtype.
 template <typename scalar_t>
-inline void pack_rows(const scalar_t* src, int64_t stride, int rows, int dim, acc_t<scalar_t>* dst) {
+inline void pack_rows(const scalar_t* src, int64_t stride, int rows, int dim,
+                      acc_t<scalar_t>* dst) {
   for (int r = 0; r < rows; ++r) {
     const scalar_t* in = src + r * stride;
     acc_t<scalar_t>* out = dst + static_cast<int64_t>(r) * dim;
@@ -44,23 +45,23 @@ inline void unpack_rows(const acc_t<scalar_t>* src, int rows, int dim, scalar_t*
 
 // Row-major C (m×n, ldc) = alpha · A (m×k, row-major) · B^T (B is n×k, row-major) + beta · C.
 template <typename T>
-inline void matmul_abt(int m, int n, int k, T alpha, const T* a, int lda, const T* b,
-                       int ldb, T beta, T* c, int ldc) {
+inline void matmul_abt(int m, int n, int k, T alpha, const T* a, int lda, const T* b, int ldb,
+                       T beta, T* c, int ldc) {
   // Column-major view: C^T (n×m) = B (n×k) · A^T, with B stored as a k×n column-major matrix.
   gemm(true, false, n, m, k, alpha, b, ldb, a, lda, beta, c, ldc);
 }
 
 // Row-major C (m×n) = alpha · A (m×k) · B (k×n) + beta · C, all row-major.
 template <typename T>
-inline void matmul_ab(int m, int n, int k, T alpha, const T* a, int lda, const T* b,
-                      int ldb, T beta, T* c, int ldc) {
+inline void matmul_ab(int m, int n, int k, T alpha, const T* a, int lda, const T* b, int ldb,
+                      T beta, T* c, int ldc) {
   gemm(false, false, n, m, k, alpha, b, ldb, a, lda, beta, c, ldc);
 }
 
 // Row-major C (m×n) = alpha · A^T (A is k×m, row-major) · B (k×n) + beta · C.
 template <typename T>
-inline void matmul_atb(int m, int n, int k, T alpha, const T* a, int lda, const T* b,
-                       int ldb, T beta, T* c, int ldc) {
+inline void matmul_atb(int m, int n, int k, T alpha, const T* a, int lda, const T* b, int ldb,
+                       T beta, T* c, int ldc) {
   gemm(false, true, n, m, k, alpha, b, ldb, a, lda, beta, c, ldc);
 }
 

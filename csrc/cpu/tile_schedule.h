@@ -38,8 +38,8 @@ inline void check_host_offsets(const int32_t* offsets, int num_blocks, int seqle
                                const char* name) {
   TORCH_CHECK(offsets[0] == 0, name, " must start at 0, got ", offsets[0]);
   for (int j = 0; j < num_blocks; ++j) {
-    TORCH_CHECK(offsets[j + 1] >= offsets[j], name, " must be non-decreasing, but offset ",
-                j + 1, " (", offsets[j + 1], ") < offset ", j, " (", offsets[j], ")");
+    TORCH_CHECK(offsets[j + 1] >= offsets[j], name, " must be non-decreasing, but offset ", j + 1,
+                " (", offsets[j + 1], ") < offset ", j, " (", offsets[j], ")");
   }
   TORCH_CHECK(offsets[num_blocks] == seqlen, name, " must end at the sequence length ", seqlen,
               ", got ", offsets[num_blocks]);

@@ -99,7 +99,8 @@ __global__ void __launch_bounds__(Traits::kThreads)
     for (int r = threadIdx.x; r < kBlockM; r += Traits::kThreads) {
       const int i = m0 + r;
       // +inf makes P = 0 on rows past the block.
-      s_lse[buf * kBlockM + r] = i < qr.length ? static_cast<const float*>(params.lse)[row_base + i] * kLog2e : INFINITY;
+      s_lse[buf * kBlockM + r] =
+          i < qr.length ? static_cast<const float*>(params.lse)[row_base + i] * kLog2e : INFINITY;
       s_delta[buf * kBlockM + r] = i < qr.length ? delta[row_base + i] : 0.f;
     }
   };
@@ -243,7 +244,8 @@ __global__ void __launch_bounds__(Traits::kThreads)
 #pragma unroll
   for (int rr = 0; rr < 2; ++rr) {
     const int i = m0 + warp * 16 + group_row + rr * 8;
-    lse_log2[rr] = i < qr.length ? static_cast<const float*>(params.lse)[row_base + i] * kLog2e : INFINITY;
+    lse_log2[rr] =
+        i < qr.length ? static_cast<const float*>(params.lse)[row_base + i] * kLog2e : INFINITY;
     row_delta[rr] = i < qr.length ? delta[row_base + i] : 0.f;
   }
 
