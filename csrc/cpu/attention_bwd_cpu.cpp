@@ -1,6 +1,9 @@
 // CPU backward (FlashAttention-2): probabilities are recomputed from the saved lse. Two passes
 // with no shared writes, so the result is bitwise deterministic and B = H = 1 still uses every
 // core: dK/dV per (kv head, key tile) and dQ per (query head, query tile).
+// clang-format off
+#include "vector_isa.h"  // first: it picks the SIMD flavour of the ATen headers below
+// clang-format on
 #include <ATen/Parallel.h>
 
 #include <algorithm>
