@@ -1,0 +1,121 @@
+"""The operators with separate query and key block offsets (``cu_seqlens_q != cu_seqlens_k``).
+
+Block j pairs queries [cq_j, cq_{j+1}) with keys [ck_j, ck_{j+1}); causal masking is
+bottom-right aligned per block, and blocks may be empty on either side. This is what
+context-parallel attention calls for each (query shard, key shard) pair.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from common import assert_close
+
+from block_attn import ops
+from block_attn.blocks import BlockLayout
+
+# (query block lengths, key block lengths): ragged, Lq < Lk, Lq > Lk, empty on either side.
+BLOCK_PAIRS = [
+    pytest.param([5, 17, 1], [9, 3, 30], id="ragged"),
+    pytest.param([8, 8], [24, 40], id="fewer-queries"),
+    pytest.param([33, 12], [7, 12], id="more-queries"),
+    pytest.param([0, 10, 6], [4, 0, 6], id="empty-blocks"),
+    pytest.param([70], [130], id="one-block-off-tile"),
+]
+
+
+def dense_reference(q, k, v, layout: BlockLayout, causal: bool, scale: float):
+    """Masked softmax attention in float64; rows with no allowed key give 0 and lse -inf."""
+    groups = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(groups, dim=1)
+    v = v.repeat_interleave(groups, dim=1)
+    allowed = layout.mask(causal, device=q.device)
+    scores = (q @ k.transpose(-2, -1) * scale).masked_fill(~allowed, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    has_key = allowed.any(dim=-1)[:, None]
+    probs = torch.softmax(scores.masked_fill(~has_key, 0.0), dim=-1).masked_fill(~has_key, 0.0)
+    return probs @ v, lse
+
+
+def offsets(lengths: list[int]) -> list[int]:
+    out = [0]
+    for length in lengths:
+        out.append(out[-1] + length)
+    return out
+
+
+@pytest.mark.parametrize(("lengths_q", "lengths_k"), BLOCK_PAIRS)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize(("heads_q", "heads_kv"), [(2, 2), (4, 1)])
+def test_forward_and_gradients_match_dense(device, lengths_q, lengths_k, causal, heads_q, heads_kv):
+    off_q, off_k = offsets(lengths_q), offsets(lengths_k)
+    layout = BlockLayout(tuple(off_q), tuple(off_k), max(lengths_q), max(lengths_k))
+    head_dim, scale = 24, 0.3
+    q = torch.randn(2, heads_q, off_q[-1], head_dim, dtype=torch.float64, device=device)
+    k = torch.randn(2, heads_kv, off_k[-1], head_dim, dtype=torch.float64, device=device)
+    v = torch.randn_like(k)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    cu_q, cu_k = layout.tensors(torch.device(device))
+
+    out, lse = ops.attention_forward(
+        q, k, v, cu_q, cu_k, layout.max_len_q, layout.max_len_k, causal, scale
+    )
+    expected_out, expected_lse = dense_reference(q, k, v, layout, causal, scale)
+    assert_close(out, expected_out, atol=1e-12, rtol=1e-10, what="out")
+    assert torch.equal(lse.isinf(), expected_lse.isinf()), "rows without keys differ"
+    finite = ~expected_lse.isinf()
+    assert_close(lse[finite], expected_lse[finite], atol=1e-12, rtol=1e-10, what="lse")
+
+    grad_out = torch.randn_like(out)
+    grad_lse = torch.randn_like(lse).masked_fill(~finite, 0.0)
+    loss = (out * grad_out).sum() + (lse.masked_fill(~finite, 0.0) * grad_lse).sum()
+    got = torch.autograd.grad(loss, (q, k, v))
+    expected_loss = (expected_out * grad_out).sum() + (
+        expected_lse.masked_fill(~finite, 0.0) * grad_lse
+    ).sum()
+    expected = torch.autograd.grad(expected_loss, (q, k, v))
+    for name, a, b in zip(("grad_q", "grad_k", "grad_v"), got, expected, strict=True):
+        assert_close(a, b, atol=1e-11, rtol=1e-9, what=name)
+
+
+def test_gradcheck_separate_blocks(device):
+    off_q, off_k = [0, 3, 3, 9], [0, 5, 7, 11]
+    layout = BlockLayout(tuple(off_q), tuple(off_k), 6, 5)
+    cu_q, cu_k = layout.tensors(torch.device(device))
+    inputs = [
+        torch.randn(1, 2, n, 4, dtype=torch.float64, device=device, requires_grad=True)
+        for n in (9, 11, 11)
+    ]
+    inputs[1] = inputs[1][:, :1].detach().requires_grad_()
+    inputs[2] = inputs[2][:, :1].detach().requires_grad_()
+
+    def fn(q, k, v):
+        return ops.attention_forward(q, k, v, cu_q, cu_k, 6, 5, True, 0.5)[0]
+
+    assert torch.autograd.gradcheck(fn, tuple(inputs))
+
+
+def test_random_layouts_match_dense(device):
+    rng = random.Random(1)
+    for _ in range(10):
+        blocks = rng.randint(1, 5)
+        lengths_q = [rng.randint(0, 40) for _ in range(blocks)]
+        lengths_k = [rng.randint(0, 40) for _ in range(blocks)]
+        lengths_q[0] = max(lengths_q[0], 1)
+        lengths_k[0] = max(lengths_k[0], 1)
+        causal = rng.random() < 0.5
+        off_q, off_k = offsets(lengths_q), offsets(lengths_k)
+        layout = BlockLayout(tuple(off_q), tuple(off_k), max(lengths_q), max(lengths_k))
+        q = torch.randn(1, 3, off_q[-1], 16, dtype=torch.float32, device=device)
+        k = torch.randn(1, 3, off_k[-1], 16, dtype=torch.float32, device=device)
+        v = torch.randn_like(k)
+        cu_q, cu_k = layout.tensors(torch.device(device))
+        out, _ = ops.attention_forward(
+            q, k, v, cu_q, cu_k, layout.max_len_q, layout.max_len_k, causal, 0.25
+        )
+        expected, _ = dense_reference(q.double(), k.double(), v.double(), layout, causal, 0.25)
+        assert_close(
+            out, expected, atol=1e-5, rtol=1e-4, what=f"out for {lengths_q}/{lengths_k} {causal=}"
+        )
