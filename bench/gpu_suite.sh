@@ -97,7 +97,18 @@ EOF
 
 build() {
   local rc
+  # Link with the compiler whose libstdc++ torch loads. The H100 image's Python was built with
+  # /opt/gcc, and extensions linked by that g++ carried their own copy of libstdc++ (ldd showed
+  # none), which crashed in the first C++ error message that formats a number.
+  if [[ -x /usr/bin/g++ && -x /usr/bin/gcc ]]; then
+    export CC=/usr/bin/gcc CXX=/usr/bin/g++
+    export LDSHARED="/usr/bin/gcc -shared" LDCXXSHARED="/usr/bin/g++ -shared"
+  fi
+  echo "compilers: CC=${CC:-default} CXX=${CXX:-default}"
   BLOCK_ATTN_CUDA=1 MAX_JOBS=16 python3 setup.py build_ext --inplace
+  rc=$?
+  ((rc == 0)) || return $rc
+  ldd block_attn/_C*.so | grep -E 'libstdc|libgomp' || true
   rc=$?
   ((rc == 0)) || return $rc
   python3 -c 'import block_attn; print(block_attn.build_info())'
