@@ -57,10 +57,10 @@ def cpu_arch_flags() -> list[str]:
 
 
 class BuildExtension(cpp_extension.BuildExtension):
-    """torch's BuildExtension, minus a static libstdc++ some Python builds link extensions with.
+    """torch's BuildExtension, minus link flags that give the extension its own C++ runtime.
 
-    A second libstdc++ copy inside the extension, beside the shared one torch uses, crashes on
-    the first formatted error message (seen with a standalone Python 3.12 build).
+    The extension must share the libstdc++ torch loads: a private copy (static, or bound to
+    itself with -Bsymbolic-functions) crashed formatting C++ error messages on one GPU image.
     """
 
     def build_extensions(self) -> None:
