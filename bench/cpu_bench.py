@@ -50,7 +50,7 @@ FORWARD_ONLY = {"flex"}
 # Peers whose first call compiles: the slow-call check uses their second call.
 COMPILED = {"flex"}
 # Peers timed in full even when slow: they are placed only where their cost is bounded.
-ALWAYS_REPEATED = {"block_attn", "sdpa-dense-mask"}
+ALWAYS_REPEATED = {"block_attn", "sdpa-batch", "sdpa-causal", "sdpa-loop", "sdpa-dense-mask"}
 
 
 @dataclass
@@ -445,6 +445,12 @@ def main(argv=None) -> int:
         save()
     bar.close()
 
+    # The GEMM rate again at the end: other load at the start would understate it.
+    results["gemm_end"] = {"fp32": gemm_rate(torch.float32), "bf16": gemm_rate(torch.bfloat16)}
+    for dtype in ("fp32", "bf16"):
+        best = max(results["gemm"][dtype]["gflops"], results["gemm_end"][dtype]["gflops"])
+        results["gemm"][dtype]["gflops_best"] = best
+    cpu_report.rescale_gemm(results["rows"], results["gemm"]["fp32"]["gflops_best"])
     results["targets"] = cpu_report.targets(results)
     save()
     cpu_report.write_markdown(results, os.path.join(args.out, "cpu_results.md"))

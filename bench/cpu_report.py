@@ -39,6 +39,17 @@ def add_figures(rows: list[dict], w: Workload, gemm_gflops: float) -> None:
             r["vs_ours"] = r["ms"] / ours["ms"]
 
 
+def gemm_rate(gemm: dict, dtype: str) -> float:
+    return gemm[dtype].get("gflops_best", gemm[dtype]["gflops"])
+
+
+def rescale_gemm(rows: list[dict], gemm_gflops: float) -> None:
+    """Recomputes % of fp32 GEMM against the best GEMM rate of the run."""
+    for r in rows:
+        if "gflops" in r:
+            r["pct_fp32_gemm"] = 100.0 * r["gflops"] / gemm_gflops
+
+
 def fmt(value, spec: str) -> str:
     return "-" if value is None else f"{value:{spec}}"
 
@@ -216,7 +227,7 @@ def write_markdown(results: dict, path: str) -> None:
         f"# block_attn CPU benchmark ({results['mode']} mode)",
         "",
         f"{env['date']} · {env['cpu_model']} · {env['cores']} cores · torch {env['torch']} · "
-        f"fp32 GEMM {gemm['fp32']['gflops']:.0f} GFLOP/s, bf16 {gemm['bf16']['gflops']:.0f} · "
+        f"fp32 GEMM {gemm_rate(gemm, 'fp32'):.0f} GFLOP/s, bf16 {gemm_rate(gemm, 'bf16'):.0f} · "
         f"{results.get('elapsed_s', '?')} s",
         "",
         "Times are medians of interleaved rounds after a warm-up call; `peer/ours` above 1 "
@@ -278,7 +289,7 @@ def plot(results: dict, path: str) -> None:
     ax1.set_title("Ratio to block_attn per workload")
     ax1.legend(fontsize=7)
 
-    gemm = results["gemm"]["fp32"]["gflops"]
+    gemm = gemm_rate(results["gemm"], "fp32")
     fixed_ns = [w["seqlen"] for w in info.values() if w["kind"] == "fixed"]
     fixed_n = max(set(fixed_ns), key=fixed_ns.count) if fixed_ns else None
     for peer, style in ((OURS, "-o"), ("sdpa-batch", "--s")):
@@ -309,3 +320,51 @@ def plot(results: dict, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def readme_section(results: dict, plot_path: str = "results/cpu_results.png") -> str:
+    """A README section: environment, a compact table (block_attn and peer/ours ratios per
+    workload and mode), the plot, and each target with its worst case."""
+    env, gemm = results["environment"], results["gemm"]
+    rows = results["rows"]
+    peers = [p for p in dict.fromkeys(r["peer"] for r in rows) if p != OURS]
+    keys = list(dict.fromkeys((r["workload"], r["mode"]) for r in rows))
+    by_key = {(r["workload"], r["mode"], r["peer"]): r for r in rows}
+    lines = [
+        f"## CPU results ({results['mode']} mode)",
+        "",
+        f"{env['cpu_model']}, {env['cores']} cores, torch {env['torch']}, {env['date'][:10]}; "
+        f"fp32 GEMM (4096³ `torch.mm`, best of start and end) {gemm_rate(gemm, 'fp32'):.0f} "
+        f"GFLOP/s, bf16 {gemm_rate(gemm, 'bf16'):.0f}. "
+        "Run: `PYTHONPATH=. python bench/cpu_bench.py` "
+        f"({results.get('elapsed_s', '?')} s). Peer columns are peer_ms / block_attn_ms (above "
+        "1: block_attn faster); `-` not run (see `cpu_results.md` for why).",
+        "",
+        "| workload | mode | block_attn ms | GFLOP/s | % fp32 GEMM | " + " | ".join(peers) + " |",
+        "| --- | --- | ---: | ---: | ---: | " + " | ".join("---:" for _ in peers) + " |",
+    ]
+    for workload, mode in keys:
+        ours = by_key.get((workload, mode, OURS), {})
+        ok = ours.get("status") == "ok"
+        cells = []
+        for p in peers:
+            r = by_key.get((workload, mode, p))
+            cells.append(fmt(r.get("vs_ours"), ".2f") if r else "-")
+        lines.append(
+            f"| {workload} | {mode} | {fmt(ours.get('ms') if ok else None, '.1f')} | "
+            f"{fmt(ours.get('gflops'), '.1f')} | {fmt(ours.get('pct_fp32_gemm'), '.0f')} | "
+            + " | ".join(cells)
+            + " |"
+        )
+    lines += ["", f"![CPU benchmark]({plot_path})", "", "### Targets", ""]
+    for e in results.get("targets", []):
+        worst = e.get("worst")
+        detail = (
+            f"worst: {worst['case']} {worst['value']:.2f} (need {worst['threshold']:.2f})"
+            if worst
+            else "not measured"
+        )
+        lines.append(
+            f"- **{e['status']}** — {e['target']}: {e.get('met_count', '-')} cases met; {detail}"
+        )
+    return "\n".join(lines) + "\n"
