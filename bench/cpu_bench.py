@@ -1,7 +1,7 @@
 """CPU benchmark: block_attn against PyTorch's CPU attention paths on the same inputs.
 
 Usage (repo root, extension built in place with BLOCK_ATTN_CUDA=0):
-    PYTHONPATH=. python bench/cpu_bench.py            # full mode (~10 minutes on 2 cores)
+    PYTHONPATH=. python bench/cpu_bench.py            # full mode (~7 minutes on 2 cores)
     PYTHONPATH=. python bench/cpu_bench.py --quick    # small sizes (< 2 minutes)
     PYTHONPATH=. python bench/cpu_bench.py --workloads fixed256,docs-causal
 
@@ -132,7 +132,7 @@ def causal_case(n, heads, dim, dtype, flex=False) -> Case:
 
 
 def full_cases() -> list[Case]:
-    """The full suite (~8 minutes on 2 cores).
+    """The full suite (~7 minutes on 2 cores).
 
     H=8 except packed documents (H=4) and causal N=16384 (H=2), to bound the time; float32
     D=64 throughout, float32 D=128 and bfloat16 D=64/128 on fixed b=512 and causal N=4096,
