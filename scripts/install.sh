@@ -10,6 +10,6 @@ if ! "$PYTHON" -c "import torch" >/dev/null 2>&1; then
   echo "no torch found: installing torch==2.13.0 (CPU build)"
   "$PYTHON" -m pip install --quiet torch==2.13.0
 fi
-"$PYTHON" -m pip install --quiet "setuptools>=64" wheel ninja pytest expecttest numpy
+"$PYTHON" -m pip install --quiet "setuptools>=64" wheel ninja pytest expecttest numpy matplotlib tqdm
 "$PYTHON" -m pip install --quiet --no-build-isolation --no-deps -e .
 "$PYTHON" -c "import block_attn; print('block_attn built:', block_attn.build_info())"
