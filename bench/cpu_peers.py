@@ -10,14 +10,11 @@ import torch
 from torch.nn.functional import scaled_dot_product_attention as sdpa
 
 from bench.peers import (
+    Flex,
     Ours,
     Peer,
     UnsupportedError,
-    causal_mask,
-    compiled_flex_attention,
     dense_mask,
-    document_ids,
-    document_mask,
 )
 from bench.workloads import Workload
 
@@ -127,27 +124,6 @@ class SdpaNested(Peer):
         return sdpa(q, k, v, is_causal=self.workload.causal)
 
 
-class FlexCpu(Peer):
-    """FlexAttention under ``torch.compile`` (CPU Inductor) with a document / causal block mask."""
-
-    name = "flex"
-
-    def __init__(self, workload, device):
-        super().__init__(workload, device)
-        from torch.nn.attention.flex_attention import create_block_mask
-
-        if workload.kind == "causal":
-            mask_mod = causal_mask
-        else:
-            mask_mod = document_mask(document_ids(workload, device), workload.causal)
-        n = workload.seqlen
-        self.block_mask = create_block_mask(mask_mod, None, None, n, n, device=device)
-        self.flex = compiled_flex_attention()
-
-    def run(self, q, k, v):
-        return self.flex(q, k, v, block_mask=self.block_mask)
-
-
 class ReferenceSmall(Ours):
     """``block_attn.reference.attention`` (dense, pure PyTorch) at small sizes only."""
 
@@ -168,7 +144,7 @@ CPU_PEERS = {
     "sdpa-dense-mask": SdpaDenseMask,
     "sdpa-loop": SdpaLoop,
     "sdpa-nested": SdpaNested,
-    "flex": FlexCpu,
+    "flex": Flex,
     "reference": ReferenceSmall,
 }
 
