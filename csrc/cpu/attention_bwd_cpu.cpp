@@ -1,175 +1,80 @@
-// CPU backward (FlashAttention-2): probabilities are recomputed from the saved lse. Two passes
-// with no shared writes, so the result is bitwise deterministic and B = H = 1 still uses every
-// core: dK/dV per (kv head, key tile) and dQ per (query head, query tile).
+// CPU backward (FlashAttention-2): probabilities are recomputed from the saved lse, and each
+// (query tile, key tile) pair costs five tile products: S, dP, dV += Pᵀ·dO, dK += dSᵀ·Q and
+// dQ += dS·K. Scores are kept transposed (keys × queries), as in the forward.
+//
+// A work item owns a range of key tiles of one block for one (batch, kv head): it writes those
+// keys' dK and dV outright, and the dQ of the block's queries. When a block is split into
+// several key ranges to spread it over threads, each range writes its dQ into its own partial
+// buffer and the partials are summed afterwards in range order: no atomics, no shared writes,
+// bitwise deterministic whatever the thread count or schedule.
 // clang-format off
 #include "vector_isa.h"  // first: it picks the SIMD flavour of the ATen headers below
 // clang-format on
-#include <ATen/Parallel.h>
-
 #include <algorithm>
 #include <vector>
 
 #include "attention_cpu.h"
 #include "tile_math.h"
 #include "tile_schedule.h"
+#include "work_queue.h"
 
 namespace block_attn::cpu {
 namespace {
 
-// Square 64×64 tiles: both passes multiply a query tile with a key tile in both directions,
-// and 64 rows keep the five scratch tiles of a D = 256 head inside L2.
+// 64 queries are the vector lanes of the transposed scores, as in the forward. 128 keys per
+// inner tile keep the two score tiles (2 × 32 KB) and the K rows that dQ reads in L2 beside
+// the dK/dV accumulators of the range.
 constexpr int kBlockM = 64;
-constexpr int kBlockN = 64;
+constexpr int kBlockN = 128;
+// Blocks are split into key ranges until no item exceeds 1/kItemsPerThread of a thread's
+// share of the work: enough items for the dynamic schedule to even out.
+constexpr int64_t kItemsPerThread = 4;
 
-template <typename scalar_t>
-struct Pointers {
-  const scalar_t* q;
-  const scalar_t* k;
-  const scalar_t* v;
-  const scalar_t* grad_out;
-  const acc_t<scalar_t>* lse;
-  const acc_t<scalar_t>* delta;
+// Keys [key_begin, key_end) (block-local) of block `block` for one (batch, kv head).
+struct WorkItem {
+  int batch;
+  int kv_head;
+  int block;
+  int key_begin;
+  int key_end;
+  int range;  // index of this key range within the block
+  int64_t cost;
 };
 
-// Pointers to row 0 of a block for one (batch, query head).
-template <typename scalar_t>
-Pointers<scalar_t> head_pointers(const BackwardParams& p, const std::vector<acc_t<scalar_t>>& delta,
-                                 int batch, int head, const BlockExtent& e) {
-  const int kv_head = head / (p.heads_q / p.heads_kv);
-  const int64_t row_index =
-      (static_cast<int64_t>(batch) * p.heads_q + head) * p.seqlen_q + e.q_start;
-  return {static_cast<const scalar_t*>(p.q) + batch * p.q_batch_stride + head * p.q_head_stride +
-              e.q_start * p.q_row_stride,
-          static_cast<const scalar_t*>(p.k) + batch * p.k_batch_stride + kv_head * p.k_head_stride +
-              e.k_start * p.k_row_stride,
-          static_cast<const scalar_t*>(p.v) + batch * p.v_batch_stride + kv_head * p.v_head_stride +
-              e.k_start * p.v_row_stride,
-          static_cast<const scalar_t*>(p.grad_out) + batch * p.grad_out_batch_stride +
-              head * p.grad_out_head_stride + e.q_start * p.grad_out_row_stride,
-          static_cast<const acc_t<scalar_t>*>(p.lse) + row_index,
-          delta.data() + row_index};
-}
+// Where dQ goes: straight into grad_q for blocks kept whole, else into per-range partials.
+struct QueryGradTarget {
+  std::vector<int> ranges;              // key ranges per block
+  std::vector<int64_t> partial_offset;  // per block: start of its partials, or -1
+  int64_t partial_size = 0;
+};
 
-// scores (rows×cols, ld kBlockN) := P, then dP (ld kBlockN) := dS = P ∘ (dP − Delta) · scale.
-// Query rows [q_begin, q_begin + rows) and keys [k_begin, k_begin + cols) are block-local.
 template <typename acc>
-void probabilities_and_score_grads(const BackwardParams& p, const BlockExtent& e, int q_begin,
-                                   int rows, int k_begin, int cols, const acc* lse,
-                                   const acc* delta, acc* scores, acc* grad_scores) {
-  for (int r = 0; r < rows; ++r) {
-    acc* s = scores + r * kBlockN;
-    acc* ds = grad_scores + r * kBlockN;
-    const int allowed = std::clamp(causal_key_end(q_begin + r, e, p.is_causal) - k_begin, 0, cols);
-    const acc row_lse = lse[q_begin + r];
-    if (allowed == 0 || row_lse == -std::numeric_limits<acc>::infinity()) {
-      fill<acc>(s, cols, 0);
-      fill<acc>(ds, cols, 0);
-      continue;
-    }
-    exp_shifted(s, allowed, row_lse);
-    fill<acc>(s + allowed, cols - allowed, 0);
-    const acc row_delta = delta[q_begin + r];
-    const acc scale = static_cast<acc>(p.scale);
-    for (int c = 0; c < cols; ++c) ds[c] = s[c] * (ds[c] - row_delta) * scale;
-  }
-}
-
-template <typename scalar_t>
-struct Scratch {
-  using acc = acc_t<scalar_t>;
-  explicit Scratch(int dim)
-      : storage(
-            static_cast<size_t>(4 * kBlockM * dim + 2 * kBlockN * dim + 2 * kBlockM * kBlockN)) {
-    q = storage.data();
-    grad_out = q + kBlockM * dim;
-    k = grad_out + kBlockM * dim;
-    v = k + kBlockN * dim;
-    scores = v + kBlockN * dim;
-    grad_scores = scores + kBlockM * kBlockN;
-    grad_a = grad_scores + kBlockM * kBlockN;
-    grad_b = grad_a + kBlockM * dim;
-  }
-  std::vector<acc> storage;
-  acc *q, *grad_out, *k, *v, *scores, *grad_scores, *grad_a, *grad_b;
+struct BackwardScratch {
+  BackwardScratch(int dim, int max_range_keys)
+      : padded_dim(padded<acc>(dim)),
+        q(kBlockM * padded_dim),
+        q_t(static_cast<int64_t>(dim) * kBlockM),
+        grad_out(kBlockM * padded_dim),
+        grad_out_t(static_cast<int64_t>(dim) * kBlockM),
+        grad_q(kBlockM * padded_dim),
+        scores_t(kBlockN * kBlockM),
+        grad_scores_t(kBlockN * kBlockM),
+        lse(kBlockM),
+        delta(kBlockM),
+        k(static_cast<int64_t>(max_range_keys) * padded_dim),
+        v(static_cast<int64_t>(max_range_keys) * padded_dim),
+        grad_k(static_cast<int64_t>(max_range_keys) * padded_dim),
+        grad_v(static_cast<int64_t>(max_range_keys) * padded_dim) {}
+  int padded_dim;
+  // One query tile: rows (kBlockM × padded_dim) and scaled/transposed (dim × kBlockM).
+  AlignedBuffer<acc> q, q_t, grad_out, grad_out_t, grad_q;
+  // Transposed score tiles, keys × queries: P and dS.
+  AlignedBuffer<acc> scores_t, grad_scores_t;
+  // Per query of the tile: lse (+inf where the query saw no key, so that P = 0) and Delta.
+  AlignedBuffer<acc> lse, delta;
+  // The item's key range: K and V rows, and their gradients.
+  AlignedBuffer<acc> k, v, grad_k, grad_v;
 };
-
-// dK and dV of keys [key.begin, key.end) of one block for one (batch, kv head).
-template <typename scalar_t>
-void key_value_grads_tile(const BackwardParams& p, const std::vector<acc_t<scalar_t>>& delta,
-                          int batch, int kv_head, const Tile& key, Scratch<scalar_t>& t) {
-  using acc = acc_t<scalar_t>;
-  const int dim = p.head_dim;
-  const BlockExtent e = block_extent(p, key.block);
-  const int cols = key.end - key.begin;
-  const int group = p.heads_q / p.heads_kv;
-  acc* grad_k = t.grad_a;
-  acc* grad_v = t.grad_b;
-  fill<acc>(grad_k, cols * dim, 0);
-  fill<acc>(grad_v, cols * dim, 0);
-
-  for (int g = 0; g < group; ++g) {
-    const Pointers<scalar_t> ptr = head_pointers<scalar_t>(p, delta, batch, kv_head * group + g, e);
-    if (g == 0) {
-      pack_rows(ptr.k + key.begin * p.k_row_stride, p.k_row_stride, cols, dim, t.k);
-      pack_rows(ptr.v + key.begin * p.v_row_stride, p.v_row_stride, cols, dim, t.v);
-    }
-    for (int q0 = causal_query_begin(key.begin, e, p.is_causal); q0 < e.len_q; q0 += kBlockM) {
-      const int rows = std::min(kBlockM, e.len_q - q0);
-      pack_rows(ptr.q + q0 * p.q_row_stride, p.q_row_stride, rows, dim, t.q);
-      pack_rows(ptr.grad_out + q0 * p.grad_out_row_stride, p.grad_out_row_stride, rows, dim,
-                t.grad_out);
-      matmul_abt<acc>(rows, cols, dim, static_cast<acc>(p.scale), t.q, dim, t.k, dim, 0, t.scores,
-                      kBlockN);
-      matmul_abt<acc>(rows, cols, dim, 1, t.grad_out, dim, t.v, dim, 0, t.grad_scores, kBlockN);
-      probabilities_and_score_grads<acc>(p, e, q0, rows, key.begin, cols, ptr.lse, ptr.delta,
-                                         t.scores, t.grad_scores);
-      matmul_atb<acc>(cols, dim, rows, 1, t.scores, kBlockN, t.grad_out, dim, 1, grad_v, dim);
-      matmul_atb<acc>(cols, dim, rows, 1, t.grad_scores, kBlockN, t.q, dim, 1, grad_k, dim);
-    }
-  }
-  const int64_t k_row = e.k_start + key.begin;
-  unpack_rows(grad_k, cols, dim,
-              static_cast<scalar_t*>(p.grad_k) + batch * p.grad_k_batch_stride +
-                  kv_head * p.grad_k_head_stride + k_row * p.grad_k_row_stride,
-              p.grad_k_row_stride);
-  unpack_rows(grad_v, cols, dim,
-              static_cast<scalar_t*>(p.grad_v) + batch * p.grad_v_batch_stride +
-                  kv_head * p.grad_v_head_stride + k_row * p.grad_v_row_stride,
-              p.grad_v_row_stride);
-}
-
-// dQ of queries [query.begin, query.end) of one block for one (batch, query head).
-template <typename scalar_t>
-void query_grads_tile(const BackwardParams& p, const std::vector<acc_t<scalar_t>>& delta, int batch,
-                      int head, const Tile& query, Scratch<scalar_t>& t) {
-  using acc = acc_t<scalar_t>;
-  const int dim = p.head_dim;
-  const BlockExtent e = block_extent(p, query.block);
-  const int rows = query.end - query.begin;
-  const Pointers<scalar_t> ptr = head_pointers<scalar_t>(p, delta, batch, head, e);
-  acc* grad_q = t.grad_a;
-  fill<acc>(grad_q, rows * dim, 0);
-  pack_rows(ptr.q + query.begin * p.q_row_stride, p.q_row_stride, rows, dim, t.q);
-  pack_rows(ptr.grad_out + query.begin * p.grad_out_row_stride, p.grad_out_row_stride, rows, dim,
-            t.grad_out);
-
-  const int key_end = causal_key_end(query.end - 1, e, p.is_causal);
-  for (int k0 = 0; k0 < key_end; k0 += kBlockN) {
-    const int cols = std::min(kBlockN, key_end - k0);
-    pack_rows(ptr.k + k0 * p.k_row_stride, p.k_row_stride, cols, dim, t.k);
-    pack_rows(ptr.v + k0 * p.v_row_stride, p.v_row_stride, cols, dim, t.v);
-    matmul_abt<acc>(rows, cols, dim, static_cast<acc>(p.scale), t.q, dim, t.k, dim, 0, t.scores,
-                    kBlockN);
-    matmul_abt<acc>(rows, cols, dim, 1, t.grad_out, dim, t.v, dim, 0, t.grad_scores, kBlockN);
-    probabilities_and_score_grads<acc>(p, e, query.begin, rows, k0, cols, ptr.lse, ptr.delta,
-                                       t.scores, t.grad_scores);
-    matmul_ab<acc>(rows, dim, cols, 1, t.grad_scores, kBlockN, t.k, dim, 1, grad_q, dim);
-  }
-  unpack_rows(grad_q, rows, dim,
-              static_cast<scalar_t*>(p.grad_q) + batch * p.grad_q_batch_stride +
-                  head * p.grad_q_head_stride + (e.q_start + query.begin) * p.grad_q_row_stride,
-              p.grad_q_row_stride);
-}
 
 // Delta_i = rowsum(dO_i ∘ O_i) − grad_lse_i, one value per (batch, query head, query).
 template <typename scalar_t>
@@ -194,37 +99,287 @@ std::vector<acc_t<scalar_t>> compute_delta(const BackwardParams& p) {
   return delta;
 }
 
+// Turns the transposed scores of one tile pair into P (in scores_t) and dS·scale (in
+// grad_scores_t, which holds dPᵀ on entry). Keys [k0, k0 + cols) and queries [q0, q0 + rows)
+// are block-local; `lanes` is rows rounded up to whole vectors.
+template <typename acc>
+void probabilities_and_score_grads(const BackwardParams& p, const BlockExtent& e, int q0, int rows,
+                                   int lanes, int k0, int cols, BackwardScratch<acc>& t) {
+  using Vec = at::vec::Vectorized<acc>;
+  constexpr int W = kVecWidth<acc>;
+  const Vec scale(static_cast<acc>(p.scale));
+  for (int c = 0; c < cols; ++c) {
+    acc* s = t.scores_t.get() + c * kBlockM;
+    acc* ds = t.grad_scores_t.get() + c * kBlockM;
+    if (p.is_causal) {
+      // Queries before `first` (tile-local) may not see key k0 + c.
+      fill<acc>(s, std::clamp(causal_query_begin(k0 + c, e, true) - q0, 0, rows), -kInf<acc>);
+    }
+    for (int v0 = 0; v0 < lanes; v0 += W) {
+      const Vec prob = vec_exp<acc>(Vec::loadu(s + v0) - Vec::loadu(t.lse.get() + v0));
+      prob.store(s + v0);
+      (prob * (Vec::loadu(ds + v0) - Vec::loadu(t.delta.get() + v0)) * scale).store(ds + v0);
+    }
+  }
+}
+
+// Packs query tile [q0, q0 + rows) of one head: Q, scale·Qᵀ, dO, dOᵀ, lse and Delta.
+template <typename scalar_t>
+void pack_query_tile(const BackwardParams& p, const std::vector<acc_t<scalar_t>>& delta, int batch,
+                     int head, const BlockExtent& e, int q0, int rows,
+                     BackwardScratch<acc_t<scalar_t>>& t) {
+  using acc = acc_t<scalar_t>;
+  const int dim = p.head_dim;
+  const int64_t row = e.q_start + q0;
+  const auto* q = static_cast<const scalar_t*>(p.q) + batch * p.q_batch_stride +
+                  head * p.q_head_stride + row * p.q_row_stride;
+  const auto* grad_out = static_cast<const scalar_t*>(p.grad_out) +
+                         batch * p.grad_out_batch_stride + head * p.grad_out_head_stride +
+                         row * p.grad_out_row_stride;
+  pack_rows(q, p.q_row_stride, rows, dim, t.q.get(), t.padded_dim);
+  pack_rows_transposed(q, p.q_row_stride, rows, dim, static_cast<acc>(p.scale), t.q_t.get(),
+                       kBlockM);
+  pack_rows(grad_out, p.grad_out_row_stride, rows, dim, t.grad_out.get(), t.padded_dim);
+  pack_rows_transposed(grad_out, p.grad_out_row_stride, rows, dim, acc(1), t.grad_out_t.get(),
+                       kBlockM);
+  const int64_t stat = (static_cast<int64_t>(batch) * p.heads_q + head) * p.seqlen_q + row;
+  const acc* lse = static_cast<const acc*>(p.lse) + stat;
+  for (int r = 0; r < kBlockM; ++r) {
+    const bool seen = r < rows && lse[r] != -kInf<acc>;
+    t.lse.get()[r] = seen ? lse[r] : kInf<acc>;  // exp(s - inf) = 0 for unseen/padding queries
+    t.delta.get()[r] = r < rows ? delta[stat + r] : acc(0);
+  }
+}
+
+template <typename scalar_t>
+void backward_item(const BackwardParams& p, const std::vector<acc_t<scalar_t>>& delta,
+                   const WorkItem& item, const QueryGradTarget& target, acc_t<scalar_t>* partials,
+                   BackwardScratch<acc_t<scalar_t>>& t) {
+  using acc = acc_t<scalar_t>;
+  const int dim = p.head_dim;
+  const int ld = t.padded_dim;
+  const int group = p.heads_q / p.heads_kv;
+  const BlockExtent e = block_extent(p, item.block);
+  const int range_keys = item.key_end - item.key_begin;
+  const int64_t key_row = e.k_start + item.key_begin;
+
+  pack_rows(static_cast<const scalar_t*>(p.k) + item.batch * p.k_batch_stride +
+                item.kv_head * p.k_head_stride + key_row * p.k_row_stride,
+            p.k_row_stride, range_keys, dim, t.k.get(), ld);
+  pack_rows(static_cast<const scalar_t*>(p.v) + item.batch * p.v_batch_stride +
+                item.kv_head * p.v_head_stride + key_row * p.v_row_stride,
+            p.v_row_stride, range_keys, dim, t.v.get(), ld);
+  fill<acc>(t.grad_k.get(), static_cast<int64_t>(range_keys) * ld, 0);
+  fill<acc>(t.grad_v.get(), static_cast<int64_t>(range_keys) * ld, 0);
+
+  // The first range also writes the dQ of queries that see no key at all (zeros).
+  const int first_query =
+      item.range == 0 ? 0
+                      : causal_query_begin(item.key_begin, e, p.is_causal) / kBlockM * kBlockM;
+  for (int g = 0; g < group; ++g) {
+    const int head = item.kv_head * group + g;
+    for (int q0 = first_query; q0 < e.len_q; q0 += kBlockM) {
+      const int rows = std::min(kBlockM, e.len_q - q0);
+      const int lanes = padded<acc>(rows);
+      const int key_limit = std::min(item.key_end, causal_key_end(q0 + rows - 1, e, p.is_causal));
+      fill<acc>(t.grad_q.get(), static_cast<int64_t>(rows) * ld, 0);
+      if (key_limit > item.key_begin) pack_query_tile<scalar_t>(p, delta, item.batch, head, e, q0,
+                                                                rows, t);
+      for (int k0 = item.key_begin; k0 < key_limit; k0 += kBlockN) {
+        const int cols = std::min(kBlockN, key_limit - k0);
+        const int64_t offset = static_cast<int64_t>(k0 - item.key_begin) * ld;
+        const acc* k = t.k.get() + offset;
+        // Sᵀ = K · (scale·Q)ᵀ and dPᵀ = V · dOᵀ: keys × queries.
+        tile_product<acc>(false, cols, lanes, dim, {k, ld, 1}, t.q_t.get(), kBlockM,
+                          t.scores_t.get(), kBlockM);
+        tile_product<acc>(false, cols, lanes, dim, {t.v.get() + offset, ld, 1},
+                          t.grad_out_t.get(), kBlockM, t.grad_scores_t.get(), kBlockM);
+        probabilities_and_score_grads<acc>(p, e, q0, rows, lanes, k0, cols, t);
+        // dV += Pᵀ·dO, dK += dSᵀ·Q (keys × dim), dQ += dS·K (queries × dim).
+        tile_product<acc>(true, cols, ld, rows, {t.scores_t.get(), kBlockM, 1}, t.grad_out.get(),
+                          ld, t.grad_v.get() + offset, ld);
+        tile_product<acc>(true, cols, ld, rows, {t.grad_scores_t.get(), kBlockM, 1}, t.q.get(), ld,
+                          t.grad_k.get() + offset, ld);
+        tile_product<acc>(true, rows, ld, cols, {t.grad_scores_t.get(), 1, kBlockM}, k, ld,
+                          t.grad_q.get(), ld);
+      }
+      const int64_t q_row = e.q_start + q0;
+      if (target.partial_offset[item.block] < 0) {
+        unpack_rows<scalar_t>(t.grad_q.get(), ld, rows, dim, nullptr,
+                              static_cast<scalar_t*>(p.grad_q) + item.batch * p.grad_q_batch_stride +
+                                  head * p.grad_q_head_stride + q_row * p.grad_q_row_stride,
+                              p.grad_q_row_stride);
+      } else {
+        // Partials: [range][batch][head][query][dim] per split block.
+        acc* partial = partials + target.partial_offset[item.block] +
+                       ((static_cast<int64_t>(item.range) * p.batch + item.batch) * p.heads_q +
+                        head) *
+                           e.len_q * dim +
+                       static_cast<int64_t>(q0) * dim;
+        for (int r = 0; r < rows; ++r) {
+          std::copy_n(t.grad_q.get() + r * ld, dim, partial + static_cast<int64_t>(r) * dim);
+        }
+      }
+    }
+  }
+  unpack_rows<scalar_t>(t.grad_k.get(), ld, range_keys, dim, nullptr,
+                        static_cast<scalar_t*>(p.grad_k) + item.batch * p.grad_k_batch_stride +
+                            item.kv_head * p.grad_k_head_stride + key_row * p.grad_k_row_stride,
+                        p.grad_k_row_stride);
+  unpack_rows<scalar_t>(t.grad_v.get(), ld, range_keys, dim, nullptr,
+                        static_cast<scalar_t*>(p.grad_v) + item.batch * p.grad_v_batch_stride +
+                            item.kv_head * p.grad_v_head_stride + key_row * p.grad_v_row_stride,
+                        p.grad_v_row_stride);
+}
+
+// Work of key tile [k0, k0 + cols): the queries that see its first key times its keys.
+int64_t key_tile_cost(const BlockExtent& e, int k0, int cols, bool is_causal) {
+  return static_cast<int64_t>(cols) * (e.len_q - causal_query_begin(k0, e, is_causal));
+}
+
+// Splits blocks into key ranges of at most `max_cost` work (whole blocks when it is 0) and lists
+// the items, costliest first.
+std::vector<WorkItem> make_work_items(const BackwardParams& p, int64_t max_cost,
+                                      QueryGradTarget& target) {
+  std::vector<WorkItem> ranges;  // for batch 0, kv head 0
+  target.ranges.assign(p.num_blocks, 0);
+  target.partial_offset.assign(p.num_blocks, -1);
+  for (int j = 0; j < p.num_blocks; ++j) {
+    const BlockExtent e = block_extent(p, j);
+    WorkItem current{0, 0, j, 0, 0, 0, 0};
+    for (int k0 = 0; k0 < e.len_k; k0 += kBlockN) {
+      const int cols = std::min(kBlockN, e.len_k - k0);
+      const int64_t cost = key_tile_cost(e, k0, cols, p.is_causal);
+      if (max_cost > 0 && current.key_end > current.key_begin && current.cost + cost > max_cost) {
+        ranges.push_back(current);
+        current = {0, 0, j, k0, k0, current.range + 1, 0};
+      }
+      current.key_end = k0 + cols;
+      current.cost += cost;
+    }
+    if (e.len_k > 0) ranges.push_back(current);
+    target.ranges[j] = e.len_k > 0 ? current.range + 1 : 0;
+    if (target.ranges[j] > 1) {
+      target.partial_offset[j] = target.partial_size;
+      target.partial_size += static_cast<int64_t>(target.ranges[j]) * p.batch * p.heads_q *
+                             e.len_q * p.head_dim;
+    }
+  }
+  std::vector<WorkItem> items;
+  items.reserve(ranges.size() * p.batch * p.heads_kv);
+  for (const WorkItem& r : ranges) {
+    for (int b = 0; b < p.batch; ++b) {
+      for (int h = 0; h < p.heads_kv; ++h) {
+        WorkItem item = r;
+        item.batch = b;
+        item.kv_head = h;
+        items.push_back(item);
+      }
+    }
+  }
+  std::stable_sort(items.begin(), items.end(),
+                   [](const WorkItem& a, const WorkItem& b) { return a.cost > b.cost; });
+  return items;
+}
+
+// Largest item cost for the thread count: 0 (blocks kept whole) when one thread, or when whole
+// blocks are already small against a thread's share.
+int64_t max_item_cost(const BackwardParams& p) {
+  const int64_t threads = at::get_num_threads();
+  if (threads <= 1) return 0;
+  int64_t total = 0, largest = 0;
+  for (int j = 0; j < p.num_blocks; ++j) {
+    const BlockExtent e = block_extent(p, j);
+    int64_t block = 0;
+    for (int k0 = 0; k0 < e.len_k; k0 += kBlockN) {
+      block += key_tile_cost(e, k0, std::min(kBlockN, e.len_k - k0), p.is_causal);
+    }
+    total += block * p.batch * p.heads_kv;
+    largest = std::max(largest, block);
+  }
+  const int64_t limit = std::max<int64_t>(1, total / (threads * kItemsPerThread));
+  return largest > limit ? limit : 0;
+}
+
+// dQ rows of blocks without keys get no item: they are zero.
+template <typename scalar_t>
+void zero_query_grads_of_keyless_blocks(const BackwardParams& p) {
+  for (int j = 0; j < p.num_blocks; ++j) {
+    const BlockExtent e = block_extent(p, j);
+    if (e.len_k > 0) continue;
+    for (int b = 0; b < p.batch; ++b) {
+      for (int h = 0; h < p.heads_q; ++h) {
+        auto* dq = static_cast<scalar_t*>(p.grad_q) + b * p.grad_q_batch_stride +
+                   h * p.grad_q_head_stride + e.q_start * p.grad_q_row_stride;
+        for (int r = 0; r < e.len_q; ++r) {
+          std::fill_n(dq + r * p.grad_q_row_stride, p.head_dim, scalar_t(0));
+        }
+      }
+    }
+  }
+}
+
+// grad_q of split blocks = the sum of their ranges' partials, in range order.
+template <typename scalar_t>
+void reduce_query_grad_partials(const BackwardParams& p, const QueryGradTarget& target,
+                                const acc_t<scalar_t>* partials) {
+  using acc = acc_t<scalar_t>;
+  std::vector<int> split;
+  for (int j = 0; j < p.num_blocks; ++j) {
+    if (target.partial_offset[j] >= 0) split.push_back(j);
+  }
+  const int64_t heads = static_cast<int64_t>(p.batch) * p.heads_q;
+  at::parallel_for(0, static_cast<int64_t>(split.size()) * heads, 1, [&](int64_t begin,
+                                                                          int64_t end) {
+    std::vector<acc> sum(p.head_dim);
+    for (int64_t i = begin; i < end; ++i) {
+      const int j = split[i / heads];
+      const int b = static_cast<int>((i % heads) / p.heads_q);
+      const int h = static_cast<int>(i % p.heads_q);
+      const BlockExtent e = block_extent(p, j);
+      const int64_t range_stride = heads * e.len_q * p.head_dim;
+      const acc* first = partials + target.partial_offset[j] + (i % heads) * e.len_q * p.head_dim;
+      auto* dq = static_cast<scalar_t*>(p.grad_q) + b * p.grad_q_batch_stride +
+                 h * p.grad_q_head_stride + e.q_start * p.grad_q_row_stride;
+      for (int r = 0; r < e.len_q; ++r) {
+        std::fill(sum.begin(), sum.end(), acc(0));
+        for (int c = 0; c < target.ranges[j]; ++c) {
+          const acc* row = first + c * range_stride + static_cast<int64_t>(r) * p.head_dim;
+          for (int d = 0; d < p.head_dim; ++d) sum[d] += row[d];
+        }
+        for (int d = 0; d < p.head_dim; ++d) {
+          dq[r * p.grad_q_row_stride + d] = static_cast<scalar_t>(sum[d]);
+        }
+      }
+    }
+  });
+}
+
 }  // namespace
 
 template <typename scalar_t>
 void run_backward(const BackwardParams& p) {
+  using acc = acc_t<scalar_t>;
   check_host_offsets(p.cu_seqlens_q, p.num_blocks, p.seqlen_q, "cu_seqlens_q");
   check_host_offsets(p.cu_seqlens_k, p.num_blocks, p.seqlen_k, "cu_seqlens_k");
-  const std::vector<acc_t<scalar_t>> delta = compute_delta<scalar_t>(p);
+  const std::vector<acc> delta = compute_delta<scalar_t>(p);
 
-  const std::vector<Tile> key_tiles = make_tiles(p, kBlockN, /*by_query=*/false);
-  const int64_t keys_per_head = static_cast<int64_t>(key_tiles.size());
-  at::parallel_for(0, keys_per_head * p.batch * p.heads_kv, 1, [&](int64_t begin, int64_t end) {
-    Scratch<scalar_t> scratch(p.head_dim);
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t bh = item / keys_per_head;
-      key_value_grads_tile<scalar_t>(p, delta, static_cast<int>(bh / p.heads_kv),
-                                     static_cast<int>(bh % p.heads_kv),
-                                     key_tiles[item % keys_per_head], scratch);
-    }
-  });
+  QueryGradTarget target;
+  const std::vector<WorkItem> items = make_work_items(p, max_item_cost(p), target);
+  int max_range_keys = 1;
+  for (const WorkItem& item : items) {
+    max_range_keys = std::max(max_range_keys, item.key_end - item.key_begin);
+  }
+  std::vector<acc> partials(target.partial_size);  // zeros: ranges skip queries they cannot see
 
-  const std::vector<Tile> query_tiles = make_tiles(p, kBlockM, /*by_query=*/true);
-  const int64_t queries_per_head = static_cast<int64_t>(query_tiles.size());
-  at::parallel_for(0, queries_per_head * p.batch * p.heads_q, 1, [&](int64_t begin, int64_t end) {
-    Scratch<scalar_t> scratch(p.head_dim);
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t bh = item / queries_per_head;
-      query_grads_tile<scalar_t>(p, delta, static_cast<int>(bh / p.heads_q),
-                                 static_cast<int>(bh % p.heads_q),
-                                 query_tiles[item % queries_per_head], scratch);
-    }
-  });
+  zero_query_grads_of_keyless_blocks<scalar_t>(p);
+  run_work_items(
+      static_cast<int64_t>(items.size()),
+      [&] { return BackwardScratch<acc>(p.head_dim, max_range_keys); },
+      [&](int64_t i, BackwardScratch<acc>& scratch) {
+        backward_item<scalar_t>(p, delta, items[i], target, partials.data(), scratch);
+      });
+  reduce_query_grad_partials<scalar_t>(p, target, partials.data());
 }
 
 template void run_backward<float>(const BackwardParams&);

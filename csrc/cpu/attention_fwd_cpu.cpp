@@ -1,41 +1,93 @@
 // CPU forward: FlashAttention-style online softmax over the key tiles of each query tile's
 // own block; tiles past the causal diagonal are never visited.
+//
+// Scores are kept transposed (keys × queries): the register-tiled product then broadcasts K
+// straight from its packed rows, the transposed Q is packed once per query tile, and the
+// softmax's row maxima and sums become elementwise vector operations across queries.
 // clang-format off
 #include "vector_isa.h"  // first: it picks the SIMD flavour of the ATen headers below
 // clang-format on
-#include <ATen/Parallel.h>
-
 #include <algorithm>
 #include <vector>
 
 #include "attention_cpu.h"
 #include "tile_math.h"
 #include "tile_schedule.h"
+#include "work_queue.h"
 
 namespace block_attn::cpu {
 namespace {
 
-// 64 query rows reuse each packed key tile 64 times; 256 keys per tile cover a whole block of
-// up to 256 in one BLAS call and measured a few percent faster than 128 (b = 256, D = 64).
-// Scratch at D = 256 is ~400 KB, inside L2.
+// 64 queries are the vector lanes of the transposed scores (4 AVX-512 vectors, the register
+// tile's width). 256 keys per tile amortise the online-softmax rescaling of the output and the
+// per-tile packing; a 64×256 score tile (64 KB) and the K and V tiles stay in L2.
 constexpr int kBlockM = 64;
 constexpr int kBlockN = 256;
 
+template <typename acc>
+struct ForwardScratch {
+  explicit ForwardScratch(int dim)
+      : padded_dim(padded<acc>(dim)),
+        storage(static_cast<int64_t>(dim) * kBlockM + 2 * kBlockN * padded_dim +
+                kBlockN * kBlockM + kBlockM * padded_dim + 4 * kBlockM) {
+    q_t = storage.get();
+    k = q_t + static_cast<int64_t>(dim) * kBlockM;
+    v = k + kBlockN * padded_dim;
+    scores_t = v + kBlockN * padded_dim;
+    out = scores_t + kBlockN * kBlockM;
+    row_max = out + kBlockM * padded_dim;
+    row_sum = row_max + kBlockM;
+    correction = row_sum + kBlockM;
+    inverse_sum = correction + kBlockM;
+  }
+  int padded_dim;
+  AlignedBuffer<acc> storage;
+  acc *q_t, *k, *v, *scores_t, *out, *row_max, *row_sum, *correction, *inverse_sum;
+};
+
+// Masks, exponentiates and sums one transposed score tile (cols keys × `lanes` queries, row
+// stride kBlockM) against the running maxima and sums of the queries. Leaves P in scores_t and
+// each query's output rescaling factor in `correction`.
+template <typename acc>
+void online_softmax_tile(int cols, int lanes, acc* scores_t, acc* row_max, acc* row_sum,
+                         acc* correction) {
+  using Vec = at::vec::Vectorized<acc>;
+  constexpr int W = kVecWidth<acc>;
+  for (int v0 = 0; v0 < lanes; v0 += W) {
+    const Vec old_max = Vec::loadu(row_max + v0);
+    Vec new_max = old_max;
+    for (int t = 0; t < cols; ++t) {
+      new_max = at::vec::maximum(new_max, Vec::loadu(scores_t + t * kBlockM + v0));
+    }
+    // A query with no key seen yet shifts by 0, so that exp(-inf - shift) is 0, not NaN.
+    const Vec shift = Vec::blendv(new_max, Vec(0), new_max == Vec(-kInf<acc>));
+    Vec sum(0);
+    for (int t = 0; t < cols; ++t) {
+      acc* s = scores_t + t * kBlockM + v0;
+      const Vec p = vec_exp<acc>(Vec::loadu(s) - shift);
+      p.store(s);
+      sum = sum + p;
+    }
+    const Vec factor = vec_exp<acc>(old_max - shift);
+    Vec total = Vec::loadu(row_sum + v0) * factor + sum;
+    // A NaN score must stay visible: the clamped exp would turn it into a finite value.
+    total = Vec::blendv(total, Vec(std::numeric_limits<acc>::quiet_NaN()), new_max != new_max);
+    total.store(row_sum + v0);
+    new_max.store(row_max + v0);
+    factor.store(correction + v0);
+  }
+}
+
 template <typename scalar_t>
 void forward_tile(const ForwardParams& p, int batch, int head, const Tile& tile,
-                  std::vector<acc_t<scalar_t>>& scratch) {
+                  ForwardScratch<acc_t<scalar_t>>& t) {
   using acc = acc_t<scalar_t>;
   const int dim = p.head_dim;
+  const int ld = t.padded_dim;
   const BlockExtent e = block_extent(p, tile.block);
   const int rows = tile.end - tile.begin;
+  const int lanes = padded<acc>(rows);
   const int kv_head = head / (p.heads_q / p.heads_kv);
-
-  acc* q_tile = scratch.data();
-  acc* kv_tile = q_tile + kBlockM * dim;
-  acc* scores = kv_tile + kBlockN * dim;
-  acc* out_acc = scores + kBlockM * kBlockN;
-  acc* row_max = out_acc + kBlockM * dim;
-  acc* row_sum = row_max + kBlockM;
 
   const auto* q = static_cast<const scalar_t*>(p.q) + batch * p.q_batch_stride +
                   head * p.q_head_stride + (e.q_start + tile.begin) * p.q_row_stride;
@@ -44,47 +96,43 @@ void forward_tile(const ForwardParams& p, int batch, int head, const Tile& tile,
   const auto* v = static_cast<const scalar_t*>(p.v) + batch * p.v_batch_stride +
                   kv_head * p.v_head_stride + e.k_start * p.v_row_stride;
 
-  pack_rows(q, p.q_row_stride, rows, dim, q_tile);
-  fill<acc>(out_acc, rows * dim, 0);
-  fill<acc>(row_max, rows, -std::numeric_limits<acc>::infinity());
-  fill<acc>(row_sum, rows, 0);
+  pack_rows_transposed(q, p.q_row_stride, rows, dim, static_cast<acc>(p.scale), t.q_t, kBlockM);
+  fill<acc>(t.out, static_cast<int64_t>(rows) * ld, 0);
+  fill<acc>(t.row_max, kBlockM, -kInf<acc>);
+  fill<acc>(t.row_sum, kBlockM, 0);
 
   const int key_end = causal_key_end(tile.end - 1, e, p.is_causal);
   for (int k0 = 0; k0 < key_end; k0 += kBlockN) {
     const int cols = std::min(kBlockN, key_end - k0);
-    pack_rows(k + k0 * p.k_row_stride, p.k_row_stride, cols, dim, kv_tile);
-    matmul_abt<acc>(rows, cols, dim, static_cast<acc>(p.scale), q_tile, dim, kv_tile, dim, 0,
-                    scores, kBlockN);
-    for (int r = 0; r < rows; ++r) {
-      acc* s = scores + r * kBlockN;
-      // Keys at or past `allowed` are masked for this row (causal boundary tiles only).
-      const int allowed = std::clamp(causal_key_end(tile.begin + r, e, p.is_causal) - k0, 0, cols);
-      fill(s + allowed, cols - allowed, -std::numeric_limits<acc>::infinity());
-      const acc tile_max = max_of(s, allowed);
-      const acc new_max = std::isnan(tile_max) ? tile_max : std::max(row_max[r], tile_max);
-      if (new_max == -std::numeric_limits<acc>::infinity()) {
-        fill<acc>(s, cols, 0);  // no key seen yet: nothing to add
-        continue;
+    pack_rows(k + k0 * p.k_row_stride, p.k_row_stride, cols, dim, t.k, ld);
+    // Sᵀ = K · (scale·Q)ᵀ: keys × queries.
+    tile_product<acc>(false, cols, lanes, dim, {t.k, ld, 1}, t.q_t, kBlockM, t.scores_t, kBlockM);
+    if (p.is_causal) {
+      for (int c = 0; c < cols; ++c) {
+        // Queries before `first` (tile-local) may not see key k0 + c.
+        const int first = std::clamp(causal_query_begin(k0 + c, e, true) - tile.begin, 0, rows);
+        fill<acc>(t.scores_t + c * kBlockM, first, -kInf<acc>);
       }
-      const acc correction = std::exp(row_max[r] - new_max);
-      row_sum[r] = row_sum[r] * correction + exp_shifted_sum(s, cols, new_max);
-      row_max[r] = new_max;
-      if (correction != acc(1)) scale_in_place(out_acc + r * dim, dim, correction);
     }
-    pack_rows(v + k0 * p.v_row_stride, p.v_row_stride, cols, dim, kv_tile);
-    matmul_ab<acc>(rows, dim, cols, 1, scores, kBlockN, kv_tile, dim, 1, out_acc, dim);
+    online_softmax_tile<acc>(cols, lanes, t.scores_t, t.row_max, t.row_sum, t.correction);
+    for (int r = 0; r < rows; ++r) {
+      if (t.correction[r] != acc(1)) scale_in_place(t.out + r * ld, ld, t.correction[r]);
+    }
+    pack_rows(v + k0 * p.v_row_stride, p.v_row_stride, cols, dim, t.v, ld);
+    // O += P · V, P read from the transposed tile.
+    tile_product<acc>(true, rows, ld, cols, {t.scores_t, 1, kBlockM}, t.v, ld, t.out, ld);
   }
 
   acc* lse = static_cast<acc*>(p.lse) +
              (static_cast<int64_t>(batch) * p.heads_q + head) * p.seqlen_q + e.q_start + tile.begin;
   for (int r = 0; r < rows; ++r) {
-    const bool any_key = row_sum[r] != 0;  // NaN inputs give a NaN sum: keep it visible
-    scale_in_place(out_acc + r * dim, dim, any_key ? acc(1) / row_sum[r] : acc(0));
-    lse[r] = any_key ? row_max[r] + std::log(row_sum[r]) : -std::numeric_limits<acc>::infinity();
+    const bool any_key = t.row_sum[r] != 0;  // NaN inputs give a NaN sum: keep it visible
+    t.inverse_sum[r] = any_key ? acc(1) / t.row_sum[r] : acc(0);
+    lse[r] = any_key ? t.row_max[r] + std::log(t.row_sum[r]) : -kInf<acc>;
   }
   auto* out = static_cast<scalar_t*>(p.out) + batch * p.out_batch_stride +
               head * p.out_head_stride + (e.q_start + tile.begin) * p.out_row_stride;
-  unpack_rows(out_acc, rows, dim, out, p.out_row_stride);
+  unpack_rows(t.out, ld, rows, dim, t.inverse_sum, out, p.out_row_stride);
 }
 
 }  // namespace
@@ -93,19 +141,24 @@ template <typename scalar_t>
 void run_forward(const ForwardParams& p) {
   check_host_offsets(p.cu_seqlens_q, p.num_blocks, p.seqlen_q, "cu_seqlens_q");
   check_host_offsets(p.cu_seqlens_k, p.num_blocks, p.seqlen_k, "cu_seqlens_k");
-  const std::vector<Tile> tiles = make_tiles(p, kBlockM, /*by_query=*/true);
-  const int64_t per_head = static_cast<int64_t>(tiles.size());
-  const int64_t total = per_head * p.batch * p.heads_q;
-  const int64_t scratch_size =
-      (kBlockM + kBlockN + kBlockM) * p.head_dim + kBlockM * kBlockN + 2 * kBlockM;
-  at::parallel_for(0, total, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t<scalar_t>> scratch(scratch_size);
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t bh = item / per_head;
-      forward_tile<scalar_t>(p, static_cast<int>(bh / p.heads_q), static_cast<int>(bh % p.heads_q),
-                             tiles[item % per_head], scratch);
-    }
+  std::vector<Tile> tiles = make_tiles(p, kBlockM, /*by_query=*/true);
+  // Costliest first (keys visited per query tile) so that the long blocks start early.
+  const auto keys_seen = [&](const Tile& tile) {
+    return causal_key_end(tile.end - 1, block_extent(p, tile.block), p.is_causal);
+  };
+  std::stable_sort(tiles.begin(), tiles.end(), [&](const Tile& a, const Tile& b) {
+    return keys_seen(a) * (a.end - a.begin) > keys_seen(b) * (b.end - b.begin);
   });
+  // Item = (tile, batch·head), tile-major, so that all heads of a long tile come first.
+  const int64_t heads = static_cast<int64_t>(p.batch) * p.heads_q;
+  run_work_items(
+      static_cast<int64_t>(tiles.size()) * heads,
+      [&] { return ForwardScratch<acc_t<scalar_t>>(p.head_dim); },
+      [&](int64_t item, ForwardScratch<acc_t<scalar_t>>& scratch) {
+        const int64_t bh = item % heads;
+        forward_tile<scalar_t>(p, static_cast<int>(bh / p.heads_q),
+                               static_cast<int>(bh % p.heads_q), tiles[item / heads], scratch);
+      });
 }
 
 template void run_forward<float>(const ForwardParams&);

@@ -1,18 +1,21 @@
-// Tile building blocks of the CPU kernels: packing rows into contiguous accumulation-type
-// scratch, tile products through ATen's CPU BLAS, and vectorised softmax pieces.
+// Tile building blocks of the CPU kernels: packing rows into aligned accumulation-type scratch
+// (plain or transposed), and the vectorised exponentials of the softmax.
 #pragma once
 
-#include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <limits>
+#include <memory>
+#include <new>
 #include <type_traits>
 
-#include "blas.h"
+#include "micro_kernel.h"
 
 namespace block_attn::cpu {
 
@@ -20,84 +23,88 @@ namespace block_attn::cpu {
 template <typename scalar_t>
 using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
-// Copies `rows` rows of `dim` elements (row stride `stride`) into dense accumulation scratch.
-// Packing costs O(rows·dim) against the O(rows·cols·dim) product it feeds, and gives BLAS a
-// dense, aligned operand whatever the input layout or dtype.
+template <typename T>
+constexpr T kInf = std::numeric_limits<T>::infinity();
+
+// Zero-filled scratch aligned to a cache line, so every packed row starts on a vector boundary
+// (row lengths are padded to whole vectors).
+template <typename T>
+class AlignedBuffer {
+ public:
+  explicit AlignedBuffer(int64_t size)
+      : data_(static_cast<T*>(std::aligned_alloc(64, round_up(size * sizeof(T))))) {
+    if (data_ == nullptr) throw std::bad_alloc();
+    std::fill(data_.get(), data_.get() + size, T(0));
+  }
+  T* get() const { return data_.get(); }
+
+ private:
+  static size_t round_up(size_t bytes) { return (bytes + 63) / 64 * 64; }
+  struct Free {
+    void operator()(T* p) const { std::free(p); }
+  };
+  std::unique_ptr<T, Free> data_;
+};
+
+// dst[r * ld + d] = src[r * stride + d] for r < rows, d < dim, converted to the accumulation
+// type. Packing is O(rows·dim) against the O(rows·cols·dim) products it feeds.
 template <typename scalar_t>
-inline void pack_rows(const scalar_t* src, int64_t stride, int rows, int dim,
-                      acc_t<scalar_t>* dst) {
+inline void pack_rows(const scalar_t* src, int64_t stride, int rows, int dim, acc_t<scalar_t>* dst,
+                      int64_t ld) {
   for (int r = 0; r < rows; ++r) {
     const scalar_t* in = src + r * stride;
-    acc_t<scalar_t>* out = dst + static_cast<int64_t>(r) * dim;
+    acc_t<scalar_t>* out = dst + r * ld;
     for (int d = 0; d < dim; ++d) out[d] = static_cast<acc_t<scalar_t>>(in[d]);
   }
 }
 
+// dst[d * ld + r] = scale · src[r * stride + d]: the transposed operand whose rows are the
+// vector dimension of a product (queries along the vector lanes).
 template <typename scalar_t>
-inline void unpack_rows(const acc_t<scalar_t>* src, int rows, int dim, scalar_t* dst,
-                        int64_t stride) {
+inline void pack_rows_transposed(const scalar_t* src, int64_t stride, int rows, int dim,
+                                 acc_t<scalar_t> scale, acc_t<scalar_t>* dst, int64_t ld) {
   for (int r = 0; r < rows; ++r) {
-    const acc_t<scalar_t>* in = src + static_cast<int64_t>(r) * dim;
-    scalar_t* out = dst + r * stride;
-    for (int d = 0; d < dim; ++d) out[d] = static_cast<scalar_t>(in[d]);
+    const scalar_t* in = src + r * stride;
+    for (int d = 0; d < dim; ++d) dst[d * ld + r] = scale * static_cast<acc_t<scalar_t>>(in[d]);
   }
 }
 
-// Row-major C (m×n, ldc) = alpha · A (m×k, row-major) · B^T (B is n×k, row-major) + beta · C.
-template <typename T>
-inline void matmul_abt(int m, int n, int k, T alpha, const T* a, int lda, const T* b, int ldb,
-                       T beta, T* c, int ldc) {
-  // Column-major view: C^T (n×m) = B (n×k) · A^T, with B stored as a k×n column-major matrix.
-  gemm(true, false, n, m, k, alpha, b, ldb, a, lda, beta, c, ldc);
+// dst[r * stride + d] = factor[r] · src[r * ld + d], converted back to the input type.
+template <typename scalar_t>
+inline void unpack_rows(const acc_t<scalar_t>* src, int64_t ld, int rows, int dim,
+                        const acc_t<scalar_t>* factor, scalar_t* dst, int64_t stride) {
+  for (int r = 0; r < rows; ++r) {
+    const acc_t<scalar_t>* in = src + r * ld;
+    scalar_t* out = dst + r * stride;
+    const acc_t<scalar_t> f = factor ? factor[r] : acc_t<scalar_t>(1);
+    for (int d = 0; d < dim; ++d) out[d] = static_cast<scalar_t>(f * in[d]);
+  }
 }
 
-// Row-major C (m×n) = alpha · A (m×k) · B (k×n) + beta · C, all row-major.
+// exp on a vector. float32 uses ATen's inline polynomial (the one PyTorch's CPU flash kernel
+// uses; a few ulp, exact 0 at -inf); float64 keeps the correctly rounded Sleef exp, so float64
+// gradients stay exact for gradcheck.
 template <typename T>
-inline void matmul_ab(int m, int n, int k, T alpha, const T* a, int lda, const T* b, int ldb,
-                      T beta, T* c, int ldc) {
-  gemm(false, false, n, m, k, alpha, b, ldb, a, lda, beta, c, ldc);
-}
-
-// Row-major C (m×n) = alpha · A^T (A is k×m, row-major) · B (k×n) + beta · C.
-template <typename T>
-inline void matmul_atb(int m, int n, int k, T alpha, const T* a, int lda, const T* b, int ldb,
-                       T beta, T* c, int ldc) {
-  gemm(false, true, n, m, k, alpha, b, ldb, a, lda, beta, c, ldc);
-}
-
-template <typename T>
-inline T max_of(const T* x, int n) {
-  T m = -std::numeric_limits<T>::infinity();
-  // NaN wins so that NaN inputs propagate instead of looking like a fully masked row.
-  for (int i = 0; i < n; ++i) m = (x[i] > m || std::isnan(x[i])) ? x[i] : m;
-  return m;
-}
-
-// x[i] = exp(x[i] - shift) for i < n; returns the sum.
-template <typename T>
-inline T exp_shifted_sum(T* x, int n, T shift) {
-  using Vec = at::vec::Vectorized<T>;
-  at::vec::map([shift](Vec v) { return (v - Vec(shift)).exp(); }, x, x, n);
-  return at::vec::reduce_all<T>([](Vec a, Vec b) { return a + b; }, x, n);
-}
-
-// x[i] = exp(x[i] - shift) for i < n.
-template <typename T>
-inline void exp_shifted(T* x, int n, T shift) {
-  using Vec = at::vec::Vectorized<T>;
-  at::vec::map([shift](Vec v) { return (v - Vec(shift)).exp(); }, x, x, n);
+inline at::vec::Vectorized<T> vec_exp(at::vec::Vectorized<T> x) {
+  if constexpr (std::is_same_v<T, float>) {
+    return x.exp_u20();
+  } else {
+    return x.exp();
+  }
 }
 
 // x[i] *= factor
 template <typename T>
 inline void scale_in_place(T* x, int n, T factor) {
   using Vec = at::vec::Vectorized<T>;
-  at::vec::map([factor](Vec v) { return v * Vec(factor); }, x, x, n);
+  int i = 0;
+  for (; i + kVecWidth<T> <= n; i += kVecWidth<T>) (Vec::loadu(x + i) * Vec(factor)).store(x + i);
+  for (; i < n; ++i) x[i] *= factor;
 }
 
 template <typename T>
-inline void fill(T* x, int n, T value) {
-  for (int i = 0; i < n; ++i) x[i] = value;
+inline void fill(T* x, int64_t n, T value) {
+  std::fill(x, x + n, value);
 }
 
 }  // namespace block_attn::cpu
