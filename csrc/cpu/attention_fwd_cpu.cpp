@@ -8,6 +8,7 @@
 #include "vector_isa.h"  // first: it picks the SIMD flavour of the ATen headers below
 // clang-format on
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "attention_cpu.h"
@@ -101,12 +102,21 @@ void forward_tile(const ForwardParams& p, int batch, int head, const Tile& tile,
   fill<acc>(t.row_max, kBlockM, -kInf<acc>);
   fill<acc>(t.row_sum, kBlockM, 0);
 
+  // Inputs already in the accumulation type are read in place: K is only broadcast from, so any
+  // row stride will do; V rows are whole vectors when dim is a multiple of the vector width.
+  constexpr bool kSameType = std::is_same_v<scalar_t, acc>;
+  const bool v_in_place = kSameType && dim == ld;
   const int key_end = causal_key_end(tile.end - 1, e, p.is_causal);
   for (int k0 = 0; k0 < key_end; k0 += kBlockN) {
     const int cols = std::min(kBlockN, key_end - k0);
-    pack_rows(k + k0 * p.k_row_stride, p.k_row_stride, cols, dim, t.k, ld);
+    StridedMatrix<acc> k_rows{t.k, ld, 1};
+    if constexpr (kSameType) {
+      k_rows = {reinterpret_cast<const acc*>(k + k0 * p.k_row_stride), p.k_row_stride, 1};
+    } else {
+      pack_rows(k + k0 * p.k_row_stride, p.k_row_stride, cols, dim, t.k, ld);
+    }
     // Sᵀ = K · (scale·Q)ᵀ: keys × queries.
-    tile_product<acc>(false, cols, lanes, dim, {t.k, ld, 1}, t.q_t, kBlockM, t.scores_t, kBlockM);
+    tile_product<acc>(false, cols, lanes, dim, k_rows, t.q_t, kBlockM, t.scores_t, kBlockM);
     if (p.is_causal) {
       for (int c = 0; c < cols; ++c) {
         // Queries before `first` (tile-local) may not see key k0 + c.
@@ -118,9 +128,16 @@ void forward_tile(const ForwardParams& p, int batch, int head, const Tile& tile,
     for (int r = 0; r < rows; ++r) {
       if (t.correction[r] != acc(1)) scale_in_place(t.out + r * ld, ld, t.correction[r]);
     }
-    pack_rows(v + k0 * p.v_row_stride, p.v_row_stride, cols, dim, t.v, ld);
+    const acc* v_rows = t.v;
+    int64_t v_stride = ld;
+    if (v_in_place) {
+      v_rows = reinterpret_cast<const acc*>(v + k0 * p.v_row_stride);
+      v_stride = p.v_row_stride;
+    } else {
+      pack_rows(v + k0 * p.v_row_stride, p.v_row_stride, cols, dim, t.v, ld);
+    }
     // O += P · V, P read from the transposed tile.
-    tile_product<acc>(true, rows, ld, cols, {t.scores_t, 1, kBlockM}, t.v, ld, t.out, ld);
+    tile_product<acc>(true, rows, ld, cols, {t.scores_t, 1, kBlockM}, v_rows, v_stride, t.out, ld);
   }
 
   acc* lse = static_cast<acc*>(p.lse) +
