@@ -6,7 +6,7 @@
 // keys' dK and dV outright, and the dQ of the block's queries. When a block is split into
 // several key ranges to spread it over threads, each range writes its dQ into its own partial
 // buffer and the partials are summed afterwards in range order: no atomics, no shared writes,
-// bitwise deterministic whatever the thread count or schedule.
+// bitwise repeatable whatever the schedule.
 // clang-format off
 #include "vector_isa.h"  // first: it picks the SIMD flavour of the ATen headers below
 // clang-format on
@@ -27,8 +27,11 @@ namespace {
 constexpr int kBlockM = 64;
 constexpr int kBlockN = 128;
 // Blocks are split into key ranges until no item exceeds 1/kItemsPerThread of a thread's
-// share of the work: enough items for the dynamic schedule to even out.
+// share of the work: enough items for the dynamic schedule to even out. A block is cut into
+// about kMaxRangesPerBlock ranges at most, which bounds the dQ partials to that many float
+// copies of the block's dQ however many threads there are.
 constexpr int64_t kItemsPerThread = 4;
+constexpr int64_t kMaxRangesPerBlock = 16;
 
 // Keys [key_begin, key_end) (block-local) of block `block` for one (batch, kv head).
 struct WorkItem {
@@ -283,7 +286,8 @@ std::vector<WorkItem> make_work_items(const BackwardParams& p, int64_t max_cost,
 }
 
 // Largest item cost for the thread count: 0 (blocks kept whole) when one thread, or when whole
-// blocks are already small against a thread's share.
+// blocks are already small against a thread's share. The split depends on the thread count,
+// so results are bitwise repeatable for a given thread count.
 int64_t max_item_cost(const BackwardParams& p) {
   const int64_t threads = at::get_num_threads();
   if (threads <= 1) return 0;
@@ -297,7 +301,8 @@ int64_t max_item_cost(const BackwardParams& p) {
     total += block * p.batch * p.heads_kv;
     largest = std::max(largest, block);
   }
-  const int64_t limit = std::max<int64_t>(1, total / (threads * kItemsPerThread));
+  const int64_t limit =
+      std::max({int64_t(1), total / (threads * kItemsPerThread), largest / kMaxRangesPerBlock});
   return largest > limit ? limit : 0;
 }
 
