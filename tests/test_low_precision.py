@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from common import assert_within_reference_error, grads, make_qkv
+from common import LAYOUTS, assert_within_reference_error, grads, make_qkv
 
 import block_attn
 from block_attn import reference
@@ -21,6 +21,9 @@ CONFIGS = [
     pytest.param(1, 2, 2, 200, 128, {"causal": True}, id="causal"),
     pytest.param(1, 8, 2, 300, 256, {"cu_seqlens": [0, 150, 300], "causal": True}, id="both"),
     pytest.param(2, 2, 2, 65, 16, {"block_size": 3, "causal": True}, id="small-blocks"),
+    # Odd head dims: bf16 products pair adjacent elements, so the last pair is half padding.
+    pytest.param(1, 2, 1, 150, 59, {"cu_seqlens": [0, 70, 150], "causal": True}, id="odd-dim"),
+    pytest.param(1, 2, 2, 97, 1, {"block_size": 32}, id="dim-1"),
 ]
 OUTPUT_ATOL = 1e-3
 GRAD_ATOL = 1e-3
@@ -28,8 +31,11 @@ GRAD_ATOL = 1e-3
 
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
 @pytest.mark.parametrize(("B", "Hq", "Hkv", "N", "D", "kwargs"), CONFIGS)
-def test_low_precision_forward_and_backward(device, dtype, B, Hq, Hkv, N, D, kwargs):
-    q, k, v = make_qkv(B, Hq, Hkv, N, N, D, dtype=dtype, device=device, requires_grad=True)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_low_precision_forward_and_backward(device, dtype, B, Hq, Hkv, N, D, kwargs, layout):
+    q, k, v = make_qkv(
+        B, Hq, Hkv, N, N, D, dtype=dtype, device=device, layout=layout, requires_grad=True
+    )
     grad_out = torch.randn_like(q)
     out, lse = block_attn.attention(q, k, v, return_lse=True, **kwargs)
     assert out.dtype == dtype and lse.dtype == torch.float32

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "attention_cpu.h"
+#include "forward_products.h"
 #include "tile_math.h"
 #include "tile_schedule.h"
 #include "work_queue.h"
@@ -25,16 +26,14 @@ namespace {
 constexpr int kBlockM = 64;
 constexpr int kBlockN = 256;
 
-template <typename acc>
+template <typename scalar_t>
 struct ForwardScratch {
+  using acc = acc_t<scalar_t>;
   explicit ForwardScratch(int dim)
       : padded_dim(padded<acc>(dim)),
-        storage(static_cast<int64_t>(dim) * kBlockM + 2 * kBlockN * padded_dim +
-                kBlockN * kBlockM + kBlockM * padded_dim + 4 * kBlockM) {
-    q_t = storage.get();
-    k = q_t + static_cast<int64_t>(dim) * kBlockM;
-    v = k + kBlockN * padded_dim;
-    scores_t = v + kBlockN * padded_dim;
+        products(dim),
+        storage(kBlockN * kBlockM + kBlockM * padded_dim + 4 * kBlockM) {
+    scores_t = storage.get();
     out = scores_t + kBlockN * kBlockM;
     row_max = out + kBlockM * padded_dim;
     row_sum = row_max + kBlockM;
@@ -42,23 +41,34 @@ struct ForwardScratch {
     inverse_sum = correction + kBlockM;
   }
   int padded_dim;
+  ForwardProducts<scalar_t, kBlockM, kBlockN> products;
   AlignedBuffer<acc> storage;
-  acc *q_t, *k, *v, *scores_t, *out, *row_max, *row_sum, *correction, *inverse_sum;
+  acc *scores_t, *out, *row_max, *row_sum, *correction, *inverse_sum;
+  std::vector<int> first_lane = std::vector<int>(kBlockN);
 };
 
-// Masks, exponentiates and sums one transposed score tile (cols keys × `lanes` queries, row
-// stride kBlockM) against the running maxima and sums of the queries. Leaves P in scores_t and
-// each query's output rescaling factor in `correction`.
+// Scales, masks, exponentiates and sums one transposed score tile (cols keys × `lanes` queries,
+// row stride kBlockM) against the running maxima and sums of the queries. Key row c is masked
+// for the lanes before first_lane[c] (causal tiles; nullptr: nothing masked). Leaves P in
+// scores_t and each query's output rescaling factor in `correction`.
 template <typename acc>
-void online_softmax_tile(int cols, int lanes, acc* scores_t, acc* row_max, acc* row_sum,
-                         acc* correction) {
+void online_softmax_tile(int cols, int lanes, acc scale, const int* first_lane, acc* scores_t,
+                         acc* row_max, acc* row_sum, acc* correction) {
   using Vec = at::vec::Vectorized<acc>;
   constexpr int W = kVecWidth<acc>;
+  const Vec lane_index = Vec::arange(0, 1);
   for (int v0 = 0; v0 < lanes; v0 += W) {
     const Vec old_max = Vec::loadu(row_max + v0);
     Vec new_max = old_max;
     for (int t = 0; t < cols; ++t) {
-      new_max = at::vec::maximum(new_max, Vec::loadu(scores_t + t * kBlockM + v0));
+      acc* s = scores_t + t * kBlockM + v0;
+      Vec scaled = Vec::loadu(s) * Vec(scale);
+      if (first_lane != nullptr && first_lane[t] > v0) {
+        const Vec masked = (lane_index + Vec(v0)) < Vec(first_lane[t]);
+        scaled = Vec::blendv(scaled, Vec(-kInf<acc>), masked);
+      }
+      scaled.store(s);
+      new_max = at::vec::maximum(new_max, scaled);
     }
     // A query with no key seen yet shifts by 0, so that exp(-inf - shift) is 0, not NaN.
     const Vec shift = Vec::blendv(new_max, Vec(0), new_max == Vec(-kInf<acc>));
@@ -81,7 +91,7 @@ void online_softmax_tile(int cols, int lanes, acc* scores_t, acc* row_max, acc* 
 
 template <typename scalar_t>
 void forward_tile(const ForwardParams& p, int batch, int head, const Tile& tile,
-                  ForwardScratch<acc_t<scalar_t>>& t) {
+                  ForwardScratch<scalar_t>& t) {
   using acc = acc_t<scalar_t>;
   const int dim = p.head_dim;
   const int ld = t.padded_dim;
@@ -97,47 +107,31 @@ void forward_tile(const ForwardParams& p, int batch, int head, const Tile& tile,
   const auto* v = static_cast<const scalar_t*>(p.v) + batch * p.v_batch_stride +
                   kv_head * p.v_head_stride + e.k_start * p.v_row_stride;
 
-  pack_rows_transposed(q, p.q_row_stride, rows, dim, static_cast<acc>(p.scale), t.q_t, kBlockM);
+  t.products.load_queries(q, p.q_row_stride, rows);
   fill<acc>(t.out, static_cast<int64_t>(rows) * ld, 0);
   fill<acc>(t.row_max, kBlockM, -kInf<acc>);
   fill<acc>(t.row_sum, kBlockM, 0);
 
-  // Inputs already in the accumulation type are read in place: K is only broadcast from, so any
-  // row stride will do; V rows are whole vectors when dim is a multiple of the vector width.
-  constexpr bool kSameType = std::is_same_v<scalar_t, acc>;
-  const bool v_in_place = kSameType && dim == ld;
   const int key_end = causal_key_end(tile.end - 1, e, p.is_causal);
   for (int k0 = 0; k0 < key_end; k0 += kBlockN) {
     const int cols = std::min(kBlockN, key_end - k0);
-    StridedMatrix<acc> k_rows{t.k, ld, 1};
-    if constexpr (kSameType) {
-      k_rows = {reinterpret_cast<const acc*>(k + k0 * p.k_row_stride), p.k_row_stride, 1};
-    } else {
-      pack_rows(k + k0 * p.k_row_stride, p.k_row_stride, cols, dim, t.k, ld);
-    }
-    // Sᵀ = K · (scale·Q)ᵀ: keys × queries.
-    tile_product<acc>(false, cols, lanes, dim, k_rows, t.q_t, kBlockM, t.scores_t, kBlockM);
+    // Sᵀ = K · Qᵀ: keys × queries.
+    t.products.scores(k + k0 * p.k_row_stride, p.k_row_stride, cols, lanes, t.scores_t);
     if (p.is_causal) {
+      // Queries before first_lane[c] (tile-local) may not see key k0 + c.
       for (int c = 0; c < cols; ++c) {
-        // Queries before `first` (tile-local) may not see key k0 + c.
-        const int first = std::clamp(causal_query_begin(k0 + c, e, true) - tile.begin, 0, rows);
-        fill<acc>(t.scores_t + c * kBlockM, first, -kInf<acc>);
+        t.first_lane[c] = std::clamp(causal_query_begin(k0 + c, e, true) - tile.begin, 0, rows);
       }
     }
-    online_softmax_tile<acc>(cols, lanes, t.scores_t, t.row_max, t.row_sum, t.correction);
+    online_softmax_tile<acc>(cols, lanes, static_cast<acc>(p.scale),
+                             p.is_causal ? t.first_lane.data() : nullptr, t.scores_t, t.row_max,
+                             t.row_sum, t.correction);
     for (int r = 0; r < rows; ++r) {
       if (t.correction[r] != acc(1)) scale_in_place(t.out + r * ld, ld, t.correction[r]);
     }
-    const acc* v_rows = t.v;
-    int64_t v_stride = ld;
-    if (v_in_place) {
-      v_rows = reinterpret_cast<const acc*>(v + k0 * p.v_row_stride);
-      v_stride = p.v_row_stride;
-    } else {
-      pack_rows(v + k0 * p.v_row_stride, p.v_row_stride, cols, dim, t.v, ld);
-    }
-    // O += P · V, P read from the transposed tile.
-    tile_product<acc>(true, rows, ld, cols, {t.scores_t, 1, kBlockM}, v_rows, v_stride, t.out, ld);
+    // O += P · V.
+    t.products.accumulate_values(t.scores_t, v + k0 * p.v_row_stride, p.v_row_stride, cols, rows,
+                                 t.out);
   }
 
   acc* lse = static_cast<acc*>(p.lse) +
@@ -170,8 +164,8 @@ void run_forward(const ForwardParams& p) {
   const int64_t heads = static_cast<int64_t>(p.batch) * p.heads_q;
   run_work_items(
       static_cast<int64_t>(tiles.size()) * heads,
-      [&] { return ForwardScratch<acc_t<scalar_t>>(p.head_dim); },
-      [&](int64_t item, ForwardScratch<acc_t<scalar_t>>& scratch) {
+      [&] { return ForwardScratch<scalar_t>(p.head_dim); },
+      [&](int64_t item, ForwardScratch<scalar_t>& scratch) {
         const int64_t bh = item % heads;
         forward_tile<scalar_t>(p, static_cast<int>(bh / p.heads_q),
                                static_cast<int>(bh % p.heads_q), tiles[item / heads], scratch);

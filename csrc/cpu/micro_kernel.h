@@ -44,87 +44,102 @@ struct StridedMatrix {
   int64_t row_stride;
   int64_t col_stride;
   const T* at(int64_t i, int64_t l) const { return data + i * row_stride + l * col_stride; }
+  StridedMatrix from_row(int64_t i) const { return {at(i, 0), row_stride, col_stride}; }
 };
 
 // C[rows × vectors·W] (+)= A[rows × k] · B[k × vectors·W] with the accumulators in registers.
-template <typename T, int kRows, int kVectors, bool kAccumulate>
-inline void register_tile_product(int k, StridedMatrix<T> a, const T* b, int64_t ldb, T* c,
-                                  int64_t ldc) {
-  using Vec = at::vec::Vectorized<T>;
-  constexpr int W = kVecWidth<T>;
-  Vec acc[kRows][kVectors];
-#pragma GCC unroll 8
-  for (int i = 0; i < kRows; ++i) {
-#pragma GCC unroll 8
-    for (int j = 0; j < kVectors; ++j) {
-      acc[i][j] = kAccumulate ? Vec::loadu(c + i * ldc + j * W) : Vec(T(0));
-    }
-  }
-  for (int l = 0; l < k; ++l) {
-    Vec b_row[kVectors];
-#pragma GCC unroll 8
-    for (int j = 0; j < kVectors; ++j) b_row[j] = Vec::loadu(b + l * ldb + j * W);
-#pragma GCC unroll 8
-    for (int i = 0; i < kRows; ++i) {
-      const Vec a_value(*a.at(i, l));
-#pragma GCC unroll 8
-      for (int j = 0; j < kVectors; ++j) acc[i][j] = at::vec::fmadd(a_value, b_row[j], acc[i][j]);
-    }
-  }
-#pragma GCC unroll 8
-  for (int i = 0; i < kRows; ++i) {
-#pragma GCC unroll 8
-    for (int j = 0; j < kVectors; ++j) acc[i][j].store(c + i * ldc + j * W);
-  }
-}
+template <typename T>
+struct FloatProduct {
+  using AMatrix = StridedMatrix<T>;
+  using BElement = T;
+  using CElement = T;
+  static constexpr int kLanes = kVecWidth<T>;
+  static constexpr int kRows = RegisterTile<T>::kRows;
+  static constexpr int kVectors = RegisterTile<T>::kVectors;
 
-// Picks the instantiation for a remainder of `rows` (< kRows) rows at compile time.
-template <typename T, int kVectors, bool kAccumulate, int kRows = RegisterTile<T>::kRows>
-inline void register_tile_rows(int rows, int k, StridedMatrix<T> a, const T* b, int64_t ldb, T* c,
-                               int64_t ldc) {
+  template <int kTileRows, int kTileVectors, bool kAccumulate>
+  static void run(int k, AMatrix a, const T* b, int64_t ldb, T* c, int64_t ldc) {
+    using Vec = at::vec::Vectorized<T>;
+    constexpr int W = kLanes;
+    Vec acc[kTileRows][kTileVectors];
+#pragma GCC unroll 8
+    for (int i = 0; i < kTileRows; ++i) {
+#pragma GCC unroll 8
+      for (int j = 0; j < kTileVectors; ++j) {
+        acc[i][j] = kAccumulate ? Vec::loadu(c + i * ldc + j * W) : Vec(T(0));
+      }
+    }
+    for (int l = 0; l < k; ++l) {
+      Vec b_row[kTileVectors];
+#pragma GCC unroll 8
+      for (int j = 0; j < kTileVectors; ++j) b_row[j] = Vec::loadu(b + l * ldb + j * W);
+#pragma GCC unroll 8
+      for (int i = 0; i < kTileRows; ++i) {
+        const Vec a_value(*a.at(i, l));
+#pragma GCC unroll 8
+        for (int j = 0; j < kTileVectors; ++j) {
+          acc[i][j] = at::vec::fmadd(a_value, b_row[j], acc[i][j]);
+        }
+      }
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < kTileRows; ++i) {
+#pragma GCC unroll 8
+      for (int j = 0; j < kTileVectors; ++j) acc[i][j].store(c + i * ldc + j * W);
+    }
+  }
+};
+
+// Calls Product::run with the register tile's row and vector counts as compile-time constants:
+// full tiles take the first branch, edge tiles one of the smaller instantiations.
+template <typename Product, bool kAccumulate, int kVectors, int kRows = Product::kRows,
+          typename... Args>
+inline void run_rows(int rows, Args... args) {
   if constexpr (kRows > 0) {
-    if (rows == kRows) {
-      return register_tile_product<T, kRows, kVectors, kAccumulate>(k, a, b, ldb, c, ldc);
-    }
-    return register_tile_rows<T, kVectors, kAccumulate, kRows - 1>(rows, k, a, b, ldb, c, ldc);
+    if (rows == kRows) return Product::template run<kRows, kVectors, kAccumulate>(args...);
+    return run_rows<Product, kAccumulate, kVectors, kRows - 1>(rows, args...);
   }
 }
 
-template <typename T, bool kAccumulate, int kVectors = RegisterTile<T>::kVectors>
-inline void register_tile_columns(int vectors, int rows, int k, StridedMatrix<T> a, const T* b,
-                                  int64_t ldb, T* c, int64_t ldc) {
+template <typename Product, bool kAccumulate, int kVectors = Product::kVectors, typename... Args>
+inline void run_vectors(int vectors, int rows, Args... args) {
   if constexpr (kVectors > 0) {
-    if (vectors == kVectors) {
-      return register_tile_rows<T, kVectors, kAccumulate>(rows, k, a, b, ldb, c, ldc);
-    }
-    return register_tile_columns<T, kAccumulate, kVectors - 1>(vectors, rows, k, a, b, ldb, c,
-                                                                ldc);
+    if (vectors == kVectors) return run_rows<Product, kAccumulate, kVectors>(rows, args...);
+    return run_vectors<Product, kAccumulate, kVectors - 1>(vectors, rows, args...);
   }
 }
 
 // C (m×n) = A (m×k) · B (k×n), or C += when `accumulate`. n must be a multiple of the vector
-// width (packed tiles are padded); B and C rows are contiguous with leading dims ldb and ldc.
-template <typename T>
-inline void tile_product(bool accumulate, int m, int n, int k, StridedMatrix<T> a, const T* b,
-                         int64_t ldb, T* c, int64_t ldc) {
-  constexpr int W = kVecWidth<T>;
-  constexpr int kRows = RegisterTile<T>::kRows;
-  constexpr int kVectors = RegisterTile<T>::kVectors;
+// width (packed tiles are padded); B and C rows are contiguous with leading dims ldb and ldc,
+// counted in B and C elements.
+template <typename Product>
+inline void tiled_product(bool accumulate, int m, int n, int k, typename Product::AMatrix a,
+                          const typename Product::BElement* b, int64_t ldb,
+                          typename Product::CElement* c, int64_t ldc) {
+  constexpr int W = Product::kLanes;
+  constexpr int kRows = Product::kRows;
+  constexpr int kVectors = Product::kVectors;
   // Column panels outside, row panels inside: a panel of B (k × kVectors·W) stays in L1 while
   // every row of A streams past it.
   for (int n0 = 0; n0 < n; n0 += kVectors * W) {
     const int vectors = std::min(kVectors, (n - n0) / W);
     for (int m0 = 0; m0 < m; m0 += kRows) {
       const int rows = std::min(kRows, m - m0);
-      const StridedMatrix<T> a_rows{a.at(m0, 0), a.row_stride, a.col_stride};
-      T* c_block = c + m0 * ldc + n0;
+      const typename Product::AMatrix a_rows = a.from_row(m0);
+      auto* c_block = c + m0 * ldc + n0;
       if (accumulate) {
-        register_tile_columns<T, true>(vectors, rows, k, a_rows, b + n0, ldb, c_block, ldc);
+        run_vectors<Product, true>(vectors, rows, k, a_rows, b + n0, ldb, c_block, ldc);
       } else {
-        register_tile_columns<T, false>(vectors, rows, k, a_rows, b + n0, ldb, c_block, ldc);
+        run_vectors<Product, false>(vectors, rows, k, a_rows, b + n0, ldb, c_block, ldc);
       }
     }
   }
+}
+
+template <typename T>
+inline void tile_product(bool accumulate, int m, int n, int k, StridedMatrix<T> a, const T* b,
+                         int64_t ldb, T* c, int64_t ldc) {
+  tiled_product<FloatProduct<T>>(accumulate, m, n, k, a, b, ldb, c, ldc);
 }
 
 }  // namespace block_attn::cpu
