@@ -24,6 +24,8 @@ CONFIGS = [
     # Odd head dims: bf16 products pair adjacent elements, so the last pair is half padding.
     pytest.param(1, 2, 1, 150, 59, {"cu_seqlens": [0, 70, 150], "causal": True}, id="odd-dim"),
     pytest.param(1, 2, 2, 97, 1, {"block_size": 32}, id="dim-1"),
+    # Long enough that the CPU backward splits the block into key ranges on 2+ threads.
+    pytest.param(1, 2, 1, 700, 64, {"causal": True}, id="long-causal"),
 ]
 OUTPUT_ATOL = 1e-3
 GRAD_ATOL = 1e-3

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "attention_cpu.h"
+#include "backward_products.h"
 #include "tile_math.h"
 #include "tile_schedule.h"
 #include "work_queue.h"
@@ -51,32 +52,29 @@ struct QueryGradTarget {
   int64_t partial_size = 0;
 };
 
-template <typename acc>
+template <typename scalar_t>
 struct BackwardScratch {
+  using acc = acc_t<scalar_t>;
   BackwardScratch(int dim, int max_range_keys)
       : padded_dim(padded<acc>(dim)),
-        q(kBlockM * padded_dim),
-        q_t(static_cast<int64_t>(dim) * kBlockM),
-        grad_out(kBlockM * padded_dim),
-        grad_out_t(static_cast<int64_t>(dim) * kBlockM),
+        products(dim, max_range_keys),
         grad_q(kBlockM * padded_dim),
         scores_t(kBlockN * kBlockM),
         grad_scores_t(kBlockN * kBlockM),
         lse(kBlockM),
         delta(kBlockM),
-        k(static_cast<int64_t>(max_range_keys) * padded_dim),
-        v(static_cast<int64_t>(max_range_keys) * padded_dim),
         grad_k(static_cast<int64_t>(max_range_keys) * padded_dim),
         grad_v(static_cast<int64_t>(max_range_keys) * padded_dim) {}
   int padded_dim;
-  // One query tile: rows (kBlockM × padded_dim) and scaled/transposed (dim × kBlockM).
-  AlignedBuffer<acc> q, q_t, grad_out, grad_out_t, grad_q;
-  // Transposed score tiles, keys × queries: P and dS.
+  BackwardProducts<scalar_t, kBlockM, kBlockN> products;
+  // dQ of one query tile (kBlockM × padded_dim).
+  AlignedBuffer<acc> grad_q;
+  // Transposed score tiles, keys × queries: S then P, and dP then dS.
   AlignedBuffer<acc> scores_t, grad_scores_t;
   // Per query of the tile: lse (+inf where the query saw no key, so that P = 0) and Delta.
   AlignedBuffer<acc> lse, delta;
-  // The item's key range: K and V rows, and their gradients.
-  AlignedBuffer<acc> k, v, grad_k, grad_v;
+  // dK and dV of the item's key range.
+  AlignedBuffer<acc> grad_k, grad_v;
 };
 
 // Delta_i = rowsum(dO_i ∘ O_i) − grad_lse_i, one value per (batch, query head, query).
@@ -102,49 +100,45 @@ std::vector<acc_t<scalar_t>> compute_delta(const BackwardParams& p) {
   return delta;
 }
 
-// Turns the transposed scores of one tile pair into P (in scores_t) and dS·scale (in
-// grad_scores_t, which holds dPᵀ on entry). Keys [k0, k0 + cols) and queries [q0, q0 + rows)
-// are block-local; `lanes` is rows rounded up to whole vectors.
+// Turns the transposed scores of one tile pair into P = exp(scale·S − lse) (in scores_t) and
+// dS·scale = P ∘ (dP − Delta)·scale (in grad_scores_t, which holds dPᵀ on entry). Keys
+// [k0, k0 + cols) and queries [q0, q0 + rows) are block-local; `lanes` is rows rounded up to
+// whole vectors.
 template <typename acc>
 void probabilities_and_score_grads(const BackwardParams& p, const BlockExtent& e, int q0, int rows,
-                                   int lanes, int k0, int cols, BackwardScratch<acc>& t) {
+                                   int lanes, int k0, int cols, acc* scores_t, acc* grad_scores_t,
+                                   const acc* lse, const acc* delta) {
   using Vec = at::vec::Vectorized<acc>;
   constexpr int W = kVecWidth<acc>;
   const Vec scale(static_cast<acc>(p.scale));
+  const Vec lane_index = Vec::arange(0, 1);
   for (int c = 0; c < cols; ++c) {
-    acc* s = t.scores_t.get() + c * kBlockM;
-    acc* ds = t.grad_scores_t.get() + c * kBlockM;
-    if (p.is_causal) {
-      // Queries before `first` (tile-local) may not see key k0 + c.
-      fill<acc>(s, std::clamp(causal_query_begin(k0 + c, e, true) - q0, 0, rows), -kInf<acc>);
-    }
+    acc* s = scores_t + c * kBlockM;
+    acc* ds = grad_scores_t + c * kBlockM;
+    // Queries before `first` (tile-local) may not see key k0 + c.
+    const int first =
+        p.is_causal ? std::clamp(causal_query_begin(k0 + c, e, true) - q0, 0, rows) : 0;
     for (int v0 = 0; v0 < lanes; v0 += W) {
-      const Vec prob = vec_exp<acc>(Vec::loadu(s + v0) - Vec::loadu(t.lse.get() + v0));
+      Vec prob = vec_exp<acc>(at::vec::fmadd(Vec::loadu(s + v0), scale, -Vec::loadu(lse + v0)));
+      if (first > v0) prob = Vec::blendv(prob, Vec(0), (lane_index + Vec(v0)) < Vec(first));
       prob.store(s + v0);
-      (prob * (Vec::loadu(ds + v0) - Vec::loadu(t.delta.get() + v0)) * scale).store(ds + v0);
+      (prob * (Vec::loadu(ds + v0) - Vec::loadu(delta + v0)) * scale).store(ds + v0);
     }
   }
 }
 
-// Packs query tile [q0, q0 + rows) of one head: Q, scale·Qᵀ, dO, dOᵀ, lse and Delta.
+// Loads query tile [q0, q0 + rows) of one head: Q and dO into the products, lse and Delta.
 template <typename scalar_t>
-void pack_query_tile(const BackwardParams& p, const std::vector<acc_t<scalar_t>>& delta, int batch,
-                     int head, const BlockExtent& e, int q0, int rows,
-                     BackwardScratch<acc_t<scalar_t>>& t) {
+void load_query_tile(const BackwardParams& p, const std::vector<acc_t<scalar_t>>& delta, int batch,
+                     int head, const BlockExtent& e, int q0, int rows, BackwardScratch<scalar_t>& t) {
   using acc = acc_t<scalar_t>;
-  const int dim = p.head_dim;
   const int64_t row = e.q_start + q0;
   const auto* q = static_cast<const scalar_t*>(p.q) + batch * p.q_batch_stride +
                   head * p.q_head_stride + row * p.q_row_stride;
   const auto* grad_out = static_cast<const scalar_t*>(p.grad_out) +
                          batch * p.grad_out_batch_stride + head * p.grad_out_head_stride +
                          row * p.grad_out_row_stride;
-  pack_rows(q, p.q_row_stride, rows, dim, t.q.get(), t.padded_dim);
-  pack_rows_transposed(q, p.q_row_stride, rows, dim, static_cast<acc>(p.scale), t.q_t.get(),
-                       kBlockM);
-  pack_rows(grad_out, p.grad_out_row_stride, rows, dim, t.grad_out.get(), t.padded_dim);
-  pack_rows_transposed(grad_out, p.grad_out_row_stride, rows, dim, acc(1), t.grad_out_t.get(),
-                       kBlockM);
+  t.products.load_queries({q, p.q_row_stride}, {grad_out, p.grad_out_row_stride}, rows);
   const int64_t stat = (static_cast<int64_t>(batch) * p.heads_q + head) * p.seqlen_q + row;
   const acc* lse = static_cast<const acc*>(p.lse) + stat;
   for (int r = 0; r < kBlockM; ++r) {
@@ -157,7 +151,7 @@ void pack_query_tile(const BackwardParams& p, const std::vector<acc_t<scalar_t>>
 template <typename scalar_t>
 void backward_item(const BackwardParams& p, const std::vector<acc_t<scalar_t>>& delta,
                    const WorkItem& item, const QueryGradTarget& target, acc_t<scalar_t>* partials,
-                   BackwardScratch<acc_t<scalar_t>>& t) {
+                   BackwardScratch<scalar_t>& t) {
   using acc = acc_t<scalar_t>;
   const int dim = p.head_dim;
   const int ld = t.padded_dim;
@@ -166,12 +160,13 @@ void backward_item(const BackwardParams& p, const std::vector<acc_t<scalar_t>>& 
   const int range_keys = item.key_end - item.key_begin;
   const int64_t key_row = e.k_start + item.key_begin;
 
-  pack_rows(static_cast<const scalar_t*>(p.k) + item.batch * p.k_batch_stride +
-                item.kv_head * p.k_head_stride + key_row * p.k_row_stride,
-            p.k_row_stride, range_keys, dim, t.k.get(), ld);
-  pack_rows(static_cast<const scalar_t*>(p.v) + item.batch * p.v_batch_stride +
-                item.kv_head * p.v_head_stride + key_row * p.v_row_stride,
-            p.v_row_stride, range_keys, dim, t.v.get(), ld);
+  t.products.load_keys({static_cast<const scalar_t*>(p.k) + item.batch * p.k_batch_stride +
+                            item.kv_head * p.k_head_stride + key_row * p.k_row_stride,
+                        p.k_row_stride},
+                       {static_cast<const scalar_t*>(p.v) + item.batch * p.v_batch_stride +
+                            item.kv_head * p.v_head_stride + key_row * p.v_row_stride,
+                        p.v_row_stride},
+                       range_keys);
   fill<acc>(t.grad_k.get(), static_cast<int64_t>(range_keys) * ld, 0);
   fill<acc>(t.grad_v.get(), static_cast<int64_t>(range_keys) * ld, 0);
 
@@ -186,25 +181,16 @@ void backward_item(const BackwardParams& p, const std::vector<acc_t<scalar_t>>& 
       const int lanes = padded<acc>(rows);
       const int key_limit = std::min(item.key_end, causal_key_end(q0 + rows - 1, e, p.is_causal));
       fill<acc>(t.grad_q.get(), static_cast<int64_t>(rows) * ld, 0);
-      if (key_limit > item.key_begin) pack_query_tile<scalar_t>(p, delta, item.batch, head, e, q0,
+      if (key_limit > item.key_begin) load_query_tile<scalar_t>(p, delta, item.batch, head, e, q0,
                                                                 rows, t);
       for (int k0 = item.key_begin; k0 < key_limit; k0 += kBlockN) {
         const int cols = std::min(kBlockN, key_limit - k0);
-        const int64_t offset = static_cast<int64_t>(k0 - item.key_begin) * ld;
-        const acc* k = t.k.get() + offset;
-        // Sᵀ = K · (scale·Q)ᵀ and dPᵀ = V · dOᵀ: keys × queries.
-        tile_product<acc>(false, cols, lanes, dim, {k, ld, 1}, t.q_t.get(), kBlockM,
-                          t.scores_t.get(), kBlockM);
-        tile_product<acc>(false, cols, lanes, dim, {t.v.get() + offset, ld, 1},
-                          t.grad_out_t.get(), kBlockM, t.grad_scores_t.get(), kBlockM);
-        probabilities_and_score_grads<acc>(p, e, q0, rows, lanes, k0, cols, t);
-        // dV += Pᵀ·dO, dK += dSᵀ·Q (keys × dim), dQ += dS·K (queries × dim).
-        tile_product<acc>(true, cols, ld, rows, {t.scores_t.get(), kBlockM, 1}, t.grad_out.get(),
-                          ld, t.grad_v.get() + offset, ld);
-        tile_product<acc>(true, cols, ld, rows, {t.grad_scores_t.get(), kBlockM, 1}, t.q.get(), ld,
-                          t.grad_k.get() + offset, ld);
-        tile_product<acc>(true, rows, ld, cols, {t.grad_scores_t.get(), 1, kBlockM}, k, ld,
-                          t.grad_q.get(), ld);
+        const int key = k0 - item.key_begin;  // within the range
+        t.products.scores(key, cols, lanes, t.scores_t.get(), t.grad_scores_t.get());
+        probabilities_and_score_grads<acc>(p, e, q0, rows, lanes, k0, cols, t.scores_t.get(),
+                                           t.grad_scores_t.get(), t.lse.get(), t.delta.get());
+        t.products.accumulate_grads(key, cols, rows, t.scores_t.get(), t.grad_scores_t.get(),
+                                    t.grad_v.get(), t.grad_k.get(), t.grad_q.get());
       }
       const int64_t q_row = e.q_start + q0;
       if (target.partial_offset[item.block] < 0) {
@@ -380,8 +366,8 @@ void run_backward(const BackwardParams& p) {
   zero_query_grads_of_keyless_blocks<scalar_t>(p);
   run_work_items(
       static_cast<int64_t>(items.size()),
-      [&] { return BackwardScratch<acc>(p.head_dim, max_range_keys); },
-      [&](int64_t i, BackwardScratch<acc>& scratch) {
+      [&] { return BackwardScratch<scalar_t>(p.head_dim, max_range_keys); },
+      [&](int64_t i, BackwardScratch<scalar_t>& scratch) {
         backward_item<scalar_t>(p, delta, items[i], target, partials.data(), scratch);
       });
   reduce_query_grad_partials<scalar_t>(p, target, partials.data());
