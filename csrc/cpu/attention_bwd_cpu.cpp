@@ -130,7 +130,8 @@ void probabilities_and_score_grads(const BackwardParams& p, const BlockExtent& e
 // Loads query tile [q0, q0 + rows) of one head: Q and dO into the products, lse and Delta.
 template <typename scalar_t>
 void load_query_tile(const BackwardParams& p, const std::vector<acc_t<scalar_t>>& delta, int batch,
-                     int head, const BlockExtent& e, int q0, int rows, BackwardScratch<scalar_t>& t) {
+                     int head, const BlockExtent& e, int q0, int rows,
+                     BackwardScratch<scalar_t>& t) {
   using acc = acc_t<scalar_t>;
   const int64_t row = e.q_start + q0;
   const auto* q = static_cast<const scalar_t*>(p.q) + batch * p.q_batch_stride +
@@ -172,8 +173,7 @@ void backward_item(const BackwardParams& p, const std::vector<acc_t<scalar_t>>& 
 
   // The first range also writes the dQ of queries that see no key at all (zeros).
   const int first_query =
-      item.range == 0 ? 0
-                      : causal_query_begin(item.key_begin, e, p.is_causal) / kBlockM * kBlockM;
+      item.range == 0 ? 0 : causal_query_begin(item.key_begin, e, p.is_causal) / kBlockM * kBlockM;
   for (int g = 0; g < group; ++g) {
     const int head = item.kv_head * group + g;
     for (int q0 = first_query; q0 < e.len_q; q0 += kBlockM) {
@@ -181,8 +181,8 @@ void backward_item(const BackwardParams& p, const std::vector<acc_t<scalar_t>>& 
       const int lanes = padded<acc>(rows);
       const int key_limit = std::min(item.key_end, causal_key_end(q0 + rows - 1, e, p.is_causal));
       fill<acc>(t.grad_q.get(), static_cast<int64_t>(rows) * ld, 0);
-      if (key_limit > item.key_begin) load_query_tile<scalar_t>(p, delta, item.batch, head, e, q0,
-                                                                rows, t);
+      if (key_limit > item.key_begin)
+        load_query_tile<scalar_t>(p, delta, item.batch, head, e, q0, rows, t);
       for (int k0 = item.key_begin; k0 < key_limit; k0 += kBlockN) {
         const int cols = std::min(kBlockN, key_limit - k0);
         const int key = k0 - item.key_begin;  // within the range
@@ -195,16 +195,17 @@ void backward_item(const BackwardParams& p, const std::vector<acc_t<scalar_t>>& 
       const int64_t q_row = e.q_start + q0;
       if (target.partial_offset[item.block] < 0) {
         unpack_rows<scalar_t>(t.grad_q.get(), ld, rows, dim, nullptr,
-                              static_cast<scalar_t*>(p.grad_q) + item.batch * p.grad_q_batch_stride +
-                                  head * p.grad_q_head_stride + q_row * p.grad_q_row_stride,
+                              static_cast<scalar_t*>(p.grad_q) +
+                                  item.batch * p.grad_q_batch_stride + head * p.grad_q_head_stride +
+                                  q_row * p.grad_q_row_stride,
                               p.grad_q_row_stride);
       } else {
         // Partials: [range][batch][head][query][dim] per split block.
-        acc* partial = partials + target.partial_offset[item.block] +
-                       ((static_cast<int64_t>(item.range) * p.batch + item.batch) * p.heads_q +
-                        head) *
-                           e.len_q * dim +
-                       static_cast<int64_t>(q0) * dim;
+        acc* partial =
+            partials + target.partial_offset[item.block] +
+            ((static_cast<int64_t>(item.range) * p.batch + item.batch) * p.heads_q + head) *
+                e.len_q * dim +
+            static_cast<int64_t>(q0) * dim;
         for (int r = 0; r < rows; ++r) {
           std::copy_n(t.grad_q.get() + r * ld, dim, partial + static_cast<int64_t>(r) * dim);
         }
@@ -250,8 +251,8 @@ std::vector<WorkItem> make_work_items(const BackwardParams& p, int64_t max_cost,
     target.ranges[j] = e.len_k > 0 ? current.range + 1 : 0;
     if (target.ranges[j] > 1) {
       target.partial_offset[j] = target.partial_size;
-      target.partial_size += static_cast<int64_t>(target.ranges[j]) * p.batch * p.heads_q *
-                             e.len_q * p.head_dim;
+      target.partial_size +=
+          static_cast<int64_t>(target.ranges[j]) * p.batch * p.heads_q * e.len_q * p.head_dim;
     }
   }
   std::vector<WorkItem> items;
@@ -320,30 +321,31 @@ void reduce_query_grad_partials(const BackwardParams& p, const QueryGradTarget& 
     if (target.partial_offset[j] >= 0) split.push_back(j);
   }
   const int64_t heads = static_cast<int64_t>(p.batch) * p.heads_q;
-  at::parallel_for(0, static_cast<int64_t>(split.size()) * heads, 1, [&](int64_t begin,
-                                                                          int64_t end) {
-    std::vector<acc> sum(p.head_dim);
-    for (int64_t i = begin; i < end; ++i) {
-      const int j = split[i / heads];
-      const int b = static_cast<int>((i % heads) / p.heads_q);
-      const int h = static_cast<int>(i % p.heads_q);
-      const BlockExtent e = block_extent(p, j);
-      const int64_t range_stride = heads * e.len_q * p.head_dim;
-      const acc* first = partials + target.partial_offset[j] + (i % heads) * e.len_q * p.head_dim;
-      auto* dq = static_cast<scalar_t*>(p.grad_q) + b * p.grad_q_batch_stride +
-                 h * p.grad_q_head_stride + e.q_start * p.grad_q_row_stride;
-      for (int r = 0; r < e.len_q; ++r) {
-        std::fill(sum.begin(), sum.end(), acc(0));
-        for (int c = 0; c < target.ranges[j]; ++c) {
-          const acc* row = first + c * range_stride + static_cast<int64_t>(r) * p.head_dim;
-          for (int d = 0; d < p.head_dim; ++d) sum[d] += row[d];
+  at::parallel_for(
+      0, static_cast<int64_t>(split.size()) * heads, 1, [&](int64_t begin, int64_t end) {
+        std::vector<acc> sum(p.head_dim);
+        for (int64_t i = begin; i < end; ++i) {
+          const int j = split[i / heads];
+          const int b = static_cast<int>((i % heads) / p.heads_q);
+          const int h = static_cast<int>(i % p.heads_q);
+          const BlockExtent e = block_extent(p, j);
+          const int64_t range_stride = heads * e.len_q * p.head_dim;
+          const acc* first =
+              partials + target.partial_offset[j] + (i % heads) * e.len_q * p.head_dim;
+          auto* dq = static_cast<scalar_t*>(p.grad_q) + b * p.grad_q_batch_stride +
+                     h * p.grad_q_head_stride + e.q_start * p.grad_q_row_stride;
+          for (int r = 0; r < e.len_q; ++r) {
+            std::fill(sum.begin(), sum.end(), acc(0));
+            for (int c = 0; c < target.ranges[j]; ++c) {
+              const acc* row = first + c * range_stride + static_cast<int64_t>(r) * p.head_dim;
+              for (int d = 0; d < p.head_dim; ++d) sum[d] += row[d];
+            }
+            for (int d = 0; d < p.head_dim; ++d) {
+              dq[r * p.grad_q_row_stride + d] = static_cast<scalar_t>(sum[d]);
+            }
+          }
         }
-        for (int d = 0; d < p.head_dim; ++d) {
-          dq[r * p.grad_q_row_stride + d] = static_cast<scalar_t>(sum[d]);
-        }
-      }
-    }
-  });
+      });
 }
 
 }  // namespace

@@ -134,9 +134,8 @@ class Bf16BackwardProducts {
     const auto* grad_score_pairs = reinterpret_cast<const Bf16Pair*>(grad_scores_.get());
     tiled_product<Bf16PairProduct>(true, cols, ld_, query_pairs, {prob_pairs, kBlockM / 2, 1},
                                    grad_out_row_pairs_.get(), ld_, grad_v + offset, ld_);
-    tiled_product<Bf16PairProduct>(true, cols, ld_, query_pairs,
-                                   {grad_score_pairs, kBlockM / 2, 1}, q_row_pairs_.get(), ld_,
-                                   grad_k + offset, ld_);
+    tiled_product<Bf16PairProduct>(true, cols, ld_, query_pairs, {grad_score_pairs, kBlockM / 2, 1},
+                                   q_row_pairs_.get(), ld_, grad_k + offset, ld_);
     // dS as pairs of adjacent keys for dQ += dS · K.
     pack_row_pairs(grad_scores_t, kBlockM, cols, lanes, grad_score_row_pairs_.get(), kBlockM);
     tiled_product<Bf16PairProduct>(true, rows, ld_, (cols + 1) / 2,

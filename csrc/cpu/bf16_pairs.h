@@ -36,8 +36,12 @@ constexpr bool kUsesBf16Pairs =
 // Two bf16 values: the even index in the low half, the odd one in the high half.
 using Bf16Pair = uint32_t;
 
-inline uint32_t bf16_bits(c10::BFloat16 x) { return x.x; }
-inline uint32_t bf16_bits(float x) { return c10::BFloat16(x).x; }  // round to nearest even
+inline uint32_t bf16_bits(c10::BFloat16 x) {
+  return x.x;
+}
+inline uint32_t bf16_bits(float x) {
+  return c10::BFloat16(x).x;
+}  // round to nearest even
 
 // A in pairs: pair (i, p) covers reduction indices 2p and 2p + 1 of row i.
 struct PairMatrix {
@@ -85,7 +89,8 @@ inline __m512i interleave16(const float* a, const float* b) {
   return _mm512_or_si512(low, _mm512_slli_epi32(high, 16));
 }
 inline __m512i interleave16(const c10::BFloat16* a, const c10::BFloat16* b) {
-  const __m512i low = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a)));
+  const __m512i low =
+      _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a)));
   const __m512i high =
       _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b)));
   return _mm512_or_si512(low, _mm512_slli_epi32(high, 16));

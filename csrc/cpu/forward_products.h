@@ -41,8 +41,8 @@ class FloatForwardProducts {
   }
 
   // out (rows × ld, ld = padded dim) += P · V, with P read from its transposed tile.
-  void accumulate_values(const acc* probs_t, const scalar_t* v, int64_t stride, int cols,
-                         int rows, acc* out) {
+  void accumulate_values(const acc* probs_t, const scalar_t* v, int64_t stride, int cols, int rows,
+                         acc* out) {
     const acc* v_rows = v_.get();
     int64_t v_stride = ld_;
     if (std::is_same_v<scalar_t, acc> && dim_ == ld_) {  // rows are whole vectors: in place
@@ -107,8 +107,9 @@ class Bf16ForwardProducts {
 };
 
 template <typename scalar_t, int kBlockM, int kBlockN>
-using ForwardProducts = std::conditional_t<kUsesBf16Pairs<scalar_t>, Bf16ForwardProducts<kBlockM, kBlockN>,
-                                           FloatForwardProducts<scalar_t, kBlockM, kBlockN>>;
+using ForwardProducts =
+    std::conditional_t<kUsesBf16Pairs<scalar_t>, Bf16ForwardProducts<kBlockM, kBlockN>,
+                       FloatForwardProducts<scalar_t, kBlockM, kBlockN>>;
 #else
 template <typename scalar_t, int kBlockM, int kBlockN>
 using ForwardProducts = FloatForwardProducts<scalar_t, kBlockM, kBlockN>;
