@@ -255,11 +255,13 @@ std::vector<WorkItem> make_work_items(const BackwardParams& p, int64_t max_cost,
           static_cast<int64_t>(target.ranges[j]) * p.batch * p.heads_q * e.len_q * p.head_dim;
     }
   }
+  // Head by head, in sequence order within a head: among items of equal cost (which keep this
+  // order), a thread's next item reads the rows after its last one.
   std::vector<WorkItem> items;
   items.reserve(ranges.size() * p.batch * p.heads_kv);
-  for (const WorkItem& r : ranges) {
-    for (int b = 0; b < p.batch; ++b) {
-      for (int h = 0; h < p.heads_kv; ++h) {
+  for (int b = 0; b < p.batch; ++b) {
+    for (int h = 0; h < p.heads_kv; ++h) {
+      for (const WorkItem& r : ranges) {
         WorkItem item = r;
         item.batch = b;
         item.kv_head = h;

@@ -152,23 +152,34 @@ template <typename scalar_t>
 void run_forward(const ForwardParams& p) {
   check_host_offsets(p.cu_seqlens_q, p.num_blocks, p.seqlen_q, "cu_seqlens_q");
   check_host_offsets(p.cu_seqlens_k, p.num_blocks, p.seqlen_k, "cu_seqlens_k");
-  std::vector<Tile> tiles = make_tiles(p, kBlockM, /*by_query=*/true);
-  // Costliest first (keys visited per query tile) so that the long blocks start early.
-  const auto keys_seen = [&](const Tile& tile) {
-    return causal_key_end(tile.end - 1, block_extent(p, tile.block), p.is_causal);
+  const std::vector<Tile> tiles = make_tiles(p, kBlockM, /*by_query=*/true);
+  // Items (tile, batch·head), costliest first (query rows × keys visited) so that long blocks
+  // start early; among equal costs, head by head in sequence order, so that a thread's next
+  // item reads the rows after its last one (and the same block's K and V) instead of another
+  // head's.
+  struct Item {
+    int64_t cost;
+    int64_t head;  // batch · heads_q + head
+    int tile;
   };
-  std::stable_sort(tiles.begin(), tiles.end(), [&](const Tile& a, const Tile& b) {
-    return keys_seen(a) * (a.end - a.begin) > keys_seen(b) * (b.end - b.begin);
-  });
-  // Item = (tile, batch·head), tile-major, so that all heads of a long tile come first.
   const int64_t heads = static_cast<int64_t>(p.batch) * p.heads_q;
+  std::vector<Item> items;
+  items.reserve(tiles.size() * heads);
+  for (int64_t bh = 0; bh < heads; ++bh) {
+    for (int i = 0; i < static_cast<int>(tiles.size()); ++i) {
+      const Tile& tile = tiles[i];
+      const int keys = causal_key_end(tile.end - 1, block_extent(p, tile.block), p.is_causal);
+      items.push_back({static_cast<int64_t>(keys) * (tile.end - tile.begin), bh, i});
+    }
+  }
+  std::stable_sort(items.begin(), items.end(),
+                   [](const Item& a, const Item& b) { return a.cost > b.cost; });
   run_work_items(
-      static_cast<int64_t>(tiles.size()) * heads,
-      [&] { return ForwardScratch<scalar_t>(p.head_dim); },
-      [&](int64_t item, ForwardScratch<scalar_t>& scratch) {
-        const int64_t bh = item % heads;
-        forward_tile<scalar_t>(p, static_cast<int>(bh / p.heads_q),
-                               static_cast<int>(bh % p.heads_q), tiles[item / heads], scratch);
+      static_cast<int64_t>(items.size()), [&] { return ForwardScratch<scalar_t>(p.head_dim); },
+      [&](int64_t i, ForwardScratch<scalar_t>& scratch) {
+        const Item& item = items[i];
+        forward_tile<scalar_t>(p, static_cast<int>(item.head / p.heads_q),
+                               static_cast<int>(item.head % p.heads_q), tiles[item.tile], scratch);
       });
 }
 

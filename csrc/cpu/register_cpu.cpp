@@ -4,6 +4,7 @@
 
 #include "../attention_host.h"
 #include "attention_cpu.h"
+#include "huge_pages.h"
 
 namespace block_attn {
 namespace {
@@ -17,6 +18,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& q, co
   check_forward_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale);
   at::Tensor out = empty_output_like(q);
   at::Tensor lse = empty_lse_for(q);
+  cpu::advise_huge_pages(out);
   if (q.numel() == 0) {
     lse.fill_(-std::numeric_limits<float>::infinity());
     return {out, lse};
@@ -38,6 +40,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
   at::Tensor grad_q = at::empty_like(q);
   at::Tensor grad_k = at::empty_like(k);
   at::Tensor grad_v = at::empty_like(v);
+  for (const at::Tensor& grad : {grad_q, grad_k, grad_v}) cpu::advise_huge_pages(grad);
   if (q.numel() == 0 || k.numel() == 0) {
     grad_q.zero_();
     grad_k.zero_();
