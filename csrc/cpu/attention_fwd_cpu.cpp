@@ -25,6 +25,7 @@ namespace {
 // per-tile packing; a 64×256 score tile (64 KB) and the K and V tiles stay in L2.
 constexpr int kBlockM = 64;
 constexpr int kBlockN = 256;
+constexpr int64_t kTilesPerTake = 4;
 
 template <typename scalar_t>
 struct ForwardScratch {
@@ -174,12 +175,25 @@ void run_forward(const ForwardParams& p) {
   }
   std::stable_sort(items.begin(), items.end(),
                    [](const Item& a, const Item& b) { return a.cost > b.cost; });
+  // A thread takes up to kTilesPerTake consecutive items of one (head, block) at a time: they
+  // read the same K and V tiles, which then come from its own cache.
+  std::vector<int64_t> takes;
+  for (int64_t i = 0; i < static_cast<int64_t>(items.size()); ++i) {
+    const bool same_block = !takes.empty() && i - takes.back() < kTilesPerTake &&
+                            items[i].head == items[i - 1].head &&
+                            tiles[items[i].tile].block == tiles[items[i - 1].tile].block;
+    if (!same_block) takes.push_back(i);
+  }
+  takes.push_back(static_cast<int64_t>(items.size()));
   run_work_items(
-      static_cast<int64_t>(items.size()), [&] { return ForwardScratch<scalar_t>(p.head_dim); },
-      [&](int64_t i, ForwardScratch<scalar_t>& scratch) {
-        const Item& item = items[i];
-        forward_tile<scalar_t>(p, static_cast<int>(item.head / p.heads_q),
-                               static_cast<int>(item.head % p.heads_q), tiles[item.tile], scratch);
+      static_cast<int64_t>(takes.size()) - 1, [&] { return ForwardScratch<scalar_t>(p.head_dim); },
+      [&](int64_t take, ForwardScratch<scalar_t>& scratch) {
+        for (int64_t i = takes[take]; i < takes[take + 1]; ++i) {
+          const Item& item = items[i];
+          forward_tile<scalar_t>(p, static_cast<int>(item.head / p.heads_q),
+                                 static_cast<int>(item.head % p.heads_q), tiles[item.tile],
+                                 scratch);
+        }
       });
 }
 
