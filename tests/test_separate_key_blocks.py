@@ -11,7 +11,7 @@ import random
 
 import pytest
 import torch
-from common import assert_close
+from common import assert_close, assert_within_reference_error
 
 from block_attn import ops
 from block_attn.blocks import BlockLayout
@@ -119,3 +119,52 @@ def test_random_layouts_match_dense(device):
         assert_close(
             out, expected, atol=1e-5, rtol=1e-4, what=f"out for {lengths_q}/{lengths_k} {causal=}"
         )
+
+
+# Lengths on both sides of the tensor-core kernels' 64- and 128-row tiles, Lq < Lk and Lq > Lk
+# (whose first queries see no key under the causal mask), with an empty block.
+LOW_PRECISION_PAIRS = [
+    pytest.param([70, 200, 1, 0], [130, 150, 300, 5], id="tile-edges"),
+    pytest.param([129, 64], [64, 257], id="one-tile-off"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(("lengths_q", "lengths_k"), LOW_PRECISION_PAIRS)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_low_precision_separate_blocks(device, dtype, lengths_q, lengths_k, causal, head_dim):
+    off_q, off_k = offsets(lengths_q), offsets(lengths_k)
+    layout = BlockLayout(tuple(off_q), tuple(off_k), max(lengths_q), max(lengths_k))
+    cu_q, cu_k = layout.tensors(torch.device(device))
+    scale = head_dim**-0.5
+    q = torch.randn(1, 4, off_q[-1], head_dim, dtype=dtype, device=device)
+    k = torch.randn(1, 2, off_k[-1], head_dim, dtype=dtype, device=device)
+    v = torch.randn_like(k)
+    grad_out = torch.randn_like(q)
+
+    def forward_and_grads(fn, q, k, v):
+        q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+        out, lse = fn(q, k, v)
+        return (out, lse, *torch.autograd.grad(out, (q, k, v), grad_out.to(out.dtype)))
+
+    ours = forward_and_grads(
+        lambda q, k, v: ops.attention_forward(
+            q, k, v, cu_q, cu_k, layout.max_len_q, layout.max_len_k, causal, scale
+        ),
+        q, k, v,
+    )  # fmt: skip
+    reference = lambda q, k, v: dense_reference(q, k, v, layout, causal, scale)  # noqa: E731
+    low = forward_and_grads(reference, q, k, v)
+    high = forward_and_grads(reference, q.double(), k.double(), v.double())
+
+    finite = ~high[1].isinf()
+    assert torch.equal(ours[1].isinf().cpu(), (~finite).cpu()), "rows without keys differ"
+    names = ("out", "lse", "grad_q", "grad_k", "grad_v")
+    for name, a, a_low, a_high in zip(names, ours, low, high, strict=True):
+        if name == "lse":
+            a, a_low, a_high = a[finite], a_low[finite], a_high[finite]
+        assert_within_reference_error(
+            a, a_low, a_high, factor=2 if name in ("out", "lse") else 3, atol=1e-3,
+            what=f"{dtype} {name}",
+        )  # fmt: skip

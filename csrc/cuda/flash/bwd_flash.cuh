@@ -10,6 +10,8 @@
 // block's end) are masked.
 #pragma once
 
+#include <type_traits>
+
 #include "../simple/bwd_simple.cuh"
 #include "../utils.cuh"
 #include "flash_kernels.h"
@@ -19,14 +21,16 @@
 
 namespace block_attn::cuda {
 
-template <int kHeadDim_>
+template <int kHeadDim_, int kRowGroups_ = 1>
 struct FlashBwdTraits {
   static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kRowGroups = kRowGroups_;  // 16-row mma groups per warp of owned rows
   static constexpr int kWarps = 4;
   static constexpr int kThreads = kWarps * 32;
-  // Rows a CTA owns (16 per warp) and rows of the tiles it streams. The streamed tile is 32 rows
+  // Rows a CTA owns (16 per group) and rows of the tiles it streams. The streamed tile is 32 rows
   // at head_dim 128 so that two head_dim-wide accumulators plus two score tiles fit in registers.
-  static constexpr int kBlockOwn = 16 * kWarps;
+  static constexpr int kRowsPerWarp = 16 * kRowGroups;
+  static constexpr int kBlockOwn = kRowsPerWarp * kWarps;
   static constexpr int kBlockStream = kHeadDim <= 64 ? 64 : 32;
   static constexpr int kSmemStride = kHeadDim + 8;  // elements; +16 bytes against bank conflicts
   // Two owned tiles plus two double-buffered streamed tiles, and per streamed row lse and Delta.
@@ -127,37 +131,46 @@ __global__ void __launch_bounds__(Traits::kThreads)
     cp_async_commit();
     const int m0 = m_begin + (it % m_tiles) * kBlockM;
 
-    float s[kBlockM / 8][4];
-    float dp[kBlockM / 8][4];
-#pragma unroll
-    for (int n = 0; n < kBlockM / 8; ++n) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) s[n][e] = dp[n][e] = 0.f;
-    }
-    warp_gemm_abt<T, kHeadDim, kBlockM, kStride>(s, sK_warp, (sQ + buf * kTile), lane);
-    warp_gemm_abt<T, kHeadDim, kBlockM, kStride>(dp, sV_warp, (sdO + buf * kTile), lane);
-
     const bool needs_mask = m0 + kBlockM > qr.length ||
                             (kIsCausal && n0 + kBlockN > causal_key_end(m0, qr.length, kr.length));
+    // Separate copies for masked and unmasked tiles: the compiler would otherwise predicate the
+    // per-element index tests and run them on every tile.
+    auto accumulate_tile = [&](auto mask_tag) {
+      constexpr bool kMask = decltype(mask_tag)::value;
+      float s[kBlockM / 8][4];
+      float dp[kBlockM / 8][4];
 #pragma unroll
-    for (int n = 0; n < kBlockM / 8; ++n) {
+      for (int n = 0; n < kBlockM / 8; ++n) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int col = n * 8 + quad_col * 2 + (e % 2);  // query within the tile
-        float p = exp2f(s[n][e] * scale_log2 - s_lse[buf * kBlockM + col]);
-        if (needs_mask) {
-          const int t = n0 + warp * 16 + group_row + (e / 2) * 8;
-          const int i = m0 + col;
-          const bool allowed =
-              i < qr.length && (!kIsCausal || t < causal_key_end(i, qr.length, kr.length));
-          if (!allowed) p = 0.f;
-        }
-        s[n][e] = p;
-        dp[n][e] = p * (dp[n][e] - s_delta[buf * kBlockM + col]);
+        for (int e = 0; e < 4; ++e) s[n][e] = dp[n][e] = 0.f;
       }
+      warp_gemm_abt<T, kHeadDim, kBlockM, kStride>(s, sK_warp, (sQ + buf * kTile), lane);
+      warp_gemm_abt<T, kHeadDim, kBlockM, kStride>(dp, sV_warp, (sdO + buf * kTile), lane);
+#pragma unroll
+      for (int n = 0; n < kBlockM / 8; ++n) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int col = n * 8 + quad_col * 2 + (e % 2);  // query within the tile
+          float p = fast_exp2(s[n][e] * scale_log2 - s_lse[buf * kBlockM + col]);
+          if (kMask) {
+            const int t = n0 + warp * 16 + group_row + (e / 2) * 8;
+            const int i = m0 + col;
+            const bool allowed =
+                i < qr.length && (!kIsCausal || t < causal_key_end(i, qr.length, kr.length));
+            if (!allowed) p = 0.f;
+          }
+          s[n][e] = p;
+          dp[n][e] = p * (dp[n][e] - s_delta[buf * kBlockM + col]);
+        }
+      }
+      warp_gemm_pb<T, kBlockM, kHeadDim, kStride>(dv, s, (sdO + buf * kTile), lane);
+      warp_gemm_pb<T, kBlockM, kHeadDim, kStride>(dk, dp, (sQ + buf * kTile), lane);
+    };
+    if (needs_mask) {
+      accumulate_tile(std::true_type{});
+    } else {
+      accumulate_tile(std::false_type{});
     }
-    warp_gemm_pb<T, kBlockM, kHeadDim, kStride>(dv, s, (sdO + buf * kTile), lane);
-    warp_gemm_pb<T, kBlockM, kHeadDim, kStride>(dk, dp, (sQ + buf * kTile), lane);
   }
 
   cp_async_wait_all();
@@ -179,10 +192,14 @@ __global__ void __launch_bounds__(Traits::kThreads)
 #endif
 }
 
+// dQ: a CTA owns kBlockOwn queries; with two row groups per warp every K and V fragment read
+// from shared memory feeds two products. Query tiles run in reverse order: under a causal mask
+// the costliest start first.
 template <typename Traits, typename T, bool kIsCausal>
 __global__ void __launch_bounds__(Traits::kThreads)
     dq_flash_kernel(const BackwardParams params, const float* delta, const bool vectorized) {
 #ifdef BLOCK_ATTN_SM80_OR_NEWER
+  constexpr int kRowGroups = Traits::kRowGroups;
   constexpr int kBlockM = Traits::kBlockOwn;     // queries of this CTA
   constexpr int kBlockN = Traits::kBlockStream;  // keys per streamed tile
   constexpr int kHeadDim = Traits::kHeadDim;
@@ -190,7 +207,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
 
   const BlockRange qr = block_range(params.cu_seqlens_q, blockIdx.y);
   const BlockRange kr = block_range(params.cu_seqlens_k, blockIdx.y);
-  const int m0 = blockIdx.x * kBlockM;
+  const int m0 = (gridDim.x - 1 - blockIdx.x) * kBlockM;
   if (m0 >= qr.length) return;
   const int batch = blockIdx.z / params.heads_q;
   const int head = blockIdx.z % params.heads_q;
@@ -199,6 +216,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
   const int lane = threadIdx.x % 32;
   const int group_row = lane / 4;
   const int quad_col = lane % 4;
+  const int warp_row0 = warp * Traits::kRowsPerWarp;  // the warp's first owned row
   const int head_dim = params.head_dim;
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -239,21 +257,26 @@ __global__ void __launch_bounds__(Traits::kThreads)
   const float scale_log2 = params.scale * kLog2e;
   const int64_t row_base =
       (static_cast<int64_t>(batch) * params.heads_q + head) * params.seqlen_q + qr.start;
-  float lse_log2[2];
-  float row_delta[2];
+  float lse_log2[kRowGroups][2];
+  float row_delta[kRowGroups][2];
+  float dq[kRowGroups][kHeadDim / 8][4];
 #pragma unroll
-  for (int rr = 0; rr < 2; ++rr) {
-    const int i = m0 + warp * 16 + group_row + rr * 8;
-    lse_log2[rr] =
-        i < qr.length ? static_cast<const float*>(params.lse)[row_base + i] * kLog2e : INFINITY;
-    row_delta[rr] = i < qr.length ? delta[row_base + i] : 0.f;
+  for (int g = 0; g < kRowGroups; ++g) {
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+      const int i = m0 + warp_row0 + g * 16 + group_row + rr * 8;
+      lse_log2[g][rr] =
+          i < qr.length ? static_cast<const float*>(params.lse)[row_base + i] * kLog2e : INFINITY;
+      row_delta[g][rr] = i < qr.length ? delta[row_base + i] : 0.f;
+    }
+#pragma unroll
+    for (int d = 0; d < kHeadDim / 8; ++d) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) dq[g][d][e] = 0.f;
+    }
   }
-
-  float dq[kHeadDim / 8][4];
-#pragma unroll
-  for (int d = 0; d < kHeadDim / 8; ++d) dq[d][0] = dq[d][1] = dq[d][2] = dq[d][3] = 0.f;
-  const T* sQ_warp = sQ + warp * 16 * kStride;
-  const T* sdO_warp = sdO + warp * 16 * kStride;
+  const T* sQ_warp = sQ + warp_row0 * kStride;
+  const T* sdO_warp = sdO + warp_row0 * kStride;
 
   for (int j = 0; j < n_tiles; ++j) {
     const int buf = j % 2;
@@ -268,38 +291,54 @@ __global__ void __launch_bounds__(Traits::kThreads)
     }
     cp_async_commit();
 
-    float s[kBlockN / 8][4];
-    float dp[kBlockN / 8][4];
+    // Separate copies for masked and unmasked tiles, as in dkdv_flash_kernel.
+    auto accumulate_tile = [&](auto mask_tag) {
+      constexpr bool kMask = decltype(mask_tag)::value;
+      float s[kRowGroups][kBlockN / 8][4];
+      float dp[kRowGroups][kBlockN / 8][4];
 #pragma unroll
-    for (int n = 0; n < kBlockN / 8; ++n) {
+      for (int g = 0; g < kRowGroups; ++g) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) s[n][e] = dp[n][e] = 0.f;
-    }
-    warp_gemm_abt<T, kHeadDim, kBlockN, kStride>(s, sQ_warp, (sK + buf * kTile), lane);
-    warp_gemm_abt<T, kHeadDim, kBlockN, kStride>(dp, sdO_warp, (sV + buf * kTile), lane);
-
-    const bool needs_mask = n0 + kBlockN > unmasked_end;
+        for (int n = 0; n < kBlockN / 8; ++n) {
 #pragma unroll
-    for (int n = 0; n < kBlockN / 8; ++n) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int rr = e / 2;
-        float p = exp2f(s[n][e] * scale_log2 - lse_log2[rr]);
-        if (needs_mask) {
-          const int i = m0 + warp * 16 + group_row + rr * 8;
-          const int key = n0 + n * 8 + quad_col * 2 + (e % 2);
-          const int key_end = kIsCausal ? causal_key_end(i, qr.length, kr.length) : kr.length;
-          if (key >= key_end) p = 0.f;
+          for (int e = 0; e < 4; ++e) s[g][n][e] = dp[g][n][e] = 0.f;
         }
-        s[n][e] = p * (dp[n][e] - row_delta[rr]);  // dS
       }
+      warp_gemm_abt<T, kHeadDim, kBlockN, kStride, kRowGroups>(s, sQ_warp, (sK + buf * kTile),
+                                                               lane);
+      warp_gemm_abt<T, kHeadDim, kBlockN, kStride, kRowGroups>(dp, sdO_warp, (sV + buf * kTile),
+                                                               lane);
+#pragma unroll
+      for (int g = 0; g < kRowGroups; ++g) {
+#pragma unroll
+        for (int n = 0; n < kBlockN / 8; ++n) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int rr = e / 2;
+            float p = fast_exp2(s[g][n][e] * scale_log2 - lse_log2[g][rr]);
+            if (kMask) {
+              const int i = m0 + warp_row0 + g * 16 + group_row + rr * 8;
+              const int key = n0 + n * 8 + quad_col * 2 + (e % 2);
+              const int key_end = kIsCausal ? causal_key_end(i, qr.length, kr.length) : kr.length;
+              if (key >= key_end) p = 0.f;
+            }
+            s[g][n][e] = p * (dp[g][n][e] - row_delta[g][rr]);  // dS
+          }
+        }
+      }
+      warp_gemm_pb<T, kBlockN, kHeadDim, kStride, kRowGroups>(dq, s, (sK + buf * kTile), lane);
+    };
+    if (n0 + kBlockN > unmasked_end) {
+      accumulate_tile(std::true_type{});
+    } else {
+      accumulate_tile(std::false_type{});
     }
-    warp_gemm_pb<T, kBlockN, kHeadDim, kStride>(dq, s, (sK + buf * kTile), lane);
   }
 
   cp_async_wait_all();
   __syncthreads();
-  warp_store_acc<T, kHeadDim, kStride>(sQ + warp * 16 * kStride, dq, params.scale, lane);
+  warp_store_acc<T, kHeadDim, kStride, kRowGroups>(sQ + warp_row0 * kStride, dq, params.scale,
+                                                   lane);
   __syncthreads();
   T* grad_q = static_cast<T*>(params.grad_q) + batch * params.grad_q_batch_stride +
               head * params.grad_q_head_stride +
@@ -313,6 +352,20 @@ template <typename Kernel>
 cudaError_t allow_shared_bytes(Kernel kernel, int bytes) {
   if (bytes <= 48 * 1024) return cudaSuccess;
   return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+}
+
+template <typename T, int kHeadDim, bool kIsCausal, int kRowGroups>
+cudaError_t launch_dq_flash(const BackwardParams& params, const float* delta, bool vectorized,
+                            cudaStream_t stream) {
+  using Traits = FlashBwdTraits<kHeadDim, kRowGroups>;
+  const dim3 grid(ceil_div(params.max_seqlen_q, Traits::kBlockOwn), params.num_blocks,
+                  params.batch * params.heads_q);
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0) return cudaSuccess;
+  auto kernel = dq_flash_kernel<Traits, T, kIsCausal>;
+  cudaError_t err = allow_shared_bytes(kernel, Traits::kSharedBytes);
+  if (err != cudaSuccess) return err;
+  kernel<<<grid, Traits::kThreads, Traits::kSharedBytes, stream>>>(params, delta, vectorized);
+  return cudaGetLastError();
 }
 
 template <typename T, int kHeadDim, bool kIsCausal>
@@ -339,17 +392,20 @@ cudaError_t run_bwd_flash(const BackwardParams& params, void* delta_workspace,
     err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
-  const dim3 grid_dq(ceil_div(params.max_seqlen_q, Traits::kBlockOwn), params.num_blocks,
-                     params.batch * params.heads_q);
-  if (grid_dq.x > 0 && grid_dq.y > 0 && grid_dq.z > 0) {
-    auto kernel = dq_flash_kernel<Traits, T, kIsCausal>;
-    cudaError_t err = allow_shared_bytes(kernel, Traits::kSharedBytes);
-    if (err != cudaSuccess) return err;
-    kernel<<<grid_dq, Traits::kThreads, Traits::kSharedBytes, stream>>>(params, delta, vectorized);
-    err = cudaGetLastError();
-    if (err != cudaSuccess) return err;
+  // Two row groups per warp unless every query block fits in 64 rows, or the device's shared
+  // memory per CTA (99 KiB on sm_86 and sm_89) cannot hold their tiles.
+  int device = 0;
+  int max_shared_bytes = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess) {
+    err =
+        cudaDeviceGetAttribute(&max_shared_bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
   }
-  return cudaSuccess;
+  if (err != cudaSuccess) return err;
+  const bool two_groups =
+      params.max_seqlen_q > 64 && FlashBwdTraits<kHeadDim, 2>::kSharedBytes <= max_shared_bytes;
+  return two_groups ? launch_dq_flash<T, kHeadDim, kIsCausal, 2>(params, delta, vectorized, stream)
+                    : launch_dq_flash<T, kHeadDim, kIsCausal, 1>(params, delta, vectorized, stream);
 }
 
 }  // namespace block_attn::cuda

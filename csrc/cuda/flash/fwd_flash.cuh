@@ -1,13 +1,19 @@
 // FlashAttention-2-style forward on tensor cores for float16/bfloat16.
 //
 // Grid (query tiles of the longest block, blocks, batch * heads_q); a CTA reads its block's
-// offsets on the device and exits if its tile lies past the block. Four warps each own 16 query
-// rows of a kBlockM = 64 tile; S = Q K^T and O += P V use mma.sync.m16n8k16 with fp32
-// accumulators, O and the softmax statistics stay in registers. Loads use cp.async: V_j streams
-// in while S_j is computed, and K_{j+1} while P_j V_j is. Shared-memory rows are padded by 16
-// bytes so the eight row addresses of every ldmatrix hit distinct banks.
+// offsets on the device and exits if its tile lies past the block. Query tiles run in reverse
+// order, so under a causal mask the costliest tiles of a (block, head) start first and the
+// launch ends on cheap ones. Four warps each own kRowGroups groups of 16 query rows. S = Q K^T
+// and O += P V use mma.sync.m16n8k16 with fp32 accumulators; every K or V fragment read from
+// shared memory feeds one mma per row group, so two groups halve the shared-memory traffic per
+// product, which bounds the one-group kernel. O and the softmax statistics stay in registers.
+// Loads use cp.async: V_j streams in while S_j is computed, and K_{j+1} while P_j V_j is.
+// Shared-memory rows are padded by 16 bytes so the eight row addresses of every ldmatrix hit
+// distinct banks.
 // Causal: only key tiles up to the diagonal are visited and only tiles crossing it are masked.
 #pragma once
+
+#include <type_traits>
 
 #include "../utils.cuh"
 #include "flash_kernels.h"
@@ -16,24 +22,29 @@
 
 namespace block_attn::cuda {
 
-template <int kHeadDim_>
+template <int kHeadDim_, int kRowGroups_>
 struct FlashFwdTraits {
   static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kRowGroups = kRowGroups_;  // 16-row mma groups per warp
   static constexpr int kWarps = 4;
   static constexpr int kThreads = kWarps * 32;
-  static constexpr int kBlockM = 16 * kWarps;
-  // 64 keys per tile up to head_dim 128; 32 at 256 keeps O (head_dim / 2 floats per thread) and
-  // S in registers without spilling.
+  static constexpr int kRowsPerWarp = 16 * kRowGroups;
+  static constexpr int kBlockM = kWarps * kRowsPerWarp;
+  // Keys per tile: as many as leave S (kRowGroups * kBlockN / 2 floats per thread) and O
+  // (kRowGroups * kHeadDim / 2) in registers without spilling; longer tiles amortise the
+  // per-tile max, rescale and barriers.
   static constexpr int kBlockN = kHeadDim <= 128 ? 64 : 32;
   static constexpr int kSmemStride = kHeadDim + 8;  // elements; +16 bytes against bank conflicts
   static constexpr int kSharedBytes = (kBlockM + 2 * kBlockN) * kSmemStride * 2;
   static_assert(kHeadDim % 16 == 0 && kHeadDim <= 256, "unsupported head dim");
+  static_assert(kRowGroups * kHeadDim <= 256, "O would not fit in registers");
 };
 
 template <typename Traits, typename T, bool kIsCausal>
 __global__ void __launch_bounds__(Traits::kThreads)
     fwd_flash_kernel(const ForwardParams params, const bool vectorized) {
 #ifdef BLOCK_ATTN_SM80_OR_NEWER
+  constexpr int kRowGroups = Traits::kRowGroups;
   constexpr int kBlockM = Traits::kBlockM;
   constexpr int kBlockN = Traits::kBlockN;
   constexpr int kHeadDim = Traits::kHeadDim;
@@ -43,15 +54,16 @@ __global__ void __launch_bounds__(Traits::kThreads)
 
   const BlockRange qr = block_range(params.cu_seqlens_q, blockIdx.y);
   const BlockRange kr = block_range(params.cu_seqlens_k, blockIdx.y);
-  const int m0 = blockIdx.x * kBlockM;
+  const int m0 = (gridDim.x - 1 - blockIdx.x) * kBlockM;
   if (m0 >= qr.length) return;
   const int batch = blockIdx.z / params.heads_q;
   const int head = blockIdx.z % params.heads_q;
   const int head_kv = head / (params.heads_q / params.heads_kv);
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
-  const int group_row = lane / 4;  // row of the mma fragments (and row + 8)
-  const int quad_col = lane % 4;   // column pair of the mma fragments
+  const int group_row = lane / 4;                     // row of the mma fragments (and row + 8)
+  const int quad_col = lane % 4;                      // column pair of the mma fragments
+  const int warp_row0 = warp * Traits::kRowsPerWarp;  // the warp's first row in the tile
   const int head_dim = params.head_dim;
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -76,11 +88,19 @@ __global__ void __launch_bounds__(Traits::kThreads)
 
   // Scores are kept in the log2 domain: exp(x * scale) = exp2(x * scale * log2(e)).
   const float scale_log2 = params.scale * 1.4426950408889634f;
-  float acc_o[kNBlocksO][4];
+  float acc_o[kRowGroups][kNBlocksO][4];
+  float row_max[kRowGroups][2];
+  float row_sum[kRowGroups][2];  // per-thread partial sums, reduced over the quad at the end
 #pragma unroll
-  for (int d = 0; d < kNBlocksO; ++d) acc_o[d][0] = acc_o[d][1] = acc_o[d][2] = acc_o[d][3] = 0.f;
-  float row_max[2] = {-INFINITY, -INFINITY};
-  float row_sum[2] = {0.f, 0.f};  // per-thread partial sums, reduced over the quad at the end
+  for (int g = 0; g < kRowGroups; ++g) {
+#pragma unroll
+    for (int d = 0; d < kNBlocksO; ++d) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc_o[g][d][e] = 0.f;
+    }
+    row_max[g][0] = row_max[g][1] = -INFINITY;
+    row_sum[g][0] = row_sum[g][1] = 0.f;
+  }
 
   load_tile_async<Traits, kBlockM>(sQ, q, params.q_row_stride, m0, qr.length, head_dim, vectorized);
   if (n_tiles > 0) {
@@ -88,70 +108,109 @@ __global__ void __launch_bounds__(Traits::kThreads)
   }
   cp_async_commit();
 
-  for (int j = 0; j < n_tiles; ++j) {
+  // One key tile: S_j = Q K_j^T, online softmax, O += P_j V_j. kMask: some score of the tile
+  // lies past the diagonal or the block's end. Unmasked tiles get their own copy of the loop so
+  // that they carry no per-element index tests (the compiler predicates them otherwise).
+  auto process_key_tile = [&](const int j, auto mask_tag) {
+    constexpr bool kMask = decltype(mask_tag)::value;
     const int n0 = j * kBlockN;
     cp_async_wait_all();
     __syncthreads();  // K_j is in; every warp is done with V_{j-1}
     load_tile_async<Traits, kBlockN>(sV, v, params.v_row_stride, n0, n_end, head_dim, vectorized);
     cp_async_commit();
 
-    float s[kNBlocksS][4];
+    float s[kRowGroups][kNBlocksS][4];
 #pragma unroll
-    for (int n = 0; n < kNBlocksS; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+    for (int g = 0; g < kRowGroups; ++g) {
+#pragma unroll
+      for (int n = 0; n < kNBlocksS; ++n) s[g][n][0] = s[g][n][1] = s[g][n][2] = s[g][n][3] = 0.f;
+    }
 #pragma unroll
     for (int ks = 0; ks < kHeadDim / 16; ++ks) {
-      uint32_t a[4];
-      ldmatrix_x4(a, sQ + (warp * 16 + (lane % 16)) * kStride + ks * 16 + (lane / 16) * 8);
+      uint32_t a[kRowGroups][4];
+#pragma unroll
+      for (int g = 0; g < kRowGroups; ++g) {
+        ldmatrix_x4(a[g],
+                    sQ + (warp_row0 + g * 16 + (lane % 16)) * kStride + ks * 16 + (lane / 16) * 8);
+      }
 #pragma unroll
       for (int n2 = 0; n2 < kBlockN / 16; ++n2) {
         uint32_t b[4];
         ldmatrix_x4(b, sK + (n2 * 16 + (lane % 8) + (lane / 16) * 8) * kStride + ks * 16 +
                            ((lane / 8) % 2) * 8);
-        mma_16816<T>(s[2 * n2], a, b[0], b[1]);
-        mma_16816<T>(s[2 * n2 + 1], a, b[2], b[3]);
-      }
-    }
-
-    // Scale first (scale may be negative), then mask the tiles that cross the diagonal or the
-    // block's end.
-    const bool needs_mask = n0 + kBlockN > unmasked_end;
 #pragma unroll
-    for (int n = 0; n < kNBlocksS; ++n) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        s[n][e] *= scale_log2;
-        if (needs_mask) {
-          const int i = m0 + warp * 16 + group_row + (e / 2) * 8;
-          const int key = n0 + n * 8 + quad_col * 2 + (e % 2);
-          const int key_end = kIsCausal ? causal_key_end(i, qr.length, kr.length) : kr.length;
-          if (key >= key_end) s[n][e] = -INFINITY;
+        for (int g = 0; g < kRowGroups; ++g) {
+          mma_16816<T>(s[g][2 * n2], a[g], b[0], b[1]);
+          mma_16816<T>(s[g][2 * n2 + 1], a[g], b[2], b[3]);
         }
       }
     }
 
-    // Online softmax for rows group_row (e = 0, 1) and group_row + 8 (e = 2, 3).
+    // Scale first (scale may be negative), then mask.
 #pragma unroll
-    for (int rr = 0; rr < 2; ++rr) {
-      float mx = row_max[rr];
-#pragma unroll
-      for (int n = 0; n < kNBlocksS; ++n) mx = fmaxf(mx, fmaxf(s[n][2 * rr], s[n][2 * rr + 1]));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      // A row with no allowed key so far keeps max -inf; subtract 0 instead to avoid inf - inf.
-      const float m_use = mx == -INFINITY ? 0.f : mx;
-      const float alpha = exp2f(row_max[rr] - m_use);
-      row_max[rr] = mx;
-      row_sum[rr] *= alpha;
-#pragma unroll
-      for (int d = 0; d < kNBlocksO; ++d) {
-        acc_o[d][2 * rr] *= alpha;
-        acc_o[d][2 * rr + 1] *= alpha;
-      }
+    for (int g = 0; g < kRowGroups; ++g) {
 #pragma unroll
       for (int n = 0; n < kNBlocksS; ++n) {
-        s[n][2 * rr] = exp2f(s[n][2 * rr] - m_use);
-        s[n][2 * rr + 1] = exp2f(s[n][2 * rr + 1] - m_use);
-        row_sum[rr] += s[n][2 * rr] + s[n][2 * rr + 1];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          s[g][n][e] *= scale_log2;
+          if (kMask) {
+            const int i = m0 + warp_row0 + g * 16 + group_row + (e / 2) * 8;
+            const int key = n0 + n * 8 + quad_col * 2 + (e % 2);
+            const int key_end = kIsCausal ? causal_key_end(i, qr.length, kr.length) : kr.length;
+            if (key >= key_end) s[g][n][e] = -INFINITY;
+          }
+        }
+      }
+    }
+
+    // Online softmax for rows group_row (e = 0, 1) and group_row + 8 (e = 2, 3) of each group.
+    float m_use[kRowGroups][2];
+    float alpha[kRowGroups][2];
+    bool max_moved = false;
+#pragma unroll
+    for (int g = 0; g < kRowGroups; ++g) {
+#pragma unroll
+      for (int rr = 0; rr < 2; ++rr) {
+        float mx = row_max[g][rr];
+#pragma unroll
+        for (int n = 0; n < kNBlocksS; ++n) {
+          mx = fmaxf(mx, fmaxf(s[g][n][2 * rr], s[g][n][2 * rr + 1]));
+        }
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        max_moved |= !(mx == row_max[g][rr]);  // NaN counts as moved
+        // A row with no allowed key so far keeps max -inf; subtract 0 instead of inf - inf.
+        m_use[g][rr] = mx == -INFINITY ? 0.f : mx;
+        alpha[g][rr] = fast_exp2(row_max[g][rr] - m_use[g][rr]);
+        row_max[g][rr] = mx;
+      }
+    }
+    // Once the maxima settle, most tiles leave every row's max in place (alpha = 1): skip the
+    // rescale of O when no row of the warp moved.
+    if (__any_sync(0xffffffffu, max_moved)) {
+#pragma unroll
+      for (int g = 0; g < kRowGroups; ++g) {
+#pragma unroll
+        for (int rr = 0; rr < 2; ++rr) {
+          row_sum[g][rr] *= alpha[g][rr];
+#pragma unroll
+          for (int d = 0; d < kNBlocksO; ++d) {
+            acc_o[g][d][2 * rr] *= alpha[g][rr];
+            acc_o[g][d][2 * rr + 1] *= alpha[g][rr];
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int g = 0; g < kRowGroups; ++g) {
+#pragma unroll
+      for (int n = 0; n < kNBlocksS; ++n) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          s[g][n][e] = fast_exp2(s[g][n][e] - m_use[g][e / 2]);
+          row_sum[g][e / 2] += s[g][n][e];
+        }
       }
     }
 
@@ -166,21 +225,33 @@ __global__ void __launch_bounds__(Traits::kThreads)
     // O += P V: the S accumulators of two adjacent 8-key tiles form one 16-key A fragment.
 #pragma unroll
     for (int kk = 0; kk < kBlockN / 16; ++kk) {
-      uint32_t a[4];
-      a[0] = pack2<T>(s[2 * kk][0], s[2 * kk][1]);
-      a[1] = pack2<T>(s[2 * kk][2], s[2 * kk][3]);
-      a[2] = pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-      a[3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+      uint32_t a[kRowGroups][4];
+#pragma unroll
+      for (int g = 0; g < kRowGroups; ++g) {
+        a[g][0] = pack2<T>(s[g][2 * kk][0], s[g][2 * kk][1]);
+        a[g][1] = pack2<T>(s[g][2 * kk][2], s[g][2 * kk][3]);
+        a[g][2] = pack2<T>(s[g][2 * kk + 1][0], s[g][2 * kk + 1][1]);
+        a[g][3] = pack2<T>(s[g][2 * kk + 1][2], s[g][2 * kk + 1][3]);
+      }
 #pragma unroll
       for (int d2 = 0; d2 < kHeadDim / 16; ++d2) {
         uint32_t b[4];
         ldmatrix_x4_trans(b, sV + (kk * 16 + (lane % 8) + ((lane / 8) % 2) * 8) * kStride +
                                  d2 * 16 + (lane / 16) * 8);
-        mma_16816<T>(acc_o[2 * d2], a, b[0], b[1]);
-        mma_16816<T>(acc_o[2 * d2 + 1], a, b[2], b[3]);
+#pragma unroll
+        for (int g = 0; g < kRowGroups; ++g) {
+          mma_16816<T>(acc_o[g][2 * d2], a[g], b[0], b[1]);
+          mma_16816<T>(acc_o[g][2 * d2 + 1], a[g], b[2], b[3]);
+        }
       }
     }
-  }
+  };
+
+  // Tiles below unmasked_end need no mask; the rest (the diagonal, the block's end) do.
+  const int unmasked_tiles = unmasked_end / kBlockN;
+  int j = 0;
+  for (; j < unmasked_tiles; ++j) process_key_tile(j, std::false_type{});
+  for (; j < n_tiles; ++j) process_key_tile(j, std::true_type{});
 
   cp_async_wait_all();
   __syncthreads();  // all loads landed and all warps are done with shared memory
@@ -190,20 +261,23 @@ __global__ void __launch_bounds__(Traits::kThreads)
                (static_cast<int64_t>(batch) * params.heads_q + head) * params.seqlen_q + qr.start;
   T* sO = sQ;
 #pragma unroll
-  for (int rr = 0; rr < 2; ++rr) {
-    float sum = row_sum[rr];
-    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-    const float inv = sum != 0.f ? 1.f / sum : 0.f;  // a NaN sum (NaN inputs) stays visible
-    const int row_local = warp * 16 + group_row + rr * 8;
-    const int i = m0 + row_local;
-    if (quad_col == 0 && i < qr.length) {
-      lse[i] = sum != 0.f ? (row_max[rr] + log2f(sum)) * 0.6931471805599453f : -INFINITY;
-    }
+  for (int g = 0; g < kRowGroups; ++g) {
 #pragma unroll
-    for (int d = 0; d < kNBlocksO; ++d) {
-      *reinterpret_cast<uint32_t*>(sO + row_local * kStride + d * 8 + quad_col * 2) =
-          pack2<T>(acc_o[d][2 * rr] * inv, acc_o[d][2 * rr + 1] * inv);
+    for (int rr = 0; rr < 2; ++rr) {
+      float sum = row_sum[g][rr];
+      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+      const float inv = sum != 0.f ? 1.f / sum : 0.f;  // a NaN sum (NaN inputs) stays visible
+      const int row_local = warp_row0 + g * 16 + group_row + rr * 8;
+      const int i = m0 + row_local;
+      if (quad_col == 0 && i < qr.length) {
+        lse[i] = sum != 0.f ? (row_max[g][rr] + log2f(sum)) * 0.6931471805599453f : -INFINITY;
+      }
+#pragma unroll
+      for (int d = 0; d < kNBlocksO; ++d) {
+        *reinterpret_cast<uint32_t*>(sO + row_local * kStride + d * 8 + quad_col * 2) =
+            pack2<T>(acc_o[g][d][2 * rr] * inv, acc_o[g][d][2 * rr + 1] * inv);
+      }
     }
   }
   __syncthreads();
@@ -214,9 +288,9 @@ __global__ void __launch_bounds__(Traits::kThreads)
 #endif
 }
 
-template <typename T, int kHeadDim, bool kIsCausal>
-cudaError_t run_fwd_flash(const ForwardParams& params, cudaStream_t stream) {
-  using Traits = FlashFwdTraits<kHeadDim>;
+template <typename T, int kHeadDim, bool kIsCausal, int kRowGroups>
+cudaError_t launch_fwd_flash_kernel(const ForwardParams& params, cudaStream_t stream) {
+  using Traits = FlashFwdTraits<kHeadDim, kRowGroups>;
   const dim3 grid(ceil_div(params.max_seqlen_q, Traits::kBlockM), params.num_blocks,
                   params.batch * params.heads_q);
   if (grid.x == 0 || grid.y == 0 || grid.z == 0) return cudaSuccess;
@@ -229,6 +303,18 @@ cudaError_t run_fwd_flash(const ForwardParams& params, cudaStream_t stream) {
   kernel<<<grid, Traits::kThreads, Traits::kSharedBytes, stream>>>(
       params, rows_are_16_byte_aligned(params));
   return cudaGetLastError();
+}
+
+// 128-row tiles (two row groups per warp) unless every block has at most 64 queries, where
+// half of such a tile would idle, or head_dim is 256, where O fits in registers only once.
+template <typename T, int kHeadDim, bool kIsCausal>
+cudaError_t run_fwd_flash(const ForwardParams& params, cudaStream_t stream) {
+  if constexpr (kHeadDim <= 128) {
+    if (params.max_seqlen_q > 64) {
+      return launch_fwd_flash_kernel<T, kHeadDim, kIsCausal, 2>(params, stream);
+    }
+  }
+  return launch_fwd_flash_kernel<T, kHeadDim, kIsCausal, 1>(params, stream);
 }
 
 }  // namespace block_attn::cuda

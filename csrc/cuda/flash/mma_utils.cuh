@@ -81,6 +81,15 @@ __device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&d)[4], const ui
 #endif
 }
 
+// 2^x in one MUFU.EX2. exp2f also handles results below 2^-126 (three more instructions per
+// element); softmax weights that small next to the row maximum's 1 change nothing, so they
+// flush to zero here.
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
 // Packs two floats into one register of two 16-bit values, `lo` in the low half (the lower
 // column of an mma fragment).
 template <typename T>
