@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# One-command GPU check of block_attn: environment, CUDA build, tests, compute-sanitizer, benchmark.
+# One-command GPU check of block_attn: environment, CUDA build, tests, compute-sanitizer, benchmark,
+# and an Nsight Compute profile of the kernels.
 #
 #   OUT=/some/dir bash bench/gpu_suite.sh        # from the repo root
 #
 # Everything goes to $OUT (default bench/results/gpu_run): gpu_suite.log (the whole run),
-# junit.xml, gpu_results.json, summary.txt. Each step is timed and limited; a failing step is
-# recorded and the next one still runs. Exits non-zero when any counted step failed.
+# junit.xml, gpu_results.json, summary.txt and ncu_kernels.txt. Each step is timed and limited; a
+# failing step is recorded and the next one still runs. Exits non-zero when any counted step
+# failed (initcheck and the profile are advisory).
 # SUITE_BUDGET (seconds, default 540) bounds the whole run: later steps get what is left.
-# STEPS (default "env build tests sanitizer bench") picks steps, e.g. STEPS="bench".
+# STEPS (default "env build tests sanitizer bench profile") picks steps, e.g. STEPS="bench".
 # SANITIZER_KERNELS (default block_attn): substring of the kernels racecheck/initcheck check.
 # BENCH_ARGS adds arguments to gpu_bench.py (e.g. "--dry-run --device cpu" for a logic check).
 set -uo pipefail
@@ -18,7 +20,7 @@ mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
 LOG="$OUT/gpu_suite.log"
 SUMMARY="$OUT/summary.txt"
-STEPS="${STEPS:-env build tests sanitizer bench}"
+STEPS="${STEPS:-env build tests sanitizer bench profile}"
 SUITE_BUDGET="${SUITE_BUDGET:-540}"
 export PYTHONUNBUFFERED=1
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
@@ -150,8 +152,23 @@ sanitizer() {
     --print-limit 50 "$@" python3 bench/sanitizer_cases.py
 }
 
+# Nsight Compute on one forward+backward of each workload: throughput against the SM's limits,
+# shared-memory and tensor-pipe use, and warp stall reasons of block_attn's four kernels.
+profile() {
+  local workload
+  for workload in causal-d128 docs-causal-d128; do
+    echo "--- ncu: $workload"
+    ncu --clock-control none --kernel-name-base mangled --kernel-name regex:block_attn \
+      --launch-skip 4 --launch-count 4 --section SpeedOfLight \
+      --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
+      --section WarpStateStats --section SchedulerStats --section InstructionStats \
+      --section Occupancy --section LaunchStats \
+      python3 bench/profile_kernels.py "$workload" || return 1
+  done
+}
+
 export OUT
-export -f environment build tests sanitizer
+export -f environment build tests sanitizer profile
 log "block_attn GPU suite: steps '$STEPS', budget ${SUITE_BUDGET}s, writing to $OUT"
 if wanted env; then run_step environment 60 0 1 environment; fi
 # Reserves keep time for the later steps; the benchmark needs about 220 s.
@@ -170,6 +187,10 @@ if wanted bench; then
   left=$(($(remaining) < 300 ? $(remaining) : 300))
   run_step benchmark 300 0 1 python3 bench/gpu_bench.py --out "$OUT/gpu_results.json" \
     --time-budget $((left - 60 > 200 ? 200 : (left - 60 > 30 ? left - 60 : 30))) ${BENCH_ARGS:-}
+fi
+
+if wanted profile; then
+  run_step profile 120 0 0 bash -c 'profile >"$OUT/ncu_kernels.txt" 2>&1; rc=$?; tail -40 "$OUT/ncu_kernels.txt"; exit $rc'
 fi
 
 {

@@ -155,4 +155,25 @@ at::Tensor empty_lse_for(const at::Tensor& q) {
   return at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(lse_dtype_for(q)));
 }
 
+std::tuple<at::Tensor, at::Tensor> allocate_forward_outputs(const at::Tensor& q) {
+  at::Tensor out = empty_output_like(q);
+  at::Tensor lse = empty_lse_for(q);
+  if (!forward_has_work(q)) lse.fill_(-std::numeric_limits<double>::infinity());
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> allocate_gradients(const at::Tensor& q,
+                                                                  const at::Tensor& k,
+                                                                  const at::Tensor& v) {
+  at::Tensor grad_q = at::empty_like(q);
+  at::Tensor grad_k = at::empty_like(k);
+  at::Tensor grad_v = at::empty_like(v);
+  if (!backward_has_work(q, k)) {
+    grad_q.zero_();
+    grad_k.zero_();
+    grad_v.zero_();
+  }
+  return {grad_q, grad_k, grad_v};
+}
+
 }  // namespace block_attn

@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 
 #include <optional>
+#include <tuple>
 
 #include "attention_params.h"
 
@@ -37,5 +38,23 @@ BackwardParams make_backward_params(
 at::Tensor empty_output_like(const at::Tensor& q);
 at::ScalarType lse_dtype_for(const at::Tensor& q);
 at::Tensor empty_lse_for(const at::Tensor& q);
+
+// out and lse for a forward on q's device; when q has no elements there is nothing to compute,
+// and lse is already filled with -inf.
+std::tuple<at::Tensor, at::Tensor> allocate_forward_outputs(const at::Tensor& q);
+
+// grad_q, grad_k and grad_v shaped like q, k and v; when q or k has no elements there is nothing
+// to compute, and they are already zero.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> allocate_gradients(const at::Tensor& q,
+                                                                  const at::Tensor& k,
+                                                                  const at::Tensor& v);
+
+// Whether the forward / backward kernels have any work (see the allocations above).
+inline bool forward_has_work(const at::Tensor& q) {
+  return q.numel() != 0;
+}
+inline bool backward_has_work(const at::Tensor& q, const at::Tensor& k) {
+  return q.numel() != 0 && k.numel() != 0;
+}
 
 }  // namespace block_attn

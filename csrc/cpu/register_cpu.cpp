@@ -16,13 +16,9 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& q, co
                                                          int64_t max_seqlen_q, int64_t max_seqlen_k,
                                                          bool causal, double scale) {
   check_forward_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale);
-  at::Tensor out = empty_output_like(q);
-  at::Tensor lse = empty_lse_for(q);
+  auto [out, lse] = allocate_forward_outputs(q);
   cpu::advise_huge_pages(out);
-  if (q.numel() == 0) {
-    lse.fill_(-std::numeric_limits<float>::infinity());
-    return {out, lse};
-  }
+  if (!forward_has_work(q)) return {out, lse};
   const ForwardParams params = make_forward_params(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
                                                    max_seqlen_q, max_seqlen_k, causal, scale);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attention_forward",
@@ -37,16 +33,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
     int64_t max_seqlen_k, bool causal, double scale, bool deterministic) {
   check_forward_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale);
   check_backward_inputs(grad_out, q, k, v, out, lse, grad_lse);
-  at::Tensor grad_q = at::empty_like(q);
-  at::Tensor grad_k = at::empty_like(k);
-  at::Tensor grad_v = at::empty_like(v);
+  auto [grad_q, grad_k, grad_v] = allocate_gradients(q, k, v);
   for (const at::Tensor& grad : {grad_q, grad_k, grad_v}) cpu::advise_huge_pages(grad);
-  if (q.numel() == 0 || k.numel() == 0) {
-    grad_q.zero_();
-    grad_k.zero_();
-    grad_v.zero_();
-    return {grad_q, grad_k, grad_v};
-  }
+  if (!backward_has_work(q, k)) return {grad_q, grad_k, grad_v};
   const BackwardParams params = make_backward_params(
       grad_out, q, k, v, out, lse, grad_lse, grad_q, grad_k, grad_v, cu_seqlens_q, cu_seqlens_k,
       max_seqlen_q, max_seqlen_k, causal, scale, deterministic);

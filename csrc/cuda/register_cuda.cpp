@@ -5,8 +5,6 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include <limits>
-
 #include "../attention_host.h"
 #include "launch.h"
 
@@ -48,12 +46,8 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(
   check_forward_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale);
   check_cuda_limits(q, cu_seqlens_q);
   const c10::cuda::CUDAGuard device_guard(q.device());
-  at::Tensor out = empty_output_like(q);
-  at::Tensor lse = empty_lse_for(q);
-  if (q.numel() == 0) {
-    lse.fill_(-std::numeric_limits<float>::infinity());
-    return {out, lse};
-  }
+  auto [out, lse] = allocate_forward_outputs(q);
+  if (!forward_has_work(q)) return {out, lse};
   const ForwardParams params = make_forward_params(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
                                                    max_seqlen_q, max_seqlen_k, causal, scale);
   const cudaError_t err = cuda::launch_forward(params, to_kernel_dtype(q.scalar_type()),
@@ -81,15 +75,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
     grad_lse_contiguous = grad_lse->contiguous();
   }
   const c10::cuda::CUDAGuard device_guard(q.device());
-  at::Tensor grad_q = at::empty_like(q);
-  at::Tensor grad_k = at::empty_like(k);
-  at::Tensor grad_v = at::empty_like(v);
-  if (q.numel() == 0 || k.numel() == 0) {
-    grad_q.zero_();
-    grad_k.zero_();
-    grad_v.zero_();
-    return {grad_q, grad_k, grad_v};
-  }
+  auto [grad_q, grad_k, grad_v] = allocate_gradients(q, k, v);
+  if (!backward_has_work(q, k)) return {grad_q, grad_k, grad_v};
   const cuda::DType dtype = to_kernel_dtype(q.scalar_type());
   at::Tensor delta =
       at::empty({q.size(0), q.size(1), q.size(2)},

@@ -86,9 +86,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
   const int iterations = group * m_tiles;
   constexpr float kLog2e = 1.4426950408889634f;
 
-  auto load_query_tile = [&](int it, int buf) {
-    const int head = head_kv * group + it / m_tiles;
-    const int m0 = m_begin + (it % m_tiles) * kBlockM;
+  auto load_query_tile = [&](int head, int m0, int buf) {
     const T* q = static_cast<const T*>(params.q) + batch * params.q_batch_stride +
                  head * params.q_head_stride + static_cast<int64_t>(qr.start) * params.q_row_stride;
     const T* grad_out = static_cast<const T*>(params.grad_out) +
@@ -109,7 +107,10 @@ __global__ void __launch_bounds__(Traits::kThreads)
     }
   };
 
-  if (iterations > 0) load_query_tile(0, 0);
+  // Tiles run head by head, m_tiles per head; (tile_head, tile_m0) is the one computed next.
+  int tile_head = head_kv * group;
+  int tile_m0 = m_begin;
+  if (iterations > 0) load_query_tile(tile_head, tile_m0, 0);
   cp_async_commit();
 
   const float scale_log2 = params.scale * kLog2e;
@@ -127,9 +128,14 @@ __global__ void __launch_bounds__(Traits::kThreads)
     const int buf = it % 2;
     cp_async_wait_all();
     __syncthreads();  // tile `it` is in; every warp is done with the other buffer
-    if (it + 1 < iterations) load_query_tile(it + 1, buf ^ 1);
+    const int m0 = tile_m0;
+    tile_m0 += kBlockM;  // the next tile, without a division per iteration
+    if (tile_m0 >= qr.length) {
+      tile_m0 = m_begin;
+      ++tile_head;
+    }
+    if (it + 1 < iterations) load_query_tile(tile_head, tile_m0, buf ^ 1);
     cp_async_commit();
-    const int m0 = m_begin + (it % m_tiles) * kBlockM;
 
     const bool needs_mask = m0 + kBlockM > qr.length ||
                             (kIsCausal && n0 + kBlockN > causal_key_end(m0, qr.length, kr.length));
