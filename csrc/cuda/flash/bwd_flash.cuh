@@ -13,6 +13,7 @@
 #include <type_traits>
 
 #include "../simple/bwd_simple.cuh"
+#include "../tensor_rows.cuh"
 #include "../utils.cuh"
 #include "flash_kernels.h"
 #include "mma_utils.cuh"
@@ -71,12 +72,8 @@ __global__ void __launch_bounds__(Traits::kThreads)
   float* s_lse = reinterpret_cast<float*>(sdO + 2 * kTile);
   float* s_delta = s_lse + 2 * kBlockM;
 
-  const T* k = static_cast<const T*>(params.k) + batch * params.k_batch_stride +
-               head_kv * params.k_head_stride +
-               static_cast<int64_t>(kr.start) * params.k_row_stride;
-  const T* v = static_cast<const T*>(params.v) + batch * params.v_batch_stride +
-               head_kv * params.v_head_stride +
-               static_cast<int64_t>(kr.start) * params.v_row_stride;
+  const T* k = k_rows<T>(params, batch, head_kv, kr.start);
+  const T* v = v_rows<T>(params, batch, head_kv, kr.start);
   load_tile_async<Traits, kBlockN>(sK, k, params.k_row_stride, n0, kr.length, head_dim, vectorized);
   load_tile_async<Traits, kBlockN>(sV, v, params.v_row_stride, n0, kr.length, head_dim, vectorized);
 
@@ -87,17 +84,13 @@ __global__ void __launch_bounds__(Traits::kThreads)
   constexpr float kLog2e = 1.4426950408889634f;
 
   auto load_query_tile = [&](int head, int m0, int buf) {
-    const T* q = static_cast<const T*>(params.q) + batch * params.q_batch_stride +
-                 head * params.q_head_stride + static_cast<int64_t>(qr.start) * params.q_row_stride;
-    const T* grad_out = static_cast<const T*>(params.grad_out) +
-                        batch * params.grad_out_batch_stride + head * params.grad_out_head_stride +
-                        static_cast<int64_t>(qr.start) * params.grad_out_row_stride;
+    const T* q = q_rows<T>(params, batch, head, qr.start);
+    const T* grad_out = grad_out_rows<T>(params, batch, head, qr.start);
     load_tile_async<Traits, kBlockM>((sQ + buf * kTile), q, params.q_row_stride, m0, qr.length,
                                      head_dim, vectorized);
     load_tile_async<Traits, kBlockM>((sdO + buf * kTile), grad_out, params.grad_out_row_stride, m0,
                                      qr.length, head_dim, vectorized);
-    const int64_t row_base =
-        (static_cast<int64_t>(batch) * params.heads_q + head) * params.seqlen_q + qr.start;
+    const int64_t row_base = lse_index(params, batch, head, qr.start);
     for (int r = threadIdx.x; r < kBlockM; r += Traits::kThreads) {
       const int i = m0 + r;
       // +inf makes P = 0 on rows past the block.
@@ -185,12 +178,8 @@ __global__ void __launch_bounds__(Traits::kThreads)
   warp_store_acc<T, kHeadDim, kStride>(sK + warp * 16 * kStride, dk, params.scale, lane);
   warp_store_acc<T, kHeadDim, kStride>(sV + warp * 16 * kStride, dv, 1.f, lane);
   __syncthreads();
-  T* grad_k = static_cast<T*>(params.grad_k) + batch * params.grad_k_batch_stride +
-              head_kv * params.grad_k_head_stride +
-              static_cast<int64_t>(kr.start) * params.grad_k_row_stride;
-  T* grad_v = static_cast<T*>(params.grad_v) + batch * params.grad_v_batch_stride +
-              head_kv * params.grad_v_head_stride +
-              static_cast<int64_t>(kr.start) * params.grad_v_row_stride;
+  T* grad_k = grad_k_rows<T>(params, batch, head_kv, kr.start);
+  T* grad_v = grad_v_rows<T>(params, batch, head_kv, kr.start);
   store_tile<Traits, kBlockN>(grad_k, params.grad_k_row_stride, sK, n0, kr.length, head_dim,
                               vectorized);
   store_tile<Traits, kBlockN>(grad_v, params.grad_v_row_stride, sV, n0, kr.length, head_dim,
@@ -233,17 +222,10 @@ __global__ void __launch_bounds__(Traits::kThreads)
   T* sK = sdO + kBlockM * kStride;
   T* sV = sK + 2 * kTile;
 
-  const T* q = static_cast<const T*>(params.q) + batch * params.q_batch_stride +
-               head * params.q_head_stride + static_cast<int64_t>(qr.start) * params.q_row_stride;
-  const T* grad_out = static_cast<const T*>(params.grad_out) +
-                      batch * params.grad_out_batch_stride + head * params.grad_out_head_stride +
-                      static_cast<int64_t>(qr.start) * params.grad_out_row_stride;
-  const T* k = static_cast<const T*>(params.k) + batch * params.k_batch_stride +
-               head_kv * params.k_head_stride +
-               static_cast<int64_t>(kr.start) * params.k_row_stride;
-  const T* v = static_cast<const T*>(params.v) + batch * params.v_batch_stride +
-               head_kv * params.v_head_stride +
-               static_cast<int64_t>(kr.start) * params.v_row_stride;
+  const T* q = q_rows<T>(params, batch, head, qr.start);
+  const T* grad_out = grad_out_rows<T>(params, batch, head, qr.start);
+  const T* k = k_rows<T>(params, batch, head_kv, kr.start);
+  const T* v = v_rows<T>(params, batch, head_kv, kr.start);
 
   const int last_row = min(m0 + kBlockM, qr.length) - 1;
   const int n_end = kIsCausal ? causal_key_end(last_row, qr.length, kr.length) : kr.length;
@@ -261,8 +243,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
 
   constexpr float kLog2e = 1.4426950408889634f;
   const float scale_log2 = params.scale * kLog2e;
-  const int64_t row_base =
-      (static_cast<int64_t>(batch) * params.heads_q + head) * params.seqlen_q + qr.start;
+  const int64_t row_base = lse_index(params, batch, head, qr.start);
   float lse_log2[kRowGroups][2];
   float row_delta[kRowGroups][2];
   float dq[kRowGroups][kHeadDim / 8][4];
@@ -346,9 +327,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
   warp_store_acc<T, kHeadDim, kStride, kRowGroups>(sQ + warp_row0 * kStride, dq, params.scale,
                                                    lane);
   __syncthreads();
-  T* grad_q = static_cast<T*>(params.grad_q) + batch * params.grad_q_batch_stride +
-              head * params.grad_q_head_stride +
-              static_cast<int64_t>(qr.start) * params.grad_q_row_stride;
+  T* grad_q = grad_q_rows<T>(params, batch, head, qr.start);
   store_tile<Traits, kBlockM>(grad_q, params.grad_q_row_stride, sQ, m0, qr.length, head_dim,
                               vectorized);
 #endif

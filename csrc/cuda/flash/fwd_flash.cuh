@@ -15,6 +15,7 @@
 
 #include <type_traits>
 
+#include "../tensor_rows.cuh"
 #include "../utils.cuh"
 #include "flash_kernels.h"
 #include "mma_utils.cuh"
@@ -71,14 +72,9 @@ __global__ void __launch_bounds__(Traits::kThreads)
   T* sK = sQ + kBlockM * kStride;
   T* sV = sK + kBlockN * kStride;
 
-  const T* q = static_cast<const T*>(params.q) + batch * params.q_batch_stride +
-               head * params.q_head_stride + static_cast<int64_t>(qr.start) * params.q_row_stride;
-  const T* k = static_cast<const T*>(params.k) + batch * params.k_batch_stride +
-               head_kv * params.k_head_stride +
-               static_cast<int64_t>(kr.start) * params.k_row_stride;
-  const T* v = static_cast<const T*>(params.v) + batch * params.v_batch_stride +
-               head_kv * params.v_head_stride +
-               static_cast<int64_t>(kr.start) * params.v_row_stride;
+  const T* q = q_rows<T>(params, batch, head, qr.start);
+  const T* k = k_rows<T>(params, batch, head_kv, kr.start);
+  const T* v = v_rows<T>(params, batch, head_kv, kr.start);
 
   // Keys some row of the tile may see, and keys every row sees (no mask needed below it).
   const int last_row = min(m0 + kBlockM, qr.length) - 1;
@@ -257,8 +253,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
   __syncthreads();  // all loads landed and all warps are done with shared memory
 
   // Normalise, stage O in shared memory (over Q) and write real rows and columns only.
-  float* lse = static_cast<float*>(params.lse) +
-               (static_cast<int64_t>(batch) * params.heads_q + head) * params.seqlen_q + qr.start;
+  float* lse = static_cast<float*>(params.lse) + lse_index(params, batch, head, qr.start);
   T* sO = sQ;
 #pragma unroll
   for (int g = 0; g < kRowGroups; ++g) {
@@ -282,8 +277,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
   }
   __syncthreads();
 
-  T* out = static_cast<T*>(params.out) + batch * params.out_batch_stride +
-           head * params.out_head_stride + static_cast<int64_t>(qr.start) * params.out_row_stride;
+  T* out = out_rows<T>(params, batch, head, qr.start);
   store_tile<Traits, kBlockM>(out, params.out_row_stride, sO, m0, qr.length, head_dim, vectorized);
 #endif
 }

@@ -6,6 +6,7 @@
 // P is recomputed from lse; dS = P * (dP - Delta).
 #pragma once
 
+#include "../tensor_rows.cuh"
 #include "../utils.cuh"
 #include "simple_kernels.h"
 #include "simple_traits.cuh"
@@ -20,11 +21,8 @@ __global__ void __launch_bounds__(128) delta_kernel(const BackwardParams params,
   if (row >= params.seqlen_q) return;
   const int batch = blockIdx.y / params.heads_q;
   const int head = blockIdx.y % params.heads_q;
-  const T* grad_out = static_cast<const T*>(params.grad_out) +
-                      batch * params.grad_out_batch_stride + head * params.grad_out_head_stride +
-                      static_cast<int64_t>(row) * params.grad_out_row_stride;
-  const T* out = static_cast<const T*>(params.out) + batch * params.out_batch_stride +
-                 head * params.out_head_stride + static_cast<int64_t>(row) * params.out_row_stride;
+  const T* grad_out = grad_out_rows<T>(params, batch, head, row);
+  const T* out = out_rows<T>(params, batch, head, row);
   A sum = 0;
   for (int d = lane; d < params.head_dim; d += 32) sum += to_acc(grad_out[d]) * to_acc(out[d]);
   sum = warp_sum(sum);
@@ -60,12 +58,8 @@ __global__ void __launch_bounds__(Traits::kThreads)
   __shared__ A s_lse[Traits::kTileRows];
   __shared__ A s_delta[Traits::kTileRows];
 
-  const T* k = static_cast<const T*>(params.k) + batch * params.k_batch_stride +
-               head_kv * params.k_head_stride +
-               static_cast<int64_t>(kr.start) * params.k_row_stride;
-  const T* v = static_cast<const T*>(params.v) + batch * params.v_batch_stride +
-               head_kv * params.v_head_stride +
-               static_cast<int64_t>(kr.start) * params.v_row_stride;
+  const T* k = k_rows<T>(params, batch, head_kv, kr.start);
+  const T* v = v_rows<T>(params, batch, head_kv, kr.start);
 
   A k_reg[kRows][kPerLane];
   A v_reg[kRows][kPerLane];
@@ -88,13 +82,9 @@ __global__ void __launch_bounds__(Traits::kThreads)
 
   for (int g = 0; g < group; ++g) {
     const int head = head_kv * group + g;
-    const T* q = static_cast<const T*>(params.q) + batch * params.q_batch_stride +
-                 head * params.q_head_stride + static_cast<int64_t>(qr.start) * params.q_row_stride;
-    const T* grad_out = static_cast<const T*>(params.grad_out) +
-                        batch * params.grad_out_batch_stride + head * params.grad_out_head_stride +
-                        static_cast<int64_t>(qr.start) * params.grad_out_row_stride;
-    const int64_t row_base =
-        (static_cast<int64_t>(batch) * params.heads_q + head) * params.seqlen_q + qr.start;
+    const T* q = q_rows<T>(params, batch, head, qr.start);
+    const T* grad_out = grad_out_rows<T>(params, batch, head, qr.start);
+    const int64_t row_base = lse_index(params, batch, head, qr.start);
     for (int m0 = m_begin; m0 < qr.length; m0 += kTileRows) {
       __syncthreads();
       load_tile<Traits>(sQ, q, params.q_row_stride, m0, qr.length, head_dim);
@@ -128,12 +118,8 @@ __global__ void __launch_bounds__(Traits::kThreads)
     }
   }
 
-  T* grad_k = static_cast<T*>(params.grad_k) + batch * params.grad_k_batch_stride +
-              head_kv * params.grad_k_head_stride +
-              static_cast<int64_t>(kr.start) * params.grad_k_row_stride;
-  T* grad_v = static_cast<T*>(params.grad_v) + batch * params.grad_v_batch_stride +
-              head_kv * params.grad_v_head_stride +
-              static_cast<int64_t>(kr.start) * params.grad_v_row_stride;
+  T* grad_k = grad_k_rows<T>(params, batch, head_kv, kr.start);
+  T* grad_v = grad_v_rows<T>(params, batch, head_kv, kr.start);
 #pragma unroll
   for (int r = 0; r < kRows; ++r) {
     const int t = n0 + warp * kRows + r;
@@ -169,19 +155,11 @@ __global__ void __launch_bounds__(Traits::kThreads)
   T* sK = reinterpret_cast<T*>(smem_raw);
   T* sV = sK + kTileRows * kHeadDim;
 
-  const T* q = static_cast<const T*>(params.q) + batch * params.q_batch_stride +
-               head * params.q_head_stride + static_cast<int64_t>(qr.start) * params.q_row_stride;
-  const T* grad_out = static_cast<const T*>(params.grad_out) +
-                      batch * params.grad_out_batch_stride + head * params.grad_out_head_stride +
-                      static_cast<int64_t>(qr.start) * params.grad_out_row_stride;
-  const T* k = static_cast<const T*>(params.k) + batch * params.k_batch_stride +
-               head_kv * params.k_head_stride +
-               static_cast<int64_t>(kr.start) * params.k_row_stride;
-  const T* v = static_cast<const T*>(params.v) + batch * params.v_batch_stride +
-               head_kv * params.v_head_stride +
-               static_cast<int64_t>(kr.start) * params.v_row_stride;
-  const int64_t row_base =
-      (static_cast<int64_t>(batch) * params.heads_q + head) * params.seqlen_q + qr.start;
+  const T* q = q_rows<T>(params, batch, head, qr.start);
+  const T* grad_out = grad_out_rows<T>(params, batch, head, qr.start);
+  const T* k = k_rows<T>(params, batch, head_kv, kr.start);
+  const T* v = v_rows<T>(params, batch, head_kv, kr.start);
+  const int64_t row_base = lse_index(params, batch, head, qr.start);
 
   A q_reg[kRows][kPerLane];
   A do_reg[kRows][kPerLane];
@@ -228,9 +206,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
     }
   }
 
-  T* grad_q = static_cast<T*>(params.grad_q) + batch * params.grad_q_batch_stride +
-              head * params.grad_q_head_stride +
-              static_cast<int64_t>(qr.start) * params.grad_q_row_stride;
+  T* grad_q = grad_q_rows<T>(params, batch, head, qr.start);
 #pragma unroll
   for (int r = 0; r < kRows; ++r) {
     const int i = m0 + warp * kRows + r;

@@ -3,6 +3,7 @@
 // memory; key tiles past the causal diagonal are skipped, not masked.
 #pragma once
 
+#include "../tensor_rows.cuh"
 #include "../utils.cuh"
 #include "simple_kernels.h"
 #include "simple_traits.cuh"
@@ -32,14 +33,9 @@ __global__ void __launch_bounds__(Traits::kThreads) fwd_simple_kernel(const Forw
   T* sK = reinterpret_cast<T*>(smem_raw);
   T* sV = sK + kTileRows * kHeadDim;
 
-  const T* q = static_cast<const T*>(params.q) + batch * params.q_batch_stride +
-               head * params.q_head_stride + static_cast<int64_t>(qr.start) * params.q_row_stride;
-  const T* k = static_cast<const T*>(params.k) + batch * params.k_batch_stride +
-               head_kv * params.k_head_stride +
-               static_cast<int64_t>(kr.start) * params.k_row_stride;
-  const T* v = static_cast<const T*>(params.v) + batch * params.v_batch_stride +
-               head_kv * params.v_head_stride +
-               static_cast<int64_t>(kr.start) * params.v_row_stride;
+  const T* q = q_rows<T>(params, batch, head, qr.start);
+  const T* k = k_rows<T>(params, batch, head_kv, kr.start);
+  const T* v = v_rows<T>(params, batch, head_kv, kr.start);
 
   const A scale = static_cast<A>(params.scale);
   A q_reg[kRows][kPerLane];
@@ -95,10 +91,8 @@ __global__ void __launch_bounds__(Traits::kThreads) fwd_simple_kernel(const Forw
     }
   }
 
-  T* out = static_cast<T*>(params.out) + batch * params.out_batch_stride +
-           head * params.out_head_stride + static_cast<int64_t>(qr.start) * params.out_row_stride;
-  A* lse = static_cast<A*>(params.lse) +
-           (static_cast<int64_t>(batch) * params.heads_q + head) * params.seqlen_q + qr.start;
+  T* out = out_rows<T>(params, batch, head, qr.start);
+  A* lse = static_cast<A*>(params.lse) + lse_index(params, batch, head, qr.start);
 #pragma unroll
   for (int r = 0; r < kRows; ++r) {
     const int i = m0 + warp * kRows + r;

@@ -1,0 +1,65 @@
+// Where a (batch, head)'s rows start in the tensors of ForwardParams / BackwardParams: the
+// element of row `row`, column 0, from the tensor's base pointer and element strides. Also the
+// offset of that row in the contiguous (batch, heads_q, seqlen_q) lse and delta arrays.
+#pragma once
+
+#include <cstdint>
+
+#include "../attention_params.h"
+
+namespace block_attn::cuda {
+
+__device__ __forceinline__ int64_t strided_row(int64_t batch_stride, int64_t head_stride,
+                                               int64_t row_stride, int batch, int head, int row) {
+  return batch * batch_stride + head * head_stride + static_cast<int64_t>(row) * row_stride;
+}
+
+template <typename T>
+__device__ __forceinline__ const T* q_rows(const ForwardParams& p, int batch, int head, int row) {
+  return static_cast<const T*>(p.q) +
+         strided_row(p.q_batch_stride, p.q_head_stride, p.q_row_stride, batch, head, row);
+}
+template <typename T>
+__device__ __forceinline__ const T* k_rows(const ForwardParams& p, int batch, int head, int row) {
+  return static_cast<const T*>(p.k) +
+         strided_row(p.k_batch_stride, p.k_head_stride, p.k_row_stride, batch, head, row);
+}
+template <typename T>
+__device__ __forceinline__ const T* v_rows(const ForwardParams& p, int batch, int head, int row) {
+  return static_cast<const T*>(p.v) +
+         strided_row(p.v_batch_stride, p.v_head_stride, p.v_row_stride, batch, head, row);
+}
+template <typename T>
+__device__ __forceinline__ T* out_rows(const ForwardParams& p, int batch, int head, int row) {
+  return static_cast<T*>(p.out) +
+         strided_row(p.out_batch_stride, p.out_head_stride, p.out_row_stride, batch, head, row);
+}
+template <typename T>
+__device__ __forceinline__ const T* grad_out_rows(const BackwardParams& p, int batch, int head,
+                                                  int row) {
+  return static_cast<const T*>(p.grad_out) + strided_row(p.grad_out_batch_stride,
+                                                         p.grad_out_head_stride,
+                                                         p.grad_out_row_stride, batch, head, row);
+}
+template <typename T>
+__device__ __forceinline__ T* grad_q_rows(const BackwardParams& p, int batch, int head, int row) {
+  return static_cast<T*>(p.grad_q) + strided_row(p.grad_q_batch_stride, p.grad_q_head_stride,
+                                                 p.grad_q_row_stride, batch, head, row);
+}
+template <typename T>
+__device__ __forceinline__ T* grad_k_rows(const BackwardParams& p, int batch, int head, int row) {
+  return static_cast<T*>(p.grad_k) + strided_row(p.grad_k_batch_stride, p.grad_k_head_stride,
+                                                 p.grad_k_row_stride, batch, head, row);
+}
+template <typename T>
+__device__ __forceinline__ T* grad_v_rows(const BackwardParams& p, int batch, int head, int row) {
+  return static_cast<T*>(p.grad_v) + strided_row(p.grad_v_batch_stride, p.grad_v_head_stride,
+                                                 p.grad_v_row_stride, batch, head, row);
+}
+
+// Index of query row `row` of (batch, head) in the (batch, heads_q, seqlen_q) lse / delta arrays.
+__device__ __forceinline__ int64_t lse_index(const ForwardParams& p, int batch, int head, int row) {
+  return (static_cast<int64_t>(batch) * p.heads_q + head) * p.seqlen_q + row;
+}
+
+}  // namespace block_attn::cuda
