@@ -7,9 +7,9 @@
 # Everything goes to $OUT (default bench/results/gpu_run): gpu_suite.log (the whole run),
 # junit.xml, gpu_results.json, summary.txt and ncu_kernels.txt. Each step is timed and limited; a
 # failing step is recorded and the next one still runs. Exits non-zero when any counted step
-# failed (initcheck and the profile are advisory).
+# failed (initcheck, the wgmma probe and the profile are advisory).
 # SUITE_BUDGET (seconds, default 540) bounds the whole run: later steps get what is left.
-# STEPS (default "env build tests sanitizer bench profile") picks steps, e.g. STEPS="bench".
+# STEPS (default "env build tests sanitizer bench wgmma profile") picks steps, e.g. STEPS="bench".
 # SANITIZER_KERNELS (default block_attn): substring of the kernels racecheck/initcheck check.
 # BENCH_ARGS adds arguments to gpu_bench.py (e.g. "--dry-run --device cpu" for a logic check).
 set -uo pipefail
@@ -20,7 +20,7 @@ mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
 LOG="$OUT/gpu_suite.log"
 SUMMARY="$OUT/summary.txt"
-STEPS="${STEPS:-env build tests sanitizer bench profile}"
+STEPS="${STEPS:-env build tests sanitizer bench wgmma profile}"
 SUITE_BUDGET="${SUITE_BUDGET:-540}"
 export PYTHONUNBUFFERED=1
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
@@ -152,6 +152,18 @@ sanitizer() {
     --print-limit 50 "$@" python3 bench/sanitizer_cases.py
 }
 
+# The Hopper warpgroup-product building blocks against a host reference (a plain CUDA program).
+wgmma_probe() {
+  local major
+  major=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | cut -d. -f1)
+  if [[ "$major" != 9 ]]; then
+    echo "compute capability $major: no wgmma to check"
+    return 0
+  fi
+  nvcc -std=c++17 -O2 -gencode=arch=compute_90a,code=sm_90a csrc/tests/wgmma_probe.cu \
+    -o /tmp/block_attn_wgmma_probe && /tmp/block_attn_wgmma_probe
+}
+
 # Nsight Compute on one forward+backward of each workload: throughput against the SM's limits,
 # shared-memory and tensor-pipe use, and warp stall reasons of block_attn's four kernels.
 profile() {
@@ -168,7 +180,7 @@ profile() {
 }
 
 export OUT
-export -f environment build tests sanitizer profile
+export -f environment build tests sanitizer wgmma_probe profile
 log "block_attn GPU suite: steps '$STEPS', budget ${SUITE_BUDGET}s, writing to $OUT"
 if wanted env; then run_step environment 60 0 1 environment; fi
 # Reserves keep time for the later steps; the benchmark needs about 220 s.
@@ -189,6 +201,7 @@ if wanted bench; then
     --time-budget $((left - 60 > 200 ? 200 : (left - 60 > 30 ? left - 60 : 30))) ${BENCH_ARGS:-}
 fi
 
+if wanted wgmma; then run_step wgmma-probe 60 0 0 wgmma_probe; fi
 if wanted profile; then
   run_step profile 120 0 0 bash -c 'profile >"$OUT/ncu_kernels.txt" 2>&1; rc=$?; tail -40 "$OUT/ncu_kernels.txt"; exit $rc'
 fi

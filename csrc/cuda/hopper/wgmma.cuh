@@ -1,0 +1,101 @@
+// Building blocks for Hopper (sm_90a) warpgroup products: shared-memory matrix descriptors, the
+// 128-byte swizzled tile layout they describe, the wgmma fences and the bf16 m64n64k16 product.
+// A warpgroup (four consecutive warps, 128 threads) issues each wgmma together; the tensor cores
+// read the operands from shared memory, with no ldmatrix. The 64 x 64 fp32 result lies in the
+// warpgroup's registers like four stacked mma.sync C fragments: register 4 j + e of lane l in
+// warp w holds row 16 w + l / 4 + 8 (e / 2), column 8 j + 2 (l % 4) + e % 2.
+// csrc/tests/wgmma_probe.cu checks these against a host reference on the GPU.
+#pragma once
+
+#include <cuda_bf16.h>
+
+#include <cstdint>
+
+namespace block_attn::cuda::hopper {
+
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define BLOCK_ATTN_WGMMA 1
+#endif
+
+// Byte offset of element (row, col) of a tile of 16-bit elements stored in the 128-byte swizzle
+// layout: rows of 64 elements (128 bytes), and within each group of 8 rows the 16-byte chunks
+// of row r permuted by XOR with r % 8, so the 8 rows of any chunk column hit distinct banks.
+// Tiles must start 1024-byte aligned (the swizzle is applied to address bits).
+__host__ __device__ constexpr uint32_t swizzle128_offset(int row, int col) {
+  const uint32_t chunk = static_cast<uint32_t>(col / 8) ^ static_cast<uint32_t>(row % 8);
+  return static_cast<uint32_t>(row) * 128u + chunk * 16u + static_cast<uint32_t>(col % 8) * 2u;
+}
+
+// Matrix descriptor of wgmma: start address, leading- and stride-dimension byte offsets (all in
+// 16-byte units) and the swizzle mode (1 = 128-byte swizzle) in bits 62-63.
+__device__ __forceinline__ uint64_t smem_descriptor(const void* smem, uint32_t leading_bytes,
+                                                    uint32_t stride_bytes) {
+  const uint32_t address = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  uint64_t desc = 0;
+  desc |= static_cast<uint64_t>((address >> 4) & 0x3FFF);
+  desc |= static_cast<uint64_t>((leading_bytes >> 4) & 0x3FFF) << 16;
+  desc |= static_cast<uint64_t>((stride_bytes >> 4) & 0x3FFF) << 32;
+  desc |= static_cast<uint64_t>(1) << 62;
+  return desc;
+}
+
+// K-major operand (each row's k elements contiguous) in the 128-byte swizzle layout, starting at
+// k element k0 of every row (k0 a multiple of 16, below 64): 8-row groups are 1024 bytes apart;
+// the leading offset is unused for this layout.
+__device__ __forceinline__ uint64_t k_major_descriptor(const void* tile, int k0) {
+  return smem_descriptor(static_cast<const char*>(tile) + k0 * 2, 16, 1024);
+}
+
+// Makes this thread's earlier shared-memory stores visible to the tensor cores' reads.
+__device__ __forceinline__ void fence_shared_for_async_reads() {
+#ifdef BLOCK_ATTN_WGMMA
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+
+// Orders register accesses before the next wgmma (needed before the first and after registers
+// that feed one were written).
+__device__ __forceinline__ void wgmma_fence() {
+#ifdef BLOCK_ATTN_WGMMA
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void wgmma_commit() {
+#ifdef BLOCK_ATTN_WGMMA
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+#endif
+}
+// Waits until at most kPending committed groups are still running.
+template <int kPending>
+__device__ __forceinline__ void wgmma_wait() {
+#ifdef BLOCK_ATTN_WGMMA
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(kPending) : "memory");
+#endif
+}
+
+// d (64 x 64, fp32) = A B + (accumulate ? d : 0) for A 64 x 16 and B 16 x 64 in shared memory:
+// A through desc_a, K-major; B through desc_b, K-major (B's rows are the 64 output columns) or,
+// with kTransposeB, N-major (B's rows are its 16 k rows). bf16 inputs.
+template <bool kTransposeB>
+__device__ __forceinline__ void wgmma_m64n64k16_bf16(float (&d)[32], uint64_t desc_a,
+                                                     uint64_t desc_b, bool accumulate) {
+#ifdef BLOCK_ATTN_WGMMA
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "setp.ne.b32 p, %34, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+      "%32, %33, p, 1, 1, 0, %35;\n"
+      "}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
+        "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),
+        "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]),
+        "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]),
+        "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "l"(desc_a), "l"(desc_b), "r"(static_cast<int>(accumulate)), "n"(kTransposeB ? 1 : 0));
+#endif
+}
+
+}  // namespace block_attn::cuda::hopper
