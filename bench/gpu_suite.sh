@@ -152,7 +152,8 @@ sanitizer() {
     --print-limit 50 "$@" python3 bench/sanitizer_cases.py
 }
 
-# The Hopper warpgroup-product building blocks against a host reference (a plain CUDA program).
+# The Hopper warpgroup-product building blocks, and the forward built on them, against host
+# references (plain CUDA programs); the forward is also timed.
 wgmma_probe() {
   local major
   major=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | cut -d. -f1)
@@ -160,8 +161,12 @@ wgmma_probe() {
     echo "compute capability $major: no wgmma to check"
     return 0
   fi
-  nvcc -std=c++17 -O2 -gencode=arch=compute_90a,code=sm_90a csrc/tests/wgmma_probe.cu \
-    -o /tmp/block_attn_wgmma_probe && /tmp/block_attn_wgmma_probe
+  local rc=0 probe
+  for probe in wgmma_probe wgmma_attention_probe; do
+    nvcc -std=c++17 -O3 --expt-relaxed-constexpr -gencode=arch=compute_90a,code=sm_90a \
+      "csrc/tests/$probe.cu" -o "/tmp/block_attn_$probe" && "/tmp/block_attn_$probe" || rc=1
+  done
+  return $rc
 }
 
 # Nsight Compute on one forward+backward of each workload: throughput against the SM's limits,
@@ -201,7 +206,7 @@ if wanted bench; then
     --time-budget $((left - 60 > 200 ? 200 : (left - 60 > 30 ? left - 60 : 30))) ${BENCH_ARGS:-}
 fi
 
-if wanted wgmma; then run_step wgmma-probe 60 0 0 wgmma_probe; fi
+if wanted wgmma; then run_step wgmma-probe 90 0 0 wgmma_probe; fi
 if wanted profile; then
   run_step profile 120 0 0 bash -c 'profile >"$OUT/ncu_kernels.txt" 2>&1; rc=$?; tail -40 "$OUT/ncu_kernels.txt"; exit $rc'
 fi

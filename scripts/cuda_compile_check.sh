@@ -6,8 +6,8 @@
 # Uses VENV if given (it must hold a CUDA build of torch), otherwise creates build/cuda-check-venv
 # and installs torch==2.14.1, ninja and numpy into it. Builds into build/cuda-check so the in-place
 # CPU extension is left alone, then fails if the library is missing or leaves block_attn symbols
-# undefined (a missing kernel instantiation shows up as one). Also compiles and links
-# csrc/tests/wgmma_probe.cu.
+# undefined (a missing kernel instantiation shows up as one). Also compiles and links the Hopper
+# probes (csrc/tests/wgmma_*probe.cu).
 # Environment: CUDA_HOME (default /usr/local/cuda), TORCH_CUDA_ARCH_LIST (default 9.0),
 # MAX_JOBS (default: number of CPUs).
 set -euo pipefail
@@ -65,8 +65,11 @@ defined_all="$(nm -C --defined-only "$SO")"
 grep -q 'block_attn::cuda::launch_forward' <<<"$defined_all" ||
   fail "$SO has no CUDA forward (was it built without BLOCK_ATTN_CUDA?)"
 
-# The Hopper building blocks' probe is plain CUDA; it must at least compile and link.
-"$CUDA_HOME/bin/nvcc" -std=c++17 -O2 -gencode=arch=compute_90a,code=sm_90a \
-  csrc/tests/wgmma_probe.cu -o "$TMP_DIR/wgmma_probe" || fail "nvcc csrc/tests/wgmma_probe.cu"
+# The Hopper probes are plain CUDA programs; they must at least compile and link.
+for probe in wgmma_probe wgmma_attention_probe; do
+  "$CUDA_HOME/bin/nvcc" -std=c++17 -O3 --expt-relaxed-constexpr \
+    -gencode=arch=compute_90a,code=sm_90a "csrc/tests/$probe.cu" -o "$TMP_DIR/$probe" ||
+    fail "nvcc csrc/tests/$probe.cu"
+done
 
 echo "cuda_compile_check: OK: $SO built in ${elapsed}s (archs $TORCH_CUDA_ARCH_LIST)"

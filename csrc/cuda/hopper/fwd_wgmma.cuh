@@ -1,0 +1,261 @@
+// Forward on Hopper warpgroup products (wgmma), bf16, head_dim 128; not yet dispatched by the
+// extension: csrc/tests/wgmma_probe.cu checks it against a host reference and times it, and it
+// takes over from fwd_flash_kernel on sm_90 once a GPU run shows it correct and faster.
+//
+// Same grid and semantics as fwd_flash_kernel: (query tiles of the longest block, blocks,
+// batch * heads_q), query tiles costliest first, block offsets read on the device. A CTA is one
+// warpgroup owning 64 queries. Q, K and V tiles are staged by cp.async in the 128-byte swizzle
+// layout (each 128-element row as two 64-element column blocks) and read by the tensor cores
+// directly: S = Q K^T with both operands in shared memory, O += P V with P in registers (S's
+// accumulators, rounded to bf16, are already in the A-fragment layout) and V N-major. Requires
+// 16-byte aligned rows (rows_are_16_byte_aligned).
+#pragma once
+
+#include <cuda_bf16.h>
+
+#include <type_traits>
+
+#include "../../attention_params.h"
+#include "../flash/mma_utils.cuh"
+#include "../tensor_rows.cuh"
+#include "../utils.cuh"
+#include "wgmma.cuh"
+
+namespace block_attn::cuda::hopper {
+
+struct WgmmaFwdTraits {
+  static constexpr int kHeadDim = 128;
+  static constexpr int kThreads = 128;  // one warpgroup
+  static constexpr int kBlockM = 64;
+  static constexpr int kBlockN = 64;
+  // Byte offsets of the N-major V operand's descriptor: 8-row k groups are 1024 bytes apart and
+  // an operand 64 wide is one swizzle atom, so the field that steps between atoms is unused.
+  static constexpr uint32_t kVLeadingBytes = 1024;
+  static constexpr uint32_t kVStrideBytes = 1024;
+  static constexpr int kTileBytes = kBlockN * kHeadDim * 2;  // 16 KiB, as is Q's
+  // Q, K, V; plus 1 KiB to align the dynamic buffer to the swizzle's 1024 bytes.
+  static constexpr int kSharedBytes = 3 * kTileBytes + 1024;
+};
+
+// Byte offset of element (row, col) in a [rows][128] tile stored as two swizzled [rows][64]
+// column blocks.
+template <int kRows>
+__device__ __forceinline__ uint32_t tile_offset(int row, int col) {
+  return static_cast<uint32_t>(col / 64) * kRows * 128 + swizzle128_offset(row, col % 64);
+}
+
+// Stages rows [row0, row0 + kRows) of a (rows, 128) bf16 matrix; rows past `rows` are zero.
+template <int kRows>
+__device__ __forceinline__ void load_tile_swizzled(unsigned char* tile, const __nv_bfloat16* gmem,
+                                                   int64_t row_stride, int row0, int rows) {
+  constexpr int kChunks = 128 / 8;  // 16-byte chunks per row
+  for (int idx = threadIdx.x; idx < kRows * kChunks; idx += WgmmaFwdTraits::kThreads) {
+    const int r = idx / kChunks;
+    const int c = (idx % kChunks) * 8;
+    unsigned char* dst = tile + tile_offset<kRows>(r, c);
+    const int row = row0 + r;
+    if (row < rows) {
+      cp_async_16(dst, gmem + static_cast<int64_t>(row) * row_stride + c);
+    } else {
+      *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);
+    }
+  }
+}
+
+// cp.async and plain stores are generic-proxy writes; wgmma reads through the async proxy.
+__device__ __forceinline__ void wait_tiles_for_wgmma() {
+  cp_async_wait_all();
+  fence_shared_for_async_reads();
+  __syncthreads();
+}
+
+template <bool kIsCausal>
+__global__ void __launch_bounds__(WgmmaFwdTraits::kThreads)
+    fwd_wgmma_kernel(const ForwardParams params) {
+#ifdef BLOCK_ATTN_WGMMA
+  using Traits = WgmmaFwdTraits;
+  using T = __nv_bfloat16;
+  constexpr int kBlockM = Traits::kBlockM;
+  constexpr int kBlockN = Traits::kBlockN;
+
+  const BlockRange qr = block_range(params.cu_seqlens_q, blockIdx.y);
+  const BlockRange kr = block_range(params.cu_seqlens_k, blockIdx.y);
+  const int m0 = (gridDim.x - 1 - blockIdx.x) * kBlockM;
+  if (m0 >= qr.length) return;
+  const int batch = blockIdx.z / params.heads_q;
+  const int head = blockIdx.z % params.heads_q;
+  const int head_kv = head / (params.heads_q / params.heads_kv);
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int group_row = lane / 4;
+  const int quad_col = lane % 4;
+
+  extern __shared__ unsigned char smem_raw[];
+  unsigned char* smem = reinterpret_cast<unsigned char*>(
+      (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~static_cast<uintptr_t>(1023));
+  unsigned char* sQ = smem;
+  unsigned char* sK = sQ + Traits::kTileBytes;
+  unsigned char* sV = sK + Traits::kTileBytes;
+
+  const T* q = q_rows<T>(params, batch, head, qr.start);
+  const T* k = k_rows<T>(params, batch, head_kv, kr.start);
+  const T* v = v_rows<T>(params, batch, head_kv, kr.start);
+
+  const int last_row = min(m0 + kBlockM, qr.length) - 1;
+  const int n_end = kIsCausal ? causal_key_end(last_row, qr.length, kr.length) : kr.length;
+  const int unmasked_end = kIsCausal ? causal_key_end(m0, qr.length, kr.length) : kr.length;
+  const int n_tiles = ceil_div(n_end, kBlockN);
+
+  const float scale_log2 = params.scale * 1.4426950408889634f;
+  float acc_o[2][32];  // two 64-column halves of O, wgmma accumulator layout
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+#pragma unroll
+    for (int i = 0; i < 32; ++i) acc_o[h][i] = 0.f;
+  }
+  float row_max[2] = {-INFINITY, -INFINITY};
+  float row_sum[2] = {0.f, 0.f};
+
+  load_tile_swizzled<kBlockM>(sQ, q, params.q_row_stride, m0, qr.length);
+  if (n_tiles > 0) load_tile_swizzled<kBlockN>(sK, k, params.k_row_stride, 0, n_end);
+  cp_async_commit();
+
+  auto process_key_tile = [&](const int j, auto mask_tag) {
+    constexpr bool kMask = decltype(mask_tag)::value;
+    const int n0 = j * kBlockN;
+    wait_tiles_for_wgmma();  // K_j is in; every thread is done with V_{j-1}
+    load_tile_swizzled<kBlockN>(sV, v, params.v_row_stride, n0, n_end);
+    cp_async_commit();
+
+    // S = Q K^T over eight 16-wide k steps; step ks lies in column block ks / 4.
+    float s[32];
+    wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < 8; ++ks) {
+      const int block = ks / 4;
+      const int k0 = (ks % 4) * 16;
+      wgmma_m64n64k16_bf16<false>(s, k_major_descriptor(sQ + block * kBlockM * 128, k0),
+                                  k_major_descriptor(sK + block * kBlockN * 128, k0), ks > 0);
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+
+    // s[4 n + e]: row group_row + 8 (e / 2) of the warp's 16, key n0 + 8 n + 2 quad_col + e % 2.
+#pragma unroll
+    for (int i = 0; i < 32; ++i) {
+      s[i] *= scale_log2;
+      if (kMask) {
+        const int row = m0 + warp * 16 + group_row + ((i % 4) / 2) * 8;
+        const int key = n0 + (i / 4) * 8 + quad_col * 2 + i % 2;
+        const int key_end = kIsCausal ? causal_key_end(row, qr.length, kr.length) : kr.length;
+        if (key >= key_end) s[i] = -INFINITY;
+      }
+    }
+    float m_use[2];
+    float alpha[2];
+    bool max_moved = false;
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+      float mx = row_max[rr];
+#pragma unroll
+      for (int n = 0; n < 8; ++n) mx = fmaxf(mx, fmaxf(s[4 * n + 2 * rr], s[4 * n + 2 * rr + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      max_moved |= !(mx == row_max[rr]);
+      m_use[rr] = mx == -INFINITY ? 0.f : mx;
+      alpha[rr] = fast_exp2(row_max[rr] - m_use[rr]);
+      row_max[rr] = mx;
+    }
+    if (__any_sync(0xffffffffu, max_moved)) {
+#pragma unroll
+      for (int rr = 0; rr < 2; ++rr) row_sum[rr] *= alpha[rr];
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+#pragma unroll
+        for (int i = 0; i < 32; ++i) acc_o[h][i] *= alpha[(i % 4) / 2];
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < 32; ++i) {
+      s[i] = fast_exp2(s[i] - m_use[(i % 4) / 2]);
+      row_sum[(i % 4) / 2] += s[i];
+    }
+
+    wait_tiles_for_wgmma();  // V_j is in; every thread is done with K_j
+    if (j + 1 < n_tiles)
+      load_tile_swizzled<kBlockN>(sK, k, params.k_row_stride, n0 + kBlockN, n_end);
+    cp_async_commit();
+
+    // O += P V: keys 16 kk .. 16 kk + 15 of P as A fragments (all packed before the fence that
+    // orders them for the tensor cores); V's rows for those keys, one 64-column block of
+    // head_dim per product.
+    uint32_t p_frag[kBlockN / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < kBlockN / 16; ++kk) {
+      p_frag[kk][0] = pack2<T>(s[8 * kk + 0], s[8 * kk + 1]);
+      p_frag[kk][1] = pack2<T>(s[8 * kk + 2], s[8 * kk + 3]);
+      p_frag[kk][2] = pack2<T>(s[8 * kk + 4], s[8 * kk + 5]);
+      p_frag[kk][3] = pack2<T>(s[8 * kk + 6], s[8 * kk + 7]);
+    }
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kBlockN / 16; ++kk) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const uint64_t desc_v = smem_descriptor(sV + h * kBlockN * 128 + kk * 16 * 128,
+                                                Traits::kVLeadingBytes, Traits::kVStrideBytes);
+        wgmma_m64n64k16_bf16_register_a(acc_o[h], p_frag[kk], desc_v);
+      }
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+  };
+
+  const int unmasked_tiles = unmasked_end / kBlockN;
+  int j = 0;
+  for (; j < unmasked_tiles; ++j) process_key_tile(j, std::false_type{});
+  for (; j < n_tiles; ++j) process_key_tile(j, std::true_type{});
+  cp_async_wait_all();
+
+  float* lse = static_cast<float*>(params.lse) + lse_index(params, batch, head, qr.start);
+  T* out = out_rows<T>(params, batch, head, qr.start);
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    float sum = row_sum[rr];
+    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+    const float inv = sum != 0.f ? 1.f / sum : 0.f;
+    const int i = m0 + warp * 16 + group_row + rr * 8;
+    if (i >= qr.length) continue;
+    if (quad_col == 0) {
+      lse[i] = sum != 0.f ? (row_max[rr] + log2f(sum)) * 0.6931471805599453f : -INFINITY;
+    }
+    T* out_row = out + static_cast<int64_t>(i) * params.out_row_stride;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+#pragma unroll
+      for (int n = 0; n < 8; ++n) {
+        const int col = h * 64 + n * 8 + quad_col * 2;
+        *reinterpret_cast<uint32_t*>(out_row + col) =
+            pack2<T>(acc_o[h][4 * n + 2 * rr] * inv, acc_o[h][4 * n + 2 * rr + 1] * inv);
+      }
+    }
+  }
+#endif
+}
+
+template <bool kIsCausal>
+cudaError_t run_fwd_wgmma(const ForwardParams& params, cudaStream_t stream) {
+  using Traits = WgmmaFwdTraits;
+  const dim3 grid(ceil_div(params.max_seqlen_q, Traits::kBlockM), params.num_blocks,
+                  params.batch * params.heads_q);
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0) return cudaSuccess;
+  auto kernel = fwd_wgmma_kernel<kIsCausal>;
+  const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                               Traits::kSharedBytes);
+  if (err != cudaSuccess) return err;
+  kernel<<<grid, Traits::kThreads, Traits::kSharedBytes, stream>>>(params);
+  return cudaGetLastError();
+}
+
+}  // namespace block_attn::cuda::hopper
