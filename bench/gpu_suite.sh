@@ -197,16 +197,20 @@ if wanted sanitizer; then
   # H100 with torch 2.11), so they check only kernels whose mangled name holds this string.
   kernels="kns=${SANITIZER_KERNELS:-block_attn}"
   run_step racecheck 75 210 1 sanitizer racecheck --racecheck-report hazard --kernel-name "$kernels"
-  run_step initcheck 60 210 0 sanitizer initcheck --kernel-name "$kernels"
+  run_step initcheck 30 210 0 sanitizer initcheck --kernel-name "$kernels"
 fi
 if wanted bench; then
-  # Timing loops get the step's limit less ~60 s for roofline, accuracy check and tables.
-  left=$(($(remaining) < 300 ? $(remaining) : 300))
-  run_step benchmark 300 0 1 python3 bench/gpu_bench.py --out "$OUT/gpu_results.json" \
+  # Timing loops get the step's limit less ~60 s for roofline, accuracy check and tables; the
+  # advisory steps after it keep up to 120 s.
+  reserve=0
+  if wanted wgmma || wanted profile; then reserve=120; fi
+  left=$(($(remaining) - reserve))
+  left=$((left < 300 ? left : 300))
+  run_step benchmark 300 "$reserve" 1 python3 bench/gpu_bench.py --out "$OUT/gpu_results.json" \
     --time-budget $((left - 60 > 200 ? 200 : (left - 60 > 30 ? left - 60 : 30))) ${BENCH_ARGS:-}
 fi
 
-if wanted wgmma; then run_step wgmma-probe 90 0 0 wgmma_probe; fi
+if wanted wgmma; then run_step wgmma-probe 45 60 0 wgmma_probe; fi
 if wanted profile; then
   run_step profile 120 0 0 bash -c 'profile >"$OUT/ncu_kernels.txt" 2>&1; rc=$?; tail -40 "$OUT/ncu_kernels.txt"; exit $rc'
 fi
