@@ -1,6 +1,7 @@
-// Checks the Hopper forward (csrc/cuda/hopper/fwd_wgmma.cuh) against a float64 host reference
-// on small ragged / causal / GQA cases, then times it on causal attention over 16384 tokens,
-// 16 heads, head_dim 128, bf16 (the benchmark's causal-d128 workload).
+// Checks the Hopper forward (csrc/cuda/hopper/fwd_wgmma.cuh), with one and with two warpgroups
+// per CTA, against a float64 host reference on small ragged / causal / GQA cases, then times
+// both on causal attention over 16384 tokens, 16 heads, head_dim 128, bf16 (the benchmark's
+// causal-d128 workload).
 // Plain CUDA, no torch:
 //   nvcc -std=c++17 -O3 --expt-relaxed-constexpr -gencode=arch=compute_90a,code=sm_90a \
 //       csrc/tests/wgmma_attention_probe.cu -o probe
@@ -82,12 +83,16 @@ ForwardParams make_params(const Buffers& b, const Case& c, int max_q, int max_k)
   return p;
 }
 
+// kWarpgroups: warpgroups of 64 queries per CTA (1 or 2), sharing the K and V tiles.
+template <int kWarpgroups>
 cudaError_t run(const ForwardParams& p) {
-  return p.is_causal ? run_fwd_wgmma<true>(p, nullptr) : run_fwd_wgmma<false>(p, nullptr);
+  return p.is_causal ? run_fwd_wgmma<true, kWarpgroups>(p, nullptr)
+                     : run_fwd_wgmma<false, kWarpgroups>(p, nullptr);
 }
 
 // Runs one case; returns whether out and lse match the float64 reference of the same
 // bf16-rounded inputs within bf16 rounding of P and of the output.
+template <int kWarpgroups>
 bool check_case(const Case& c, std::mt19937& rng) {
   const int nq = c.offsets_q.back();
   const int nk = c.offsets_k.back();
@@ -120,7 +125,8 @@ bool check_case(const Case& c, std::mt19937& rng) {
     max_k = std::max(max_k, c.offsets_k[j + 1] - c.offsets_k[j]);
   }
   const ForwardParams p = make_params(b, c, max_q, max_k);
-  if (!check(run(p), "launch") || !check(cudaDeviceSynchronize(), "kernel")) return false;
+  if (!check(run<kWarpgroups>(p), "launch") || !check(cudaDeviceSynchronize(), "kernel"))
+    return false;
   std::vector<__nv_bfloat16> out(size_q);
   std::vector<float> lse(static_cast<size_t>(c.heads_q) * nq);
   if (!check(cudaMemcpy(out.data(), b.out, size_q * 2, cudaMemcpyDeviceToHost), "copy") ||
@@ -174,14 +180,16 @@ bool check_case(const Case& c, std::mt19937& rng) {
   // P and the output are rounded to bf16 (8 bits of mantissa): errors of a few 1e-3 on outputs
   // of magnitude below 1; a wrong layout or mask gives errors of order 1.
   const bool match = out_error < 2e-2 && lse_error < 1e-3 && rows_without_keys_ok;
-  std::printf("%-28s max |out err| %.3g, max |lse err| %.3g%s -> %s\n", c.name, out_error,
-              lse_error, rows_without_keys_ok ? "" : ", rows without keys WRONG",
+  std::printf("%d warpgroup(s), %-28s max |out err| %.3g, max |lse err| %.3g%s -> %s\n",
+              kWarpgroups, c.name, out_error, lse_error,
+              rows_without_keys_ok ? "" : ", rows without keys WRONG",
               match ? "match" : "MISMATCH");
   return match;
 }
 
 // Median time of causal attention over `tokens` tokens and `heads` heads; TFLOP/s counts the
 // useful 2 H D N (N + 1) flops.
+template <int kWarpgroups>
 void time_causal(int tokens, int heads) {
   const Case c{"timing", heads, heads, {0, tokens}, {0, tokens}, true};
   const size_t size = static_cast<size_t>(heads) * tokens * kHeadDim;
@@ -207,7 +215,7 @@ void time_causal(int tokens, int heads) {
   std::vector<float> times;
   for (int rep = 0; rep < 13; ++rep) {
     cudaEventRecord(start);
-    const cudaError_t err = run(p);
+    const cudaError_t err = run<kWarpgroups>(p);
     cudaEventRecord(stop);
     if (!check(err, "launch") || !check(cudaEventSynchronize(stop), "kernel")) return;
     float ms = 0;
@@ -217,8 +225,10 @@ void time_causal(int tokens, int heads) {
   std::sort(times.begin(), times.end());
   const double ms = times[times.size() / 2];
   const double flops = 2.0 * heads * kHeadDim * static_cast<double>(tokens) * (tokens + 1);
-  std::printf("causal N=%d H=%d D=128 bf16 forward: %.3f ms, %.1f TFLOP/s (median of %zu)\n",
-              tokens, heads, ms, flops / ms / 1e9, times.size());
+  std::printf(
+      "%d warpgroup(s): causal N=%d H=%d D=128 bf16 forward: %.3f ms, %.1f TFLOP/s (median of "
+      "%zu)\n",
+      kWarpgroups, tokens, heads, ms, flops / ms / 1e9, times.size());
 }
 
 }  // namespace
@@ -239,8 +249,14 @@ int main() {
   };
   std::mt19937 rng(1);
   bool all = true;
-  for (const Case& c : cases) all = check_case(c, rng) && all;
-  if (all) time_causal(16384, 16);
+  for (const Case& c : cases) {
+    all = check_case<1>(c, rng) && all;
+    all = check_case<2>(c, rng) && all;
+  }
+  if (all) {
+    time_causal<1>(16384, 16);
+    time_causal<2>(16384, 16);
+  }
   std::printf("%s\n", all ? "wgmma attention probe: PASS" : "wgmma attention probe: FAIL");
   return all ? 0 : 1;
 }

@@ -3,12 +3,12 @@
 // takes over from fwd_flash_kernel on sm_90 once a GPU run shows it correct and faster.
 //
 // Same grid and semantics as fwd_flash_kernel: (query tiles of the longest block, blocks,
-// batch * heads_q), query tiles costliest first, block offsets read on the device. A CTA is one
-// warpgroup owning 64 queries. Q, K and V tiles are staged by cp.async in the 128-byte swizzle
-// layout (each 128-element row as two 64-element column blocks) and read by the tensor cores
-// directly: S = Q K^T with both operands in shared memory, O += P V with P in registers (S's
-// accumulators, rounded to bf16, are already in the A-fragment layout) and V N-major. Requires
-// 16-byte aligned rows (rows_are_16_byte_aligned).
+// batch * heads_q), query tiles costliest first, block offsets read on the device. A CTA is
+// kWarpgroups warpgroups of 64 queries each, sharing the K and V tiles. Q, K and V tiles are staged
+// by cp.async in the 128-byte swizzle layout (each 128-element row as two 64-element column blocks)
+// and read by the tensor cores directly: S = Q K^T with both operands in shared memory, O += P V
+// with P in registers (S's accumulators, rounded to bf16, are already in the A-fragment layout) and
+// V N-major. Requires 16-byte aligned rows (rows_are_16_byte_aligned).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -23,18 +23,20 @@
 
 namespace block_attn::cuda::hopper {
 
+template <int kWarpgroups_>
 struct WgmmaFwdTraits {
   static constexpr int kHeadDim = 128;
-  static constexpr int kThreads = 128;  // one warpgroup
-  static constexpr int kBlockM = 64;
+  static constexpr int kWarpgroups = kWarpgroups_;
+  static constexpr int kThreads = 128 * kWarpgroups;
+  static constexpr int kBlockM = 64 * kWarpgroups;
   static constexpr int kBlockN = 64;
   // Byte offsets of the N-major V operand's descriptor: 8-row k groups are 1024 bytes apart and
   // an operand 64 wide is one swizzle atom, so the field that steps between atoms is unused.
   static constexpr uint32_t kVLeadingBytes = 1024;
   static constexpr uint32_t kVStrideBytes = 1024;
-  static constexpr int kTileBytes = kBlockN * kHeadDim * 2;  // 16 KiB, as is Q's
+  static constexpr int kTileBytes = 64 * kHeadDim * 2;  // 16 KiB: K, V, and each warpgroup's Q
   // Q, K, V; plus 1 KiB to align the dynamic buffer to the swizzle's 1024 bytes.
-  static constexpr int kSharedBytes = 3 * kTileBytes + 1024;
+  static constexpr int kSharedBytes = (kWarpgroups + 2) * kTileBytes + 1024;
 };
 
 // Byte offset of element (row, col) in a [rows][128] tile stored as two swizzled [rows][64]
@@ -45,11 +47,11 @@ __device__ __forceinline__ uint32_t tile_offset(int row, int col) {
 }
 
 // Stages rows [row0, row0 + kRows) of a (rows, 128) bf16 matrix; rows past `rows` are zero.
-template <int kRows>
+template <int kRows, int kThreads>
 __device__ __forceinline__ void load_tile_swizzled(unsigned char* tile, const __nv_bfloat16* gmem,
                                                    int64_t row_stride, int row0, int rows) {
   constexpr int kChunks = 128 / 8;  // 16-byte chunks per row
-  for (int idx = threadIdx.x; idx < kRows * kChunks; idx += WgmmaFwdTraits::kThreads) {
+  for (int idx = threadIdx.x; idx < kRows * kChunks; idx += kThreads) {
     const int r = idx / kChunks;
     const int c = (idx % kChunks) * 8;
     unsigned char* dst = tile + tile_offset<kRows>(r, c);
@@ -69,11 +71,10 @@ __device__ __forceinline__ void wait_tiles_for_wgmma() {
   __syncthreads();
 }
 
-template <bool kIsCausal>
-__global__ void __launch_bounds__(WgmmaFwdTraits::kThreads)
-    fwd_wgmma_kernel(const ForwardParams params) {
+template <typename Traits, bool kIsCausal>
+__global__ void __launch_bounds__(Traits::kThreads) fwd_wgmma_kernel(const ForwardParams params) {
 #ifdef BLOCK_ATTN_WGMMA
-  using Traits = WgmmaFwdTraits;
+  constexpr int kThreads = Traits::kThreads;
   using T = __nv_bfloat16;
   constexpr int kBlockM = Traits::kBlockM;
   constexpr int kBlockN = Traits::kBlockN;
@@ -85,16 +86,19 @@ __global__ void __launch_bounds__(WgmmaFwdTraits::kThreads)
   const int batch = blockIdx.z / params.heads_q;
   const int head = blockIdx.z % params.heads_q;
   const int head_kv = head / (params.heads_q / params.heads_kv);
-  const int warp = threadIdx.x / 32;
+  const int warpgroup = threadIdx.x / 128;
+  const int warp = (threadIdx.x / 32) % 4;  // within the warpgroup
   const int lane = threadIdx.x % 32;
+  const int row0 = m0 + warpgroup * 64 + warp * 16;  // the warp's first query
   const int group_row = lane / 4;
   const int quad_col = lane % 4;
 
   extern __shared__ unsigned char smem_raw[];
   unsigned char* smem = reinterpret_cast<unsigned char*>(
       (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~static_cast<uintptr_t>(1023));
-  unsigned char* sQ = smem;
-  unsigned char* sK = sQ + Traits::kTileBytes;
+  unsigned char* sQ = smem;  // one 64-row tile per warpgroup
+  unsigned char* sQ_mine = sQ + warpgroup * Traits::kTileBytes;
+  unsigned char* sK = sQ + Traits::kWarpgroups * Traits::kTileBytes;
   unsigned char* sV = sK + Traits::kTileBytes;
 
   const T* q = q_rows<T>(params, batch, head, qr.start);
@@ -116,15 +120,18 @@ __global__ void __launch_bounds__(WgmmaFwdTraits::kThreads)
   float row_max[2] = {-INFINITY, -INFINITY};
   float row_sum[2] = {0.f, 0.f};
 
-  load_tile_swizzled<kBlockM>(sQ, q, params.q_row_stride, m0, qr.length);
-  if (n_tiles > 0) load_tile_swizzled<kBlockN>(sK, k, params.k_row_stride, 0, n_end);
+  for (int g = 0; g < Traits::kWarpgroups; ++g) {
+    load_tile_swizzled<64, kThreads>(sQ + g * Traits::kTileBytes, q, params.q_row_stride,
+                                     m0 + 64 * g, qr.length);
+  }
+  if (n_tiles > 0) load_tile_swizzled<kBlockN, kThreads>(sK, k, params.k_row_stride, 0, n_end);
   cp_async_commit();
 
   auto process_key_tile = [&](const int j, auto mask_tag) {
     constexpr bool kMask = decltype(mask_tag)::value;
     const int n0 = j * kBlockN;
     wait_tiles_for_wgmma();  // K_j is in; every thread is done with V_{j-1}
-    load_tile_swizzled<kBlockN>(sV, v, params.v_row_stride, n0, n_end);
+    load_tile_swizzled<kBlockN, kThreads>(sV, v, params.v_row_stride, n0, n_end);
     cp_async_commit();
 
     // S = Q K^T over eight 16-wide k steps; step ks lies in column block ks / 4.
@@ -134,7 +141,7 @@ __global__ void __launch_bounds__(WgmmaFwdTraits::kThreads)
     for (int ks = 0; ks < 8; ++ks) {
       const int block = ks / 4;
       const int k0 = (ks % 4) * 16;
-      wgmma_m64n64k16_bf16<false>(s, k_major_descriptor(sQ + block * kBlockM * 128, k0),
+      wgmma_m64n64k16_bf16<false>(s, k_major_descriptor(sQ_mine + block * 64 * 128, k0),
                                   k_major_descriptor(sK + block * kBlockN * 128, k0), ks > 0);
     }
     wgmma_commit();
@@ -145,7 +152,7 @@ __global__ void __launch_bounds__(WgmmaFwdTraits::kThreads)
     for (int i = 0; i < 32; ++i) {
       s[i] *= scale_log2;
       if (kMask) {
-        const int row = m0 + warp * 16 + group_row + ((i % 4) / 2) * 8;
+        const int row = row0 + group_row + ((i % 4) / 2) * 8;
         const int key = n0 + (i / 4) * 8 + quad_col * 2 + i % 2;
         const int key_end = kIsCausal ? causal_key_end(row, qr.length, kr.length) : kr.length;
         if (key >= key_end) s[i] = -INFINITY;
@@ -182,8 +189,9 @@ __global__ void __launch_bounds__(WgmmaFwdTraits::kThreads)
     }
 
     wait_tiles_for_wgmma();  // V_j is in; every thread is done with K_j
-    if (j + 1 < n_tiles)
-      load_tile_swizzled<kBlockN>(sK, k, params.k_row_stride, n0 + kBlockN, n_end);
+    if (j + 1 < n_tiles) {
+      load_tile_swizzled<kBlockN, kThreads>(sK, k, params.k_row_stride, n0 + kBlockN, n_end);
+    }
     cp_async_commit();
 
     // O += P V: keys 16 kk .. 16 kk + 15 of P as A fragments (all packed before the fence that
@@ -225,7 +233,7 @@ __global__ void __launch_bounds__(WgmmaFwdTraits::kThreads)
     sum += __shfl_xor_sync(0xffffffffu, sum, 1);
     sum += __shfl_xor_sync(0xffffffffu, sum, 2);
     const float inv = sum != 0.f ? 1.f / sum : 0.f;
-    const int i = m0 + warp * 16 + group_row + rr * 8;
+    const int i = row0 + group_row + rr * 8;
     if (i >= qr.length) continue;
     if (quad_col == 0) {
       lse[i] = sum != 0.f ? (row_max[rr] + log2f(sum)) * 0.6931471805599453f : -INFINITY;
@@ -244,13 +252,13 @@ __global__ void __launch_bounds__(WgmmaFwdTraits::kThreads)
 #endif
 }
 
-template <bool kIsCausal>
+template <bool kIsCausal, int kWarpgroups>
 cudaError_t run_fwd_wgmma(const ForwardParams& params, cudaStream_t stream) {
-  using Traits = WgmmaFwdTraits;
+  using Traits = WgmmaFwdTraits<kWarpgroups>;
   const dim3 grid(ceil_div(params.max_seqlen_q, Traits::kBlockM), params.num_blocks,
                   params.batch * params.heads_q);
   if (grid.x == 0 || grid.y == 0 || grid.z == 0) return cudaSuccess;
-  auto kernel = fwd_wgmma_kernel<kIsCausal>;
+  auto kernel = fwd_wgmma_kernel<Traits, kIsCausal>;
   const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                Traits::kSharedBytes);
   if (err != cudaSuccess) return err;
