@@ -43,14 +43,8 @@ inline uint32_t bf16_bits(float x) {
   return c10::BFloat16(x).x;
 }  // round to nearest even
 
-// A in pairs: pair (i, p) covers reduction indices 2p and 2p + 1 of row i.
-struct PairMatrix {
-  const Bf16Pair* data;
-  int64_t row_stride;
-  int64_t pair_stride;
-  const Bf16Pair* at(int64_t i, int64_t p) const { return data + i * row_stride + p * pair_stride; }
-  PairMatrix from_row(int64_t i) const { return {at(i, 0), row_stride, pair_stride}; }
-};
+// A in pairs: element (i, p) covers reduction indices 2p and 2p + 1 of row i.
+using PairMatrix = StridedMatrix<Bf16Pair>;
 
 // dst[p * ld + r] = (src[r][2p], src[r][2p + 1]): rows become lanes, pairs run along dim (zero
 // high half when dim is odd). Q and dO as the B operand of products reduced over head_dim.

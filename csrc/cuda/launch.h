@@ -22,11 +22,6 @@ struct BackwardWorkspace {
   void* delta;
 };
 
-// Element size of BackwardWorkspace::delta for inputs of this dtype.
-inline int delta_element_size(DType dtype) {
-  return dtype == DType::kFloat64 ? 8 : 4;
-}
-
 // Writes params.out and params.lse. Returns the first launch error, or cudaSuccess.
 cudaError_t launch_forward(const ForwardParams& params, DType dtype, cudaStream_t stream);
 

@@ -78,9 +78,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
   auto [grad_q, grad_k, grad_v] = allocate_gradients(q, k, v);
   if (!backward_has_work(q, k)) return {grad_q, grad_k, grad_v};
   const cuda::DType dtype = to_kernel_dtype(q.scalar_type());
-  at::Tensor delta =
-      at::empty({q.size(0), q.size(1), q.size(2)},
-                q.options().dtype(dtype == cuda::DType::kFloat64 ? at::kDouble : at::kFloat));
+  // Delta has lse's shape and dtype: the accumulator type.
+  at::Tensor delta = empty_lse_for(q);
   const BackwardParams params = make_backward_params(
       grad_out, q, k, v, out, lse, grad_lse_contiguous, grad_q, grad_k, grad_v, cu_seqlens_q,
       cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, deterministic);

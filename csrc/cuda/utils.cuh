@@ -107,6 +107,19 @@ __device__ __forceinline__ int causal_query_begin(int t, int len_q, int len_k) {
   return min(len_q, max(0, t - (len_k - len_q)));
 }
 
+// Keys that some query of rows [m0, m0 + rows) of a block may see: the keys a tile of queries
+// visits.
+template <bool kIsCausal>
+__device__ __forceinline__ int tile_key_end(int m0, int rows, BlockRange qr, BlockRange kr) {
+  return kIsCausal ? causal_key_end(min(m0 + rows, qr.length) - 1, qr.length, kr.length)
+                   : kr.length;
+}
+// Keys that every query of a tile starting at m0 sees: key tiles below need no mask.
+template <bool kIsCausal>
+__device__ __forceinline__ int tile_unmasked_key_end(int m0, BlockRange qr, BlockRange kr) {
+  return kIsCausal ? causal_key_end(m0, qr.length, kr.length) : kr.length;
+}
+
 __host__ __device__ constexpr int ceil_div(int a, int b) {
   return (a + b - 1) / b;
 }

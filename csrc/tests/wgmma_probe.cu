@@ -50,8 +50,12 @@ __device__ void stage(unsigned char* tile, const __nv_bfloat16* src) {
   }
 }
 
-// out = a b^T, a and b row-major 64 x 64 (b's rows are output columns): both K-major.
-__global__ void product_abt(const __nv_bfloat16* a, const __nv_bfloat16* b, float* out) {
+// a and b row-major 64 x 64 bf16, a K-major. kNMajorB false: out = a b^T, b's rows being the
+// output columns (K-major). true: out = a b, b's rows being its k rows (N-major), its 16-row k
+// steps 2048 bytes apart and described with the given byte offsets.
+template <bool kNMajorB>
+__global__ void product(const __nv_bfloat16* a, const __nv_bfloat16* b, float* out,
+                        uint32_t leading_bytes, uint32_t stride_bytes) {
   __shared__ __align__(1024) unsigned char tile_a[kDim * kDim * 2];
   __shared__ __align__(1024) unsigned char tile_b[kDim * kDim * 2];
   stage(tile_a, a);
@@ -61,29 +65,10 @@ __global__ void product_abt(const __nv_bfloat16* a, const __nv_bfloat16* b, floa
   float d[32] = {};
   wgmma_fence();
   for (int k0 = 0; k0 < kDim; k0 += 16) {
-    wgmma_m64n64k16_bf16<false>(d, k_major_descriptor(tile_a, k0), k_major_descriptor(tile_b, k0),
-                                k0 > 0);
-  }
-  wgmma_commit();
-  wgmma_wait<0>();
-  store_accumulators(d, out);
-}
-
-// out = a b, a row-major 64 x 64 (K-major), b row-major 64 (k) x 64 (n): N-major, its 16-row
-// k steps 2048 bytes apart, described with the given byte offsets.
-__global__ void product_ab(const __nv_bfloat16* a, const __nv_bfloat16* b, float* out,
-                           uint32_t leading_bytes, uint32_t stride_bytes) {
-  __shared__ __align__(1024) unsigned char tile_a[kDim * kDim * 2];
-  __shared__ __align__(1024) unsigned char tile_b[kDim * kDim * 2];
-  stage(tile_a, a);
-  stage(tile_b, b);
-  fence_shared_for_async_reads();
-  __syncthreads();
-  float d[32] = {};
-  wgmma_fence();
-  for (int k0 = 0; k0 < kDim; k0 += 16) {
-    const uint64_t desc_b = smem_descriptor(tile_b + k0 * 128, leading_bytes, stride_bytes);
-    wgmma_m64n64k16_bf16<true>(d, k_major_descriptor(tile_a, k0), desc_b, k0 > 0);
+    const uint64_t desc_b = kNMajorB
+                                ? smem_descriptor(tile_b + k0 * 128, leading_bytes, stride_bytes)
+                                : k_major_descriptor(tile_b, k0);
+    wgmma_m64n64k16_bf16<kNMajorB>(d, k_major_descriptor(tile_a, k0), desc_b, k0 > 0);
   }
   wgmma_commit();
   wgmma_wait<0>();
@@ -145,8 +130,8 @@ int main() {
 
   constexpr double kTolerance = 1e-3;  // fp32 sums of 64 products of magnitude <= 1
   std::vector<float> got(n);
-  product_abt<<<1, 128>>>(dev_a, dev_b, dev_out);
-  ok = check(cudaDeviceSynchronize(), "product_abt") &&
+  product<false><<<1, 128>>>(dev_a, dev_b, dev_out, 0, 0);
+  ok = check(cudaDeviceSynchronize(), "a b^T") &&
        check(cudaMemcpy(got.data(), dev_out, n * 4, cudaMemcpyDeviceToHost), "copy out");
   const double abt_error = ok ? max_error(got, want_abt) : INFINITY;
   const bool abt_ok = abt_error <= kTolerance;
@@ -156,8 +141,8 @@ int main() {
   const uint32_t offsets[][2] = {{1024, 1024}, {16, 1024}, {1024, 16}, {2048, 1024}, {16, 2048}};
   bool any_ab_ok = false;
   for (const auto& o : offsets) {
-    product_ab<<<1, 128>>>(dev_a, dev_b, dev_out, o[0], o[1]);
-    const bool ran = check(cudaDeviceSynchronize(), "product_ab") &&
+    product<true><<<1, 128>>>(dev_a, dev_b, dev_out, o[0], o[1]);
+    const bool ran = check(cudaDeviceSynchronize(), "a b") &&
                      check(cudaMemcpy(got.data(), dev_out, n * 4, cudaMemcpyDeviceToHost), "copy");
     const double error = ran ? max_error(got, want_ab) : INFINITY;
     any_ab_ok = any_ab_ok || error <= kTolerance;

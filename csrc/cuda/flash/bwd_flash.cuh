@@ -227,9 +227,8 @@ __global__ void __launch_bounds__(Traits::kThreads)
   const T* k = k_rows<T>(params, batch, head_kv, kr.start);
   const T* v = v_rows<T>(params, batch, head_kv, kr.start);
 
-  const int last_row = min(m0 + kBlockM, qr.length) - 1;
-  const int n_end = kIsCausal ? causal_key_end(last_row, qr.length, kr.length) : kr.length;
-  const int unmasked_end = kIsCausal ? causal_key_end(m0, qr.length, kr.length) : kr.length;
+  const int n_end = tile_key_end<kIsCausal>(m0, kBlockM, qr, kr);
+  const int unmasked_end = tile_unmasked_key_end<kIsCausal>(m0, qr, kr);
   const int n_tiles = ceil_div(n_end, kBlockN);
 
   load_tile_async<Traits, kBlockM>(sQ, q, params.q_row_stride, m0, qr.length, head_dim, vectorized);

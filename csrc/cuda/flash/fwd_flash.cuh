@@ -20,6 +20,7 @@
 #include "flash_kernels.h"
 #include "mma_utils.cuh"
 #include "tile_io.cuh"
+#include "warp_gemm.cuh"
 
 namespace block_attn::cuda {
 
@@ -77,9 +78,8 @@ __global__ void __launch_bounds__(Traits::kThreads)
   const T* v = v_rows<T>(params, batch, head_kv, kr.start);
 
   // Keys some row of the tile may see, and keys every row sees (no mask needed below it).
-  const int last_row = min(m0 + kBlockM, qr.length) - 1;
-  const int n_end = kIsCausal ? causal_key_end(last_row, qr.length, kr.length) : kr.length;
-  const int unmasked_end = kIsCausal ? causal_key_end(m0, qr.length, kr.length) : kr.length;
+  const int n_end = tile_key_end<kIsCausal>(m0, kBlockM, qr, kr);
+  const int unmasked_end = tile_unmasked_key_end<kIsCausal>(m0, qr, kr);
   const int n_tiles = ceil_div(n_end, kBlockN);
 
   // Scores are kept in the log2 domain: exp(x * scale) = exp2(x * scale * log2(e)).
@@ -121,26 +121,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
 #pragma unroll
       for (int n = 0; n < kNBlocksS; ++n) s[g][n][0] = s[g][n][1] = s[g][n][2] = s[g][n][3] = 0.f;
     }
-#pragma unroll
-    for (int ks = 0; ks < kHeadDim / 16; ++ks) {
-      uint32_t a[kRowGroups][4];
-#pragma unroll
-      for (int g = 0; g < kRowGroups; ++g) {
-        ldmatrix_x4(a[g],
-                    sQ + (warp_row0 + g * 16 + (lane % 16)) * kStride + ks * 16 + (lane / 16) * 8);
-      }
-#pragma unroll
-      for (int n2 = 0; n2 < kBlockN / 16; ++n2) {
-        uint32_t b[4];
-        ldmatrix_x4(b, sK + (n2 * 16 + (lane % 8) + (lane / 16) * 8) * kStride + ks * 16 +
-                           ((lane / 8) % 2) * 8);
-#pragma unroll
-        for (int g = 0; g < kRowGroups; ++g) {
-          mma_16816<T>(s[g][2 * n2], a[g], b[0], b[1]);
-          mma_16816<T>(s[g][2 * n2 + 1], a[g], b[2], b[3]);
-        }
-      }
-    }
+    warp_gemm_abt<T, kHeadDim, kBlockN, kStride, kRowGroups>(s, sQ + warp_row0 * kStride, sK, lane);
 
     // Scale first (scale may be negative), then mask.
 #pragma unroll
@@ -219,28 +200,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
     cp_async_commit();
 
     // O += P V: the S accumulators of two adjacent 8-key tiles form one 16-key A fragment.
-#pragma unroll
-    for (int kk = 0; kk < kBlockN / 16; ++kk) {
-      uint32_t a[kRowGroups][4];
-#pragma unroll
-      for (int g = 0; g < kRowGroups; ++g) {
-        a[g][0] = pack2<T>(s[g][2 * kk][0], s[g][2 * kk][1]);
-        a[g][1] = pack2<T>(s[g][2 * kk][2], s[g][2 * kk][3]);
-        a[g][2] = pack2<T>(s[g][2 * kk + 1][0], s[g][2 * kk + 1][1]);
-        a[g][3] = pack2<T>(s[g][2 * kk + 1][2], s[g][2 * kk + 1][3]);
-      }
-#pragma unroll
-      for (int d2 = 0; d2 < kHeadDim / 16; ++d2) {
-        uint32_t b[4];
-        ldmatrix_x4_trans(b, sV + (kk * 16 + (lane % 8) + ((lane / 8) % 2) * 8) * kStride +
-                                 d2 * 16 + (lane / 16) * 8);
-#pragma unroll
-        for (int g = 0; g < kRowGroups; ++g) {
-          mma_16816<T>(acc_o[g][2 * d2], a[g], b[0], b[1]);
-          mma_16816<T>(acc_o[g][2 * d2 + 1], a[g], b[2], b[3]);
-        }
-      }
-    }
+    warp_gemm_pb<T, kBlockN, kHeadDim, kStride, kRowGroups>(acc_o, s, sV, lane);
   };
 
   // Tiles below unmasked_end need no mask; the rest (the diagonal, the block's end) do.

@@ -55,8 +55,7 @@ __global__ void __launch_bounds__(Traits::kThreads) fwd_simple_kernel(const Forw
   }
 
   // Keys any row of this tile may see.
-  const int last_row = min(m0 + Traits::kRowsPerBlock, qr.length) - 1;
-  const int n_end = kIsCausal ? causal_key_end(last_row, qr.length, kr.length) : kr.length;
+  const int n_end = tile_key_end<kIsCausal>(m0, Traits::kRowsPerBlock, qr, kr);
 
   for (int n0 = 0; n0 < n_end; n0 += kTileRows) {
     __syncthreads();
