@@ -12,6 +12,7 @@
 
 #include <type_traits>
 
+#include "../kernel_launch.cuh"
 #include "../simple/bwd_simple.cuh"
 #include "../tensor_rows.cuh"
 #include "../utils.cuh"
@@ -348,8 +349,8 @@ cudaError_t launch_dq_flash(const BackwardParams& params, const float* delta, bo
   auto kernel = dq_flash_kernel<Traits, T, kIsCausal>;
   cudaError_t err = allow_shared_bytes(kernel, Traits::kSharedBytes);
   if (err != cudaSuccess) return err;
-  kernel<<<grid, Traits::kThreads, Traits::kSharedBytes, stream>>>(params, delta, vectorized);
-  return cudaGetLastError();
+  return launch_kernel(kernel, grid, Traits::kThreads, Traits::kSharedBytes, stream, params, delta,
+                       vectorized);
 }
 
 template <typename T, int kHeadDim, bool kIsCausal>
@@ -359,10 +360,9 @@ cudaError_t run_bwd_flash(const BackwardParams& params, void* delta_workspace,
   auto* delta = static_cast<float*>(delta_workspace);
   const bool vectorized = rows_are_16_byte_aligned(params);
   if (params.seqlen_q > 0 && params.batch * params.heads_q > 0) {
-    delta_kernel<T>
-        <<<dim3(ceil_div(params.seqlen_q, 4), params.batch * params.heads_q), 128, 0, stream>>>(
-            params, delta);
-    const cudaError_t err = cudaGetLastError();
+    const cudaError_t err = launch_kernel(
+        delta_kernel<T>, dim3(ceil_div(params.seqlen_q, 4), params.batch * params.heads_q), 128, 0,
+        stream, params, delta);
     if (err != cudaSuccess) return err;
   }
   const dim3 grid_dkdv(ceil_div(params.max_seqlen_k, Traits::kBlockOwn), params.num_blocks,
@@ -371,9 +371,8 @@ cudaError_t run_bwd_flash(const BackwardParams& params, void* delta_workspace,
     auto kernel = dkdv_flash_kernel<Traits, T, kIsCausal>;
     cudaError_t err = allow_shared_bytes(kernel, Traits::kSharedBytes);
     if (err != cudaSuccess) return err;
-    kernel<<<grid_dkdv, Traits::kThreads, Traits::kSharedBytes, stream>>>(params, delta,
-                                                                          vectorized);
-    err = cudaGetLastError();
+    err = launch_kernel(kernel, grid_dkdv, Traits::kThreads, Traits::kSharedBytes, stream, params,
+                        delta, vectorized);
     if (err != cudaSuccess) return err;
   }
   // Two row groups per warp unless every query block fits in 64 rows, or the device's shared

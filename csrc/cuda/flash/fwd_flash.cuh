@@ -15,6 +15,7 @@
 
 #include <type_traits>
 
+#include "../kernel_launch.cuh"
 #include "../tensor_rows.cuh"
 #include "../utils.cuh"
 #include "flash_kernels.h"
@@ -254,9 +255,8 @@ cudaError_t launch_fwd_flash_kernel(const ForwardParams& params, cudaStream_t st
         kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Traits::kSharedBytes);
     if (err != cudaSuccess) return err;
   }
-  kernel<<<grid, Traits::kThreads, Traits::kSharedBytes, stream>>>(
-      params, rows_are_16_byte_aligned(params));
-  return cudaGetLastError();
+  return launch_kernel(kernel, grid, Traits::kThreads, Traits::kSharedBytes, stream, params,
+                       rows_are_16_byte_aligned(params));
 }
 
 // 128-row tiles (two row groups per warp) unless every block has at most 64 queries, where

@@ -1,5 +1,6 @@
 // Thin wrappers over the sm_80+ PTX the tensor-core kernels use: cp.async, ldmatrix and
-// mma.sync.m16n8k16 (fp16/bf16 inputs, fp32 accumulators).
+// mma.sync.m16n8k16 (fp16/bf16 inputs, fp32 accumulators). Under BLOCK_ATTN_CUDA_EMULATION the
+// host emulator provides the same functions.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -7,11 +8,15 @@
 
 #include <cstdint>
 
-namespace block_attn::cuda {
-
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#if (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800) || defined(BLOCK_ATTN_CUDA_EMULATION)
 #define BLOCK_ATTN_SM80_OR_NEWER 1
 #endif
+
+#ifdef BLOCK_ATTN_CUDA_EMULATION
+#include "../../cuda_emulator/ptx.h"
+#else
+
+namespace block_attn::cuda {
 
 __device__ __forceinline__ uint32_t smem_address(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
@@ -89,6 +94,12 @@ __device__ __forceinline__ float fast_exp2(float x) {
   asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
   return y;
 }
+
+}  // namespace block_attn::cuda
+
+#endif  // BLOCK_ATTN_CUDA_EMULATION
+
+namespace block_attn::cuda {
 
 // Packs two floats into one register of two 16-bit values, `lo` in the low half (the lower
 // column of an mma fragment).

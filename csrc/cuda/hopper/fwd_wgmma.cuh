@@ -17,6 +17,7 @@
 
 #include "../../attention_params.h"
 #include "../flash/mma_utils.cuh"
+#include "../kernel_launch.cuh"
 #include "../tensor_rows.cuh"
 #include "../utils.cuh"
 #include "wgmma.cuh"
@@ -261,8 +262,7 @@ cudaError_t run_fwd_wgmma(const ForwardParams& params, cudaStream_t stream) {
   const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                Traits::kSharedBytes);
   if (err != cudaSuccess) return err;
-  kernel<<<grid, Traits::kThreads, Traits::kSharedBytes, stream>>>(params);
-  return cudaGetLastError();
+  return launch_kernel(kernel, grid, Traits::kThreads, Traits::kSharedBytes, stream, params);
 }
 
 }  // namespace block_attn::cuda::hopper

@@ -6,6 +6,7 @@
 // P is recomputed from lse; dS = P * (dP - Delta).
 #pragma once
 
+#include "../kernel_launch.cuh"
 #include "../tensor_rows.cuh"
 #include "../utils.cuh"
 #include "simple_kernels.h"
@@ -55,8 +56,8 @@ __global__ void __launch_bounds__(Traits::kThreads)
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sQ = reinterpret_cast<T*>(smem_raw);
   T* sdO = sQ + kTileRows * kHeadDim;
-  __shared__ A s_lse[Traits::kTileRows];
-  __shared__ A s_delta[Traits::kTileRows];
+  A* s_lse = reinterpret_cast<A*>(sdO + kTileRows * kHeadDim);
+  A* s_delta = s_lse + kTileRows;
 
   const T* k = k_rows<T>(params, batch, head_kv, kr.start);
   const T* v = v_rows<T>(params, batch, head_kv, kr.start);
@@ -221,26 +222,25 @@ cudaError_t run_bwd_simple(const BackwardParams& params, void* delta_workspace,
   using Traits = SimpleTraits<T, kHeadDim>;
   auto* delta = static_cast<Acc<T>*>(delta_workspace);
   if (params.seqlen_q > 0 && params.batch * params.heads_q > 0) {
-    delta_kernel<T>
-        <<<dim3(ceil_div(params.seqlen_q, 4), params.batch * params.heads_q), 128, 0, stream>>>(
-            params, delta);
-    const cudaError_t err = cudaGetLastError();
+    const cudaError_t err = launch_kernel(
+        delta_kernel<T>, dim3(ceil_div(params.seqlen_q, 4), params.batch * params.heads_q), 128, 0,
+        stream, params, delta);
     if (err != cudaSuccess) return err;
   }
   const dim3 grid_dkdv(ceil_div(params.max_seqlen_k, Traits::kRowsPerBlock), params.num_blocks,
                        params.batch * params.heads_kv);
   if (grid_dkdv.x > 0 && grid_dkdv.y > 0 && grid_dkdv.z > 0) {
-    dkdv_simple_kernel<Traits, T, kIsCausal>
-        <<<grid_dkdv, Traits::kThreads, Traits::kSharedBytes, stream>>>(params, delta);
-    const cudaError_t err = cudaGetLastError();
+    const cudaError_t err =
+        launch_kernel(dkdv_simple_kernel<Traits, T, kIsCausal>, grid_dkdv, Traits::kThreads,
+                      Traits::kKeySharedBytes, stream, params, delta);
     if (err != cudaSuccess) return err;
   }
   const dim3 grid_dq(ceil_div(params.max_seqlen_q, Traits::kRowsPerBlock), params.num_blocks,
                      params.batch * params.heads_q);
   if (grid_dq.x > 0 && grid_dq.y > 0 && grid_dq.z > 0) {
-    dq_simple_kernel<Traits, T, kIsCausal>
-        <<<grid_dq, Traits::kThreads, Traits::kSharedBytes, stream>>>(params, delta);
-    const cudaError_t err = cudaGetLastError();
+    const cudaError_t err =
+        launch_kernel(dq_simple_kernel<Traits, T, kIsCausal>, grid_dq, Traits::kThreads,
+                      Traits::kSharedBytes, stream, params, delta);
     if (err != cudaSuccess) return err;
   }
   return cudaSuccess;

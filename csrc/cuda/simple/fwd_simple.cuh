@@ -3,6 +3,7 @@
 // memory; key tiles past the causal diagonal are skipped, not masked.
 #pragma once
 
+#include "../kernel_launch.cuh"
 #include "../tensor_rows.cuh"
 #include "../utils.cuh"
 #include "simple_kernels.h"
@@ -111,9 +112,8 @@ cudaError_t run_fwd_simple(const ForwardParams& params, cudaStream_t stream) {
   const dim3 grid(ceil_div(params.max_seqlen_q, Traits::kRowsPerBlock), params.num_blocks,
                   params.batch * params.heads_q);
   if (grid.x == 0 || grid.y == 0 || grid.z == 0) return cudaSuccess;
-  fwd_simple_kernel<Traits, T, kIsCausal>
-      <<<grid, Traits::kThreads, Traits::kSharedBytes, stream>>>(params);
-  return cudaGetLastError();
+  return launch_kernel(fwd_simple_kernel<Traits, T, kIsCausal>, grid, Traits::kThreads,
+                       Traits::kSharedBytes, stream, params);
 }
 
 }  // namespace block_attn::cuda

@@ -23,6 +23,9 @@ struct SimpleTraits {
           ? floor_pow2(40960 / (2 * kHeadDim * static_cast<int>(sizeof(T))))
           : 32;
   static constexpr int kSharedBytes = 2 * kTileRows * kHeadDim * static_cast<int>(sizeof(T));
+  // The dK/dV pass also stages lse and Delta of the tile's queries.
+  static constexpr int kKeySharedBytes =
+      kSharedBytes + 2 * kTileRows * static_cast<int>(sizeof(Acc<T>));
   static_assert(kHeadDim % 32 == 0 && kHeadDim <= 256, "head dim must be 32, 64, 128 or 256");
 };
 

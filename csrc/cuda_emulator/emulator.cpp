@@ -1,0 +1,327 @@
+#include "emulator.h"
+
+#include <cstdio>
+#include <cstdlib>
+#include <map>
+#include <memory>
+#include <vector>
+
+#include "fiber.h"
+
+uint3 threadIdx;
+uint3 blockIdx;
+dim3 blockDim;
+dim3 gridDim;
+
+namespace {
+constexpr int kSharedCapacity = 256 * 1024;
+}
+
+namespace block_attn::cuda {
+// What the kernels declare as `extern __shared__ unsigned char smem_raw[]`: one CTA runs at a
+// time, so one buffer serves them all.
+alignas(128) unsigned char smem_raw[kSharedCapacity];
+}  // namespace block_attn::cuda
+
+namespace cuda_emulator {
+namespace {
+
+constexpr std::size_t kStackBytes = 256 * 1024;
+
+struct PendingCopy {
+  void* shared;
+  const void* global;
+};
+
+struct Thread {
+  std::unique_ptr<Fiber> fiber;
+  uint3 index{};
+  bool done = false;
+  // While waiting: resumed once *wait_generation moves past wait_value.
+  const unsigned* wait_generation = nullptr;
+  unsigned wait_value = 0;
+  unsigned collectives = 0;  // warp collectives so far: picks the payload buffer
+  std::vector<PendingCopy> pending_copies;
+};
+
+struct Warp {
+  // Two payload buffers, alternating: a lane can only write collective n + 2's payload after
+  // every lane has arrived at n + 1, so done reading n's.
+  WarpPayloads payloads[2];
+  const char* operations[32];
+  int arrived = 0;
+  unsigned generation = 0;
+};
+
+struct State {
+  DeviceProperties device;
+  std::map<const void*, int> shared_bytes_optin;  // per kernel, from cudaFuncSetAttribute
+  cudaError_t last_error = cudaSuccess;
+
+  std::vector<Thread> threads;
+  std::vector<Warp> warps;
+  Thread* current = nullptr;
+  const std::function<void()>* body = nullptr;
+  int shared_bytes = 0;
+  int live = 0;
+  int barrier_arrived = 0;
+  unsigned barrier_generation = 0;
+};
+
+State& state() {
+  static State s;
+  return s;
+}
+
+int linear_thread_index() {
+  return static_cast<int>(threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z));
+}
+
+void wait_until_moved(Thread& thread, const unsigned& generation, unsigned value) {
+  thread.wait_generation = &generation;
+  thread.wait_value = value;
+  thread.fiber->yield();
+}
+
+void finish_barrier_if_complete(State& s) {
+  if (s.barrier_arrived > 0 && s.barrier_arrived == s.live) {
+    s.barrier_arrived = 0;
+    ++s.barrier_generation;
+  }
+}
+
+void thread_entry() {
+  State& s = state();
+  (*s.body)();
+  Thread& thread = *s.current;
+  if (!thread.pending_copies.empty()) fail("thread exited with cp.async copies not waited for");
+  thread.done = true;
+  --s.live;
+  finish_barrier_if_complete(s);  // exited threads no longer hold up __syncthreads
+  thread.fiber->yield();
+  std::abort();  // never resumed
+}
+
+[[noreturn]] void fail_deadlock(const State& s) {
+  int at_barrier = 0;
+  int at_warp = 0;
+  for (const Thread& t : s.threads) {
+    if (t.done) continue;
+    (t.wait_generation == &s.barrier_generation ? at_barrier : at_warp) += 1;
+  }
+  std::fprintf(stderr,
+               "cuda emulator: deadlock in block (%u, %u, %u): %d threads wait at __syncthreads, "
+               "%d in warp collectives whose warps are incomplete\n",
+               blockIdx.x, blockIdx.y, blockIdx.z, at_barrier, at_warp);
+  std::abort();
+}
+
+void run_cta(State& s) {
+  std::memset(block_attn::cuda::smem_raw, 0xff, s.shared_bytes);
+  for (Thread& t : s.threads) {
+    t.fiber->reset();
+    t.done = false;
+    t.wait_generation = nullptr;
+    t.collectives = 0;
+    t.pending_copies.clear();
+  }
+  for (Warp& w : s.warps) w.arrived = 0;
+  s.live = static_cast<int>(s.threads.size());
+  s.barrier_arrived = 0;
+  while (s.live > 0) {
+    bool ran = false;
+    for (Thread& t : s.threads) {
+      if (t.done) continue;
+      if (t.wait_generation != nullptr && *t.wait_generation == t.wait_value) continue;
+      t.wait_generation = nullptr;
+      s.current = &t;
+      threadIdx = t.index;
+      t.fiber->resume();
+      ran = true;
+    }
+    if (!ran) fail_deadlock(s);
+  }
+  s.current = nullptr;
+}
+
+cudaError_t check_launch(const State& s, const void* kernel, dim3 grid, dim3 block,
+                         int shared_bytes) {
+  const long threads = static_cast<long>(block.x) * block.y * block.z;
+  if (threads < 1 || threads > 1024 || grid.x < 1 || grid.y < 1 || grid.z < 1 || grid.y > 65535 ||
+      grid.z > 65535 || grid.x > 2147483647u) {
+    return cudaErrorInvalidConfiguration;
+  }
+  if (threads % 32 != 0) {
+    std::fprintf(stderr, "cuda emulator: blocks of %ld threads; only whole warps are emulated\n",
+                 threads);
+    std::abort();
+  }
+  if (shared_bytes > 48 * 1024) {
+    const auto optin = s.shared_bytes_optin.find(kernel);
+    if (optin == s.shared_bytes_optin.end() || optin->second < shared_bytes) {
+      return cudaErrorInvalidValue;
+    }
+  }
+  if (shared_bytes < 0 || shared_bytes > kSharedCapacity) return cudaErrorInvalidValue;
+  return cudaSuccess;
+}
+
+}  // namespace
+
+void set_device_properties(const DeviceProperties& properties) {
+  state().device = properties;
+}
+
+const DeviceProperties& device_properties() {
+  return state().device;
+}
+
+cudaError_t run_grid(const void* kernel, dim3 grid, dim3 block, int shared_bytes,
+                     const std::function<void()>& body) {
+  State& s = state();
+  const cudaError_t err = check_launch(s, kernel, grid, block, shared_bytes);
+  if (err != cudaSuccess) {
+    s.last_error = err;
+    return err;
+  }
+  const int threads = static_cast<int>(block.x * block.y * block.z);
+  if (static_cast<int>(s.threads.size()) != threads) {
+    s.threads = std::vector<Thread>(threads);
+    for (Thread& t : s.threads) t.fiber = std::make_unique<Fiber>(kStackBytes, thread_entry);
+    s.warps = std::vector<Warp>(threads / 32);
+  }
+  for (int i = 0; i < threads; ++i) {
+    const int x = i % block.x;
+    const int y = (i / block.x) % block.y;
+    const int z = i / (block.x * block.y);
+    s.threads[i].index = make_uint3(x, y, z);
+  }
+  s.body = &body;
+  s.shared_bytes = shared_bytes;
+  blockDim = block;
+  gridDim = grid;
+  for (unsigned z = 0; z < grid.z; ++z) {
+    for (unsigned y = 0; y < grid.y; ++y) {
+      for (unsigned x = 0; x < grid.x; ++x) {
+        blockIdx = make_uint3(x, y, z);
+        run_cta(s);
+      }
+    }
+  }
+  s.body = nullptr;
+  return cudaSuccess;
+}
+
+void fail(const char* message) {
+  std::fprintf(stderr, "cuda emulator: %s (thread (%u, %u, %u) of block (%u, %u, %u))\n", message,
+               threadIdx.x, threadIdx.y, threadIdx.z, blockIdx.x, blockIdx.y, blockIdx.z);
+  std::abort();
+}
+
+int lane_id() {
+  return linear_thread_index() % 32;
+}
+
+const WarpPayloads& warp_exchange(const void* payload, int bytes, const char* operation) {
+  State& s = state();
+  Thread& thread = *s.current;
+  const int lane = lane_id();
+  Warp& warp = s.warps[linear_thread_index() / 32];
+  const int buffer = thread.collectives++ % 2;
+  std::memcpy(warp.payloads[buffer][lane], payload, bytes);
+  warp.operations[lane] = operation;
+  const unsigned generation = warp.generation;
+  if (++warp.arrived == 32) {
+    for (int other = 0; other < 32; ++other) {
+      if (std::strcmp(warp.operations[other], operation) != 0) {
+        std::fprintf(stderr, "cuda emulator: lane %d at %s while lane %d at %s\n", other,
+                     warp.operations[other], lane, operation);
+        fail("warp lanes diverged at a collective");
+      }
+    }
+    warp.arrived = 0;
+    ++warp.generation;
+  } else {
+    wait_until_moved(thread, warp.generation, generation);
+  }
+  return warp.payloads[buffer];
+}
+
+void sync_threads() {
+  State& s = state();
+  const unsigned generation = s.barrier_generation;
+  ++s.barrier_arrived;
+  finish_barrier_if_complete(s);
+  if (s.barrier_generation == generation) {
+    wait_until_moved(*s.current, s.barrier_generation, generation);
+  }
+}
+
+bool in_shared_memory(const void* p, int bytes) {
+  const auto* begin = block_attn::cuda::smem_raw;
+  const auto* byte = static_cast<const unsigned char*>(p);
+  return byte >= begin && byte + bytes <= begin + state().shared_bytes;
+}
+
+void cp_async_16(void* shared, const void* global) {
+  if (reinterpret_cast<uintptr_t>(shared) % 16 != 0 ||
+      reinterpret_cast<uintptr_t>(global) % 16 != 0) {
+    fail("cp.async of 16 bytes from or to an address not 16-byte aligned");
+  }
+  if (!in_shared_memory(shared, 16)) fail("cp.async outside the CTA's dynamic shared memory");
+  state().current->pending_copies.push_back({shared, global});
+}
+
+void cp_async_wait_all() {
+  Thread& thread = *state().current;
+  for (const PendingCopy& copy : thread.pending_copies) std::memcpy(copy.shared, copy.global, 16);
+  thread.pending_copies.clear();
+}
+
+}  // namespace cuda_emulator
+
+// The runtime API the launch code calls, answered for the emulated device.
+extern "C" {
+
+cudaError_t cudaGetDevice(int* device) {
+  *device = 0;
+  return cudaSuccess;
+}
+
+cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attribute, int device) {
+  const cuda_emulator::DeviceProperties& p = cuda_emulator::device_properties();
+  if (device != 0) return cudaErrorInvalidDevice;
+  switch (attribute) {
+    case cudaDevAttrComputeCapabilityMajor:
+      *value = p.major;
+      return cudaSuccess;
+    case cudaDevAttrComputeCapabilityMinor:
+      *value = p.minor;
+      return cudaSuccess;
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin:
+      *value = p.max_shared_bytes_optin;
+      return cudaSuccess;
+    default:
+      return cudaErrorInvalidValue;
+  }
+}
+
+cudaError_t cudaFuncSetAttribute(const void* func, cudaFuncAttribute attribute, int value) {
+  cuda_emulator::State& s = cuda_emulator::state();
+  if (attribute != cudaFuncAttributeMaxDynamicSharedMemorySize) return cudaErrorInvalidValue;
+  if (value > s.device.max_shared_bytes_optin) {
+    s.last_error = cudaErrorInvalidValue;
+    return cudaErrorInvalidValue;
+  }
+  s.shared_bytes_optin[func] = value;
+  return cudaSuccess;
+}
+
+cudaError_t cudaGetLastError() {
+  cuda_emulator::State& s = cuda_emulator::state();
+  const cudaError_t err = s.last_error;
+  s.last_error = cudaSuccess;
+  return err;
+}
+
+}  // extern "C"

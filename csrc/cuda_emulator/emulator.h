@@ -1,0 +1,134 @@
+// Runs the CUDA kernels on the host, so that their indexing, fragment layouts, masking and
+// synchronisation are tested on machines without a GPU. Force-included (g++ -include) ahead of
+// every translation unit built with BLOCK_ATTN_CUDA_EMULATION; the kernel sources compile
+// unchanged as C++ (under g++ the CUDA headers turn __device__, __global__ and __shared__ into
+// nothing).
+//
+// Every CUDA thread of a CTA is a fiber on one host thread, and CTAs run one after another, so
+// dynamic shared memory is one host buffer. A warp collective (shuffle, vote, ldmatrix, mma.sync)
+// is a rendezvous of the warp's 32 fibers and __syncthreads one of the CTA's live threads. PTX
+// semantics follow the ISA manual; cp.async copies land only at cp.async.wait_group, and shared
+// memory starts every CTA filled with 0xff bytes, so a read before the wait or of a byte never
+// written shows up (ldmatrix checks for it). Misuse - a collective with divergent lanes, a
+// deadlock, a shared-memory access out of range, shared memory above the opt-in - aborts with a
+// message naming the kernel's thread.
+#pragma once
+
+#ifndef BLOCK_ATTN_CUDA_EMULATION
+#error "emulator.h is for builds with BLOCK_ATTN_CUDA_EMULATION"
+#endif
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+
+#define __launch_bounds__(...)
+
+// The built-in variables of the CTA and thread the emulator is running.
+extern uint3 threadIdx;
+extern uint3 blockIdx;
+extern dim3 blockDim;
+extern dim3 gridDim;
+
+namespace cuda_emulator {
+
+// The device the runtime API reports: compute capability and the opt-in shared memory per CTA.
+struct DeviceProperties {
+  int major = 9;
+  int minor = 0;
+  int max_shared_bytes_optin = 227 * 1024;
+};
+void set_device_properties(const DeviceProperties& properties);
+const DeviceProperties& device_properties();
+
+// Runs `body` for every thread of every CTA of the grid. `kernel` identifies the kernel for the
+// shared-memory opt-in check (cudaFuncSetAttribute).
+cudaError_t run_grid(const void* kernel, dim3 grid, dim3 block, int shared_bytes,
+                     const std::function<void()>& body);
+
+template <typename... Params, typename... Args>
+cudaError_t launch(void (*kernel)(Params...), dim3 grid, dim3 block, int shared_bytes,
+                   const Args&... args) {
+  return run_grid(reinterpret_cast<const void*>(kernel), grid, block, shared_bytes,
+                  [&] { kernel(args...); });
+}
+
+// Aborts with the running thread's coordinates and `message`.
+[[noreturn]] void fail(const char* message);
+
+// Warp collectives. What the calling lane contributes goes into `payload` (at most
+// kPayloadBytes); the return value holds all 32 lanes' payloads, valid until the lane's next
+// collective. `operation` names the collective: lanes of one rendezvous must agree on it.
+constexpr int kPayloadBytes = 32;
+using WarpPayloads = unsigned char[32][kPayloadBytes];
+const WarpPayloads& warp_exchange(const void* payload, int bytes, const char* operation);
+int lane_id();
+
+void sync_threads();
+
+// The CTA's dynamic shared memory, [begin, begin + bytes) of the launch.
+bool in_shared_memory(const void* p, int bytes);
+
+// cp.async: queued per thread, copied at wait.
+void cp_async_16(void* shared, const void* global);
+void cp_async_wait_all();
+
+template <typename T>
+T shuffle(unsigned mask, T x, int source_lane, const char* operation) {
+  static_assert(sizeof(T) <= kPayloadBytes, "shuffle payload too large");
+  if (mask != 0xffffffffu) fail("shuffle with a partial lane mask");
+  const WarpPayloads& all = warp_exchange(&x, sizeof(T), operation);
+  T y;
+  std::memcpy(&y, all[source_lane & 31], sizeof(T));
+  return y;
+}
+
+}  // namespace cuda_emulator
+
+// The runtime's template overload for kernel pointers, which the CUDA headers declare only for
+// nvcc.
+template <typename Kernel>
+cudaError_t cudaFuncSetAttribute(Kernel* kernel, cudaFuncAttribute attribute, int value) {
+  return cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel), attribute, value);
+}
+
+inline void __syncthreads() {
+  cuda_emulator::sync_threads();
+}
+template <typename T>
+T __shfl_xor_sync(unsigned mask, T x, int lane_mask) {
+  return cuda_emulator::shuffle(mask, x, cuda_emulator::lane_id() ^ lane_mask, "shfl.bfly");
+}
+template <typename T>
+T __shfl_sync(unsigned mask, T x, int source_lane) {
+  return cuda_emulator::shuffle(mask, x, source_lane, "shfl.idx");
+}
+inline int __any_sync(unsigned mask, int predicate) {
+  if (mask != 0xffffffffu) cuda_emulator::fail("vote with a partial lane mask");
+  const bool mine = predicate != 0;
+  const cuda_emulator::WarpPayloads& all =
+      cuda_emulator::warp_exchange(&mine, sizeof(mine), "vote.any");
+  for (int lane = 0; lane < 32; ++lane) {
+    if (all[lane][0]) return 1;
+  }
+  return 0;
+}
+
+// CUDA's device overloads of min and max.
+inline int min(int a, int b) {
+  return a < b ? a : b;
+}
+inline int max(int a, int b) {
+  return a > b ? a : b;
+}
+inline float max(float a, float b) {
+  return fmaxf(a, b);
+}
+inline double max(double a, double b) {
+  return fmax(a, b);
+}

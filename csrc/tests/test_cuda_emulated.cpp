@@ -1,0 +1,469 @@
+// Runs the CUDA kernels (launch_forward / launch_backward, as the extension calls them) on the host
+// emulator and checks them against a float64 reference: ragged and empty blocks, query and key
+// blocks of different lengths, causal and not, GQA/MQA, both stride layouts, padded rows,
+// unaligned rows (the element-wise copy path), every head-dim tile, every dtype, and the device
+// properties that change the dispatch (sm_90, sm_86's smaller shared memory, sm_75 without the
+// tensor-core kernels). Outputs start filled with NaN so an element never written fails, and
+// padding between rows must stay untouched.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "attention_params.h"
+#include "cuda/launch.h"
+
+namespace {
+
+using block_attn::BackwardParams;
+using block_attn::ForwardParams;
+using block_attn::cuda::DType;
+
+// Element types and their conversions through float64.
+template <typename T>
+struct Element;
+template <>
+struct Element<__nv_bfloat16> {
+  static constexpr DType kDType = DType::kBFloat16;
+  static constexpr const char* kName = "bf16";
+  static __nv_bfloat16 from(double x) { return __float2bfloat16_rn(static_cast<float>(x)); }
+  static double to(__nv_bfloat16 x) { return __bfloat162float(x); }
+  static __nv_bfloat16 nan() { return __float2bfloat16_rn(NAN); }
+};
+template <>
+struct Element<__half> {
+  static constexpr DType kDType = DType::kFloat16;
+  static constexpr const char* kName = "fp16";
+  static __half from(double x) { return __float2half_rn(static_cast<float>(x)); }
+  static double to(__half x) { return __half2float(x); }
+  static __half nan() { return __float2half_rn(NAN); }
+};
+template <>
+struct Element<float> {
+  static constexpr DType kDType = DType::kFloat32;
+  static constexpr const char* kName = "fp32";
+  static float from(double x) { return static_cast<float>(x); }
+  static double to(float x) { return x; }
+  static float nan() { return NAN; }
+};
+template <>
+struct Element<double> {
+  static constexpr DType kDType = DType::kFloat64;
+  static constexpr const char* kName = "fp64";
+  static double from(double x) { return x; }
+  static double to(double x) { return x; }
+  static double nan() { return NAN; }
+};
+
+enum class Layout {
+  kHeadsFirst,     // (batch, heads, rows, head_dim) contiguous
+  kRowsFirst,      // (batch, rows, heads, head_dim) contiguous
+  kPaddedRows,     // rows first, 8 spare elements after every row of heads (16-byte aligned)
+  kUnalignedRows,  // rows first, 3 spare elements: no 16-byte vector copies
+};
+
+struct Case {
+  std::string name;
+  std::vector<int> lengths_q;
+  std::vector<int> lengths_k;
+  int batch = 1;
+  int heads_q = 2;
+  int heads_kv = 2;
+  int head_dim = 64;
+  bool causal = false;
+  Layout layout = Layout::kHeadsFirst;
+  bool grad_lse = true;
+  bool backward = true;
+};
+
+// A (batch, heads, rows, head_dim) tensor with the case's strides over a buffer that also holds
+// the padding; every element starts as NaN.
+template <typename T>
+struct Tensor {
+  int batch, heads, rows, dim;
+  int64_t batch_stride, head_stride, row_stride;
+  std::vector<T> data;
+
+  Tensor(int b, int h, int r, int d, Layout layout) : batch(b), heads(h), rows(r), dim(d) {
+    const int spare = layout == Layout::kPaddedRows ? 8 : layout == Layout::kUnalignedRows ? 3 : 0;
+    if (layout == Layout::kHeadsFirst) {
+      row_stride = d;
+      head_stride = static_cast<int64_t>(r) * d;
+      batch_stride = h * head_stride;
+    } else {
+      head_stride = d;
+      row_stride = static_cast<int64_t>(h) * d + spare;
+      batch_stride = r * row_stride;
+    }
+    data.assign(static_cast<size_t>(std::max<int64_t>(b * batch_stride, 1)), Element<T>::nan());
+  }
+  T& at(int b, int h, int r, int d) {
+    return data[b * batch_stride + h * head_stride + r * row_stride + d];
+  }
+  double value(int b, int h, int r, int d) { return Element<T>::to(at(b, h, r, d)); }
+  bool is_element(size_t index) const {
+    const int64_t within_row = static_cast<int64_t>(index) % row_stride;
+    return row_stride == dim || within_row < static_cast<int64_t>(heads) * dim;
+  }
+};
+
+template <typename T>
+void fill_random(Tensor<T>& t, std::mt19937& rng) {
+  std::normal_distribution<double> normal;
+  for (int b = 0; b < t.batch; ++b)
+    for (int h = 0; h < t.heads; ++h)
+      for (int r = 0; r < t.rows; ++r)
+        for (int d = 0; d < t.dim; ++d) t.at(b, h, r, d) = Element<T>::from(normal(rng));
+}
+
+struct Blocks {
+  std::vector<int32_t> q, k;  // cu_seqlens
+  int max_q = 0, max_k = 0;
+};
+
+Blocks offsets(const Case& c) {
+  Blocks b{{0}, {0}};
+  for (size_t j = 0; j < c.lengths_q.size(); ++j) {
+    b.q.push_back(b.q.back() + c.lengths_q[j]);
+    b.k.push_back(b.k.back() + c.lengths_k[j]);
+    b.max_q = std::max(b.max_q, c.lengths_q[j]);
+    b.max_k = std::max(b.max_k, c.lengths_k[j]);
+  }
+  return b;
+}
+
+// Float64 attention of one query row: the allowed keys' probabilities, out and lse.
+struct RowReference {
+  std::vector<double> p;  // over the block's keys, 0 where masked
+  std::vector<double> out;
+  double lse;
+};
+
+template <typename T>
+RowReference reference_row(const Case& c, const Blocks& blocks, Tensor<T>& q, Tensor<T>& k,
+                           Tensor<T>& v, int b, int h, int block, int i, double scale) {
+  const int hk = h / (c.heads_q / c.heads_kv);
+  const int len_q = c.lengths_q[block], len_k = c.lengths_k[block];
+  const int q0 = blocks.q[block], k0 = blocks.k[block];
+  const int key_end = c.causal ? std::clamp(i + 1 + len_k - len_q, 0, len_k) : len_k;
+  RowReference row{std::vector<double>(len_k, 0.0), std::vector<double>(c.head_dim, 0.0),
+                   -INFINITY};
+  double max_score = -INFINITY;
+  std::vector<double> scores(key_end);
+  for (int t = 0; t < key_end; ++t) {
+    double s = 0;
+    for (int d = 0; d < c.head_dim; ++d) s += q.value(b, h, q0 + i, d) * k.value(b, hk, k0 + t, d);
+    scores[t] = s * scale;
+    max_score = std::max(max_score, scores[t]);
+  }
+  if (key_end == 0) return row;
+  double sum = 0;
+  for (int t = 0; t < key_end; ++t) sum += std::exp(scores[t] - max_score);
+  row.lse = max_score + std::log(sum);
+  for (int t = 0; t < key_end; ++t) {
+    row.p[t] = std::exp(scores[t] - row.lse);
+    for (int d = 0; d < c.head_dim; ++d) row.out[d] += row.p[t] * v.value(b, hk, k0 + t, d);
+  }
+  return row;
+}
+
+// Largest |got - want| over the real elements, and whether padding kept its NaN.
+struct Comparison {
+  double max_error = 0;
+  double max_reference = 0;
+  bool padding_intact = true;
+  bool finite = true;
+};
+
+void compare_value(Comparison& cmp, double got, double want) {
+  if (std::isinf(want)) {
+    if (got != want) cmp.max_error = INFINITY;
+    return;
+  }
+  if (!std::isfinite(got)) cmp.finite = false;
+  cmp.max_error = std::max(cmp.max_error, std::abs(got - want));
+  cmp.max_reference = std::max(cmp.max_reference, std::abs(want));
+}
+
+template <typename T>
+void check_padding(Comparison& cmp, const Tensor<T>& t) {
+  for (size_t i = 0; i < t.data.size(); ++i) {
+    if (!t.is_element(i) && !std::isnan(Element<T>::to(t.data[i]))) cmp.padding_intact = false;
+  }
+}
+
+int failures = 0;
+
+// Tolerance: units of rounding of the type the values are stored in, relative to the largest
+// reference value. Half types round P and dS to 8 or 11 bits before their products; float32 and
+// float64 sums of a few hundred terms pick up a few units.
+template <typename T>
+double tolerance(double magnitude, bool gradient) {
+  const double unit = std::is_same_v<T, __nv_bfloat16> ? 0x1p-8
+                      : std::is_same_v<T, __half>      ? 0x1p-11
+                      : std::is_same_v<T, float>       ? 0x1p-23
+                                                       : 0x1p-52;
+  const bool half = sizeof(T) == 2;
+  return (half ? (gradient ? 3.0 : 2.0) : 16.0) * unit * std::max(magnitude, 1.0);
+}
+
+template <typename T, typename Stored = T>
+void report(const std::string& what, const Comparison& cmp, bool gradient) {
+  const double tol = tolerance<Stored>(cmp.max_reference, gradient);
+  const bool ok = cmp.finite && cmp.padding_intact && cmp.max_error <= tol;
+  std::printf("  %-4s %-6s max error %.3g (tolerance %.3g, largest value %.3g)%s%s\n",
+              ok ? "ok" : "FAIL", what.c_str(), cmp.max_error, tol, cmp.max_reference,
+              cmp.finite ? "" : ", non-finite values",
+              cmp.padding_intact ? "" : ", padding written");
+  failures += ok ? 0 : 1;
+}
+
+template <typename T>
+void run_case(const Case& c) {
+  using A = std::conditional_t<std::is_same_v<T, double>, double, float>;
+  std::printf("%s [%s, head_dim %d%s]\n", c.name.c_str(), Element<T>::kName, c.head_dim,
+              c.causal ? ", causal" : "");
+  std::mt19937 rng(1234);
+  const Blocks blocks = offsets(c);
+  const int seqlen_q = blocks.q.back(), seqlen_k = blocks.k.back();
+  const int hq = c.heads_q, hkv = c.heads_kv, dim = c.head_dim;
+  Tensor<T> q(c.batch, hq, seqlen_q, dim, c.layout), k(c.batch, hkv, seqlen_k, dim, c.layout),
+      v(c.batch, hkv, seqlen_k, dim, c.layout), out(c.batch, hq, seqlen_q, dim, c.layout),
+      grad_out(c.batch, hq, seqlen_q, dim, c.layout), grad_q(c.batch, hq, seqlen_q, dim, c.layout),
+      grad_k(c.batch, hkv, seqlen_k, dim, c.layout), grad_v(c.batch, hkv, seqlen_k, dim, c.layout);
+  fill_random(q, rng);
+  fill_random(k, rng);
+  fill_random(v, rng);
+  fill_random(grad_out, rng);
+  const size_t lse_count = static_cast<size_t>(c.batch) * hq * seqlen_q;
+  std::vector<A> lse(std::max<size_t>(lse_count, 1), NAN), grad_lse(lse.size()),
+      delta(lse.size(), NAN);
+  std::normal_distribution<double> normal;
+  for (A& g : grad_lse) g = static_cast<A>(0.3 * normal(rng));
+  const double scale = 1.0 / std::sqrt(static_cast<double>(dim));
+
+  BackwardParams p{};
+  p.q = q.data.data();
+  p.k = k.data.data();
+  p.v = v.data.data();
+  p.out = out.data.data();
+  p.lse = lse.data();
+  auto strides = [](const auto& t, int64_t& b, int64_t& h, int64_t& r) {
+    b = t.batch_stride;
+    h = t.head_stride;
+    r = t.row_stride;
+  };
+  strides(q, p.q_batch_stride, p.q_head_stride, p.q_row_stride);
+  strides(k, p.k_batch_stride, p.k_head_stride, p.k_row_stride);
+  strides(v, p.v_batch_stride, p.v_head_stride, p.v_row_stride);
+  strides(out, p.out_batch_stride, p.out_head_stride, p.out_row_stride);
+  p.cu_seqlens_q = blocks.q.data();
+  p.cu_seqlens_k = blocks.k.data();
+  p.num_blocks = static_cast<int>(c.lengths_q.size());
+  p.max_seqlen_q = blocks.max_q;
+  p.max_seqlen_k = blocks.max_k;
+  p.batch = c.batch;
+  p.heads_q = hq;
+  p.heads_kv = hkv;
+  p.seqlen_q = seqlen_q;
+  p.seqlen_k = seqlen_k;
+  p.head_dim = dim;
+  p.scale = scale;
+  p.is_causal = c.causal;
+
+  cudaError_t err = block_attn::cuda::launch_forward(p, Element<T>::kDType, nullptr);
+  if (err != cudaSuccess) {
+    std::printf("  FAIL forward launch: error %d\n", static_cast<int>(err));
+    ++failures;
+    return;
+  }
+
+  Comparison cmp_out, cmp_lse, cmp_dq, cmp_dk, cmp_dv;
+  std::vector<std::vector<double>> dk_ref(static_cast<size_t>(c.batch) * hkv * seqlen_k,
+                                          std::vector<double>(dim, 0.0));
+  std::vector<std::vector<double>> dv_ref = dk_ref;
+  std::vector<std::vector<double>> dq_ref(static_cast<size_t>(c.batch) * hq * seqlen_q,
+                                          std::vector<double>(dim, 0.0));
+  for (int b = 0; b < c.batch; ++b) {
+    for (int h = 0; h < hq; ++h) {
+      const int hk = h / (hq / hkv);
+      for (int block = 0; block < p.num_blocks; ++block) {
+        const int q0 = blocks.q[block], k0 = blocks.k[block];
+        for (int i = 0; i < c.lengths_q[block]; ++i) {
+          const RowReference row = reference_row(c, blocks, q, k, v, b, h, block, i, scale);
+          const size_t lse_at = (static_cast<size_t>(b) * hq + h) * seqlen_q + q0 + i;
+          for (int d = 0; d < dim; ++d)
+            compare_value(cmp_out, out.value(b, h, q0 + i, d), row.out[d]);
+          compare_value(cmp_lse, lse[lse_at], row.lse);
+          // Backward of this row: dS = P (dP - Delta), Delta = dO . O - grad_lse.
+          double row_delta = c.grad_lse ? -static_cast<double>(grad_lse[lse_at]) : 0.0;
+          for (int d = 0; d < dim; ++d) row_delta += grad_out.value(b, h, q0 + i, d) * row.out[d];
+          for (int t = 0; t < c.lengths_k[block]; ++t) {
+            if (row.p[t] == 0) continue;
+            double dp = 0;
+            for (int d = 0; d < dim; ++d)
+              dp += grad_out.value(b, h, q0 + i, d) * v.value(b, hk, k0 + t, d);
+            const double ds = row.p[t] * (dp - row_delta);
+            auto& dk_row = dk_ref[(static_cast<size_t>(b) * hkv + hk) * seqlen_k + k0 + t];
+            auto& dv_row = dv_ref[(static_cast<size_t>(b) * hkv + hk) * seqlen_k + k0 + t];
+            auto& dq_row = dq_ref[(static_cast<size_t>(b) * hq + h) * seqlen_q + q0 + i];
+            for (int d = 0; d < dim; ++d) {
+              dq_row[d] += scale * ds * k.value(b, hk, k0 + t, d);
+              dk_row[d] += scale * ds * q.value(b, h, q0 + i, d);
+              dv_row[d] += row.p[t] * grad_out.value(b, h, q0 + i, d);
+            }
+          }
+        }
+      }
+    }
+  }
+  check_padding(cmp_out, out);
+  report<T>("out", cmp_out, false);
+  report<T, A>("lse", cmp_lse, false);  // lse is stored in the accumulator type
+  if (!c.backward) return;
+
+  p.grad_out = grad_out.data.data();
+  p.grad_lse = c.grad_lse ? grad_lse.data() : nullptr;
+  p.grad_q = grad_q.data.data();
+  p.grad_k = grad_k.data.data();
+  p.grad_v = grad_v.data.data();
+  strides(grad_out, p.grad_out_batch_stride, p.grad_out_head_stride, p.grad_out_row_stride);
+  strides(grad_q, p.grad_q_batch_stride, p.grad_q_head_stride, p.grad_q_row_stride);
+  strides(grad_k, p.grad_k_batch_stride, p.grad_k_head_stride, p.grad_k_row_stride);
+  strides(grad_v, p.grad_v_batch_stride, p.grad_v_head_stride, p.grad_v_row_stride);
+  p.deterministic = true;
+  err = block_attn::cuda::launch_backward(p, {delta.data()}, Element<T>::kDType, nullptr);
+  if (err != cudaSuccess) {
+    std::printf("  FAIL backward launch: error %d\n", static_cast<int>(err));
+    ++failures;
+    return;
+  }
+  for (int b = 0; b < c.batch; ++b) {
+    for (int h = 0; h < hq; ++h) {
+      for (int i = 0; i < seqlen_q; ++i) {
+        const auto& want = dq_ref[(static_cast<size_t>(b) * hq + h) * seqlen_q + i];
+        for (int d = 0; d < dim; ++d) compare_value(cmp_dq, grad_q.value(b, h, i, d), want[d]);
+      }
+    }
+    for (int h = 0; h < hkv; ++h) {
+      for (int t = 0; t < seqlen_k; ++t) {
+        const size_t at = (static_cast<size_t>(b) * hkv + h) * seqlen_k + t;
+        for (int d = 0; d < dim; ++d) {
+          compare_value(cmp_dk, grad_k.value(b, h, t, d), dk_ref[at][d]);
+          compare_value(cmp_dv, grad_v.value(b, h, t, d), dv_ref[at][d]);
+        }
+      }
+    }
+  }
+  check_padding(cmp_dq, grad_q);
+  check_padding(cmp_dk, grad_k);
+  check_padding(cmp_dv, grad_v);
+  report<T>("dq", cmp_dq, true);
+  report<T>("dk", cmp_dk, true);
+  report<T>("dv", cmp_dv, true);
+}
+
+void run_on(const cuda_emulator::DeviceProperties& device, const char* name,
+            const std::vector<std::pair<DType, Case>>& cases) {
+  cuda_emulator::set_device_properties(device);
+  std::printf("=== emulated %s\n", name);
+  for (const auto& [dtype, c] : cases) {
+    switch (dtype) {
+      case DType::kBFloat16:
+        run_case<__nv_bfloat16>(c);
+        break;
+      case DType::kFloat16:
+        run_case<__half>(c);
+        break;
+      case DType::kFloat32:
+        run_case<float>(c);
+        break;
+      case DType::kFloat64:
+        run_case<double>(c);
+        break;
+    }
+  }
+}
+
+}  // namespace
+
+int main() {
+  // Lengths sit on both sides of the 32/64/128-row tiles; 0 is an empty block.
+  const std::vector<int> ragged = {200, 64, 1, 0, 129};
+  Case causal128{"ragged causal, 128-query tiles", ragged, ragged, 1, 2, 2, 128, true};
+  Case long_causal{"long causal blocks, batch 2", {700, 300}, {700, 300}, 2, 1, 1, 128, true};
+  long_causal.grad_lse = false;
+  Case gqa64{"GQA 4:2, rows-first layout",
+             {130, 65, 7},
+             {130, 65, 7},
+             2,
+             4,
+             2,
+             64,
+             false,
+             Layout::kRowsFirst};
+  Case causal_gqa64 = gqa64;
+  causal_gqa64.name = "GQA 4:2 causal, rows-first layout";
+  causal_gqa64.causal = true;
+  Case separate{"query and key blocks of different lengths",
+                {100, 64, 3, 70},
+                {150, 40, 5, 0},
+                1,
+                2,
+                1,
+                128,
+                true};
+  Case short_blocks{"blocks of at most 64 queries (64-query tiles)",
+                    {64, 33, 64},
+                    {64, 33, 64},
+                    1,
+                    2,
+                    2,
+                    128,
+                    true};
+  Case mqa{"MQA 3:1, padded rows", {96, 17}, {96, 17}, 1, 3, 1, 64, true, Layout::kPaddedRows};
+  Case odd_dim{"head_dim 40, unaligned rows", {90, 17}, {90, 17}, 1, 2, 2, 40, true,
+               Layout::kUnalignedRows};
+  Case dim96{"head_dim 96, padded rows", {130, 20}, {130, 20}, 1, 2, 2, 96, false,
+             Layout::kPaddedRows};
+  dim96.grad_lse = false;
+  Case dim256{"head_dim 256 (simple backward)", {150, 33}, {150, 33}, 1, 2, 2, 256, true};
+  Case dim192{"head_dim 192, unaligned rows", {70, 9}, {70, 9}, 1, 2, 1, 192, false,
+              Layout::kUnalignedRows};
+  Case simple64{"simple kernels", {70, 33, 0}, {70, 33, 0}, 1, 2, 1, 64, true};
+  Case simple32 = simple64;
+  simple32.head_dim = 32;
+  simple32.layout = Layout::kRowsFirst;
+  simple32.causal = false;
+
+  cuda_emulator::DeviceProperties sm90;  // 227 KiB of shared memory per CTA
+  run_on(sm90, "sm_90",
+         {{DType::kBFloat16, causal128},
+          {DType::kFloat16, causal128},
+          {DType::kBFloat16, long_causal},
+          {DType::kBFloat16, gqa64},
+          {DType::kFloat16, causal_gqa64},
+          {DType::kBFloat16, separate},
+          {DType::kBFloat16, short_blocks},
+          {DType::kFloat16, mqa},
+          {DType::kFloat16, odd_dim},
+          {DType::kBFloat16, dim96},
+          {DType::kBFloat16, dim256},
+          {DType::kFloat16, dim192},
+          {DType::kFloat32, simple64},
+          {DType::kFloat64, simple32}});
+  cuda_emulator::DeviceProperties sm86{8, 6, 99 * 1024};  // the dQ kernel keeps one row group
+  run_on(sm86, "sm_86", {{DType::kBFloat16, causal128}, {DType::kFloat16, separate}});
+  cuda_emulator::DeviceProperties sm75{7, 5, 64 * 1024};  // no tensor-core kernels
+  run_on(sm75, "sm_75", {{DType::kFloat16, causal_gqa64}, {DType::kBFloat16, mqa}});
+
+  std::printf("%s: %d failure(s)\n", failures ? "FAILED" : "passed", failures);
+  return failures ? 1 : 0;
+}
