@@ -33,6 +33,16 @@ struct PendingCopy {
   const void* global;
 };
 
+// Accesses to one 16-byte chunk of shared memory, for the race checks. Epochs count the CTA's
+// completed __syncthreads.
+struct ChunkAccesses {
+  static constexpr int kManyWarps = -2;
+  unsigned read_epoch = ~0u;    // latest ldmatrix read
+  int reader_warp = -1;         // its warp, or kManyWarps if several read in that epoch
+  int copy_in_flight_by = -1;   // thread whose cp.async to the chunk is not yet waited for
+  unsigned landed_epoch = ~0u;  // when the last cp.async landed (its thread's wait)
+};
+
 struct Thread {
   std::unique_ptr<Fiber> fiber;
   uint3 index{};
@@ -66,6 +76,7 @@ struct State {
   int live = 0;
   int barrier_arrived = 0;
   unsigned barrier_generation = 0;
+  std::vector<ChunkAccesses> chunks;  // of the CTA's dynamic shared memory
 };
 
 State& state() {
@@ -116,8 +127,17 @@ void thread_entry() {
   std::abort();
 }
 
+int current_thread(const State& s) {
+  return static_cast<int>(s.current - s.threads.data());
+}
+
+ChunkAccesses& chunk_of(State& s, const void* p) {
+  return s.chunks[(static_cast<const unsigned char*>(p) - block_attn::cuda::smem_raw) / 16];
+}
+
 void run_cta(State& s) {
   std::memset(block_attn::cuda::smem_raw, 0xff, s.shared_bytes);
+  s.chunks.assign((s.shared_bytes + 15) / 16, ChunkAccesses{});
   for (Thread& t : s.threads) {
     t.fiber->reset();
     t.done = false;
@@ -269,13 +289,45 @@ void cp_async_16(void* shared, const void* global) {
     fail("cp.async of 16 bytes from or to an address not 16-byte aligned");
   }
   if (!in_shared_memory(shared, 16)) fail("cp.async outside the CTA's dynamic shared memory");
-  state().current->pending_copies.push_back({shared, global});
+  State& s = state();
+  ChunkAccesses& chunk = chunk_of(s, shared);
+  if (chunk.copy_in_flight_by >= 0) fail("two cp.async to the same shared memory in flight");
+  const int warp = current_thread(s) / 32;
+  if (chunk.read_epoch == s.barrier_generation && chunk.reader_warp != warp) {
+    fail("cp.async overwrites shared memory that another warp read since the last __syncthreads");
+  }
+  chunk.copy_in_flight_by = current_thread(s);
+  s.current->pending_copies.push_back({shared, global});
 }
 
 void cp_async_wait_all() {
-  Thread& thread = *state().current;
-  for (const PendingCopy& copy : thread.pending_copies) std::memcpy(copy.shared, copy.global, 16);
+  State& s = state();
+  Thread& thread = *s.current;
+  for (const PendingCopy& copy : thread.pending_copies) {
+    std::memcpy(copy.shared, copy.global, 16);
+    ChunkAccesses& chunk = chunk_of(s, copy.shared);
+    chunk.copy_in_flight_by = -1;
+    chunk.landed_epoch = s.barrier_generation;
+  }
   thread.pending_copies.clear();
+}
+
+void note_shared_read(const void* p) {
+  State& s = state();
+  ChunkAccesses& chunk = chunk_of(s, p);
+  if (chunk.copy_in_flight_by >= 0) {
+    fail("ldmatrix reads shared memory while a cp.async to it is in flight");
+  }
+  if (chunk.landed_epoch == s.barrier_generation) {
+    fail("ldmatrix reads shared memory whose cp.async landed with no __syncthreads since");
+  }
+  const int warp = current_thread(s) / 32;
+  if (chunk.read_epoch != s.barrier_generation) {
+    chunk.read_epoch = s.barrier_generation;
+    chunk.reader_warp = warp;
+  } else if (chunk.reader_warp != warp) {
+    chunk.reader_warp = ChunkAccesses::kManyWarps;
+  }
 }
 
 }  // namespace cuda_emulator

@@ -9,9 +9,12 @@
 // is a rendezvous of the warp's 32 fibers and __syncthreads one of the CTA's live threads. PTX
 // semantics follow the ISA manual; cp.async copies land only at cp.async.wait_group, and shared
 // memory starts every CTA filled with 0xff bytes, so a read before the wait or of a byte never
-// written shows up (ldmatrix checks for it). Misuse - a collective with divergent lanes, a
-// deadlock, a shared-memory access out of range, shared memory above the opt-in - aborts with a
-// message naming the kernel's thread.
+// written shows up (ldmatrix checks for it). Races between cp.async and ldmatrix are checked per
+// 16-byte chunk against the barriers: a read while a copy is in flight or before a __syncthreads
+// follows its landing, and a copy over what another warp read since the last __syncthreads. Plain
+// loads and stores are not tracked. Misuse - a collective with divergent lanes, a deadlock, a
+// shared-memory access out of range, shared memory above the opt-in - aborts with a message
+// naming the kernel's thread.
 #pragma once
 
 #ifndef BLOCK_ATTN_CUDA_EMULATION
@@ -77,6 +80,8 @@ bool in_shared_memory(const void* p, int bytes);
 // cp.async: queued per thread, copied at wait.
 void cp_async_16(void* shared, const void* global);
 void cp_async_wait_all();
+// Race checks against cp.async for a 16-byte shared-memory read (an ldmatrix row).
+void note_shared_read(const void* p);
 
 template <typename T>
 T shuffle(unsigned mask, T x, int source_lane, const char* operation) {

@@ -33,6 +33,7 @@ inline void ldmatrix_x4(uint32_t (&r)[4], const void* smem, bool transposed) {
   if (!cuda_emulator::in_shared_memory(smem, 16)) {
     cuda_emulator::fail("ldmatrix row outside the CTA's dynamic shared memory");
   }
+  cuda_emulator::note_shared_read(smem);
   const cuda_emulator::WarpPayloads& rows =
       cuda_emulator::warp_exchange(&smem, sizeof(smem), operation);
   auto element = [&](int lane, int column) {
