@@ -7,9 +7,9 @@
 # Everything goes to $OUT (default bench/results/gpu_run): gpu_suite.log (the whole run),
 # junit.xml, gpu_results.json, summary.txt and ncu_kernels.txt. Each step is timed and limited; a
 # failing step is recorded and the next one still runs. Exits non-zero when any counted step
-# failed (initcheck, the wgmma probe and the profile are advisory).
+# failed (initcheck, the kernel probes and the profile are advisory).
 # SUITE_BUDGET (seconds, default 540) bounds the whole run: later steps get what is left.
-# STEPS (default "env build tests sanitizer bench wgmma profile") picks steps, e.g. STEPS="bench".
+# STEPS (default "env build tests sanitizer bench probes profile") picks steps, e.g. STEPS="bench".
 # SANITIZER_KERNELS (default block_attn): substring of the kernels racecheck/initcheck check.
 # BENCH_ARGS adds arguments to gpu_bench.py (e.g. "--dry-run --device cpu" for a logic check).
 set -uo pipefail
@@ -20,7 +20,7 @@ mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
 LOG="$OUT/gpu_suite.log"
 SUMMARY="$OUT/summary.txt"
-STEPS="${STEPS:-env build tests sanitizer bench wgmma profile}"
+STEPS="${STEPS:-env build tests sanitizer bench probes profile}"
 SUITE_BUDGET="${SUITE_BUDGET:-540}"
 export PYTHONUNBUFFERED=1
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
@@ -152,18 +152,22 @@ sanitizer() {
     --print-limit 50 "$@" python3 bench/sanitizer_cases.py
 }
 
-# The Hopper warpgroup-product building blocks, and the forward built on them, against host
-# references (plain CUDA programs); the forward is also timed.
-wgmma_probe() {
-  local major
+# Plain CUDA programs: the tile variants of the tensor-core kernels timed side by side (and checked
+# to agree bitwise); on sm_90, the Hopper warpgroup-product building blocks and the forward built
+# on them against host references, the forward also timed.
+kernel_probes() {
+  local major arch rc=0 probe probes=(flash_tile_variants)
   major=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | cut -d. -f1)
-  if [[ "$major" != 9 ]]; then
+  arch=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | tr -d .)
+  if [[ "$major" == 9 ]]; then
+    arch=90a
+    probes+=(wgmma_probe wgmma_attention_probe)
+  else
     echo "compute capability $major: no wgmma to check"
-    return 0
   fi
-  local rc=0 probe
-  for probe in wgmma_probe wgmma_attention_probe; do
-    nvcc -std=c++17 -O3 --expt-relaxed-constexpr -gencode=arch=compute_90a,code=sm_90a \
+  for probe in "${probes[@]}"; do
+    echo "--- $probe"
+    nvcc -std=c++17 -O3 --expt-relaxed-constexpr -gencode="arch=compute_$arch,code=sm_$arch" \
       "csrc/tests/$probe.cu" -o "/tmp/block_attn_$probe" && "/tmp/block_attn_$probe" || rc=1
   done
   return $rc
@@ -185,7 +189,7 @@ profile() {
 }
 
 export OUT
-export -f environment build tests sanitizer wgmma_probe profile
+export -f environment build tests sanitizer kernel_probes profile
 log "block_attn GPU suite: steps '$STEPS', budget ${SUITE_BUDGET}s, writing to $OUT"
 if wanted env; then run_step environment 60 0 1 environment; fi
 # Reserves keep time for the later steps; the benchmark needs about 220 s.
@@ -201,16 +205,16 @@ if wanted sanitizer; then
 fi
 if wanted bench; then
   # Timing loops get the step's limit less ~60 s for roofline, accuracy check and tables; the
-  # advisory steps after it keep up to 120 s.
+  # advisory steps after it keep up to 135 s.
   reserve=0
-  if wanted wgmma || wanted profile; then reserve=120; fi
+  if wanted probes || wanted profile; then reserve=135; fi
   left=$(($(remaining) - reserve))
   left=$((left < 300 ? left : 300))
   run_step benchmark 300 "$reserve" 1 python3 bench/gpu_bench.py --out "$OUT/gpu_results.json" \
     --time-budget $((left - 60 > 200 ? 200 : (left - 60 > 30 ? left - 60 : 30))) ${BENCH_ARGS:-}
 fi
 
-if wanted wgmma; then run_step wgmma-probe 45 60 0 wgmma_probe; fi
+if wanted probes; then run_step kernel-probes 60 60 0 kernel_probes; fi
 if wanted profile; then
   run_step profile 120 0 0 bash -c 'profile >"$OUT/ncu_kernels.txt" 2>&1; rc=$?; tail -40 "$OUT/ncu_kernels.txt"; exit $rc'
 fi

@@ -65,8 +65,8 @@ defined_all="$(nm -C --defined-only "$SO")"
 grep -q 'block_attn::cuda::launch_forward' <<<"$defined_all" ||
   fail "$SO has no CUDA forward (was it built without BLOCK_ATTN_CUDA?)"
 
-# The Hopper probes are plain CUDA programs; they must at least compile and link.
-for probe in wgmma_probe wgmma_attention_probe; do
+# The GPU suite's probes are plain CUDA programs; they must at least compile and link.
+for probe in flash_tile_variants wgmma_probe wgmma_attention_probe; do
   "$CUDA_HOME/bin/nvcc" -std=c++17 -O3 --expt-relaxed-constexpr \
     -gencode=arch=compute_90a,code=sm_90a "csrc/tests/$probe.cu" -o "$TMP_DIR/$probe" ||
     fail "nvcc csrc/tests/$probe.cu"
