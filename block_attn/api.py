@@ -56,7 +56,9 @@ def attention(
 
     Float16 and bfloat16 are computed with float32 accumulation. NaN or Inf in q, k or v
     propagate to the outputs of the rows that see them (as in any softmax attention); they are
-    not detected.
+    not detected. On CUDA the float16/bfloat16 backward sums the gradient of q with atomics,
+    so it may differ in the last bit from run to run, unless
+    ``torch.use_deterministic_algorithms(True)`` is on.
     """
     check_qkv(q, k, v)
     if not isinstance(causal, bool):

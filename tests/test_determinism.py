@@ -1,4 +1,8 @@
-"""Determinism and block isolation, both bitwise; NaN handling."""
+"""Determinism and block isolation, both bitwise; the CUDA backward's two dQ paths; NaN handling.
+
+On CUDA the float16/bfloat16 backward sums dQ with atomics unless
+``torch.use_deterministic_algorithms(True)`` is on, so the bitwise tests turn it on.
+"""
 
 from __future__ import annotations
 
@@ -39,7 +43,9 @@ def test_repeated_runs_are_bitwise_identical(device, deterministic_algorithms, k
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
-def test_changing_one_block_leaves_others_bitwise_unchanged(device, causal):
+def test_changing_one_block_leaves_others_bitwise_unchanged(
+    device, deterministic_algorithms, causal
+):
     offsets = [0, 40, 41, 140, 200]
     q, k, v = make_qkv(1, 4, 2, 200, 200, 32, device=device)
     grad_out, grad_lse = torch.randn_like(q), torch.randn(1, 4, 200, device=device)
@@ -61,6 +67,34 @@ def test_changing_one_block_leaves_others_bitwise_unchanged(device, causal):
     other_blocks = [t[:, :, keep] for t in before], [t[:, :, keep] for t in after]
     assert_bitwise_equal(*other_blocks, names, f"blocks other than [{start}, {end})")
     assert not torch.equal(before[0][:, :, start:end], after[0][:, :, start:end])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("D", [64, 128])
+def test_deterministic_and_default_backward_agree(device, dtype, D):
+    """The deterministic mode changes only how dQ is summed: dK and dV agree bitwise, dQ to
+    rounding (on CUDA the default sums it with atomics in float32)."""
+    q, k, v = make_qkv(2, 4, 2, 300, 300, D, dtype=dtype, device=device, requires_grad=True)
+    grad_out = torch.randn_like(q)
+    kwargs = {"cu_seqlens": [0, 100, 101, 300], "causal": True}
+
+    def gradients():
+        out = block_attn.attention(q, k, v, **kwargs)
+        return torch.autograd.grad(out, (q, k, v), grad_out)
+
+    default = gradients()
+    was_enabled = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        deterministic = gradients()
+    finally:
+        torch.use_deterministic_algorithms(was_enabled)
+    assert_bitwise_equal(default[1:], deterministic[1:], ("grad_k", "grad_v"), "default vs det.")
+    # Each path rounds float32 sums to dtype once; they may land one unit of dtype apart.
+    unit = torch.finfo(dtype).eps
+    largest = deterministic[0].abs().max().item()
+    diff = (default[0].float() - deterministic[0].float()).abs().max().item()
+    assert diff <= 2 * unit * largest, f"grad_q differs by {diff} (largest value {largest})"
 
 
 def test_nan_propagates_only_to_rows_that_see_it(device):

@@ -45,7 +45,7 @@ def flash_file(direction: str, dtype: str, head_dim: int) -> str:
     args = (
         "const ForwardParams&, cudaStream_t"
         if direction == "fwd"
-        else ("const BackwardParams&, void*, cudaStream_t")
+        else "const BackwardParams&, void*, float*, cudaStream_t"
     )
     for causal in ("false", "true"):
         lines.append(

@@ -30,13 +30,24 @@ cudaError_t launch_forward_flash(const ForwardParams& params, cudaStream_t strea
 
 // Backward accumulators (two head_dim-wide tiles per warp) stop fitting in registers above 128.
 template <typename T>
-cudaError_t launch_backward_flash(const BackwardParams& params, void* delta, cudaStream_t stream) {
+cudaError_t launch_backward_flash(const BackwardParams& params, const BackwardWorkspace& workspace,
+                                  cudaStream_t stream) {
   return BOOL_SWITCH(params.head_dim <= 64, kSmallHeadDim, [&] {
     constexpr int kHeadDim = kSmallHeadDim ? 64 : 128;
     return BOOL_SWITCH(params.is_causal, kIsCausal, [&] {
-      return run_bwd_flash<T, kHeadDim, kIsCausal>(params, delta, stream);
+      float* dq_accumulator = params.deterministic ? nullptr : workspace.dq_accumulator;
+      return run_bwd_flash<T, kHeadDim, kIsCausal>(params, workspace.delta, dq_accumulator, stream);
     });
   });
+}
+
+// Whether launch_backward takes the tensor-core kernels.
+cudaError_t uses_flash_backward(const BackwardParams& params, DType dtype, bool& result) {
+  result = false;
+  if ((dtype != DType::kFloat16 && dtype != DType::kBFloat16) || params.head_dim > 128) {
+    return cudaSuccess;
+  }
+  return device_has_tensor_core_kernels(result);
 }
 
 }  // namespace
@@ -60,18 +71,28 @@ cudaError_t launch_forward(const ForwardParams& params, DType dtype, cudaStream_
   });
 }
 
+cudaError_t backward_dq_accumulator_elements(const BackwardParams& params, DType dtype,
+                                             size_t& elements) {
+  elements = 0;
+  bool flash = false;
+  const cudaError_t err = uses_flash_backward(params, dtype, flash);
+  if (err == cudaSuccess && flash && !params.deterministic) {
+    elements =
+        static_cast<size_t>(params.batch) * params.heads_q * params.seqlen_q * params.head_dim;
+  }
+  return err;
+}
+
 cudaError_t launch_backward(const BackwardParams& params, const BackwardWorkspace& workspace,
                             DType dtype, cudaStream_t stream) {
   if (params.head_dim < 1 || params.head_dim > kMaxHeadDim) return cudaErrorInvalidValue;
-  if ((dtype == DType::kFloat16 || dtype == DType::kBFloat16) && params.head_dim <= 128) {
-    bool tensor_cores = false;
-    const cudaError_t err = device_has_tensor_core_kernels(tensor_cores);
-    if (err != cudaSuccess) return err;
-    if (tensor_cores) {
-      return dtype == DType::kFloat16
-                 ? launch_backward_flash<__half>(params, workspace.delta, stream)
-                 : launch_backward_flash<__nv_bfloat16>(params, workspace.delta, stream);
-    }
+  bool flash = false;
+  const cudaError_t err = uses_flash_backward(params, dtype, flash);
+  if (err != cudaSuccess) return err;
+  if (flash) {
+    return dtype == DType::kFloat16
+               ? launch_backward_flash<__half>(params, workspace, stream)
+               : launch_backward_flash<__nv_bfloat16>(params, workspace, stream);
   }
   return DTYPE_SWITCH(dtype, T, [&] {
     return SIMPLE_HEADDIM_SWITCH(params.head_dim, kHeadDim, [&] {

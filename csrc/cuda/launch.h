@@ -19,14 +19,22 @@ constexpr int kMaxHeadDim = 256;
 struct BackwardWorkspace {
   // (batch, heads_q, seqlen_q) contiguous: rowsum(grad_out * out) - grad_lse, in the accumulator
   // type (double for float64 inputs, float otherwise).
-  void* delta;
+  void* delta = nullptr;
+  // backward_dq_accumulator_elements floats (uninitialised), or null where it says 0.
+  float* dq_accumulator = nullptr;
 };
+
+// Floats of BackwardWorkspace::dq_accumulator that launch_backward needs: batch * heads_q *
+// seqlen_q * head_dim where the tensor-core backward runs and params.deterministic is false
+// (dQ is then summed with atomics, in an order that varies from run to run), else 0.
+cudaError_t backward_dq_accumulator_elements(const BackwardParams& params, DType dtype,
+                                             size_t& elements);
 
 // Writes params.out and params.lse. Returns the first launch error, or cudaSuccess.
 cudaError_t launch_forward(const ForwardParams& params, DType dtype, cudaStream_t stream);
 
-// Writes params.grad_q, grad_k and grad_v (fully overwritten). Deterministic: every output
-// element is reduced by one thread in a fixed order, so params.deterministic needs no other path.
+// Writes params.grad_q, grad_k and grad_v (fully overwritten). Without a dq_accumulator every
+// output element is reduced by one thread in a fixed order: bitwise reproducible.
 cudaError_t launch_backward(const BackwardParams& params, const BackwardWorkspace& workspace,
                             DType dtype, cudaStream_t stream);
 

@@ -85,6 +85,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
       cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, deterministic);
   cuda::BackwardWorkspace workspace{};
   workspace.delta = delta.data_ptr();
+  size_t dq_accumulator_elements = 0;
+  C10_CUDA_CHECK(cuda::backward_dq_accumulator_elements(params, dtype, dq_accumulator_elements));
+  at::Tensor dq_accumulator;
+  if (dq_accumulator_elements > 0) {
+    dq_accumulator =
+        at::empty({static_cast<int64_t>(dq_accumulator_elements)}, q.options().dtype(at::kFloat));
+    workspace.dq_accumulator = dq_accumulator.data_ptr<float>();
+  }
   const cudaError_t err =
       cuda::launch_backward(params, workspace, dtype, at::cuda::getCurrentCUDAStream());
   C10_CUDA_CHECK(err);

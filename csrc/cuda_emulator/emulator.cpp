@@ -135,7 +135,31 @@ ChunkAccesses& chunk_of(State& s, const void* p) {
   return s.chunks[(static_cast<const unsigned char*>(p) - block_attn::cuda::smem_raw) / 16];
 }
 
-void run_cta(State& s) {
+// Resumes every runnable thread of warp `w` until none is: the warp runs until it waits at
+// __syncthreads or is done. Returns whether any thread ran.
+bool run_warp(State& s, int w) {
+  bool ran_any = false;
+  for (bool ran = true; ran;) {
+    ran = false;
+    for (int i = 32 * w; i < 32 * (w + 1); ++i) {
+      Thread& t = s.threads[i];
+      if (t.done) continue;
+      if (t.wait_generation != nullptr && *t.wait_generation == t.wait_value) continue;
+      t.wait_generation = nullptr;
+      s.current = &t;
+      threadIdx = t.index;
+      t.fiber->resume();
+      ran = ran_any = true;
+    }
+  }
+  return ran_any;
+}
+
+// CTA number `cta` (in launch order) runs its warps one at a time, each as far as it can go,
+// starting from a different warp and alternating direction from CTA to CTA: a schedule real
+// hardware may pick, and one that makes a warp read what other warps have not yet written (or
+// still hold from the last tile) wherever a __syncthreads is missing.
+void run_cta(State& s, unsigned cta) {
   std::memset(block_attn::cuda::smem_raw, 0xff, s.shared_bytes);
   s.chunks.assign((s.shared_bytes + 15) / 16, ChunkAccesses{});
   for (Thread& t : s.threads) {
@@ -148,16 +172,14 @@ void run_cta(State& s) {
   for (Warp& w : s.warps) w.arrived = 0;
   s.live = static_cast<int>(s.threads.size());
   s.barrier_arrived = 0;
+  const int warps = static_cast<int>(s.warps.size());
+  const int first = static_cast<int>(cta % warps);
+  const bool descending = (cta / warps) % 2 == 1;
   while (s.live > 0) {
     bool ran = false;
-    for (Thread& t : s.threads) {
-      if (t.done) continue;
-      if (t.wait_generation != nullptr && *t.wait_generation == t.wait_value) continue;
-      t.wait_generation = nullptr;
-      s.current = &t;
-      threadIdx = t.index;
-      t.fiber->resume();
-      ran = true;
+    for (int k = 0; k < warps; ++k) {
+      const int w = descending ? (first - k + warps) % warps : (first + k) % warps;
+      ran = run_warp(s, w) || ran;
     }
     if (!ran) fail_deadlock(s);
   }
@@ -220,11 +242,12 @@ cudaError_t run_grid(const void* kernel, dim3 grid, dim3 block, int shared_bytes
   s.shared_bytes = shared_bytes;
   blockDim = block;
   gridDim = grid;
+  unsigned cta = 0;
   for (unsigned z = 0; z < grid.z; ++z) {
     for (unsigned y = 0; y < grid.y; ++y) {
       for (unsigned x = 0; x < grid.x; ++x) {
         blockIdx = make_uint3(x, y, z);
-        run_cta(s);
+        run_cta(s, cta++);
       }
     }
   }
@@ -366,6 +389,11 @@ cudaError_t cudaFuncSetAttribute(const void* func, cudaFuncAttribute attribute, 
     return cudaErrorInvalidValue;
   }
   s.shared_bytes_optin[func] = value;
+  return cudaSuccess;
+}
+
+cudaError_t cudaMemsetAsync(void* device_pointer, int value, size_t bytes, cudaStream_t) {
+  std::memset(device_pointer, value, bytes);
   return cudaSuccess;
 }
 

@@ -5,16 +5,18 @@
 // nothing).
 //
 // Every CUDA thread of a CTA is a fiber on one host thread, and CTAs run one after another, so
-// dynamic shared memory is one host buffer. A warp collective (shuffle, vote, ldmatrix, mma.sync)
-// is a rendezvous of the warp's 32 fibers and __syncthreads one of the CTA's live threads. PTX
-// semantics follow the ISA manual; cp.async copies land only at cp.async.wait_group, and shared
-// memory starts every CTA filled with 0xff bytes, so a read before the wait or of a byte never
-// written shows up (ldmatrix checks for it). Races between cp.async and ldmatrix are checked per
-// 16-byte chunk against the barriers: a read while a copy is in flight or before a __syncthreads
-// follows its landing, and a copy over what another warp read since the last __syncthreads. Plain
-// loads and stores are not tracked. Misuse - a collective with divergent lanes, a deadlock, a
-// shared-memory access out of range, shared memory above the opt-in - aborts with a message
-// naming the kernel's thread.
+// dynamic shared memory is one host buffer. Warps run one at a time, each as far as it can go
+// before a __syncthreads, in an order that changes from CTA to CTA, so a missing barrier lets a
+// warp read data other warps have not yet written. A warp collective (shuffle, vote, ldmatrix,
+// mma.sync) is a rendezvous of the warp's 32 fibers and __syncthreads one of the CTA's live
+// threads. PTX semantics follow the ISA manual; cp.async copies land only at cp.async.wait_group,
+// and shared memory starts every CTA filled with 0xff bytes, so a read before the wait or of a byte
+// never written shows up (ldmatrix checks for it). Races between cp.async and ldmatrix are checked
+// per 16-byte chunk against the barriers: a read while a copy is in flight or before a
+// __syncthreads follows its landing, and a copy over what another warp read since the last
+// __syncthreads. Plain loads and stores are not tracked. Misuse - a collective with divergent
+// lanes, a deadlock, a shared-memory access out of range, shared memory above the opt-in - aborts
+// with a message naming the kernel's thread.
 #pragma once
 
 #ifndef BLOCK_ATTN_CUDA_EMULATION
@@ -122,6 +124,13 @@ inline int __any_sync(unsigned mask, int predicate) {
     if (all[lane][0]) return 1;
   }
   return 0;
+}
+
+// One host thread runs every emulated thread, so atomics are plain read-modify-writes.
+inline float atomicAdd(float* address, float value) {
+  const float old = *address;
+  *address = old + value;
+  return old;
 }
 
 // CUDA's device overloads of min and max.

@@ -1,8 +1,10 @@
-// Times the tensor-core kernels' tile variants side by side on the benchmark's causal-d128
-// workload (causal, one block of 16384 tokens, 16 heads, head_dim 128, bf16): the forward and the
-// dQ kernel with one and with two 16-row groups per warp, and the backward kernel by kernel. The
-// variants do the same per-row arithmetic in the same order, so their outputs must agree
-// bitwise; the program checks that. Plain CUDA, no torch (any sm_80+ GPU):
+// Times the tensor-core kernels' variants side by side on the benchmark's causal-d128 workload
+// (causal, one block of 16384 tokens, 16 heads, head_dim 128, bf16): the forward and the dQ
+// kernel with one and with two 16-row groups per warp, the backward kernel by kernel, and the
+// backward's two dQ paths (the deterministic dQ kernel, and atomics from the dK/dV kernel). The
+// row-group variants do the same per-row arithmetic in the same order, so their outputs must
+// agree bitwise, and the two paths' dK and dV too; their dQ must agree to rounding. The program
+// checks all of that. Plain CUDA, no torch (any sm_80+ GPU):
 //   nvcc -std=c++17 -O3 --expt-relaxed-constexpr -gencode=arch=compute_90a,code=sm_90a \
 //       csrc/tests/flash_tile_variants.cu -o variants
 // Exits 0 when the variants agree.
@@ -10,6 +12,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <functional>
@@ -82,6 +85,24 @@ bool same_bits(const void* a, const void* b, size_t bytes, const char* what) {
   return same;
 }
 
+// dQ of the two paths: float32 sums in different orders, each rounded once to bf16, may land an
+// ulp apart (up to 2^-7 of the largest value); allow 4 * 2^-8 of it.
+bool close_enough(const bf16* deterministic, const bf16* atomic, size_t count) {
+  std::vector<bf16> x(count), y(count);
+  cudaMemcpy(x.data(), deterministic, count * sizeof(bf16), cudaMemcpyDeviceToHost);
+  cudaMemcpy(y.data(), atomic, count * sizeof(bf16), cudaMemcpyDeviceToHost);
+  double largest = 0, worst = 0;
+  for (size_t i = 0; i < count; ++i) {
+    const double a = __bfloat162float(x[i]), b = __bfloat162float(y[i]);
+    largest = std::max(largest, std::abs(a));
+    worst = std::max(worst, std::abs(a - b));
+  }
+  const bool ok = worst <= 4 * 0x1p-8 * largest;
+  std::printf("dQ: the two paths differ by at most %.3g (largest value %.3g) %s\n", worst, largest,
+              ok ? "ok" : "TOO FAR");
+  return ok;
+}
+
 }  // namespace
 
 int main() {
@@ -100,11 +121,15 @@ int main() {
   bf16 *out = device_array<bf16>(elements), *out_one = device_array<bf16>(elements);
   bf16 *grad_q = device_array<bf16>(elements), *grad_q_one = device_array<bf16>(elements);
   bf16 *grad_k = device_array<bf16>(elements), *grad_v = device_array<bf16>(elements);
+  bf16 *grad_q_atomic = device_array<bf16>(elements), *grad_k_atomic = device_array<bf16>(elements),
+       *grad_v_atomic = device_array<bf16>(elements);
+  float* dq_accumulator = device_array<float>(elements);
   float *lse = device_array<float>(rows), *lse_one = device_array<float>(rows);
   float* delta = device_array<float>(rows);
   int* offsets = device_array<int>(2);
   if (!q || !k || !v || !grad_out || !out || !out_one || !grad_q || !grad_q_one || !grad_k ||
-      !grad_v || !lse || !lse_one || !delta || !offsets) {
+      !grad_v || !grad_q_atomic || !grad_k_atomic || !grad_v_atomic || !dq_accumulator || !lse ||
+      !lse_one || !delta || !offsets) {
     return 2;
   }
   std::vector<bf16> host(elements);
@@ -169,12 +194,19 @@ int main() {
                                   nullptr, p, delta);
   });
   const double dkdv_ms = median_ms([&] {
-    auto kernel = kernels::dkdv_flash_kernel<Traits, bf16, kCausal>;
+    auto kernel = kernels::dkdv_flash_kernel<Traits, bf16, kCausal, false>;
     const cudaError_t err = kernels::allow_shared_bytes(kernel, Traits::kSharedBytes);
     if (err != cudaSuccess) return err;
     return kernels::launch_kernel(kernel, dim3(kTokens / Traits::kBlockOwn, 1, kHeads),
                                   Traits::kThreads, Traits::kSharedBytes, nullptr, p, delta,
-                                  vectorized);
+                                  static_cast<float*>(nullptr), vectorized);
+  });
+  BackwardParams atomic = p;  // the atomic-dQ path writes its own gradients
+  atomic.grad_q = grad_q_atomic;
+  atomic.grad_k = grad_k_atomic;
+  atomic.grad_v = grad_v_atomic;
+  const double atomic_ms = median_ms([&] {
+    return kernels::run_bwd_flash<bf16, kHeadDim, kCausal>(atomic, delta, dq_accumulator, nullptr);
   });
   int max_shared = 0;
   cudaDeviceGetAttribute(&max_shared, cudaDevAttrMaxSharedMemoryPerBlockOptin, 0);
@@ -195,12 +227,15 @@ int main() {
   if (two_fit) report("dQ", "2 row groups (128 q)", dq_two, 3);
   report("dQ", "1 row group (64 q)", dq_one, 3);
   const double backward = delta_ms + dkdv_ms + (two_fit ? std::min(dq_one, dq_two) : dq_one);
-  std::printf("backward with the faster dQ: %.3f ms, %.1f TFLOP/s (5 useful products)\n", backward,
-              5 * product_flops() / backward / 1e9);
+  report("backward", "dQ kernel (determ.)", backward, 5);
+  report("backward", "atomic dQ (whole)", atomic_ms, 5);
 
   bool agree = same_bits(out, out_one, elements * sizeof(bf16), "forward out");
   agree = same_bits(lse, lse_one, rows * sizeof(float), "forward lse") && agree;
   if (two_fit) agree = same_bits(grad_q, grad_q_one, elements * sizeof(bf16), "dQ") && agree;
+  agree = same_bits(grad_k, grad_k_atomic, elements * sizeof(bf16), "dK, two dQ paths") && agree;
+  agree = same_bits(grad_v, grad_v_atomic, elements * sizeof(bf16), "dV, two dQ paths") && agree;
+  agree = close_enough(grad_q_one, grad_q_atomic, elements) && agree;
   std::printf("tile variants: %s\n", agree ? "PASS" : "FAIL");
   return agree ? 0 : 1;
 }

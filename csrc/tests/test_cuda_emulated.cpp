@@ -218,7 +218,7 @@ template <typename T, typename Stored = T>
 void report(const std::string& what, const Comparison& cmp, bool gradient) {
   const double tol = tolerance<Stored>(cmp.max_reference, gradient);
   const bool ok = cmp.finite && cmp.padding_intact && cmp.max_error <= tol;
-  std::printf("  %-4s %-6s max error %.3g (tolerance %.3g, largest value %.3g)%s%s\n",
+  std::printf("  %-4s %-17s max error %.3g (tolerance %.3g, largest value %.3g)%s%s\n",
               ok ? "ok" : "FAIL", what.c_str(), cmp.max_error, tol, cmp.max_reference,
               cmp.finite ? "" : ", non-finite values",
               cmp.padding_intact ? "" : ", padding written");
@@ -285,7 +285,7 @@ void run_case(const Case& c) {
     return;
   }
 
-  Comparison cmp_out, cmp_lse, cmp_dq, cmp_dk, cmp_dv;
+  Comparison cmp_out, cmp_lse;
   std::vector<std::vector<double>> dk_ref(static_cast<size_t>(c.batch) * hkv * seqlen_k,
                                           std::vector<double>(dim, 0.0));
   std::vector<std::vector<double>> dv_ref = dk_ref;
@@ -338,36 +338,52 @@ void run_case(const Case& c) {
   strides(grad_q, p.grad_q_batch_stride, p.grad_q_head_stride, p.grad_q_row_stride);
   strides(grad_k, p.grad_k_batch_stride, p.grad_k_head_stride, p.grad_k_row_stride);
   strides(grad_v, p.grad_v_batch_stride, p.grad_v_head_stride, p.grad_v_row_stride);
-  p.deterministic = true;
-  err = block_attn::cuda::launch_backward(p, {delta.data()}, Element<T>::kDType, nullptr);
-  if (err != cudaSuccess) {
-    std::printf("  FAIL backward launch: error %d\n", static_cast<int>(err));
-    ++failures;
-    return;
-  }
-  for (int b = 0; b < c.batch; ++b) {
-    for (int h = 0; h < hq; ++h) {
-      for (int i = 0; i < seqlen_q; ++i) {
-        const auto& want = dq_ref[(static_cast<size_t>(b) * hq + h) * seqlen_q + i];
-        for (int d = 0; d < dim; ++d) compare_value(cmp_dq, grad_q.value(b, h, i, d), want[d]);
-      }
+  // Both dQ paths where the tensor-core backward runs: the deterministic dQ kernel, and atomics
+  // into a float32 accumulator from the dK/dV kernel.
+  for (const bool deterministic : {true, false}) {
+    p.deterministic = deterministic;
+    size_t accumulator_elements = 0;
+    block_attn::cuda::backward_dq_accumulator_elements(p, Element<T>::kDType, accumulator_elements);
+    if (!deterministic && accumulator_elements == 0) break;        // one path only
+    std::vector<float> dq_accumulator(accumulator_elements, NAN);  // launch_backward zeroes it
+    block_attn::cuda::BackwardWorkspace workspace;
+    workspace.delta = delta.data();
+    workspace.dq_accumulator = accumulator_elements ? dq_accumulator.data() : nullptr;
+    for (Tensor<T>* t : {&grad_q, &grad_k, &grad_v}) {
+      std::fill(t->data.begin(), t->data.end(), Element<T>::nan());
     }
-    for (int h = 0; h < hkv; ++h) {
-      for (int t = 0; t < seqlen_k; ++t) {
-        const size_t at = (static_cast<size_t>(b) * hkv + h) * seqlen_k + t;
-        for (int d = 0; d < dim; ++d) {
-          compare_value(cmp_dk, grad_k.value(b, h, t, d), dk_ref[at][d]);
-          compare_value(cmp_dv, grad_v.value(b, h, t, d), dv_ref[at][d]);
+    err = block_attn::cuda::launch_backward(p, workspace, Element<T>::kDType, nullptr);
+    if (err != cudaSuccess) {
+      std::printf("  FAIL backward launch: error %d\n", static_cast<int>(err));
+      ++failures;
+      return;
+    }
+    Comparison cmp_dq, cmp_dk, cmp_dv;
+    for (int b = 0; b < c.batch; ++b) {
+      for (int h = 0; h < hq; ++h) {
+        for (int i = 0; i < seqlen_q; ++i) {
+          const auto& want = dq_ref[(static_cast<size_t>(b) * hq + h) * seqlen_q + i];
+          for (int d = 0; d < dim; ++d) compare_value(cmp_dq, grad_q.value(b, h, i, d), want[d]);
+        }
+      }
+      for (int h = 0; h < hkv; ++h) {
+        for (int t = 0; t < seqlen_k; ++t) {
+          const size_t at = (static_cast<size_t>(b) * hkv + h) * seqlen_k + t;
+          for (int d = 0; d < dim; ++d) {
+            compare_value(cmp_dk, grad_k.value(b, h, t, d), dk_ref[at][d]);
+            compare_value(cmp_dv, grad_v.value(b, h, t, d), dv_ref[at][d]);
+          }
         }
       }
     }
+    check_padding(cmp_dq, grad_q);
+    check_padding(cmp_dk, grad_k);
+    check_padding(cmp_dv, grad_v);
+    const std::string path = accumulator_elements ? " (atomic dQ)" : "";
+    report<T>("dq" + path, cmp_dq, true);
+    report<T>("dk" + path, cmp_dk, true);
+    report<T>("dv" + path, cmp_dv, true);
   }
-  check_padding(cmp_dq, grad_q);
-  check_padding(cmp_dk, grad_k);
-  check_padding(cmp_dv, grad_v);
-  report<T>("dq", cmp_dq, true);
-  report<T>("dk", cmp_dk, true);
-  report<T>("dv", cmp_dv, true);
 }
 
 void run_on(const cuda_emulator::DeviceProperties& device, const char* name,
@@ -431,6 +447,15 @@ int main() {
   Case mqa{"MQA 3:1, padded rows", {96, 17}, {96, 17}, 1, 3, 1, 64, true, Layout::kPaddedRows};
   Case odd_dim{"head_dim 40, unaligned rows", {90, 17}, {90, 17}, 1, 2, 2, 40, true,
                Layout::kUnalignedRows};
+  Case dim59{"odd head_dim 59, unaligned rows",
+             {90, 40},
+             {90, 40},
+             1,
+             2,
+             1,
+             59,
+             true,
+             Layout::kUnalignedRows};
   Case dim96{"head_dim 96, padded rows", {130, 20}, {130, 20}, 1, 2, 2, 96, false,
              Layout::kPaddedRows};
   dim96.grad_lse = false;
@@ -454,6 +479,7 @@ int main() {
           {DType::kBFloat16, short_blocks},
           {DType::kFloat16, mqa},
           {DType::kFloat16, odd_dim},
+          {DType::kBFloat16, dim59},
           {DType::kBFloat16, dim96},
           {DType::kBFloat16, dim256},
           {DType::kFloat16, dim192},

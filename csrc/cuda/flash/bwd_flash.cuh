@@ -1,11 +1,16 @@
-// Tensor-core backward for float16/bfloat16, deterministic without atomics:
+// Tensor-core backward for float16/bfloat16:
 //   1. delta_kernel (shared with the simple backward): Delta_i = rowsum(dO_i * O_i) - grad_lse_i.
 //   2. dkdv_flash_kernel: a CTA owns kBlockN keys of a block and kv head (16 per warp) and loops
 //      over the group's query heads and the query tiles that see its keys, double-buffering
 //      Q / dO tiles with cp.async. Per tile: S^T = K Q^T, dP^T = V dO^T, P^T = exp(S^T - lse),
 //      dS^T = P^T (dP^T - Delta), dV += P^T dO, dK += dS^T Q.
-//   3. dq_flash_kernel: a CTA owns kBlockM queries and loops over the key tiles they see:
-//      dQ += dS K.
+//   3. dQ, one of two ways:
+//      - deterministic: dq_flash_kernel, a CTA per kBlockM queries looping over the key tiles
+//        they see, recomputes S and dP: dQ += dS K (seven products per tile pair in all);
+//      - otherwise the dK/dV kernel also forms dQ_tile += dS K from the dS^T it has (passed
+//        through shared memory, since its keys span the CTA's warps) and adds it to a float32
+//        accumulator with atomics, as FlashAttention-2 does (five products), and
+//        dq_convert_kernel scales and rounds the sums into grad_q.
 // Causal: query/key tiles that see nothing are skipped; only tiles crossing the diagonal (or the
 // block's end) are masked.
 #pragma once
@@ -38,12 +43,32 @@ struct FlashBwdTraits {
   // Two owned tiles plus two double-buffered streamed tiles, and per streamed row lse and Delta.
   static constexpr int kSharedBytes =
       (2 * kBlockOwn + 4 * kBlockStream) * kSmemStride * 2 + 2 * 2 * kBlockStream * 4;
+  // Atomic dQ: the tile's dS^T (kBlockOwn keys x kBlockStream queries) for the dQ product, and
+  // how the 16-query groups x head_dim columns of dQ_tile split over the warps.
+  static constexpr int kDsStride = kBlockStream + 8;  // elements; +16 bytes against conflicts
+  static constexpr int kAtomicDqSharedBytes = kSharedBytes + kBlockOwn * kDsStride * 2;
+  static constexpr int kDqGroups = kBlockStream / 16;
+  static constexpr int kDqColumns = kHeadDim * kDqGroups / kWarps;  // per warp
   static_assert(kHeadDim % 16 == 0 && kHeadDim <= 128, "unsupported head dim");
+  static_assert(kWarps % kDqGroups == 0 && kDqColumns % 16 == 0, "dQ tile does not split");
 };
 
-template <typename Traits, typename T, bool kIsCausal>
+// dst[0] += x and dst[1] += y with atomics: one 8-byte reduction on sm_90 (dst 8-byte aligned).
+__device__ __forceinline__ void atomic_add_pair(float* dst, float x, float y) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  atomicAdd(reinterpret_cast<float2*>(dst), make_float2(x, y));
+#else
+  atomicAdd(dst, x);
+  atomicAdd(dst + 1, y);
+#endif
+}
+
+// kAtomicDq: also adds each tile's dS K into dq_accumulator ((batch, heads_q, seqlen_q, head_dim)
+// float32, zeroed), with atomics.
+template <typename Traits, typename T, bool kIsCausal, bool kAtomicDq>
 __global__ void __launch_bounds__(Traits::kThreads)
-    dkdv_flash_kernel(const BackwardParams params, const float* delta, const bool vectorized) {
+    dkdv_flash_kernel(const BackwardParams params, const float* delta, float* dq_accumulator,
+                      const bool vectorized) {
 #ifdef BLOCK_ATTN_SM80_OR_NEWER
   constexpr int kBlockN = Traits::kBlockOwn;     // keys of this CTA
   constexpr int kBlockM = Traits::kBlockStream;  // queries per streamed tile
@@ -72,6 +97,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
   T* sdO = sQ + 2 * kTile;
   float* s_lse = reinterpret_cast<float*>(sdO + 2 * kTile);
   float* s_delta = s_lse + 2 * kBlockM;
+  [[maybe_unused]] T* s_ds = reinterpret_cast<T*>(s_delta + 2 * kBlockM);  // kAtomicDq: dS^T
 
   const T* k = k_rows<T>(params, batch, head_kv, kr.start);
   const T* v = v_rows<T>(params, batch, head_kv, kr.start);
@@ -123,6 +149,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
     cp_async_wait_all();
     __syncthreads();  // tile `it` is in; every warp is done with the other buffer
     const int m0 = tile_m0;
+    [[maybe_unused]] const int head = tile_head;
     tile_m0 += kBlockM;  // the next tile, without a division per iteration
     if (tile_m0 >= qr.length) {
       tile_m0 = m_begin;
@@ -163,6 +190,10 @@ __global__ void __launch_bounds__(Traits::kThreads)
           dp[n][e] = p * (dp[n][e] - s_delta[buf * kBlockM + col]);
         }
       }
+      if constexpr (kAtomicDq) {
+        warp_store_acc<T, kBlockM, Traits::kDsStride>(s_ds + warp * 16 * Traits::kDsStride, dp, 1.f,
+                                                      lane);
+      }
       warp_gemm_pb<T, kBlockM, kHeadDim, kStride>(dv, s, (sdO + buf * kTile), lane);
       warp_gemm_pb<T, kBlockM, kHeadDim, kStride>(dk, dp, (sQ + buf * kTile), lane);
     };
@@ -171,11 +202,45 @@ __global__ void __launch_bounds__(Traits::kThreads)
     } else {
       accumulate_tile(std::false_type{});
     }
+
+    if constexpr (kAtomicDq) {
+      // dQ_tile += dS K over the CTA's keys: warp w takes 16 queries and kDqColumns columns.
+      // Keys past the block have zero rows in sK, so their dS adds nothing.
+      constexpr int kColumns = Traits::kDqColumns;
+      const int q_group = warp % Traits::kDqGroups;
+      const int col0 = (warp / Traits::kDqGroups) * kColumns;
+      __syncthreads();  // every warp's dS^T is in
+      float dq[kColumns / 8][4];
+#pragma unroll
+      for (int n = 0; n < kColumns / 8; ++n) dq[n][0] = dq[n][1] = dq[n][2] = dq[n][3] = 0.f;
+      warp_gemm_atb<T, kBlockN, kColumns, Traits::kDsStride, kStride>(dq, s_ds + q_group * 16,
+                                                                      sK + col0, lane);
+      float* dq_rows = dq_accumulator + lse_index(params, batch, head, qr.start) * head_dim;
+      // Rows of the accumulator start 8-byte aligned when head_dim is even.
+      const bool aligned_pairs = head_dim % 2 == 0;
+#pragma unroll
+      for (int rr = 0; rr < 2; ++rr) {
+        const int i = m0 + q_group * 16 + group_row + rr * 8;
+        if (i >= qr.length) continue;
+#pragma unroll
+        for (int n = 0; n < kColumns / 8; ++n) {
+          const int col = col0 + n * 8 + quad_col * 2;
+          if (col >= head_dim) continue;
+          float* sum = dq_rows + static_cast<int64_t>(i) * head_dim + col;
+          if (aligned_pairs) {
+            atomic_add_pair(sum, dq[n][2 * rr], dq[n][2 * rr + 1]);
+          } else {
+            atomicAdd(sum, dq[n][2 * rr]);
+            if (col + 1 < head_dim) atomicAdd(sum + 1, dq[n][2 * rr + 1]);
+          }
+        }
+      }
+    }
   }
 
   cp_async_wait_all();
-  __syncthreads();
-  // Each warp overwrites only its own rows of sK / sV, which only it has read.
+  __syncthreads();  // with atomic dQ, every warp has read all of sK
+  // Each warp overwrites its own rows of sK / sV with dK / dV.
   warp_store_acc<T, kHeadDim, kStride>(sK + warp * 16 * kStride, dk, params.scale, lane);
   warp_store_acc<T, kHeadDim, kStride>(sV + warp * 16 * kStride, dv, 1.f, lane);
   __syncthreads();
@@ -333,6 +398,21 @@ __global__ void __launch_bounds__(Traits::kThreads)
 #endif
 }
 
+// grad_q = scale * the atomic path's float32 sums, one warp per query row.
+template <typename T>
+__global__ void __launch_bounds__(128)
+    dq_convert_kernel(const BackwardParams params, const float* dq_accumulator) {
+  const int lane = threadIdx.x % 32;
+  const int row = blockIdx.x * 4 + threadIdx.x / 32;
+  if (row >= params.seqlen_q) return;
+  const int batch = blockIdx.y / params.heads_q;
+  const int head = blockIdx.y % params.heads_q;
+  const float* sums = dq_accumulator + lse_index(params, batch, head, row) * params.head_dim;
+  T* grad_q = grad_q_rows<T>(params, batch, head, row);
+  const float scale = static_cast<float>(params.scale);
+  for (int d = lane; d < params.head_dim; d += 32) grad_q[d] = from_acc<T>(sums[d] * scale);
+}
+
 template <typename Kernel>
 cudaError_t allow_shared_bytes(Kernel kernel, int bytes) {
   if (bytes <= 48 * 1024) return cudaSuccess;
@@ -355,25 +435,39 @@ cudaError_t launch_dq_flash(const BackwardParams& params, const float* delta, bo
 
 template <typename T, int kHeadDim, bool kIsCausal>
 cudaError_t run_bwd_flash(const BackwardParams& params, void* delta_workspace,
-                          cudaStream_t stream) {
+                          float* dq_accumulator, cudaStream_t stream) {
   using Traits = FlashBwdTraits<kHeadDim>;
   auto* delta = static_cast<float*>(delta_workspace);
   const bool vectorized = rows_are_16_byte_aligned(params);
-  if (params.seqlen_q > 0 && params.batch * params.heads_q > 0) {
-    const cudaError_t err = launch_kernel(
-        delta_kernel<T>, dim3(ceil_div(params.seqlen_q, 4), params.batch * params.heads_q), 128, 0,
-        stream, params, delta);
+  const dim3 grid_rows(ceil_div(params.seqlen_q, 4), params.batch * params.heads_q);
+  if (grid_rows.x > 0 && grid_rows.y > 0) {
+    const cudaError_t err =
+        launch_kernel(delta_kernel<T>, grid_rows, 128, 0, stream, params, delta);
+    if (err != cudaSuccess) return err;
+  }
+  const bool atomic_dq = dq_accumulator != nullptr;
+  if (atomic_dq && grid_rows.x > 0 && grid_rows.y > 0) {
+    const size_t bytes = static_cast<size_t>(params.batch) * params.heads_q * params.seqlen_q *
+                         params.head_dim * sizeof(float);
+    const cudaError_t err = cudaMemsetAsync(dq_accumulator, 0, bytes, stream);
     if (err != cudaSuccess) return err;
   }
   const dim3 grid_dkdv(ceil_div(params.max_seqlen_k, Traits::kBlockOwn), params.num_blocks,
                        params.batch * params.heads_kv);
   if (grid_dkdv.x > 0 && grid_dkdv.y > 0 && grid_dkdv.z > 0) {
-    auto kernel = dkdv_flash_kernel<Traits, T, kIsCausal>;
-    cudaError_t err = allow_shared_bytes(kernel, Traits::kSharedBytes);
+    auto kernel = atomic_dq ? dkdv_flash_kernel<Traits, T, kIsCausal, true>
+                            : dkdv_flash_kernel<Traits, T, kIsCausal, false>;
+    const int shared_bytes = atomic_dq ? Traits::kAtomicDqSharedBytes : Traits::kSharedBytes;
+    cudaError_t err = allow_shared_bytes(kernel, shared_bytes);
     if (err != cudaSuccess) return err;
-    err = launch_kernel(kernel, grid_dkdv, Traits::kThreads, Traits::kSharedBytes, stream, params,
-                        delta, vectorized);
+    err = launch_kernel(kernel, grid_dkdv, Traits::kThreads, shared_bytes, stream, params, delta,
+                        dq_accumulator, vectorized);
     if (err != cudaSuccess) return err;
+  }
+  if (atomic_dq) {
+    if (grid_rows.x == 0 || grid_rows.y == 0) return cudaSuccess;
+    return launch_kernel(dq_convert_kernel<T>, grid_rows, 128, 0, stream, params,
+                         static_cast<const float*>(dq_accumulator));
   }
   // Two row groups per warp unless every query block fits in 64 rows, or the device's shared
   // memory per CTA (99 KiB on sm_86 and sm_89) cannot hold their tiles.

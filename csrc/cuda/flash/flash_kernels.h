@@ -12,8 +12,11 @@ template <typename T, int kHeadDim, bool kIsCausal>
 cudaError_t run_fwd_flash(const ForwardParams& params, cudaStream_t stream);
 
 // kHeadDim: head_dim rounded up to 64 or 128 (larger head dims use the simple backward).
-// delta: the workspace of launch_backward (float, (batch, heads_q, seqlen_q)).
+// delta: the workspace of launch_backward (float, (batch, heads_q, seqlen_q)). dq_accumulator:
+// null for the deterministic dQ kernel, else (batch, heads_q, seqlen_q, head_dim) float32 scratch
+// for dQ by atomics (zeroed here).
 template <typename T, int kHeadDim, bool kIsCausal>
-cudaError_t run_bwd_flash(const BackwardParams& params, void* delta, cudaStream_t stream);
+cudaError_t run_bwd_flash(const BackwardParams& params, void* delta, float* dq_accumulator,
+                          cudaStream_t stream);
 
 }  // namespace block_attn::cuda

@@ -80,6 +80,29 @@ __device__ __forceinline__ void warp_gemm_pb(float (&acc)[kD / 8][4], const floa
                                       reinterpret_cast<const float (&)[1][kK / 8][4]>(p), sB, lane);
 }
 
+// acc (16 x kN) += A B, with A (16 x kK) read transposed from shared memory - the 16 columns
+// starting at sAt of a [k][row] tile - and B the first kK rows of a [k][n] shared tile.
+template <typename T, int kK, int kN, int kStrideA, int kStrideB>
+__device__ __forceinline__ void warp_gemm_atb(float (&acc)[kN / 8][4], const T* sAt, const T* sB,
+                                              int lane) {
+#pragma unroll
+  for (int kk = 0; kk < kK / 16; ++kk) {
+    // Matrices 0..3: (rows 0-7, k 0-7), (rows 8-15, k 0-7), (rows 0-7, k 8-15), (rows 8-15, k
+    // 8-15).
+    uint32_t a[4];
+    ldmatrix_x4_trans(
+        a, sAt + (kk * 16 + (lane / 16) * 8 + lane % 8) * kStrideA + ((lane / 8) % 2) * 8);
+#pragma unroll
+    for (int n2 = 0; n2 < kN / 16; ++n2) {
+      uint32_t b[4];
+      ldmatrix_x4_trans(b, sB + (kk * 16 + (lane % 8) + ((lane / 8) % 2) * 8) * kStrideB + n2 * 16 +
+                               (lane / 16) * 8);
+      mma_16816<T>(acc[2 * n2], a, b[0], b[1]);
+      mma_16816<T>(acc[2 * n2 + 1], a, b[2], b[3]);
+    }
+  }
+}
+
 // Stores the warp's kGroups x 16 x kD accumulators, times `factor`, into consecutive rows of a
 // padded shared tile starting at sC.
 template <typename T, int kD, int kStride, int kGroups>

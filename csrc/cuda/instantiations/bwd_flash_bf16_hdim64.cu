@@ -3,9 +3,9 @@
 
 namespace block_attn::cuda {
 
-template cudaError_t run_bwd_flash<__nv_bfloat16, 64, false>(const BackwardParams&, void*,
+template cudaError_t run_bwd_flash<__nv_bfloat16, 64, false>(const BackwardParams&, void*, float*,
                                                              cudaStream_t);
-template cudaError_t run_bwd_flash<__nv_bfloat16, 64, true>(const BackwardParams&, void*,
+template cudaError_t run_bwd_flash<__nv_bfloat16, 64, true>(const BackwardParams&, void*, float*,
                                                             cudaStream_t);
 
 }  // namespace block_attn::cuda

@@ -3,7 +3,9 @@
 
 namespace block_attn::cuda {
 
-template cudaError_t run_bwd_flash<__half, 64, false>(const BackwardParams&, void*, cudaStream_t);
-template cudaError_t run_bwd_flash<__half, 64, true>(const BackwardParams&, void*, cudaStream_t);
+template cudaError_t run_bwd_flash<__half, 64, false>(const BackwardParams&, void*, float*,
+                                                      cudaStream_t);
+template cudaError_t run_bwd_flash<__half, 64, true>(const BackwardParams&, void*, float*,
+                                                     cudaStream_t);
 
 }  // namespace block_attn::cuda
