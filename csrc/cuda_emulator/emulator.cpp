@@ -20,8 +20,14 @@ constexpr int kSharedCapacity = 256 * 1024;
 namespace block_attn::cuda {
 // What the kernels declare as `extern __shared__ unsigned char smem_raw[]`: one CTA runs at a
 // time, so one buffer serves them all.
-alignas(128) unsigned char smem_raw[kSharedCapacity];
+alignas(1024) unsigned char smem_raw[kSharedCapacity];
 }  // namespace block_attn::cuda
+
+// The Hopper kernels declare theirs in a nested namespace: the same buffer under that name.
+namespace block_attn::cuda::hopper {
+extern unsigned char smem_raw[kSharedCapacity]
+    __attribute__((alias("_ZN10block_attn4cuda8smem_rawE")));
+}  // namespace block_attn::cuda::hopper
 
 namespace cuda_emulator {
 namespace {
@@ -51,17 +57,22 @@ struct Thread {
   const unsigned* wait_generation = nullptr;
   unsigned wait_value = 0;
   unsigned collectives = 0;  // warp collectives so far: picks the payload buffer
+  unsigned warpgroup_collectives = 0;
   std::vector<PendingCopy> pending_copies;
 };
 
-struct Warp {
-  // Two payload buffers, alternating: a lane can only write collective n + 2's payload after
-  // every lane has arrived at n + 1, so done reading n's.
-  WarpPayloads payloads[2];
-  const char* operations[32];
+// The meeting point of a warp's (or warpgroup's) collectives.
+template <int kMembers>
+struct Rendezvous {
+  // Two payload buffers, alternating: a member can only write collective n + 2's payload after
+  // every member has arrived at n + 1, so done reading n's.
+  unsigned char payloads[2][kMembers][kPayloadBytes];
+  const char* operations[kMembers];
   int arrived = 0;
   unsigned generation = 0;
 };
+using Warp = Rendezvous<32>;
+using Warpgroup = Rendezvous<128>;
 
 struct State {
   DeviceProperties device;
@@ -70,6 +81,7 @@ struct State {
 
   std::vector<Thread> threads;
   std::vector<Warp> warps;
+  std::vector<Warpgroup> warpgroups;
   Thread* current = nullptr;
   const std::function<void()>* body = nullptr;
   int shared_bytes = 0;
@@ -122,7 +134,7 @@ void thread_entry() {
   }
   std::fprintf(stderr,
                "cuda emulator: deadlock in block (%u, %u, %u): %d threads wait at __syncthreads, "
-               "%d in warp collectives whose warps are incomplete\n",
+               "%d in warp or warpgroup collectives that others never reach\n",
                blockIdx.x, blockIdx.y, blockIdx.z, at_barrier, at_warp);
   std::abort();
 }
@@ -167,9 +179,11 @@ void run_cta(State& s, unsigned cta) {
     t.done = false;
     t.wait_generation = nullptr;
     t.collectives = 0;
+    t.warpgroup_collectives = 0;
     t.pending_copies.clear();
   }
   for (Warp& w : s.warps) w.arrived = 0;
+  for (Warpgroup& w : s.warpgroups) w.arrived = 0;
   s.live = static_cast<int>(s.threads.size());
   s.barrier_arrived = 0;
   const int warps = static_cast<int>(s.warps.size());
@@ -231,6 +245,7 @@ cudaError_t run_grid(const void* kernel, dim3 grid, dim3 block, int shared_bytes
     s.threads = std::vector<Thread>(threads);
     for (Thread& t : s.threads) t.fiber = std::make_unique<Fiber>(kStackBytes, thread_entry);
     s.warps = std::vector<Warp>(threads / 32);
+    s.warpgroups = std::vector<Warpgroup>(threads / 128);
   }
   for (int i = 0; i < threads; ++i) {
     const int x = i % block.x;
@@ -265,29 +280,64 @@ int lane_id() {
   return linear_thread_index() % 32;
 }
 
+namespace {
+
+// Publishes the calling member's payload, waits for the other members, and returns all payloads.
+template <int kMembers>
+const unsigned char (*exchange(Rendezvous<kMembers>& r, int member, unsigned& counter,
+                               const void* payload, int bytes, const char* operation))
+    [kPayloadBytes] {
+      State& s = state();
+      const int buffer = counter++ % 2;
+      std::memcpy(r.payloads[buffer][member], payload, bytes);
+      r.operations[member] = operation;
+      const unsigned generation = r.generation;
+      if (++r.arrived == kMembers) {
+        for (int other = 0; other < kMembers; ++other) {
+          if (std::strcmp(r.operations[other], operation) != 0) {
+            std::fprintf(stderr, "cuda emulator: member %d at %s while member %d at %s\n", other,
+                         r.operations[other], member, operation);
+            fail("threads diverged at a warp or warpgroup collective");
+          }
+        }
+        r.arrived = 0;
+        ++r.generation;
+      } else {
+        wait_until_moved(*s.current, r.generation, generation);
+      }
+      return r.payloads[buffer];
+    }
+
+}  // namespace
+
 const WarpPayloads& warp_exchange(const void* payload, int bytes, const char* operation) {
   State& s = state();
-  Thread& thread = *s.current;
-  const int lane = lane_id();
-  Warp& warp = s.warps[linear_thread_index() / 32];
-  const int buffer = thread.collectives++ % 2;
-  std::memcpy(warp.payloads[buffer][lane], payload, bytes);
-  warp.operations[lane] = operation;
-  const unsigned generation = warp.generation;
-  if (++warp.arrived == 32) {
-    for (int other = 0; other < 32; ++other) {
-      if (std::strcmp(warp.operations[other], operation) != 0) {
-        std::fprintf(stderr, "cuda emulator: lane %d at %s while lane %d at %s\n", other,
-                     warp.operations[other], lane, operation);
-        fail("warp lanes diverged at a collective");
-      }
-    }
-    warp.arrived = 0;
-    ++warp.generation;
-  } else {
-    wait_until_moved(thread, warp.generation, generation);
-  }
-  return warp.payloads[buffer];
+  const int thread = linear_thread_index();
+  return *reinterpret_cast<const WarpPayloads*>(exchange(
+      s.warps[thread / 32], thread % 32, s.current->collectives, payload, bytes, operation));
+}
+
+const WarpgroupPayloads& warpgroup_exchange(const void* payload, int bytes, const char* operation) {
+  State& s = state();
+  const int thread = linear_thread_index();
+  if (s.warpgroups.empty()) fail("warpgroup collective in a block of fewer than 128 threads");
+  return *reinterpret_cast<const WarpgroupPayloads*>(
+      exchange(s.warpgroups[thread / 128], thread % 128, s.current->warpgroup_collectives, payload,
+               bytes, operation));
+}
+
+int warpgroup_thread() {
+  return linear_thread_index() % 128;
+}
+
+uint32_t shared_offset(const void* p) {
+  return static_cast<uint32_t>(static_cast<const unsigned char*>(p) - block_attn::cuda::smem_raw);
+}
+
+const unsigned char* shared_at(uint32_t offset, int bytes) {
+  const unsigned char* p = block_attn::cuda::smem_raw + offset;
+  if (!in_shared_memory(p, bytes)) fail("wgmma operand outside the CTA's dynamic shared memory");
+  return p;
 }
 
 void sync_threads() {

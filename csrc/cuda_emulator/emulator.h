@@ -74,6 +74,16 @@ using WarpPayloads = unsigned char[32][kPayloadBytes];
 const WarpPayloads& warp_exchange(const void* payload, int bytes, const char* operation);
 int lane_id();
 
+// The same over a warpgroup (four consecutive warps, 128 threads), for wgmma.
+using WarpgroupPayloads = unsigned char[128][kPayloadBytes];
+const WarpgroupPayloads& warpgroup_exchange(const void* payload, int bytes, const char* operation);
+int warpgroup_thread();  // 0..127 within the warpgroup
+
+// Offset of a pointer into the CTA's shared memory (what a shared-window address holds), and the
+// pointer at an offset, checked to lie within the launch's dynamic shared memory.
+uint32_t shared_offset(const void* p);
+const unsigned char* shared_at(uint32_t offset, int bytes);
+
 void sync_threads();
 
 // The CTA's dynamic shared memory, [begin, begin + bytes) of the launch.

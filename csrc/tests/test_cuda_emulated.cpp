@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "attention_params.h"
+#include "cuda/hopper/fwd_wgmma.cuh"
 #include "cuda/launch.h"
 
 namespace {
@@ -81,7 +82,19 @@ struct Case {
   Layout layout = Layout::kHeadsFirst;
   bool grad_lse = true;
   bool backward = true;
+  int wgmma_warpgroups = 0;  // > 0: the staged sm_90 wgmma forward (bf16, head_dim 128) instead
 };
+
+// The staged wgmma forward, which launch_forward does not dispatch yet.
+cudaError_t launch_wgmma_forward(const ForwardParams& p, int warpgroups) {
+  namespace hopper = block_attn::cuda::hopper;
+  if (warpgroups == 1) {
+    return p.is_causal ? hopper::run_fwd_wgmma<true, 1>(p, nullptr)
+                       : hopper::run_fwd_wgmma<false, 1>(p, nullptr);
+  }
+  return p.is_causal ? hopper::run_fwd_wgmma<true, 2>(p, nullptr)
+                     : hopper::run_fwd_wgmma<false, 2>(p, nullptr);
+}
 
 // A (batch, heads, rows, head_dim) tensor with the case's strides over a buffer that also holds
 // the padding; every element starts as NaN.
@@ -228,8 +241,11 @@ void report(const std::string& what, const Comparison& cmp, bool gradient) {
 template <typename T>
 void run_case(const Case& c) {
   using A = std::conditional_t<std::is_same_v<T, double>, double, float>;
-  std::printf("%s [%s, head_dim %d%s]\n", c.name.c_str(), Element<T>::kName, c.head_dim,
-              c.causal ? ", causal" : "");
+  std::printf("%s [%s, head_dim %d%s%s]\n", c.name.c_str(), Element<T>::kName, c.head_dim,
+              c.causal ? ", causal" : "",
+              c.wgmma_warpgroups == 1   ? ", wgmma forward, 1 warpgroup"
+              : c.wgmma_warpgroups == 2 ? ", wgmma forward, 2 warpgroups"
+                                        : "");
   std::mt19937 rng(1234);
   const Blocks blocks = offsets(c);
   const int seqlen_q = blocks.q.back(), seqlen_k = blocks.k.back();
@@ -278,7 +294,9 @@ void run_case(const Case& c) {
   p.scale = scale;
   p.is_causal = c.causal;
 
-  cudaError_t err = block_attn::cuda::launch_forward(p, Element<T>::kDType, nullptr);
+  cudaError_t err = c.wgmma_warpgroups > 0
+                        ? launch_wgmma_forward(p, c.wgmma_warpgroups)
+                        : block_attn::cuda::launch_forward(p, Element<T>::kDType, nullptr);
   if (err != cudaSuccess) {
     std::printf("  FAIL forward launch: error %d\n", static_cast<int>(err));
     ++failures;
@@ -485,6 +503,29 @@ int main() {
           {DType::kFloat16, dim192},
           {DType::kFloat32, simple64},
           {DType::kFloat64, simple32}});
+  // The staged wgmma forward, one and two warpgroups per CTA (the probe's cases).
+  std::vector<std::pair<DType, Case>> wgmma_cases;
+  for (const int warpgroups : {1, 2}) {
+    for (Case c :
+         {Case{"wgmma: full, one block of 200", {200}, {200}, 1, 2, 2, 128, false},
+          Case{"wgmma: causal, one block of 200", {200}, {200}, 1, 2, 2, 128, true},
+          Case{"wgmma: ragged, GQA 4:2, rows first",
+               {70, 1, 229},
+               {70, 1, 229},
+               1,
+               4,
+               2,
+               128,
+               false,
+               Layout::kRowsFirst},
+          Case{"wgmma: ragged causal, Lq != Lk", {64, 129, 0}, {130, 20, 5}, 1, 2, 1, 128, true}}) {
+      c.backward = false;
+      c.wgmma_warpgroups = warpgroups;
+      wgmma_cases.push_back({DType::kBFloat16, c});
+    }
+  }
+  run_on(sm90, "sm_90", wgmma_cases);
+
   cuda_emulator::DeviceProperties sm86{8, 6, 99 * 1024};  // the dQ kernel keeps one row group
   run_on(sm86, "sm_86", {{DType::kBFloat16, causal128}, {DType::kFloat16, separate}});
   cuda_emulator::DeviceProperties sm75{7, 5, 64 * 1024};  // no tensor-core kernels

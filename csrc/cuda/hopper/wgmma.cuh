@@ -4,7 +4,8 @@
 // read the operands from shared memory, with no ldmatrix. The 64 x 64 fp32 result lies in the
 // warpgroup's registers like four stacked mma.sync C fragments: register 4 j + e of lane l in
 // warp w holds row 16 w + l / 4 + 8 (e / 2), column 8 j + 2 (l % 4) + e % 2.
-// csrc/tests/wgmma_probe.cu checks these against a host reference on the GPU.
+// csrc/tests/wgmma_probe.cu checks these against a host reference on the GPU; under
+// BLOCK_ATTN_CUDA_EMULATION the host emulator provides the descriptor, fences and products.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -13,7 +14,8 @@
 
 namespace block_attn::cuda::hopper {
 
-#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#if (defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)) || \
+    defined(BLOCK_ATTN_CUDA_EMULATION)
 #define BLOCK_ATTN_WGMMA 1
 #endif
 
@@ -26,6 +28,14 @@ __host__ __device__ constexpr uint32_t swizzle128_offset(int row, int col) {
   return static_cast<uint32_t>(row) * 128u + chunk * 16u + static_cast<uint32_t>(col % 8) * 2u;
 }
 
+}  // namespace block_attn::cuda::hopper
+
+#ifdef BLOCK_ATTN_CUDA_EMULATION
+#include "../../cuda_emulator/wgmma.h"
+#else
+
+namespace block_attn::cuda::hopper {
+
 // Matrix descriptor of wgmma: start address, leading- and stride-dimension byte offsets (all in
 // 16-byte units) and the swizzle mode (1 = 128-byte swizzle) in bits 62-63.
 __device__ __forceinline__ uint64_t smem_descriptor(const void* smem, uint32_t leading_bytes,
@@ -37,13 +47,6 @@ __device__ __forceinline__ uint64_t smem_descriptor(const void* smem, uint32_t l
   desc |= static_cast<uint64_t>((stride_bytes >> 4) & 0x3FFF) << 32;
   desc |= static_cast<uint64_t>(1) << 62;
   return desc;
-}
-
-// K-major operand (each row's k elements contiguous) in the 128-byte swizzle layout, starting at
-// k element k0 of every row (k0 a multiple of 16, below 64): 8-row groups are 1024 bytes apart;
-// the leading offset is unused for this layout.
-__device__ __forceinline__ uint64_t k_major_descriptor(const void* tile, int k0) {
-  return smem_descriptor(static_cast<const char*>(tile) + k0 * 2, 16, 1024);
 }
 
 // Makes this thread's earlier shared-memory stores visible to the tensor cores' reads.
@@ -121,6 +124,19 @@ __device__ __forceinline__ void wgmma_m64n64k16_bf16_register_a(float (&d)[32],
         "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b));
 #endif
+}
+
+}  // namespace block_attn::cuda::hopper
+
+#endif  // BLOCK_ATTN_CUDA_EMULATION
+
+namespace block_attn::cuda::hopper {
+
+// K-major operand (each row's k elements contiguous) in the 128-byte swizzle layout, starting at
+// k element k0 of every row (k0 a multiple of 16, below 64): 8-row groups are 1024 bytes apart;
+// the leading offset is unused for this layout.
+__device__ __forceinline__ uint64_t k_major_descriptor(const void* tile, int k0) {
+  return smem_descriptor(static_cast<const char*>(tile) + k0 * 2, 16, 1024);
 }
 
 }  // namespace block_attn::cuda::hopper

@@ -1,0 +1,122 @@
+// Host versions of the Hopper warpgroup products in hopper/wgmma.cuh. Operands are read through
+// the matrix descriptors as the PTX manual lays out the 128-byte swizzle: 16-byte chunk c of the
+// 128-byte row at address a lands at chunk c XOR ((a / 128) % 8), so tiles are 1024-byte
+// aligned; a K-major operand's 8-row groups are the stride offset apart, an MN-major operand's
+// 8-row k groups the stride offset apart and its 64-element column atoms the leading offset.
+// Each product completes when issued; fences, commits and waits have nothing left to order.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#include "emulator.h"
+
+namespace block_attn::cuda::hopper {
+
+__device__ __forceinline__ uint64_t smem_descriptor(const void* smem, uint32_t leading_bytes,
+                                                    uint32_t stride_bytes) {
+  const uint32_t address = cuda_emulator::shared_offset(smem);
+  uint64_t desc = 0;
+  desc |= static_cast<uint64_t>((address >> 4) & 0x3FFF);
+  desc |= static_cast<uint64_t>((leading_bytes >> 4) & 0x3FFF) << 16;
+  desc |= static_cast<uint64_t>((stride_bytes >> 4) & 0x3FFF) << 32;
+  desc |= static_cast<uint64_t>(1) << 62;
+  return desc;
+}
+
+inline void fence_shared_for_async_reads() {}
+inline void wgmma_fence() {}
+inline void wgmma_commit() {}
+template <int kPending>
+void wgmma_wait() {}
+
+namespace emulated {
+
+struct Descriptor {
+  uint32_t start, leading, stride;
+  explicit Descriptor(uint64_t desc)
+      : start(static_cast<uint32_t>(desc & 0x3FFF) << 4),
+        leading(static_cast<uint32_t>((desc >> 16) & 0x3FFF) << 4),
+        stride(static_cast<uint32_t>((desc >> 32) & 0x3FFF) << 4) {
+    if ((desc >> 62) != 1) cuda_emulator::fail("wgmma descriptor without the 128-byte swizzle");
+  }
+  float at(uint32_t linear) const {
+    const uint32_t swizzled = linear ^ (((linear >> 7) & 7) << 4);
+    uint16_t bits;
+    std::memcpy(&bits, cuda_emulator::shared_at(swizzled, 2), 2);
+    if (bits == 0xffffu) {
+      cuda_emulator::fail("wgmma read shared memory that was never written or not yet landed");
+    }
+    __nv_bfloat16_raw raw;
+    raw.x = bits;
+    return __bfloat162float(__nv_bfloat16(raw));
+  }
+  // Element (row, k) of a K-major operand (rows of 64 k-elements).
+  float k_major(int row, int k) const {
+    return at(start + (row / 8) * stride + (row % 8) * 128 + k * 2);
+  }
+  // Element (k, column) of an MN-major operand (rows of 64 columns, one per k).
+  float mn_major(int k, int column) const {
+    return at(start + (k / 8) * stride + (k % 8) * 128 + (column / 64) * leading +
+              (column % 64) * 2);
+  }
+};
+
+// d (64 x 64) = A B (+ d): thread t of the warpgroup holds d[4 j + e] = row 16 (t / 32) +
+// (t % 32) / 4 + 8 (e / 2), column 8 j + 2 (t % 4) + e % 2.
+template <typename AElement, typename BElement>
+void product(float (&d)[32], bool accumulate, AElement a_at, BElement b_at) {
+  const int t = cuda_emulator::warpgroup_thread();
+  for (int i = 0; i < 32; ++i) {
+    const int row = 16 * (t / 32) + (t % 32) / 4 + 8 * ((i % 4) / 2);
+    const int column = 8 * (i / 4) + 2 * (t % 4) + i % 2;
+    float sum = accumulate ? d[i] : 0.f;
+    for (int k = 0; k < 16; ++k) sum += a_at(row, k) * b_at(k, column);
+    d[i] = sum;
+  }
+}
+
+}  // namespace emulated
+
+template <bool kTransposeB>
+void wgmma_m64n64k16_bf16(float (&d)[32], uint64_t desc_a, uint64_t desc_b, bool accumulate) {
+  const uint64_t mine[3] = {desc_a, desc_b, accumulate ? 1u : 0u};
+  const cuda_emulator::WarpgroupPayloads& all = cuda_emulator::warpgroup_exchange(
+      mine, sizeof(mine), kTransposeB ? "wgmma.ss.n-major" : "wgmma.ss");
+  if (std::memcmp(all[0], mine, sizeof(mine)) != 0) {
+    cuda_emulator::fail("wgmma operands differ across the warpgroup");
+  }
+  const emulated::Descriptor a(desc_a), b(desc_b);
+  emulated::product(
+      d, accumulate, [&](int row, int k) { return a.k_major(row, k); },
+      [&](int k, int column) {
+        return kTransposeB ? b.mn_major(k, column) : b.k_major(column, k);
+      });
+}
+
+void inline wgmma_m64n64k16_bf16_register_a(float (&d)[32], const uint32_t (&a)[4],
+                                            uint64_t desc_b) {
+  struct Operands {
+    uint32_t a[4];
+    uint64_t desc_b;
+  } mine{{a[0], a[1], a[2], a[3]}, desc_b};
+  const cuda_emulator::WarpgroupPayloads& all =
+      cuda_emulator::warpgroup_exchange(&mine, sizeof(mine), "wgmma.rs");
+  Operands first;
+  std::memcpy(&first, all[0], sizeof(first));
+  if (first.desc_b != desc_b) cuda_emulator::fail("wgmma operands differ across the warpgroup");
+  // A: warp w's rows 16 w .. 16 w + 15 in the mma.sync m16n8k16 A-fragment layout.
+  auto a_at = [&](int row, int k) {
+    const int warp = row / 16, r = row % 16;
+    const int thread = 32 * warp + 4 * (r % 8) + (k % 8) / 2;
+    uint16_t bits;
+    std::memcpy(&bits, all[thread] + 4 * (r / 8 + 2 * (k / 8)) + 2 * (k % 2), 2);
+    __nv_bfloat16_raw raw;
+    raw.x = bits;
+    return __bfloat162float(__nv_bfloat16(raw));
+  };
+  const emulated::Descriptor b(desc_b);
+  emulated::product(d, true, a_at, [&](int k, int column) { return b.mn_major(k, column); });
+}
+
+}  // namespace block_attn::cuda::hopper
