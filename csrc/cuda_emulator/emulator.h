@@ -8,11 +8,12 @@
 // dynamic shared memory is one host buffer. Warps run one at a time, each as far as it can go
 // before a __syncthreads, in an order that changes from CTA to CTA, so a missing barrier lets a
 // warp read data other warps have not yet written. A warp collective (shuffle, vote, ldmatrix,
-// mma.sync) is a rendezvous of the warp's 32 fibers and __syncthreads one of the CTA's live
-// threads. PTX semantics follow the ISA manual; cp.async copies land only at cp.async.wait_group,
-// and shared memory starts every CTA filled with 0xff bytes, so a read before the wait or of a byte
-// never written shows up (ldmatrix checks for it). Races between cp.async and ldmatrix are checked
-// per 16-byte chunk against the barriers: a read while a copy is in flight or before a
+// mma.sync) is a rendezvous of the warp's 32 fibers, a wgmma one of the warpgroup's 128, and
+// __syncthreads one of the CTA's live threads. PTX semantics follow the ISA manual; cp.async copies
+// land only at cp.async.wait_group, and shared memory starts every CTA filled with 0xff bytes, so a
+// read before the wait or of a byte never written shows up (ldmatrix checks for it). Races between
+// cp.async and ldmatrix are checked per 16-byte chunk against the barriers: a read while a copy is
+// in flight or before a
 // __syncthreads follows its landing, and a copy over what another warp read since the last
 // __syncthreads. Plain loads and stores are not tracked. Misuse - a collective with divergent
 // lanes, a deadlock, a shared-memory access out of range, shared memory above the opt-in - aborts
