@@ -1,7 +1,8 @@
 // Times the tensor-core kernels' variants side by side on the benchmark's causal-d128 workload
 // (causal, one block of 16384 tokens, 16 heads, head_dim 128, bf16): the forward and the dQ
 // kernel with one and with two 16-row groups per warp, the backward kernel by kernel, and the
-// backward's two dQ paths (the deterministic dQ kernel, and atomics from the dK/dV kernel). The
+// backward's two dQ paths (the deterministic dQ kernel, and atomics from the dK/dV kernel, whose
+// CTAs own 64 keys in 4 warps or 128 in 8). The
 // row-group variants do the same per-row arithmetic in the same order, so their outputs must
 // agree bitwise, and the two paths' dK and dV too; their dQ must agree to rounding. The program
 // checks all of that. Plain CUDA, no torch (any sm_80+ GPU):
@@ -124,12 +125,14 @@ int main() {
   bf16 *grad_q_atomic = device_array<bf16>(elements), *grad_k_atomic = device_array<bf16>(elements),
        *grad_v_atomic = device_array<bf16>(elements);
   float* dq_accumulator = device_array<float>(elements);
+  bf16 *grad_q_wide = device_array<bf16>(elements), *grad_k_wide = device_array<bf16>(elements),
+       *grad_v_wide = device_array<bf16>(elements);
   float *lse = device_array<float>(rows), *lse_one = device_array<float>(rows);
   float* delta = device_array<float>(rows);
   int* offsets = device_array<int>(2);
   if (!q || !k || !v || !grad_out || !out || !out_one || !grad_q || !grad_q_one || !grad_k ||
-      !grad_v || !grad_q_atomic || !grad_k_atomic || !grad_v_atomic || !dq_accumulator || !lse ||
-      !lse_one || !delta || !offsets) {
+      !grad_v || !grad_q_atomic || !grad_k_atomic || !grad_v_atomic || !dq_accumulator ||
+      !grad_q_wide || !grad_k_wide || !grad_v_wide || !lse || !lse_one || !delta || !offsets) {
     return 2;
   }
   std::vector<bf16> host(elements);
@@ -188,6 +191,8 @@ int main() {
   const double fwd_one = median_ms(
       [&] { return kernels::launch_fwd_flash_kernel<bf16, kHeadDim, kCausal, 1>(one, nullptr); });
   const bool vectorized = kernels::rows_are_16_byte_aligned(p);
+  int max_shared = 0;
+  cudaDeviceGetAttribute(&max_shared, cudaDevAttrMaxSharedMemoryPerBlockOptin, 0);
   using Traits = kernels::FlashBwdTraits<kHeadDim>;
   const double delta_ms = median_ms([&] {
     return kernels::launch_kernel(kernels::delta_kernel<bf16>, dim3(kTokens / 4, kHeads), 128, 0,
@@ -208,8 +213,16 @@ int main() {
   const double atomic_ms = median_ms([&] {
     return kernels::run_bwd_flash<bf16, kHeadDim, kCausal>(atomic, delta, dq_accumulator, nullptr);
   });
-  int max_shared = 0;
-  cudaDeviceGetAttribute(&max_shared, cudaDevAttrMaxSharedMemoryPerBlockOptin, 0);
+  const bool wide_fits =
+      kernels::FlashBwdTraits<kHeadDim, 1, 8>::kAtomicDqSharedBytes <= max_shared;
+  BackwardParams wide = atomic;  // 8-warp dK/dV CTAs; same outputs as the 4-warp ones
+  wide.grad_q = grad_q_wide;
+  wide.grad_k = grad_k_wide;
+  wide.grad_v = grad_v_wide;
+  const double wide_ms = wide_fits ? median_ms([&] {
+    return kernels::run_bwd_flash<bf16, kHeadDim, kCausal, 8>(wide, delta, dq_accumulator, nullptr);
+  })
+                                   : -1;
   const bool two_fit = kernels::FlashBwdTraits<kHeadDim, 2>::kSharedBytes <= max_shared;
   const double dq_two = two_fit ? median_ms([&] {
     return kernels::launch_dq_flash<bf16, kHeadDim, kCausal, 2>(p, delta, vectorized, nullptr);
@@ -228,7 +241,8 @@ int main() {
   report("dQ", "1 row group (64 q)", dq_one, 3);
   const double backward = delta_ms + dkdv_ms + (two_fit ? std::min(dq_one, dq_two) : dq_one);
   report("backward", "dQ kernel (determ.)", backward, 5);
-  report("backward", "atomic dQ (whole)", atomic_ms, 5);
+  report("backward", "atomic dQ, 64-key CTAs", atomic_ms, 5);
+  if (wide_fits) report("backward", "atomic dQ, 128-key CTAs", wide_ms, 5);
 
   bool agree = same_bits(out, out_one, elements * sizeof(bf16), "forward out");
   agree = same_bits(lse, lse_one, rows * sizeof(float), "forward lse") && agree;
@@ -236,6 +250,11 @@ int main() {
   agree = same_bits(grad_k, grad_k_atomic, elements * sizeof(bf16), "dK, two dQ paths") && agree;
   agree = same_bits(grad_v, grad_v_atomic, elements * sizeof(bf16), "dV, two dQ paths") && agree;
   agree = close_enough(grad_q_one, grad_q_atomic, elements) && agree;
+  if (wide_fits) {
+    agree = same_bits(grad_k, grad_k_wide, elements * sizeof(bf16), "dK, 8-warp CTAs") && agree;
+    agree = same_bits(grad_v, grad_v_wide, elements * sizeof(bf16), "dV, 8-warp CTAs") && agree;
+    agree = close_enough(grad_q_one, grad_q_wide, elements) && agree;
+  }
   std::printf("tile variants: %s\n", agree ? "PASS" : "FAIL");
   return agree ? 0 : 1;
 }

@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "attention_params.h"
+#include "cuda/flash/bwd_flash.cuh"
 #include "cuda/hopper/fwd_wgmma.cuh"
 #include "cuda/launch.h"
 
@@ -83,7 +84,28 @@ struct Case {
   bool grad_lse = true;
   bool backward = true;
   int wgmma_warpgroups = 0;  // > 0: the staged sm_90 wgmma forward (bf16, head_dim 128) instead
+  int key_warps = 4;         // 8: the tensor-core backward with 8-warp (128-key) dK/dV CTAs
 };
+
+// launch_backward, or the tensor-core backward with 8-warp dK/dV CTAs, which it does not pick.
+template <typename T>
+cudaError_t run_backward(const Case& c, const BackwardParams& p,
+                         const block_attn::cuda::BackwardWorkspace& workspace) {
+  if constexpr (sizeof(T) == 2) {
+    if (c.key_warps == 8) {
+      using block_attn::cuda::run_bwd_flash;
+      float* delta = static_cast<float*>(workspace.delta);
+      float* sums = p.deterministic ? nullptr : workspace.dq_accumulator;
+      if (p.head_dim <= 64) {
+        return p.is_causal ? run_bwd_flash<T, 64, true, 8>(p, delta, sums, nullptr)
+                           : run_bwd_flash<T, 64, false, 8>(p, delta, sums, nullptr);
+      }
+      return p.is_causal ? run_bwd_flash<T, 128, true, 8>(p, delta, sums, nullptr)
+                         : run_bwd_flash<T, 128, false, 8>(p, delta, sums, nullptr);
+    }
+  }
+  return block_attn::cuda::launch_backward(p, workspace, Element<T>::kDType, nullptr);
+}
 
 // The staged wgmma forward, which launch_forward does not dispatch yet.
 cudaError_t launch_wgmma_forward(const ForwardParams& p, int warpgroups) {
@@ -241,8 +263,8 @@ void report(const std::string& what, const Comparison& cmp, bool gradient) {
 template <typename T>
 void run_case(const Case& c) {
   using A = std::conditional_t<std::is_same_v<T, double>, double, float>;
-  std::printf("%s [%s, head_dim %d%s%s]\n", c.name.c_str(), Element<T>::kName, c.head_dim,
-              c.causal ? ", causal" : "",
+  std::printf("%s [%s, head_dim %d%s%s%s]\n", c.name.c_str(), Element<T>::kName, c.head_dim,
+              c.causal ? ", causal" : "", c.key_warps == 8 ? ", 8-warp dK/dV" : "",
               c.wgmma_warpgroups == 1   ? ", wgmma forward, 1 warpgroup"
               : c.wgmma_warpgroups == 2 ? ", wgmma forward, 2 warpgroups"
                                         : "");
@@ -370,7 +392,7 @@ void run_case(const Case& c) {
     for (Tensor<T>* t : {&grad_q, &grad_k, &grad_v}) {
       std::fill(t->data.begin(), t->data.end(), Element<T>::nan());
     }
-    err = block_attn::cuda::launch_backward(p, workspace, Element<T>::kDType, nullptr);
+    err = run_backward<T>(c, p, workspace);
     if (err != cudaSuccess) {
       std::printf("  FAIL backward launch: error %d\n", static_cast<int>(err));
       ++failures;
@@ -525,6 +547,14 @@ int main() {
     }
   }
   run_on(sm90, "sm_90", wgmma_cases);
+
+  // The backward with 8-warp (128-key) dK/dV CTAs.
+  std::vector<std::pair<DType, Case>> wide_key_cases;
+  for (Case c : {causal128, gqa64, separate, odd_dim}) {
+    c.key_warps = 8;
+    wide_key_cases.push_back({DType::kBFloat16, c});
+  }
+  run_on(sm90, "sm_90", wide_key_cases);
 
   cuda_emulator::DeviceProperties sm86{8, 6, 99 * 1024};  // the dQ kernel keeps one row group
   run_on(sm86, "sm_86", {{DType::kBFloat16, causal128}, {DType::kFloat16, separate}});

@@ -28,11 +28,11 @@
 
 namespace block_attn::cuda {
 
-template <int kHeadDim_, int kRowGroups_ = 1>
+template <int kHeadDim_, int kRowGroups_ = 1, int kWarps_ = 4>
 struct FlashBwdTraits {
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kRowGroups = kRowGroups_;  // 16-row mma groups per warp of owned rows
-  static constexpr int kWarps = 4;
+  static constexpr int kWarps = kWarps_;
   static constexpr int kThreads = kWarps * 32;
   // Rows a CTA owns (16 per group) and rows of the tiles it streams. The streamed tile is 32 rows
   // at head_dim 128 so that two head_dim-wide accumulators plus two score tiles fit in registers.
@@ -433,10 +433,14 @@ cudaError_t launch_dq_flash(const BackwardParams& params, const float* delta, bo
                        vectorized);
 }
 
-template <typename T, int kHeadDim, bool kIsCausal>
+// kKeyWarps: warps (16 keys each) of a dK/dV CTA. 8 (128 keys, as FlashAttention-2 takes at
+// head_dim 128) halves the atomic dQ traffic and the Q / dO tile loads per product, for 111 KiB
+// of shared memory and one CTA per SM; 4 is what runs until a GPU measurement says otherwise
+// (csrc/tests/flash_tile_variants.cu times both).
+template <typename T, int kHeadDim, bool kIsCausal, int kKeyWarps>
 cudaError_t run_bwd_flash(const BackwardParams& params, void* delta_workspace,
                           float* dq_accumulator, cudaStream_t stream) {
-  using Traits = FlashBwdTraits<kHeadDim>;
+  using Traits = FlashBwdTraits<kHeadDim, 1, kKeyWarps>;
   auto* delta = static_cast<float*>(delta_workspace);
   const bool vectorized = rows_are_16_byte_aligned(params);
   const dim3 grid_rows(ceil_div(params.seqlen_q, 4), params.batch * params.heads_q);
