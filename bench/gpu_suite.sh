@@ -205,16 +205,16 @@ if wanted sanitizer; then
 fi
 if wanted bench; then
   # Timing loops get the step's limit less ~60 s for roofline, accuracy check and tables; the
-  # advisory steps after it keep up to 135 s.
+  # advisory steps after it keep up to 150 s.
   reserve=0
-  if wanted probes || wanted profile; then reserve=135; fi
+  if wanted probes || wanted profile; then reserve=150; fi
   left=$(($(remaining) - reserve))
   left=$((left < 300 ? left : 300))
   run_step benchmark 300 "$reserve" 1 python3 bench/gpu_bench.py --out "$OUT/gpu_results.json" \
     --time-budget $((left - 60 > 200 ? 200 : (left - 60 > 30 ? left - 60 : 30))) ${BENCH_ARGS:-}
 fi
 
-if wanted probes; then run_step kernel-probes 60 60 0 kernel_probes; fi
+if wanted probes; then run_step kernel-probes 90 60 0 kernel_probes; fi
 if wanted profile; then
   run_step profile 120 0 0 bash -c 'profile >"$OUT/ncu_kernels.txt" 2>&1; rc=$?; tail -40 "$OUT/ncu_kernels.txt"; exit $rc'
 fi
