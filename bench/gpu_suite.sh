@@ -156,7 +156,8 @@ sanitizer() {
 # to agree bitwise); on sm_90, the Hopper warpgroup-product building blocks and the forward built
 # on them against host references, the forward also timed.
 kernel_probes() {
-  local major arch rc=0 probe probes=(flash_tile_variants)
+  local major arch rc=0 probe probes=(flash_tile_variants) nvcc
+  nvcc=$(command -v nvcc || echo "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc")
   major=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | cut -d. -f1)
   arch=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | tr -d .)
   if [[ "$major" == 9 ]]; then
@@ -167,7 +168,7 @@ kernel_probes() {
   fi
   for probe in "${probes[@]}"; do
     echo "--- $probe"
-    nvcc -std=c++17 -O3 --expt-relaxed-constexpr -gencode="arch=compute_$arch,code=sm_$arch" \
+    "$nvcc" -std=c++17 -O3 --expt-relaxed-constexpr -gencode="arch=compute_$arch,code=sm_$arch" \
       "csrc/tests/$probe.cu" -o "/tmp/block_attn_$probe" && "/tmp/block_attn_$probe" || rc=1
   done
   return $rc
