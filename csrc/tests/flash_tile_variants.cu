@@ -22,6 +22,7 @@
 
 #include "../cuda/flash/bwd_flash.cuh"
 #include "../cuda/flash/fwd_flash.cuh"
+#include "gpu_probe.h"
 
 namespace {
 
@@ -34,36 +35,13 @@ constexpr int kHeads = 16;
 constexpr int kHeadDim = 128;
 constexpr bool kCausal = true;
 
-bool check(cudaError_t err, const char* what) {
-  if (err != cudaSuccess) std::printf("%s: %s\n", what, cudaGetErrorString(err));
-  return err == cudaSuccess;
-}
+using gpu_probe::check;
+using gpu_probe::median_ms;
 
 template <typename T>
 T* device_array(size_t count) {
   void* p = nullptr;
   return check(cudaMalloc(&p, count * sizeof(T)), "cudaMalloc") ? static_cast<T*>(p) : nullptr;
-}
-
-// Median milliseconds of `launch` over 10 runs after 3 warm-up runs.
-double median_ms(const std::function<cudaError_t()>& launch) {
-  cudaEvent_t start, stop;
-  cudaEventCreate(&start);
-  cudaEventCreate(&stop);
-  std::vector<float> times;
-  for (int rep = 0; rep < 13; ++rep) {
-    cudaEventRecord(start);
-    const cudaError_t err = launch();
-    cudaEventRecord(stop);
-    if (!check(err, "launch") || !check(cudaEventSynchronize(stop), "kernel")) return -1;
-    float ms = 0;
-    cudaEventElapsedTime(&ms, start, stop);
-    if (rep >= 3) times.push_back(ms);
-  }
-  cudaEventDestroy(start);
-  cudaEventDestroy(stop);
-  std::sort(times.begin(), times.end());
-  return times[times.size() / 2];
 }
 
 // Useful flops of one causal N x N product over all heads (keys past the diagonal not counted).

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "../cuda/hopper/fwd_wgmma.cuh"
+#include "gpu_probe.h"
 
 namespace {
 
@@ -33,10 +34,7 @@ struct Case {
   bool causal;
 };
 
-bool check(cudaError_t err, const char* what) {
-  if (err != cudaSuccess) std::printf("%s: %s\n", what, cudaGetErrorString(err));
-  return err == cudaSuccess;
-}
+using gpu_probe::check;
 
 // Device buffers of one case; (1, heads, seqlen, 128) contiguous tensors.
 struct Buffers {
@@ -209,26 +207,13 @@ void time_causal(int tokens, int heads) {
   cudaMemcpy(b.cu_q, offsets, 8, cudaMemcpyHostToDevice);
   cudaMemcpy(b.cu_k, offsets, 8, cudaMemcpyHostToDevice);
   const ForwardParams p = make_params(b, c, tokens, tokens);
-  cudaEvent_t start, stop;
-  cudaEventCreate(&start);
-  cudaEventCreate(&stop);
-  std::vector<float> times;
-  for (int rep = 0; rep < 13; ++rep) {
-    cudaEventRecord(start);
-    const cudaError_t err = run<kWarpgroups>(p);
-    cudaEventRecord(stop);
-    if (!check(err, "launch") || !check(cudaEventSynchronize(stop), "kernel")) return;
-    float ms = 0;
-    cudaEventElapsedTime(&ms, start, stop);
-    if (rep >= 3) times.push_back(ms);  // after warm-up
-  }
-  std::sort(times.begin(), times.end());
-  const double ms = times[times.size() / 2];
+  const double ms = gpu_probe::median_ms([&] { return run<kWarpgroups>(p); });
+  if (ms < 0) return;
   const double flops = 2.0 * heads * kHeadDim * static_cast<double>(tokens) * (tokens + 1);
   std::printf(
       "%d warpgroup(s): causal N=%d H=%d D=128 bf16 forward: %.3f ms, %.1f TFLOP/s (median of "
-      "%zu)\n",
-      kWarpgroups, tokens, heads, ms, flops / ms / 1e9, times.size());
+      "%d)\n",
+      kWarpgroups, tokens, heads, ms, flops / ms / 1e9, gpu_probe::kTimedRuns);
 }
 
 }  // namespace

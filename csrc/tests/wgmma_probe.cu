@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "../cuda/hopper/wgmma.cuh"
+#include "gpu_probe.h"
 
 namespace {
 
@@ -75,10 +76,7 @@ __global__ void product(const __nv_bfloat16* a, const __nv_bfloat16* b, float* o
   store_accumulators(d, out);
 }
 
-bool check(cudaError_t err, const char* what) {
-  if (err != cudaSuccess) std::printf("%s: %s\n", what, cudaGetErrorString(err));
-  return err == cudaSuccess;
-}
+using gpu_probe::check;
 
 // Largest |got - want| over the matrix.
 double max_error(const std::vector<float>& got, const std::vector<double>& want) {
