@@ -144,6 +144,11 @@ inline float atomicAdd(float* address, float value) {
   return old;
 }
 
+// A shared-window address is the offset into the CTA's shared memory.
+inline size_t __cvta_generic_to_shared(const void* p) {
+  return cuda_emulator::shared_offset(p);
+}
+
 // CUDA's device overloads of min and max.
 inline int min(int a, int b) {
   return a < b ? a : b;

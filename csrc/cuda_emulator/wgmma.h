@@ -13,17 +13,6 @@
 
 namespace block_attn::cuda::hopper {
 
-__device__ __forceinline__ uint64_t smem_descriptor(const void* smem, uint32_t leading_bytes,
-                                                    uint32_t stride_bytes) {
-  const uint32_t address = cuda_emulator::shared_offset(smem);
-  uint64_t desc = 0;
-  desc |= static_cast<uint64_t>((address >> 4) & 0x3FFF);
-  desc |= static_cast<uint64_t>((leading_bytes >> 4) & 0x3FFF) << 16;
-  desc |= static_cast<uint64_t>((stride_bytes >> 4) & 0x3FFF) << 32;
-  desc |= static_cast<uint64_t>(1) << 62;
-  return desc;
-}
-
 inline void fence_shared_for_async_reads() {}
 inline void wgmma_fence() {}
 inline void wgmma_commit() {}

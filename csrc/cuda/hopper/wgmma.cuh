@@ -5,7 +5,7 @@
 // warpgroup's registers like four stacked mma.sync C fragments: register 4 j + e of lane l in
 // warp w holds row 16 w + l / 4 + 8 (e / 2), column 8 j + 2 (l % 4) + e % 2.
 // csrc/tests/wgmma_probe.cu checks these against a host reference on the GPU; under
-// BLOCK_ATTN_CUDA_EMULATION the host emulator provides the descriptor, fences and products.
+// BLOCK_ATTN_CUDA_EMULATION the host emulator provides the fences and products.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -35,19 +35,6 @@ __host__ __device__ constexpr uint32_t swizzle128_offset(int row, int col) {
 #else
 
 namespace block_attn::cuda::hopper {
-
-// Matrix descriptor of wgmma: start address, leading- and stride-dimension byte offsets (all in
-// 16-byte units) and the swizzle mode (1 = 128-byte swizzle) in bits 62-63.
-__device__ __forceinline__ uint64_t smem_descriptor(const void* smem, uint32_t leading_bytes,
-                                                    uint32_t stride_bytes) {
-  const uint32_t address = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-  uint64_t desc = 0;
-  desc |= static_cast<uint64_t>((address >> 4) & 0x3FFF);
-  desc |= static_cast<uint64_t>((leading_bytes >> 4) & 0x3FFF) << 16;
-  desc |= static_cast<uint64_t>((stride_bytes >> 4) & 0x3FFF) << 32;
-  desc |= static_cast<uint64_t>(1) << 62;
-  return desc;
-}
 
 // Makes this thread's earlier shared-memory stores visible to the tensor cores' reads.
 __device__ __forceinline__ void fence_shared_for_async_reads() {
@@ -131,6 +118,19 @@ __device__ __forceinline__ void wgmma_m64n64k16_bf16_register_a(float (&d)[32],
 #endif  // BLOCK_ATTN_CUDA_EMULATION
 
 namespace block_attn::cuda::hopper {
+
+// Matrix descriptor of wgmma: start address, leading- and stride-dimension byte offsets (all in
+// 16-byte units) and the swizzle mode (1 = 128-byte swizzle) in bits 62-63.
+__device__ __forceinline__ uint64_t smem_descriptor(const void* smem, uint32_t leading_bytes,
+                                                    uint32_t stride_bytes) {
+  const uint32_t address = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  uint64_t desc = 0;
+  desc |= static_cast<uint64_t>((address >> 4) & 0x3FFF);
+  desc |= static_cast<uint64_t>((leading_bytes >> 4) & 0x3FFF) << 16;
+  desc |= static_cast<uint64_t>((stride_bytes >> 4) & 0x3FFF) << 32;
+  desc |= static_cast<uint64_t>(1) << 62;
+  return desc;
+}
 
 // K-major operand (each row's k elements contiguous) in the 128-byte swizzle layout, starting at
 // k element k0 of every row (k0 a multiple of 16, below 64): 8-row groups are 1024 bytes apart;
