@@ -1,13 +1,39 @@
 // Where a (batch, head)'s rows start in the tensors of ForwardParams / BackwardParams: the
 // element of row `row`, column 0, from the tensor's base pointer and element strides. Also the
-// offset of that row in the contiguous (batch, heads_q, seqlen_q) lse and delta arrays.
+// offset of that row in the contiguous (batch, heads_q, seqlen_q) lse and delta arrays, and the
+// rows and heads a query-tile CTA works on.
 #pragma once
 
 #include <cstdint>
 
 #include "../attention_params.h"
+#include "utils.cuh"
 
 namespace block_attn::cuda {
+
+// A CTA of a kernel over query tiles, grid (query tiles of the longest block, blocks,
+// batch * heads_q): its block's query and key ranges, its first query m0 and its heads. Tiles
+// run in reverse order, so under a causal mask the costliest of a (block, head) start first.
+// m0 >= qr.length: the tile lies past its block and the CTA has nothing to do.
+struct QueryTile {
+  BlockRange qr;
+  BlockRange kr;
+  int m0;
+  int batch;
+  int head;
+  int head_kv;
+};
+
+__device__ __forceinline__ QueryTile query_tile(const ForwardParams& p, int block_m) {
+  QueryTile t;
+  t.qr = block_range(p.cu_seqlens_q, blockIdx.y);
+  t.kr = block_range(p.cu_seqlens_k, blockIdx.y);
+  t.m0 = (gridDim.x - 1 - blockIdx.x) * block_m;
+  t.batch = blockIdx.z / p.heads_q;
+  t.head = blockIdx.z % p.heads_q;
+  t.head_kv = t.head / (p.heads_q / p.heads_kv);
+  return t;
+}
 
 __device__ __forceinline__ int64_t strided_row(int64_t batch_stride, int64_t head_stride,
                                                int64_t row_stride, int batch, int head, int row) {

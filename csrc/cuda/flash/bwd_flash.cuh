@@ -136,11 +136,8 @@ __global__ void __launch_bounds__(Traits::kThreads)
   const float scale_log2 = params.scale * kLog2e;
   float dk[kHeadDim / 8][4];
   float dv[kHeadDim / 8][4];
-#pragma unroll
-  for (int d = 0; d < kHeadDim / 8; ++d) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) dk[d][e] = dv[d][e] = 0.f;
-  }
+  zero_fragments(dk);
+  zero_fragments(dv);
   const T* sK_warp = sK + warp * 16 * kStride;
   const T* sV_warp = sV + warp * 16 * kStride;
 
@@ -166,11 +163,8 @@ __global__ void __launch_bounds__(Traits::kThreads)
       constexpr bool kMask = decltype(mask_tag)::value;
       float s[kBlockM / 8][4];
       float dp[kBlockM / 8][4];
-#pragma unroll
-      for (int n = 0; n < kBlockM / 8; ++n) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) s[n][e] = dp[n][e] = 0.f;
-      }
+      zero_fragments(s);
+      zero_fragments(dp);
       warp_gemm_abt<T, kHeadDim, kBlockM, kStride>(s, sK_warp, (sQ + buf * kTile), lane);
       warp_gemm_abt<T, kHeadDim, kBlockM, kStride>(dp, sV_warp, (sdO + buf * kTile), lane);
 #pragma unroll
@@ -211,8 +205,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
       const int col0 = (warp / Traits::kDqGroups) * kColumns;
       __syncthreads();  // every warp's dS^T is in
       float dq[kColumns / 8][4];
-#pragma unroll
-      for (int n = 0; n < kColumns / 8; ++n) dq[n][0] = dq[n][1] = dq[n][2] = dq[n][3] = 0.f;
+      zero_fragments(dq);
       warp_gemm_atb<T, kBlockN, kColumns, Traits::kDsStride, kStride>(dq, s_ds + q_group * 16,
                                                                       sK + col0, lane);
       float* dq_rows = dq_accumulator + lse_index(params, batch, head, qr.start) * head_dim;
@@ -266,13 +259,10 @@ __global__ void __launch_bounds__(Traits::kThreads)
   constexpr int kHeadDim = Traits::kHeadDim;
   constexpr int kStride = Traits::kSmemStride;
 
-  const BlockRange qr = block_range(params.cu_seqlens_q, blockIdx.y);
-  const BlockRange kr = block_range(params.cu_seqlens_k, blockIdx.y);
-  const int m0 = (gridDim.x - 1 - blockIdx.x) * kBlockM;
-  if (m0 >= qr.length) return;
-  const int batch = blockIdx.z / params.heads_q;
-  const int head = blockIdx.z % params.heads_q;
-  const int head_kv = head / (params.heads_q / params.heads_kv);
+  const QueryTile tile = query_tile(params, kBlockM);
+  if (tile.m0 >= tile.qr.length) return;
+  const BlockRange qr = tile.qr, kr = tile.kr;
+  const int m0 = tile.m0, batch = tile.batch, head = tile.head, head_kv = tile.head_kv;
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   const int group_row = lane / 4;
@@ -321,12 +311,8 @@ __global__ void __launch_bounds__(Traits::kThreads)
           i < qr.length ? static_cast<const float*>(params.lse)[row_base + i] * kLog2e : INFINITY;
       row_delta[g][rr] = i < qr.length ? delta[row_base + i] : 0.f;
     }
-#pragma unroll
-    for (int d = 0; d < kHeadDim / 8; ++d) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) dq[g][d][e] = 0.f;
-    }
   }
+  zero_fragments(dq);
   const T* sQ_warp = sQ + warp_row0 * kStride;
   const T* sdO_warp = sdO + warp_row0 * kStride;
 
@@ -348,14 +334,8 @@ __global__ void __launch_bounds__(Traits::kThreads)
       constexpr bool kMask = decltype(mask_tag)::value;
       float s[kRowGroups][kBlockN / 8][4];
       float dp[kRowGroups][kBlockN / 8][4];
-#pragma unroll
-      for (int g = 0; g < kRowGroups; ++g) {
-#pragma unroll
-        for (int n = 0; n < kBlockN / 8; ++n) {
-#pragma unroll
-          for (int e = 0; e < 4; ++e) s[g][n][e] = dp[g][n][e] = 0.f;
-        }
-      }
+      zero_fragments(s);
+      zero_fragments(dp);
       warp_gemm_abt<T, kHeadDim, kBlockN, kStride, kRowGroups>(s, sQ_warp, (sK + buf * kTile),
                                                                lane);
       warp_gemm_abt<T, kHeadDim, kBlockN, kStride, kRowGroups>(dp, sdO_warp, (sV + buf * kTile),

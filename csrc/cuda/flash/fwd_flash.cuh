@@ -55,13 +55,10 @@ __global__ void __launch_bounds__(Traits::kThreads)
   constexpr int kNBlocksS = kBlockN / 8;   // 8-column mma tiles of S
   constexpr int kNBlocksO = kHeadDim / 8;  // 8-column mma tiles of O
 
-  const BlockRange qr = block_range(params.cu_seqlens_q, blockIdx.y);
-  const BlockRange kr = block_range(params.cu_seqlens_k, blockIdx.y);
-  const int m0 = (gridDim.x - 1 - blockIdx.x) * kBlockM;
-  if (m0 >= qr.length) return;
-  const int batch = blockIdx.z / params.heads_q;
-  const int head = blockIdx.z % params.heads_q;
-  const int head_kv = head / (params.heads_q / params.heads_kv);
+  const QueryTile tile = query_tile(params, kBlockM);
+  if (tile.m0 >= tile.qr.length) return;
+  const BlockRange qr = tile.qr, kr = tile.kr;
+  const int m0 = tile.m0, batch = tile.batch, head = tile.head, head_kv = tile.head_kv;
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   const int group_row = lane / 4;                     // row of the mma fragments (and row + 8)
@@ -88,13 +85,9 @@ __global__ void __launch_bounds__(Traits::kThreads)
   float acc_o[kRowGroups][kNBlocksO][4];
   float row_max[kRowGroups][2];
   float row_sum[kRowGroups][2];  // per-thread partial sums, reduced over the quad at the end
+  zero_fragments(acc_o);
 #pragma unroll
   for (int g = 0; g < kRowGroups; ++g) {
-#pragma unroll
-    for (int d = 0; d < kNBlocksO; ++d) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc_o[g][d][e] = 0.f;
-    }
     row_max[g][0] = row_max[g][1] = -INFINITY;
     row_sum[g][0] = row_sum[g][1] = 0.f;
   }
@@ -117,11 +110,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
     cp_async_commit();
 
     float s[kRowGroups][kNBlocksS][4];
-#pragma unroll
-    for (int g = 0; g < kRowGroups; ++g) {
-#pragma unroll
-      for (int n = 0; n < kNBlocksS; ++n) s[g][n][0] = s[g][n][1] = s[g][n][2] = s[g][n][3] = 0.f;
-    }
+    zero_fragments(s);
     warp_gemm_abt<T, kHeadDim, kBlockN, kStride, kRowGroups>(s, sQ + warp_row0 * kStride, sK, lane);
 
     // Scale first (scale may be negative), then mask.

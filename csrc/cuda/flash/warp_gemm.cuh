@@ -8,6 +8,18 @@
 
 namespace block_attn::cuda {
 
+// Zeroes a warp's accumulator fragments (kN 8-column tiles, in kGroups row groups).
+template <int kN>
+__device__ __forceinline__ void zero_fragments(float (&acc)[kN][4]) {
+#pragma unroll
+  for (int n = 0; n < kN; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+}
+template <int kGroups, int kN>
+__device__ __forceinline__ void zero_fragments(float (&acc)[kGroups][kN][4]) {
+#pragma unroll
+  for (int g = 0; g < kGroups; ++g) zero_fragments(acc[g]);
+}
+
 // acc[g] (16 x kN) += A_g B^T, with A_g rows [16 g, 16 g + 16) of a [row][k] shared tile starting
 // at sA and B the first kN rows of another [row][k] shared tile; k runs over kK columns.
 template <typename T, int kK, int kN, int kStride, int kGroups>

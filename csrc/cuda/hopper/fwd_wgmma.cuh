@@ -80,13 +80,10 @@ __global__ void __launch_bounds__(Traits::kThreads) fwd_wgmma_kernel(const Forwa
   constexpr int kBlockM = Traits::kBlockM;
   constexpr int kBlockN = Traits::kBlockN;
 
-  const BlockRange qr = block_range(params.cu_seqlens_q, blockIdx.y);
-  const BlockRange kr = block_range(params.cu_seqlens_k, blockIdx.y);
-  const int m0 = (gridDim.x - 1 - blockIdx.x) * kBlockM;
-  if (m0 >= qr.length) return;
-  const int batch = blockIdx.z / params.heads_q;
-  const int head = blockIdx.z % params.heads_q;
-  const int head_kv = head / (params.heads_q / params.heads_kv);
+  const QueryTile tile = query_tile(params, kBlockM);
+  if (tile.m0 >= tile.qr.length) return;
+  const BlockRange qr = tile.qr, kr = tile.kr;
+  const int m0 = tile.m0, batch = tile.batch, head = tile.head, head_kv = tile.head_kv;
   const int warpgroup = threadIdx.x / 128;
   const int warp = (threadIdx.x / 32) % 4;  // within the warpgroup
   const int lane = threadIdx.x % 32;
