@@ -2,7 +2,9 @@
 
 CPU kernels are always built. CUDA kernels are added when torch is a CUDA build and nvcc is
 found (CUDA_HOME), or forced with BLOCK_ATTN_CUDA=1; BLOCK_ATTN_CUDA=0 forces a CPU-only build.
-TORCH_CUDA_ARCH_LIST picks the GPU archs (default: 8.0 8.6 8.9 9.0).
+TORCH_CUDA_ARCH_LIST picks the GPU archs (default: 8.0 8.6 8.9 9.0a). 9.0a is Hopper with its
+arch-specific instructions: with it, bf16 head_dim-128 attention on sm_90 runs the wgmma kernels;
+with plain 9.0 it runs the mma.sync kernels.
 Build with `pip install --no-build-isolation .` so the extension links the torch you have.
 """
 
@@ -13,7 +15,7 @@ from setuptools import setup
 from torch.utils import cpp_extension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_CUDA_ARCHS = "8.0;8.6;8.9;9.0"
+DEFAULT_CUDA_ARCHS = "8.0;8.6;8.9;9.0a"
 
 
 def want_cuda() -> bool:
@@ -85,6 +87,8 @@ def make_extension():
         )
     archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
     defines = ["-DBLOCK_ATTN_WITH_CUDA", f'-DBLOCK_ATTN_CUDA_ARCHS="{archs}"']
+    if "9.0a" in archs.replace("+PTX", "").replace(";", " ").split():
+        defines.append("-DBLOCK_ATTN_WITH_SM90A")
     nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
     return cpp_extension.CUDAExtension(
         "block_attn._C",

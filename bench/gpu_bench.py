@@ -155,15 +155,16 @@ def measure(peer, inputs, mode: str, device: str, reps: int, warmup: int) -> dic
     if mode == "fwd":
 
         def step():
-            with torch.no_grad():
+            with torch.no_grad(), peer.settings():
                 return peer.run(q, k, v)
 
     else:
         q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
 
         def step():
-            out = peer.run(q, k, v)
-            return torch.autograd.grad(out, (q, k, v), dout)
+            with peer.settings():
+                out = peer.run(q, k, v)
+                return torch.autograd.grad(out, (q, k, v), dout)
 
     synchronize(device)
     start = time.perf_counter()

@@ -23,7 +23,7 @@ SUMMARY="$OUT/summary.txt"
 STEPS="${STEPS:-env build tests sanitizer bench probes profile}"
 SUITE_BUDGET="${SUITE_BUDGET:-540}"
 export PYTHONUNBUFFERED=1
-export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
+export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0a}"
 START=$(date +%s)
 : >"$LOG"
 RESULTS=()
@@ -152,9 +152,10 @@ sanitizer() {
     --print-limit 50 "$@" python3 bench/sanitizer_cases.py
 }
 
-# Plain CUDA programs: the tile variants of the tensor-core kernels timed side by side (and checked
-# to agree bitwise); on sm_90, the Hopper warpgroup-product building blocks and the forward built
-# on them against host references, the forward also timed.
+# Plain CUDA programs, compiled in parallel: the tile variants of the tensor-core kernels timed side
+# by side (and checked to agree bitwise); on sm_90, the Hopper warpgroup-product building blocks
+# and the forward and backward built on them against host references, both timed beside the
+# mma.sync kernels.
 kernel_probes() {
   local major arch rc=0 probe probes=(flash_tile_variants) nvcc
   nvcc=$(command -v nvcc || echo "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc")
@@ -167,9 +168,15 @@ kernel_probes() {
     echo "compute capability $major: no wgmma to check"
   fi
   for probe in "${probes[@]}"; do
-    echo "--- $probe"
+    rm -f "/tmp/block_attn_$probe"
     "$nvcc" -std=c++17 -O3 --expt-relaxed-constexpr -gencode="arch=compute_$arch,code=sm_$arch" \
-      "csrc/tests/$probe.cu" -o "/tmp/block_attn_$probe" && "/tmp/block_attn_$probe" || rc=1
+      "csrc/tests/$probe.cu" -o "/tmp/block_attn_$probe" >"/tmp/block_attn_$probe.log" 2>&1 &
+  done
+  wait
+  for probe in "${probes[@]}"; do
+    echo "--- $probe"
+    cat "/tmp/block_attn_$probe.log"
+    if [[ -x "/tmp/block_attn_$probe" ]]; then "/tmp/block_attn_$probe" || rc=1; else rc=1; fi
   done
   return $rc
 }

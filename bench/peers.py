@@ -7,8 +7,10 @@ the output in the peer's layout; the benchmark only times it and backpropagates 
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
 from typing import ClassVar
 
 import torch
@@ -37,6 +39,10 @@ class Peer:
     def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def settings(self) -> contextlib.AbstractContextManager:
+        """What the timed step (forward, and backward where timed) runs under."""
+        return contextlib.nullcontext()
+
 
 class Ours(Peer):
     name = "block_attn"
@@ -48,6 +54,41 @@ class Ours(Peer):
 
     def run(self, q, k, v):
         return self.impl(q, k, v, **self.kwargs)
+
+
+class OursMmaSync(Ours):
+    """block_attn with BLOCK_ATTN_HOPPER_KERNELS=0: the mma.sync kernels where the Hopper (wgmma)
+    kernels would run, timed beside them in the same process."""
+
+    name = "block_attn-mma"
+
+    def __init__(self, workload, device, impl: Callable):
+        if not hopper_kernels_apply(workload, device):
+            raise UnsupportedError("runs the same kernels as block_attn here")
+        super().__init__(workload, device, impl)
+
+    @contextlib.contextmanager
+    def settings(self) -> Iterator[None]:
+        previous = os.environ.get("BLOCK_ATTN_HOPPER_KERNELS")
+        os.environ["BLOCK_ATTN_HOPPER_KERNELS"] = "0"
+        try:
+            yield
+        finally:
+            if previous is None:
+                del os.environ["BLOCK_ATTN_HOPPER_KERNELS"]
+            else:
+                os.environ["BLOCK_ATTN_HOPPER_KERNELS"] = previous
+
+
+def hopper_kernels_apply(workload: Workload, device: str) -> bool:
+    """Whether block_attn runs its Hopper kernels on this workload: bf16, head_dim 128, an sm_90
+    GPU, a build with sm_90a code."""
+    if device != "cuda" or workload.dtype != torch.bfloat16 or workload.head_dim != 128:
+        return False
+    import block_attn
+
+    archs = block_attn.build_info()["cuda_archs"].replace("+PTX", "").replace(";", " ").split()
+    return "9.0a" in archs and torch.cuda.get_device_capability() == (9, 0)
 
 
 class Reference(Ours):
@@ -235,6 +276,7 @@ class Varlen(Peer):
 
 PEER_NAMES = [
     "block_attn",
+    "block_attn-mma",
     "sdpa-flash",
     "sdpa-cudnn",
     "sdpa-efficient",
@@ -249,6 +291,8 @@ def make_peer(name: str, workload: Workload, device: str, ours_impl, reference_m
     """Builds peer ``name`` for ``workload``; raises UnsupportedError or any setup error."""
     if name == "block_attn":
         return Ours(workload, device, ours_impl)
+    if name == "block_attn-mma":
+        return OursMmaSync(workload, device, ours_impl)
     if name in Sdpa.backends:
         return Sdpa(workload, device, name)
     if name == "flex":

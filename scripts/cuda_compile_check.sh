@@ -8,7 +8,7 @@
 # CPU extension is left alone, then fails if the library is missing or leaves block_attn symbols
 # undefined (a missing kernel instantiation shows up as one). Also compiles and links the Hopper
 # probes (csrc/tests/wgmma_*probe.cu).
-# Environment: CUDA_HOME (default /usr/local/cuda), TORCH_CUDA_ARCH_LIST (default 9.0),
+# Environment: CUDA_HOME (default /usr/local/cuda), TORCH_CUDA_ARCH_LIST (default 9.0a),
 # MAX_JOBS (default: number of CPUs).
 set -euo pipefail
 
@@ -35,7 +35,7 @@ PYTHON="$VENV/bin/python"
   fail "torch in $VENV is not a CUDA build"
 
 export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
-export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
+export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0a}"
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 export BLOCK_ATTN_CUDA=1
 export PATH="$VENV/bin:$CUDA_HOME/bin:$PATH"

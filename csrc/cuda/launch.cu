@@ -1,5 +1,10 @@
 // Dispatch from runtime dtype / head dim / causal to the instantiated kernels.
+#include <cstdlib>
+#include <cstring>
+
 #include "flash/flash_kernels.h"
+#include "flash/tile_io.cuh"
+#include "hopper/hopper_kernels.h"
 #include "launch.h"
 #include "simple/simple_kernels.h"
 #include "static_switch.h"
@@ -18,6 +23,41 @@ cudaError_t device_has_tensor_core_kernels(bool& result) {
   }
   result = major >= 8;
   return err;
+}
+
+// Warpgroups per CTA of the Hopper kernels: 64 queries each in the forward, 64 keys each in the
+// backward.
+constexpr int kHopperForwardWarpgroups = 1;
+constexpr int kHopperBackwardWarpgroups = 2;
+
+// Whether the Hopper kernels take a problem: bf16, head_dim 128, 16-byte aligned rows, on an
+// sm_90 device, in a build with sm_90a code, unless the environment variable
+// BLOCK_ATTN_HOPPER_KERNELS is "0" (read at every call, so a process can compare both paths).
+cudaError_t uses_hopper_kernels(const ForwardParams& params, bool rows_aligned, DType dtype,
+                                bool& result) {
+  result = false;
+#if defined(BLOCK_ATTN_WITH_SM90A) || defined(BLOCK_ATTN_CUDA_EMULATION)
+  if (dtype != DType::kBFloat16 || params.head_dim != 128 || !rows_aligned) return cudaSuccess;
+  const char* setting = std::getenv("BLOCK_ATTN_HOPPER_KERNELS");
+  if (setting != nullptr && std::strcmp(setting, "0") == 0) return cudaSuccess;
+  int device = 0;
+  int major = 0;
+  int minor = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess) {
+    err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  }
+  if (err == cudaSuccess) {
+    err = cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
+  }
+  result = err == cudaSuccess && major == 9 && minor == 0;
+  return err;
+#else
+  (void)params;
+  (void)rows_aligned;
+  (void)dtype;
+  return cudaSuccess;
+#endif
 }
 
 template <typename T>
@@ -55,8 +95,16 @@ cudaError_t uses_flash_backward(const BackwardParams& params, DType dtype, bool&
 cudaError_t launch_forward(const ForwardParams& params, DType dtype, cudaStream_t stream) {
   if (params.head_dim < 1 || params.head_dim > kMaxHeadDim) return cudaErrorInvalidValue;
   if (dtype == DType::kFloat16 || dtype == DType::kBFloat16) {
+    bool hopper = false;
+    cudaError_t err = uses_hopper_kernels(params, rows_are_16_byte_aligned(params), dtype, hopper);
+    if (err != cudaSuccess) return err;
+    if (hopper) {
+      return params.is_causal
+                 ? hopper::run_fwd_wgmma<true, kHopperForwardWarpgroups>(params, stream)
+                 : hopper::run_fwd_wgmma<false, kHopperForwardWarpgroups>(params, stream);
+    }
     bool tensor_cores = false;
-    const cudaError_t err = device_has_tensor_core_kernels(tensor_cores);
+    err = device_has_tensor_core_kernels(tensor_cores);
     if (err != cudaSuccess) return err;
     if (tensor_cores) {
       return dtype == DType::kFloat16 ? launch_forward_flash<__half>(params, stream)
@@ -87,8 +135,20 @@ cudaError_t launch_backward(const BackwardParams& params, const BackwardWorkspac
                             DType dtype, cudaStream_t stream) {
   if (params.head_dim < 1 || params.head_dim > kMaxHeadDim) return cudaErrorInvalidValue;
   bool flash = false;
-  const cudaError_t err = uses_flash_backward(params, dtype, flash);
+  cudaError_t err = uses_flash_backward(params, dtype, flash);
   if (err != cudaSuccess) return err;
+  bool hopper = false;
+  if (flash && !params.deterministic && workspace.dq_accumulator != nullptr) {
+    err = uses_hopper_kernels(params, rows_are_16_byte_aligned(params), dtype, hopper);
+    if (err != cudaSuccess) return err;
+  }
+  if (hopper) {
+    auto* delta = static_cast<float*>(workspace.delta);
+    return params.is_causal ? hopper::run_bwd_wgmma<true, kHopperBackwardWarpgroups>(
+                                  params, delta, workspace.dq_accumulator, stream)
+                            : hopper::run_bwd_wgmma<false, kHopperBackwardWarpgroups>(
+                                  params, delta, workspace.dq_accumulator, stream);
+  }
   if (flash) {
     return dtype == DType::kFloat16
                ? launch_backward_flash<__half>(params, workspace, stream)

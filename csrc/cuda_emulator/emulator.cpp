@@ -170,7 +170,9 @@ bool run_warp(State& s, int w) {
 // CTA number `cta` (in launch order) runs its warps one at a time, each as far as it can go,
 // starting from a different warp and alternating direction from CTA to CTA: a schedule real
 // hardware may pick, and one that makes a warp read what other warps have not yet written (or
-// still hold from the last tile) wherever a __syncthreads is missing.
+// still hold from the last tile) wherever a __syncthreads is missing. Odd CTAs always resume the
+// first runnable warp in that order, so a warpgroup (whose warps meet at every wgmma) runs ahead
+// of the others up to the next __syncthreads; even CTAs take the warps in turn.
 void run_cta(State& s, unsigned cta) {
   std::memset(block_attn::cuda::smem_raw, 0xff, s.shared_bytes);
   s.chunks.assign((s.shared_bytes + 15) / 16, ChunkAccesses{});
@@ -187,13 +189,17 @@ void run_cta(State& s, unsigned cta) {
   s.live = static_cast<int>(s.threads.size());
   s.barrier_arrived = 0;
   const int warps = static_cast<int>(s.warps.size());
-  const int first = static_cast<int>(cta % warps);
-  const bool descending = (cta / warps) % 2 == 1;
+  const bool greedy = cta % 2 == 1;
+  const int first = static_cast<int>((cta / 2) % warps);
+  const bool descending = (cta / 2 / warps) % 2 == 1;
   while (s.live > 0) {
     bool ran = false;
     for (int k = 0; k < warps; ++k) {
       const int w = descending ? (first - k + warps) % warps : (first + k) % warps;
-      ran = run_warp(s, w) || ran;
+      if (run_warp(s, w)) {
+        ran = true;
+        if (greedy) break;
+      }
     }
     if (!ran) fail_deadlock(s);
   }

@@ -18,6 +18,10 @@ inline void wgmma_fence() {}
 inline void wgmma_commit() {}
 template <int kPending>
 void wgmma_wait() {}
+template <typename Register, int kCount>
+void fence_operands(Register (&)[kCount]) {}
+template <typename Register, int kRows, int kCount>
+void fence_operands(Register (&)[kRows][kCount]) {}
 
 namespace emulated {
 
@@ -67,17 +71,20 @@ void product(float (&d)[32], bool accumulate, AElement a_at, BElement b_at) {
 
 }  // namespace emulated
 
-template <bool kTransposeB>
+template <bool kTransposeB, bool kTransposeA = false>
 void wgmma_m64n64k16_bf16(float (&d)[32], uint64_t desc_a, uint64_t desc_b, bool accumulate) {
   const uint64_t mine[3] = {desc_a, desc_b, accumulate ? 1u : 0u};
-  const cuda_emulator::WarpgroupPayloads& all = cuda_emulator::warpgroup_exchange(
-      mine, sizeof(mine), kTransposeB ? "wgmma.ss.n-major" : "wgmma.ss");
+  const char* name = kTransposeA ? (kTransposeB ? "wgmma.ss.m-major.n-major" : "wgmma.ss.m-major")
+                                 : (kTransposeB ? "wgmma.ss.n-major" : "wgmma.ss");
+  const cuda_emulator::WarpgroupPayloads& all =
+      cuda_emulator::warpgroup_exchange(mine, sizeof(mine), name);
   if (std::memcmp(all[0], mine, sizeof(mine)) != 0) {
     cuda_emulator::fail("wgmma operands differ across the warpgroup");
   }
   const emulated::Descriptor a(desc_a), b(desc_b);
   emulated::product(
-      d, accumulate, [&](int row, int k) { return a.k_major(row, k); },
+      d, accumulate,
+      [&](int row, int k) { return kTransposeA ? a.mn_major(k, row) : a.k_major(row, k); },
       [&](int k, int column) {
         return kTransposeB ? b.mn_major(k, column) : b.k_major(column, k);
       });

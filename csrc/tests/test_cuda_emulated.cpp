@@ -19,6 +19,7 @@
 
 #include "attention_params.h"
 #include "cuda/flash/bwd_flash.cuh"
+#include "cuda/hopper/bwd_wgmma.cuh"
 #include "cuda/hopper/fwd_wgmma.cuh"
 #include "cuda/launch.h"
 
@@ -83,14 +84,26 @@ struct Case {
   Layout layout = Layout::kHeadsFirst;
   bool grad_lse = true;
   bool backward = true;
-  int wgmma_warpgroups = 0;  // > 0: the staged sm_90 wgmma forward (bf16, head_dim 128) instead
+  int wgmma_warpgroups = 0;  // > 0: the staged sm_90 wgmma kernels (bf16, head_dim 128) instead
   int key_warps = 4;         // 8: the tensor-core backward with 8-warp (128-key) dK/dV CTAs
 };
 
-// launch_backward, or the tensor-core backward with 8-warp dK/dV CTAs, which it does not pick.
+// launch_backward, or the kernels it does not pick: the tensor-core backward with 8-warp dK/dV
+// CTAs, and the staged wgmma backward (atomic dQ only).
 template <typename T>
 cudaError_t run_backward(const Case& c, const BackwardParams& p,
                          const block_attn::cuda::BackwardWorkspace& workspace) {
+  if (c.wgmma_warpgroups > 0) {
+    namespace hopper = block_attn::cuda::hopper;
+    float* delta = static_cast<float*>(workspace.delta);
+    float* sums = workspace.dq_accumulator;
+    if (c.wgmma_warpgroups == 1) {
+      return p.is_causal ? hopper::run_bwd_wgmma<true, 1>(p, delta, sums, nullptr)
+                         : hopper::run_bwd_wgmma<false, 1>(p, delta, sums, nullptr);
+    }
+    return p.is_causal ? hopper::run_bwd_wgmma<true, 2>(p, delta, sums, nullptr)
+                       : hopper::run_bwd_wgmma<false, 2>(p, delta, sums, nullptr);
+  }
   if constexpr (sizeof(T) == 2) {
     if (c.key_warps == 8) {
       using block_attn::cuda::run_bwd_flash;
@@ -265,8 +278,8 @@ void run_case(const Case& c) {
   using A = std::conditional_t<std::is_same_v<T, double>, double, float>;
   std::printf("%s [%s, head_dim %d%s%s%s]\n", c.name.c_str(), Element<T>::kName, c.head_dim,
               c.causal ? ", causal" : "", c.key_warps == 8 ? ", 8-warp dK/dV" : "",
-              c.wgmma_warpgroups == 1   ? ", wgmma forward, 1 warpgroup"
-              : c.wgmma_warpgroups == 2 ? ", wgmma forward, 2 warpgroups"
+              c.wgmma_warpgroups == 1   ? ", wgmma kernels, 1 warpgroup"
+              : c.wgmma_warpgroups == 2 ? ", wgmma kernels, 2 warpgroups"
                                         : "");
   std::mt19937 rng(1234);
   const Blocks blocks = offsets(c);
@@ -381,6 +394,7 @@ void run_case(const Case& c) {
   // Both dQ paths where the tensor-core backward runs: the deterministic dQ kernel, and atomics
   // into a float32 accumulator from the dK/dV kernel.
   for (const bool deterministic : {true, false}) {
+    if (deterministic && c.wgmma_warpgroups > 0) continue;  // the wgmma backward sums dQ by atomics
     p.deterministic = deterministic;
     size_t accumulator_elements = 0;
     block_attn::cuda::backward_dq_accumulator_elements(p, Element<T>::kDType, accumulator_elements);
@@ -525,7 +539,7 @@ int main() {
           {DType::kFloat16, dim192},
           {DType::kFloat32, simple64},
           {DType::kFloat64, simple32}});
-  // The staged wgmma forward, one and two warpgroups per CTA (the probe's cases).
+  // The staged wgmma forward and backward, one and two warpgroups per CTA (the probe's cases).
   std::vector<std::pair<DType, Case>> wgmma_cases;
   for (const int warpgroups : {1, 2}) {
     for (Case c :
@@ -541,7 +555,6 @@ int main() {
                false,
                Layout::kRowsFirst},
           Case{"wgmma: ragged causal, Lq != Lk", {64, 129, 0}, {130, 20, 5}, 1, 2, 1, 128, true}}) {
-      c.backward = false;
       c.wgmma_warpgroups = warpgroups;
       wgmma_cases.push_back({DType::kBFloat16, c});
     }

@@ -4,6 +4,8 @@
 //      attention, K stored [key][head_dim]).
 //   2. O = P V: B N-major (V stored [key][head_dim]), for several leading/stride byte offsets, to
 //      show which descriptor field the layout uses.
+//   3. dQ = dS K with dS^T stored: A M-major (stored [k][m]) and B N-major, as the backward's dQ
+//      product reads them.
 // Plain CUDA, no torch:
 //   nvcc -std=c++17 -O2 -gencode=arch=compute_90a,code=sm_90a csrc/tests/wgmma_probe.cu -o probe
 // Exits 0 when product 1 and at least one encoding of product 2 match; prints every result.
@@ -20,6 +22,7 @@
 
 namespace {
 
+using block_attn::cuda::hopper::fence_operands;
 using block_attn::cuda::hopper::fence_shared_for_async_reads;
 using block_attn::cuda::hopper::k_major_descriptor;
 using block_attn::cuda::hopper::smem_descriptor;
@@ -51,10 +54,11 @@ __device__ void stage(unsigned char* tile, const __nv_bfloat16* src) {
   }
 }
 
-// a and b row-major 64 x 64 bf16, a K-major. kNMajorB false: out = a b^T, b's rows being the
-// output columns (K-major). true: out = a b, b's rows being its k rows (N-major), its 16-row k
-// steps 2048 bytes apart and described with the given byte offsets.
-template <bool kNMajorB>
+// a and b row-major 64 x 64 bf16. kNMajorB false: out = a b^T, b's rows being the output columns
+// (K-major). true: out = a b, b's rows being its k rows (N-major), its 16-row k steps 2048 bytes
+// apart and described with the given byte offsets. kMMajorA: a's rows are its k rows (out =
+// a^T b), described like an N-major B.
+template <bool kNMajorB, bool kMMajorA = false>
 __global__ void product(const __nv_bfloat16* a, const __nv_bfloat16* b, float* out,
                         uint32_t leading_bytes, uint32_t stride_bytes) {
   __shared__ __align__(1024) unsigned char tile_a[kDim * kDim * 2];
@@ -69,10 +73,14 @@ __global__ void product(const __nv_bfloat16* a, const __nv_bfloat16* b, float* o
     const uint64_t desc_b = kNMajorB
                                 ? smem_descriptor(tile_b + k0 * 128, leading_bytes, stride_bytes)
                                 : k_major_descriptor(tile_b, k0);
-    wgmma_m64n64k16_bf16<kNMajorB>(d, k_major_descriptor(tile_a, k0), desc_b, k0 > 0);
+    const uint64_t desc_a = kMMajorA
+                                ? smem_descriptor(tile_a + k0 * 128, leading_bytes, stride_bytes)
+                                : k_major_descriptor(tile_a, k0);
+    wgmma_m64n64k16_bf16<kNMajorB, kMMajorA>(d, desc_a, desc_b, k0 > 0);
   }
   wgmma_commit();
   wgmma_wait<0>();
+  fence_operands(d);
   store_accumulators(d, out);
 }
 
@@ -107,12 +115,13 @@ int main() {
     a[i] = __bfloat162float(host_a[i]);
     b[i] = __bfloat162float(host_b[i]);
   }
-  std::vector<double> want_abt(n, 0.0), want_ab(n, 0.0);
+  std::vector<double> want_abt(n, 0.0), want_ab(n, 0.0), want_atb(n, 0.0);
   for (int r = 0; r < kDim; ++r) {
     for (int c = 0; c < kDim; ++c) {
       for (int k = 0; k < kDim; ++k) {
         want_abt[r * kDim + c] += static_cast<double>(a[r * kDim + k]) * b[c * kDim + k];
         want_ab[r * kDim + c] += static_cast<double>(a[r * kDim + k]) * b[k * kDim + c];
+        want_atb[r * kDim + c] += static_cast<double>(a[k * kDim + r]) * b[k * kDim + c];
       }
     }
   }
@@ -148,6 +157,14 @@ int main() {
                 error, error <= kTolerance ? "match" : "mismatch");
     if (!ran) break;  // a launch error leaves the context unusable
   }
-  std::printf("%s\n", abt_ok && any_ab_ok ? "wgmma probe: PASS" : "wgmma probe: FAIL");
-  return abt_ok && any_ab_ok ? 0 : 1;
+  product<true, true><<<1, 128>>>(dev_a, dev_b, dev_out, 1024, 1024);
+  ok = check(cudaDeviceSynchronize(), "a^T b") &&
+       check(cudaMemcpy(got.data(), dev_out, n * 4, cudaMemcpyDeviceToHost), "copy out");
+  const double atb_error = ok ? max_error(got, want_atb) : INFINITY;
+  const bool atb_ok = atb_error <= kTolerance;
+  std::printf("dQ = dS K, M-major A x N-major B (1024 B, 1024 B): max error %.3g -> %s\n",
+              atb_error, atb_ok ? "match" : "MISMATCH");
+  const bool pass = abt_ok && any_ab_ok && atb_ok;
+  std::printf("%s\n", pass ? "wgmma probe: PASS" : "wgmma probe: FAIL");
+  return pass ? 0 : 1;
 }

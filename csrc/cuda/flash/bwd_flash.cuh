@@ -393,6 +393,28 @@ __global__ void __launch_bounds__(128)
   for (int d = lane; d < params.head_dim; d += 32) grad_q[d] = from_acc<T>(sums[d] * scale);
 }
 
+// What both tensor-core backwards start with: Delta, and the atomic path's accumulator zeroed.
+template <typename T>
+cudaError_t launch_backward_prologue(const BackwardParams& params, float* delta,
+                                     float* dq_accumulator, cudaStream_t stream) {
+  const dim3 grid_rows(ceil_div(params.seqlen_q, 4), params.batch * params.heads_q);
+  if (grid_rows.x == 0 || grid_rows.y == 0) return cudaSuccess;
+  const cudaError_t err = launch_kernel(delta_kernel<T>, grid_rows, 128, 0, stream, params, delta);
+  if (err != cudaSuccess || dq_accumulator == nullptr) return err;
+  const size_t bytes = static_cast<size_t>(params.batch) * params.heads_q * params.seqlen_q *
+                       params.head_dim * sizeof(float);
+  return cudaMemsetAsync(dq_accumulator, 0, bytes, stream);
+}
+
+// grad_q from the atomic path's sums.
+template <typename T>
+cudaError_t launch_dq_convert(const BackwardParams& params, const float* dq_accumulator,
+                              cudaStream_t stream) {
+  const dim3 grid_rows(ceil_div(params.seqlen_q, 4), params.batch * params.heads_q);
+  if (grid_rows.x == 0 || grid_rows.y == 0) return cudaSuccess;
+  return launch_kernel(dq_convert_kernel<T>, grid_rows, 128, 0, stream, params, dq_accumulator);
+}
+
 template <typename Kernel>
 cudaError_t allow_shared_bytes(Kernel kernel, int bytes) {
   if (bytes <= 48 * 1024) return cudaSuccess;
@@ -423,41 +445,27 @@ cudaError_t run_bwd_flash(const BackwardParams& params, void* delta_workspace,
   using Traits = FlashBwdTraits<kHeadDim, 1, kKeyWarps>;
   auto* delta = static_cast<float*>(delta_workspace);
   const bool vectorized = rows_are_16_byte_aligned(params);
-  const dim3 grid_rows(ceil_div(params.seqlen_q, 4), params.batch * params.heads_q);
-  if (grid_rows.x > 0 && grid_rows.y > 0) {
-    const cudaError_t err =
-        launch_kernel(delta_kernel<T>, grid_rows, 128, 0, stream, params, delta);
-    if (err != cudaSuccess) return err;
-  }
   const bool atomic_dq = dq_accumulator != nullptr;
-  if (atomic_dq && grid_rows.x > 0 && grid_rows.y > 0) {
-    const size_t bytes = static_cast<size_t>(params.batch) * params.heads_q * params.seqlen_q *
-                         params.head_dim * sizeof(float);
-    const cudaError_t err = cudaMemsetAsync(dq_accumulator, 0, bytes, stream);
-    if (err != cudaSuccess) return err;
-  }
+  cudaError_t err = launch_backward_prologue<T>(params, delta, dq_accumulator, stream);
+  if (err != cudaSuccess) return err;
   const dim3 grid_dkdv(ceil_div(params.max_seqlen_k, Traits::kBlockOwn), params.num_blocks,
                        params.batch * params.heads_kv);
   if (grid_dkdv.x > 0 && grid_dkdv.y > 0 && grid_dkdv.z > 0) {
     auto kernel = atomic_dq ? dkdv_flash_kernel<Traits, T, kIsCausal, true>
                             : dkdv_flash_kernel<Traits, T, kIsCausal, false>;
     const int shared_bytes = atomic_dq ? Traits::kAtomicDqSharedBytes : Traits::kSharedBytes;
-    cudaError_t err = allow_shared_bytes(kernel, shared_bytes);
+    err = allow_shared_bytes(kernel, shared_bytes);
     if (err != cudaSuccess) return err;
     err = launch_kernel(kernel, grid_dkdv, Traits::kThreads, shared_bytes, stream, params, delta,
                         dq_accumulator, vectorized);
     if (err != cudaSuccess) return err;
   }
-  if (atomic_dq) {
-    if (grid_rows.x == 0 || grid_rows.y == 0) return cudaSuccess;
-    return launch_kernel(dq_convert_kernel<T>, grid_rows, 128, 0, stream, params,
-                         static_cast<const float*>(dq_accumulator));
-  }
+  if (atomic_dq) return launch_dq_convert<T>(params, dq_accumulator, stream);
   // Two row groups per warp unless every query block fits in 64 rows, or the device's shared
   // memory per CTA (99 KiB on sm_86 and sm_89) cannot hold their tiles.
   int device = 0;
   int max_shared_bytes = 0;
-  cudaError_t err = cudaGetDevice(&device);
+  err = cudaGetDevice(&device);
   if (err == cudaSuccess) {
     err =
         cudaDeviceGetAttribute(&max_shared_bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);

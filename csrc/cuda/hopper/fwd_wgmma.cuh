@@ -1,6 +1,6 @@
-// Forward on Hopper warpgroup products (wgmma), bf16, head_dim 128; not yet dispatched by the
-// extension: csrc/tests/wgmma_probe.cu checks it against a host reference and times it, and it
-// takes over from fwd_flash_kernel on sm_90 once a GPU run shows it correct and faster.
+// Forward on Hopper warpgroup products (wgmma), bf16, head_dim 128: what launch_forward runs for
+// such problems on sm_90 (launch.cu says when); csrc/tests/wgmma_attention_probe.cu checks it
+// against a host reference and times it.
 //
 // Same grid and semantics as fwd_flash_kernel: (query tiles of the longest block, blocks,
 // batch * heads_q), query tiles costliest first, block offsets read on the device. A CTA is
@@ -20,6 +20,8 @@
 #include "../kernel_launch.cuh"
 #include "../tensor_rows.cuh"
 #include "../utils.cuh"
+#include "hopper_kernels.h"
+#include "swizzled_tiles.cuh"
 #include "wgmma.cuh"
 
 namespace block_attn::cuda::hopper {
@@ -31,46 +33,10 @@ struct WgmmaFwdTraits {
   static constexpr int kThreads = 128 * kWarpgroups;
   static constexpr int kBlockM = 64 * kWarpgroups;
   static constexpr int kBlockN = 64;
-  // Byte offsets of the N-major V operand's descriptor: 8-row k groups are 1024 bytes apart and
-  // an operand 64 wide is one swizzle atom, so the field that steps between atoms is unused.
-  static constexpr uint32_t kVLeadingBytes = 1024;
-  static constexpr uint32_t kVStrideBytes = 1024;
   static constexpr int kTileBytes = 64 * kHeadDim * 2;  // 16 KiB: K, V, and each warpgroup's Q
   // Q, K, V; plus 1 KiB to align the dynamic buffer to the swizzle's 1024 bytes.
   static constexpr int kSharedBytes = (kWarpgroups + 2) * kTileBytes + 1024;
 };
-
-// Byte offset of element (row, col) in a [rows][128] tile stored as two swizzled [rows][64]
-// column blocks.
-template <int kRows>
-__device__ __forceinline__ uint32_t tile_offset(int row, int col) {
-  return static_cast<uint32_t>(col / 64) * kRows * 128 + swizzle128_offset(row, col % 64);
-}
-
-// Stages rows [row0, row0 + kRows) of a (rows, 128) bf16 matrix; rows past `rows` are zero.
-template <int kRows, int kThreads>
-__device__ __forceinline__ void load_tile_swizzled(unsigned char* tile, const __nv_bfloat16* gmem,
-                                                   int64_t row_stride, int row0, int rows) {
-  constexpr int kChunks = 128 / 8;  // 16-byte chunks per row
-  for (int idx = threadIdx.x; idx < kRows * kChunks; idx += kThreads) {
-    const int r = idx / kChunks;
-    const int c = (idx % kChunks) * 8;
-    unsigned char* dst = tile + tile_offset<kRows>(r, c);
-    const int row = row0 + r;
-    if (row < rows) {
-      cp_async_16(dst, gmem + static_cast<int64_t>(row) * row_stride + c);
-    } else {
-      *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);
-    }
-  }
-}
-
-// cp.async and plain stores are generic-proxy writes; wgmma reads through the async proxy.
-__device__ __forceinline__ void wait_tiles_for_wgmma() {
-  cp_async_wait_all();
-  fence_shared_for_async_reads();
-  __syncthreads();
-}
 
 template <typename Traits, bool kIsCausal>
 __global__ void __launch_bounds__(Traits::kThreads) fwd_wgmma_kernel(const ForwardParams params) {
@@ -143,6 +109,7 @@ __global__ void __launch_bounds__(Traits::kThreads) fwd_wgmma_kernel(const Forwa
     }
     wgmma_commit();
     wgmma_wait<0>();
+    fence_operands(s);
 
     // s[4 n + e]: row group_row + 8 (e / 2) of the warp's 16, key n0 + 8 n + 2 quad_col + e % 2.
 #pragma unroll
@@ -207,13 +174,14 @@ __global__ void __launch_bounds__(Traits::kThreads) fwd_wgmma_kernel(const Forwa
     for (int kk = 0; kk < kBlockN / 16; ++kk) {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const uint64_t desc_v = smem_descriptor(sV + h * kBlockN * 128 + kk * 16 * 128,
-                                                Traits::kVLeadingBytes, Traits::kVStrideBytes);
-        wgmma_m64n64k16_bf16_register_a(acc_o[h], p_frag[kk], desc_v);
+        wgmma_m64n64k16_bf16_register_a(acc_o[h], p_frag[kk],
+                                        mn_major_descriptor(sV + h * kBlockN * 128, kk * 16));
       }
     }
     wgmma_commit();
     wgmma_wait<0>();
+    fence_operands(acc_o);
+    fence_operands(p_frag);
   };
 
   const int unmasked_tiles = unmasked_end / kBlockN;

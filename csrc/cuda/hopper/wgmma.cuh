@@ -11,6 +11,7 @@
 #include <cuda_bf16.h>
 
 #include <cstdint>
+#include <type_traits>
 
 namespace block_attn::cuda::hopper {
 
@@ -63,10 +64,31 @@ __device__ __forceinline__ void wgmma_wait() {
 #endif
 }
 
+// The compiler sees a wgmma read its registers and write its accumulators when it is issued, not
+// when it completes. Fencing them after the wait keeps the accumulators from being read, and the
+// A-fragment registers from being reused, while the product still runs.
+template <typename Register, int kCount>
+__device__ __forceinline__ void fence_operands(Register (&registers)[kCount]) {
+#pragma unroll
+  for (int i = 0; i < kCount; ++i) {
+    if constexpr (sizeof(Register) == 4 && std::is_floating_point_v<Register>) {
+      asm volatile("" : "+f"(registers[i])::"memory");
+    } else {
+      asm volatile("" : "+r"(registers[i])::"memory");
+    }
+  }
+}
+template <typename Register, int kRows, int kCount>
+__device__ __forceinline__ void fence_operands(Register (&registers)[kRows][kCount]) {
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) fence_operands(registers[r]);
+}
+
 // d (64 x 64, fp32) = A B + (accumulate ? d : 0) for A 64 x 16 and B 16 x 64 in shared memory:
-// A through desc_a, K-major; B through desc_b, K-major (B's rows are the 64 output columns) or,
+// A through desc_a, K-major (A's rows are the 64 output rows) or, with kTransposeA, M-major (A's
+// rows are its 16 k rows); B through desc_b, K-major (B's rows are the 64 output columns) or,
 // with kTransposeB, N-major (B's rows are its 16 k rows). bf16 inputs.
-template <bool kTransposeB>
+template <bool kTransposeB, bool kTransposeA = false>
 __device__ __forceinline__ void wgmma_m64n64k16_bf16(float (&d)[32], uint64_t desc_a,
                                                      uint64_t desc_b, bool accumulate) {
 #ifdef BLOCK_ATTN_WGMMA
@@ -77,14 +99,15 @@ __device__ __forceinline__ void wgmma_m64n64k16_bf16(float (&d)[32], uint64_t de
       "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
       "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
       "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
-      "%32, %33, p, 1, 1, 0, %35;\n"
+      "%32, %33, p, 1, 1, %35, %36;\n"
       "}\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
         "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),
         "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]),
         "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]),
         "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-      : "l"(desc_a), "l"(desc_b), "r"(static_cast<int>(accumulate)), "n"(kTransposeB ? 1 : 0));
+      : "l"(desc_a), "l"(desc_b), "r"(static_cast<int>(accumulate)), "n"(kTransposeA ? 1 : 0),
+        "n"(kTransposeB ? 1 : 0));
 #endif
 }
 
@@ -137,6 +160,13 @@ __device__ __forceinline__ uint64_t smem_descriptor(const void* smem, uint32_t l
 // the leading offset is unused for this layout.
 __device__ __forceinline__ uint64_t k_major_descriptor(const void* tile, int k0) {
   return smem_descriptor(static_cast<const char*>(tile) + k0 * 2, 16, 1024);
+}
+
+// MN-major operand 64 elements wide (one swizzle atom: each k row's 64 elements in one 128-byte
+// row) starting at k row k0 (a multiple of 8): 8-row k groups are 1024 bytes apart; the leading
+// offset, which steps between atoms along M or N, is unused at this width.
+__device__ __forceinline__ uint64_t mn_major_descriptor(const void* tile, int k0) {
+  return smem_descriptor(static_cast<const char*>(tile) + k0 * 128, 1024, 1024);
 }
 
 }  // namespace block_attn::cuda::hopper

@@ -1,0 +1,328 @@
+// Backward on Hopper warpgroup products (wgmma), bf16, head_dim 128, dQ summed with atomics: what
+// launch_backward runs for such problems on sm_90 outside deterministic mode (launch.cu says
+// when); csrc/tests/wgmma_attention_probe.cu checks it against a host reference and times it
+// beside the mma.sync backward.
+//
+// Same grid and semantics as dkdv_flash_kernel with atomic dQ: a CTA owns kBlockN keys of a block
+// and kv head (64 per warpgroup) and loops over the group's query heads and the 64-query tiles
+// that see its keys, double-buffering Q / dO tiles (and their lse and Delta) with cp.async. Per
+// tile and warpgroup, with every operand in the 128-byte swizzle layout (swizzled_tiles.cuh):
+//   S^T = K Q^T and dP^T = V dO^T   both operands from shared memory (K-major);
+//   P^T = exp(S^T - lse), dS^T = P^T (dP^T - Delta)   in the accumulators' registers;
+//   dV += P^T dO and dK += dS^T Q   P^T and dS^T from registers (they lie in the A-fragment
+//                                   layout already), dO and Q N-major;
+//   dQ_tile = dS K                  dS^T stored to shared memory and read M-major, K N-major;
+//                                   each warpgroup takes 64 of dQ's columns over all the CTA's
+//                                   keys and adds them to the float32 accumulator with atomics.
+// Requires 16-byte aligned rows (rows_are_16_byte_aligned).
+#pragma once
+
+#include <cuda_bf16.h>
+
+#include <type_traits>
+
+#include "../../attention_params.h"
+#include "../flash/bwd_flash.cuh"
+#include "../flash/mma_utils.cuh"
+#include "../kernel_launch.cuh"
+#include "../tensor_rows.cuh"
+#include "../utils.cuh"
+#include "hopper_kernels.h"
+#include "swizzled_tiles.cuh"
+#include "wgmma.cuh"
+
+namespace block_attn::cuda::hopper {
+
+template <int kWarpgroups_>
+struct WgmmaBwdTraits {
+  static constexpr int kHeadDim = 128;
+  static constexpr int kWarpgroups = kWarpgroups_;
+  static constexpr int kThreads = 128 * kWarpgroups;
+  static constexpr int kBlockN = 64 * kWarpgroups;  // keys of a CTA
+  static constexpr int kBlockM = 64;                // queries per streamed tile
+  static constexpr int kKeyTileBytes = kBlockN * kHeadDim * 2;
+  static constexpr int kQueryTileBytes = kBlockM * kHeadDim * 2;
+  static constexpr int kDsBytes = kBlockN * kBlockM * 2;  // dS^T: a row of 64 queries per key
+  // dQ's 64-column halves per warpgroup.
+  static constexpr int kDqHalves = 2 / kWarpgroups;
+  // K and V; Q and dO double-buffered; dS^T; lse and Delta of each streamed row,
+  // double-buffered; plus 1 KiB to align the dynamic buffer to the swizzle's 1024 bytes.
+  static constexpr int kSharedBytes =
+      2 * kKeyTileBytes + 4 * kQueryTileBytes + kDsBytes + 2 * 2 * kBlockM * 4 + 1024;
+  static_assert(kWarpgroups == 1 || kWarpgroups == 2, "one or two warpgroups per CTA");
+};
+
+template <typename Traits, bool kIsCausal>
+__global__ void __launch_bounds__(Traits::kThreads)
+    dkdv_wgmma_kernel(const BackwardParams params, const float* delta, float* dq_accumulator) {
+#ifdef BLOCK_ATTN_WGMMA
+  using T = __nv_bfloat16;
+  constexpr int kThreads = Traits::kThreads;
+  constexpr int kBlockN = Traits::kBlockN;
+  constexpr int kBlockM = Traits::kBlockM;
+  constexpr int kHeadDim = Traits::kHeadDim;
+  constexpr int kQueryTileBytes = Traits::kQueryTileBytes;
+
+  const BlockRange qr = block_range(params.cu_seqlens_q, blockIdx.y);
+  const BlockRange kr = block_range(params.cu_seqlens_k, blockIdx.y);
+  const int n0 = blockIdx.x * kBlockN;
+  if (n0 >= kr.length) return;
+  const int batch = blockIdx.z / params.heads_kv;
+  const int head_kv = blockIdx.z % params.heads_kv;
+  const int group = params.heads_q / params.heads_kv;
+  const int warpgroup = threadIdx.x / 128;
+  const int warp = (threadIdx.x / 32) % 4;  // within the warpgroup
+  const int lane = threadIdx.x % 32;
+  const int group_row = lane / 4;
+  const int quad_col = lane % 4;
+  const int key_row0 = warpgroup * 64 + warp * 16;  // the warp's first key within the CTA
+
+  extern __shared__ unsigned char smem_raw[];
+  unsigned char* smem = reinterpret_cast<unsigned char*>(
+      (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~static_cast<uintptr_t>(1023));
+  unsigned char* sK = smem;
+  unsigned char* sV = sK + Traits::kKeyTileBytes;
+  // Double buffers: buffer b of a tile starts b * kQueryTileBytes after its first buffer.
+  unsigned char* sQ = sV + Traits::kKeyTileBytes;
+  unsigned char* sdO = sQ + 2 * kQueryTileBytes;
+  unsigned char* sdS = sdO + 2 * kQueryTileBytes;
+  float* s_lse = reinterpret_cast<float*>(sdS + Traits::kDsBytes);
+  float* s_delta = s_lse + 2 * kBlockM;
+
+  const T* k = k_rows<T>(params, batch, head_kv, kr.start);
+  const T* v = v_rows<T>(params, batch, head_kv, kr.start);
+  load_tile_swizzled<kBlockN, kThreads>(sK, k, params.k_row_stride, n0, kr.length);
+  load_tile_swizzled<kBlockN, kThreads>(sV, v, params.v_row_stride, n0, kr.length);
+
+  // Query tiles that may see a key of this CTA, for each query head of the group.
+  const int m_begin = kIsCausal ? causal_query_begin(n0, qr.length, kr.length) : 0;
+  const int m_tiles = ceil_div(qr.length - m_begin, kBlockM);
+  const int iterations = group * m_tiles;
+  constexpr float kLog2e = 1.4426950408889634f;
+
+  auto load_query_tile = [&](int head, int m0, int buf) {
+    const T* q = q_rows<T>(params, batch, head, qr.start);
+    const T* grad_out = grad_out_rows<T>(params, batch, head, qr.start);
+    load_tile_swizzled<kBlockM, kThreads>(sQ + buf * kQueryTileBytes, q, params.q_row_stride, m0,
+                                          qr.length);
+    load_tile_swizzled<kBlockM, kThreads>(sdO + buf * kQueryTileBytes, grad_out,
+                                          params.grad_out_row_stride, m0, qr.length);
+    const int64_t row_base = lse_index(params, batch, head, qr.start);
+    for (int r = threadIdx.x; r < kBlockM; r += kThreads) {
+      const int i = m0 + r;
+      // +inf makes P = 0 on rows past the block.
+      s_lse[buf * kBlockM + r] =
+          i < qr.length ? static_cast<const float*>(params.lse)[row_base + i] * kLog2e : INFINITY;
+      s_delta[buf * kBlockM + r] = i < qr.length ? delta[row_base + i] : 0.f;
+    }
+  };
+
+  // Tiles run head by head, m_tiles per head; (tile_head, tile_m0) is the one computed next.
+  int tile_head = head_kv * group;
+  int tile_m0 = m_begin;
+  if (iterations > 0) load_query_tile(tile_head, tile_m0, 0);
+  cp_async_commit();
+
+  const float scale_log2 = params.scale * kLog2e;
+  // dK and dV of the warpgroup's 64 keys: two 64-column halves each, accumulator layout
+  // (register 4 n + e: key row group_row + 8 (e / 2) of the warp's 16, column 8 n + 2 quad_col
+  // + e % 2 of the half).
+  float dk[2][32];
+  float dv[2][32];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+#pragma unroll
+    for (int i = 0; i < 32; ++i) dk[h][i] = dv[h][i] = 0.f;
+  }
+  // This warpgroup's 64 rows of each column block of K and V.
+  const int own_rows = warpgroup * 64 * 128;
+
+  for (int it = 0; it < iterations; ++it) {
+    const int buf = it % 2;
+    wait_tiles_for_wgmma();  // tile `it` is in; every thread is done with the other buffer and dS^T
+    const int m0 = tile_m0;
+    const int head = tile_head;
+    tile_m0 += kBlockM;  // the next tile, without a division per iteration
+    if (tile_m0 >= qr.length) {
+      tile_m0 = m_begin;
+      ++tile_head;
+    }
+    if (it + 1 < iterations) load_query_tile(tile_head, tile_m0, buf ^ 1);
+    cp_async_commit();
+    const unsigned char* q_tile = sQ + buf * kQueryTileBytes;
+    const unsigned char* grad_out_tile = sdO + buf * kQueryTileBytes;
+    const float* lse_tile = s_lse + buf * kBlockM;
+    const float* delta_tile = s_delta + buf * kBlockM;
+
+    // S^T = K Q^T and dP^T = V dO^T over eight 16-wide k steps; step ks lies in column block
+    // ks / 4. s[4 n + e]: key row group_row + 8 (e / 2) of the warp's 16, query 8 n +
+    // 2 quad_col + e % 2 of the tile.
+    float s[32];
+    float dp[32];
+    wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < 8; ++ks) {
+      const int block = ks / 4;
+      const int k0 = (ks % 4) * 16;
+      wgmma_m64n64k16_bf16<false>(s, k_major_descriptor(sK + block * kBlockN * 128 + own_rows, k0),
+                                  k_major_descriptor(q_tile + block * kBlockM * 128, k0), ks > 0);
+    }
+#pragma unroll
+    for (int ks = 0; ks < 8; ++ks) {
+      const int block = ks / 4;
+      const int k0 = (ks % 4) * 16;
+      wgmma_m64n64k16_bf16<false>(dp, k_major_descriptor(sV + block * kBlockN * 128 + own_rows, k0),
+                                  k_major_descriptor(grad_out_tile + block * kBlockM * 128, k0),
+                                  ks > 0);
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_operands(s);
+    fence_operands(dp);
+
+    // P^T and dS^T in place of S^T and dP^T. Only tiles crossing the causal diagonal or the end
+    // of the query block test indices (separate copies: predicated tests would run on every tile).
+    const bool needs_mask = m0 + kBlockM > qr.length ||
+                            (kIsCausal && n0 + kBlockN > causal_key_end(m0, qr.length, kr.length));
+    auto softmax_gradient = [&](auto mask_tag) {
+      constexpr bool kMask = decltype(mask_tag)::value;
+#pragma unroll
+      for (int i = 0; i < 32; ++i) {
+        const int col = 8 * (i / 4) + 2 * quad_col + i % 2;
+        float p = fast_exp2(s[i] * scale_log2 - lse_tile[col]);
+        if (kMask) {
+          const int key = n0 + key_row0 + group_row + 8 * ((i % 4) / 2);
+          const int query = m0 + col;
+          const bool allowed = query < qr.length &&
+                               (!kIsCausal || key < causal_key_end(query, qr.length, kr.length));
+          if (!allowed) p = 0.f;
+        }
+        s[i] = p;
+        dp[i] = p * (dp[i] - delta_tile[col]);
+      }
+    };
+    if (needs_mask) {
+      softmax_gradient(std::true_type{});
+    } else {
+      softmax_gradient(std::false_type{});
+    }
+
+    // Queries 16 kk .. 16 kk + 15 of P^T and dS^T as A fragments; dS^T also to shared memory
+    // (row = the CTA's key, 64 queries per row) for the dQ product.
+    uint32_t p_frag[kBlockM / 16][4];
+    uint32_t ds_frag[kBlockM / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < kBlockM / 16; ++kk) {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        p_frag[kk][j] = pack2<T>(s[8 * kk + 2 * j], s[8 * kk + 2 * j + 1]);
+        ds_frag[kk][j] = pack2<T>(dp[8 * kk + 2 * j], dp[8 * kk + 2 * j + 1]);
+        const int row = key_row0 + group_row + 8 * (j % 2);
+        const int col = 8 * (2 * kk + j / 2) + 2 * quad_col;
+        *reinterpret_cast<uint32_t*>(sdS + swizzle128_offset(row, col)) = ds_frag[kk][j];
+      }
+    }
+    fence_shared_for_async_reads();  // this thread's dS^T, for the dQ product's reads
+
+    // dV += P^T dO and dK += dS^T Q, one 64-column half of head_dim per product.
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kBlockM / 16; ++kk) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        wgmma_m64n64k16_bf16_register_a(
+            dv[h], p_frag[kk], mn_major_descriptor(grad_out_tile + h * kBlockM * 128, kk * 16));
+        wgmma_m64n64k16_bf16_register_a(dk[h], ds_frag[kk],
+                                        mn_major_descriptor(q_tile + h * kBlockM * 128, kk * 16));
+      }
+    }
+    wgmma_commit();
+    __syncthreads();  // every warpgroup's dS^T is in
+
+    // dQ_tile = dS K over the CTA's keys, 64 columns at a time: A = dS^T read M-major, B = the
+    // keys' rows of K's column block N-major. Keys past the block have zero rows in sK, so their
+    // dS adds nothing.
+    float* dq_rows = dq_accumulator + lse_index(params, batch, head, qr.start) * kHeadDim;
+#pragma unroll
+    for (int half = 0; half < Traits::kDqHalves; ++half) {
+      const int h = warpgroup * Traits::kDqHalves + half;
+      float dq[32];
+      wgmma_fence();
+#pragma unroll
+      for (int ks = 0; ks < kBlockN / 16; ++ks) {
+        wgmma_m64n64k16_bf16<true, true>(dq, mn_major_descriptor(sdS, ks * 16),
+                                         mn_major_descriptor(sK + h * kBlockN * 128, ks * 16),
+                                         ks > 0);
+      }
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_operands(dq);
+      fence_operands(p_frag);
+      fence_operands(ds_frag);
+      // dq[4 n + e]: query row 16 warp + group_row + 8 (e / 2) of the tile, column 8 n +
+      // 2 quad_col + e % 2 of the half.
+#pragma unroll
+      for (int rr = 0; rr < 2; ++rr) {
+        const int i = m0 + 16 * warp + group_row + 8 * rr;
+        if (i >= qr.length) continue;
+        float* sums = dq_rows + static_cast<int64_t>(i) * kHeadDim + h * 64 + 2 * quad_col;
+#pragma unroll
+        for (int n = 0; n < 8; ++n)
+          atomic_add_pair(sums + 8 * n, dq[4 * n + 2 * rr], dq[4 * n + 2 * rr + 1]);
+      }
+    }
+  }
+  cp_async_wait_all();
+  wgmma_wait<0>();
+  fence_operands(dk);
+  fence_operands(dv);
+
+  // dK (scaled) and dV straight from the accumulators; rows past the block are dropped.
+  T* grad_k = grad_k_rows<T>(params, batch, head_kv, kr.start);
+  T* grad_v = grad_v_rows<T>(params, batch, head_kv, kr.start);
+  const float scale = params.scale;
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    const int t = n0 + key_row0 + group_row + 8 * rr;
+    if (t >= kr.length) continue;
+    T* grad_k_row = grad_k + static_cast<int64_t>(t) * params.grad_k_row_stride;
+    T* grad_v_row = grad_v + static_cast<int64_t>(t) * params.grad_v_row_stride;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+#pragma unroll
+      for (int n = 0; n < 8; ++n) {
+        const int col = h * 64 + n * 8 + quad_col * 2;
+        const int at = 4 * n + 2 * rr;
+        *reinterpret_cast<uint32_t*>(grad_k_row + col) =
+            pack2<T>(dk[h][at] * scale, dk[h][at + 1] * scale);
+        *reinterpret_cast<uint32_t*>(grad_v_row + col) = pack2<T>(dv[h][at], dv[h][at + 1]);
+      }
+    }
+  }
+#endif
+}
+
+// The whole backward: Delta and the zeroed dQ accumulator, dK / dV with dQ's sums, and grad_q
+// from the sums. dq_accumulator: (batch, heads_q, seqlen_q, 128) float32, required.
+template <bool kIsCausal, int kWarpgroups>
+cudaError_t run_bwd_wgmma(const BackwardParams& params, float* delta, float* dq_accumulator,
+                          cudaStream_t stream) {
+  using Traits = WgmmaBwdTraits<kWarpgroups>;
+  using T = __nv_bfloat16;
+  cudaError_t err = launch_backward_prologue<T>(params, delta, dq_accumulator, stream);
+  if (err != cudaSuccess) return err;
+  const dim3 grid(ceil_div(params.max_seqlen_k, Traits::kBlockN), params.num_blocks,
+                  params.batch * params.heads_kv);
+  if (grid.x > 0 && grid.y > 0 && grid.z > 0) {
+    auto kernel = dkdv_wgmma_kernel<Traits, kIsCausal>;
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               Traits::kSharedBytes);
+    if (err != cudaSuccess) return err;
+    err = launch_kernel(kernel, grid, Traits::kThreads, Traits::kSharedBytes, stream, params,
+                        static_cast<const float*>(delta), dq_accumulator);
+    if (err != cudaSuccess) return err;
+  }
+  return launch_dq_convert<T>(params, dq_accumulator, stream);
+}
+
+}  // namespace block_attn::cuda::hopper

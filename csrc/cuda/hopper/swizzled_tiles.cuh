@@ -1,0 +1,46 @@
+// Shared-memory tiles of head_dim-128 bf16 rows in the 128-byte swizzle layout that the Hopper
+// kernels' wgmma descriptors read: each 128-element row stored as two [rows][64] column blocks.
+#pragma once
+
+#include <cuda_bf16.h>
+
+#include <cstdint>
+
+#include "../flash/mma_utils.cuh"
+#include "wgmma.cuh"
+
+namespace block_attn::cuda::hopper {
+
+// Byte offset of element (row, col) in a [rows][128] tile stored as two swizzled [rows][64]
+// column blocks.
+template <int kRows>
+__device__ __forceinline__ uint32_t tile_offset(int row, int col) {
+  return static_cast<uint32_t>(col / 64) * kRows * 128 + swizzle128_offset(row, col % 64);
+}
+
+// Stages rows [row0, row0 + kRows) of a (rows, 128) bf16 matrix; rows past `rows` are zero.
+template <int kRows, int kThreads>
+__device__ __forceinline__ void load_tile_swizzled(unsigned char* tile, const __nv_bfloat16* gmem,
+                                                   int64_t row_stride, int row0, int rows) {
+  constexpr int kChunks = 128 / 8;  // 16-byte chunks per row
+  for (int idx = threadIdx.x; idx < kRows * kChunks; idx += kThreads) {
+    const int r = idx / kChunks;
+    const int c = (idx % kChunks) * 8;
+    unsigned char* dst = tile + tile_offset<kRows>(r, c);
+    const int row = row0 + r;
+    if (row < rows) {
+      cp_async_16(dst, gmem + static_cast<int64_t>(row) * row_stride + c);
+    } else {
+      *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);
+    }
+  }
+}
+
+// cp.async and plain stores are generic-proxy writes; wgmma reads through the async proxy.
+__device__ __forceinline__ void wait_tiles_for_wgmma() {
+  cp_async_wait_all();
+  fence_shared_for_async_reads();
+  __syncthreads();
+}
+
+}  // namespace block_attn::cuda::hopper

@@ -1,0 +1,57 @@
+"""The Hopper (wgmma) kernels against the mma.sync kernels and the float64 reference.
+
+On an sm_90 GPU with a build that has sm_90a code, bf16 head_dim-128 attention runs the wgmma
+forward and (outside deterministic mode) backward; BLOCK_ATTN_HOPPER_KERNELS=0 selects the
+mma.sync kernels, read at every call. Elsewhere these tests skip.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from common import LAYOUTS, assert_within_reference_error, grads, hopper_kernels_run, make_qkv
+
+import block_attn
+from block_attn import reference
+
+CASES = [
+    pytest.param(1, 4, 4, 300, {"causal": True}, id="causal"),
+    pytest.param(2, 4, 2, 257, {"cu_seqlens": [0, 1, 64, 65, 200, 257]}, id="ragged-gqa"),
+    pytest.param(1, 6, 2, 400, {"cu_seqlens": [0, 130, 131, 400], "causal": True}, id="docs"),
+    pytest.param(1, 2, 1, 96, {"block_size": 32, "causal": True}, id="small-blocks-mqa"),
+]
+
+
+def run(q, k, v, grad_out, kwargs):
+    out = block_attn.attention(q, k, v, **kwargs)
+    return (out, *grads(out, (q, k, v), grad_out))
+
+
+@pytest.mark.parametrize(("B", "Hq", "Hkv", "N", "kwargs"), CASES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_hopper_and_mma_kernels_within_reference_error(B, Hq, Hkv, N, kwargs, layout, monkeypatch):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if not hopper_kernels_run(device, torch.bfloat16, 128):
+        pytest.skip("the Hopper kernels need an sm_90 GPU and a build with sm_90a code")
+    dtype = torch.bfloat16
+    q, k, v = make_qkv(B, Hq, Hkv, N, N, 128, dtype=dtype, device=device, layout=layout)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    grad_out = torch.randn_like(q)
+    hopper = run(q, k, v, grad_out, kwargs)
+    monkeypatch.setenv("BLOCK_ATTN_HOPPER_KERNELS", "0")
+    mma = run(q, k, v, grad_out, kwargs)
+    monkeypatch.delenv("BLOCK_ATTN_HOPPER_KERNELS")
+
+    exact_inputs = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    exact_out = reference.attention(*exact_inputs, **kwargs)
+    exact = (exact_out, *grads(exact_out, tuple(exact_inputs), grad_out.double()))
+    low_inputs = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    low_out = reference.attention(*low_inputs, **kwargs)
+    low = (low_out, *grads(low_out, tuple(low_inputs), grad_out))
+    names = ("out", "grad_q", "grad_k", "grad_v")
+    for name, h, m, lo, ex in zip(names, hopper, mma, low, exact, strict=True):
+        factor = 2.0 if name == "out" else 3.0
+        for path, got in (("hopper", h), ("mma.sync", m)):
+            assert_within_reference_error(
+                got, lo, ex, factor=factor, atol=1e-3, what=f"{name} ({path} kernels)"
+            )
