@@ -63,7 +63,9 @@ class OursMmaSync(Ours):
     name = "block_attn-mma"
 
     def __init__(self, workload, device, impl: Callable):
-        if not hopper_kernels_apply(workload, device):
+        from block_attn.cuda_kernels import hopper_kernels_apply
+
+        if not hopper_kernels_apply(device, workload.dtype, workload.head_dim):
             raise UnsupportedError("runs the same kernels as block_attn here")
         super().__init__(workload, device, impl)
 
@@ -78,17 +80,6 @@ class OursMmaSync(Ours):
                 del os.environ["BLOCK_ATTN_HOPPER_KERNELS"]
             else:
                 os.environ["BLOCK_ATTN_HOPPER_KERNELS"] = previous
-
-
-def hopper_kernels_apply(workload: Workload, device: str) -> bool:
-    """Whether block_attn runs its Hopper kernels on this workload: bf16, head_dim 128, an sm_90
-    GPU, a build with sm_90a code."""
-    if device != "cuda" or workload.dtype != torch.bfloat16 or workload.head_dim != 128:
-        return False
-    import block_attn
-
-    archs = block_attn.build_info()["cuda_archs"].replace("+PTX", "").replace(";", " ").split()
-    return "9.0a" in archs and torch.cuda.get_device_capability() == (9, 0)
 
 
 class Reference(Ours):

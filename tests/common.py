@@ -224,23 +224,3 @@ def grads(
     return torch.autograd.grad(
         output, inputs, grad_output, allow_unused=True, materialize_grads=True
     )
-
-
-def hopper_kernels_run(device: str, dtype: torch.dtype, head_dim: int) -> bool:
-    """Whether CUDA attention of this dtype and head_dim takes the Hopper (wgmma) kernels.
-
-    They need a build with sm_90a code, an sm_90 device, bf16, head_dim 128, and the
-    environment variable BLOCK_ATTN_HOPPER_KERNELS not set to "0".
-    """
-    import os
-
-    import block_attn
-
-    if device != "cuda" or dtype != torch.bfloat16 or head_dim != 128:
-        return False
-    archs = block_attn.build_info()["cuda_archs"].replace("+PTX", "").replace(";", " ").split()
-    return (
-        "9.0a" in archs
-        and torch.cuda.get_device_capability() == (9, 0)
-        and os.environ.get("BLOCK_ATTN_HOPPER_KERNELS") != "0"
-    )

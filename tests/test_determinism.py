@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from common import hopper_kernels_run, make_qkv
+from common import make_qkv
 
 import block_attn
+from block_attn.cuda_kernels import hopper_kernels_apply
 
 CASES = [
     pytest.param({"cu_seqlens": [0, 30, 31, 150, 257]}, id="ragged"),
@@ -91,7 +92,7 @@ def test_deterministic_and_default_backward_agree(device, dtype, D):
     finally:
         torch.use_deterministic_algorithms(was_enabled)
     unit = torch.finfo(dtype).eps
-    hopper = hopper_kernels_run(device, dtype, D)
+    hopper = hopper_kernels_apply(device, dtype, D)
     if not hopper:
         names = ("grad_k", "grad_v")
         assert_bitwise_equal(default[1:], deterministic[1:], names, "default vs deterministic")

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from common import LAYOUTS, assert_within_reference_error, grads, hopper_kernels_run, make_qkv
+from common import LAYOUTS, assert_within_reference_error, grads, make_qkv
 
 import block_attn
 from block_attn import reference
+from block_attn.cuda_kernels import hopper_kernels_apply
 
 CASES = [
     pytest.param(1, 4, 4, 300, {"causal": True}, id="causal"),
@@ -31,7 +32,7 @@ def run(q, k, v, grad_out, kwargs):
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_hopper_and_mma_kernels_within_reference_error(B, Hq, Hkv, N, kwargs, layout, monkeypatch):
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    if not hopper_kernels_run(device, torch.bfloat16, 128):
+    if not hopper_kernels_apply(device, torch.bfloat16, 128):
         pytest.skip("the Hopper kernels need an sm_90 GPU and a build with sm_90a code")
     dtype = torch.bfloat16
     q, k, v = make_qkv(B, Hq, Hkv, N, N, 128, dtype=dtype, device=device, layout=layout)

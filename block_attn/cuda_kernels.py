@@ -1,0 +1,28 @@
+"""Which CUDA kernels attention takes: a query for tests and benchmarks."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def hopper_kernels_apply(device: str | torch.device, dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether attention on ``device`` runs the Hopper (wgmma) kernels for this dtype and head_dim.
+
+    They take bfloat16 with head_dim 128 on an sm_90 GPU (H100, H200) when the extension was built
+    with ``9.0a`` in ``TORCH_CUDA_ARCH_LIST`` and the environment variable
+    ``BLOCK_ATTN_HOPPER_KERNELS`` is not ``"0"``; the backward takes them outside deterministic
+    mode. Everything else runs the mma.sync (sm_80+) or simple kernels.
+    """
+    device = torch.device(device)
+    if device.type != "cuda" or dtype != torch.bfloat16 or head_dim != 128:
+        return False
+    from block_attn import _C
+
+    archs = _C.build_info()["cuda_archs"].replace("+PTX", "").replace(";", " ").split()
+    return (
+        "9.0a" in archs
+        and torch.cuda.get_device_capability(device) == (9, 0)
+        and os.environ.get("BLOCK_ATTN_HOPPER_KERNELS") != "0"
+    )
