@@ -97,7 +97,7 @@ def test_deterministic_and_default_backward_agree(device, dtype, D):
         names = ("grad_k", "grad_v")
         assert_bitwise_equal(default[1:], deterministic[1:], names, "default vs deterministic")
     # Each path rounds float32 sums to dtype once; they may land one unit of dtype apart. The
-    # Hopper kernels also round P and dS to bf16 at other points: a few units.
+    # Hopper kernels also round P and dS at other points: a few units.
     units = 4 if hopper else 2
     for name, a, b in zip(("grad_q", "grad_k", "grad_v"), default, deterministic, strict=True):
         largest = b.abs().max().item()

@@ -1,6 +1,6 @@
 """The Hopper (wgmma) kernels against the mma.sync kernels and the float64 reference.
 
-On an sm_90 GPU with a build that has sm_90a code, bf16 head_dim-128 attention runs the wgmma
+On an sm_90 GPU with a build that has sm_90a code, bf16/fp16 head_dim-128 attention runs the wgmma
 forward and (outside deterministic mode) backward; BLOCK_ATTN_HOPPER_KERNELS=0 selects the
 mma.sync kernels, read at every call. Elsewhere these tests skip.
 """
@@ -30,11 +30,13 @@ def run(q, k, v, grad_out, kwargs):
 
 @pytest.mark.parametrize(("B", "Hq", "Hkv", "N", "kwargs"), CASES)
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_hopper_and_mma_kernels_within_reference_error(B, Hq, Hkv, N, kwargs, layout, monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_hopper_and_mma_kernels_within_reference_error(
+    B, Hq, Hkv, N, kwargs, layout, dtype, monkeypatch
+):
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    if not hopper_kernels_apply(device, torch.bfloat16, 128):
+    if not hopper_kernels_apply(device, dtype, 128):
         pytest.skip("the Hopper kernels need an sm_90 GPU and a build with sm_90a code")
-    dtype = torch.bfloat16
     q, k, v = make_qkv(B, Hq, Hkv, N, N, 128, dtype=dtype, device=device, layout=layout)
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     grad_out = torch.randn_like(q)

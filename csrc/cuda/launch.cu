@@ -30,14 +30,15 @@ cudaError_t device_has_tensor_core_kernels(bool& result) {
 constexpr int kHopperForwardWarpgroups = 1;
 constexpr int kHopperBackwardWarpgroups = 2;
 
-// Whether the Hopper kernels take a problem: bf16, head_dim 128, 16-byte aligned rows, on an
-// sm_90 device, in a build with sm_90a code, unless the environment variable
+// Whether the Hopper kernels take a problem: bf16 or fp16, head_dim 128, 16-byte aligned rows, on
+// an sm_90 device, in a build with sm_90a code, unless the environment variable
 // BLOCK_ATTN_HOPPER_KERNELS is "0" (read at every call, so a process can compare both paths).
 cudaError_t uses_hopper_kernels(const ForwardParams& params, bool rows_aligned, DType dtype,
                                 bool& result) {
   result = false;
 #if defined(BLOCK_ATTN_WITH_SM90A) || defined(BLOCK_ATTN_CUDA_EMULATION)
-  if (dtype != DType::kBFloat16 || params.head_dim != 128 || !rows_aligned) return cudaSuccess;
+  const bool half_type = dtype == DType::kBFloat16 || dtype == DType::kFloat16;
+  if (!half_type || params.head_dim != 128 || !rows_aligned) return cudaSuccess;
   const char* setting = std::getenv("BLOCK_ATTN_HOPPER_KERNELS");
   if (setting != nullptr && std::strcmp(setting, "0") == 0) return cudaSuccess;
   int device = 0;
@@ -58,6 +59,23 @@ cudaError_t uses_hopper_kernels(const ForwardParams& params, bool rows_aligned, 
   (void)dtype;
   return cudaSuccess;
 #endif
+}
+
+template <typename T>
+cudaError_t launch_forward_hopper(const ForwardParams& params, cudaStream_t stream) {
+  return BOOL_SWITCH(params.is_causal, kIsCausal, [&] {
+    return hopper::run_fwd_wgmma<T, kIsCausal, kHopperForwardWarpgroups>(params, stream);
+  });
+}
+
+template <typename T>
+cudaError_t launch_backward_hopper(const BackwardParams& params, const BackwardWorkspace& workspace,
+                                   cudaStream_t stream) {
+  auto* delta = static_cast<float*>(workspace.delta);
+  return BOOL_SWITCH(params.is_causal, kIsCausal, [&] {
+    return hopper::run_bwd_wgmma<T, kIsCausal, kHopperBackwardWarpgroups>(
+        params, delta, workspace.dq_accumulator, stream);
+  });
 }
 
 template <typename T>
@@ -99,9 +117,8 @@ cudaError_t launch_forward(const ForwardParams& params, DType dtype, cudaStream_
     cudaError_t err = uses_hopper_kernels(params, rows_are_16_byte_aligned(params), dtype, hopper);
     if (err != cudaSuccess) return err;
     if (hopper) {
-      return params.is_causal
-                 ? hopper::run_fwd_wgmma<true, kHopperForwardWarpgroups>(params, stream)
-                 : hopper::run_fwd_wgmma<false, kHopperForwardWarpgroups>(params, stream);
+      return dtype == DType::kFloat16 ? launch_forward_hopper<__half>(params, stream)
+                                      : launch_forward_hopper<__nv_bfloat16>(params, stream);
     }
     bool tensor_cores = false;
     err = device_has_tensor_core_kernels(tensor_cores);
@@ -143,11 +160,9 @@ cudaError_t launch_backward(const BackwardParams& params, const BackwardWorkspac
     if (err != cudaSuccess) return err;
   }
   if (hopper) {
-    auto* delta = static_cast<float*>(workspace.delta);
-    return params.is_causal ? hopper::run_bwd_wgmma<true, kHopperBackwardWarpgroups>(
-                                  params, delta, workspace.dq_accumulator, stream)
-                            : hopper::run_bwd_wgmma<false, kHopperBackwardWarpgroups>(
-                                  params, delta, workspace.dq_accumulator, stream);
+    return dtype == DType::kFloat16
+               ? launch_backward_hopper<__half>(params, workspace, stream)
+               : launch_backward_hopper<__nv_bfloat16>(params, workspace, stream);
   }
   if (flash) {
     return dtype == DType::kFloat16

@@ -8,6 +8,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "emulator.h"
 
@@ -25,6 +26,21 @@ void fence_operands(Register (&)[kRows][kCount]) {}
 
 namespace emulated {
 
+// Value of a 16-bit element of type T (__nv_bfloat16 or __half) from its bits.
+template <typename T>
+float element_value(uint16_t bits) {
+  if constexpr (std::is_same_v<T, __half>) {
+    __half_raw raw;
+    raw.x = bits;
+    return __half2float(__half(raw));
+  } else {
+    __nv_bfloat16_raw raw;
+    raw.x = bits;
+    return __bfloat162float(__nv_bfloat16(raw));
+  }
+}
+
+template <typename T>
 struct Descriptor {
   uint32_t start, leading, stride;
   explicit Descriptor(uint64_t desc)
@@ -40,9 +56,7 @@ struct Descriptor {
     if (bits == 0xffffu) {
       cuda_emulator::fail("wgmma read shared memory that was never written or not yet landed");
     }
-    __nv_bfloat16_raw raw;
-    raw.x = bits;
-    return __bfloat162float(__nv_bfloat16(raw));
+    return element_value<T>(bits);
   }
   // Element (row, k) of a K-major operand (rows of 64 k-elements).
   float k_major(int row, int k) const {
@@ -71,8 +85,8 @@ void product(float (&d)[32], bool accumulate, AElement a_at, BElement b_at) {
 
 }  // namespace emulated
 
-template <bool kTransposeB, bool kTransposeA = false>
-void wgmma_m64n64k16_bf16(float (&d)[32], uint64_t desc_a, uint64_t desc_b, bool accumulate) {
+template <typename T, bool kTransposeB, bool kTransposeA = false>
+void wgmma_m64n64k16(float (&d)[32], uint64_t desc_a, uint64_t desc_b, bool accumulate) {
   const uint64_t mine[3] = {desc_a, desc_b, accumulate ? 1u : 0u};
   const char* name = kTransposeA ? (kTransposeB ? "wgmma.ss.m-major.n-major" : "wgmma.ss.m-major")
                                  : (kTransposeB ? "wgmma.ss.n-major" : "wgmma.ss");
@@ -81,7 +95,7 @@ void wgmma_m64n64k16_bf16(float (&d)[32], uint64_t desc_a, uint64_t desc_b, bool
   if (std::memcmp(all[0], mine, sizeof(mine)) != 0) {
     cuda_emulator::fail("wgmma operands differ across the warpgroup");
   }
-  const emulated::Descriptor a(desc_a), b(desc_b);
+  const emulated::Descriptor<T> a(desc_a), b(desc_b);
   emulated::product(
       d, accumulate,
       [&](int row, int k) { return kTransposeA ? a.mn_major(k, row) : a.k_major(row, k); },
@@ -90,8 +104,8 @@ void wgmma_m64n64k16_bf16(float (&d)[32], uint64_t desc_a, uint64_t desc_b, bool
       });
 }
 
-void inline wgmma_m64n64k16_bf16_register_a(float (&d)[32], const uint32_t (&a)[4],
-                                            uint64_t desc_b) {
+template <typename T>
+void wgmma_m64n64k16_register_a(float (&d)[32], const uint32_t (&a)[4], uint64_t desc_b) {
   struct Operands {
     uint32_t a[4];
     uint64_t desc_b;
@@ -107,11 +121,9 @@ void inline wgmma_m64n64k16_bf16_register_a(float (&d)[32], const uint32_t (&a)[
     const int thread = 32 * warp + 4 * (r % 8) + (k % 8) / 2;
     uint16_t bits;
     std::memcpy(&bits, all[thread] + 4 * (r / 8 + 2 * (k / 8)) + 2 * (k % 2), 2);
-    __nv_bfloat16_raw raw;
-    raw.x = bits;
-    return __bfloat162float(__nv_bfloat16(raw));
+    return emulated::element_value<T>(bits);
   };
-  const emulated::Descriptor b(desc_b);
+  const emulated::Descriptor<T> b(desc_b);
   emulated::product(d, true, a_at, [&](int k, int column) { return b.mn_major(k, column); });
 }
 

@@ -84,7 +84,7 @@ struct Case {
   Layout layout = Layout::kHeadsFirst;
   bool grad_lse = true;
   bool backward = true;
-  int wgmma_warpgroups = 0;  // > 0: the staged sm_90 wgmma kernels (bf16, head_dim 128) instead
+  int wgmma_warpgroups = 0;  // > 0: the sm_90 wgmma kernels (head_dim 128), called directly
   int key_warps = 4;         // 8: the tensor-core backward with 8-warp (128-key) dK/dV CTAs
 };
 
@@ -93,18 +93,18 @@ struct Case {
 template <typename T>
 cudaError_t run_backward(const Case& c, const BackwardParams& p,
                          const block_attn::cuda::BackwardWorkspace& workspace) {
-  if (c.wgmma_warpgroups > 0) {
-    namespace hopper = block_attn::cuda::hopper;
-    float* delta = static_cast<float*>(workspace.delta);
-    float* sums = workspace.dq_accumulator;
-    if (c.wgmma_warpgroups == 1) {
-      return p.is_causal ? hopper::run_bwd_wgmma<true, 1>(p, delta, sums, nullptr)
-                         : hopper::run_bwd_wgmma<false, 1>(p, delta, sums, nullptr);
-    }
-    return p.is_causal ? hopper::run_bwd_wgmma<true, 2>(p, delta, sums, nullptr)
-                       : hopper::run_bwd_wgmma<false, 2>(p, delta, sums, nullptr);
-  }
   if constexpr (sizeof(T) == 2) {
+    if (c.wgmma_warpgroups > 0) {
+      namespace hopper = block_attn::cuda::hopper;
+      float* delta = static_cast<float*>(workspace.delta);
+      float* sums = workspace.dq_accumulator;
+      if (c.wgmma_warpgroups == 1) {
+        return p.is_causal ? hopper::run_bwd_wgmma<T, true, 1>(p, delta, sums, nullptr)
+                           : hopper::run_bwd_wgmma<T, false, 1>(p, delta, sums, nullptr);
+      }
+      return p.is_causal ? hopper::run_bwd_wgmma<T, true, 2>(p, delta, sums, nullptr)
+                         : hopper::run_bwd_wgmma<T, false, 2>(p, delta, sums, nullptr);
+    }
     if (c.key_warps == 8) {
       using block_attn::cuda::run_bwd_flash;
       float* delta = static_cast<float*>(workspace.delta);
@@ -120,15 +120,21 @@ cudaError_t run_backward(const Case& c, const BackwardParams& p,
   return block_attn::cuda::launch_backward(p, workspace, Element<T>::kDType, nullptr);
 }
 
-// The staged wgmma forward, which launch_forward does not dispatch yet.
-cudaError_t launch_wgmma_forward(const ForwardParams& p, int warpgroups) {
-  namespace hopper = block_attn::cuda::hopper;
-  if (warpgroups == 1) {
-    return p.is_causal ? hopper::run_fwd_wgmma<true, 1>(p, nullptr)
-                       : hopper::run_fwd_wgmma<false, 1>(p, nullptr);
+// launch_forward, or the wgmma forward with the case's warpgroups per CTA.
+template <typename T>
+cudaError_t run_forward(const Case& c, const ForwardParams& p) {
+  if constexpr (sizeof(T) == 2) {
+    namespace hopper = block_attn::cuda::hopper;
+    if (c.wgmma_warpgroups == 1) {
+      return p.is_causal ? hopper::run_fwd_wgmma<T, true, 1>(p, nullptr)
+                         : hopper::run_fwd_wgmma<T, false, 1>(p, nullptr);
+    }
+    if (c.wgmma_warpgroups == 2) {
+      return p.is_causal ? hopper::run_fwd_wgmma<T, true, 2>(p, nullptr)
+                         : hopper::run_fwd_wgmma<T, false, 2>(p, nullptr);
+    }
   }
-  return p.is_causal ? hopper::run_fwd_wgmma<true, 2>(p, nullptr)
-                     : hopper::run_fwd_wgmma<false, 2>(p, nullptr);
+  return block_attn::cuda::launch_forward(p, Element<T>::kDType, nullptr);
 }
 
 // A (batch, heads, rows, head_dim) tensor with the case's strides over a buffer that also holds
@@ -329,9 +335,7 @@ void run_case(const Case& c) {
   p.scale = scale;
   p.is_causal = c.causal;
 
-  cudaError_t err = c.wgmma_warpgroups > 0
-                        ? launch_wgmma_forward(p, c.wgmma_warpgroups)
-                        : block_attn::cuda::launch_forward(p, Element<T>::kDType, nullptr);
+  cudaError_t err = run_forward<T>(c, p);
   if (err != cudaSuccess) {
     std::printf("  FAIL forward launch: error %d\n", static_cast<int>(err));
     ++failures;
@@ -539,7 +543,9 @@ int main() {
           {DType::kFloat16, dim192},
           {DType::kFloat32, simple64},
           {DType::kFloat64, simple32}});
-  // The staged wgmma forward and backward, one and two warpgroups per CTA (the probe's cases).
+  // The wgmma forward and backward called directly, one and two warpgroups per CTA (the probe's
+  // cases; launch_forward / launch_backward above pick them for head_dim 128 too), bf16, and
+  // fp16 for two of them.
   std::vector<std::pair<DType, Case>> wgmma_cases;
   for (const int warpgroups : {1, 2}) {
     for (Case c :
@@ -557,6 +563,7 @@ int main() {
           Case{"wgmma: ragged causal, Lq != Lk", {64, 129, 0}, {130, 20, 5}, 1, 2, 1, 128, true}}) {
       c.wgmma_warpgroups = warpgroups;
       wgmma_cases.push_back({DType::kBFloat16, c});
+      if (c.causal) wgmma_cases.push_back({DType::kFloat16, c});
     }
   }
   run_on(sm90, "sm_90", wgmma_cases);

@@ -1,18 +1,20 @@
 // Checks the Hopper forward and backward (csrc/cuda/hopper/fwd_wgmma.cuh, bwd_wgmma.cuh), with one
 // and with two warpgroups per CTA, against a float64 host reference on small ragged / causal /
-// GQA cases, then times them on causal attention over 16384 tokens, 16 heads, head_dim 128, bf16
-// (the benchmark's causal-d128 workload), the backward beside the mma.sync one with atomic dQ.
-// Plain CUDA, no torch:
+// GQA cases (bf16, and fp16 for the causal ones), then times them on causal attention over 16384
+// tokens, 16 heads, head_dim 128, bf16 (the benchmark's causal-d128 workload), the backward beside
+// the mma.sync one with atomic dQ. Plain CUDA, no torch:
 //   nvcc -std=c++17 -O3 --expt-relaxed-constexpr -gencode=arch=compute_90a,code=sm_90a \
 //       csrc/tests/wgmma_attention_probe.cu -o probe
 // Exits 0 when every case matches.
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <random>
+#include <type_traits>
 #include <vector>
 
 #include "../cuda/flash/bwd_flash.cuh"
@@ -43,8 +45,9 @@ using gpu_probe::check;
 // Device buffers of one case: (1, heads, seqlen, 128) contiguous tensors, the backward's Delta
 // and float32 dQ sums.
 struct Buffers {
-  __nv_bfloat16 *q = nullptr, *k = nullptr, *v = nullptr, *out = nullptr;
-  __nv_bfloat16 *grad_out = nullptr, *grad_q = nullptr, *grad_k = nullptr, *grad_v = nullptr;
+  // 16-bit elements of the case's type.
+  uint16_t *q = nullptr, *k = nullptr, *v = nullptr, *out = nullptr;
+  uint16_t *grad_out = nullptr, *grad_q = nullptr, *grad_k = nullptr, *grad_v = nullptr;
   float *lse = nullptr, *delta = nullptr, *dq_sums = nullptr;
   int *cu_q = nullptr, *cu_k = nullptr;
 
@@ -119,20 +122,42 @@ BackwardParams make_params(const Buffers& b, const Case& c, int max_q, int max_k
   return p;
 }
 
-// kWarpgroups: warpgroups of 64 queries per CTA (1 or 2), sharing the K and V tiles.
-template <int kWarpgroups>
-cudaError_t run(const BackwardParams& p) {
-  return p.is_causal ? run_fwd_wgmma<true, kWarpgroups>(p, nullptr)
-                     : run_fwd_wgmma<false, kWarpgroups>(p, nullptr);
+// Conversions of the two element types through float.
+template <typename T>
+T from_float(float x) {
+  if constexpr (std::is_same_v<T, __half>) {
+    return __float2half_rn(x);
+  } else {
+    return __float2bfloat16_rn(x);
+  }
 }
-template <int kWarpgroups>
-cudaError_t run_backward(const BackwardParams& p, const Buffers& b) {
-  return p.is_causal ? run_bwd_wgmma<true, kWarpgroups>(p, b.delta, b.dq_sums, nullptr)
-                     : run_bwd_wgmma<false, kWarpgroups>(p, b.delta, b.dq_sums, nullptr);
+template <typename T>
+double to_double(T x) {
+  if constexpr (std::is_same_v<T, __half>) {
+    return __half2float(x);
+  } else {
+    return __bfloat162float(x);
+  }
+}
+template <typename T>
+const char* type_name() {
+  return std::is_same_v<T, __half> ? "fp16" : "bf16";
 }
 
-// Largest |got - want| of a gradient, and whether it is within 3 units of bf16 rounding of its
-// largest reference value (P and dS are rounded to bf16 before their products).
+// kWarpgroups: warpgroups of 64 queries per CTA (1 or 2), sharing the K and V tiles.
+template <typename T, int kWarpgroups>
+cudaError_t run(const BackwardParams& p) {
+  return p.is_causal ? run_fwd_wgmma<T, true, kWarpgroups>(p, nullptr)
+                     : run_fwd_wgmma<T, false, kWarpgroups>(p, nullptr);
+}
+template <typename T, int kWarpgroups>
+cudaError_t run_backward(const BackwardParams& p, const Buffers& b) {
+  return p.is_causal ? run_bwd_wgmma<T, true, kWarpgroups>(p, b.delta, b.dq_sums, nullptr)
+                     : run_bwd_wgmma<T, false, kWarpgroups>(p, b.delta, b.dq_sums, nullptr);
+}
+
+// Largest |got - want| of a gradient, and whether it is within 3 units of bf16 rounding (the
+// coarser type) of its largest reference value (P and dS are rounded before their products).
 struct GradientError {
   double error = 0, largest = 0;
   void add(double got, double want) {
@@ -145,16 +170,16 @@ struct GradientError {
 // Runs one case forward and backward; returns whether out and lse match the float64 reference of
 // the same bf16-rounded inputs within bf16 rounding of P and of the output, and the gradients
 // within GradientError's bound.
-template <int kWarpgroups>
+template <typename T, int kWarpgroups>
 bool check_case(const Case& c, std::mt19937& rng) {
   const int nq = c.offsets_q.back();
   const int nk = c.offsets_k.back();
   const size_t size_q = static_cast<size_t>(c.heads_q) * nq * kHeadDim;
   const size_t size_k = static_cast<size_t>(c.heads_kv) * nk * kHeadDim;
   std::normal_distribution<float> normal;
-  std::vector<__nv_bfloat16> hq(size_q), hk(size_k), hv(size_k), hdo(size_q);
+  std::vector<T> hq(size_q), hk(size_k), hv(size_k), hdo(size_q);
   for (auto* vec : {&hq, &hk, &hv, &hdo}) {
-    for (auto& x : *vec) x = __float2bfloat16(normal(rng));
+    for (auto& x : *vec) x = from_float<T>(normal(rng));
   }
   Buffers b;
   bool ok = b.allocate(c.heads_q, nq, c.heads_kv, nk, c.offsets_q.size());
@@ -173,12 +198,13 @@ bool check_case(const Case& c, std::mt19937& rng) {
     max_k = std::max(max_k, c.offsets_k[j + 1] - c.offsets_k[j]);
   }
   const BackwardParams p = make_params(b, c, max_q, max_k);
-  if (!check(run<kWarpgroups>(p), "forward launch") || !check(cudaDeviceSynchronize(), "forward") ||
-      !check(run_backward<kWarpgroups>(p, b), "backward launch") ||
+  if (!check(run<T, kWarpgroups>(p), "forward launch") ||
+      !check(cudaDeviceSynchronize(), "forward") ||
+      !check(run_backward<T, kWarpgroups>(p, b), "backward launch") ||
       !check(cudaDeviceSynchronize(), "backward")) {
     return false;
   }
-  std::vector<__nv_bfloat16> out(size_q), dq(size_q), dk(size_k), dv(size_k);
+  std::vector<T> out(size_q), dq(size_q), dk(size_k), dv(size_k);
   std::vector<float> lse(static_cast<size_t>(c.heads_q) * nq);
   if (!check(cudaMemcpy(out.data(), b.out, size_q * 2, cudaMemcpyDeviceToHost), "copy") ||
       !check(cudaMemcpy(lse.data(), b.lse, lse.size() * 4, cudaMemcpyDeviceToHost), "copy") ||
@@ -188,8 +214,8 @@ bool check_case(const Case& c, std::mt19937& rng) {
     return false;
   }
 
-  auto at = [](const std::vector<__nv_bfloat16>& x, size_t row, int d) {
-    return static_cast<double>(__bfloat162float(x[row * kHeadDim + d]));
+  auto at = [](const std::vector<T>& x, size_t row, int d) {
+    return to_double(x[row * kHeadDim + d]);
   };
   double out_error = 0, lse_error = 0;
   bool rows_without_keys_ok = true;
@@ -243,20 +269,21 @@ bool check_case(const Case& c, std::mt19937& rng) {
     }
   }
   GradientError dq_error, dk_error, dv_error;
-  for (size_t i = 0; i < size_q; ++i) dq_error.add(__bfloat162float(dq[i]), dq_ref[i]);
+  for (size_t i = 0; i < size_q; ++i) dq_error.add(to_double(dq[i]), dq_ref[i]);
   for (size_t i = 0; i < size_k; ++i) {
-    dk_error.add(__bfloat162float(dk[i]), dk_ref[i]);
-    dv_error.add(__bfloat162float(dv[i]), dv_ref[i]);
+    dk_error.add(to_double(dk[i]), dk_ref[i]);
+    dv_error.add(to_double(dv[i]), dv_ref[i]);
   }
-  // P and the output are rounded to bf16 (8 bits of mantissa): errors of a few 1e-3 on outputs
-  // of magnitude below 1; a wrong layout or mask gives errors of order 1.
+  // P and the output are rounded to T (bf16: 8 bits of mantissa): errors of a few 1e-3 on
+  // outputs of magnitude below 1; a wrong layout or mask gives errors of order 1.
   const bool match = out_error < 2e-2 && lse_error < 1e-3 && rows_without_keys_ok &&
                      dq_error.ok() && dk_error.ok() && dv_error.ok();
   std::printf(
-      "%d warpgroup(s), %-28s max |err| out %.3g, lse %.3g, dq %.3g (of %.3g), dk %.3g (of %.3g), "
+      "%s, %d warpgroup(s), %-28s max |err| out %.3g, lse %.3g, dq %.3g (of %.3g), dk %.3g (of "
+      "%.3g), "
       "dv %.3g (of %.3g)%s -> %s\n",
-      kWarpgroups, c.name, out_error, lse_error, dq_error.error, dq_error.largest, dk_error.error,
-      dk_error.largest, dv_error.error, dv_error.largest,
+      type_name<T>(), kWarpgroups, c.name, out_error, lse_error, dq_error.error, dq_error.largest,
+      dk_error.error, dk_error.largest, dv_error.error, dv_error.largest,
       rows_without_keys_ok ? "" : ", rows without keys WRONG", match ? "match" : "MISMATCH");
   return match;
 }
@@ -274,7 +301,7 @@ struct TimingProblem {
     std::vector<__nv_bfloat16> host(size);
     std::mt19937 rng(7);
     std::normal_distribution<float> normal;
-    for (auto& x : host) x = __float2bfloat16(normal(rng));
+    for (auto& x : host) x = from_float<__nv_bfloat16>(normal(rng));
     for (auto* dst : {b.q, b.k, b.v, b.grad_out}) {
       cudaMemcpy(dst, host.data(), size * 2, cudaMemcpyHostToDevice);
     }
@@ -282,7 +309,7 @@ struct TimingProblem {
     cudaMemcpy(b.cu_q, offsets, 8, cudaMemcpyHostToDevice);
     cudaMemcpy(b.cu_k, offsets, 8, cudaMemcpyHostToDevice);
     p = make_params(b, c, tokens, tokens);
-    ready = check(run<1>(p), "forward") && check(cudaDeviceSynchronize(), "forward");
+    ready = check(run<__nv_bfloat16, 1>(p), "forward") && check(cudaDeviceSynchronize(), "forward");
   }
   // Useful flops of the forward, 2 H D N (N + 1); the backward's are 2.5 times as many.
   double forward_flops() const {
@@ -304,19 +331,19 @@ void time_causal(int tokens, int heads) {
   if (!t.ready) return;
   std::printf("causal N=%d H=%d D=128 bf16:\n", tokens, heads);
   const double fwd = t.forward_flops(), bwd = 2.5 * fwd;
-  report_time("forward, wgmma, 1 warpgroup", gpu_probe::median_ms([&] { return run<1>(t.p); }),
-              fwd);
-  report_time("forward, wgmma, 2 warpgroups", gpu_probe::median_ms([&] { return run<2>(t.p); }),
-              fwd);
+  report_time("forward, wgmma, 1 warpgroup",
+              gpu_probe::median_ms([&] { return run<__nv_bfloat16, 1>(t.p); }), fwd);
+  report_time("forward, wgmma, 2 warpgroups",
+              gpu_probe::median_ms([&] { return run<__nv_bfloat16, 2>(t.p); }), fwd);
   report_time("backward, mma.sync, atomic dQ", gpu_probe::median_ms([&] {
                 return run_bwd_flash<__nv_bfloat16, kHeadDim, true, 4>(t.p, t.b.delta, t.b.dq_sums,
                                                                        nullptr);
               }),
               bwd);
   report_time("backward, wgmma, 1 warpgroup (64 keys)",
-              gpu_probe::median_ms([&] { return run_backward<1>(t.p, t.b); }), bwd);
+              gpu_probe::median_ms([&] { return run_backward<__nv_bfloat16, 1>(t.p, t.b); }), bwd);
   report_time("backward, wgmma, 2 warpgroups (128 keys)",
-              gpu_probe::median_ms([&] { return run_backward<2>(t.p, t.b); }), bwd);
+              gpu_probe::median_ms([&] { return run_backward<__nv_bfloat16, 2>(t.p, t.b); }), bwd);
 }
 
 }  // namespace
@@ -338,8 +365,12 @@ int main() {
   std::mt19937 rng(1);
   bool all = true;
   for (const Case& c : cases) {
-    all = check_case<1>(c, rng) && all;
-    all = check_case<2>(c, rng) && all;
+    all = check_case<__nv_bfloat16, 1>(c, rng) && all;
+    all = check_case<__nv_bfloat16, 2>(c, rng) && all;
+    if (c.causal) {
+      all = check_case<__half, 1>(c, rng) && all;
+      all = check_case<__half, 2>(c, rng) && all;
+    }
   }
   if (all) time_causal(16384, 16);
   std::printf("%s\n", all ? "wgmma attention probe: PASS" : "wgmma attention probe: FAIL");

@@ -29,7 +29,7 @@ using block_attn::cuda::hopper::smem_descriptor;
 using block_attn::cuda::hopper::swizzle128_offset;
 using block_attn::cuda::hopper::wgmma_commit;
 using block_attn::cuda::hopper::wgmma_fence;
-using block_attn::cuda::hopper::wgmma_m64n64k16_bf16;
+using block_attn::cuda::hopper::wgmma_m64n64k16;
 using block_attn::cuda::hopper::wgmma_wait;
 
 constexpr int kDim = 64;  // M = N = K = 64: one swizzle atom wide, four k16 steps
@@ -76,7 +76,7 @@ __global__ void product(const __nv_bfloat16* a, const __nv_bfloat16* b, float* o
     const uint64_t desc_a = kMMajorA
                                 ? smem_descriptor(tile_a + k0 * 128, leading_bytes, stride_bytes)
                                 : k_major_descriptor(tile_a, k0);
-    wgmma_m64n64k16_bf16<kNMajorB, kMMajorA>(d, desc_a, desc_b, k0 > 0);
+    wgmma_m64n64k16<__nv_bfloat16, kNMajorB, kMMajorA>(d, desc_a, desc_b, k0 > 0);
   }
   wgmma_commit();
   wgmma_wait<0>();

@@ -1,7 +1,7 @@
-// Backward on Hopper warpgroup products (wgmma), bf16, head_dim 128, dQ summed with atomics: what
-// launch_backward runs for such problems on sm_90 outside deterministic mode (launch.cu says
-// when); csrc/tests/wgmma_attention_probe.cu checks it against a host reference and times it
-// beside the mma.sync backward.
+// Backward on Hopper warpgroup products (wgmma), bf16 or fp16, head_dim 128, dQ summed with
+// atomics: what launch_backward runs for such problems on sm_90 outside deterministic mode
+// (launch.cu says when); csrc/tests/wgmma_attention_probe.cu checks it against a host reference and
+// times it beside the mma.sync backward.
 //
 // Same grid and semantics as dkdv_flash_kernel with atomic dQ: a CTA owns kBlockN keys of a block
 // and kv head (64 per warpgroup) and loops over the group's query heads and the 64-query tiles
@@ -18,6 +18,7 @@
 #pragma once
 
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
 
 #include <type_traits>
 
@@ -52,11 +53,10 @@ struct WgmmaBwdTraits {
   static_assert(kWarpgroups == 1 || kWarpgroups == 2, "one or two warpgroups per CTA");
 };
 
-template <typename Traits, bool kIsCausal>
+template <typename Traits, typename T, bool kIsCausal>
 __global__ void __launch_bounds__(Traits::kThreads)
     dkdv_wgmma_kernel(const BackwardParams params, const float* delta, float* dq_accumulator) {
 #ifdef BLOCK_ATTN_WGMMA
-  using T = __nv_bfloat16;
   constexpr int kThreads = Traits::kThreads;
   constexpr int kBlockN = Traits::kBlockN;
   constexpr int kBlockM = Traits::kBlockM;
@@ -164,16 +164,16 @@ __global__ void __launch_bounds__(Traits::kThreads)
     for (int ks = 0; ks < 8; ++ks) {
       const int block = ks / 4;
       const int k0 = (ks % 4) * 16;
-      wgmma_m64n64k16_bf16<false>(s, k_major_descriptor(sK + block * kBlockN * 128 + own_rows, k0),
-                                  k_major_descriptor(q_tile + block * kBlockM * 128, k0), ks > 0);
+      wgmma_m64n64k16<T, false>(s, k_major_descriptor(sK + block * kBlockN * 128 + own_rows, k0),
+                                k_major_descriptor(q_tile + block * kBlockM * 128, k0), ks > 0);
     }
 #pragma unroll
     for (int ks = 0; ks < 8; ++ks) {
       const int block = ks / 4;
       const int k0 = (ks % 4) * 16;
-      wgmma_m64n64k16_bf16<false>(dp, k_major_descriptor(sV + block * kBlockN * 128 + own_rows, k0),
-                                  k_major_descriptor(grad_out_tile + block * kBlockM * 128, k0),
-                                  ks > 0);
+      wgmma_m64n64k16<T, false>(dp, k_major_descriptor(sV + block * kBlockN * 128 + own_rows, k0),
+                                k_major_descriptor(grad_out_tile + block * kBlockM * 128, k0),
+                                ks > 0);
     }
     wgmma_commit();
     wgmma_wait<0>();
@@ -230,10 +230,10 @@ __global__ void __launch_bounds__(Traits::kThreads)
     for (int kk = 0; kk < kBlockM / 16; ++kk) {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        wgmma_m64n64k16_bf16_register_a(
+        wgmma_m64n64k16_register_a<T>(
             dv[h], p_frag[kk], mn_major_descriptor(grad_out_tile + h * kBlockM * 128, kk * 16));
-        wgmma_m64n64k16_bf16_register_a(dk[h], ds_frag[kk],
-                                        mn_major_descriptor(q_tile + h * kBlockM * 128, kk * 16));
+        wgmma_m64n64k16_register_a<T>(dk[h], ds_frag[kk],
+                                      mn_major_descriptor(q_tile + h * kBlockM * 128, kk * 16));
       }
     }
     wgmma_commit();
@@ -250,9 +250,9 @@ __global__ void __launch_bounds__(Traits::kThreads)
       wgmma_fence();
 #pragma unroll
       for (int ks = 0; ks < kBlockN / 16; ++ks) {
-        wgmma_m64n64k16_bf16<true, true>(dq, mn_major_descriptor(sdS, ks * 16),
-                                         mn_major_descriptor(sK + h * kBlockN * 128, ks * 16),
-                                         ks > 0);
+        wgmma_m64n64k16<T, true, true>(dq, mn_major_descriptor(sdS, ks * 16),
+                                       mn_major_descriptor(sK + h * kBlockN * 128, ks * 16),
+                                       ks > 0);
       }
       wgmma_commit();
       wgmma_wait<0>();
@@ -304,17 +304,16 @@ __global__ void __launch_bounds__(Traits::kThreads)
 
 // The whole backward: Delta and the zeroed dQ accumulator, dK / dV with dQ's sums, and grad_q
 // from the sums. dq_accumulator: (batch, heads_q, seqlen_q, 128) float32, required.
-template <bool kIsCausal, int kWarpgroups>
+template <typename T, bool kIsCausal, int kWarpgroups>
 cudaError_t run_bwd_wgmma(const BackwardParams& params, float* delta, float* dq_accumulator,
                           cudaStream_t stream) {
   using Traits = WgmmaBwdTraits<kWarpgroups>;
-  using T = __nv_bfloat16;
   cudaError_t err = launch_backward_prologue<T>(params, delta, dq_accumulator, stream);
   if (err != cudaSuccess) return err;
   const dim3 grid(ceil_div(params.max_seqlen_k, Traits::kBlockN), params.num_blocks,
                   params.batch * params.heads_kv);
   if (grid.x > 0 && grid.y > 0 && grid.z > 0) {
-    auto kernel = dkdv_wgmma_kernel<Traits, kIsCausal>;
+    auto kernel = dkdv_wgmma_kernel<Traits, T, kIsCausal>;
     err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                Traits::kSharedBytes);
     if (err != cudaSuccess) return err;

@@ -1,17 +1,18 @@
-// Forward on Hopper warpgroup products (wgmma), bf16, head_dim 128: what launch_forward runs for
-// such problems on sm_90 (launch.cu says when); csrc/tests/wgmma_attention_probe.cu checks it
-// against a host reference and times it.
+// Forward on Hopper warpgroup products (wgmma), bf16 or fp16, head_dim 128: what launch_forward
+// runs for such problems on sm_90 (launch.cu says when); csrc/tests/wgmma_attention_probe.cu checks
+// it against a host reference and times it.
 //
 // Same grid and semantics as fwd_flash_kernel: (query tiles of the longest block, blocks,
 // batch * heads_q), query tiles costliest first, block offsets read on the device. A CTA is
 // kWarpgroups warpgroups of 64 queries each, sharing the K and V tiles. Q, K and V tiles are staged
 // by cp.async in the 128-byte swizzle layout (each 128-element row as two 64-element column blocks)
 // and read by the tensor cores directly: S = Q K^T with both operands in shared memory, O += P V
-// with P in registers (S's accumulators, rounded to bf16, are already in the A-fragment layout) and
+// with P in registers (S's accumulators, rounded to T, are already in the A-fragment layout) and
 // V N-major. Requires 16-byte aligned rows (rows_are_16_byte_aligned).
 #pragma once
 
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
 
 #include <type_traits>
 
@@ -38,11 +39,10 @@ struct WgmmaFwdTraits {
   static constexpr int kSharedBytes = (kWarpgroups + 2) * kTileBytes + 1024;
 };
 
-template <typename Traits, bool kIsCausal>
+template <typename Traits, typename T, bool kIsCausal>
 __global__ void __launch_bounds__(Traits::kThreads) fwd_wgmma_kernel(const ForwardParams params) {
 #ifdef BLOCK_ATTN_WGMMA
   constexpr int kThreads = Traits::kThreads;
-  using T = __nv_bfloat16;
   constexpr int kBlockM = Traits::kBlockM;
   constexpr int kBlockN = Traits::kBlockN;
 
@@ -104,8 +104,8 @@ __global__ void __launch_bounds__(Traits::kThreads) fwd_wgmma_kernel(const Forwa
     for (int ks = 0; ks < 8; ++ks) {
       const int block = ks / 4;
       const int k0 = (ks % 4) * 16;
-      wgmma_m64n64k16_bf16<false>(s, k_major_descriptor(sQ_mine + block * 64 * 128, k0),
-                                  k_major_descriptor(sK + block * kBlockN * 128, k0), ks > 0);
+      wgmma_m64n64k16<T, false>(s, k_major_descriptor(sQ_mine + block * 64 * 128, k0),
+                                k_major_descriptor(sK + block * kBlockN * 128, k0), ks > 0);
     }
     wgmma_commit();
     wgmma_wait<0>();
@@ -174,8 +174,8 @@ __global__ void __launch_bounds__(Traits::kThreads) fwd_wgmma_kernel(const Forwa
     for (int kk = 0; kk < kBlockN / 16; ++kk) {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        wgmma_m64n64k16_bf16_register_a(acc_o[h], p_frag[kk],
-                                        mn_major_descriptor(sV + h * kBlockN * 128, kk * 16));
+        wgmma_m64n64k16_register_a<T>(acc_o[h], p_frag[kk],
+                                      mn_major_descriptor(sV + h * kBlockN * 128, kk * 16));
       }
     }
     wgmma_commit();
@@ -217,13 +217,13 @@ __global__ void __launch_bounds__(Traits::kThreads) fwd_wgmma_kernel(const Forwa
 #endif
 }
 
-template <bool kIsCausal, int kWarpgroups>
+template <typename T, bool kIsCausal, int kWarpgroups>
 cudaError_t run_fwd_wgmma(const ForwardParams& params, cudaStream_t stream) {
   using Traits = WgmmaFwdTraits<kWarpgroups>;
   const dim3 grid(ceil_div(params.max_seqlen_q, Traits::kBlockM), params.num_blocks,
                   params.batch * params.heads_q);
   if (grid.x == 0 || grid.y == 0 || grid.z == 0) return cudaSuccess;
-  auto kernel = fwd_wgmma_kernel<Traits, kIsCausal>;
+  auto kernel = fwd_wgmma_kernel<Traits, T, kIsCausal>;
   const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                Traits::kSharedBytes);
   if (err != cudaSuccess) return err;

@@ -1,8 +1,10 @@
-// Shared-memory tiles of head_dim-128 bf16 rows in the 128-byte swizzle layout that the Hopper
-// kernels' wgmma descriptors read: each 128-element row stored as two [rows][64] column blocks.
+// Shared-memory tiles of head_dim-128 bf16 / fp16 rows in the 128-byte swizzle layout that the
+// Hopper kernels' wgmma descriptors read: each 128-element row stored as two [rows][64] column
+// blocks.
 #pragma once
 
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
 
 #include <cstdint>
 
@@ -18,9 +20,9 @@ __device__ __forceinline__ uint32_t tile_offset(int row, int col) {
   return static_cast<uint32_t>(col / 64) * kRows * 128 + swizzle128_offset(row, col % 64);
 }
 
-// Stages rows [row0, row0 + kRows) of a (rows, 128) bf16 matrix; rows past `rows` are zero.
-template <int kRows, int kThreads>
-__device__ __forceinline__ void load_tile_swizzled(unsigned char* tile, const __nv_bfloat16* gmem,
+// Stages rows [row0, row0 + kRows) of a (rows, 128) matrix of 16-bit T; rows past `rows` are zero.
+template <int kRows, int kThreads, typename T>
+__device__ __forceinline__ void load_tile_swizzled(unsigned char* tile, const T* gmem,
                                                    int64_t row_stride, int row0, int rows) {
   constexpr int kChunks = 128 / 8;  // 16-byte chunks per row
   for (int idx = threadIdx.x; idx < kRows * kChunks; idx += kThreads) {

@@ -1,5 +1,6 @@
 // Building blocks for Hopper (sm_90a) warpgroup products: shared-memory matrix descriptors, the
-// 128-byte swizzled tile layout they describe, the wgmma fences and the bf16 m64n64k16 product.
+// 128-byte swizzled tile layout they describe, the wgmma fences and the bf16 / fp16 m64n64k16
+// product.
 // A warpgroup (four consecutive warps, 128 threads) issues each wgmma together; the tensor cores
 // read the operands from shared memory, with no ldmatrix. The 64 x 64 fp32 result lies in the
 // warpgroup's registers like four stacked mma.sync C fragments: register 4 j + e of lane l in
@@ -9,6 +10,7 @@
 #pragma once
 
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
 
 #include <cstdint>
 #include <type_traits>
@@ -84,57 +86,75 @@ __device__ __forceinline__ void fence_operands(Register (&registers)[kRows][kCou
   for (int r = 0; r < kRows; ++r) fence_operands(registers[r]);
 }
 
+// The 32 accumulator registers of a 64 x 64 fp32 wgmma: as operand text and as asm operands.
+#define BLOCK_ATTN_WGMMA_D_TEXT                                                                 \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, " \
+  "%20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
+#define BLOCK_ATTN_WGMMA_D_OPERANDS(d)                                                            \
+  "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
+      "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]),    \
+      "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]),  \
+      "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]),  \
+      "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+
+// Both operands from shared memory; inputs of PTX type `type` (bf16 or f16).
+#define BLOCK_ATTN_WGMMA_SS(type, d, desc_a, desc_b, accumulate, transpose_a, transpose_b)    \
+  asm volatile(                                                                               \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"                                            \
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32." type "." type " " BLOCK_ATTN_WGMMA_D_TEXT \
+      ", %32, %33, p, 1, 1, %35, %36;\n}\n"                                                   \
+      : BLOCK_ATTN_WGMMA_D_OPERANDS(d)                                                        \
+      : "l"(desc_a), "l"(desc_b), "r"(static_cast<int>(accumulate)), "n"(transpose_a),        \
+        "n"(transpose_b))
+
+// A from registers, B from shared memory (N-major), always accumulating.
+#define BLOCK_ATTN_WGMMA_RS(type, d, a, desc_b)                                               \
+  asm volatile(                                                                               \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"                                              \
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32." type "." type " " BLOCK_ATTN_WGMMA_D_TEXT \
+      ", {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"                                         \
+      : BLOCK_ATTN_WGMMA_D_OPERANDS(d)                                                        \
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b))
+
 // d (64 x 64, fp32) = A B + (accumulate ? d : 0) for A 64 x 16 and B 16 x 64 in shared memory:
 // A through desc_a, K-major (A's rows are the 64 output rows) or, with kTransposeA, M-major (A's
 // rows are its 16 k rows); B through desc_b, K-major (B's rows are the 64 output columns) or,
-// with kTransposeB, N-major (B's rows are its 16 k rows). bf16 inputs.
-template <bool kTransposeB, bool kTransposeA = false>
-__device__ __forceinline__ void wgmma_m64n64k16_bf16(float (&d)[32], uint64_t desc_a,
-                                                     uint64_t desc_b, bool accumulate) {
+// with kTransposeB, N-major (B's rows are its 16 k rows). T: __nv_bfloat16 or __half inputs.
+template <typename T, bool kTransposeB, bool kTransposeA = false>
+__device__ __forceinline__ void wgmma_m64n64k16(float (&d)[32], uint64_t desc_a, uint64_t desc_b,
+                                                bool accumulate) {
 #ifdef BLOCK_ATTN_WGMMA
-  asm volatile(
-      "{\n"
-      ".reg .pred p;\n"
-      "setp.ne.b32 p, %34, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
-      "%32, %33, p, 1, 1, %35, %36;\n"
-      "}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
-        "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),
-        "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]),
-        "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]),
-        "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-      : "l"(desc_a), "l"(desc_b), "r"(static_cast<int>(accumulate)), "n"(kTransposeA ? 1 : 0),
-        "n"(kTransposeB ? 1 : 0));
+  if constexpr (std::is_same_v<T, __half>) {
+    BLOCK_ATTN_WGMMA_SS("f16", d, desc_a, desc_b, accumulate, kTransposeA ? 1 : 0,
+                        kTransposeB ? 1 : 0);
+  } else {
+    static_assert(std::is_same_v<T, __nv_bfloat16>, "wgmma takes bf16 or fp16 here");
+    BLOCK_ATTN_WGMMA_SS("bf16", d, desc_a, desc_b, accumulate, kTransposeA ? 1 : 0,
+                        kTransposeB ? 1 : 0);
+  }
 #endif
 }
 
 // d (64 x 64, fp32) += A B for A 64 x 16 in registers, in the mma.sync m16n8k16 A-fragment
 // layout per warp (warp w holds rows 16 w ... 16 w + 15), and B 16 x 64 in shared memory through
-// desc_b, N-major (B's rows are its 16 k rows). bf16 inputs; always accumulates.
-__device__ __forceinline__ void wgmma_m64n64k16_bf16_register_a(float (&d)[32],
-                                                                const uint32_t (&a)[4],
-                                                                uint64_t desc_b) {
+// desc_b, N-major (B's rows are its 16 k rows). T: __nv_bfloat16 or __half inputs.
+template <typename T>
+__device__ __forceinline__ void wgmma_m64n64k16_register_a(float (&d)[32], const uint32_t (&a)[4],
+                                                           uint64_t desc_b) {
 #ifdef BLOCK_ATTN_WGMMA
-  asm volatile(
-      "{\n"
-      ".reg .pred p;\n"
-      "setp.ne.b32 p, 1, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
-      "{%32, %33, %34, %35}, %36, p, 1, 1, 1;\n"
-      "}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
-        "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),
-        "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]),
-        "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]),
-        "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b));
+  if constexpr (std::is_same_v<T, __half>) {
+    BLOCK_ATTN_WGMMA_RS("f16", d, a, desc_b);
+  } else {
+    static_assert(std::is_same_v<T, __nv_bfloat16>, "wgmma takes bf16 or fp16 here");
+    BLOCK_ATTN_WGMMA_RS("bf16", d, a, desc_b);
+  }
 #endif
 }
+
+#undef BLOCK_ATTN_WGMMA_RS
+#undef BLOCK_ATTN_WGMMA_SS
+#undef BLOCK_ATTN_WGMMA_D_OPERANDS
+#undef BLOCK_ATTN_WGMMA_D_TEXT
 
 }  // namespace block_attn::cuda::hopper
 
