@@ -1,8 +1,8 @@
 """The Hopper (wgmma) kernels against the mma.sync kernels and the float64 reference.
 
-On an sm_90 GPU with a build that has sm_90a code, bf16/fp16 head_dim-128 attention runs the wgmma
-forward and (outside deterministic mode) backward; BLOCK_ATTN_HOPPER_KERNELS=0 selects the
-mma.sync kernels, read at every call. Elsewhere these tests skip.
+On an sm_90 GPU with a build that has sm_90a code, bf16/fp16 attention with head_dim 64 or 128
+runs the wgmma forward and (outside deterministic mode) backward; BLOCK_ATTN_HOPPER_KERNELS=0
+selects the mma.sync kernels, read at every call. Elsewhere these tests skip.
 """
 
 from __future__ import annotations
@@ -31,13 +31,14 @@ def run(q, k, v, grad_out, kwargs):
 @pytest.mark.parametrize(("B", "Hq", "Hkv", "N", "kwargs"), CASES)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("D", [64, 128])
 def test_hopper_and_mma_kernels_within_reference_error(
-    B, Hq, Hkv, N, kwargs, layout, dtype, monkeypatch
+    B, Hq, Hkv, N, kwargs, layout, dtype, D, monkeypatch
 ):
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    if not hopper_kernels_apply(device, dtype, 128):
+    if not hopper_kernels_apply(device, dtype, D):
         pytest.skip("the Hopper kernels need an sm_90 GPU and a build with sm_90a code")
-    q, k, v = make_qkv(B, Hq, Hkv, N, N, 128, dtype=dtype, device=device, layout=layout)
+    q, k, v = make_qkv(B, Hq, Hkv, N, N, D, dtype=dtype, device=device, layout=layout)
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     grad_out = torch.randn_like(q)
     hopper = run(q, k, v, grad_out, kwargs)

@@ -30,15 +30,16 @@ cudaError_t device_has_tensor_core_kernels(bool& result) {
 constexpr int kHopperForwardWarpgroups = 1;
 constexpr int kHopperBackwardWarpgroups = 2;
 
-// Whether the Hopper kernels take a problem: bf16 or fp16, head_dim 128, 16-byte aligned rows, on
-// an sm_90 device, in a build with sm_90a code, unless the environment variable
+// Whether the Hopper kernels take a problem: bf16 or fp16, head_dim 64 or 128, 16-byte aligned
+// rows, on an sm_90 device, in a build with sm_90a code, unless the environment variable
 // BLOCK_ATTN_HOPPER_KERNELS is "0" (read at every call, so a process can compare both paths).
 cudaError_t uses_hopper_kernels(const ForwardParams& params, bool rows_aligned, DType dtype,
                                 bool& result) {
   result = false;
 #if defined(BLOCK_ATTN_WITH_SM90A) || defined(BLOCK_ATTN_CUDA_EMULATION)
   const bool half_type = dtype == DType::kBFloat16 || dtype == DType::kFloat16;
-  if (!half_type || params.head_dim != 128 || !rows_aligned) return cudaSuccess;
+  const bool tiled_head_dim = params.head_dim == 64 || params.head_dim == 128;
+  if (!half_type || !tiled_head_dim || !rows_aligned) return cudaSuccess;
   const char* setting = std::getenv("BLOCK_ATTN_HOPPER_KERNELS");
   if (setting != nullptr && std::strcmp(setting, "0") == 0) return cudaSuccess;
   int device = 0;
@@ -63,8 +64,12 @@ cudaError_t uses_hopper_kernels(const ForwardParams& params, bool rows_aligned, 
 
 template <typename T>
 cudaError_t launch_forward_hopper(const ForwardParams& params, cudaStream_t stream) {
-  return BOOL_SWITCH(params.is_causal, kIsCausal, [&] {
-    return hopper::run_fwd_wgmma<T, kIsCausal, kHopperForwardWarpgroups>(params, stream);
+  return BOOL_SWITCH(params.head_dim == 64, kSmallHeadDim, [&] {
+    constexpr int kHeadDim = kSmallHeadDim ? 64 : 128;
+    return BOOL_SWITCH(params.is_causal, kIsCausal, [&] {
+      return hopper::run_fwd_wgmma<T, kHeadDim, kIsCausal, kHopperForwardWarpgroups>(params,
+                                                                                     stream);
+    });
   });
 }
 
@@ -72,9 +77,12 @@ template <typename T>
 cudaError_t launch_backward_hopper(const BackwardParams& params, const BackwardWorkspace& workspace,
                                    cudaStream_t stream) {
   auto* delta = static_cast<float*>(workspace.delta);
-  return BOOL_SWITCH(params.is_causal, kIsCausal, [&] {
-    return hopper::run_bwd_wgmma<T, kIsCausal, kHopperBackwardWarpgroups>(
-        params, delta, workspace.dq_accumulator, stream);
+  return BOOL_SWITCH(params.head_dim == 64, kSmallHeadDim, [&] {
+    constexpr int kHeadDim = kSmallHeadDim ? 64 : 128;
+    return BOOL_SWITCH(params.is_causal, kIsCausal, [&] {
+      return hopper::run_bwd_wgmma<T, kHeadDim, kIsCausal, kHopperBackwardWarpgroups>(
+          params, delta, workspace.dq_accumulator, stream);
+    });
   });
 }
 

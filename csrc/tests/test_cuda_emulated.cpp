@@ -88,6 +88,22 @@ struct Case {
   int key_warps = 4;         // 8: the tensor-core backward with 8-warp (128-key) dK/dV CTAs
 };
 
+// Calls launch(head_dim, causal, warpgroups) with the problem's values as integral constants, for
+// the wgmma kernels' instantiations (head_dim 64 or 128, one or two warpgroups).
+template <typename Launch>
+cudaError_t with_wgmma_config(const ForwardParams& p, int warpgroups, Launch&& launch) {
+  auto by_causal = [&](auto head_dim, auto wg) {
+    return p.is_causal ? launch(head_dim, std::true_type{}, wg)
+                       : launch(head_dim, std::false_type{}, wg);
+  };
+  auto by_warpgroups = [&](auto head_dim) {
+    return warpgroups == 1 ? by_causal(head_dim, std::integral_constant<int, 1>{})
+                           : by_causal(head_dim, std::integral_constant<int, 2>{});
+  };
+  return p.head_dim == 64 ? by_warpgroups(std::integral_constant<int, 64>{})
+                          : by_warpgroups(std::integral_constant<int, 128>{});
+}
+
 // launch_backward, or the kernels it does not pick: the tensor-core backward with 8-warp dK/dV
 // CTAs, and the staged wgmma backward (atomic dQ only).
 template <typename T>
@@ -95,15 +111,12 @@ cudaError_t run_backward(const Case& c, const BackwardParams& p,
                          const block_attn::cuda::BackwardWorkspace& workspace) {
   if constexpr (sizeof(T) == 2) {
     if (c.wgmma_warpgroups > 0) {
-      namespace hopper = block_attn::cuda::hopper;
       float* delta = static_cast<float*>(workspace.delta);
-      float* sums = workspace.dq_accumulator;
-      if (c.wgmma_warpgroups == 1) {
-        return p.is_causal ? hopper::run_bwd_wgmma<T, true, 1>(p, delta, sums, nullptr)
-                           : hopper::run_bwd_wgmma<T, false, 1>(p, delta, sums, nullptr);
-      }
-      return p.is_causal ? hopper::run_bwd_wgmma<T, true, 2>(p, delta, sums, nullptr)
-                         : hopper::run_bwd_wgmma<T, false, 2>(p, delta, sums, nullptr);
+      return with_wgmma_config(p, c.wgmma_warpgroups, [&](auto head_dim, auto causal, auto wg) {
+        return block_attn::cuda::hopper::run_bwd_wgmma<
+            T, decltype(head_dim)::value, decltype(causal)::value, decltype(wg)::value>(
+            p, delta, workspace.dq_accumulator, nullptr);
+      });
     }
     if (c.key_warps == 8) {
       using block_attn::cuda::run_bwd_flash;
@@ -124,14 +137,11 @@ cudaError_t run_backward(const Case& c, const BackwardParams& p,
 template <typename T>
 cudaError_t run_forward(const Case& c, const ForwardParams& p) {
   if constexpr (sizeof(T) == 2) {
-    namespace hopper = block_attn::cuda::hopper;
-    if (c.wgmma_warpgroups == 1) {
-      return p.is_causal ? hopper::run_fwd_wgmma<T, true, 1>(p, nullptr)
-                         : hopper::run_fwd_wgmma<T, false, 1>(p, nullptr);
-    }
-    if (c.wgmma_warpgroups == 2) {
-      return p.is_causal ? hopper::run_fwd_wgmma<T, true, 2>(p, nullptr)
-                         : hopper::run_fwd_wgmma<T, false, 2>(p, nullptr);
+    if (c.wgmma_warpgroups > 0) {
+      return with_wgmma_config(p, c.wgmma_warpgroups, [&](auto head_dim, auto causal, auto wg) {
+        return block_attn::cuda::hopper::run_fwd_wgmma<
+            T, decltype(head_dim)::value, decltype(causal)::value, decltype(wg)::value>(p, nullptr);
+      });
     }
   }
   return block_attn::cuda::launch_forward(p, Element<T>::kDType, nullptr);
@@ -544,8 +554,8 @@ int main() {
           {DType::kFloat32, simple64},
           {DType::kFloat64, simple32}});
   // The wgmma forward and backward called directly, one and two warpgroups per CTA (the probe's
-  // cases; launch_forward / launch_backward above pick them for head_dim 128 too), bf16, and
-  // fp16 for two of them.
+  // cases; launch_forward / launch_backward above pick them for head_dim 64 and 128 too): bf16,
+  // fp16 for the causal ones, and three at head_dim 64.
   std::vector<std::pair<DType, Case>> wgmma_cases;
   for (const int warpgroups : {1, 2}) {
     for (Case c :
@@ -564,6 +574,10 @@ int main() {
       c.wgmma_warpgroups = warpgroups;
       wgmma_cases.push_back({DType::kBFloat16, c});
       if (c.causal) wgmma_cases.push_back({DType::kFloat16, c});
+      if (c.causal || c.heads_q != c.heads_kv) {  // head_dim 64: one column block
+        c.head_dim = 64;
+        wgmma_cases.push_back({c.causal ? DType::kFloat16 : DType::kBFloat16, c});
+      }
     }
   }
   run_on(sm90, "sm_90", wgmma_cases);

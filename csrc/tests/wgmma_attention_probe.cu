@@ -147,13 +147,14 @@ const char* type_name() {
 // kWarpgroups: warpgroups of 64 queries per CTA (1 or 2), sharing the K and V tiles.
 template <typename T, int kWarpgroups>
 cudaError_t run(const BackwardParams& p) {
-  return p.is_causal ? run_fwd_wgmma<T, true, kWarpgroups>(p, nullptr)
-                     : run_fwd_wgmma<T, false, kWarpgroups>(p, nullptr);
+  return p.is_causal ? run_fwd_wgmma<T, kHeadDim, true, kWarpgroups>(p, nullptr)
+                     : run_fwd_wgmma<T, kHeadDim, false, kWarpgroups>(p, nullptr);
 }
 template <typename T, int kWarpgroups>
 cudaError_t run_backward(const BackwardParams& p, const Buffers& b) {
-  return p.is_causal ? run_bwd_wgmma<T, true, kWarpgroups>(p, b.delta, b.dq_sums, nullptr)
-                     : run_bwd_wgmma<T, false, kWarpgroups>(p, b.delta, b.dq_sums, nullptr);
+  return p.is_causal
+             ? run_bwd_wgmma<T, kHeadDim, true, kWarpgroups>(p, b.delta, b.dq_sums, nullptr)
+             : run_bwd_wgmma<T, kHeadDim, false, kWarpgroups>(p, b.delta, b.dq_sums, nullptr);
 }
 
 // Largest |got - want| of a gradient, and whether it is within 3 units of bf16 rounding (the

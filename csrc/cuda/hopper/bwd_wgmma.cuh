@@ -1,7 +1,7 @@
-// Backward on Hopper warpgroup products (wgmma), bf16 or fp16, head_dim 128, dQ summed with
+// Backward on Hopper warpgroup products (wgmma), bf16 or fp16, head_dim 64 or 128, dQ summed with
 // atomics: what launch_backward runs for such problems on sm_90 outside deterministic mode
-// (launch.cu says when); csrc/tests/wgmma_attention_probe.cu checks it against a host reference and
-// times it beside the mma.sync backward.
+// (launch.cu says when); csrc/tests/wgmma_attention_probe.cu checks it against a host reference
+// and times it beside the mma.sync backward.
 //
 // Same grid and semantics as dkdv_flash_kernel with atomic dQ: a CTA owns kBlockN keys of a block
 // and kv head (64 per warpgroup) and loops over the group's query heads and the 64-query tiles
@@ -12,8 +12,9 @@
 //   dV += P^T dO and dK += dS^T Q   P^T and dS^T from registers (they lie in the A-fragment
 //                                   layout already), dO and Q N-major;
 //   dQ_tile = dS K                  dS^T stored to shared memory and read M-major, K N-major;
-//                                   each warpgroup takes 64 of dQ's columns over all the CTA's
-//                                   keys and adds them to the float32 accumulator with atomics.
+//                                   each warpgroup takes 64-column blocks of dQ (over all the
+//                                   CTA's keys where they go round) and adds them to the float32
+//                                   accumulator with atomics.
 // Requires 16-byte aligned rows (rows_are_16_byte_aligned).
 #pragma once
 
@@ -34,9 +35,10 @@
 
 namespace block_attn::cuda::hopper {
 
-template <int kWarpgroups_>
+template <int kHeadDim_, int kWarpgroups_>
 struct WgmmaBwdTraits {
-  static constexpr int kHeadDim = 128;
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kColumnBlocks = kHeadDim / 64;
   static constexpr int kWarpgroups = kWarpgroups_;
   static constexpr int kThreads = 128 * kWarpgroups;
   static constexpr int kBlockN = 64 * kWarpgroups;  // keys of a CTA
@@ -44,13 +46,19 @@ struct WgmmaBwdTraits {
   static constexpr int kKeyTileBytes = kBlockN * kHeadDim * 2;
   static constexpr int kQueryTileBytes = kBlockM * kHeadDim * 2;
   static constexpr int kDsBytes = kBlockN * kBlockM * 2;  // dS^T: a row of 64 queries per key
-  // dQ's 64-column halves per warpgroup.
-  static constexpr int kDqHalves = 2 / kWarpgroups;
+  // dQ's work per warpgroup: with a column block of dQ for each, the warpgroups split them and
+  // sum over all the CTA's keys; else (head_dim 64, two warpgroups) each forms every column block
+  // over its own 64 keys, and dQ takes twice the atomics.
+  static constexpr bool kDqSplitsColumns = kColumnBlocks % kWarpgroups == 0;
+  static constexpr int kDqColumnBlocks =
+      kDqSplitsColumns ? kColumnBlocks / kWarpgroups : kColumnBlocks;
+  static constexpr int kDqKeys = kDqSplitsColumns ? kBlockN : 64;
   // K and V; Q and dO double-buffered; dS^T; lse and Delta of each streamed row,
   // double-buffered; plus 1 KiB to align the dynamic buffer to the swizzle's 1024 bytes.
   static constexpr int kSharedBytes =
       2 * kKeyTileBytes + 4 * kQueryTileBytes + kDsBytes + 2 * 2 * kBlockM * 4 + 1024;
   static_assert(kWarpgroups == 1 || kWarpgroups == 2, "one or two warpgroups per CTA");
+  static_assert(kHeadDim == 64 || kHeadDim == 128, "head_dim 64 or 128");
 };
 
 template <typename Traits, typename T, bool kIsCausal>
@@ -70,6 +78,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
   const int batch = blockIdx.z / params.heads_kv;
   const int head_kv = blockIdx.z % params.heads_kv;
   const int group = params.heads_q / params.heads_kv;
+  constexpr int kColumnBlocks = Traits::kColumnBlocks;
   const int warpgroup = threadIdx.x / 128;
   const int warp = (threadIdx.x / 32) % 4;  // within the warpgroup
   const int lane = threadIdx.x % 32;
@@ -91,8 +100,8 @@ __global__ void __launch_bounds__(Traits::kThreads)
 
   const T* k = k_rows<T>(params, batch, head_kv, kr.start);
   const T* v = v_rows<T>(params, batch, head_kv, kr.start);
-  load_tile_swizzled<kBlockN, kThreads>(sK, k, params.k_row_stride, n0, kr.length);
-  load_tile_swizzled<kBlockN, kThreads>(sV, v, params.v_row_stride, n0, kr.length);
+  load_tile_swizzled<kBlockN, kHeadDim, kThreads>(sK, k, params.k_row_stride, n0, kr.length);
+  load_tile_swizzled<kBlockN, kHeadDim, kThreads>(sV, v, params.v_row_stride, n0, kr.length);
 
   // Query tiles that may see a key of this CTA, for each query head of the group.
   const int m_begin = kIsCausal ? causal_query_begin(n0, qr.length, kr.length) : 0;
@@ -103,10 +112,10 @@ __global__ void __launch_bounds__(Traits::kThreads)
   auto load_query_tile = [&](int head, int m0, int buf) {
     const T* q = q_rows<T>(params, batch, head, qr.start);
     const T* grad_out = grad_out_rows<T>(params, batch, head, qr.start);
-    load_tile_swizzled<kBlockM, kThreads>(sQ + buf * kQueryTileBytes, q, params.q_row_stride, m0,
-                                          qr.length);
-    load_tile_swizzled<kBlockM, kThreads>(sdO + buf * kQueryTileBytes, grad_out,
-                                          params.grad_out_row_stride, m0, qr.length);
+    load_tile_swizzled<kBlockM, kHeadDim, kThreads>(sQ + buf * kQueryTileBytes, q,
+                                                    params.q_row_stride, m0, qr.length);
+    load_tile_swizzled<kBlockM, kHeadDim, kThreads>(sdO + buf * kQueryTileBytes, grad_out,
+                                                    params.grad_out_row_stride, m0, qr.length);
     const int64_t row_base = lse_index(params, batch, head, qr.start);
     for (int r = threadIdx.x; r < kBlockM; r += kThreads) {
       const int i = m0 + r;
@@ -127,10 +136,10 @@ __global__ void __launch_bounds__(Traits::kThreads)
   // dK and dV of the warpgroup's 64 keys: two 64-column halves each, accumulator layout
   // (register 4 n + e: key row group_row + 8 (e / 2) of the warp's 16, column 8 n + 2 quad_col
   // + e % 2 of the half).
-  float dk[2][32];
-  float dv[2][32];
+  float dk[kColumnBlocks][32];
+  float dv[kColumnBlocks][32];
 #pragma unroll
-  for (int h = 0; h < 2; ++h) {
+  for (int h = 0; h < kColumnBlocks; ++h) {
 #pragma unroll
     for (int i = 0; i < 32; ++i) dk[h][i] = dv[h][i] = 0.f;
   }
@@ -154,21 +163,21 @@ __global__ void __launch_bounds__(Traits::kThreads)
     const float* lse_tile = s_lse + buf * kBlockM;
     const float* delta_tile = s_delta + buf * kBlockM;
 
-    // S^T = K Q^T and dP^T = V dO^T over eight 16-wide k steps; step ks lies in column block
+    // S^T = K Q^T and dP^T = V dO^T over head_dim / 16 k steps; step ks lies in column block
     // ks / 4. s[4 n + e]: key row group_row + 8 (e / 2) of the warp's 16, query 8 n +
     // 2 quad_col + e % 2 of the tile.
     float s[32];
     float dp[32];
     wgmma_fence();
 #pragma unroll
-    for (int ks = 0; ks < 8; ++ks) {
+    for (int ks = 0; ks < kHeadDim / 16; ++ks) {
       const int block = ks / 4;
       const int k0 = (ks % 4) * 16;
       wgmma_m64n64k16<T, false>(s, k_major_descriptor(sK + block * kBlockN * 128 + own_rows, k0),
                                 k_major_descriptor(q_tile + block * kBlockM * 128, k0), ks > 0);
     }
 #pragma unroll
-    for (int ks = 0; ks < 8; ++ks) {
+    for (int ks = 0; ks < kHeadDim / 16; ++ks) {
       const int block = ks / 4;
       const int k0 = (ks % 4) * 16;
       wgmma_m64n64k16<T, false>(dp, k_major_descriptor(sV + block * kBlockN * 128 + own_rows, k0),
@@ -229,7 +238,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
 #pragma unroll
     for (int kk = 0; kk < kBlockM / 16; ++kk) {
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
+      for (int h = 0; h < kColumnBlocks; ++h) {
         wgmma_m64n64k16_register_a<T>(
             dv[h], p_frag[kk], mn_major_descriptor(grad_out_tile + h * kBlockM * 128, kk * 16));
         wgmma_m64n64k16_register_a<T>(dk[h], ds_frag[kk],
@@ -239,20 +248,20 @@ __global__ void __launch_bounds__(Traits::kThreads)
     wgmma_commit();
     __syncthreads();  // every warpgroup's dS^T is in
 
-    // dQ_tile = dS K over the CTA's keys, 64 columns at a time: A = dS^T read M-major, B = the
-    // keys' rows of K's column block N-major. Keys past the block have zero rows in sK, so their
-    // dS adds nothing.
+    // dQ_tile = dS K, 64 columns at a time: A = dS^T read M-major, B = the keys' rows of K's
+    // column block N-major. Keys past the block have zero rows in sK, so their dS adds nothing.
     float* dq_rows = dq_accumulator + lse_index(params, batch, head, qr.start) * kHeadDim;
+    const int dq_key0 = Traits::kDqSplitsColumns ? 0 : warpgroup * 64;  // of sdS and sK
 #pragma unroll
-    for (int half = 0; half < Traits::kDqHalves; ++half) {
-      const int h = warpgroup * Traits::kDqHalves + half;
+    for (int c = 0; c < Traits::kDqColumnBlocks; ++c) {
+      const int h = Traits::kDqSplitsColumns ? warpgroup * Traits::kDqColumnBlocks + c : c;
       float dq[32];
       wgmma_fence();
 #pragma unroll
-      for (int ks = 0; ks < kBlockN / 16; ++ks) {
-        wgmma_m64n64k16<T, true, true>(dq, mn_major_descriptor(sdS, ks * 16),
-                                       mn_major_descriptor(sK + h * kBlockN * 128, ks * 16),
-                                       ks > 0);
+      for (int ks = 0; ks < Traits::kDqKeys / 16; ++ks) {
+        const int key = dq_key0 + ks * 16;
+        wgmma_m64n64k16<T, true, true>(dq, mn_major_descriptor(sdS, key),
+                                       mn_major_descriptor(sK + h * kBlockN * 128, key), ks > 0);
       }
       wgmma_commit();
       wgmma_wait<0>();
@@ -288,7 +297,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
     T* grad_k_row = grad_k + static_cast<int64_t>(t) * params.grad_k_row_stride;
     T* grad_v_row = grad_v + static_cast<int64_t>(t) * params.grad_v_row_stride;
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
+    for (int h = 0; h < kColumnBlocks; ++h) {
 #pragma unroll
       for (int n = 0; n < 8; ++n) {
         const int col = h * 64 + n * 8 + quad_col * 2;
@@ -303,11 +312,11 @@ __global__ void __launch_bounds__(Traits::kThreads)
 }
 
 // The whole backward: Delta and the zeroed dQ accumulator, dK / dV with dQ's sums, and grad_q
-// from the sums. dq_accumulator: (batch, heads_q, seqlen_q, 128) float32, required.
-template <typename T, bool kIsCausal, int kWarpgroups>
+// from the sums. dq_accumulator: (batch, heads_q, seqlen_q, head_dim) float32, required.
+template <typename T, int kHeadDim, bool kIsCausal, int kWarpgroups>
 cudaError_t run_bwd_wgmma(const BackwardParams& params, float* delta, float* dq_accumulator,
                           cudaStream_t stream) {
-  using Traits = WgmmaBwdTraits<kWarpgroups>;
+  using Traits = WgmmaBwdTraits<kHeadDim, kWarpgroups>;
   cudaError_t err = launch_backward_prologue<T>(params, delta, dq_accumulator, stream);
   if (err != cudaSuccess) return err;
   const dim3 grid(ceil_div(params.max_seqlen_k, Traits::kBlockN), params.num_blocks,

@@ -1,11 +1,11 @@
-// Forward on Hopper warpgroup products (wgmma), bf16 or fp16, head_dim 128: what launch_forward
-// runs for such problems on sm_90 (launch.cu says when); csrc/tests/wgmma_attention_probe.cu checks
-// it against a host reference and times it.
+// Forward on Hopper warpgroup products (wgmma), bf16 or fp16, head_dim 64 or 128: what
+// launch_forward runs for such problems on sm_90 (launch.cu says when);
+// csrc/tests/wgmma_attention_probe.cu checks it against a host reference and times it.
 //
 // Same grid and semantics as fwd_flash_kernel: (query tiles of the longest block, blocks,
 // batch * heads_q), query tiles costliest first, block offsets read on the device. A CTA is
 // kWarpgroups warpgroups of 64 queries each, sharing the K and V tiles. Q, K and V tiles are staged
-// by cp.async in the 128-byte swizzle layout (each 128-element row as two 64-element column blocks)
+// by cp.async in the 128-byte swizzle layout (each row as 64-element column blocks)
 // and read by the tensor cores directly: S = Q K^T with both operands in shared memory, O += P V
 // with P in registers (S's accumulators, rounded to T, are already in the A-fragment layout) and
 // V N-major. Requires 16-byte aligned rows (rows_are_16_byte_aligned).
@@ -27,16 +27,18 @@
 
 namespace block_attn::cuda::hopper {
 
-template <int kWarpgroups_>
+template <int kHeadDim_, int kWarpgroups_>
 struct WgmmaFwdTraits {
-  static constexpr int kHeadDim = 128;
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kColumnBlocks = kHeadDim / 64;
   static constexpr int kWarpgroups = kWarpgroups_;
   static constexpr int kThreads = 128 * kWarpgroups;
   static constexpr int kBlockM = 64 * kWarpgroups;
   static constexpr int kBlockN = 64;
-  static constexpr int kTileBytes = 64 * kHeadDim * 2;  // 16 KiB: K, V, and each warpgroup's Q
+  static constexpr int kTileBytes = 64 * kHeadDim * 2;  // K, V, and each warpgroup's Q
   // Q, K, V; plus 1 KiB to align the dynamic buffer to the swizzle's 1024 bytes.
   static constexpr int kSharedBytes = (kWarpgroups + 2) * kTileBytes + 1024;
+  static_assert(kHeadDim == 64 || kHeadDim == 128, "head_dim 64 or 128");
 };
 
 template <typename Traits, typename T, bool kIsCausal>
@@ -45,6 +47,8 @@ __global__ void __launch_bounds__(Traits::kThreads) fwd_wgmma_kernel(const Forwa
   constexpr int kThreads = Traits::kThreads;
   constexpr int kBlockM = Traits::kBlockM;
   constexpr int kBlockN = Traits::kBlockN;
+  constexpr int kHeadDim = Traits::kHeadDim;
+  constexpr int kColumnBlocks = Traits::kColumnBlocks;
 
   const QueryTile tile = query_tile(params, kBlockM);
   if (tile.m0 >= tile.qr.length) return;
@@ -74,9 +78,9 @@ __global__ void __launch_bounds__(Traits::kThreads) fwd_wgmma_kernel(const Forwa
   const int n_tiles = ceil_div(n_end, kBlockN);
 
   const float scale_log2 = params.scale * 1.4426950408889634f;
-  float acc_o[2][32];  // two 64-column halves of O, wgmma accumulator layout
+  float acc_o[kColumnBlocks][32];  // 64-column blocks of O, wgmma accumulator layout
 #pragma unroll
-  for (int h = 0; h < 2; ++h) {
+  for (int h = 0; h < kColumnBlocks; ++h) {
 #pragma unroll
     for (int i = 0; i < 32; ++i) acc_o[h][i] = 0.f;
   }
@@ -84,24 +88,26 @@ __global__ void __launch_bounds__(Traits::kThreads) fwd_wgmma_kernel(const Forwa
   float row_sum[2] = {0.f, 0.f};
 
   for (int g = 0; g < Traits::kWarpgroups; ++g) {
-    load_tile_swizzled<64, kThreads>(sQ + g * Traits::kTileBytes, q, params.q_row_stride,
-                                     m0 + 64 * g, qr.length);
+    load_tile_swizzled<64, kHeadDim, kThreads>(sQ + g * Traits::kTileBytes, q, params.q_row_stride,
+                                               m0 + 64 * g, qr.length);
   }
-  if (n_tiles > 0) load_tile_swizzled<kBlockN, kThreads>(sK, k, params.k_row_stride, 0, n_end);
+  if (n_tiles > 0) {
+    load_tile_swizzled<kBlockN, kHeadDim, kThreads>(sK, k, params.k_row_stride, 0, n_end);
+  }
   cp_async_commit();
 
   auto process_key_tile = [&](const int j, auto mask_tag) {
     constexpr bool kMask = decltype(mask_tag)::value;
     const int n0 = j * kBlockN;
     wait_tiles_for_wgmma();  // K_j is in; every thread is done with V_{j-1}
-    load_tile_swizzled<kBlockN, kThreads>(sV, v, params.v_row_stride, n0, n_end);
+    load_tile_swizzled<kBlockN, kHeadDim, kThreads>(sV, v, params.v_row_stride, n0, n_end);
     cp_async_commit();
 
-    // S = Q K^T over eight 16-wide k steps; step ks lies in column block ks / 4.
+    // S = Q K^T over head_dim / 16 k steps; step ks lies in column block ks / 4.
     float s[32];
     wgmma_fence();
 #pragma unroll
-    for (int ks = 0; ks < 8; ++ks) {
+    for (int ks = 0; ks < kHeadDim / 16; ++ks) {
       const int block = ks / 4;
       const int k0 = (ks % 4) * 16;
       wgmma_m64n64k16<T, false>(s, k_major_descriptor(sQ_mine + block * 64 * 128, k0),
@@ -141,7 +147,7 @@ __global__ void __launch_bounds__(Traits::kThreads) fwd_wgmma_kernel(const Forwa
 #pragma unroll
       for (int rr = 0; rr < 2; ++rr) row_sum[rr] *= alpha[rr];
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
+      for (int h = 0; h < kColumnBlocks; ++h) {
 #pragma unroll
         for (int i = 0; i < 32; ++i) acc_o[h][i] *= alpha[(i % 4) / 2];
       }
@@ -154,7 +160,8 @@ __global__ void __launch_bounds__(Traits::kThreads) fwd_wgmma_kernel(const Forwa
 
     wait_tiles_for_wgmma();  // V_j is in; every thread is done with K_j
     if (j + 1 < n_tiles) {
-      load_tile_swizzled<kBlockN, kThreads>(sK, k, params.k_row_stride, n0 + kBlockN, n_end);
+      load_tile_swizzled<kBlockN, kHeadDim, kThreads>(sK, k, params.k_row_stride, n0 + kBlockN,
+                                                      n_end);
     }
     cp_async_commit();
 
@@ -173,7 +180,7 @@ __global__ void __launch_bounds__(Traits::kThreads) fwd_wgmma_kernel(const Forwa
 #pragma unroll
     for (int kk = 0; kk < kBlockN / 16; ++kk) {
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
+      for (int h = 0; h < kColumnBlocks; ++h) {
         wgmma_m64n64k16_register_a<T>(acc_o[h], p_frag[kk],
                                       mn_major_descriptor(sV + h * kBlockN * 128, kk * 16));
       }
@@ -205,7 +212,7 @@ __global__ void __launch_bounds__(Traits::kThreads) fwd_wgmma_kernel(const Forwa
     }
     T* out_row = out + static_cast<int64_t>(i) * params.out_row_stride;
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
+    for (int h = 0; h < kColumnBlocks; ++h) {
 #pragma unroll
       for (int n = 0; n < 8; ++n) {
         const int col = h * 64 + n * 8 + quad_col * 2;
@@ -217,9 +224,9 @@ __global__ void __launch_bounds__(Traits::kThreads) fwd_wgmma_kernel(const Forwa
 #endif
 }
 
-template <typename T, bool kIsCausal, int kWarpgroups>
+template <typename T, int kHeadDim, bool kIsCausal, int kWarpgroups>
 cudaError_t run_fwd_wgmma(const ForwardParams& params, cudaStream_t stream) {
-  using Traits = WgmmaFwdTraits<kWarpgroups>;
+  using Traits = WgmmaFwdTraits<kHeadDim, kWarpgroups>;
   const dim3 grid(ceil_div(params.max_seqlen_q, Traits::kBlockM), params.num_blocks,
                   params.batch * params.heads_q);
   if (grid.x == 0 || grid.y == 0 || grid.z == 0) return cudaSuccess;

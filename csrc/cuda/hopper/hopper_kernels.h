@@ -1,6 +1,6 @@
 // Kernels on Hopper warpgroup products (wgmma) for bf16 and fp16 (T: __nv_bfloat16 or __half)
-// with head_dim 128 and 16-byte aligned rows. Their bodies exist only in sm_90a code (a build whose
-// TORCH_CUDA_ARCH_LIST has 9.0a).
+// with head_dim 64 or 128 and 16-byte aligned rows. Their bodies exist only in sm_90a code (a build
+// whose TORCH_CUDA_ARCH_LIST has 9.0a).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -10,12 +10,12 @@
 namespace block_attn::cuda::hopper {
 
 // kWarpgroups: warpgroups of 64 queries per CTA, sharing the K and V tiles (1 or 2).
-template <typename T, bool kIsCausal, int kWarpgroups>
+template <typename T, int kHeadDim, bool kIsCausal, int kWarpgroups>
 cudaError_t run_fwd_wgmma(const ForwardParams& params, cudaStream_t stream);
 
-// Delta, dK / dV and dQ by atomics into dq_accumulator ((batch, heads_q, seqlen_q, 128) float32
-// scratch, zeroed here). kWarpgroups: warpgroups of 64 keys per CTA (1 or 2).
-template <typename T, bool kIsCausal, int kWarpgroups>
+// Delta, dK / dV and dQ by atomics into dq_accumulator ((batch, heads_q, seqlen_q, head_dim)
+// float32 scratch, zeroed here). kWarpgroups: warpgroups of 64 keys per CTA (1 or 2).
+template <typename T, int kHeadDim, bool kIsCausal, int kWarpgroups>
 cudaError_t run_bwd_wgmma(const BackwardParams& params, float* delta, float* dq_accumulator,
                           cudaStream_t stream);
 

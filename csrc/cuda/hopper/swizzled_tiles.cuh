@@ -1,6 +1,6 @@
-// Shared-memory tiles of head_dim-128 bf16 / fp16 rows in the 128-byte swizzle layout that the
-// Hopper kernels' wgmma descriptors read: each 128-element row stored as two [rows][64] column
-// blocks.
+// Shared-memory tiles of bf16 / fp16 rows (head_dim 64 or 128) in the 128-byte swizzle layout that
+// the Hopper kernels' wgmma descriptors read: each row stored as head_dim / 64 column blocks of
+// [rows][64].
 #pragma once
 
 #include <cuda_bf16.h>
@@ -13,18 +13,19 @@
 
 namespace block_attn::cuda::hopper {
 
-// Byte offset of element (row, col) in a [rows][128] tile stored as two swizzled [rows][64]
+// Byte offset of element (row, col) in a [rows][head_dim] tile stored as swizzled [rows][64]
 // column blocks.
 template <int kRows>
 __device__ __forceinline__ uint32_t tile_offset(int row, int col) {
   return static_cast<uint32_t>(col / 64) * kRows * 128 + swizzle128_offset(row, col % 64);
 }
 
-// Stages rows [row0, row0 + kRows) of a (rows, 128) matrix of 16-bit T; rows past `rows` are zero.
-template <int kRows, int kThreads, typename T>
+// Stages rows [row0, row0 + kRows) of a (rows, kColumns) matrix of 16-bit T; rows past `rows` are
+// zero.
+template <int kRows, int kColumns, int kThreads, typename T>
 __device__ __forceinline__ void load_tile_swizzled(unsigned char* tile, const T* gmem,
                                                    int64_t row_stride, int row0, int rows) {
-  constexpr int kChunks = 128 / 8;  // 16-byte chunks per row
+  constexpr int kChunks = kColumns / 8;  // 16-byte chunks per row
   for (int idx = threadIdx.x; idx < kRows * kChunks; idx += kThreads) {
     const int r = idx / kChunks;
     const int c = (idx % kChunks) * 8;

@@ -3,13 +3,13 @@
 
 namespace block_attn::cuda::hopper {
 
-template cudaError_t run_bwd_wgmma<__half, false, 1>(const BackwardParams&, float*, float*,
-                                                     cudaStream_t);
-template cudaError_t run_bwd_wgmma<__half, true, 1>(const BackwardParams&, float*, float*,
-                                                    cudaStream_t);
-template cudaError_t run_bwd_wgmma<__half, false, 2>(const BackwardParams&, float*, float*,
-                                                     cudaStream_t);
-template cudaError_t run_bwd_wgmma<__half, true, 2>(const BackwardParams&, float*, float*,
-                                                    cudaStream_t);
+template cudaError_t run_bwd_wgmma<__half, 128, false, 1>(const BackwardParams&, float*, float*,
+                                                          cudaStream_t);
+template cudaError_t run_bwd_wgmma<__half, 128, true, 1>(const BackwardParams&, float*, float*,
+                                                         cudaStream_t);
+template cudaError_t run_bwd_wgmma<__half, 128, false, 2>(const BackwardParams&, float*, float*,
+                                                          cudaStream_t);
+template cudaError_t run_bwd_wgmma<__half, 128, true, 2>(const BackwardParams&, float*, float*,
+                                                         cudaStream_t);
 
 }  // namespace block_attn::cuda::hopper
