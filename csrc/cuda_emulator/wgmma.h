@@ -69,12 +69,12 @@ struct Descriptor {
   }
 };
 
-// d (64 x 64) = A B (+ d): thread t of the warpgroup holds d[4 j + e] = row 16 (t / 32) +
+// d (64 x N) = A B (+ d): thread t of the warpgroup holds d[4 j + e] = row 16 (t / 32) +
 // (t % 32) / 4 + 8 (e / 2), column 8 j + 2 (t % 4) + e % 2.
-template <typename AElement, typename BElement>
-void product(float (&d)[32], bool accumulate, AElement a_at, BElement b_at) {
+template <int kRegisters, typename AElement, typename BElement>
+void product(float (&d)[kRegisters], bool accumulate, AElement a_at, BElement b_at) {
   const int t = cuda_emulator::warpgroup_thread();
-  for (int i = 0; i < 32; ++i) {
+  for (int i = 0; i < kRegisters; ++i) {
     const int row = 16 * (t / 32) + (t % 32) / 4 + 8 * ((i % 4) / 2);
     const int column = 8 * (i / 4) + 2 * (t % 4) + i % 2;
     float sum = accumulate ? d[i] : 0.f;
@@ -102,6 +102,20 @@ void wgmma_m64n64k16(float (&d)[32], uint64_t desc_a, uint64_t desc_b, bool accu
       [&](int k, int column) {
         return kTransposeB ? b.mn_major(k, column) : b.k_major(column, k);
       });
+}
+
+template <typename T>
+void wgmma_m64n128k16(float (&d)[64], uint64_t desc_a, uint64_t desc_b, bool accumulate) {
+  const uint64_t mine[3] = {desc_a, desc_b, accumulate ? 1u : 0u};
+  const cuda_emulator::WarpgroupPayloads& all =
+      cuda_emulator::warpgroup_exchange(mine, sizeof(mine), "wgmma.ss.n128");
+  if (std::memcmp(all[0], mine, sizeof(mine)) != 0) {
+    cuda_emulator::fail("wgmma operands differ across the warpgroup");
+  }
+  const emulated::Descriptor<T> a(desc_a), b(desc_b);
+  emulated::product(
+      d, accumulate, [&](int row, int k) { return a.k_major(row, k); },
+      [&](int k, int column) { return b.k_major(column, k); });
 }
 
 template <typename T>

@@ -84,7 +84,11 @@ struct Case {
   Layout layout = Layout::kHeadsFirst;
   bool grad_lse = true;
   bool backward = true;
-  int wgmma_warpgroups = 0;  // > 0: the sm_90 wgmma kernels (head_dim 128), called directly
+  // Standard deviation of q: large values make scores whose exponentials overflow float32 unless
+  // the kernels subtract the right row maximum.
+  double q_scale = 1.0;
+  int wgmma_warpgroups = 0;  // > 0: the sm_90 wgmma kernels, called directly
+  int wgmma_key_tile = 64;   // keys per tile of the wgmma forward: 64 or 128
   int key_warps = 4;         // 8: the tensor-core backward with 8-warp (128-key) dK/dV CTAs
 };
 
@@ -139,8 +143,13 @@ cudaError_t run_forward(const Case& c, const ForwardParams& p) {
   if constexpr (sizeof(T) == 2) {
     if (c.wgmma_warpgroups > 0) {
       return with_wgmma_config(p, c.wgmma_warpgroups, [&](auto head_dim, auto causal, auto wg) {
-        return block_attn::cuda::hopper::run_fwd_wgmma<
-            T, decltype(head_dim)::value, decltype(causal)::value, decltype(wg)::value>(p, nullptr);
+        constexpr int kHeadDim = decltype(head_dim)::value;
+        constexpr bool kIsCausal = decltype(causal)::value;
+        constexpr int kWarpgroups = decltype(wg)::value;
+        using block_attn::cuda::hopper::run_fwd_wgmma;
+        return c.wgmma_key_tile == 128
+                   ? run_fwd_wgmma<T, kHeadDim, kIsCausal, kWarpgroups, 128>(p, nullptr)
+                   : run_fwd_wgmma<T, kHeadDim, kIsCausal, kWarpgroups, 64>(p, nullptr);
       });
     }
   }
@@ -179,8 +188,8 @@ struct Tensor {
 };
 
 template <typename T>
-void fill_random(Tensor<T>& t, std::mt19937& rng) {
-  std::normal_distribution<double> normal;
+void fill_random(Tensor<T>& t, std::mt19937& rng, double scale = 1.0) {
+  std::normal_distribution<double> normal(0.0, scale);
   for (int b = 0; b < t.batch; ++b)
     for (int h = 0; h < t.heads; ++h)
       for (int r = 0; r < t.rows; ++r)
@@ -292,11 +301,12 @@ void report(const std::string& what, const Comparison& cmp, bool gradient) {
 template <typename T>
 void run_case(const Case& c) {
   using A = std::conditional_t<std::is_same_v<T, double>, double, float>;
-  std::printf("%s [%s, head_dim %d%s%s%s]\n", c.name.c_str(), Element<T>::kName, c.head_dim,
+  std::printf("%s [%s, head_dim %d%s%s%s%s]\n", c.name.c_str(), Element<T>::kName, c.head_dim,
               c.causal ? ", causal" : "", c.key_warps == 8 ? ", 8-warp dK/dV" : "",
               c.wgmma_warpgroups == 1   ? ", wgmma kernels, 1 warpgroup"
               : c.wgmma_warpgroups == 2 ? ", wgmma kernels, 2 warpgroups"
-                                        : "");
+                                        : "",
+              c.wgmma_key_tile == 128 ? ", 128-key forward tiles" : "");
   std::mt19937 rng(1234);
   const Blocks blocks = offsets(c);
   const int seqlen_q = blocks.q.back(), seqlen_k = blocks.k.back();
@@ -305,7 +315,7 @@ void run_case(const Case& c) {
       v(c.batch, hkv, seqlen_k, dim, c.layout), out(c.batch, hq, seqlen_q, dim, c.layout),
       grad_out(c.batch, hq, seqlen_q, dim, c.layout), grad_q(c.batch, hq, seqlen_q, dim, c.layout),
       grad_k(c.batch, hkv, seqlen_k, dim, c.layout), grad_v(c.batch, hkv, seqlen_k, dim, c.layout);
-  fill_random(q, rng);
+  fill_random(q, rng, c.q_scale);
   fill_random(k, rng);
   fill_random(v, rng);
   fill_random(grad_out, rng);
@@ -484,6 +494,8 @@ int main() {
   Case causal128{"ragged causal, 128-query tiles", ragged, ragged, 1, 2, 2, 128, true};
   Case long_causal{"long causal blocks, batch 2", {700, 300}, {700, 300}, 2, 1, 1, 128, true};
   long_causal.grad_lse = false;
+  Case large_scores{"large scores (q of deviation 300)", ragged, ragged, 1, 2, 1, 64, true};
+  large_scores.q_scale = 300.0;
   Case gqa64{"GQA 4:2, rows-first layout",
              {130, 65, 7},
              {130, 65, 7},
@@ -552,7 +564,8 @@ int main() {
           {DType::kBFloat16, dim256},
           {DType::kFloat16, dim192},
           {DType::kFloat32, simple64},
-          {DType::kFloat64, simple32}});
+          {DType::kFloat64, simple32},
+          {DType::kFloat16, large_scores}});
   // The wgmma forward and backward called directly, one and two warpgroups per CTA (the probe's
   // cases; launch_forward / launch_backward above pick them for head_dim 64 and 128 too): bf16,
   // fp16 for the causal ones, and three at head_dim 64.
@@ -574,6 +587,14 @@ int main() {
       c.wgmma_warpgroups = warpgroups;
       wgmma_cases.push_back({DType::kBFloat16, c});
       if (c.causal) wgmma_cases.push_back({DType::kFloat16, c});
+      Case wide = c;  // 128-key tiles in the forward
+      wide.wgmma_key_tile = 128;
+      wgmma_cases.push_back({DType::kBFloat16, wide});
+      if (c.causal && c.lengths_q.size() == 1) {  // scores in the thousands
+        wide.name += ", large scores";
+        wide.q_scale = 300.0;
+        wgmma_cases.push_back({DType::kBFloat16, wide});
+      }
       if (c.causal || c.heads_q != c.heads_kv) {  // head_dim 64: one column block
         c.head_dim = 64;
         wgmma_cases.push_back({c.causal ? DType::kFloat16 : DType::kBFloat16, c});
@@ -591,7 +612,10 @@ int main() {
   run_on(sm90, "sm_90", wide_key_cases);
 
   cuda_emulator::DeviceProperties sm86{8, 6, 99 * 1024};  // the dQ kernel keeps one row group
-  run_on(sm86, "sm_86", {{DType::kBFloat16, causal128}, {DType::kFloat16, separate}});
+  run_on(sm86, "sm_86",
+         {{DType::kBFloat16, causal128},
+          {DType::kFloat16, separate},
+          {DType::kFloat16, large_scores}});
   cuda_emulator::DeviceProperties sm75{7, 5, 64 * 1024};  // no tensor-core kernels
   run_on(sm75, "sm_75", {{DType::kFloat16, causal_gqa64}, {DType::kBFloat16, mqa}});
 

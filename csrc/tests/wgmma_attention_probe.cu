@@ -145,10 +145,11 @@ const char* type_name() {
 }
 
 // kWarpgroups: warpgroups of 64 queries per CTA (1 or 2), sharing the K and V tiles.
-template <typename T, int kWarpgroups>
+// kKeyTile: keys per forward tile (64, or 128 with 64 x 128 score products).
+template <typename T, int kWarpgroups, int kKeyTile = 64>
 cudaError_t run(const BackwardParams& p) {
-  return p.is_causal ? run_fwd_wgmma<T, kHeadDim, true, kWarpgroups>(p, nullptr)
-                     : run_fwd_wgmma<T, kHeadDim, false, kWarpgroups>(p, nullptr);
+  return p.is_causal ? run_fwd_wgmma<T, kHeadDim, true, kWarpgroups, kKeyTile>(p, nullptr)
+                     : run_fwd_wgmma<T, kHeadDim, false, kWarpgroups, kKeyTile>(p, nullptr);
 }
 template <typename T, int kWarpgroups>
 cudaError_t run_backward(const BackwardParams& p, const Buffers& b) {
@@ -171,7 +172,7 @@ struct GradientError {
 // Runs one case forward and backward; returns whether out and lse match the float64 reference of
 // the same bf16-rounded inputs within bf16 rounding of P and of the output, and the gradients
 // within GradientError's bound.
-template <typename T, int kWarpgroups>
+template <typename T, int kWarpgroups, int kKeyTile = 64>
 bool check_case(const Case& c, std::mt19937& rng) {
   const int nq = c.offsets_q.back();
   const int nk = c.offsets_k.back();
@@ -199,7 +200,7 @@ bool check_case(const Case& c, std::mt19937& rng) {
     max_k = std::max(max_k, c.offsets_k[j + 1] - c.offsets_k[j]);
   }
   const BackwardParams p = make_params(b, c, max_q, max_k);
-  if (!check(run<T, kWarpgroups>(p), "forward launch") ||
+  if (!check(run<T, kWarpgroups, kKeyTile>(p), "forward launch") ||
       !check(cudaDeviceSynchronize(), "forward") ||
       !check(run_backward<T, kWarpgroups>(p, b), "backward launch") ||
       !check(cudaDeviceSynchronize(), "backward")) {
@@ -280,11 +281,12 @@ bool check_case(const Case& c, std::mt19937& rng) {
   const bool match = out_error < 2e-2 && lse_error < 1e-3 && rows_without_keys_ok &&
                      dq_error.ok() && dk_error.ok() && dv_error.ok();
   std::printf(
-      "%s, %d warpgroup(s), %-28s max |err| out %.3g, lse %.3g, dq %.3g (of %.3g), dk %.3g (of "
+      "%s, %d warpgroup(s), %3d-key tiles, %-28s max |err| out %.3g, lse %.3g, dq %.3g (of %.3g), "
+      "dk %.3g (of "
       "%.3g), "
       "dv %.3g (of %.3g)%s -> %s\n",
-      type_name<T>(), kWarpgroups, c.name, out_error, lse_error, dq_error.error, dq_error.largest,
-      dk_error.error, dk_error.largest, dv_error.error, dv_error.largest,
+      type_name<T>(), kWarpgroups, kKeyTile, c.name, out_error, lse_error, dq_error.error,
+      dq_error.largest, dk_error.error, dk_error.largest, dv_error.error, dv_error.largest,
       rows_without_keys_ok ? "" : ", rows without keys WRONG", match ? "match" : "MISMATCH");
   return match;
 }
@@ -336,6 +338,10 @@ void time_causal(int tokens, int heads) {
               gpu_probe::median_ms([&] { return run<__nv_bfloat16, 1>(t.p); }), fwd);
   report_time("forward, wgmma, 2 warpgroups",
               gpu_probe::median_ms([&] { return run<__nv_bfloat16, 2>(t.p); }), fwd);
+  report_time("forward, wgmma, 1 warpgroup, 128-key tiles",
+              gpu_probe::median_ms([&] { return run<__nv_bfloat16, 1, 128>(t.p); }), fwd);
+  report_time("forward, wgmma, 2 warpgroups, 128-key tiles",
+              gpu_probe::median_ms([&] { return run<__nv_bfloat16, 2, 128>(t.p); }), fwd);
   report_time("backward, mma.sync, atomic dQ", gpu_probe::median_ms([&] {
                 return run_bwd_flash<__nv_bfloat16, kHeadDim, true, 4>(t.p, t.b.delta, t.b.dq_sums,
                                                                        nullptr);
@@ -368,6 +374,8 @@ int main() {
   for (const Case& c : cases) {
     all = check_case<__nv_bfloat16, 1>(c, rng) && all;
     all = check_case<__nv_bfloat16, 2>(c, rng) && all;
+    all = check_case<__nv_bfloat16, 1, 128>(c, rng) && all;
+    all = check_case<__nv_bfloat16, 2, 128>(c, rng) && all;
     if (c.causal) {
       all = check_case<__half, 1>(c, rng) && all;
       all = check_case<__half, 2>(c, rng) && all;

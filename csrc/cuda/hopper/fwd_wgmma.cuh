@@ -27,17 +27,19 @@
 
 namespace block_attn::cuda::hopper {
 
-template <int kHeadDim_, int kWarpgroups_>
+template <int kHeadDim_, int kWarpgroups_, int kBlockN_>
 struct WgmmaFwdTraits {
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kColumnBlocks = kHeadDim / 64;
   static constexpr int kWarpgroups = kWarpgroups_;
   static constexpr int kThreads = 128 * kWarpgroups;
   static constexpr int kBlockM = 64 * kWarpgroups;
-  static constexpr int kBlockN = 64;
-  static constexpr int kTileBytes = 64 * kHeadDim * 2;  // K, V, and each warpgroup's Q
+  static constexpr int kBlockN = kBlockN_;                   // keys per tile: 64 or 128
+  static constexpr int kQueryTileBytes = 64 * kHeadDim * 2;  // each warpgroup's Q
+  static constexpr int kKeyTileBytes = kBlockN * kHeadDim * 2;
   // Q, K, V; plus 1 KiB to align the dynamic buffer to the swizzle's 1024 bytes.
-  static constexpr int kSharedBytes = (kWarpgroups + 2) * kTileBytes + 1024;
+  static constexpr int kSharedBytes = kWarpgroups * kQueryTileBytes + 2 * kKeyTileBytes + 1024;
+  static_assert(kBlockN == 64 || kBlockN == 128, "key tiles of 64 or 128");
   static_assert(kHeadDim == 64 || kHeadDim == 128, "head_dim 64 or 128");
 };
 
@@ -65,9 +67,9 @@ __global__ void __launch_bounds__(Traits::kThreads) fwd_wgmma_kernel(const Forwa
   unsigned char* smem = reinterpret_cast<unsigned char*>(
       (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~static_cast<uintptr_t>(1023));
   unsigned char* sQ = smem;  // one 64-row tile per warpgroup
-  unsigned char* sQ_mine = sQ + warpgroup * Traits::kTileBytes;
-  unsigned char* sK = sQ + Traits::kWarpgroups * Traits::kTileBytes;
-  unsigned char* sV = sK + Traits::kTileBytes;
+  unsigned char* sQ_mine = sQ + warpgroup * Traits::kQueryTileBytes;
+  unsigned char* sK = sQ + Traits::kWarpgroups * Traits::kQueryTileBytes;
+  unsigned char* sV = sK + Traits::kKeyTileBytes;
 
   const T* q = q_rows<T>(params, batch, head, qr.start);
   const T* k = k_rows<T>(params, batch, head_kv, kr.start);
@@ -88,8 +90,8 @@ __global__ void __launch_bounds__(Traits::kThreads) fwd_wgmma_kernel(const Forwa
   float row_sum[2] = {0.f, 0.f};
 
   for (int g = 0; g < Traits::kWarpgroups; ++g) {
-    load_tile_swizzled<64, kHeadDim, kThreads>(sQ + g * Traits::kTileBytes, q, params.q_row_stride,
-                                               m0 + 64 * g, qr.length);
+    load_tile_swizzled<64, kHeadDim, kThreads>(sQ + g * Traits::kQueryTileBytes, q,
+                                               params.q_row_stride, m0 + 64 * g, qr.length);
   }
   if (n_tiles > 0) {
     load_tile_swizzled<kBlockN, kHeadDim, kThreads>(sK, k, params.k_row_stride, 0, n_end);
@@ -104,14 +106,20 @@ __global__ void __launch_bounds__(Traits::kThreads) fwd_wgmma_kernel(const Forwa
     cp_async_commit();
 
     // S = Q K^T over head_dim / 16 k steps; step ks lies in column block ks / 4.
-    float s[32];
+    constexpr int kScores = kBlockN / 2;  // registers of the 64 x kBlockN score tile
+    float s[kScores];
     wgmma_fence();
 #pragma unroll
     for (int ks = 0; ks < kHeadDim / 16; ++ks) {
       const int block = ks / 4;
       const int k0 = (ks % 4) * 16;
-      wgmma_m64n64k16<T, false>(s, k_major_descriptor(sQ_mine + block * 64 * 128, k0),
-                                k_major_descriptor(sK + block * kBlockN * 128, k0), ks > 0);
+      const uint64_t desc_q = k_major_descriptor(sQ_mine + block * 64 * 128, k0);
+      const uint64_t desc_k = k_major_descriptor(sK + block * kBlockN * 128, k0);
+      if constexpr (kBlockN == 128) {
+        wgmma_m64n128k16<T>(s, desc_q, desc_k, ks > 0);
+      } else {
+        wgmma_m64n64k16<T, false>(s, desc_q, desc_k, ks > 0);
+      }
     }
     wgmma_commit();
     wgmma_wait<0>();
@@ -119,7 +127,7 @@ __global__ void __launch_bounds__(Traits::kThreads) fwd_wgmma_kernel(const Forwa
 
     // s[4 n + e]: row group_row + 8 (e / 2) of the warp's 16, key n0 + 8 n + 2 quad_col + e % 2.
 #pragma unroll
-    for (int i = 0; i < 32; ++i) {
+    for (int i = 0; i < kScores; ++i) {
       s[i] *= scale_log2;
       if (kMask) {
         const int row = row0 + group_row + ((i % 4) / 2) * 8;
@@ -135,7 +143,9 @@ __global__ void __launch_bounds__(Traits::kThreads) fwd_wgmma_kernel(const Forwa
     for (int rr = 0; rr < 2; ++rr) {
       float mx = row_max[rr];
 #pragma unroll
-      for (int n = 0; n < 8; ++n) mx = fmaxf(mx, fmaxf(s[4 * n + 2 * rr], s[4 * n + 2 * rr + 1]));
+      for (int n = 0; n < kBlockN / 8; ++n) {
+        mx = fmaxf(mx, fmaxf(s[4 * n + 2 * rr], s[4 * n + 2 * rr + 1]));
+      }
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
       max_moved |= !(mx == row_max[rr]);
@@ -153,7 +163,7 @@ __global__ void __launch_bounds__(Traits::kThreads) fwd_wgmma_kernel(const Forwa
       }
     }
 #pragma unroll
-    for (int i = 0; i < 32; ++i) {
+    for (int i = 0; i < kScores; ++i) {
       s[i] = fast_exp2(s[i] - m_use[(i % 4) / 2]);
       row_sum[(i % 4) / 2] += s[i];
     }
@@ -224,9 +234,9 @@ __global__ void __launch_bounds__(Traits::kThreads) fwd_wgmma_kernel(const Forwa
 #endif
 }
 
-template <typename T, int kHeadDim, bool kIsCausal, int kWarpgroups>
+template <typename T, int kHeadDim, bool kIsCausal, int kWarpgroups, int kBlockN>
 cudaError_t run_fwd_wgmma(const ForwardParams& params, cudaStream_t stream) {
-  using Traits = WgmmaFwdTraits<kHeadDim, kWarpgroups>;
+  using Traits = WgmmaFwdTraits<kHeadDim, kWarpgroups, kBlockN>;
   const dim3 grid(ceil_div(params.max_seqlen_q, Traits::kBlockM), params.num_blocks,
                   params.batch * params.heads_q);
   if (grid.x == 0 || grid.y == 0 || grid.z == 0) return cudaSuccess;

@@ -9,8 +9,9 @@
 
 namespace block_attn::cuda::hopper {
 
-// kWarpgroups: warpgroups of 64 queries per CTA, sharing the K and V tiles (1 or 2).
-template <typename T, int kHeadDim, bool kIsCausal, int kWarpgroups>
+// kWarpgroups: warpgroups of 64 queries per CTA, sharing the K and V tiles (1 or 2). kBlockN:
+// keys per tile (64, or 128 with 64 x 128 score products).
+template <typename T, int kHeadDim, bool kIsCausal, int kWarpgroups, int kBlockN = 64>
 cudaError_t run_fwd_wgmma(const ForwardParams& params, cudaStream_t stream);
 
 // Delta, dK / dV and dQ by atomics into dq_accumulator ((batch, heads_q, seqlen_q, head_dim)

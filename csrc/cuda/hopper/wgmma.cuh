@@ -97,6 +97,28 @@ __device__ __forceinline__ void fence_operands(Register (&registers)[kRows][kCou
       "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]),  \
       "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
 
+// The 64 accumulator registers of a 64 x 128 fp32 wgmma.
+#define BLOCK_ATTN_WGMMA_D128_TEXT                                                         \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, " \
+  "%19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, "  \
+  "%36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, "  \
+  "%53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}"
+#define BLOCK_ATTN_WGMMA_D128_OPERANDS(d)                                                          \
+  BLOCK_ATTN_WGMMA_D_OPERANDS(d), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), \
+      "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]),   \
+      "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]),   \
+      "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]),   \
+      "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+
+// 64 x 128 output, both operands from shared memory and K-major.
+#define BLOCK_ATTN_WGMMA_SS_N128(type, d, desc_a, desc_b, accumulate)                             \
+  asm volatile(                                                                                   \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"                                                \
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32." type "." type " " BLOCK_ATTN_WGMMA_D128_TEXT \
+      ", %64, %65, p, 1, 1, 0, 0;\n}\n"                                                           \
+      : BLOCK_ATTN_WGMMA_D128_OPERANDS(d)                                                         \
+      : "l"(desc_a), "l"(desc_b), "r"(static_cast<int>(accumulate)))
+
 // Both operands from shared memory; inputs of PTX type `type` (bf16 or f16).
 #define BLOCK_ATTN_WGMMA_SS(type, d, desc_a, desc_b, accumulate, transpose_a, transpose_b)    \
   asm volatile(                                                                               \
@@ -135,6 +157,22 @@ __device__ __forceinline__ void wgmma_m64n64k16(float (&d)[32], uint64_t desc_a,
 #endif
 }
 
+// d (64 x 128, fp32) = A B + (accumulate ? d : 0) for A 64 x 16 and B 16 x 128 in shared memory,
+// both K-major (B's rows are the 128 output columns). d[4 j + e] lies as in the 64-wide product,
+// for j up to 16. T: __nv_bfloat16 or __half inputs.
+template <typename T>
+__device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], uint64_t desc_a, uint64_t desc_b,
+                                                 bool accumulate) {
+#ifdef BLOCK_ATTN_WGMMA
+  if constexpr (std::is_same_v<T, __half>) {
+    BLOCK_ATTN_WGMMA_SS_N128("f16", d, desc_a, desc_b, accumulate);
+  } else {
+    static_assert(std::is_same_v<T, __nv_bfloat16>, "wgmma takes bf16 or fp16 here");
+    BLOCK_ATTN_WGMMA_SS_N128("bf16", d, desc_a, desc_b, accumulate);
+  }
+#endif
+}
+
 // d (64 x 64, fp32) += A B for A 64 x 16 in registers, in the mma.sync m16n8k16 A-fragment
 // layout per warp (warp w holds rows 16 w ... 16 w + 15), and B 16 x 64 in shared memory through
 // desc_b, N-major (B's rows are its 16 k rows). T: __nv_bfloat16 or __half inputs.
@@ -153,6 +191,9 @@ __device__ __forceinline__ void wgmma_m64n64k16_register_a(float (&d)[32], const
 
 #undef BLOCK_ATTN_WGMMA_RS
 #undef BLOCK_ATTN_WGMMA_SS
+#undef BLOCK_ATTN_WGMMA_SS_N128
+#undef BLOCK_ATTN_WGMMA_D128_OPERANDS
+#undef BLOCK_ATTN_WGMMA_D128_TEXT
 #undef BLOCK_ATTN_WGMMA_D_OPERANDS
 #undef BLOCK_ATTN_WGMMA_D_TEXT
 
