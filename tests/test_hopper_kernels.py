@@ -59,3 +59,27 @@ def test_hopper_and_mma_kernels_within_reference_error(
             assert_within_reference_error(
                 got, lo, ex, factor=factor, atol=1e-3, what=f"{name} ({path} kernels)"
             )
+
+
+@pytest.mark.parametrize(
+    ("device", "dtype", "D"),
+    [
+        ("cpu", torch.bfloat16, 128),
+        ("cuda", torch.float32, 128),
+        ("cuda", torch.float64, 64),
+        ("cuda", torch.bfloat16, 80),
+        ("cuda", torch.float16, 256),
+    ],
+)
+def test_hopper_kernels_never_claim_other_problems(device, dtype, D):
+    """CPU tensors, float32/float64 and head dims other than 64 and 128 never take them."""
+    assert not hopper_kernels_apply(device, dtype, D)
+
+
+def test_environment_variable_turns_hopper_kernels_off(monkeypatch):
+    monkeypatch.delenv("BLOCK_ATTN_HOPPER_KERNELS", raising=False)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if not hopper_kernels_apply(device, torch.bfloat16, 128):
+        pytest.skip("the Hopper kernels need an sm_90 GPU and a build with sm_90a code")
+    monkeypatch.setenv("BLOCK_ATTN_HOPPER_KERNELS", "0")
+    assert not hopper_kernels_apply(device, torch.bfloat16, 128)
