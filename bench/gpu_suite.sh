@@ -9,7 +9,8 @@
 # failing step is recorded and the next one still runs. Exits non-zero when any counted step
 # failed (initcheck, the kernel probes and the profile are advisory).
 # SUITE_BUDGET (seconds, default 540) bounds the whole run: later steps get what is left.
-# STEPS (default "env build tests sanitizer bench probes profile") picks steps, e.g. STEPS="bench".
+# STEPS (default "env build probes tests sanitizer bench profile") picks steps, e.g. STEPS="bench";
+# they run in that order.
 # SANITIZER_KERNELS (default block_attn): substring of the kernels racecheck/initcheck check.
 # BENCH_ARGS adds arguments to gpu_bench.py (e.g. "--dry-run --device cpu" for a logic check).
 set -uo pipefail
@@ -20,7 +21,7 @@ mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
 LOG="$OUT/gpu_suite.log"
 SUMMARY="$OUT/summary.txt"
-STEPS="${STEPS:-env build tests sanitizer bench probes profile}"
+STEPS="${STEPS:-env build probes tests sanitizer bench profile}"
 SUITE_BUDGET="${SUITE_BUDGET:-540}"
 export PYTHONUNBUFFERED=1
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0a}"
@@ -202,6 +203,10 @@ log "block_attn GPU suite: steps '$STEPS', budget ${SUITE_BUDGET}s, writing to $
 if wanted env; then run_step environment 60 0 1 environment; fi
 # Reserves keep time for the later steps; the benchmark needs about 220 s.
 if wanted build; then run_step build 300 250 1 build; fi
+# The probes run before the tests: they check, each in its own process, what the Hopper kernels
+# assume of the hardware (descriptor layouts, transposed operands), so a failure there is named
+# before the tests see its effects.
+if wanted probes; then run_step kernel-probes 90 250 0 kernel_probes; fi
 if wanted tests; then run_step tests 300 250 1 tests; fi
 if wanted sanitizer; then
   run_step memcheck 75 210 1 sanitizer memcheck
@@ -213,16 +218,15 @@ if wanted sanitizer; then
 fi
 if wanted bench; then
   # Timing loops get the step's limit less ~60 s for roofline, accuracy check and tables; the
-  # advisory steps after it keep up to 150 s.
+  # profile after it keeps up to 120 s.
   reserve=0
-  if wanted probes || wanted profile; then reserve=150; fi
+  if wanted profile; then reserve=120; fi
   left=$(($(remaining) - reserve))
   left=$((left < 300 ? left : 300))
   run_step benchmark 300 "$reserve" 1 python3 bench/gpu_bench.py --out "$OUT/gpu_results.json" \
     --time-budget $((left - 60 > 200 ? 200 : (left - 60 > 30 ? left - 60 : 30))) ${BENCH_ARGS:-}
 fi
 
-if wanted probes; then run_step kernel-probes 90 60 0 kernel_probes; fi
 if wanted profile; then
   run_step profile 120 0 0 bash -c 'profile >"$OUT/ncu_kernels.txt" 2>&1; rc=$?; tail -40 "$OUT/ncu_kernels.txt"; exit $rc'
 fi
