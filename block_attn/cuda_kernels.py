@@ -7,20 +7,24 @@ import os
 import torch
 
 
-def hopper_kernels_apply(device: str | torch.device, dtype: torch.dtype, head_dim: int) -> bool:
-    """Whether attention on ``device`` runs the Hopper (wgmma) kernels for this dtype and head_dim.
+def hopper_kernels_apply(
+    device: str | torch.device, dtype: torch.dtype, head_dim: int, *, backward: bool = False
+) -> bool:
+    """Whether attention's forward (or, with ``backward=True``, its backward) on ``device`` runs
+    the Hopper (wgmma) kernels for this dtype and head_dim.
 
-    They take bfloat16 and float16 with head_dim 64 or 128 on an sm_90 GPU (H100, H200) when the
-    extension was built with ``9.0a`` in ``TORCH_CUDA_ARCH_LIST`` and the environment variable
-    ``BLOCK_ATTN_HOPPER_KERNELS`` is not ``"0"``; the backward takes them outside deterministic
-    mode. They also need every row 16-byte aligned (aligned storage, and strides that are
-    multiples of 8 elements, as contiguous tensors and their head-transposed views have), which
-    this does not check. Everything else runs the mma.sync (sm_80+) or simple kernels.
+    They take bfloat16 and float16 with head_dim 64 or 128 (the forward also 256) on an sm_90 GPU
+    (H100, H200) when the extension was built with ``9.0a`` in ``TORCH_CUDA_ARCH_LIST`` and the
+    environment variable ``BLOCK_ATTN_HOPPER_KERNELS`` is not ``"0"``; the backward takes them
+    outside deterministic mode. They also need every row 16-byte aligned (aligned storage, and
+    strides that are multiples of 8 elements, as contiguous tensors and their head-transposed
+    views have), which this does not check. Everything else runs the mma.sync (sm_80+) or
+    simple kernels.
     """
     device = torch.device(device)
     if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
         return False
-    if head_dim not in (64, 128):
+    if head_dim not in ((64, 128) if backward else (64, 128, 256)):
         return False
     from block_attn import _C
 

@@ -92,7 +92,7 @@ def test_deterministic_and_default_backward_agree(device, dtype, D):
     finally:
         torch.use_deterministic_algorithms(was_enabled)
     unit = torch.finfo(dtype).eps
-    hopper = hopper_kernels_apply(device, dtype, D)
+    hopper = hopper_kernels_apply(device, dtype, D, backward=True)
     if not hopper:
         names = ("grad_k", "grad_v")
         assert_bitwise_equal(default[1:], deterministic[1:], names, "default vs deterministic")

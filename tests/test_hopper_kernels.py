@@ -1,8 +1,9 @@
 """The Hopper (wgmma) kernels against the mma.sync kernels and the float64 reference.
 
 On an sm_90 GPU with a build that has sm_90a code, bf16/fp16 attention with head_dim 64 or 128
-runs the wgmma forward and (outside deterministic mode) backward; BLOCK_ATTN_HOPPER_KERNELS=0
-selects the mma.sync kernels, read at every call. Elsewhere these tests skip.
+runs the wgmma forward and (outside deterministic mode) backward, and at head_dim 256 the wgmma
+forward; BLOCK_ATTN_HOPPER_KERNELS=0 selects the mma.sync kernels, read at every call. Elsewhere
+the comparisons skip.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def run(q, k, v, grad_out, kwargs):
 @pytest.mark.parametrize(("B", "Hq", "Hkv", "N", "kwargs"), CASES)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("D", [64, 128, 256])
 def test_hopper_and_mma_kernels_within_reference_error(
     B, Hq, Hkv, N, kwargs, layout, dtype, D, monkeypatch
 ):
@@ -68,12 +69,18 @@ def test_hopper_and_mma_kernels_within_reference_error(
         ("cuda", torch.float32, 128),
         ("cuda", torch.float64, 64),
         ("cuda", torch.bfloat16, 80),
-        ("cuda", torch.float16, 256),
+        ("cuda", torch.float16, 512),
     ],
 )
 def test_hopper_kernels_never_claim_other_problems(device, dtype, D):
-    """CPU tensors, float32/float64 and head dims other than 64 and 128 never take them."""
+    """CPU tensors, float32/float64 and head dims other than 64, 128 (and 256 forward) never
+    take them."""
     assert not hopper_kernels_apply(device, dtype, D)
+    assert not hopper_kernels_apply(device, dtype, D, backward=True)
+
+
+def test_no_hopper_backward_at_head_dim_256():
+    assert not hopper_kernels_apply("cuda", torch.bfloat16, 256, backward=True)
 
 
 def test_environment_variable_turns_hopper_kernels_off(monkeypatch):

@@ -30,15 +30,17 @@ cudaError_t device_has_tensor_core_kernels(bool& result) {
 constexpr int kHopperForwardWarpgroups = 1;
 constexpr int kHopperBackwardWarpgroups = 2;
 
-// Whether the Hopper kernels take a problem: bf16 or fp16, head_dim 64 or 128, 16-byte aligned
-// rows, on an sm_90 device, in a build with sm_90a code, unless the environment variable
-// BLOCK_ATTN_HOPPER_KERNELS is "0" (read at every call, so a process can compare both paths).
+// Whether the Hopper kernels take a problem: bf16 or fp16, head_dim 64 or 128 (or 256 in the
+// forward), 16-byte aligned rows, on an sm_90 device, in a build with sm_90a code, unless the
+// environment variable BLOCK_ATTN_HOPPER_KERNELS is "0" (read at every call, so a process can
+// compare both paths).
 cudaError_t uses_hopper_kernels(const ForwardParams& params, bool rows_aligned, DType dtype,
-                                bool& result) {
+                                bool forward, bool& result) {
   result = false;
 #if defined(BLOCK_ATTN_WITH_SM90A) || defined(BLOCK_ATTN_CUDA_EMULATION)
   const bool half_type = dtype == DType::kBFloat16 || dtype == DType::kFloat16;
-  const bool tiled_head_dim = params.head_dim == 64 || params.head_dim == 128;
+  const int d = params.head_dim;
+  const bool tiled_head_dim = d == 64 || d == 128 || (forward && d == 256);
   if (!half_type || !tiled_head_dim || !rows_aligned) return cudaSuccess;
   const char* setting = std::getenv("BLOCK_ATTN_HOPPER_KERNELS");
   if (setting != nullptr && std::strcmp(setting, "0") == 0) return cudaSuccess;
@@ -58,14 +60,14 @@ cudaError_t uses_hopper_kernels(const ForwardParams& params, bool rows_aligned, 
   (void)params;
   (void)rows_aligned;
   (void)dtype;
+  (void)forward;
   return cudaSuccess;
 #endif
 }
 
 template <typename T>
 cudaError_t launch_forward_hopper(const ForwardParams& params, cudaStream_t stream) {
-  return BOOL_SWITCH(params.head_dim == 64, kSmallHeadDim, [&] {
-    constexpr int kHeadDim = kSmallHeadDim ? 64 : 128;
+  return FLASH_HEADDIM_SWITCH(params.head_dim, kHeadDim, [&] {
     return BOOL_SWITCH(params.is_causal, kIsCausal, [&] {
       return hopper::run_fwd_wgmma<T, kHeadDim, kIsCausal, kHopperForwardWarpgroups>(params,
                                                                                      stream);
@@ -122,7 +124,8 @@ cudaError_t launch_forward(const ForwardParams& params, DType dtype, cudaStream_
   if (params.head_dim < 1 || params.head_dim > kMaxHeadDim) return cudaErrorInvalidValue;
   if (dtype == DType::kFloat16 || dtype == DType::kBFloat16) {
     bool hopper = false;
-    cudaError_t err = uses_hopper_kernels(params, rows_are_16_byte_aligned(params), dtype, hopper);
+    cudaError_t err =
+        uses_hopper_kernels(params, rows_are_16_byte_aligned(params), dtype, true, hopper);
     if (err != cudaSuccess) return err;
     if (hopper) {
       return dtype == DType::kFloat16 ? launch_forward_hopper<__half>(params, stream)
@@ -164,7 +167,7 @@ cudaError_t launch_backward(const BackwardParams& params, const BackwardWorkspac
   if (err != cudaSuccess) return err;
   bool hopper = false;
   if (flash && !params.deterministic && workspace.dq_accumulator != nullptr) {
-    err = uses_hopper_kernels(params, rows_are_16_byte_aligned(params), dtype, hopper);
+    err = uses_hopper_kernels(params, rows_are_16_byte_aligned(params), dtype, false, hopper);
     if (err != cudaSuccess) return err;
   }
   if (hopper) {

@@ -93,8 +93,9 @@ struct Case {
 };
 
 // Calls launch(head_dim, causal, warpgroups) with the problem's values as integral constants, for
-// the wgmma kernels' instantiations (head_dim 64 or 128, one or two warpgroups).
-template <typename Launch>
+// the wgmma kernels' instantiations (head_dim 64 or 128, or with kWith256 also 256; one or two
+// warpgroups).
+template <bool kWith256, typename Launch>
 cudaError_t with_wgmma_config(const ForwardParams& p, int warpgroups, Launch&& launch) {
   auto by_causal = [&](auto head_dim, auto wg) {
     return p.is_causal ? launch(head_dim, std::true_type{}, wg)
@@ -104,6 +105,9 @@ cudaError_t with_wgmma_config(const ForwardParams& p, int warpgroups, Launch&& l
     return warpgroups == 1 ? by_causal(head_dim, std::integral_constant<int, 1>{})
                            : by_causal(head_dim, std::integral_constant<int, 2>{});
   };
+  if constexpr (kWith256) {
+    if (p.head_dim == 256) return by_warpgroups(std::integral_constant<int, 256>{});
+  }
   return p.head_dim == 64 ? by_warpgroups(std::integral_constant<int, 64>{})
                           : by_warpgroups(std::integral_constant<int, 128>{});
 }
@@ -114,13 +118,14 @@ template <typename T>
 cudaError_t run_backward(const Case& c, const BackwardParams& p,
                          const block_attn::cuda::BackwardWorkspace& workspace) {
   if constexpr (sizeof(T) == 2) {
-    if (c.wgmma_warpgroups > 0) {
+    if (c.wgmma_warpgroups > 0 && p.head_dim != 256) {  // no wgmma backward at 256
       float* delta = static_cast<float*>(workspace.delta);
-      return with_wgmma_config(p, c.wgmma_warpgroups, [&](auto head_dim, auto causal, auto wg) {
-        return block_attn::cuda::hopper::run_bwd_wgmma<
-            T, decltype(head_dim)::value, decltype(causal)::value, decltype(wg)::value>(
-            p, delta, workspace.dq_accumulator, nullptr);
-      });
+      return with_wgmma_config<false>(
+          p, c.wgmma_warpgroups, [&](auto head_dim, auto causal, auto wg) {
+            return block_attn::cuda::hopper::run_bwd_wgmma<
+                T, decltype(head_dim)::value, decltype(causal)::value, decltype(wg)::value>(
+                p, delta, workspace.dq_accumulator, nullptr);
+          });
     }
     if (c.key_warps == 8) {
       using block_attn::cuda::run_bwd_flash;
@@ -142,15 +147,16 @@ template <typename T>
 cudaError_t run_forward(const Case& c, const ForwardParams& p) {
   if constexpr (sizeof(T) == 2) {
     if (c.wgmma_warpgroups > 0) {
-      return with_wgmma_config(p, c.wgmma_warpgroups, [&](auto head_dim, auto causal, auto wg) {
-        constexpr int kHeadDim = decltype(head_dim)::value;
-        constexpr bool kIsCausal = decltype(causal)::value;
-        constexpr int kWarpgroups = decltype(wg)::value;
-        using block_attn::cuda::hopper::run_fwd_wgmma;
-        return c.wgmma_key_tile == 128
-                   ? run_fwd_wgmma<T, kHeadDim, kIsCausal, kWarpgroups, 128>(p, nullptr)
-                   : run_fwd_wgmma<T, kHeadDim, kIsCausal, kWarpgroups, 64>(p, nullptr);
-      });
+      return with_wgmma_config<true>(
+          p, c.wgmma_warpgroups, [&](auto head_dim, auto causal, auto wg) {
+            constexpr int kHeadDim = decltype(head_dim)::value;
+            constexpr bool kIsCausal = decltype(causal)::value;
+            constexpr int kWarpgroups = decltype(wg)::value;
+            using block_attn::cuda::hopper::run_fwd_wgmma;
+            return c.wgmma_key_tile == 128
+                       ? run_fwd_wgmma<T, kHeadDim, kIsCausal, kWarpgroups, 128>(p, nullptr)
+                       : run_fwd_wgmma<T, kHeadDim, kIsCausal, kWarpgroups, 64>(p, nullptr);
+          });
     }
   }
   return block_attn::cuda::launch_forward(p, Element<T>::kDType, nullptr);
@@ -596,8 +602,14 @@ int main() {
         wgmma_cases.push_back({DType::kBFloat16, wide});
       }
       if (c.causal || c.heads_q != c.heads_kv) {  // head_dim 64: one column block
-        c.head_dim = 64;
-        wgmma_cases.push_back({c.causal ? DType::kFloat16 : DType::kBFloat16, c});
+        Case narrow = c;
+        narrow.head_dim = 64;
+        wgmma_cases.push_back({c.causal ? DType::kFloat16 : DType::kBFloat16, narrow});
+      }
+      if (c.heads_q != c.heads_kv || c.lengths_q != c.lengths_k) {  // head_dim 256, forward only
+        Case wide_dim = c;
+        wide_dim.head_dim = 256;
+        wgmma_cases.push_back({DType::kBFloat16, wide_dim});
       }
     }
   }

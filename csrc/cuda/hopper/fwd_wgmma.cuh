@@ -1,4 +1,4 @@
-// Forward on Hopper warpgroup products (wgmma), bf16 or fp16, head_dim 64 or 128: what
+// Forward on Hopper warpgroup products (wgmma), bf16 or fp16, head_dim 64, 128 or 256: what
 // launch_forward runs for such problems on sm_90 (launch.cu says when);
 // csrc/tests/wgmma_attention_probe.cu checks it against a host reference and times it.
 //
@@ -40,7 +40,7 @@ struct WgmmaFwdTraits {
   // Q, K, V; plus 1 KiB to align the dynamic buffer to the swizzle's 1024 bytes.
   static constexpr int kSharedBytes = kWarpgroups * kQueryTileBytes + 2 * kKeyTileBytes + 1024;
   static_assert(kBlockN == 64 || kBlockN == 128, "key tiles of 64 or 128");
-  static_assert(kHeadDim == 64 || kHeadDim == 128, "head_dim 64 or 128");
+  static_assert(kHeadDim == 64 || kHeadDim == 128 || kHeadDim == 256, "head_dim 64, 128 or 256");
 };
 
 template <typename Traits, typename T, bool kIsCausal>

@@ -1,6 +1,6 @@
 // Kernels on Hopper warpgroup products (wgmma) for bf16 and fp16 (T: __nv_bfloat16 or __half)
-// with head_dim 64 or 128 and 16-byte aligned rows. Their bodies exist only in sm_90a code (a build
-// whose TORCH_CUDA_ARCH_LIST has 9.0a).
+// with head_dim 64 or 128 (forward: also 256) and 16-byte aligned rows. Their bodies exist only in
+// sm_90a code (a build whose TORCH_CUDA_ARCH_LIST has 9.0a).
 #pragma once
 
 #include <cuda_runtime.h>
