@@ -15,8 +15,8 @@ def hopper_kernels_apply(
 
     They take bfloat16 and float16 with head_dim 64 or 128 (the forward also 256) on an sm_90 GPU
     (H100, H200) when the extension was built with ``9.0a`` in ``TORCH_CUDA_ARCH_LIST`` and the
-    environment variable ``BLOCK_ATTN_HOPPER_KERNELS`` is not ``"0"``; the backward takes them
-    outside deterministic mode. They also need every row 16-byte aligned (aligned storage, and
+    environment variable ``BLOCK_ATTN_HOPPER_KERNELS`` is not ``"0"``, in both the default and
+    the deterministic mode. They also need every row 16-byte aligned (aligned storage, and
     strides that are multiples of 8 elements, as contiguous tensors and their head-transposed
     views have), which this does not check. Everything else runs the mma.sync (sm_80+) or
     simple kernels.

@@ -1,9 +1,9 @@
 """The Hopper (wgmma) kernels against the mma.sync kernels and the float64 reference.
 
 On an sm_90 GPU with a build that has sm_90a code, bf16/fp16 attention with head_dim 64 or 128
-runs the wgmma forward and (outside deterministic mode) backward, and at head_dim 256 the wgmma
-forward; BLOCK_ATTN_HOPPER_KERNELS=0 selects the mma.sync kernels, read at every call. Elsewhere
-the comparisons skip.
+runs the wgmma forward and backward (in deterministic mode with a dQ kernel instead of atomics),
+and at head_dim 256 the wgmma forward; BLOCK_ATTN_HOPPER_KERNELS=0 selects the mma.sync kernels,
+read at every call. Elsewhere the comparisons skip.
 """
 
 from __future__ import annotations
@@ -29,24 +29,9 @@ def run(q, k, v, grad_out, kwargs):
     return (out, *grads(out, (q, k, v), grad_out))
 
 
-@pytest.mark.parametrize(("B", "Hq", "Hkv", "N", "kwargs"), CASES)
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("D", [64, 128, 256])
-def test_hopper_and_mma_kernels_within_reference_error(
-    B, Hq, Hkv, N, kwargs, layout, dtype, D, monkeypatch
-):
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if not hopper_kernels_apply(device, dtype, D):
-        pytest.skip("the Hopper kernels need an sm_90 GPU and a build with sm_90a code")
-    q, k, v = make_qkv(B, Hq, Hkv, N, N, D, dtype=dtype, device=device, layout=layout)
-    q, k, v = (t.requires_grad_() for t in (q, k, v))
-    grad_out = torch.randn_like(q)
-    hopper = run(q, k, v, grad_out, kwargs)
-    monkeypatch.setenv("BLOCK_ATTN_HOPPER_KERNELS", "0")
-    mma = run(q, k, v, grad_out, kwargs)
-    monkeypatch.delenv("BLOCK_ATTN_HOPPER_KERNELS")
-
+def check_against_reference(q, k, v, grad_out, kwargs, results):
+    """Each of ``results`` ({path: (out, grad_q, grad_k, grad_v)}) within 2x (outputs) / 3x
+    (gradients) of the low-precision reference's error from float64."""
     exact_inputs = [t.detach().double().requires_grad_() for t in (q, k, v)]
     exact_out = reference.attention(*exact_inputs, **kwargs)
     exact = (exact_out, *grads(exact_out, tuple(exact_inputs), grad_out.double()))
@@ -54,12 +39,50 @@ def test_hopper_and_mma_kernels_within_reference_error(
     low_out = reference.attention(*low_inputs, **kwargs)
     low = (low_out, *grads(low_out, tuple(low_inputs), grad_out))
     names = ("out", "grad_q", "grad_k", "grad_v")
-    for name, h, m, lo, ex in zip(names, hopper, mma, low, exact, strict=True):
-        factor = 2.0 if name == "out" else 3.0
-        for path, got in (("hopper", h), ("mma.sync", m)):
+    for path, got in results.items():
+        for name, g, lo, ex in zip(names, got, low, exact, strict=True):
+            factor = 2.0 if name == "out" else 3.0
             assert_within_reference_error(
-                got, lo, ex, factor=factor, atol=1e-3, what=f"{name} ({path} kernels)"
+                g, lo, ex, factor=factor, atol=1e-3, what=f"{name} ({path} kernels)"
             )
+
+
+def hopper_inputs(B, Hq, Hkv, N, D, dtype, layout, backward=False):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if not hopper_kernels_apply(device, dtype, D, backward=backward):
+        pytest.skip("the Hopper kernels need an sm_90 GPU and a build with sm_90a code")
+    q, k, v = make_qkv(B, Hq, Hkv, N, N, D, dtype=dtype, device=device, layout=layout)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    return q, k, v, torch.randn_like(q)
+
+
+@pytest.mark.parametrize(("B", "Hq", "Hkv", "N", "kwargs"), CASES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("D", [64, 128, 256])
+def test_hopper_and_mma_kernels_within_reference_error(
+    B, Hq, Hkv, N, kwargs, layout, dtype, D, monkeypatch
+):
+    q, k, v, grad_out = hopper_inputs(B, Hq, Hkv, N, D, dtype, layout)
+    hopper = run(q, k, v, grad_out, kwargs)
+    monkeypatch.setenv("BLOCK_ATTN_HOPPER_KERNELS", "0")
+    mma = run(q, k, v, grad_out, kwargs)
+    monkeypatch.delenv("BLOCK_ATTN_HOPPER_KERNELS")
+    check_against_reference(q, k, v, grad_out, kwargs, {"hopper": hopper, "mma.sync": mma})
+
+
+@pytest.mark.parametrize(("B", "Hq", "Hkv", "N", "kwargs"), CASES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("D", [64, 128])
+def test_deterministic_hopper_backward(B, Hq, Hkv, N, kwargs, dtype, D, deterministic_algorithms):
+    """The dQ kernel that replaces the atomics: within the reference's error, and bitwise
+    repeatable."""
+    q, k, v, grad_out = hopper_inputs(B, Hq, Hkv, N, D, dtype, "bhnd", backward=True)
+    first = run(q, k, v, grad_out, kwargs)
+    again = run(q, k, v, grad_out, kwargs)
+    for name, a, b in zip(("out", "grad_q", "grad_k", "grad_v"), first, again, strict=True):
+        assert torch.equal(a, b), f"{name} differs between two deterministic runs"
+    check_against_reference(q, k, v, grad_out, kwargs, {"deterministic hopper": first})
 
 
 @pytest.mark.parametrize(

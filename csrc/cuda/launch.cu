@@ -79,11 +79,13 @@ template <typename T>
 cudaError_t launch_backward_hopper(const BackwardParams& params, const BackwardWorkspace& workspace,
                                    cudaStream_t stream) {
   auto* delta = static_cast<float*>(workspace.delta);
+  // Deterministic: dQ from its own kernel, summed in a fixed order, instead of atomics.
+  float* dq_accumulator = params.deterministic ? nullptr : workspace.dq_accumulator;
   return BOOL_SWITCH(params.head_dim == 64, kSmallHeadDim, [&] {
     constexpr int kHeadDim = kSmallHeadDim ? 64 : 128;
     return BOOL_SWITCH(params.is_causal, kIsCausal, [&] {
       return hopper::run_bwd_wgmma<T, kHeadDim, kIsCausal, kHopperBackwardWarpgroups>(
-          params, delta, workspace.dq_accumulator, stream);
+          params, delta, dq_accumulator, stream);
     });
   });
 }
@@ -166,7 +168,7 @@ cudaError_t launch_backward(const BackwardParams& params, const BackwardWorkspac
   cudaError_t err = uses_flash_backward(params, dtype, flash);
   if (err != cudaSuccess) return err;
   bool hopper = false;
-  if (flash && !params.deterministic && workspace.dq_accumulator != nullptr) {
+  if (flash) {
     err = uses_hopper_kernels(params, rows_are_16_byte_aligned(params), dtype, false, hopper);
     if (err != cudaSuccess) return err;
   }

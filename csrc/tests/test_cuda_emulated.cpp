@@ -112,19 +112,20 @@ cudaError_t with_wgmma_config(const ForwardParams& p, int warpgroups, Launch&& l
                           : by_warpgroups(std::integral_constant<int, 128>{});
 }
 
-// launch_backward, or the kernels it does not pick: the tensor-core backward with 8-warp dK/dV
-// CTAs, and the staged wgmma backward (atomic dQ only).
+// launch_backward, or the kernels called directly: the tensor-core backward with 8-warp dK/dV
+// CTAs, and the wgmma backward with the case's warpgroups (dQ by atomics, or deterministic).
 template <typename T>
 cudaError_t run_backward(const Case& c, const BackwardParams& p,
                          const block_attn::cuda::BackwardWorkspace& workspace) {
   if constexpr (sizeof(T) == 2) {
     if (c.wgmma_warpgroups > 0 && p.head_dim != 256) {  // no wgmma backward at 256
       float* delta = static_cast<float*>(workspace.delta);
+      float* sums = p.deterministic ? nullptr : workspace.dq_accumulator;
       return with_wgmma_config<false>(
           p, c.wgmma_warpgroups, [&](auto head_dim, auto causal, auto wg) {
             return block_attn::cuda::hopper::run_bwd_wgmma<
                 T, decltype(head_dim)::value, decltype(causal)::value, decltype(wg)::value>(
-                p, delta, workspace.dq_accumulator, nullptr);
+                p, delta, sums, nullptr);
           });
     }
     if (c.key_warps == 8) {
@@ -424,7 +425,6 @@ void run_case(const Case& c) {
   // Both dQ paths where the tensor-core backward runs: the deterministic dQ kernel, and atomics
   // into a float32 accumulator from the dK/dV kernel.
   for (const bool deterministic : {true, false}) {
-    if (deterministic && c.wgmma_warpgroups > 0) continue;  // the wgmma backward sums dQ by atomics
     p.deterministic = deterministic;
     size_t accumulator_elements = 0;
     block_attn::cuda::backward_dq_accumulator_elements(p, Element<T>::kDType, accumulator_elements);

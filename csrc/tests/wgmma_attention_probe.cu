@@ -152,10 +152,10 @@ cudaError_t run(const BackwardParams& p) {
                      : run_fwd_wgmma<T, kHeadDim, false, kWarpgroups, kKeyTile>(p, nullptr);
 }
 template <typename T, int kWarpgroups>
-cudaError_t run_backward(const BackwardParams& p, const Buffers& b) {
-  return p.is_causal
-             ? run_bwd_wgmma<T, kHeadDim, true, kWarpgroups>(p, b.delta, b.dq_sums, nullptr)
-             : run_bwd_wgmma<T, kHeadDim, false, kWarpgroups>(p, b.delta, b.dq_sums, nullptr);
+cudaError_t run_backward(const BackwardParams& p, const Buffers& b, bool deterministic = false) {
+  float* sums = deterministic ? nullptr : b.dq_sums;  // no sums: the deterministic dQ kernel
+  return p.is_causal ? run_bwd_wgmma<T, kHeadDim, true, kWarpgroups>(p, b.delta, sums, nullptr)
+                     : run_bwd_wgmma<T, kHeadDim, false, kWarpgroups>(p, b.delta, sums, nullptr);
 }
 
 // Largest |got - want| of a gradient, and whether it is within 3 units of bf16 rounding (the
@@ -201,18 +201,13 @@ bool check_case(const Case& c, std::mt19937& rng) {
   }
   const BackwardParams p = make_params(b, c, max_q, max_k);
   if (!check(run<T, kWarpgroups, kKeyTile>(p), "forward launch") ||
-      !check(cudaDeviceSynchronize(), "forward") ||
-      !check(run_backward<T, kWarpgroups>(p, b), "backward launch") ||
-      !check(cudaDeviceSynchronize(), "backward")) {
+      !check(cudaDeviceSynchronize(), "forward")) {
     return false;
   }
   std::vector<T> out(size_q), dq(size_q), dk(size_k), dv(size_k);
   std::vector<float> lse(static_cast<size_t>(c.heads_q) * nq);
   if (!check(cudaMemcpy(out.data(), b.out, size_q * 2, cudaMemcpyDeviceToHost), "copy") ||
-      !check(cudaMemcpy(lse.data(), b.lse, lse.size() * 4, cudaMemcpyDeviceToHost), "copy") ||
-      !check(cudaMemcpy(dq.data(), b.grad_q, size_q * 2, cudaMemcpyDeviceToHost), "copy") ||
-      !check(cudaMemcpy(dk.data(), b.grad_k, size_k * 2, cudaMemcpyDeviceToHost), "copy") ||
-      !check(cudaMemcpy(dv.data(), b.grad_v, size_k * 2, cudaMemcpyDeviceToHost), "copy")) {
+      !check(cudaMemcpy(lse.data(), b.lse, lse.size() * 4, cudaMemcpyDeviceToHost), "copy")) {
     return false;
   }
 
@@ -270,24 +265,36 @@ bool check_case(const Case& c, std::mt19937& rng) {
       }
     }
   }
-  GradientError dq_error, dk_error, dv_error;
-  for (size_t i = 0; i < size_q; ++i) dq_error.add(to_double(dq[i]), dq_ref[i]);
-  for (size_t i = 0; i < size_k; ++i) {
-    dk_error.add(to_double(dk[i]), dk_ref[i]);
-    dv_error.add(to_double(dv[i]), dv_ref[i]);
-  }
   // P and the output are rounded to T (bf16: 8 bits of mantissa): errors of a few 1e-3 on
   // outputs of magnitude below 1; a wrong layout or mask gives errors of order 1.
-  const bool match = out_error < 2e-2 && lse_error < 1e-3 && rows_without_keys_ok &&
-                     dq_error.ok() && dk_error.ok() && dv_error.ok();
-  std::printf(
-      "%s, %d warpgroup(s), %3d-key tiles, %-28s max |err| out %.3g, lse %.3g, dq %.3g (of %.3g), "
-      "dk %.3g (of "
-      "%.3g), "
-      "dv %.3g (of %.3g)%s -> %s\n",
-      type_name<T>(), kWarpgroups, kKeyTile, c.name, out_error, lse_error, dq_error.error,
-      dq_error.largest, dk_error.error, dk_error.largest, dv_error.error, dv_error.largest,
-      rows_without_keys_ok ? "" : ", rows without keys WRONG", match ? "match" : "MISMATCH");
+  bool match = out_error < 2e-2 && lse_error < 1e-3 && rows_without_keys_ok;
+  std::printf("%s, %d warpgroup(s), %3d-key tiles, %-28s max |err| out %.3g, lse %.3g%s -> %s\n",
+              type_name<T>(), kWarpgroups, kKeyTile, c.name, out_error, lse_error,
+              rows_without_keys_ok ? "" : ", rows without keys WRONG",
+              match ? "match" : "MISMATCH");
+  for (const bool deterministic : {false, true}) {
+    if (!check(run_backward<T, kWarpgroups>(p, b, deterministic), "backward launch") ||
+        !check(cudaDeviceSynchronize(), "backward") ||
+        !check(cudaMemcpy(dq.data(), b.grad_q, size_q * 2, cudaMemcpyDeviceToHost), "copy") ||
+        !check(cudaMemcpy(dk.data(), b.grad_k, size_k * 2, cudaMemcpyDeviceToHost), "copy") ||
+        !check(cudaMemcpy(dv.data(), b.grad_v, size_k * 2, cudaMemcpyDeviceToHost), "copy")) {
+      return false;
+    }
+    GradientError dq_error, dk_error, dv_error;
+    for (size_t i = 0; i < size_q; ++i) dq_error.add(to_double(dq[i]), dq_ref[i]);
+    for (size_t i = 0; i < size_k; ++i) {
+      dk_error.add(to_double(dk[i]), dk_ref[i]);
+      dv_error.add(to_double(dv[i]), dv_ref[i]);
+    }
+    const bool ok = dq_error.ok() && dk_error.ok() && dv_error.ok();
+    std::printf(
+        "    backward, %-13s max |err| dq %.3g (of %.3g), dk %.3g (of %.3g), dv %.3g (of "
+        "%.3g) -> %s\n",
+        deterministic ? "deterministic" : "atomic dQ", dq_error.error, dq_error.largest,
+        dk_error.error, dk_error.largest, dv_error.error, dv_error.largest,
+        ok ? "match" : "MISMATCH");
+    match = match && ok;
+  }
   return match;
 }
 
@@ -351,6 +358,14 @@ void time_causal(int tokens, int heads) {
               gpu_probe::median_ms([&] { return run_backward<__nv_bfloat16, 1>(t.p, t.b); }), bwd);
   report_time("backward, wgmma, 2 warpgroups (128 keys)",
               gpu_probe::median_ms([&] { return run_backward<__nv_bfloat16, 2>(t.p, t.b); }), bwd);
+  report_time("backward, mma.sync, deterministic", gpu_probe::median_ms([&] {
+                return run_bwd_flash<__nv_bfloat16, kHeadDim, true, 4>(t.p, t.b.delta, nullptr,
+                                                                       nullptr);
+              }),
+              bwd);
+  report_time("backward, wgmma, deterministic (dQ kernel)",
+              gpu_probe::median_ms([&] { return run_backward<__nv_bfloat16, 2>(t.p, t.b, true); }),
+              bwd);
 }
 
 }  // namespace

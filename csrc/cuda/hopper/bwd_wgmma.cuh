@@ -29,6 +29,7 @@
 #include "../kernel_launch.cuh"
 #include "../tensor_rows.cuh"
 #include "../utils.cuh"
+#include "dq_wgmma.cuh"
 #include "hopper_kernels.h"
 #include "swizzled_tiles.cuh"
 #include "wgmma.cuh"
@@ -61,7 +62,9 @@ struct WgmmaBwdTraits {
   static_assert(kHeadDim == 64 || kHeadDim == 128, "head_dim 64 or 128");
 };
 
-template <typename Traits, typename T, bool kIsCausal>
+// kAtomicDq: also adds each tile's dS K into dq_accumulator ((batch, heads_q, seqlen_q, head_dim)
+// float32, zeroed) with atomics; without it dQ is left to dq_wgmma_kernel.
+template <typename Traits, typename T, bool kIsCausal, bool kAtomicDq>
 __global__ void __launch_bounds__(Traits::kThreads)
     dkdv_wgmma_kernel(const BackwardParams params, const float* delta, float* dq_accumulator) {
 #ifdef BLOCK_ATTN_WGMMA
@@ -150,8 +153,8 @@ __global__ void __launch_bounds__(Traits::kThreads)
     const int buf = it % 2;
     wait_tiles_for_wgmma();  // tile `it` is in; every thread is done with the other buffer and dS^T
     const int m0 = tile_m0;
-    const int head = tile_head;
-    tile_m0 += kBlockM;  // the next tile, without a division per iteration
+    [[maybe_unused]] const int head = tile_head;  // for the atomic dQ rows
+    tile_m0 += kBlockM;                           // the next tile, without a division per iteration
     if (tile_m0 >= qr.length) {
       tile_m0 = m_begin;
       ++tile_head;
@@ -216,8 +219,8 @@ __global__ void __launch_bounds__(Traits::kThreads)
       softmax_gradient(std::false_type{});
     }
 
-    // Queries 16 kk .. 16 kk + 15 of P^T and dS^T as A fragments; dS^T also to shared memory
-    // (row = the CTA's key, 64 queries per row) for the dQ product.
+    // Queries 16 kk .. 16 kk + 15 of P^T and dS^T as A fragments; with atomic dQ, dS^T also to
+    // shared memory (row = the CTA's key, 64 queries per row) for the dQ product.
     uint32_t p_frag[kBlockM / 16][4];
     uint32_t ds_frag[kBlockM / 16][4];
 #pragma unroll
@@ -226,12 +229,14 @@ __global__ void __launch_bounds__(Traits::kThreads)
       for (int j = 0; j < 4; ++j) {
         p_frag[kk][j] = pack2<T>(s[8 * kk + 2 * j], s[8 * kk + 2 * j + 1]);
         ds_frag[kk][j] = pack2<T>(dp[8 * kk + 2 * j], dp[8 * kk + 2 * j + 1]);
-        const int row = key_row0 + group_row + 8 * (j % 2);
-        const int col = 8 * (2 * kk + j / 2) + 2 * quad_col;
-        *reinterpret_cast<uint32_t*>(sdS + swizzle128_offset(row, col)) = ds_frag[kk][j];
+        if constexpr (kAtomicDq) {
+          const int row = key_row0 + group_row + 8 * (j % 2);
+          const int col = 8 * (2 * kk + j / 2) + 2 * quad_col;
+          *reinterpret_cast<uint32_t*>(sdS + swizzle128_offset(row, col)) = ds_frag[kk][j];
+        }
       }
     }
-    fence_shared_for_async_reads();  // this thread's dS^T, for the dQ product's reads
+    if constexpr (kAtomicDq) fence_shared_for_async_reads();  // for the dQ product's reads
 
     // dV += P^T dO and dK += dS^T Q, one 64-column half of head_dim per product.
     wgmma_fence();
@@ -246,39 +251,45 @@ __global__ void __launch_bounds__(Traits::kThreads)
       }
     }
     wgmma_commit();
-    __syncthreads();  // every warpgroup's dS^T is in
+    if constexpr (kAtomicDq) {
+      __syncthreads();  // every warpgroup's dS^T is in
 
-    // dQ_tile = dS K, 64 columns at a time: A = dS^T read M-major, B = the keys' rows of K's
-    // column block N-major. Keys past the block have zero rows in sK, so their dS adds nothing.
-    float* dq_rows = dq_accumulator + lse_index(params, batch, head, qr.start) * kHeadDim;
-    const int dq_key0 = Traits::kDqSplitsColumns ? 0 : warpgroup * 64;  // of sdS and sK
+      // dQ_tile = dS K, 64 columns at a time: A = dS^T read M-major, B = the keys' rows of K's
+      // column block N-major. Keys past the block have zero rows in sK, so their dS adds nothing.
+      float* dq_rows = dq_accumulator + lse_index(params, batch, head, qr.start) * kHeadDim;
+      const int dq_key0 = Traits::kDqSplitsColumns ? 0 : warpgroup * 64;  // of sdS and sK
 #pragma unroll
-    for (int c = 0; c < Traits::kDqColumnBlocks; ++c) {
-      const int h = Traits::kDqSplitsColumns ? warpgroup * Traits::kDqColumnBlocks + c : c;
-      float dq[32];
-      wgmma_fence();
+      for (int c = 0; c < Traits::kDqColumnBlocks; ++c) {
+        const int h = Traits::kDqSplitsColumns ? warpgroup * Traits::kDqColumnBlocks + c : c;
+        float dq[32];
+        wgmma_fence();
 #pragma unroll
-      for (int ks = 0; ks < Traits::kDqKeys / 16; ++ks) {
-        const int key = dq_key0 + ks * 16;
-        wgmma_m64n64k16<T, true, true>(dq, mn_major_descriptor(sdS, key),
-                                       mn_major_descriptor(sK + h * kBlockN * 128, key), ks > 0);
+        for (int ks = 0; ks < Traits::kDqKeys / 16; ++ks) {
+          const int key = dq_key0 + ks * 16;
+          wgmma_m64n64k16<T, true, true>(dq, mn_major_descriptor(sdS, key),
+                                         mn_major_descriptor(sK + h * kBlockN * 128, key), ks > 0);
+        }
+        wgmma_commit();
+        wgmma_wait<0>();
+        fence_operands(dq);
+        fence_operands(p_frag);
+        fence_operands(ds_frag);
+        // dq[4 n + e]: query row 16 warp + group_row + 8 (e / 2) of the tile, column 8 n +
+        // 2 quad_col + e % 2 of the half.
+#pragma unroll
+        for (int rr = 0; rr < 2; ++rr) {
+          const int i = m0 + 16 * warp + group_row + 8 * rr;
+          if (i >= qr.length) continue;
+          float* sums = dq_rows + static_cast<int64_t>(i) * kHeadDim + h * 64 + 2 * quad_col;
+#pragma unroll
+          for (int n = 0; n < 8; ++n)
+            atomic_add_pair(sums + 8 * n, dq[4 * n + 2 * rr], dq[4 * n + 2 * rr + 1]);
+        }
       }
-      wgmma_commit();
+    } else {
       wgmma_wait<0>();
-      fence_operands(dq);
       fence_operands(p_frag);
       fence_operands(ds_frag);
-      // dq[4 n + e]: query row 16 warp + group_row + 8 (e / 2) of the tile, column 8 n +
-      // 2 quad_col + e % 2 of the half.
-#pragma unroll
-      for (int rr = 0; rr < 2; ++rr) {
-        const int i = m0 + 16 * warp + group_row + 8 * rr;
-        if (i >= qr.length) continue;
-        float* sums = dq_rows + static_cast<int64_t>(i) * kHeadDim + h * 64 + 2 * quad_col;
-#pragma unroll
-        for (int n = 0; n < 8; ++n)
-          atomic_add_pair(sums + 8 * n, dq[4 * n + 2 * rr], dq[4 * n + 2 * rr + 1]);
-      }
     }
   }
   cp_async_wait_all();
@@ -311,18 +322,21 @@ __global__ void __launch_bounds__(Traits::kThreads)
 #endif
 }
 
-// The whole backward: Delta and the zeroed dQ accumulator, dK / dV with dQ's sums, and grad_q
-// from the sums. dq_accumulator: (batch, heads_q, seqlen_q, head_dim) float32, required.
+// The whole backward: Delta (and the zeroed dQ accumulator), dK / dV, and dQ: with a
+// dq_accumulator ((batch, heads_q, seqlen_q, head_dim) float32) from the dK/dV kernel's atomic
+// sums, else (deterministic) from dq_wgmma_kernel.
 template <typename T, int kHeadDim, bool kIsCausal, int kWarpgroups>
 cudaError_t run_bwd_wgmma(const BackwardParams& params, float* delta, float* dq_accumulator,
                           cudaStream_t stream) {
   using Traits = WgmmaBwdTraits<kHeadDim, kWarpgroups>;
+  const bool atomic_dq = dq_accumulator != nullptr;
   cudaError_t err = launch_backward_prologue<T>(params, delta, dq_accumulator, stream);
   if (err != cudaSuccess) return err;
   const dim3 grid(ceil_div(params.max_seqlen_k, Traits::kBlockN), params.num_blocks,
                   params.batch * params.heads_kv);
   if (grid.x > 0 && grid.y > 0 && grid.z > 0) {
-    auto kernel = dkdv_wgmma_kernel<Traits, T, kIsCausal>;
+    auto kernel = atomic_dq ? dkdv_wgmma_kernel<Traits, T, kIsCausal, true>
+                            : dkdv_wgmma_kernel<Traits, T, kIsCausal, false>;
     err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                Traits::kSharedBytes);
     if (err != cudaSuccess) return err;
@@ -330,7 +344,8 @@ cudaError_t run_bwd_wgmma(const BackwardParams& params, float* delta, float* dq_
                         static_cast<const float*>(delta), dq_accumulator);
     if (err != cudaSuccess) return err;
   }
-  return launch_dq_convert<T>(params, dq_accumulator, stream);
+  if (atomic_dq) return launch_dq_convert<T>(params, dq_accumulator, stream);
+  return run_dq_wgmma<T, kHeadDim, kIsCausal>(params, delta, stream);
 }
 
 }  // namespace block_attn::cuda::hopper

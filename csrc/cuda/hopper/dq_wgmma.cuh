@@ -1,0 +1,225 @@
+// dQ of the deterministic backward on Hopper warpgroup products (wgmma), bf16 or fp16, head_dim
+// 64 or 128: every element of dQ is summed by one thread, in key order, so runs agree bitwise.
+//
+// Same grid as the forward: (query tiles of the longest block, blocks, batch * heads_q), query
+// tiles costliest first. A CTA is one warpgroup owning 64 queries; it streams the key tiles those
+// queries see, K and V double-buffered by cp.async, all in the 128-byte swizzle layout. Per tile:
+//   S = Q K^T and dP = dO V^T      both operands from shared memory (K-major);
+//   P = exp(S - lse), dS = P (dP - Delta)   in the accumulators' registers;
+//   dQ += dS K                     dS from registers (already in the A-fragment layout), K N-major.
+// Requires 16-byte aligned rows (rows_are_16_byte_aligned).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <type_traits>
+
+#include "../../attention_params.h"
+#include "../flash/mma_utils.cuh"
+#include "../kernel_launch.cuh"
+#include "../tensor_rows.cuh"
+#include "../utils.cuh"
+#include "swizzled_tiles.cuh"
+#include "wgmma.cuh"
+
+namespace block_attn::cuda::hopper {
+
+template <int kHeadDim_>
+struct WgmmaDqTraits {
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kColumnBlocks = kHeadDim / 64;
+  static constexpr int kThreads = 128;
+  static constexpr int kBlockM = 64;  // queries of a CTA
+  static constexpr int kBlockN = 64;  // keys per streamed tile
+  static constexpr int kTileBytes = 64 * kHeadDim * 2;
+  // Q and dO; K and V double-buffered; plus 1 KiB to align the buffer to the swizzle's 1024 bytes.
+  static constexpr int kSharedBytes = 6 * kTileBytes + 1024;
+  static_assert(kHeadDim == 64 || kHeadDim == 128, "head_dim 64 or 128");
+};
+
+template <typename Traits, typename T, bool kIsCausal>
+__global__ void __launch_bounds__(Traits::kThreads)
+    dq_wgmma_kernel(const BackwardParams params, const float* delta) {
+#ifdef BLOCK_ATTN_WGMMA
+  constexpr int kThreads = Traits::kThreads;
+  constexpr int kBlockM = Traits::kBlockM;
+  constexpr int kBlockN = Traits::kBlockN;
+  constexpr int kHeadDim = Traits::kHeadDim;
+  constexpr int kColumnBlocks = Traits::kColumnBlocks;
+  constexpr int kTileBytes = Traits::kTileBytes;
+
+  const QueryTile tile = query_tile(params, kBlockM);
+  if (tile.m0 >= tile.qr.length) return;
+  const BlockRange qr = tile.qr, kr = tile.kr;
+  const int m0 = tile.m0, batch = tile.batch, head = tile.head, head_kv = tile.head_kv;
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int row0 = m0 + warp * 16;  // the warp's first query
+  const int group_row = lane / 4;
+  const int quad_col = lane % 4;
+
+  extern __shared__ unsigned char smem_raw[];
+  unsigned char* smem = reinterpret_cast<unsigned char*>(
+      (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~static_cast<uintptr_t>(1023));
+  unsigned char* sQ = smem;
+  unsigned char* sdO = sQ + kTileBytes;
+  // Double buffers: buffer b of a tile starts b * kTileBytes after its first buffer.
+  unsigned char* sK = sdO + kTileBytes;
+  unsigned char* sV = sK + 2 * kTileBytes;
+
+  const T* q = q_rows<T>(params, batch, head, qr.start);
+  const T* grad_out = grad_out_rows<T>(params, batch, head, qr.start);
+  const T* k = k_rows<T>(params, batch, head_kv, kr.start);
+  const T* v = v_rows<T>(params, batch, head_kv, kr.start);
+
+  const int n_end = tile_key_end<kIsCausal>(m0, kBlockM, qr, kr);
+  const int unmasked_end = tile_unmasked_key_end<kIsCausal>(m0, qr, kr);
+  const int n_tiles = ceil_div(n_end, kBlockN);
+
+  load_tile_swizzled<kBlockM, kHeadDim, kThreads>(sQ, q, params.q_row_stride, m0, qr.length);
+  load_tile_swizzled<kBlockM, kHeadDim, kThreads>(sdO, grad_out, params.grad_out_row_stride, m0,
+                                                  qr.length);
+  if (n_tiles > 0) {
+    load_tile_swizzled<kBlockN, kHeadDim, kThreads>(sK, k, params.k_row_stride, 0, n_end);
+    load_tile_swizzled<kBlockN, kHeadDim, kThreads>(sV, v, params.v_row_stride, 0, n_end);
+  }
+  cp_async_commit();
+
+  // lse and Delta of the thread's two rows; +inf makes P = 0 on rows past the block.
+  constexpr float kLog2e = 1.4426950408889634f;
+  const float scale_log2 = params.scale * kLog2e;
+  const int64_t row_base = lse_index(params, batch, head, qr.start);
+  float lse_log2[2];
+  float row_delta[2];
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    const int i = row0 + group_row + 8 * rr;
+    lse_log2[rr] =
+        i < qr.length ? static_cast<const float*>(params.lse)[row_base + i] * kLog2e : INFINITY;
+    row_delta[rr] = i < qr.length ? delta[row_base + i] : 0.f;
+  }
+  float dq[kColumnBlocks][32];  // 64-column blocks of dQ, wgmma accumulator layout
+#pragma unroll
+  for (int h = 0; h < kColumnBlocks; ++h) {
+#pragma unroll
+    for (int i = 0; i < 32; ++i) dq[h][i] = 0.f;
+  }
+
+  auto process_key_tile = [&](const int j, auto mask_tag) {
+    constexpr bool kMask = decltype(mask_tag)::value;
+    const int n0 = j * kBlockN;
+    const int buf = j % 2;
+    wait_tiles_for_wgmma();  // K_j and V_j are in; every thread is done with the other buffer
+    if (j + 1 < n_tiles) {
+      load_tile_swizzled<kBlockN, kHeadDim, kThreads>(sK + (buf ^ 1) * kTileBytes, k,
+                                                      params.k_row_stride, n0 + kBlockN, n_end);
+      load_tile_swizzled<kBlockN, kHeadDim, kThreads>(sV + (buf ^ 1) * kTileBytes, v,
+                                                      params.v_row_stride, n0 + kBlockN, n_end);
+    }
+    cp_async_commit();
+    const unsigned char* k_tile = sK + buf * kTileBytes;
+    const unsigned char* v_tile = sV + buf * kTileBytes;
+
+    // S = Q K^T and dP = dO V^T over head_dim / 16 k steps; step ks lies in column block ks / 4.
+    // s[4 n + e]: row group_row + 8 (e / 2) of the warp's 16, key n0 + 8 n + 2 quad_col + e % 2.
+    float s[32];
+    float dp[32];
+    wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < kHeadDim / 16; ++ks) {
+      const int block = ks / 4;
+      const int k0 = (ks % 4) * 16;
+      wgmma_m64n64k16<T, false>(s, k_major_descriptor(sQ + block * kBlockM * 128, k0),
+                                k_major_descriptor(k_tile + block * kBlockN * 128, k0), ks > 0);
+    }
+#pragma unroll
+    for (int ks = 0; ks < kHeadDim / 16; ++ks) {
+      const int block = ks / 4;
+      const int k0 = (ks % 4) * 16;
+      wgmma_m64n64k16<T, false>(dp, k_major_descriptor(sdO + block * kBlockM * 128, k0),
+                                k_major_descriptor(v_tile + block * kBlockN * 128, k0), ks > 0);
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_operands(s);
+    fence_operands(dp);
+
+    // dS in place of dP, packed as A fragments: keys 16 kk .. 16 kk + 15.
+    uint32_t ds_frag[kBlockN / 16][4];
+#pragma unroll
+    for (int i = 0; i < 32; ++i) {
+      const int rr = (i % 4) / 2;
+      float p = fast_exp2(s[i] * scale_log2 - lse_log2[rr]);
+      if (kMask) {
+        const int row = row0 + group_row + 8 * rr;
+        const int key = n0 + 8 * (i / 4) + 2 * quad_col + i % 2;
+        const int key_end = kIsCausal ? causal_key_end(row, qr.length, kr.length) : kr.length;
+        if (key >= key_end) p = 0.f;
+      }
+      dp[i] = p * (dp[i] - row_delta[rr]);
+    }
+#pragma unroll
+    for (int kk = 0; kk < kBlockN / 16; ++kk) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e)
+        ds_frag[kk][e] = pack2<T>(dp[8 * kk + 2 * e], dp[8 * kk + 2 * e + 1]);
+    }
+
+    // dQ += dS K: K's rows for keys 16 kk .. 16 kk + 15, one 64-column block per product.
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kBlockN / 16; ++kk) {
+#pragma unroll
+      for (int h = 0; h < kColumnBlocks; ++h) {
+        wgmma_m64n64k16_register_a<T>(dq[h], ds_frag[kk],
+                                      mn_major_descriptor(k_tile + h * kBlockN * 128, kk * 16));
+      }
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_operands(dq);
+    fence_operands(ds_frag);
+  };
+
+  const int unmasked_tiles = unmasked_end / kBlockN;
+  int j = 0;
+  for (; j < unmasked_tiles; ++j) process_key_tile(j, std::false_type{});
+  for (; j < n_tiles; ++j) process_key_tile(j, std::true_type{});
+  cp_async_wait_all();
+
+  T* grad_q = grad_q_rows<T>(params, batch, head, qr.start);
+  const float scale = params.scale;
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    const int i = row0 + group_row + 8 * rr;
+    if (i >= qr.length) continue;
+    T* grad_q_row = grad_q + static_cast<int64_t>(i) * params.grad_q_row_stride;
+#pragma unroll
+    for (int h = 0; h < kColumnBlocks; ++h) {
+#pragma unroll
+      for (int n = 0; n < 8; ++n) {
+        const int at = 4 * n + 2 * rr;
+        *reinterpret_cast<uint32_t*>(grad_q_row + h * 64 + n * 8 + quad_col * 2) =
+            pack2<T>(dq[h][at] * scale, dq[h][at + 1] * scale);
+      }
+    }
+  }
+#endif
+}
+
+// grad_q of the deterministic backward; delta from launch_backward_prologue.
+template <typename T, int kHeadDim, bool kIsCausal>
+cudaError_t run_dq_wgmma(const BackwardParams& params, const float* delta, cudaStream_t stream) {
+  using Traits = WgmmaDqTraits<kHeadDim>;
+  const dim3 grid(ceil_div(params.max_seqlen_q, Traits::kBlockM), params.num_blocks,
+                  params.batch * params.heads_q);
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0) return cudaSuccess;
+  auto kernel = dq_wgmma_kernel<Traits, T, kIsCausal>;
+  const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                               Traits::kSharedBytes);
+  if (err != cudaSuccess) return err;
+  return launch_kernel(kernel, grid, Traits::kThreads, Traits::kSharedBytes, stream, params, delta);
+}
+
+}  // namespace block_attn::cuda::hopper
