@@ -136,9 +136,9 @@ __global__ void __launch_bounds__(Traits::kThreads)
   cp_async_commit();
 
   const float scale_log2 = params.scale * kLog2e;
-  // dK and dV of the warpgroup's 64 keys: two 64-column halves each, accumulator layout
+  // dK and dV of the warpgroup's 64 keys: 64-column blocks of head_dim, accumulator layout
   // (register 4 n + e: key row group_row + 8 (e / 2) of the warp's 16, column 8 n + 2 quad_col
-  // + e % 2 of the half).
+  // + e % 2 of the block).
   float dk[kColumnBlocks][32];
   float dv[kColumnBlocks][32];
 #pragma unroll
@@ -238,7 +238,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
     }
     if constexpr (kAtomicDq) fence_shared_for_async_reads();  // for the dQ product's reads
 
-    // dV += P^T dO and dK += dS^T Q, one 64-column half of head_dim per product.
+    // dV += P^T dO and dK += dS^T Q, one 64-column block of head_dim per product.
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < kBlockM / 16; ++kk) {
@@ -275,7 +275,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
         fence_operands(p_frag);
         fence_operands(ds_frag);
         // dq[4 n + e]: query row 16 warp + group_row + 8 (e / 2) of the tile, column 8 n +
-        // 2 quad_col + e % 2 of the half.
+        // 2 quad_col + e % 2 of the block.
 #pragma unroll
         for (int rr = 0; rr < 2; ++rr) {
           const int i = m0 + 16 * warp + group_row + 8 * rr;
