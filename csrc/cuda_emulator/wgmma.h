@@ -83,20 +83,19 @@ void product(float (&d)[kRegisters], bool accumulate, AElement a_at, BElement b_
   }
 }
 
-}  // namespace emulated
-
-template <typename T, bool kTransposeB, bool kTransposeA = false>
-void wgmma_m64n64k16(float (&d)[32], uint64_t desc_a, uint64_t desc_b, bool accumulate) {
+// d (64 x 2 kRegisters) = A B (+ d) with both operands read through descriptors, once every
+// thread of the warpgroup has issued the same ones.
+template <typename T, bool kTransposeA, bool kTransposeB, int kRegisters>
+void shared_memory_product(float (&d)[kRegisters], uint64_t desc_a, uint64_t desc_b,
+                           bool accumulate, const char* name) {
   const uint64_t mine[3] = {desc_a, desc_b, accumulate ? 1u : 0u};
-  const char* name = kTransposeA ? (kTransposeB ? "wgmma.ss.m-major.n-major" : "wgmma.ss.m-major")
-                                 : (kTransposeB ? "wgmma.ss.n-major" : "wgmma.ss");
   const cuda_emulator::WarpgroupPayloads& all =
       cuda_emulator::warpgroup_exchange(mine, sizeof(mine), name);
   if (std::memcmp(all[0], mine, sizeof(mine)) != 0) {
     cuda_emulator::fail("wgmma operands differ across the warpgroup");
   }
-  const emulated::Descriptor<T> a(desc_a), b(desc_b);
-  emulated::product(
+  const Descriptor<T> a(desc_a), b(desc_b);
+  product(
       d, accumulate,
       [&](int row, int k) { return kTransposeA ? a.mn_major(k, row) : a.k_major(row, k); },
       [&](int k, int column) {
@@ -104,18 +103,18 @@ void wgmma_m64n64k16(float (&d)[32], uint64_t desc_a, uint64_t desc_b, bool accu
       });
 }
 
+}  // namespace emulated
+
+template <typename T, bool kTransposeB, bool kTransposeA = false>
+void wgmma_m64n64k16(float (&d)[32], uint64_t desc_a, uint64_t desc_b, bool accumulate) {
+  const char* name = kTransposeA ? (kTransposeB ? "wgmma.ss.m-major.n-major" : "wgmma.ss.m-major")
+                                 : (kTransposeB ? "wgmma.ss.n-major" : "wgmma.ss");
+  emulated::shared_memory_product<T, kTransposeA, kTransposeB>(d, desc_a, desc_b, accumulate, name);
+}
+
 template <typename T>
 void wgmma_m64n128k16(float (&d)[64], uint64_t desc_a, uint64_t desc_b, bool accumulate) {
-  const uint64_t mine[3] = {desc_a, desc_b, accumulate ? 1u : 0u};
-  const cuda_emulator::WarpgroupPayloads& all =
-      cuda_emulator::warpgroup_exchange(mine, sizeof(mine), "wgmma.ss.n128");
-  if (std::memcmp(all[0], mine, sizeof(mine)) != 0) {
-    cuda_emulator::fail("wgmma operands differ across the warpgroup");
-  }
-  const emulated::Descriptor<T> a(desc_a), b(desc_b);
-  emulated::product(
-      d, accumulate, [&](int row, int k) { return a.k_major(row, k); },
-      [&](int k, int column) { return b.k_major(column, k); });
+  emulated::shared_memory_product<T, false, false>(d, desc_a, desc_b, accumulate, "wgmma.ss.n128");
 }
 
 template <typename T>

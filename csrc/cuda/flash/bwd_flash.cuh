@@ -63,6 +63,26 @@ __device__ __forceinline__ void atomic_add_pair(float* dst, float x, float y) {
 #endif
 }
 
+// lse (times log2 e) and Delta of query row i of a block whose first row has lse index row_base:
+// +inf and 0 past the block's `length` rows, which makes P = 0 there.
+__device__ __forceinline__ void row_statistics(const BackwardParams& params, const float* delta,
+                                               int64_t row_base, int i, int length, float& lse_log2,
+                                               float& row_delta) {
+  constexpr float kLog2e = 1.4426950408889634f;
+  lse_log2 = i < length ? static_cast<const float*>(params.lse)[row_base + i] * kLog2e : INFINITY;
+  row_delta = i < length ? delta[row_base + i] : 0.f;
+}
+
+// row_statistics of rows m0 .. m0 + kRows - 1 into s_lse and s_delta, by the CTA's kThreads.
+template <int kRows, int kThreads>
+__device__ __forceinline__ void stage_row_statistics(const BackwardParams& params,
+                                                     const float* delta, int64_t row_base, int m0,
+                                                     int length, float* s_lse, float* s_delta) {
+  for (int r = threadIdx.x; r < kRows; r += kThreads) {
+    row_statistics(params, delta, row_base, m0 + r, length, s_lse[r], s_delta[r]);
+  }
+}
+
 // kAtomicDq: also adds each tile's dS K into dq_accumulator ((batch, heads_q, seqlen_q, head_dim)
 // float32, zeroed), with atomics.
 template <typename Traits, typename T, bool kIsCausal, bool kAtomicDq>
@@ -117,14 +137,9 @@ __global__ void __launch_bounds__(Traits::kThreads)
                                      head_dim, vectorized);
     load_tile_async<Traits, kBlockM>((sdO + buf * kTile), grad_out, params.grad_out_row_stride, m0,
                                      qr.length, head_dim, vectorized);
-    const int64_t row_base = lse_index(params, batch, head, qr.start);
-    for (int r = threadIdx.x; r < kBlockM; r += Traits::kThreads) {
-      const int i = m0 + r;
-      // +inf makes P = 0 on rows past the block.
-      s_lse[buf * kBlockM + r] =
-          i < qr.length ? static_cast<const float*>(params.lse)[row_base + i] * kLog2e : INFINITY;
-      s_delta[buf * kBlockM + r] = i < qr.length ? delta[row_base + i] : 0.f;
-    }
+    stage_row_statistics<kBlockM, Traits::kThreads>(
+        params, delta, lse_index(params, batch, head, qr.start), m0, qr.length,
+        s_lse + buf * kBlockM, s_delta + buf * kBlockM);
   };
 
   // Tiles run head by head, m_tiles per head; (tile_head, tile_m0) is the one computed next.
@@ -307,9 +322,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
 #pragma unroll
     for (int rr = 0; rr < 2; ++rr) {
       const int i = m0 + warp_row0 + g * 16 + group_row + rr * 8;
-      lse_log2[g][rr] =
-          i < qr.length ? static_cast<const float*>(params.lse)[row_base + i] * kLog2e : INFINITY;
-      row_delta[g][rr] = i < qr.length ? delta[row_base + i] : 0.f;
+      row_statistics(params, delta, row_base, i, qr.length, lse_log2[g][rr], row_delta[g][rr]);
     }
   }
   zero_fragments(dq);

@@ -32,6 +32,7 @@
 #include "dq_wgmma.cuh"
 #include "hopper_kernels.h"
 #include "swizzled_tiles.cuh"
+#include "warpgroup_gemm.cuh"
 #include "wgmma.cuh"
 
 namespace block_attn::cuda::hopper {
@@ -119,14 +120,9 @@ __global__ void __launch_bounds__(Traits::kThreads)
                                                     params.q_row_stride, m0, qr.length);
     load_tile_swizzled<kBlockM, kHeadDim, kThreads>(sdO + buf * kQueryTileBytes, grad_out,
                                                     params.grad_out_row_stride, m0, qr.length);
-    const int64_t row_base = lse_index(params, batch, head, qr.start);
-    for (int r = threadIdx.x; r < kBlockM; r += kThreads) {
-      const int i = m0 + r;
-      // +inf makes P = 0 on rows past the block.
-      s_lse[buf * kBlockM + r] =
-          i < qr.length ? static_cast<const float*>(params.lse)[row_base + i] * kLog2e : INFINITY;
-      s_delta[buf * kBlockM + r] = i < qr.length ? delta[row_base + i] : 0.f;
-    }
+    stage_row_statistics<kBlockM, kThreads>(params, delta, lse_index(params, batch, head, qr.start),
+                                            m0, qr.length, s_lse + buf * kBlockM,
+                                            s_delta + buf * kBlockM);
   };
 
   // Tiles run head by head, m_tiles per head; (tile_head, tile_m0) is the one computed next.
@@ -172,21 +168,8 @@ __global__ void __launch_bounds__(Traits::kThreads)
     float s[32];
     float dp[32];
     wgmma_fence();
-#pragma unroll
-    for (int ks = 0; ks < kHeadDim / 16; ++ks) {
-      const int block = ks / 4;
-      const int k0 = (ks % 4) * 16;
-      wgmma_m64n64k16<T, false>(s, k_major_descriptor(sK + block * kBlockN * 128 + own_rows, k0),
-                                k_major_descriptor(q_tile + block * kBlockM * 128, k0), ks > 0);
-    }
-#pragma unroll
-    for (int ks = 0; ks < kHeadDim / 16; ++ks) {
-      const int block = ks / 4;
-      const int k0 = (ks % 4) * 16;
-      wgmma_m64n64k16<T, false>(dp, k_major_descriptor(sV + block * kBlockN * 128 + own_rows, k0),
-                                k_major_descriptor(grad_out_tile + block * kBlockM * 128, k0),
-                                ks > 0);
-    }
+    warpgroup_gemm_abt<T, kHeadDim>(s, sK + own_rows, kBlockN * 128, q_tile, kBlockM * 128);
+    warpgroup_gemm_abt<T, kHeadDim>(dp, sV + own_rows, kBlockN * 128, grad_out_tile, kBlockM * 128);
     wgmma_commit();
     wgmma_wait<0>();
     fence_operands(s);
@@ -219,37 +202,29 @@ __global__ void __launch_bounds__(Traits::kThreads)
       softmax_gradient(std::false_type{});
     }
 
-    // Queries 16 kk .. 16 kk + 15 of P^T and dS^T as A fragments; with atomic dQ, dS^T also to
-    // shared memory (row = the CTA's key, 64 queries per row) for the dQ product.
+    // P^T and dS^T as A fragments (queries 16 kk .. 16 kk + 15 in fragment kk); with atomic dQ,
+    // dS^T also to shared memory (row = the CTA's key, 64 queries per row) for the dQ product.
     uint32_t p_frag[kBlockM / 16][4];
     uint32_t ds_frag[kBlockM / 16][4];
+    to_a_fragments<T>(s, p_frag);
+    to_a_fragments<T>(dp, ds_frag);
+    if constexpr (kAtomicDq) {
 #pragma unroll
-    for (int kk = 0; kk < kBlockM / 16; ++kk) {
+      for (int kk = 0; kk < kBlockM / 16; ++kk) {
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        p_frag[kk][j] = pack2<T>(s[8 * kk + 2 * j], s[8 * kk + 2 * j + 1]);
-        ds_frag[kk][j] = pack2<T>(dp[8 * kk + 2 * j], dp[8 * kk + 2 * j + 1]);
-        if constexpr (kAtomicDq) {
+        for (int j = 0; j < 4; ++j) {
           const int row = key_row0 + group_row + 8 * (j % 2);
           const int col = 8 * (2 * kk + j / 2) + 2 * quad_col;
           *reinterpret_cast<uint32_t*>(sdS + swizzle128_offset(row, col)) = ds_frag[kk][j];
         }
       }
+      fence_shared_for_async_reads();  // for the dQ product's reads
     }
-    if constexpr (kAtomicDq) fence_shared_for_async_reads();  // for the dQ product's reads
 
-    // dV += P^T dO and dK += dS^T Q, one 64-column block of head_dim per product.
+    // dV += P^T dO and dK += dS^T Q.
     wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < kBlockM / 16; ++kk) {
-#pragma unroll
-      for (int h = 0; h < kColumnBlocks; ++h) {
-        wgmma_m64n64k16_register_a<T>(
-            dv[h], p_frag[kk], mn_major_descriptor(grad_out_tile + h * kBlockM * 128, kk * 16));
-        wgmma_m64n64k16_register_a<T>(dk[h], ds_frag[kk],
-                                      mn_major_descriptor(q_tile + h * kBlockM * 128, kk * 16));
-      }
-    }
+    warpgroup_gemm_pb<T>(dv, p_frag, grad_out_tile, kBlockM * 128);
+    warpgroup_gemm_pb<T>(dk, ds_frag, q_tile, kBlockM * 128);
     wgmma_commit();
     if constexpr (kAtomicDq) {
       __syncthreads();  // every warpgroup's dS^T is in

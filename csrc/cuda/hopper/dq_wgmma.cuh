@@ -16,11 +16,13 @@
 #include <type_traits>
 
 #include "../../attention_params.h"
+#include "../flash/bwd_flash.cuh"
 #include "../flash/mma_utils.cuh"
 #include "../kernel_launch.cuh"
 #include "../tensor_rows.cuh"
 #include "../utils.cuh"
 #include "swizzled_tiles.cuh"
+#include "warpgroup_gemm.cuh"
 #include "wgmma.cuh"
 
 namespace block_attn::cuda::hopper {
@@ -86,18 +88,15 @@ __global__ void __launch_bounds__(Traits::kThreads)
   }
   cp_async_commit();
 
-  // lse and Delta of the thread's two rows; +inf makes P = 0 on rows past the block.
-  constexpr float kLog2e = 1.4426950408889634f;
-  const float scale_log2 = params.scale * kLog2e;
+  // lse and Delta of the thread's two rows.
+  const float scale_log2 = params.scale * 1.4426950408889634f;
   const int64_t row_base = lse_index(params, batch, head, qr.start);
   float lse_log2[2];
   float row_delta[2];
 #pragma unroll
   for (int rr = 0; rr < 2; ++rr) {
-    const int i = row0 + group_row + 8 * rr;
-    lse_log2[rr] =
-        i < qr.length ? static_cast<const float*>(params.lse)[row_base + i] * kLog2e : INFINITY;
-    row_delta[rr] = i < qr.length ? delta[row_base + i] : 0.f;
+    row_statistics(params, delta, row_base, row0 + group_row + 8 * rr, qr.length, lse_log2[rr],
+                   row_delta[rr]);
   }
   float dq[kColumnBlocks][32];  // 64-column blocks of dQ, wgmma accumulator layout
 #pragma unroll
@@ -121,32 +120,19 @@ __global__ void __launch_bounds__(Traits::kThreads)
     const unsigned char* k_tile = sK + buf * kTileBytes;
     const unsigned char* v_tile = sV + buf * kTileBytes;
 
-    // S = Q K^T and dP = dO V^T over head_dim / 16 k steps; step ks lies in column block ks / 4.
-    // s[4 n + e]: row group_row + 8 (e / 2) of the warp's 16, key n0 + 8 n + 2 quad_col + e % 2.
+    // S = Q K^T and dP = dO V^T. s[4 n + e]: row group_row + 8 (e / 2) of the warp's 16, key
+    // n0 + 8 n + 2 quad_col + e % 2.
     float s[32];
     float dp[32];
     wgmma_fence();
-#pragma unroll
-    for (int ks = 0; ks < kHeadDim / 16; ++ks) {
-      const int block = ks / 4;
-      const int k0 = (ks % 4) * 16;
-      wgmma_m64n64k16<T, false>(s, k_major_descriptor(sQ + block * kBlockM * 128, k0),
-                                k_major_descriptor(k_tile + block * kBlockN * 128, k0), ks > 0);
-    }
-#pragma unroll
-    for (int ks = 0; ks < kHeadDim / 16; ++ks) {
-      const int block = ks / 4;
-      const int k0 = (ks % 4) * 16;
-      wgmma_m64n64k16<T, false>(dp, k_major_descriptor(sdO + block * kBlockM * 128, k0),
-                                k_major_descriptor(v_tile + block * kBlockN * 128, k0), ks > 0);
-    }
+    warpgroup_gemm_abt<T, kHeadDim>(s, sQ, kBlockM * 128, k_tile, kBlockN * 128);
+    warpgroup_gemm_abt<T, kHeadDim>(dp, sdO, kBlockM * 128, v_tile, kBlockN * 128);
     wgmma_commit();
     wgmma_wait<0>();
     fence_operands(s);
     fence_operands(dp);
 
-    // dS in place of dP, packed as A fragments: keys 16 kk .. 16 kk + 15.
-    uint32_t ds_frag[kBlockN / 16][4];
+    // dS in place of dP, then packed as A fragments.
 #pragma unroll
     for (int i = 0; i < 32; ++i) {
       const int rr = (i % 4) / 2;
@@ -159,23 +145,12 @@ __global__ void __launch_bounds__(Traits::kThreads)
       }
       dp[i] = p * (dp[i] - row_delta[rr]);
     }
-#pragma unroll
-    for (int kk = 0; kk < kBlockN / 16; ++kk) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e)
-        ds_frag[kk][e] = pack2<T>(dp[8 * kk + 2 * e], dp[8 * kk + 2 * e + 1]);
-    }
+    uint32_t ds_frag[kBlockN / 16][4];
+    to_a_fragments<T>(dp, ds_frag);
 
-    // dQ += dS K: K's rows for keys 16 kk .. 16 kk + 15, one 64-column block per product.
+    // dQ += dS K.
     wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < kBlockN / 16; ++kk) {
-#pragma unroll
-      for (int h = 0; h < kColumnBlocks; ++h) {
-        wgmma_m64n64k16_register_a<T>(dq[h], ds_frag[kk],
-                                      mn_major_descriptor(k_tile + h * kBlockN * 128, kk * 16));
-      }
-    }
+    warpgroup_gemm_pb<T>(dq, ds_frag, k_tile, kBlockN * 128);
     wgmma_commit();
     wgmma_wait<0>();
     fence_operands(dq);

@@ -23,6 +23,7 @@
 #include "../utils.cuh"
 #include "hopper_kernels.h"
 #include "swizzled_tiles.cuh"
+#include "warpgroup_gemm.cuh"
 #include "wgmma.cuh"
 
 namespace block_attn::cuda::hopper {
@@ -105,22 +106,11 @@ __global__ void __launch_bounds__(Traits::kThreads) fwd_wgmma_kernel(const Forwa
     load_tile_swizzled<kBlockN, kHeadDim, kThreads>(sV, v, params.v_row_stride, n0, n_end);
     cp_async_commit();
 
-    // S = Q K^T over head_dim / 16 k steps; step ks lies in column block ks / 4.
+    // S = Q K^T.
     constexpr int kScores = kBlockN / 2;  // registers of the 64 x kBlockN score tile
     float s[kScores];
     wgmma_fence();
-#pragma unroll
-    for (int ks = 0; ks < kHeadDim / 16; ++ks) {
-      const int block = ks / 4;
-      const int k0 = (ks % 4) * 16;
-      const uint64_t desc_q = k_major_descriptor(sQ_mine + block * 64 * 128, k0);
-      const uint64_t desc_k = k_major_descriptor(sK + block * kBlockN * 128, k0);
-      if constexpr (kBlockN == 128) {
-        wgmma_m64n128k16<T>(s, desc_q, desc_k, ks > 0);
-      } else {
-        wgmma_m64n64k16<T, false>(s, desc_q, desc_k, ks > 0);
-      }
-    }
+    warpgroup_gemm_abt<T, kHeadDim>(s, sQ_mine, 64 * 128, sK, kBlockN * 128);
     wgmma_commit();
     wgmma_wait<0>();
     fence_operands(s);
@@ -179,22 +169,9 @@ __global__ void __launch_bounds__(Traits::kThreads) fwd_wgmma_kernel(const Forwa
     // orders them for the tensor cores); V's rows for those keys, one 64-column block of
     // head_dim per product.
     uint32_t p_frag[kBlockN / 16][4];
-#pragma unroll
-    for (int kk = 0; kk < kBlockN / 16; ++kk) {
-      p_frag[kk][0] = pack2<T>(s[8 * kk + 0], s[8 * kk + 1]);
-      p_frag[kk][1] = pack2<T>(s[8 * kk + 2], s[8 * kk + 3]);
-      p_frag[kk][2] = pack2<T>(s[8 * kk + 4], s[8 * kk + 5]);
-      p_frag[kk][3] = pack2<T>(s[8 * kk + 6], s[8 * kk + 7]);
-    }
+    to_a_fragments<T>(s, p_frag);
     wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < kBlockN / 16; ++kk) {
-#pragma unroll
-      for (int h = 0; h < kColumnBlocks; ++h) {
-        wgmma_m64n64k16_register_a<T>(acc_o[h], p_frag[kk],
-                                      mn_major_descriptor(sV + h * kBlockN * 128, kk * 16));
-      }
-    }
+    warpgroup_gemm_pb<T>(acc_o, p_frag, sV, kBlockN * 128);
     wgmma_commit();
     wgmma_wait<0>();
     fence_operands(acc_o);
