@@ -12,15 +12,26 @@
 namespace block_attn::cuda {
 namespace {
 
-// mma.sync, ldmatrix and cp.async need sm_80 or newer. An attribute query, not a stream
-// operation: safe during graph capture.
-cudaError_t device_has_tensor_core_kernels(bool& result) {
+// The current device's compute capability. Attribute queries, not stream operations: safe during
+// graph capture.
+cudaError_t compute_capability(int& major, int& minor) {
   int device = 0;
-  int major = 0;
+  major = minor = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (err == cudaSuccess) {
     err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
   }
+  if (err == cudaSuccess) {
+    err = cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
+  }
+  return err;
+}
+
+// mma.sync, ldmatrix and cp.async need sm_80 or newer.
+cudaError_t device_has_tensor_core_kernels(bool& result) {
+  int major = 0;
+  int minor = 0;
+  const cudaError_t err = compute_capability(major, minor);
   result = major >= 8;
   return err;
 }
@@ -44,16 +55,9 @@ cudaError_t uses_hopper_kernels(const ForwardParams& params, bool rows_aligned, 
   if (!half_type || !tiled_head_dim || !rows_aligned) return cudaSuccess;
   const char* setting = std::getenv("BLOCK_ATTN_HOPPER_KERNELS");
   if (setting != nullptr && std::strcmp(setting, "0") == 0) return cudaSuccess;
-  int device = 0;
   int major = 0;
   int minor = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err == cudaSuccess) {
-    err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
-  }
-  if (err == cudaSuccess) {
-    err = cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
-  }
+  const cudaError_t err = compute_capability(major, minor);
   result = err == cudaSuccess && major == 9 && minor == 0;
   return err;
 #else
