@@ -138,12 +138,19 @@ EOF
 
 tests() {
   # pytest-xdist, where installed, runs the tests in 4 processes and replaces one that crashes,
-  # so a crash costs one test, not the rest of the run.
+  # so a crash costs one test, not the rest of the run. Not --dist loadfile: xdist 3.8 then runs
+  # the crashing test again in each replacement and never the rest of its file.
   local parallel=()
   if python3 -c 'import xdist' 2>/dev/null; then
-    parallel=(-n 4 --dist loadfile --max-worker-restart 8)
+    parallel=(-n 4 --dist load --max-worker-restart 8)
   fi
-  python3 -m pytest tests -q -rfEs "${parallel[@]}" --junitxml="$OUT/junit.xml" \
+  # pytest-timeout, where installed, ends a test that hangs (a kernel that never finishes) by
+  # ending its process, which xdist then replaces: one failed test instead of a step timeout.
+  local limit=()
+  if python3 -c 'import pytest_timeout' 2>/dev/null; then
+    limit=(--timeout 150 --timeout-method thread)
+  fi
+  python3 -m pytest tests -q -rfEs "${parallel[@]}" "${limit[@]}" --junitxml="$OUT/junit.xml" \
     -p no:cacheprovider
 }
 
