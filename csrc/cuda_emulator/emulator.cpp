@@ -46,7 +46,16 @@ struct ChunkAccesses {
   unsigned read_epoch = ~0u;    // latest ldmatrix read
   int reader_warp = -1;         // its warp, or kManyWarps if several read in that epoch
   int copy_in_flight_by = -1;   // thread whose cp.async to the chunk is not yet waited for
-  unsigned landed_epoch = ~0u;  // when the last cp.async landed (its thread's wait)
+  unsigned landed_epoch = ~0u;  // when the last cp.async landed (its thread's wait) or store
+  int unfenced_writes = 0;      // generic-proxy writes whose thread has not fenced the proxies
+  int wgmma_readers = 0;        // wgmma reads not yet behind their warpgroup's wait
+};
+
+// A warpgroup's wgmma operand reads, by commit group: the chunks of the groups still running
+// (oldest first) and of the products issued since the last commit.
+struct WarpgroupReads {
+  std::vector<std::vector<ChunkAccesses*>> committed;
+  std::vector<ChunkAccesses*> open;
 };
 
 struct Thread {
@@ -59,6 +68,7 @@ struct Thread {
   unsigned collectives = 0;  // warp collectives so far: picks the payload buffer
   unsigned warpgroup_collectives = 0;
   std::vector<PendingCopy> pending_copies;
+  std::vector<ChunkAccesses*> unfenced_chunks;  // its writes not yet behind fence.proxy.async
 };
 
 // The meeting point of a warp's (or warpgroup's) collectives.
@@ -89,6 +99,7 @@ struct State {
   int barrier_arrived = 0;
   unsigned barrier_generation = 0;
   std::vector<ChunkAccesses> chunks;  // of the CTA's dynamic shared memory
+  std::vector<WarpgroupReads> wgmma_reads;
 };
 
 State& state() {
@@ -176,6 +187,7 @@ bool run_warp(State& s, int w) {
 void run_cta(State& s, unsigned cta) {
   std::memset(block_attn::cuda::smem_raw, 0xff, s.shared_bytes);
   s.chunks.assign((s.shared_bytes + 15) / 16, ChunkAccesses{});
+  s.wgmma_reads.assign(s.threads.size() / 128, WarpgroupReads{});
   for (Thread& t : s.threads) {
     t.fiber->reset();
     t.done = false;
@@ -183,6 +195,7 @@ void run_cta(State& s, unsigned cta) {
     t.collectives = 0;
     t.warpgroup_collectives = 0;
     t.pending_copies.clear();
+    t.unfenced_chunks.clear();
   }
   for (Warp& w : s.warps) w.arrived = 0;
   for (Warpgroup& w : s.warpgroups) w.arrived = 0;
@@ -371,6 +384,9 @@ void cp_async_16(void* shared, const void* global) {
   State& s = state();
   ChunkAccesses& chunk = chunk_of(s, shared);
   if (chunk.copy_in_flight_by >= 0) fail("two cp.async to the same shared memory in flight");
+  if (chunk.wgmma_readers > 0) {
+    fail("cp.async overwrites shared memory that a wgmma not yet waited for reads");
+  }
   const int warp = current_thread(s) / 32;
   if (chunk.read_epoch == s.barrier_generation && chunk.reader_warp != warp) {
     fail("cp.async overwrites shared memory that another warp read since the last __syncthreads");
@@ -387,6 +403,8 @@ void cp_async_wait_all() {
     ChunkAccesses& chunk = chunk_of(s, copy.shared);
     chunk.copy_in_flight_by = -1;
     chunk.landed_epoch = s.barrier_generation;
+    ++chunk.unfenced_writes;
+    thread.unfenced_chunks.push_back(&chunk);
   }
   thread.pending_copies.clear();
 }
@@ -406,6 +424,74 @@ void note_shared_read(const void* p) {
     chunk.reader_warp = warp;
   } else if (chunk.reader_warp != warp) {
     chunk.reader_warp = ChunkAccesses::kManyWarps;
+  }
+}
+
+void note_shared_store(const void* p, int bytes) {
+  if (!in_shared_memory(p, bytes)) fail("store outside the CTA's dynamic shared memory");
+  State& s = state();
+  const int warp = current_thread(s) / 32;
+  const auto* begin = static_cast<const unsigned char*>(p);
+  const std::size_t first = (begin - block_attn::cuda::smem_raw) / 16;
+  const std::size_t last = (begin + bytes - 1 - block_attn::cuda::smem_raw) / 16;
+  for (std::size_t index = first; index <= last; ++index) {
+    ChunkAccesses& chunk = s.chunks[index];
+    if (chunk.copy_in_flight_by >= 0)
+      fail("store to shared memory with a cp.async to it in flight");
+    if (chunk.wgmma_readers > 0) {
+      fail("store overwrites shared memory that a wgmma not yet waited for reads");
+    }
+    if (chunk.read_epoch == s.barrier_generation && chunk.reader_warp != warp) {
+      fail("store overwrites shared memory that another warp read since the last __syncthreads");
+    }
+    chunk.landed_epoch = s.barrier_generation;
+    ++chunk.unfenced_writes;
+    s.current->unfenced_chunks.push_back(&chunk);
+  }
+}
+
+void fence_proxy_async() {
+  Thread& thread = *state().current;
+  for (ChunkAccesses* chunk : thread.unfenced_chunks) --chunk->unfenced_writes;
+  thread.unfenced_chunks.clear();
+}
+
+void note_async_read(uint32_t offset) {
+  State& s = state();
+  if (offset % 16 != 0) fail("wgmma operand chunk not 16-byte aligned");
+  ChunkAccesses& chunk = s.chunks[(shared_at(offset, 16) - block_attn::cuda::smem_raw) / 16];
+  if (chunk.copy_in_flight_by >= 0) {
+    fail("wgmma reads shared memory while a cp.async to it is in flight");
+  }
+  if (chunk.landed_epoch == s.barrier_generation) {
+    fail(
+        "wgmma reads shared memory written (cp.async landed or stored) with no __syncthreads "
+        "since");
+  }
+  if (chunk.unfenced_writes > 0) {
+    fail(
+        "wgmma reads shared memory written through the generic proxy (cp.async or a store) with no "
+        "fence.proxy.async by the writing thread since");
+  }
+  // Asynchronous reads: until the warpgroup's wait, and then until the next __syncthreads, no
+  // warp may overwrite the chunk.
+  chunk.read_epoch = s.barrier_generation;
+  chunk.reader_warp = ChunkAccesses::kManyWarps;
+  ++chunk.wgmma_readers;
+  s.wgmma_reads[linear_thread_index() / 128].open.push_back(&chunk);
+}
+
+void commit_async_reads() {
+  WarpgroupReads& reads = state().wgmma_reads[linear_thread_index() / 128];
+  reads.committed.push_back(std::move(reads.open));
+  reads.open.clear();
+}
+
+void wait_async_reads(int pending) {
+  WarpgroupReads& reads = state().wgmma_reads[linear_thread_index() / 128];
+  while (static_cast<int>(reads.committed.size()) > pending) {
+    for (ChunkAccesses* chunk : reads.committed.front()) --chunk->wgmma_readers;
+    reads.committed.erase(reads.committed.begin());
   }
 }
 

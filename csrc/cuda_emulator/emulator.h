@@ -11,13 +11,15 @@
 // mma.sync) is a rendezvous of the warp's 32 fibers, a wgmma one of the warpgroup's 128, and
 // __syncthreads one of the CTA's live threads. PTX semantics follow the ISA manual; cp.async copies
 // land only at cp.async.wait_group, and shared memory starts every CTA filled with 0xff bytes, so a
-// read before the wait or of a byte never written shows up (ldmatrix checks for it). Races between
-// cp.async and ldmatrix are checked per 16-byte chunk against the barriers: a read while a copy is
-// in flight or before a
-// __syncthreads follows its landing, and a copy over what another warp read since the last
-// __syncthreads. Plain loads and stores are not tracked. Misuse - a collective with divergent
-// lanes, a deadlock, a shared-memory access out of range, shared memory above the opt-in - aborts
-// with a message naming the kernel's thread.
+// read before the wait or of a byte never written shows up (ldmatrix and wgmma check for it).
+// Races are checked per 16-byte chunk against the barriers: an ldmatrix or wgmma read while a copy
+// is in flight or before a __syncthreads follows its landing, and a copy over what another warp
+// read since the last __syncthreads. wgmma reads shared memory through the async proxy: each
+// thread that wrote a chunk it reads (a landed cp.async, a store_shared) must have executed
+// fence.proxy.async since, and the chunk must not be written again before the warpgroup's
+// wgmma.wait_group retires the read. Other plain loads and stores are not tracked. Misuse - a
+// collective with divergent lanes, a deadlock, a shared-memory access out of range, shared memory
+// above the opt-in - aborts with a message naming the kernel's thread.
 #pragma once
 
 #ifndef BLOCK_ATTN_CUDA_EMULATION
@@ -95,6 +97,20 @@ void cp_async_16(void* shared, const void* global);
 void cp_async_wait_all();
 // Race checks against cp.async for a 16-byte shared-memory read (an ldmatrix row).
 void note_shared_read(const void* p);
+
+// The async proxy (wgmma's operand reads) sees a thread's generic-proxy writes to shared memory
+// (landed cp.async copies, tracked stores) only after that thread's fence.proxy.async.
+// A tracked plain store of `bytes` to shared memory, checked against copies in flight and other
+// warps' reads since the last __syncthreads.
+void note_shared_store(const void* p, int bytes);
+void fence_proxy_async();
+// Race and proxy checks for a wgmma operand read of the 16-byte chunk at a shared-window offset:
+// no copy in flight, a __syncthreads since it was written, the writers' fences since.
+void note_async_read(uint32_t offset);
+// wgmma.commit_group and wgmma.wait_group for the calling warpgroup's noted reads: a chunk stays
+// read, and must not be overwritten, until the wait that retires its group.
+void commit_async_reads();
+void wait_async_reads(int pending);
 
 template <typename T>
 T shuffle(unsigned mask, T x, int source_lane, const char* operation) {

@@ -3,7 +3,10 @@
 // 128-byte row at address a lands at chunk c XOR ((a / 128) % 8), so tiles are 1024-byte
 // aligned; a K-major operand's 8-row groups are the stride offset apart, an MN-major operand's
 // 8-row k groups the stride offset apart and its 64-element column atoms the leading offset.
-// Each product completes when issued; fences, commits and waits have nothing left to order.
+// Each product completes when issued, but its operand reads are checked per 16-byte chunk as the
+// hardware's would need (cuda_emulator::note_async_read): written with a __syncthreads since,
+// behind each writing thread's fence.proxy.async, and not overwritten until the warpgroup's
+// wgmma.wait_group retires the product's commit group and a __syncthreads follows.
 #pragma once
 
 #include <cstdint>
@@ -14,11 +17,23 @@
 
 namespace block_attn::cuda::hopper {
 
-inline void fence_shared_for_async_reads() {}
+inline void fence_shared_for_async_reads() {
+  cuda_emulator::fence_proxy_async();
+}
+template <typename V>
+void store_shared(unsigned char* address, const V& value) {
+  cuda_emulator::note_shared_store(address, sizeof(V));
+  std::memcpy(address, &value, sizeof(V));
+}
 inline void wgmma_fence() {}
-inline void wgmma_commit() {}
+// The warpgroup's first thread keeps its account of operand reads.
+inline void wgmma_commit() {
+  if (cuda_emulator::warpgroup_thread() == 0) cuda_emulator::commit_async_reads();
+}
 template <int kPending>
-void wgmma_wait() {}
+void wgmma_wait() {
+  if (cuda_emulator::warpgroup_thread() == 0) cuda_emulator::wait_async_reads(kPending);
+}
 template <typename Register, int kCount>
 void fence_operands(Register (&)[kCount]) {}
 template <typename Register, int kRows, int kCount>
@@ -49,23 +64,33 @@ struct Descriptor {
         stride(static_cast<uint32_t>((desc >> 32) & 0x3FFF) << 4) {
     if ((desc >> 62) != 1) cuda_emulator::fail("wgmma descriptor without the 128-byte swizzle");
   }
+  static uint32_t swizzled(uint32_t linear) { return linear ^ (((linear >> 7) & 7) << 4); }
   float at(uint32_t linear) const {
-    const uint32_t swizzled = linear ^ (((linear >> 7) & 7) << 4);
     uint16_t bits;
-    std::memcpy(&bits, cuda_emulator::shared_at(swizzled, 2), 2);
+    std::memcpy(&bits, cuda_emulator::shared_at(swizzled(linear), 2), 2);
     if (bits == 0xffffu) {
       cuda_emulator::fail("wgmma read shared memory that was never written or not yet landed");
     }
     return element_value<T>(bits);
   }
-  // Element (row, k) of a K-major operand (rows of 64 k-elements).
-  float k_major(int row, int k) const {
-    return at(start + (row / 8) * stride + (row % 8) * 128 + k * 2);
+  uint32_t k_major_offset(int row, int k) const {
+    return start + (row / 8) * stride + (row % 8) * 128 + k * 2;
   }
+  uint32_t mn_major_offset(int k, int column) const {
+    return start + (k / 8) * stride + (k % 8) * 128 + (column / 64) * leading + (column % 64) * 2;
+  }
+  // Element (row, k) of a K-major operand (rows of 64 k-elements).
+  float k_major(int row, int k) const { return at(k_major_offset(row, k)); }
   // Element (k, column) of an MN-major operand (rows of 64 columns, one per k).
-  float mn_major(int k, int column) const {
-    return at(start + (k / 8) * stride + (k % 8) * 128 + (column / 64) * leading +
-              (column % 64) * 2);
+  float mn_major(int k, int column) const { return at(mn_major_offset(k, column)); }
+  // Notes every 16-byte chunk of a 16-k operand with `extent` rows (M or N) as read.
+  void note_reads(bool mn_major_layout, int extent) const {
+    for (int i = 0; i < extent; i += mn_major_layout ? 8 : 1) {
+      for (int k = 0; k < 16; k += mn_major_layout ? 1 : 8) {
+        const uint32_t linear = mn_major_layout ? mn_major_offset(k, i) : k_major_offset(i, k);
+        cuda_emulator::note_async_read(swizzled(linear));
+      }
+    }
   }
 };
 
@@ -95,6 +120,10 @@ void shared_memory_product(float (&d)[kRegisters], uint64_t desc_a, uint64_t des
     cuda_emulator::fail("wgmma operands differ across the warpgroup");
   }
   const Descriptor<T> a(desc_a), b(desc_b);
+  if (cuda_emulator::warpgroup_thread() == 0) {
+    a.note_reads(kTransposeA, 64);
+    b.note_reads(kTransposeB, 2 * kRegisters);
+  }
   product(
       d, accumulate,
       [&](int row, int k) { return kTransposeA ? a.mn_major(k, row) : a.k_major(row, k); },
@@ -137,6 +166,7 @@ void wgmma_m64n64k16_register_a(float (&d)[32], const uint32_t (&a)[4], uint64_t
     return emulated::element_value<T>(bits);
   };
   const emulated::Descriptor<T> b(desc_b);
+  if (cuda_emulator::warpgroup_thread() == 0) b.note_reads(true, 64);
   emulated::product(d, true, a_at, [&](int k, int column) { return b.mn_major(k, column); });
 }
 

@@ -215,7 +215,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
         for (int j = 0; j < 4; ++j) {
           const int row = key_row0 + group_row + 8 * (j % 2);
           const int col = 8 * (2 * kk + j / 2) + 2 * quad_col;
-          *reinterpret_cast<uint32_t*>(sdS + swizzle128_offset(row, col)) = ds_frag[kk][j];
+          store_shared(sdS + swizzle128_offset(row, col), ds_frag[kk][j]);
         }
       }
       fence_shared_for_async_reads();  // for the dQ product's reads

@@ -34,7 +34,7 @@ __device__ __forceinline__ void load_tile_swizzled(unsigned char* tile, const T*
     if (row < rows) {
       cp_async_16(dst, gmem + static_cast<int64_t>(row) * row_stride + c);
     } else {
-      *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);
+      store_shared(dst, make_uint4(0, 0, 0, 0));
     }
   }
 }

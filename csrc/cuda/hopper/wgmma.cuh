@@ -46,6 +46,13 @@ __device__ __forceinline__ void fence_shared_for_async_reads() {
 #endif
 }
 
+// A plain shared-memory store of what a wgmma will read (after fence_shared_for_async_reads and
+// a barrier); under emulation the store is tracked for those checks.
+template <typename V>
+__device__ __forceinline__ void store_shared(unsigned char* address, const V& value) {
+  *reinterpret_cast<V*>(address) = value;
+}
+
 // Orders register accesses before the next wgmma (needed before the first and after registers
 // that feed one were written).
 __device__ __forceinline__ void wgmma_fence() {
