@@ -37,7 +37,8 @@ cudaError_t device_has_tensor_core_kernels(bool& result) {
 }
 
 // Warpgroups per CTA of the Hopper kernels: 64 queries each in the forward, 64 keys each in the
-// backward.
+// backward. The forward takes run_fwd_wgmma's defaults otherwise: 64-key tiles, each tile's
+// softmax beside the previous tile's P V product.
 constexpr int kHopperForwardWarpgroups = 1;
 constexpr int kHopperBackwardWarpgroups = 2;
 

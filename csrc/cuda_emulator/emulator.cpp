@@ -69,6 +69,13 @@ struct Thread {
   unsigned warpgroup_collectives = 0;
   std::vector<PendingCopy> pending_copies;
   std::vector<ChunkAccesses*> unfenced_chunks;  // its writes not yet behind fence.proxy.async
+  // Its wgmma products not yet run: committed groups (oldest first) and those issued since.
+  struct Product {
+    const void* accumulators;
+    std::function<void()> run;
+  };
+  std::vector<std::vector<Product>> committed_products;
+  std::vector<Product> open_products;
 };
 
 // The meeting point of a warp's (or warpgroup's) collectives.
@@ -129,6 +136,9 @@ void thread_entry() {
   (*s.body)();
   Thread& thread = *s.current;
   if (!thread.pending_copies.empty()) fail("thread exited with cp.async copies not waited for");
+  if (!thread.committed_products.empty() || !thread.open_products.empty()) {
+    fail("thread exited with wgmma products not waited for");
+  }
   thread.done = true;
   --s.live;
   finish_barrier_if_complete(s);  // exited threads no longer hold up __syncthreads
@@ -196,6 +206,8 @@ void run_cta(State& s, unsigned cta) {
     t.warpgroup_collectives = 0;
     t.pending_copies.clear();
     t.unfenced_chunks.clear();
+    t.committed_products.clear();
+    t.open_products.clear();
   }
   for (Warp& w : s.warps) w.arrived = 0;
   for (Warpgroup& w : s.warpgroups) w.arrived = 0;
@@ -492,6 +504,38 @@ void wait_async_reads(int pending) {
   while (static_cast<int>(reads.committed.size()) > pending) {
     for (ChunkAccesses* chunk : reads.committed.front()) --chunk->wgmma_readers;
     reads.committed.erase(reads.committed.begin());
+  }
+}
+
+bool accumulators_pending(const void* accumulators) {
+  const Thread& thread = *state().current;
+  for (const auto& group : thread.committed_products) {
+    for (const Thread::Product& product : group) {
+      if (product.accumulators == accumulators) return true;
+    }
+  }
+  for (const Thread::Product& product : thread.open_products) {
+    if (product.accumulators == accumulators) return true;
+  }
+  return false;
+}
+
+void defer_product(const void* accumulators, std::function<void()> run) {
+  state().current->open_products.push_back({accumulators, std::move(run)});
+}
+
+void commit_products() {
+  Thread& thread = *state().current;
+  thread.committed_products.push_back(std::move(thread.open_products));
+  thread.open_products.clear();
+}
+
+void run_products(int pending) {
+  Thread& thread = *state().current;
+  while (static_cast<int>(thread.committed_products.size()) > pending) {
+    const std::vector<Thread::Product> group = std::move(thread.committed_products.front());
+    thread.committed_products.erase(thread.committed_products.begin());
+    for (const Thread::Product& product : group) product.run();
   }
 }
 

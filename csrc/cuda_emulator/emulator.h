@@ -112,6 +112,15 @@ void note_async_read(uint32_t offset);
 void commit_async_reads();
 void wait_async_reads(int pending);
 
+// The calling thread's share of wgmma products runs at the wgmma.wait_group that retires its
+// commit group, as on the hardware, where results land only then: accumulators read before the
+// wait hold what they held before. `accumulators` names the destination registers;
+// accumulators_pending says whether a product into them is already waiting to run.
+bool accumulators_pending(const void* accumulators);
+void defer_product(const void* accumulators, std::function<void()> run);
+void commit_products();
+void run_products(int pending);
+
 template <typename T>
 T shuffle(unsigned mask, T x, int source_lane, const char* operation) {
   static_assert(sizeof(T) <= kPayloadBytes, "shuffle payload too large");

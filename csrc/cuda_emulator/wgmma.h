@@ -3,12 +3,14 @@
 // 128-byte row at address a lands at chunk c XOR ((a / 128) % 8), so tiles are 1024-byte
 // aligned; a K-major operand's 8-row groups are the stride offset apart, an MN-major operand's
 // 8-row k groups the stride offset apart and its 64-element column atoms the leading offset.
-// Each product completes when issued, but its operand reads are checked per 16-byte chunk as the
-// hardware's would need (cuda_emulator::note_async_read): written with a __syncthreads since,
-// behind each writing thread's fence.proxy.async, and not overwritten until the warpgroup's
-// wgmma.wait_group retires the product's commit group and a __syncthreads follows.
+// A product runs, and its accumulators change, only at the wgmma.wait_group that retires its
+// commit group; its accumulator and A-fragment registers must be left alone until then. Its
+// shared-memory operand reads are checked per 16-byte chunk as the hardware's would need
+// (cuda_emulator::note_async_read): written with a __syncthreads since, behind each writing
+// thread's fence.proxy.async, and not overwritten until that wait and a __syncthreads after it.
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -26,12 +28,15 @@ void store_shared(unsigned char* address, const V& value) {
   std::memcpy(address, &value, sizeof(V));
 }
 inline void wgmma_fence() {}
-// The warpgroup's first thread keeps its account of operand reads.
+// Each thread runs its own products; the warpgroup's first thread keeps the account of operand
+// reads.
 inline void wgmma_commit() {
+  cuda_emulator::commit_products();
   if (cuda_emulator::warpgroup_thread() == 0) cuda_emulator::commit_async_reads();
 }
 template <int kPending>
 void wgmma_wait() {
+  cuda_emulator::run_products(kPending);
   if (cuda_emulator::warpgroup_thread() == 0) cuda_emulator::wait_async_reads(kPending);
 }
 template <typename Register, int kCount>
@@ -94,6 +99,21 @@ struct Descriptor {
   }
 };
 
+// Queues `run` (which forms d) to run at the wait that retires it. The first of a chain of
+// products into d checks that nothing wrote d meanwhile.
+template <int kRegisters, typename Run>
+void defer(float (&d)[kRegisters], Run run) {
+  const bool check = !cuda_emulator::accumulators_pending(d);
+  std::array<float, kRegisters> issued;
+  std::memcpy(issued.data(), d, sizeof(d));
+  cuda_emulator::defer_product(d, [&d, issued, check, run] {
+    if (check && std::memcmp(issued.data(), d, sizeof(d)) != 0) {
+      cuda_emulator::fail("wgmma accumulator registers written before the wait for the product");
+    }
+    run();
+  });
+}
+
 // d (64 x N) = A B (+ d): thread t of the warpgroup holds d[4 j + e] = row 16 (t / 32) +
 // (t % 32) / 4 + 8 (e / 2), column 8 j + 2 (t % 4) + e % 2.
 template <int kRegisters, typename AElement, typename BElement>
@@ -124,12 +144,14 @@ void shared_memory_product(float (&d)[kRegisters], uint64_t desc_a, uint64_t des
     a.note_reads(kTransposeA, 64);
     b.note_reads(kTransposeB, 2 * kRegisters);
   }
-  product(
-      d, accumulate,
-      [&](int row, int k) { return kTransposeA ? a.mn_major(k, row) : a.k_major(row, k); },
-      [&](int k, int column) {
-        return kTransposeB ? b.mn_major(k, column) : b.k_major(column, k);
-      });
+  defer(d, [&d, a, b, accumulate] {
+    product(
+        d, accumulate,
+        [&](int row, int k) { return kTransposeA ? a.mn_major(k, row) : a.k_major(row, k); },
+        [&](int k, int column) {
+          return kTransposeB ? b.mn_major(k, column) : b.k_major(column, k);
+        });
+  });
 }
 
 }  // namespace emulated
@@ -157,7 +179,9 @@ void wgmma_m64n64k16_register_a(float (&d)[32], const uint32_t (&a)[4], uint64_t
   Operands first;
   std::memcpy(&first, all[0], sizeof(first));
   if (first.desc_b != desc_b) cuda_emulator::fail("wgmma operands differ across the warpgroup");
-  // A: warp w's rows 16 w .. 16 w + 15 in the mma.sync m16n8k16 A-fragment layout.
+  // A: warp w's rows 16 w .. 16 w + 15 in the mma.sync m16n8k16 A-fragment layout. This
+  // thread's output rows, read from the other threads' registers now (before the next
+  // collective reuses the payloads).
   auto a_at = [&](int row, int k) {
     const int warp = row / 16, r = row % 16;
     const int thread = 32 * warp + 4 * (r % 8) + (k % 8) / 2;
@@ -165,9 +189,22 @@ void wgmma_m64n64k16_register_a(float (&d)[32], const uint32_t (&a)[4], uint64_t
     std::memcpy(&bits, all[thread] + 4 * (r / 8 + 2 * (k / 8)) + 2 * (k % 2), 2);
     return emulated::element_value<T>(bits);
   };
+  const int t = cuda_emulator::warpgroup_thread();
+  std::array<std::array<float, 16>, 2> rows;  // rows 16 (t / 32) + (t % 32) / 4 + {0, 8}
+  for (int half = 0; half < 2; ++half) {
+    for (int k = 0; k < 16; ++k) rows[half][k] = a_at(16 * (t / 32) + (t % 32) / 4 + 8 * half, k);
+  }
   const emulated::Descriptor<T> b(desc_b);
-  if (cuda_emulator::warpgroup_thread() == 0) b.note_reads(true, 64);
-  emulated::product(d, true, a_at, [&](int k, int column) { return b.mn_major(k, column); });
+  if (t == 0) b.note_reads(true, 64);
+  const std::array<uint32_t, 4> issued{a[0], a[1], a[2], a[3]};
+  emulated::defer(d, [&d, &a, issued, rows, b] {
+    if (a[0] != issued[0] || a[1] != issued[1] || a[2] != issued[2] || a[3] != issued[3]) {
+      cuda_emulator::fail("wgmma A-fragment registers written before the wait for the product");
+    }
+    emulated::product(
+        d, true, [&](int row, int k) { return rows[(row % 16) / 8][k]; },
+        [&](int k, int column) { return b.mn_major(k, column); });
+  });
 }
 
 }  // namespace block_attn::cuda::hopper

@@ -89,7 +89,9 @@ struct Case {
   double q_scale = 1.0;
   int wgmma_warpgroups = 0;  // > 0: the sm_90 wgmma kernels, called directly
   int wgmma_key_tile = 64;   // keys per tile of the wgmma forward: 64 or 128
-  int key_warps = 4;         // 8: the tensor-core backward with 8-warp (128-key) dK/dV CTAs
+  // The wgmma forward's softmax beside the previous tile's P V (else in turn; 64-key tiles).
+  bool wgmma_overlap_softmax = true;
+  int key_warps = 4;  // 8: the tensor-core backward with 8-warp (128-key) dK/dV CTAs
 };
 
 // Calls launch(head_dim, causal, warpgroups) with the problem's values as integral constants, for
@@ -154,9 +156,12 @@ cudaError_t run_forward(const Case& c, const ForwardParams& p) {
             constexpr bool kIsCausal = decltype(causal)::value;
             constexpr int kWarpgroups = decltype(wg)::value;
             using block_attn::cuda::hopper::run_fwd_wgmma;
-            return c.wgmma_key_tile == 128
-                       ? run_fwd_wgmma<T, kHeadDim, kIsCausal, kWarpgroups, 128>(p, nullptr)
-                       : run_fwd_wgmma<T, kHeadDim, kIsCausal, kWarpgroups, 64>(p, nullptr);
+            if (c.wgmma_key_tile == 128) {
+              return run_fwd_wgmma<T, kHeadDim, kIsCausal, kWarpgroups, 128>(p, nullptr);
+            }
+            return c.wgmma_overlap_softmax
+                       ? run_fwd_wgmma<T, kHeadDim, kIsCausal, kWarpgroups, 64, true>(p, nullptr)
+                       : run_fwd_wgmma<T, kHeadDim, kIsCausal, kWarpgroups, 64, false>(p, nullptr);
           });
     }
   }
@@ -308,12 +313,13 @@ void report(const std::string& what, const Comparison& cmp, bool gradient) {
 template <typename T>
 void run_case(const Case& c) {
   using A = std::conditional_t<std::is_same_v<T, double>, double, float>;
-  std::printf("%s [%s, head_dim %d%s%s%s%s]\n", c.name.c_str(), Element<T>::kName, c.head_dim,
+  std::printf("%s [%s, head_dim %d%s%s%s%s%s]\n", c.name.c_str(), Element<T>::kName, c.head_dim,
               c.causal ? ", causal" : "", c.key_warps == 8 ? ", 8-warp dK/dV" : "",
               c.wgmma_warpgroups == 1   ? ", wgmma kernels, 1 warpgroup"
               : c.wgmma_warpgroups == 2 ? ", wgmma kernels, 2 warpgroups"
                                         : "",
-              c.wgmma_key_tile == 128 ? ", 128-key forward tiles" : "");
+              c.wgmma_key_tile == 128 ? ", 128-key forward tiles" : "",
+              c.wgmma_warpgroups > 0 && !c.wgmma_overlap_softmax ? ", softmax in turn" : "");
   std::mt19937 rng(1234);
   const Blocks blocks = offsets(c);
   const int seqlen_q = blocks.q.back(), seqlen_k = blocks.k.back();
@@ -600,6 +606,11 @@ int main() {
         wide.name += ", large scores";
         wide.q_scale = 300.0;
         wgmma_cases.push_back({DType::kBFloat16, wide});
+      }
+      if (c.causal || c.layout == Layout::kRowsFirst) {  // the forward's softmax in turn
+        Case in_turn = c;
+        in_turn.wgmma_overlap_softmax = false;
+        wgmma_cases.push_back({DType::kBFloat16, in_turn});
       }
       if (c.causal || c.heads_q != c.heads_kv) {  // head_dim 64: one column block
         Case narrow = c;

@@ -145,11 +145,13 @@ const char* type_name() {
 }
 
 // kWarpgroups: warpgroups of 64 queries per CTA (1 or 2), sharing the K and V tiles.
-// kKeyTile: keys per forward tile (64, or 128 with 64 x 128 score products).
-template <typename T, int kWarpgroups, int kKeyTile = 64>
+// kKeyTile: keys per forward tile (64, or 128 with 64 x 128 score products). kOverlap: each
+// tile's softmax beside the previous tile's P V product (otherwise in turn).
+template <typename T, int kWarpgroups, int kKeyTile = 64, bool kOverlap = true>
 cudaError_t run(const BackwardParams& p) {
-  return p.is_causal ? run_fwd_wgmma<T, kHeadDim, true, kWarpgroups, kKeyTile>(p, nullptr)
-                     : run_fwd_wgmma<T, kHeadDim, false, kWarpgroups, kKeyTile>(p, nullptr);
+  return p.is_causal
+             ? run_fwd_wgmma<T, kHeadDim, true, kWarpgroups, kKeyTile, kOverlap>(p, nullptr)
+             : run_fwd_wgmma<T, kHeadDim, false, kWarpgroups, kKeyTile, kOverlap>(p, nullptr);
 }
 template <typename T, int kWarpgroups>
 cudaError_t run_backward(const BackwardParams& p, const Buffers& b, bool deterministic = false) {
@@ -172,7 +174,7 @@ struct GradientError {
 // Runs one case forward and backward; returns whether out and lse match the float64 reference of
 // the same bf16-rounded inputs within bf16 rounding of P and of the output, and the gradients
 // within GradientError's bound.
-template <typename T, int kWarpgroups, int kKeyTile = 64>
+template <typename T, int kWarpgroups, int kKeyTile = 64, bool kOverlap = true>
 bool check_case(const Case& c, std::mt19937& rng) {
   const int nq = c.offsets_q.back();
   const int nk = c.offsets_k.back();
@@ -200,7 +202,7 @@ bool check_case(const Case& c, std::mt19937& rng) {
     max_k = std::max(max_k, c.offsets_k[j + 1] - c.offsets_k[j]);
   }
   const BackwardParams p = make_params(b, c, max_q, max_k);
-  if (!check(run<T, kWarpgroups, kKeyTile>(p), "forward launch") ||
+  if (!check(run<T, kWarpgroups, kKeyTile, kOverlap>(p), "forward launch") ||
       !check(cudaDeviceSynchronize(), "forward")) {
     return false;
   }
@@ -268,8 +270,9 @@ bool check_case(const Case& c, std::mt19937& rng) {
   // P and the output are rounded to T (bf16: 8 bits of mantissa): errors of a few 1e-3 on
   // outputs of magnitude below 1; a wrong layout or mask gives errors of order 1.
   bool match = out_error < 2e-2 && lse_error < 1e-3 && rows_without_keys_ok;
-  std::printf("%s, %d warpgroup(s), %3d-key tiles, %-28s max |err| out %.3g, lse %.3g%s -> %s\n",
-              type_name<T>(), kWarpgroups, kKeyTile, c.name, out_error, lse_error,
+  std::printf("%s, %d warpgroup(s), %3d-key tiles%s, %-28s max |err| out %.3g, lse %.3g%s -> %s\n",
+              type_name<T>(), kWarpgroups, kKeyTile, kOverlap ? "" : ", softmax in turn", c.name,
+              out_error, lse_error,
               rows_without_keys_ok ? "" : ", rows without keys WRONG",
               match ? "match" : "MISMATCH");
   for (const bool deterministic : {false, true}) {
@@ -345,6 +348,10 @@ void time_causal(int tokens, int heads) {
               gpu_probe::median_ms([&] { return run<__nv_bfloat16, 1>(t.p); }), fwd);
   report_time("forward, wgmma, 2 warpgroups",
               gpu_probe::median_ms([&] { return run<__nv_bfloat16, 2>(t.p); }), fwd);
+  report_time("forward, wgmma, 1 warpgroup, softmax in turn",
+              gpu_probe::median_ms([&] { return run<__nv_bfloat16, 1, 64, false>(t.p); }), fwd);
+  report_time("forward, wgmma, 2 warpgroups, softmax in turn",
+              gpu_probe::median_ms([&] { return run<__nv_bfloat16, 2, 64, false>(t.p); }), fwd);
   report_time("forward, wgmma, 1 warpgroup, 128-key tiles",
               gpu_probe::median_ms([&] { return run<__nv_bfloat16, 1, 128>(t.p); }), fwd);
   report_time("forward, wgmma, 2 warpgroups, 128-key tiles",
@@ -391,6 +398,7 @@ int main() {
     all = check_case<__nv_bfloat16, 2>(c, rng) && all;
     all = check_case<__nv_bfloat16, 1, 128>(c, rng) && all;
     all = check_case<__nv_bfloat16, 2, 128>(c, rng) && all;
+    all = check_case<__nv_bfloat16, 1, 64, false>(c, rng) && all;
     if (c.causal) {
       all = check_case<__half, 1>(c, rng) && all;
       all = check_case<__half, 2>(c, rng) && all;

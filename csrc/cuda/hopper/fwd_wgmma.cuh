@@ -8,7 +8,9 @@
 // by cp.async in the 128-byte swizzle layout (each row as 64-element column blocks)
 // and read by the tensor cores directly: S = Q K^T with both operands in shared memory, O += P V
 // with P in registers (S's accumulators, rounded to T, are already in the A-fragment layout) and
-// V N-major. Requires 16-byte aligned rows (rows_are_16_byte_aligned).
+// V N-major. By default (kOverlapSoftmax) K and V are double-buffered and iteration j issues
+// S_j and then P_{j-1} V_{j-1}, so the softmax of S_j runs on the FP32 and MUFU units while the
+// tensor cores form the second product. Requires 16-byte aligned rows (rows_are_16_byte_aligned).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -28,20 +30,85 @@
 
 namespace block_attn::cuda::hopper {
 
-template <int kHeadDim_, int kWarpgroups_, int kBlockN_>
+template <int kHeadDim_, int kWarpgroups_, int kBlockN_, bool kOverlapSoftmax_>
 struct WgmmaFwdTraits {
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kColumnBlocks = kHeadDim / 64;
   static constexpr int kWarpgroups = kWarpgroups_;
   static constexpr int kThreads = 128 * kWarpgroups;
   static constexpr int kBlockM = 64 * kWarpgroups;
-  static constexpr int kBlockN = kBlockN_;                   // keys per tile: 64 or 128
+  static constexpr int kBlockN = kBlockN_;  // keys per tile: 64 or 128
+  // Softmax of tile j while the tensor cores run P_{j-1} V_{j-1}: K and V double-buffered.
+  static constexpr bool kOverlapSoftmax = kOverlapSoftmax_;
+  static constexpr int kStages = kOverlapSoftmax ? 2 : 1;
   static constexpr int kQueryTileBytes = 64 * kHeadDim * 2;  // each warpgroup's Q
   static constexpr int kKeyTileBytes = kBlockN * kHeadDim * 2;
   // Q, K, V; plus 1 KiB to align the dynamic buffer to the swizzle's 1024 bytes.
-  static constexpr int kSharedBytes = kWarpgroups * kQueryTileBytes + 2 * kKeyTileBytes + 1024;
+  static constexpr int kSharedBytes =
+      kWarpgroups * kQueryTileBytes + 2 * kStages * kKeyTileBytes + 1024;
   static_assert(kBlockN == 64 || kBlockN == 128, "key tiles of 64 or 128");
   static_assert(kHeadDim == 64 || kHeadDim == 128 || kHeadDim == 256, "head_dim 64, 128 or 256");
+};
+
+// One warpgroup's view of a query tile's online softmax: its rows' running maximum and sum.
+// s[4 n + e] holds row group_row + 8 (e / 2) of the warp's 16, key 8 n + 2 quad_col + e % 2 of
+// the tile.
+struct SoftmaxRows {
+  float row_max[2] = {-INFINITY, -INFINITY};
+  float row_sum[2] = {0.f, 0.f};
+  float alpha[2] = {1.f, 1.f};  // what the last tile scaled the earlier sums by
+
+  // Turns the scores of keys n0.. into probabilities against the updated row maxima (masked
+  // past each row's last key when kMask) and adds them to the sums. Returns whether a row maximum
+  // of the warp moved, so that O must be scaled by alpha.
+  template <bool kMask, bool kIsCausal, int kScores>
+  __device__ __forceinline__ bool update(float (&s)[kScores], float scale_log2, int n0, int row0,
+                                         BlockRange qr, BlockRange kr) {
+    const int group_row = threadIdx.x % 32 / 4;
+    const int quad_col = threadIdx.x % 4;
+#pragma unroll
+    for (int i = 0; i < kScores; ++i) {
+      s[i] *= scale_log2;
+      if (kMask) {
+        const int row = row0 + group_row + ((i % 4) / 2) * 8;
+        const int key = n0 + (i / 4) * 8 + quad_col * 2 + i % 2;
+        const int key_end = kIsCausal ? causal_key_end(row, qr.length, kr.length) : kr.length;
+        if (key >= key_end) s[i] = -INFINITY;
+      }
+    }
+    float m_use[2];
+    bool max_moved = false;
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+      float mx = row_max[rr];
+#pragma unroll
+      for (int n = 0; n < kScores / 4; ++n) {
+        mx = fmaxf(mx, fmaxf(s[4 * n + 2 * rr], s[4 * n + 2 * rr + 1]));
+      }
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      max_moved |= !(mx == row_max[rr]);
+      m_use[rr] = mx == -INFINITY ? 0.f : mx;
+      alpha[rr] = fast_exp2(row_max[rr] - m_use[rr]);
+      row_max[rr] = mx;
+      row_sum[rr] *= alpha[rr];
+    }
+#pragma unroll
+    for (int i = 0; i < kScores; ++i) {
+      s[i] = fast_exp2(s[i] - m_use[(i % 4) / 2]);
+      row_sum[(i % 4) / 2] += s[i];
+    }
+    return __any_sync(0xffffffffu, max_moved);
+  }
+
+  template <int kColumnBlocks>
+  __device__ __forceinline__ void rescale(float (&acc_o)[kColumnBlocks][32]) const {
+#pragma unroll
+    for (int h = 0; h < kColumnBlocks; ++h) {
+#pragma unroll
+      for (int i = 0; i < 32; ++i) acc_o[h][i] *= alpha[(i % 4) / 2];
+    }
+  }
 };
 
 template <typename Traits, typename T, bool kIsCausal>
@@ -52,6 +119,7 @@ __global__ void __launch_bounds__(Traits::kThreads) fwd_wgmma_kernel(const Forwa
   constexpr int kBlockN = Traits::kBlockN;
   constexpr int kHeadDim = Traits::kHeadDim;
   constexpr int kColumnBlocks = Traits::kColumnBlocks;
+  constexpr int kScores = kBlockN / 2;  // registers of the 64 x kBlockN score tile
 
   const QueryTile tile = query_tile(params, kBlockM);
   if (tile.m0 >= tile.qr.length) return;
@@ -69,8 +137,10 @@ __global__ void __launch_bounds__(Traits::kThreads) fwd_wgmma_kernel(const Forwa
       (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~static_cast<uintptr_t>(1023));
   unsigned char* sQ = smem;  // one 64-row tile per warpgroup
   unsigned char* sQ_mine = sQ + warpgroup * Traits::kQueryTileBytes;
-  unsigned char* sK = sQ + Traits::kWarpgroups * Traits::kQueryTileBytes;
-  unsigned char* sV = sK + Traits::kKeyTileBytes;
+  unsigned char* sK = sQ + Traits::kWarpgroups * Traits::kQueryTileBytes;  // kStages tiles
+  unsigned char* sV = sK + Traits::kStages * Traits::kKeyTileBytes;        // kStages tiles
+  auto k_tile = [&](int j) { return sK + (j % Traits::kStages) * Traits::kKeyTileBytes; };
+  auto v_tile = [&](int j) { return sV + (j % Traits::kStages) * Traits::kKeyTileBytes; };
 
   const T* q = q_rows<T>(params, batch, head, qr.start);
   const T* k = k_rows<T>(params, batch, head_kv, kr.start);
@@ -79,6 +149,10 @@ __global__ void __launch_bounds__(Traits::kThreads) fwd_wgmma_kernel(const Forwa
   const int n_end = tile_key_end<kIsCausal>(m0, kBlockM, qr, kr);
   const int unmasked_end = tile_unmasked_key_end<kIsCausal>(m0, qr, kr);
   const int n_tiles = ceil_div(n_end, kBlockN);
+  const int unmasked_tiles = unmasked_end / kBlockN;
+  auto load_keys = [&](unsigned char* dst, const T* src, int64_t row_stride, int j) {
+    load_tile_swizzled<kBlockN, kHeadDim, kThreads>(dst, src, row_stride, j * kBlockN, n_end);
+  };
 
   const float scale_log2 = params.scale * 1.4426950408889634f;
   float acc_o[kColumnBlocks][32];  // 64-column blocks of O, wgmma accumulator layout
@@ -87,115 +161,109 @@ __global__ void __launch_bounds__(Traits::kThreads) fwd_wgmma_kernel(const Forwa
 #pragma unroll
     for (int i = 0; i < 32; ++i) acc_o[h][i] = 0.f;
   }
-  float row_max[2] = {-INFINITY, -INFINITY};
-  float row_sum[2] = {0.f, 0.f};
+  SoftmaxRows softmax;
 
   for (int g = 0; g < Traits::kWarpgroups; ++g) {
     load_tile_swizzled<64, kHeadDim, kThreads>(sQ + g * Traits::kQueryTileBytes, q,
                                                params.q_row_stride, m0 + 64 * g, qr.length);
   }
-  if (n_tiles > 0) {
-    load_tile_swizzled<kBlockN, kHeadDim, kThreads>(sK, k, params.k_row_stride, 0, n_end);
-  }
+  if (n_tiles > 0) load_keys(k_tile(0), k, params.k_row_stride, 0);
   cp_async_commit();
 
-  auto process_key_tile = [&](const int j, auto mask_tag) {
-    constexpr bool kMask = decltype(mask_tag)::value;
-    const int n0 = j * kBlockN;
-    wait_tiles_for_wgmma();  // K_j is in; every thread is done with V_{j-1}
-    load_tile_swizzled<kBlockN, kHeadDim, kThreads>(sV, v, params.v_row_stride, n0, n_end);
-    cp_async_commit();
-
-    // S = Q K^T.
-    constexpr int kScores = kBlockN / 2;  // registers of the 64 x kBlockN score tile
-    float s[kScores];
-    wgmma_fence();
-    warpgroup_gemm_abt<T, kHeadDim>(s, sQ_mine, 64 * 128, sK, kBlockN * 128);
-    wgmma_commit();
-    wgmma_wait<0>();
-    fence_operands(s);
-
-    // s[4 n + e]: row group_row + 8 (e / 2) of the warp's 16, key n0 + 8 n + 2 quad_col + e % 2.
-#pragma unroll
-    for (int i = 0; i < kScores; ++i) {
-      s[i] *= scale_log2;
-      if (kMask) {
-        const int row = row0 + group_row + ((i % 4) / 2) * 8;
-        const int key = n0 + (i / 4) * 8 + quad_col * 2 + i % 2;
-        const int key_end = kIsCausal ? causal_key_end(row, qr.length, kr.length) : kr.length;
-        if (key >= key_end) s[i] = -INFINITY;
-      }
-    }
-    float m_use[2];
-    float alpha[2];
-    bool max_moved = false;
-#pragma unroll
-    for (int rr = 0; rr < 2; ++rr) {
-      float mx = row_max[rr];
-#pragma unroll
-      for (int n = 0; n < kBlockN / 8; ++n) {
-        mx = fmaxf(mx, fmaxf(s[4 * n + 2 * rr], s[4 * n + 2 * rr + 1]));
-      }
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      max_moved |= !(mx == row_max[rr]);
-      m_use[rr] = mx == -INFINITY ? 0.f : mx;
-      alpha[rr] = fast_exp2(row_max[rr] - m_use[rr]);
-      row_max[rr] = mx;
-    }
-    if (__any_sync(0xffffffffu, max_moved)) {
-#pragma unroll
-      for (int rr = 0; rr < 2; ++rr) row_sum[rr] *= alpha[rr];
-#pragma unroll
-      for (int h = 0; h < kColumnBlocks; ++h) {
-#pragma unroll
-        for (int i = 0; i < 32; ++i) acc_o[h][i] *= alpha[(i % 4) / 2];
-      }
-    }
-#pragma unroll
-    for (int i = 0; i < kScores; ++i) {
-      s[i] = fast_exp2(s[i] - m_use[(i % 4) / 2]);
-      row_sum[(i % 4) / 2] += s[i];
-    }
-
-    wait_tiles_for_wgmma();  // V_j is in; every thread is done with K_j
-    if (j + 1 < n_tiles) {
-      load_tile_swizzled<kBlockN, kHeadDim, kThreads>(sK, k, params.k_row_stride, n0 + kBlockN,
-                                                      n_end);
-    }
-    cp_async_commit();
-
-    // O += P V: keys 16 kk .. 16 kk + 15 of P as A fragments (all packed before the fence that
-    // orders them for the tensor cores); V's rows for those keys, one 64-column block of
-    // head_dim per product.
-    uint32_t p_frag[kBlockN / 16][4];
-    to_a_fragments<T>(s, p_frag);
-    wgmma_fence();
-    warpgroup_gemm_pb<T>(acc_o, p_frag, sV, kBlockN * 128);
-    wgmma_commit();
-    wgmma_wait<0>();
-    fence_operands(acc_o);
-    fence_operands(p_frag);
+  // Softmax of S_j (tiles from unmasked_tiles on test each key); whether O needs rescaling.
+  auto softmax_of_tile = [&](float (&s)[kScores], int j) {
+    return j < unmasked_tiles
+               ? softmax.update<false, kIsCausal>(s, scale_log2, j * kBlockN, row0, qr, kr)
+               : softmax.update<true, kIsCausal>(s, scale_log2, j * kBlockN, row0, qr, kr);
   };
 
-  const int unmasked_tiles = unmasked_end / kBlockN;
-  int j = 0;
-  for (; j < unmasked_tiles; ++j) process_key_tile(j, std::false_type{});
-  for (; j < n_tiles; ++j) process_key_tile(j, std::true_type{});
+  if constexpr (Traits::kOverlapSoftmax) {
+    // Iteration j issues S_j = Q K_j^T and then O += P_{j-1} V_{j-1}, and computes the softmax
+    // of S_j while the second product runs; its loads (K_{j+1}, V_j) have a whole iteration to
+    // land.
+    uint32_t p_frag[kBlockN / 16][4];  // P_{j-1}
+    for (int j = 0; j < n_tiles; ++j) {
+      wait_tiles_for_wgmma();  // K_j, V_{j-1} are in; every thread is done with K_{j-1}, V_{j-2}
+      load_keys(v_tile(j), v, params.v_row_stride, j);
+      if (j + 1 < n_tiles) load_keys(k_tile(j + 1), k, params.k_row_stride, j + 1);
+      cp_async_commit();
+
+      float s[kScores];
+      wgmma_fence();
+      warpgroup_gemm_abt<T, kHeadDim>(s, sQ_mine, 64 * 128, k_tile(j), kBlockN * 128);
+      wgmma_commit();
+      if (j > 0) {
+        wgmma_fence();  // the compiler may pack P_{j-1} after the first fence
+        warpgroup_gemm_pb<T>(acc_o, p_frag, v_tile(j - 1), kBlockN * 128);
+        wgmma_commit();
+        wgmma_wait<1>();
+      } else {
+        wgmma_wait<0>();
+      }
+      fence_operands(s);
+      const bool rescale = softmax_of_tile(s, j);
+      wgmma_wait<0>();
+      fence_operands(acc_o);
+      fence_operands(p_frag);
+      if (rescale) softmax.rescale(acc_o);
+      to_a_fragments<T>(s, p_frag);
+    }
+    if (n_tiles > 0) {
+      wait_tiles_for_wgmma();  // V_{n_tiles - 1} is in
+      wgmma_fence();
+      warpgroup_gemm_pb<T>(acc_o, p_frag, v_tile(n_tiles - 1), kBlockN * 128);
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_operands(acc_o);
+      fence_operands(p_frag);
+    }
+  } else {
+    // Each tile in turn: S_j, its softmax, O += P_j V_j, with V_j loading during S_j and K_{j+1}
+    // during P_j V_j.
+    for (int j = 0; j < n_tiles; ++j) {
+      wait_tiles_for_wgmma();  // K_j is in; every thread is done with V_{j-1}
+      load_keys(sV, v, params.v_row_stride, j);
+      cp_async_commit();
+
+      float s[kScores];
+      wgmma_fence();
+      warpgroup_gemm_abt<T, kHeadDim>(s, sQ_mine, 64 * 128, sK, kBlockN * 128);
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_operands(s);
+      if (softmax_of_tile(s, j)) softmax.rescale(acc_o);
+
+      wait_tiles_for_wgmma();  // V_j is in; every thread is done with K_j
+      if (j + 1 < n_tiles) load_keys(sK, k, params.k_row_stride, j + 1);
+      cp_async_commit();
+
+      // O += P V: keys 16 kk .. 16 kk + 15 of P as A fragments (all packed before the fence that
+      // orders them for the tensor cores); V's rows for those keys, one 64-column block of
+      // head_dim per product.
+      uint32_t p_frag[kBlockN / 16][4];
+      to_a_fragments<T>(s, p_frag);
+      wgmma_fence();
+      warpgroup_gemm_pb<T>(acc_o, p_frag, sV, kBlockN * 128);
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_operands(acc_o);
+      fence_operands(p_frag);
+    }
+  }
   cp_async_wait_all();
 
   float* lse = static_cast<float*>(params.lse) + lse_index(params, batch, head, qr.start);
   T* out = out_rows<T>(params, batch, head, qr.start);
 #pragma unroll
   for (int rr = 0; rr < 2; ++rr) {
-    float sum = row_sum[rr];
+    float sum = softmax.row_sum[rr];
     sum += __shfl_xor_sync(0xffffffffu, sum, 1);
     sum += __shfl_xor_sync(0xffffffffu, sum, 2);
     const float inv = sum != 0.f ? 1.f / sum : 0.f;
     const int i = row0 + group_row + rr * 8;
     if (i >= qr.length) continue;
     if (quad_col == 0) {
-      lse[i] = sum != 0.f ? (row_max[rr] + log2f(sum)) * 0.6931471805599453f : -INFINITY;
+      lse[i] = sum != 0.f ? (softmax.row_max[rr] + log2f(sum)) * 0.6931471805599453f : -INFINITY;
     }
     T* out_row = out + static_cast<int64_t>(i) * params.out_row_stride;
 #pragma unroll
@@ -211,9 +279,10 @@ __global__ void __launch_bounds__(Traits::kThreads) fwd_wgmma_kernel(const Forwa
 #endif
 }
 
-template <typename T, int kHeadDim, bool kIsCausal, int kWarpgroups, int kBlockN>
+template <typename T, int kHeadDim, bool kIsCausal, int kWarpgroups, int kBlockN,
+          bool kOverlapSoftmax>
 cudaError_t run_fwd_wgmma(const ForwardParams& params, cudaStream_t stream) {
-  using Traits = WgmmaFwdTraits<kHeadDim, kWarpgroups, kBlockN>;
+  using Traits = WgmmaFwdTraits<kHeadDim, kWarpgroups, kBlockN, kOverlapSoftmax>;
   const dim3 grid(ceil_div(params.max_seqlen_q, Traits::kBlockM), params.num_blocks,
                   params.batch * params.heads_q);
   if (grid.x == 0 || grid.y == 0 || grid.z == 0) return cudaSuccess;
