@@ -191,7 +191,7 @@ kernel_probes() {
       continue
     fi
     # Each probe gets its own limit, so a hanging kernel is reported as this probe's failure.
-    timeout --kill-after=5 40 "/tmp/block_attn_$probe"
+    timeout --kill-after=5 45 "/tmp/block_attn_$probe"
     probe_rc=$?
     if ((probe_rc != 0)); then
       rc=1
@@ -230,7 +230,7 @@ if wanted build; then run_step build 300 300 1 build; fi
 # The probes run before the tests: they check, each in its own process, what the Hopper kernels
 # assume of the hardware (descriptor layouts, transposed operands), so a failure there is named
 # before the tests see its effects.
-if wanted probes; then run_step kernel-probes 90 300 0 kernel_probes; fi
+if wanted probes; then run_step kernel-probes 120 300 0 kernel_probes; fi
 if [[ -s "$HOPPER_PROBE_FAILURES" ]]; then
   export BLOCK_ATTN_HOPPER_KERNELS=0
   log "!!! the Hopper kernels are off for the rest of this run (BLOCK_ATTN_HOPPER_KERNELS=0):"
