@@ -11,10 +11,29 @@
 
 namespace block_attn::cuda {
 
+// A CTA's tile, block and batch-head index in a grid (tiles, blocks, batch * heads), taken
+// tile-major: CTAs start in linear order (x fastest), and this gives every block and head its
+// tile 0 before any of them its tile 1. Tile 0 is the costliest under a causal mask, so the long
+// blocks of the last heads no longer start last and leave a tail.
+struct GridTile {
+  int tile;
+  int block;
+  int batch_head;
+};
+
+__device__ __forceinline__ GridTile grid_tile() {
+  const uint64_t per_tile = static_cast<uint64_t>(gridDim.y) * gridDim.z;
+  const uint64_t linear =
+      blockIdx.x + static_cast<uint64_t>(gridDim.x) * (blockIdx.y + gridDim.y * blockIdx.z);
+  const uint64_t rest = linear % per_tile;
+  return {static_cast<int>(linear / per_tile), static_cast<int>(rest / gridDim.z),
+          static_cast<int>(rest % gridDim.z)};
+}
+
 // A CTA of a kernel over query tiles, grid (query tiles of the longest block, blocks,
-// batch * heads_q): its block's query and key ranges, its first query m0 and its heads. Tiles
-// run in reverse order, so under a causal mask the costliest of a (block, head) start first.
-// m0 >= qr.length: the tile lies past its block and the CTA has nothing to do.
+// batch * heads_q): its block's query and key ranges, its first query m0 and its heads. Tile 0 is
+// the block's last, the costliest under a causal mask. m0 >= qr.length: the tile lies past its
+// block and the CTA has nothing to do.
 struct QueryTile {
   BlockRange qr;
   BlockRange kr;
@@ -25,13 +44,36 @@ struct QueryTile {
 };
 
 __device__ __forceinline__ QueryTile query_tile(const ForwardParams& p, int block_m) {
+  const GridTile g = grid_tile();
   QueryTile t;
-  t.qr = block_range(p.cu_seqlens_q, blockIdx.y);
-  t.kr = block_range(p.cu_seqlens_k, blockIdx.y);
-  t.m0 = (gridDim.x - 1 - blockIdx.x) * block_m;
-  t.batch = blockIdx.z / p.heads_q;
-  t.head = blockIdx.z % p.heads_q;
+  t.qr = block_range(p.cu_seqlens_q, g.block);
+  t.kr = block_range(p.cu_seqlens_k, g.block);
+  t.m0 = (gridDim.x - 1 - g.tile) * block_m;
+  t.batch = g.batch_head / p.heads_q;
+  t.head = g.batch_head % p.heads_q;
   t.head_kv = t.head / (p.heads_q / p.heads_kv);
+  return t;
+}
+
+// A CTA of a kernel over key tiles, grid (key tiles of the longest block, blocks,
+// batch * heads_kv): its block's ranges, its first key n0 (tile 0 first, the costliest under a
+// causal mask) and its heads. n0 >= kr.length: nothing to do.
+struct KeyTile {
+  BlockRange qr;
+  BlockRange kr;
+  int n0;
+  int batch;
+  int head_kv;
+};
+
+__device__ __forceinline__ KeyTile key_tile(const ForwardParams& p, int block_n) {
+  const GridTile g = grid_tile();
+  KeyTile t;
+  t.qr = block_range(p.cu_seqlens_q, g.block);
+  t.kr = block_range(p.cu_seqlens_k, g.block);
+  t.n0 = g.tile * block_n;
+  t.batch = g.batch_head / p.heads_kv;
+  t.head_kv = g.batch_head % p.heads_kv;
   return t;
 }
 

@@ -272,8 +272,7 @@ bool check_case(const Case& c, std::mt19937& rng) {
   bool match = out_error < 2e-2 && lse_error < 1e-3 && rows_without_keys_ok;
   std::printf("%s, %d warpgroup(s), %3d-key tiles%s, %-28s max |err| out %.3g, lse %.3g%s -> %s\n",
               type_name<T>(), kWarpgroups, kKeyTile, kOverlap ? "" : ", softmax in turn", c.name,
-              out_error, lse_error,
-              rows_without_keys_ok ? "" : ", rows without keys WRONG",
+              out_error, lse_error, rows_without_keys_ok ? "" : ", rows without keys WRONG",
               match ? "match" : "MISMATCH");
   for (const bool deterministic : {false, true}) {
     if (!check(run_backward<T, kWarpgroups>(p, b, deterministic), "backward launch") ||

@@ -75,12 +75,12 @@ __global__ void __launch_bounds__(Traits::kThreads)
   constexpr int kHeadDim = Traits::kHeadDim;
   constexpr int kQueryTileBytes = Traits::kQueryTileBytes;
 
-  const BlockRange qr = block_range(params.cu_seqlens_q, blockIdx.y);
-  const BlockRange kr = block_range(params.cu_seqlens_k, blockIdx.y);
-  const int n0 = blockIdx.x * kBlockN;
+  const KeyTile tile = key_tile(params, kBlockN);
+  const BlockRange qr = tile.qr, kr = tile.kr;
+  const int n0 = tile.n0;
   if (n0 >= kr.length) return;
-  const int batch = blockIdx.z / params.heads_kv;
-  const int head_kv = blockIdx.z % params.heads_kv;
+  const int batch = tile.batch;
+  const int head_kv = tile.head_kv;
   const int group = params.heads_q / params.heads_kv;
   constexpr int kColumnBlocks = Traits::kColumnBlocks;
   const int warpgroup = threadIdx.x / 128;
