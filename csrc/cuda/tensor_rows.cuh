@@ -11,10 +11,11 @@
 
 namespace block_attn::cuda {
 
-// A CTA's tile, block and batch-head index in a grid (tiles, blocks, batch * heads), taken
-// tile-major: CTAs start in linear order (x fastest), and this gives every block and head its
-// tile 0 before any of them its tile 1. Tile 0 is the costliest under a causal mask, so the long
-// blocks of the last heads no longer start last and leave a tail.
+// A CTA's tile, block and batch-head index in a grid (tiles, blocks, batch * heads). CTAs start
+// in linear order (x fastest); decoded block by block, tile by tile, head fastest, every head of a
+// block starts its costliest tile (tile 0) first, so the long blocks of the last heads no longer
+// start last and leave a tail, while the CTAs that share a block's K and V still run close
+// together (for L2).
 struct GridTile {
   int tile;
   int block;
@@ -22,12 +23,11 @@ struct GridTile {
 };
 
 __device__ __forceinline__ GridTile grid_tile() {
-  const uint64_t per_tile = static_cast<uint64_t>(gridDim.y) * gridDim.z;
   const uint64_t linear =
       blockIdx.x + static_cast<uint64_t>(gridDim.x) * (blockIdx.y + gridDim.y * blockIdx.z);
-  const uint64_t rest = linear % per_tile;
-  return {static_cast<int>(linear / per_tile), static_cast<int>(rest / gridDim.z),
-          static_cast<int>(rest % gridDim.z)};
+  const uint64_t block_tile = linear / gridDim.z;
+  return {static_cast<int>(block_tile % gridDim.x), static_cast<int>(block_tile / gridDim.x),
+          static_cast<int>(linear % gridDim.z)};
 }
 
 // A CTA of a kernel over query tiles, grid (query tiles of the longest block, blocks,
