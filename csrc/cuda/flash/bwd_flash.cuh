@@ -262,8 +262,8 @@ __global__ void __launch_bounds__(Traits::kThreads)
 }
 
 // dQ: a CTA owns kBlockOwn queries; with two row groups per warp every K and V fragment read
-// from shared memory feeds two products. Query tiles run in reverse order: under a causal mask
-// the costliest start first.
+// from shared memory feeds two products. Query tiles run costliest first (grid_tile): the last,
+// under a causal mask.
 template <typename Traits, typename T, bool kIsCausal>
 __global__ void __launch_bounds__(Traits::kThreads)
     dq_flash_kernel(const BackwardParams params, const float* delta, const bool vectorized) {

@@ -1,12 +1,12 @@
 // FlashAttention-2-style forward on tensor cores for float16/bfloat16.
 //
 // Grid (query tiles of the longest block, blocks, batch * heads_q); a CTA reads its block's
-// offsets on the device and exits if its tile lies past the block. Query tiles run in reverse
-// order, so under a causal mask the costliest tiles of a (block, head) start first and the
-// launch ends on cheap ones. Four warps each own kRowGroups groups of 16 query rows. S = Q K^T
-// and O += P V use mma.sync.m16n8k16 with fp32 accumulators; every K or V fragment read from
-// shared memory feeds one mma per row group, so two groups halve the shared-memory traffic per
-// product, which bounds the one-group kernel. O and the softmax statistics stay in registers.
+// offsets on the device and exits if its tile lies past the block. CTAs start block by block,
+// each block's heads on their costliest tile (the last, under a causal mask) first (grid_tile),
+// so the launch ends on cheap ones. Four warps each own kRowGroups groups of 16 query rows.
+// S = Q K^T and O += P V use mma.sync.m16n8k16 with fp32 accumulators; every K or V fragment read
+// from shared memory feeds one mma per row group, so two groups halve the shared-memory traffic
+// per product, which bounds the one-group kernel. O and the softmax statistics stay in registers.
 // Loads use cp.async: V_j streams in while S_j is computed, and K_{j+1} while P_j V_j is.
 // Shared-memory rows are padded by 16 bytes so the eight row addresses of every ldmatrix hit
 // distinct banks.
