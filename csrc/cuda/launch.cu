@@ -38,7 +38,7 @@ cudaError_t device_has_tensor_core_kernels(bool& result) {
 
 // Warpgroups per CTA of the Hopper kernels: 64 queries each in the forward, 64 keys each in the
 // backward. The forward takes run_fwd_wgmma's defaults otherwise: 64-key tiles, each tile's
-// softmax beside the previous tile's P V product.
+// softmax beside the previous tile's P V product below head_dim 256.
 constexpr int kHopperForwardWarpgroups = 1;
 constexpr int kHopperBackwardWarpgroups = 2;
 

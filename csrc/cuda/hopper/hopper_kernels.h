@@ -12,9 +12,10 @@ namespace block_attn::cuda::hopper {
 // kWarpgroups: warpgroups of 64 queries per CTA, sharing the K and V tiles (1 or 2). kBlockN:
 // keys per tile (64, or 128 with 64 x 128 score products). kOverlapSoftmax: each tile's softmax
 // runs while the tensor cores form the previous tile's P V (K and V double-buffered); otherwise
-// the products and the softmax take turns.
+// the products and the softmax take turns. The default overlaps below head_dim 256, where double
+// buffers (161 KiB of shared memory) would leave one warpgroup per SM.
 template <typename T, int kHeadDim, bool kIsCausal, int kWarpgroups, int kBlockN = 64,
-          bool kOverlapSoftmax = true>
+          bool kOverlapSoftmax = (kHeadDim < 256)>
 cudaError_t run_fwd_wgmma(const ForwardParams& params, cudaStream_t stream);
 
 // Delta, dK / dV and dQ: by atomics into dq_accumulator ((batch, heads_q, seqlen_q, head_dim)
