@@ -222,15 +222,19 @@ __global__ void __launch_bounds__(Traits::kThreads)
     }
 
     // dV += P^T dO and dK += dS^T Q.
-    wgmma_fence();
-    warpgroup_gemm_pb<T>(dv, p_frag, grad_out_tile, kBlockM * 128);
-    warpgroup_gemm_pb<T>(dk, ds_frag, q_tile, kBlockM * 128);
-    wgmma_commit();
+    auto issue_dv_dk = [&] {
+      wgmma_fence();
+      warpgroup_gemm_pb<T>(dv, p_frag, grad_out_tile, kBlockM * 128);
+      warpgroup_gemm_pb<T>(dk, ds_frag, q_tile, kBlockM * 128);
+      wgmma_commit();
+    };
     if constexpr (kAtomicDq) {
       __syncthreads();  // every warpgroup's dS^T is in
 
       // dQ_tile = dS K, 64 columns at a time: A = dS^T read M-major, B = the keys' rows of K's
       // column block N-major. Keys past the block have zero rows in sK, so their dS adds nothing.
+      // The first block's products go ahead of dV and dK's, so that its atomics run while the
+      // tensor cores form dV and dK.
       float* dq_rows = dq_accumulator + lse_index(params, batch, head, qr.start) * kHeadDim;
       const int dq_key0 = Traits::kDqSplitsColumns ? 0 : warpgroup * 64;  // of sdS and sK
 #pragma unroll
@@ -245,10 +249,13 @@ __global__ void __launch_bounds__(Traits::kThreads)
                                          mn_major_descriptor(sK + h * kBlockN * 128, key), ks > 0);
         }
         wgmma_commit();
-        wgmma_wait<0>();
+        if (c == 0) {
+          issue_dv_dk();
+          wgmma_wait<1>();  // this block's dQ; dV and dK may still run
+        } else {
+          wgmma_wait<0>();
+        }
         fence_operands(dq);
-        fence_operands(p_frag);
-        fence_operands(ds_frag);
         // dq[4 n + e]: query row 16 warp + group_row + 8 (e / 2) of the tile, column 8 n +
         // 2 quad_col + e % 2 of the block.
 #pragma unroll
@@ -262,10 +269,11 @@ __global__ void __launch_bounds__(Traits::kThreads)
         }
       }
     } else {
-      wgmma_wait<0>();
-      fence_operands(p_frag);
-      fence_operands(ds_frag);
+      issue_dv_dk();
     }
+    wgmma_wait<0>();  // dV and dK, before the next tile's loads overwrite their operands
+    fence_operands(p_frag);
+    fence_operands(ds_frag);
   }
   cp_async_wait_all();
   wgmma_wait<0>();
