@@ -191,8 +191,8 @@ kernel_probes() {
       continue
     fi
     # Each probe gets its own limit, so a hanging kernel is reported as this probe's failure.
-    timeout --kill-after=5 45 "/tmp/block_attn_$probe"
-    probe_rc=$?
+    timeout --kill-after=5 45 "/tmp/block_attn_$probe" 2>&1 | tee "$OUT/probe_$probe.txt"
+    probe_rc=${PIPESTATUS[0]}
     if ((probe_rc != 0)); then
       rc=1
       [[ $probe == wgmma_* ]] && echo "$probe exited with $probe_rc" >>"$HOPPER_PROBE_FAILURES"
@@ -271,6 +271,12 @@ fi
   if [[ -s "$HOPPER_PROBE_FAILURES" ]]; then
     echo "Hopper kernels OFF after failed probes: $(tr '\n' ';' <"$HOPPER_PROBE_FAILURES")"
   fi
+  # The probes' verdicts and timings: what the kernel choices in launch.cu are made from.
+  for probe_output in "$OUT"/probe_*.txt; do
+    [[ -f $probe_output ]] || continue
+    echo "--- $(basename "$probe_output" .txt)"
+    grep -E 'TFLOP/s|PASS|FAIL|MISMATCH|DIFFER' "$probe_output" | head -40
+  done
   if [[ -f "$OUT/junit.xml" ]]; then
     python3 - "$OUT/junit.xml" <<'EOF'
 import sys
