@@ -226,7 +226,7 @@ profile() {
 # A wgmma probe that ran and failed (wrong result, crash or hang) lists itself here; the steps after
 # it then run the mma.sync kernels, so one run still tests and times the rest.
 HOPPER_PROBE_FAILURES="$OUT/hopper_probe_failures.txt"
-rm -f "$HOPPER_PROBE_FAILURES" "$OUT/build_fallback.txt"
+rm -f "$HOPPER_PROBE_FAILURES" "$OUT/build_fallback.txt" "$OUT"/probe_*.txt
 export OUT HOPPER_PROBE_FAILURES
 export -f environment build tests sanitizer kernel_probes profile
 log "block_attn GPU suite: steps '$STEPS', budget ${SUITE_BUDGET}s, writing to $OUT"
