@@ -13,6 +13,10 @@ from dataclasses import dataclass
 import torch
 
 INT32_MAX = 2**31 - 1
+CAPTURE_ADVICE = (
+    "in captured code call block_attn.ops.attention_forward with cu_seqlens as a CUDA int32 "
+    "tensor and the longest block's length as max_seqlen (its offsets are then not checked)"
+)
 
 
 @dataclass(frozen=True)
@@ -24,23 +28,31 @@ class BlockLayout:
         offsets_k: key offsets, ``num_blocks + 1`` Python ints from 0 to ``Nk``.
         max_len_q: the longest query block.
         max_len_k: the longest key block.
+        step_q, step_k: when set, the offsets are ``(*range(0, N, step), N)`` (fixed blocks, or
+            one block), so the device can make them without a copy from the host.
     """
 
     offsets_q: tuple[int, ...]
     offsets_k: tuple[int, ...]
     max_len_q: int
     max_len_k: int
+    step_q: int | None = None
+    step_k: int | None = None
 
     @property
     def num_blocks(self) -> int:
         return len(self.offsets_q) - 1
 
     def tensors(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """The offsets as int32 tensors on ``device``, as the kernels take them."""
-        cu_q = torch.tensor(self.offsets_q, dtype=torch.int32, device=device)
+        """The offsets as int32 tensors on ``device``, as the kernels take them.
+
+        Nothing here waits for a GPU: fixed offsets are made on the device, others copied from
+        pinned memory without blocking.
+        """
+        cu_q = offsets_tensor(self.offsets_q, self.step_q, device)
         if self.offsets_k == self.offsets_q:
             return cu_q, cu_q
-        return cu_q, torch.tensor(self.offsets_k, dtype=torch.int32, device=device)
+        return cu_q, offsets_tensor(self.offsets_k, self.step_k, device)
 
     def mask(self, causal: bool, device: torch.device | None = None) -> torch.Tensor:
         """The dense boolean mask (Nq, Nk), True where a query may attend a key (for tests)."""
@@ -57,9 +69,36 @@ class BlockLayout:
         return allowed
 
 
+def offsets_tensor(
+    offsets: tuple[int, ...], step: int | None, device: torch.device
+) -> torch.Tensor:
+    """``offsets`` as an int32 tensor on ``device``; ``step`` as in :class:`BlockLayout`.
+
+    A plain copy of a Python list to a GPU waits until the GPU has finished all queued work,
+    which would stall every call, and cannot be captured in a CUDA graph. So evenly spaced
+    offsets are made by device kernels, and others are copied from pinned memory without
+    blocking (stream-ordered, like any input prepared on the current stream).
+    """
+    if torch.compiler.is_compiling():
+        return torch.tensor(offsets, dtype=torch.int32, device=device)
+    seqlen = offsets[-1]
+    if step and seqlen + step <= INT32_MAX:  # step 0: a block with no keys
+        made = torch.arange(0, seqlen + step, step, dtype=torch.int32, device=device)
+        return made if seqlen % step == 0 else made.clamp_(max=seqlen)
+    if device.type != "cuda":
+        return torch.tensor(offsets, dtype=torch.int32, device=device)
+    if torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            "cu_seqlens given as a list cannot be captured in a CUDA graph (the copy to the GPU "
+            "would read host memory that is reused after capture); " + CAPTURE_ADVICE
+        )
+    pinned = torch.tensor(offsets, dtype=torch.int32, pin_memory=True)
+    return pinned.to(device, non_blocking=True)
+
+
 def full_layout(seqlen_q: int, seqlen_k: int) -> BlockLayout:
     """One block: every query may attend every key (before any causal mask)."""
-    return BlockLayout((0, seqlen_q), (0, seqlen_k), seqlen_q, seqlen_k)
+    return BlockLayout((0, seqlen_q), (0, seqlen_k), seqlen_q, seqlen_k, seqlen_q, seqlen_k)
 
 
 def fixed_layout(seqlen: int, block_size: int) -> BlockLayout:
@@ -69,15 +108,22 @@ def fixed_layout(seqlen: int, block_size: int) -> BlockLayout:
     if block_size <= 0:
         raise ValueError(f"block_size must be a positive int, got {block_size}")
     offsets = (*range(0, seqlen, block_size), seqlen)
-    return BlockLayout(offsets, offsets, min(block_size, seqlen), min(block_size, seqlen))
+    longest = min(block_size, seqlen)
+    return BlockLayout(offsets, offsets, longest, longest, block_size, block_size)
 
 
 def offsets_from_cu_seqlens(cu_seqlens: torch.Tensor | Sequence[int]) -> tuple[int, ...]:
     """Reads ``cu_seqlens`` (a 1-D int32/int64 tensor on any device, or a list of ints).
 
-    A CUDA tensor is copied to the host once here (one synchronisation).
+    A CUDA tensor is copied to the host once here (one synchronisation, so not in a CUDA graph
+    capture).
     """
     if isinstance(cu_seqlens, torch.Tensor):
+        if cu_seqlens.is_cuda and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                "cu_seqlens as a CUDA tensor is read on the host to be checked, which a CUDA "
+                "graph capture cannot do; " + CAPTURE_ADVICE
+            )
         if cu_seqlens.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"cu_seqlens must be an int32 or int64 tensor, got {cu_seqlens.dtype}")
         if cu_seqlens.dim() != 1:
