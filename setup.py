@@ -58,6 +58,23 @@ def cpu_arch_flags() -> list[str]:
     return [f"-march={arch}"] if arch else []
 
 
+def loaded_libstdcxx() -> list[str]:
+    """The libstdc++ this process (with torch imported) has loaded, as a link input.
+
+    Named on the link line before the compiler driver's own -lstdc++, it supplies every C++
+    runtime symbol it has, so no static copy of them enters the extension even when the driver
+    links libstdc++ statically (seen with the /opt/gcc toolchain of one GPU image, where the
+    extension's private copy crashed formatting numbers in error messages). Empty where
+    /proc/self/maps does not exist or lists no libstdc++ (non-Linux, or libc++).
+    """
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "libstdc++.so" in line}
+    except OSError:
+        return []
+    return sorted(p for p in paths if os.path.isfile(p))[:1]
+
+
 class BuildExtension(cpp_extension.BuildExtension):
     """torch's BuildExtension, minus link flags that give the extension its own C++ runtime.
 
@@ -76,7 +93,7 @@ class BuildExtension(cpp_extension.BuildExtension):
 
 def make_extension():
     cxx_flags = ["-O3", "-fopenmp", *cpu_arch_flags()]
-    link_flags = ["-fopenmp"]
+    link_flags = ["-fopenmp", *loaded_libstdcxx()]
     srcs = sources("csrc/*.cpp") + sources("csrc/cpu/*.cpp")
     if not want_cuda():
         return cpp_extension.CppExtension(
