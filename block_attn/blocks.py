@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import overload
 
 import torch
 
@@ -24,20 +25,17 @@ class BlockLayout:
     """Validated block boundaries for queries and keys.
 
     Attributes:
-        offsets_q: query offsets, ``num_blocks + 1`` Python ints from 0 to ``Nq``.
+        offsets_q: query offsets, ``num_blocks + 1`` Python ints from 0 to ``Nq``: a tuple, or
+            :class:`EvenOffsets` for fixed blocks and one block.
         offsets_k: key offsets, ``num_blocks + 1`` Python ints from 0 to ``Nk``.
         max_len_q: the longest query block.
         max_len_k: the longest key block.
-        step_q, step_k: when set, the offsets are ``(*range(0, N, step), N)`` (fixed blocks, or
-            one block), so the device can make them without a copy from the host.
     """
 
-    offsets_q: tuple[int, ...]
-    offsets_k: tuple[int, ...]
+    offsets_q: Sequence[int]
+    offsets_k: Sequence[int]
     max_len_q: int
     max_len_k: int
-    step_q: int | None = None
-    step_k: int | None = None
 
     @property
     def num_blocks(self) -> int:
@@ -49,10 +47,10 @@ class BlockLayout:
         Nothing here waits for a GPU: fixed offsets are made on the device, others copied from
         pinned memory without blocking.
         """
-        cu_q = offsets_tensor(self.offsets_q, self.step_q, device)
-        if self.offsets_k == self.offsets_q:
+        cu_q = offsets_tensor(self.offsets_q, device)
+        if self.offsets_k is self.offsets_q or self.offsets_k == self.offsets_q:
             return cu_q, cu_q
-        return cu_q, offsets_tensor(self.offsets_k, self.step_k, device)
+        return cu_q, offsets_tensor(self.offsets_k, device)
 
     def mask(self, causal: bool, device: torch.device | None = None) -> torch.Tensor:
         """The dense boolean mask (Nq, Nk), True where a query may attend a key (for tests)."""
@@ -69,22 +67,68 @@ class BlockLayout:
         return allowed
 
 
-def offsets_tensor(
-    offsets: tuple[int, ...], step: int | None, device: torch.device
-) -> torch.Tensor:
-    """``offsets`` as an int32 tensor on ``device``; ``step`` as in :class:`BlockLayout`.
+class EvenOffsets(Sequence[int]):
+    """The offsets ``(*range(0, seqlen, step), seqlen)`` of fixed blocks, never listed.
+
+    Listing them would cost a tuple of N / step ints on every call (milliseconds for a million
+    tokens in blocks of 16); this answers ``len``, indexing and comparisons arithmetically, and
+    lets the device make the offsets with one kernel.
+    """
+
+    __slots__ = ("seqlen", "step")
+
+    def __init__(self, seqlen: int, step: int) -> None:
+        if seqlen < 0 or step <= 0:
+            raise ValueError(f"EvenOffsets needs seqlen >= 0 and step > 0, got {seqlen}, {step}")
+        self.seqlen = seqlen
+        self.step = step
+
+    def __len__(self) -> int:
+        return -(-self.seqlen // self.step) + 1
+
+    @overload
+    def __getitem__(self, index: int) -> int: ...
+    @overload
+    def __getitem__(self, index: slice) -> tuple[int, ...]: ...
+    def __getitem__(self, index: int | slice) -> int | tuple[int, ...]:
+        if isinstance(index, slice):
+            return tuple(self[i] for i in range(*index.indices(len(self))))
+        count = len(self)
+        position = index + count if index < 0 else index
+        if not 0 <= position < count:
+            raise IndexError(f"offset index {index} out of range for {count} offsets")
+        return min(position * self.step, self.seqlen)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, EvenOffsets) and len(other) != len(self):
+            return False
+        if isinstance(other, EvenOffsets) and (len(self) <= 2 or other.step == self.step):
+            return other.seqlen == self.seqlen
+        if isinstance(other, Sequence) and not isinstance(other, str):
+            return len(other) == len(self) and all(a == b for a, b in zip(self, other, strict=True))
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(tuple(self))
+
+    def __repr__(self) -> str:
+        return f"EvenOffsets(seqlen={self.seqlen}, step={self.step})"
+
+
+def offsets_tensor(offsets: Sequence[int], device: torch.device) -> torch.Tensor:
+    """``offsets`` as an int32 tensor on ``device``.
 
     A plain copy of a Python list to a GPU waits until the GPU has finished all queued work,
     which would stall every call, and cannot be captured in a CUDA graph. So evenly spaced
     offsets are made by device kernels, and others are copied from pinned memory without
     blocking (stream-ordered, like any input prepared on the current stream).
     """
-    if torch.compiler.is_compiling():
-        return torch.tensor(offsets, dtype=torch.int32, device=device)
-    seqlen = offsets[-1]
-    if step and seqlen + step <= INT32_MAX:  # step 0: a block with no keys
+    if isinstance(offsets, EvenOffsets) and offsets.seqlen + offsets.step <= INT32_MAX:
+        seqlen, step = offsets.seqlen, offsets.step
         made = torch.arange(0, seqlen + step, step, dtype=torch.int32, device=device)
         return made if seqlen % step == 0 else made.clamp_(max=seqlen)
+    if torch.compiler.is_compiling():
+        return torch.tensor(tuple(offsets), dtype=torch.int32, device=device)
     if device.type != "cuda":
         return torch.tensor(offsets, dtype=torch.int32, device=device)
     if torch.cuda.is_current_stream_capturing():
@@ -98,7 +142,9 @@ def offsets_tensor(
 
 def full_layout(seqlen_q: int, seqlen_k: int) -> BlockLayout:
     """One block: every query may attend every key (before any causal mask)."""
-    return BlockLayout((0, seqlen_q), (0, seqlen_k), seqlen_q, seqlen_k, seqlen_q, seqlen_k)
+    offsets_q = EvenOffsets(seqlen_q, seqlen_q) if seqlen_q > 0 else (0, 0)
+    offsets_k = EvenOffsets(seqlen_k, seqlen_k) if seqlen_k > 0 else (0, 0)
+    return BlockLayout(offsets_q, offsets_k, seqlen_q, seqlen_k)
 
 
 def fixed_layout(seqlen: int, block_size: int) -> BlockLayout:
@@ -107,9 +153,9 @@ def fixed_layout(seqlen: int, block_size: int) -> BlockLayout:
         raise TypeError(f"block_size must be an int, got {type(block_size).__name__}")
     if block_size <= 0:
         raise ValueError(f"block_size must be a positive int, got {block_size}")
-    offsets = (*range(0, seqlen, block_size), seqlen)
+    offsets = EvenOffsets(seqlen, block_size)
     longest = min(block_size, seqlen)
-    return BlockLayout(offsets, offsets, longest, longest, block_size, block_size)
+    return BlockLayout(offsets, offsets, longest, longest)
 
 
 def offsets_from_cu_seqlens(cu_seqlens: torch.Tensor | Sequence[int]) -> tuple[int, ...]:
