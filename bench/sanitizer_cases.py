@@ -6,7 +6,10 @@ out-of-bounds access is not hidden inside the caching allocator's pool). Exits 1
 fails or is wrong, so the sanitizer's own exit code and ours can both fail the step.
 
 Covers bf16/fp16/fp32/fp64, fixed blocks, ragged cu_seqlens, causal, GQA/MQA, and head dims
-64, 128 and 80, at lengths just off the kernels' tile sizes.
+64, 128 and 80, at lengths just off the kernels' tile sizes. Then, on CUDA, the raw operators
+with offsets that break their contract (past the end, negative, decreasing, a block longer than
+max_seqlen): CUDA does not check those values (that would wait for the GPU), so what matters is
+that no kernel reads or writes outside the tensors, which memcheck sees.
 """
 
 from __future__ import annotations
@@ -132,6 +135,45 @@ def run_case(case: Case, attention, reference, device: str) -> list[str]:
     return problems
 
 
+# (name, offsets over 130 rows, max_seqlen): none of them keeps the raw operators' contract.
+UNCHECKED_OFFSETS = [
+    ("past-the-end", [0, 40, 230], 190),
+    ("negative", [-5, 40, 130], 135),
+    ("decreasing", [0, 90, 40, 130], 130),
+    ("longer-than-max", [0, 130], 16),
+]
+
+
+def run_unchecked_offsets(device: str) -> list[tuple[str, list[str]]]:
+    """The raw forward and both backward modes on offsets outside the contract, per kernel
+    family (Hopper or mma.sync bf16 at head_dim 64 and 128, the simple float32 kernels)."""
+    results = []
+    seqlen = 130
+    for dtype, head_dim in ((torch.bfloat16, 64), (torch.bfloat16, 128), (torch.float32, 64)):
+        gen = torch.Generator().manual_seed(1)
+        q, k, v, dout = (
+            torch.randn(1, 2, seqlen, head_dim, generator=gen).to(device, dtype) for _ in range(4)
+        )
+        for name, offsets, max_len in UNCHECKED_OFFSETS:
+            label = f"unchecked-offsets-{str(dtype).removeprefix('torch.')}-d{head_dim}-{name}"
+            cu = torch.tensor(offsets, dtype=torch.int32, device=device)
+            problems = []
+            try:
+                out, lse = torch.ops.block_attn.attention_forward(
+                    q, k, v, cu, cu, max_len, max_len, True, head_dim**-0.5
+                )
+                for deterministic in (False, True):
+                    torch.ops.block_attn.attention_backward(
+                        dout, q, k, v, out, lse, None, cu, cu, max_len, max_len, True,
+                        head_dim**-0.5, deterministic,
+                    )  # fmt: skip
+                torch.cuda.synchronize()
+            except Exception as error:
+                problems.append(f"{type(error).__name__}: {str(error).splitlines()[0][:300]}")
+            results.append((label, problems))
+    return results
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -165,7 +207,15 @@ def main(argv=None) -> int:
         for problem in problems:
             print(f"     {problem}", flush=True)
         failed += bool(problems)
-    print(f"{len(cases) - failed}/{len(cases)} cases passed", flush=True)
+    total = len(cases)
+    if args.device == "cuda" and args.impl == "ours" and not args.max_cases:
+        for label, problems in run_unchecked_offsets(args.device):
+            print(f"{'ok  ' if not problems else 'FAIL'} {label}", flush=True)
+            for problem in problems:
+                print(f"     {problem}", flush=True)
+            failed += bool(problems)
+            total += 1
+    print(f"{total - failed}/{total} cases passed", flush=True)
     return 1 if failed else 0
 
 

@@ -25,14 +25,20 @@ def attention_forward(
     causal: bool,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Raw forward operator; inputs are assumed validated (see ``block_attn.attention``).
+    """Raw forward operator: ``block_attn.attention`` without its checks of the offsets' values.
+
+    Shapes, dtypes, devices and strides are checked. The offsets' values are checked on the
+    CPU; on CUDA they stay on the device unread by the host (so the call never waits for the GPU
+    and can be captured in a CUDA graph), and the kernels clamp them to [0, N]: offsets that
+    break the contract below give wrong rows, never accesses outside the tensors.
 
     Args:
         q: (B, Hq, Nq, D), unit stride in D.
         k, v: (B, Hkv, Nk, D), unit stride in D; Hq % Hkv == 0.
-        cu_seqlens_q, cu_seqlens_k: (num_blocks + 1,) int32 offsets on q's device; block j
-            pairs queries [cu_q[j], cu_q[j+1]) with keys [cu_k[j], cu_k[j+1]).
-        max_seqlen_q, max_seqlen_k: the longest query / key block.
+        cu_seqlens_q, cu_seqlens_k: (num_blocks + 1,) int32 offsets on q's device, contiguous,
+            non-decreasing from 0 to Nq (resp. Nk); block j pairs queries
+            [cu_q[j], cu_q[j+1]) with keys [cu_k[j], cu_k[j+1]). Blocks may be empty.
+        max_seqlen_q, max_seqlen_k: at least the longest query / key block.
         causal: bottom-right aligned causal mask inside each block.
         scale: multiplies q·k before the softmax.
 

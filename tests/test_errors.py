@@ -153,6 +153,16 @@ RAW_FORWARD_ERRORS = [
      r"cu_seqlens_q must be contiguous"),
     ("cu-block-counts", {"cu_seqlens_k": torch.tensor([0, N], dtype=torch.int32)},
      r"same number of blocks, got 2 and 1"),
+    ("cu-start", {"cu_seqlens_q": torch.tensor([1, 4, N], dtype=torch.int32)},
+     r"cu_seqlens_q must start at 0, got 1"),
+    ("cu-decreasing", {"cu_seqlens_k": torch.tensor([0, 8, 4], dtype=torch.int32)},
+     r"cu_seqlens_k must be non-decreasing, got offset 2 = 4 after 8"),
+    ("cu-short", {"cu_seqlens_k": torch.tensor([0, 4, N - 1], dtype=torch.int32)},
+     r"cu_seqlens_k must end at the tensors' length 12, got 11"),
+    ("cu-beyond", {"cu_seqlens_q": torch.tensor([0, 4, N + 5], dtype=torch.int32),
+                   "max_seqlen_q": 20}, r"cu_seqlens_q must end at the tensors' length 12, got 17"),
+    ("cu-longer-than-max", {"max_seqlen_k": 7},
+     r"cu_seqlens_k: block 1 has 8 rows, more than its max_seqlen 7"),
     ("q-rank", {"q": torch.randn(H, N, D)}, r"q must be 4-D"),
     ("k-last-stride", {"k": torch.randn(B, H, D, N).transpose(-1, -2)},
      r"k must have unit stride in its last \(head_dim\) dimension"),
@@ -216,6 +226,10 @@ RAW_BACKWARD_ERRORS = [
      r"grad_out and out must have q's dtype"),
     ("grad-out-rank", {"grad_out": torch.randn(H, N, D)}, r"grad_out must be 4-D"),
     ("cu-int64", {"cu_seqlens_k": torch.tensor([0, 4, N])}, r"cu_seqlens_k must be int32"),
+    ("cu-decreasing", {"cu_seqlens_q": torch.tensor([0, 6, 4], dtype=torch.int32)},
+     r"cu_seqlens_q must be non-decreasing, got offset 2 = 4 after 6"),
+    ("cu-longer-than-max", {"max_seqlen_q": 4},
+     r"cu_seqlens_q: block 1 has 8 rows, more than its max_seqlen 4"),
 ]  # fmt: skip
 
 

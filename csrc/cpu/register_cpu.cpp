@@ -9,6 +9,32 @@
 namespace block_attn {
 namespace {
 
+// The CPU kernels index rows by the offsets, and reading them here costs nothing (they are in host
+// memory), so a raw-op call that breaks their contract gets an error instead of wild reads: blocks
+// tile [0, seqlen) in order, none longer than max_seqlen.
+void check_offset_values(const at::Tensor& cu_seqlens, int64_t seqlen, int64_t max_seqlen,
+                         const char* name) {
+  const int32_t* offsets = cu_seqlens.data_ptr<int32_t>();
+  const int64_t count = cu_seqlens.size(0);
+  TORCH_CHECK(offsets[0] == 0, name, " must start at 0, got ", offsets[0]);
+  for (int64_t j = 0; j + 1 < count; ++j) {
+    const int64_t length = static_cast<int64_t>(offsets[j + 1]) - offsets[j];
+    TORCH_CHECK(length >= 0, name, " must be non-decreasing, got offset ", j + 1, " = ",
+                offsets[j + 1], " after ", offsets[j]);
+    TORCH_CHECK(length <= max_seqlen, name, ": block ", j, " has ", length,
+                " rows, more than its max_seqlen ", max_seqlen);
+  }
+  TORCH_CHECK(offsets[count - 1] == seqlen, name, " must end at the tensors' length ", seqlen,
+              ", got ", offsets[count - 1]);
+}
+
+void check_offsets_on_host(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cu_seqlens_q,
+                           const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+                           int64_t max_seqlen_k) {
+  check_offset_values(cu_seqlens_q, q.size(2), max_seqlen_q, "cu_seqlens_q");
+  check_offset_values(cu_seqlens_k, k.size(2), max_seqlen_k, "cu_seqlens_k");
+}
+
 std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& q, const at::Tensor& k,
                                                          const at::Tensor& v,
                                                          const at::Tensor& cu_seqlens_q,
@@ -16,6 +42,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& q, co
                                                          int64_t max_seqlen_q, int64_t max_seqlen_k,
                                                          bool causal, double scale) {
   check_forward_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale);
+  check_offsets_on_host(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
   auto [out, lse] = allocate_forward_outputs(q);
   cpu::advise_huge_pages(out);
   if (!forward_has_work(q)) return {out, lse};
@@ -33,6 +60,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
     int64_t max_seqlen_k, bool causal, double scale, bool deterministic) {
   check_forward_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale);
   check_backward_inputs(grad_out, q, k, v, out, lse, grad_lse);
+  check_offsets_on_host(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
   auto [grad_q, grad_k, grad_v] = allocate_gradients(q, k, v);
   for (const at::Tensor& grad : {grad_q, grad_k, grad_v}) cpu::advise_huge_pages(grad);
   if (!backward_has_work(q, k)) return {grad_q, grad_k, grad_v};

@@ -46,8 +46,8 @@ struct QueryTile {
 __device__ __forceinline__ QueryTile query_tile(const ForwardParams& p, int block_m) {
   const GridTile g = grid_tile();
   QueryTile t;
-  t.qr = block_range(p.cu_seqlens_q, g.block);
-  t.kr = block_range(p.cu_seqlens_k, g.block);
+  t.qr = block_range(p.cu_seqlens_q, g.block, p.seqlen_q);
+  t.kr = block_range(p.cu_seqlens_k, g.block, p.seqlen_k);
   t.m0 = (gridDim.x - 1 - g.tile) * block_m;
   t.batch = g.batch_head / p.heads_q;
   t.head = g.batch_head % p.heads_q;
@@ -69,8 +69,8 @@ struct KeyTile {
 __device__ __forceinline__ KeyTile key_tile(const ForwardParams& p, int block_n) {
   const GridTile g = grid_tile();
   KeyTile t;
-  t.qr = block_range(p.cu_seqlens_q, g.block);
-  t.kr = block_range(p.cu_seqlens_k, g.block);
+  t.qr = block_range(p.cu_seqlens_q, g.block, p.seqlen_q);
+  t.kr = block_range(p.cu_seqlens_k, g.block, p.seqlen_k);
   t.n0 = g.tile * block_n;
   t.batch = g.batch_head / p.heads_kv;
   t.head_kv = g.batch_head % p.heads_kv;

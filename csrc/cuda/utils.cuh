@@ -88,13 +88,18 @@ __device__ __forceinline__ A warp_max(A x) {
 }
 
 // Start and length of block `block` in a cu_seqlens array (read on the device: no host sync).
+// The offsets are not checked on the host (that would wait for the GPU), so they are clamped
+// here to [0, seqlen] in order: offsets that break the op's contract give wrong rows, never reads
+// or writes outside the tensors.
 struct BlockRange {
   int start;
   int length;
 };
-__device__ __forceinline__ BlockRange block_range(const int32_t* cu_seqlens, int block) {
-  const int start = cu_seqlens[block];
-  return {start, cu_seqlens[block + 1] - start};
+__device__ __forceinline__ BlockRange block_range(const int32_t* cu_seqlens, int block,
+                                                  int seqlen) {
+  const int start = min(max(cu_seqlens[block], 0), seqlen);
+  const int end = min(max(cu_seqlens[block + 1], start), seqlen);
+  return {start, end - start};
 }
 
 // Causal, bottom-right aligned: local query i attends local key t iff t <= i + (len_k - len_q).

@@ -42,8 +42,8 @@ __global__ void __launch_bounds__(Traits::kThreads)
   constexpr int kTileRows = Traits::kTileRows;
   constexpr int kHeadDim = Traits::kHeadDim;
 
-  const BlockRange qr = block_range(params.cu_seqlens_q, blockIdx.y);
-  const BlockRange kr = block_range(params.cu_seqlens_k, blockIdx.y);
+  const BlockRange qr = block_range(params.cu_seqlens_q, blockIdx.y, params.seqlen_q);
+  const BlockRange kr = block_range(params.cu_seqlens_k, blockIdx.y, params.seqlen_k);
   const int n0 = blockIdx.x * Traits::kRowsPerBlock;
   if (n0 >= kr.length) return;
   const int batch = blockIdx.z / params.heads_kv;
@@ -141,8 +141,8 @@ __global__ void __launch_bounds__(Traits::kThreads)
   constexpr int kTileRows = Traits::kTileRows;
   constexpr int kHeadDim = Traits::kHeadDim;
 
-  const BlockRange qr = block_range(params.cu_seqlens_q, blockIdx.y);
-  const BlockRange kr = block_range(params.cu_seqlens_k, blockIdx.y);
+  const BlockRange qr = block_range(params.cu_seqlens_q, blockIdx.y, params.seqlen_q);
+  const BlockRange kr = block_range(params.cu_seqlens_k, blockIdx.y, params.seqlen_k);
   const int m0 = blockIdx.x * Traits::kRowsPerBlock;
   if (m0 >= qr.length) return;
   const int batch = blockIdx.z / params.heads_q;
