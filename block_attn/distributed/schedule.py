@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from block_attn.blocks import offsets_tensor
 from block_attn.distributed.layout import chunk_ranges
 
 __all__ = ["PairPlan", "Schedule", "build_schedule", "plan_pair"]
@@ -52,10 +53,11 @@ class PairPlan:
     max_seqlen_k: int
 
     def offsets(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """The offsets as int32 tensors on ``device``, as the op takes them."""
+        """The offsets as int32 tensors on ``device``, as the op takes them, made without
+        waiting for a GPU (see :func:`block_attn.blocks.offsets_tensor`)."""
         return (
-            torch.tensor(self.cu_seqlens_q, dtype=torch.int32, device=device),
-            torch.tensor(self.cu_seqlens_k, dtype=torch.int32, device=device),
+            offsets_tensor(self.cu_seqlens_q, device),
+            offsets_tensor(self.cu_seqlens_k, device),
         )
 
 
