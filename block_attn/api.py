@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from block_attn import ops
-from block_attn.blocks import make_layout
+from block_attn.blocks import device_offsets, make_layout
 from block_attn.validation import check_qkv, resolve_scale, with_unit_last_stride
 
 __all__ = ["attention", "block_diagonal_attention", "causal_attention"]
@@ -25,6 +25,7 @@ def attention(
     causal: bool = False,
     scale: float | None = None,
     return_lse: bool = False,
+    max_seqlen: int | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Exact scaled dot-product attention with block-diagonal and/or causal masks.
 
@@ -49,6 +50,12 @@ def attention(
             0 and lse = -inf.
         scale: multiplies q·k before the softmax; default 1/sqrt(D).
         return_lse: also return the log-sum-exp of the scaled scores over allowed keys.
+        max_seqlen: with ``cu_seqlens`` as a tensor on q's device: at least the longest block's
+            length. The offsets are then not read on the host, so a GPU call never waits and can
+            be captured in a CUDA graph (copy new offsets into the same tensor between replays:
+            as many blocks, none longer than ``max_seqlen``). Their values are not checked on
+            CUDA, where the kernels clamp them to the tensors (bad offsets give wrong rows, not
+            stray memory accesses); the CPU kernels check them.
 
     Returns:
         out: (B, Hq, Nq, D) in q's dtype, in q's memory layout when q is dense.
@@ -64,28 +71,45 @@ def attention(
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     scale = resolve_scale(scale, q.shape[-1])
-    layout = make_layout(q.shape[2], k.shape[2], block_size, cu_seqlens)
-    if q.numel() == 0 or layout.num_blocks == 0:
-        # Empty result, still connected to q, k and v so that every input gets a (zero)
-        # gradient. q.numel() == 0 here (N = 0 or B = 0), so out and lse hold no elements.
-        connect = q.sum() + k.sum() + v.sum()
-        out = torch.zeros_like(q) + 0 * connect
-        lse = torch.full(q.shape[:3], float("-inf"), dtype=torch.float32, device=q.device)
-        lse = lse + 0 * connect.float()
-        return (out, lse) if return_lse else out
-    cu_seqlens_q, cu_seqlens_k = layout.tensors(q.device)
+    if max_seqlen is None:
+        layout = make_layout(q.shape[2], k.shape[2], block_size, cu_seqlens)
+        if q.numel() == 0 or layout.num_blocks == 0:
+            return _empty_result(q, k, v, return_lse)
+        cu_seqlens_q, cu_seqlens_k = layout.tensors(q.device)
+        max_len_q, max_len_k = layout.max_len_q, layout.max_len_k
+    else:
+        if block_size is not None:
+            raise ValueError("max_seqlen goes with cu_seqlens, not with block_size")
+        cu_seqlens_q = cu_seqlens_k = device_offsets(
+            cu_seqlens, max_seqlen, q.shape[2], k.shape[2], q.device
+        )
+        if q.numel() == 0:
+            return _empty_result(q, k, v, return_lse)
+        max_len_q = max_len_k = max_seqlen
     out, lse = ops.attention_forward(
         with_unit_last_stride(q),
         with_unit_last_stride(k),
         with_unit_last_stride(v),
         cu_seqlens_q,
         cu_seqlens_k,
-        layout.max_len_q,
-        layout.max_len_k,
+        max_len_q,
+        max_len_k,
         causal,
         scale,
     )
     return (out, lse.to(torch.float32)) if return_lse else out
+
+
+def _empty_result(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, return_lse: bool
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """The result for q without elements (N = 0 or B = 0), still connected to q, k and v so that
+    every input gets a (zero) gradient."""
+    connect = q.sum() + k.sum() + v.sum()
+    out = torch.zeros_like(q) + 0 * connect
+    lse = torch.full(q.shape[:3], float("-inf"), dtype=torch.float32, device=q.device)
+    lse = lse + 0 * connect.float()
+    return (out, lse) if return_lse else out
 
 
 def block_diagonal_attention(
@@ -98,6 +122,7 @@ def block_diagonal_attention(
     causal: bool = False,
     scale: float | None = None,
     return_lse: bool = False,
+    max_seqlen: int | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention restricted to diagonal blocks; exactly one of ``block_size``/``cu_seqlens``.
 
@@ -114,6 +139,7 @@ def block_diagonal_attention(
         causal=causal,
         scale=scale,
         return_lse=return_lse,
+        max_seqlen=max_seqlen,
     )
 
 

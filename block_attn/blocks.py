@@ -15,8 +15,8 @@ import torch
 
 INT32_MAX = 2**31 - 1
 CAPTURE_ADVICE = (
-    "in captured code call block_attn.ops.attention_forward with cu_seqlens as a CUDA int32 "
-    "tensor and the longest block's length as max_seqlen (its offsets are then not checked)"
+    "in captured code pass cu_seqlens as an int32 tensor on q's device together with "
+    "max_seqlen (the longest block's length): the offsets then stay on the device, unchecked"
 )
 
 
@@ -245,3 +245,65 @@ def make_layout(
     if block_size is not None:
         return fixed_layout(seqlen_q, block_size)
     return varlen_layout(seqlen_q, cu_seqlens)
+
+
+def device_offsets(
+    cu_seqlens: object, max_seqlen: object, seqlen_q: int, seqlen_k: int, device: torch.device
+) -> torch.Tensor:
+    """``cu_seqlens`` given with ``max_seqlen``: checked for everything but its values, which stay
+    on the device (no synchronisation, so CUDA graphs can capture the call).
+
+    Returns the offsets as a contiguous int32 tensor on ``device``. Their values must still be
+    ``0 = c0 <= c1 <= ... <= cm = N`` with no block longer than ``max_seqlen``; the CPU kernels
+    check that, the CUDA kernels clamp them to the tensors (wrong rows, never a stray access).
+    """
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int):
+        raise TypeError(f"max_seqlen must be an int, got {type(max_seqlen).__name__}")
+    if max_seqlen <= 0 or max_seqlen > INT32_MAX:
+        raise ValueError(f"max_seqlen must be in [1, {INT32_MAX}], got {max_seqlen}")
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(
+            "max_seqlen goes with cu_seqlens given as a tensor on q's device (so its values need "
+            f"not be read on the host), got cu_seqlens of type {type(cu_seqlens).__name__}; "
+            "with a list, leave max_seqlen out"
+        )
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"cu_seqlens must be an int32 or int64 tensor, got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(
+            f"cu_seqlens must be 1-D with at least 2 offsets, got shape {tuple(cu_seqlens.shape)}"
+        )
+    if cu_seqlens.device != device:
+        raise ValueError(
+            f"cu_seqlens with max_seqlen must be on q's device {device}, got {cu_seqlens.device}"
+        )
+    if seqlen_q != seqlen_k:
+        raise ValueError(
+            f"cu_seqlens needs as many queries as keys (Nq == Nk), got Nq = {seqlen_q}, "
+            f"Nk = {seqlen_k}"
+        )
+    return cu_seqlens.to(torch.int32).contiguous()
+
+
+def layout_from_device_offsets(
+    cu_seqlens: torch.Tensor, max_seqlen: int, seqlen: int
+) -> BlockLayout:
+    """The layout that offsets from :func:`device_offsets` describe, read on the host and checked
+    against their contract (for the reference and tests; empty blocks are allowed here)."""
+    offsets = tuple(int(c) for c in cu_seqlens.tolist())
+    if offsets[0] != 0:
+        raise ValueError(f"cu_seqlens must start at 0, got {offsets[0]}")
+    for j in range(len(offsets) - 1):
+        length = offsets[j + 1] - offsets[j]
+        if length < 0:
+            raise ValueError(
+                f"cu_seqlens must be non-decreasing, but offset {j + 1} ({offsets[j + 1]}) < "
+                f"offset {j} ({offsets[j]})"
+            )
+        if length > max_seqlen:
+            raise ValueError(
+                f"cu_seqlens block {j} has {length} tokens, more than max_seqlen = {max_seqlen}"
+            )
+    if offsets[-1] != seqlen:
+        raise ValueError(f"cu_seqlens must end at N = {seqlen}, got last offset {offsets[-1]}")
+    return BlockLayout(offsets, offsets, max_seqlen, max_seqlen)

@@ -126,6 +126,7 @@ class MultiheadBlockAttention(nn.Module):
         value: torch.Tensor | None = None,
         *,
         cu_seqlens: torch.Tensor | Sequence[int] | None = None,
+        max_seqlen: int | None = None,
         need_weights: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Attends ``query`` to ``key``/``value``.
@@ -137,6 +138,10 @@ class MultiheadBlockAttention(nn.Module):
             cu_seqlens: block offsets ``0 = c0 < c1 < ... < cm = N`` shared by all batch rows
                 (a list of ints or a 1-D int tensor); overrides ``block_size`` for this call.
                 Blocks need Nq == Nk.
+            max_seqlen: with ``cu_seqlens`` as a tensor on the inputs' device, at least the
+                longest block's length; the offsets then stay on the device (no
+                synchronisation; CUDA graphs can capture the call), as in
+                :func:`block_attn.attention`.
             need_weights: also return the attention probabilities. They are computed by a
                 separate dense path that materialises (B, H, Nq, Nk) — O(N²) time and memory —
                 and is refused above ``max_weights_elements`` elements. Meant for inspection
@@ -162,7 +167,13 @@ class MultiheadBlockAttention(nn.Module):
         if need_weights:
             weights = self._attention_weights(q, k, block_size, cu_seqlens)
         out = block_attn.attention(
-            q, k, v, block_size=block_size, cu_seqlens=cu_seqlens, causal=self.causal
+            q,
+            k,
+            v,
+            block_size=block_size,
+            cu_seqlens=cu_seqlens,
+            causal=self.causal,
+            max_seqlen=max_seqlen,
         )
         out = out.transpose(1, 2).reshape(batch, len_q, self.embed_dim)
         out = self.dropout(self.out_proj(out))

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-from block_attn.blocks import make_layout
+from block_attn.blocks import device_offsets, layout_from_device_offsets, make_layout
 from block_attn.validation import check_qkv, resolve_scale
 
 __all__ = ["attention"]
@@ -27,11 +27,21 @@ def attention(
     causal: bool = False,
     scale: float | None = None,
     return_lse: bool = False,
+    max_seqlen: int | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Same contract as :func:`block_attn.attention`, computed densely. O(Nq·Nk) memory."""
+    """Same contract as :func:`block_attn.attention`, computed densely. O(Nq·Nk) memory.
+
+    With ``max_seqlen`` the offsets are read on the host here and their contract checked.
+    """
     check_qkv(q, k, v)
     scale = resolve_scale(scale, q.shape[-1])
-    layout = make_layout(q.shape[2], k.shape[2], block_size, cu_seqlens)
+    if max_seqlen is None:
+        layout = make_layout(q.shape[2], k.shape[2], block_size, cu_seqlens)
+    else:
+        if block_size is not None:
+            raise ValueError("max_seqlen goes with cu_seqlens, not with block_size")
+        offsets = device_offsets(cu_seqlens, max_seqlen, q.shape[2], k.shape[2], q.device)
+        layout = layout_from_device_offsets(offsets, max_seqlen, q.shape[2])
     groups = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(groups, dim=1)
     v = v.repeat_interleave(groups, dim=1)

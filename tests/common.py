@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 from dataclasses import dataclass
 
@@ -54,7 +55,9 @@ class MaskSpec:
     """How a test passes its blocks: ``kind`` is "full", "block_size" or "cu_seqlens".
 
     For "block_size", ``value`` is an int, "N" (one block) or "N+" (larger than N).
-    For "cu_seqlens", ``value`` is the container: "list", "int32" or "int64".
+    For "cu_seqlens", ``value`` is the container: "list", "int32" or "int64", or "on-device"
+    (int32 on the test's device, passed with ``max_seqlen`` so that it is never read on the host;
+    ``max_seqlen`` is 3 above the longest block, as an upper bound may be).
     """
 
     kind: str
@@ -73,6 +76,10 @@ class MaskSpec:
         offsets = random_offsets(seqlen, random.Random(seed))
         if self.value == "list":
             return {"cu_seqlens": offsets}, offsets
+        if self.value == "on-device":
+            cu_seqlens = torch.tensor(offsets, dtype=torch.int32, device=device)
+            longest = max(b - a for a, b in itertools.pairwise(offsets))
+            return {"cu_seqlens": cu_seqlens, "max_seqlen": longest + 3}, offsets
         dtype = torch.int32 if self.value == "int32" else torch.int64
         return {"cu_seqlens": torch.tensor(offsets, dtype=dtype, device=device)}, offsets
 
@@ -87,6 +94,7 @@ MASKS = (
     MaskSpec("cu_seqlens", "list"),
     MaskSpec("cu_seqlens", "int32"),
     MaskSpec("cu_seqlens", "int64"),
+    MaskSpec("cu_seqlens", "on-device"),
 )
 
 

@@ -31,6 +31,27 @@ def test_gradcheck(device, Hq, Hkv, Nq, Nk, D, kwargs):
     )
 
 
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+def test_gradcheck_with_offsets_kept_on_the_device(device, causal):
+    """cu_seqlens on the device with max_seqlen: int64 (converted on the device), an empty block
+    (allowed there), max_seqlen above the longest block."""
+    q, k, v = make_qkv(2, 4, 2, 9, 9, 4, dtype=torch.float64, device=device)
+    inputs = tuple(t.requires_grad_() for t in (q, k, v))
+    cu_seqlens = torch.tensor([0, 4, 4, 9], device=device)
+    kwargs = {"cu_seqlens": cu_seqlens, "max_seqlen": 7, "causal": causal}
+    assert torch.autograd.gradcheck(
+        lambda q, k, v: block_attn.attention(q, k, v, **kwargs), inputs, atol=1e-5
+    )
+    grad_out = torch.randn_like(q)
+    ours = block_attn.attention(*inputs, **kwargs)
+    expected = reference.attention(*inputs, cu_seqlens=[0, 4, 9], causal=causal)
+    assert_close(ours, expected, atol=1e-6, rtol=1e-6, what="out")
+    for name, got, want in zip(
+        "qkv", grads(ours, inputs, grad_out), grads(expected, inputs, grad_out), strict=True
+    ):
+        assert_close(got, want, atol=1e-6, rtol=1e-6, what=f"grad_{name}")
+
+
 # lse is float32 whatever the input dtype, so finite differences need a larger step and a looser
 # tolerance; a missing or wrong grad_lse term still shows as an O(1) error.
 LSE_GRADCHECK_TOLERANCE = {"eps": 1e-3, "atol": 2e-3, "rtol": 1e-2}
