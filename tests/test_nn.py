@@ -111,7 +111,9 @@ def test_cross_attention_with_different_key_length_matches_mha(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("blocks", ["block_size", "cu_seqlens_list", "cu_seqlens_tensor"])
+@pytest.mark.parametrize(
+    "blocks", ["block_size", "cu_seqlens_list", "cu_seqlens_tensor", "cu_seqlens_on_device"]
+)
 def test_blocks_match_mha_with_block_diagonal_mask(device, causal, blocks):
     torch.manual_seed(3)
     n = 14
@@ -124,6 +126,8 @@ def test_blocks_match_mha_with_block_diagonal_mask(device, causal, blocks):
         mha, module = reference_pair(device, causal=causal)
         cu_seqlens = offsets if blocks == "cu_seqlens_list" else torch.tensor(offsets)
         call = {"cu_seqlens": cu_seqlens}
+        if blocks == "cu_seqlens_on_device":
+            call = {"cu_seqlens": cu_seqlens.to(device), "max_seqlen": 8}
     x = torch.randn(2, n, EMBED_DIM, device=device)
     mask = block_mask(offsets, causal).to(device)
     expected, expected_weights = mha(x, x, x, attn_mask=mask, average_attn_weights=False)
