@@ -7,7 +7,8 @@ from collections.abc import Sequence
 import torch
 
 from block_attn import ops
-from block_attn.blocks import device_offsets, make_layout
+from block_attn.blocks import make_layout
+from block_attn.device_blocks import offsets_kept_on_device
 from block_attn.validation import check_qkv, resolve_scale, with_unit_last_stride
 
 __all__ = ["attention", "block_diagonal_attention", "causal_attention"]
@@ -26,6 +27,8 @@ def attention(
     scale: float | None = None,
     return_lse: bool = False,
     max_seqlen: int | None = None,
+    cu_seqlens_k: CuSeqlens | None = None,
+    max_seqlen_k: int | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Exact scaled dot-product attention with block-diagonal and/or causal masks.
 
@@ -55,7 +58,14 @@ def attention(
             be captured in a CUDA graph (copy new offsets into the same tensor between replays:
             as many blocks, none longer than ``max_seqlen``). Their values are not checked on
             CUDA, where the kernels clamp them to the tensors (bad offsets give wrong rows, not
-            stray memory accesses); the CPU kernels check them.
+            stray memory accesses); the CPU kernels check them. Empty blocks are allowed here.
+        cu_seqlens_k: the keys' offsets when they differ from the queries' (``cu_seqlens``):
+            query block j ``[cq_j, cq_{j+1})`` attends key block j ``[ck_j, ck_{j+1})``, e.g.
+            each packed sequence's new tokens against its cached keys. Ends at Nk; as many
+            blocks as ``cu_seqlens``. With ``causal`` each block is aligned bottom-right: local
+            query i attends local key t iff t <= i + Lk_j - Lq_j.
+        max_seqlen_k: with ``cu_seqlens_k`` kept on the device (``max_seqlen`` given): at least
+            the longest key block.
 
     Returns:
         out: (B, Hq, Nq, D) in q's dtype, in q's memory layout when q is dense.
@@ -71,21 +81,25 @@ def attention(
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     scale = resolve_scale(scale, q.shape[-1])
-    if max_seqlen is None:
-        layout = make_layout(q.shape[2], k.shape[2], block_size, cu_seqlens)
+    if max_seqlen is None and max_seqlen_k is None:
+        layout = make_layout(q.shape[2], k.shape[2], block_size, cu_seqlens, cu_seqlens_k)
         if q.numel() == 0 or layout.num_blocks == 0:
             return _empty_result(q, k, v, return_lse)
         cu_seqlens_q, cu_seqlens_k = layout.tensors(q.device)
         max_len_q, max_len_k = layout.max_len_q, layout.max_len_k
     else:
-        if block_size is not None:
-            raise ValueError("max_seqlen goes with cu_seqlens, not with block_size")
-        cu_seqlens_q = cu_seqlens_k = device_offsets(
-            cu_seqlens, max_seqlen, q.shape[2], k.shape[2], q.device
+        cu_seqlens_q, cu_seqlens_k, max_len_q, max_len_k = offsets_kept_on_device(
+            block_size,
+            cu_seqlens,
+            cu_seqlens_k,
+            max_seqlen,
+            max_seqlen_k,
+            q.shape[2],
+            k.shape[2],
+            q.device,
         )
         if q.numel() == 0:
             return _empty_result(q, k, v, return_lse)
-        max_len_q = max_len_k = max_seqlen
     out, lse = ops.attention_forward(
         with_unit_last_stride(q),
         with_unit_last_stride(k),
@@ -123,6 +137,8 @@ def block_diagonal_attention(
     scale: float | None = None,
     return_lse: bool = False,
     max_seqlen: int | None = None,
+    cu_seqlens_k: CuSeqlens | None = None,
+    max_seqlen_k: int | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention restricted to diagonal blocks; exactly one of ``block_size``/``cu_seqlens``.
 
@@ -140,6 +156,8 @@ def block_diagonal_attention(
         scale=scale,
         return_lse=return_lse,
         max_seqlen=max_seqlen,
+        cu_seqlens_k=cu_seqlens_k,
+        max_seqlen_k=max_seqlen_k,
     )
 
 

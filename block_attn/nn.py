@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import block_attn
-from block_attn.blocks import make_layout
+from block_attn.device_blocks import host_layout
 
 __all__ = ["MultiheadBlockAttention"]
 
@@ -127,6 +127,8 @@ class MultiheadBlockAttention(nn.Module):
         *,
         cu_seqlens: torch.Tensor | Sequence[int] | None = None,
         max_seqlen: int | None = None,
+        cu_seqlens_k: torch.Tensor | Sequence[int] | None = None,
+        max_seqlen_k: int | None = None,
         need_weights: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Attends ``query`` to ``key``/``value``.
@@ -142,6 +144,9 @@ class MultiheadBlockAttention(nn.Module):
                 longest block's length; the offsets then stay on the device (no
                 synchronisation; CUDA graphs can capture the call), as in
                 :func:`block_attn.attention`.
+            cu_seqlens_k, max_seqlen_k: the keys' block offsets when they differ from the
+                queries' (cross-attention between packed sequences, or new tokens against
+                cached keys), as in :func:`block_attn.attention`.
             need_weights: also return the attention probabilities. They are computed by a
                 separate dense path that materialises (B, H, Nq, Nk) — O(N²) time and memory —
                 and is refused above ``max_weights_elements`` elements. Meant for inspection
@@ -165,7 +170,9 @@ class MultiheadBlockAttention(nn.Module):
         block_size = self.block_size if cu_seqlens is None else None
         weights = None
         if need_weights:
-            weights = self._attention_weights(q, k, block_size, cu_seqlens)
+            weights = self._attention_weights(
+                q, k, block_size, cu_seqlens, cu_seqlens_k, max_seqlen, max_seqlen_k
+            )
         out = block_attn.attention(
             q,
             k,
@@ -174,6 +181,8 @@ class MultiheadBlockAttention(nn.Module):
             cu_seqlens=cu_seqlens,
             causal=self.causal,
             max_seqlen=max_seqlen,
+            cu_seqlens_k=cu_seqlens_k,
+            max_seqlen_k=max_seqlen_k,
         )
         out = out.transpose(1, 2).reshape(batch, len_q, self.embed_dim)
         out = self.dropout(self.out_proj(out))
@@ -207,6 +216,9 @@ class MultiheadBlockAttention(nn.Module):
         k: torch.Tensor,
         block_size: int | None,
         cu_seqlens: torch.Tensor | Sequence[int] | None,
+        cu_seqlens_k: torch.Tensor | Sequence[int] | None,
+        max_seqlen: int | None,
+        max_seqlen_k: int | None,
     ) -> torch.Tensor:
         """Dense (B, H, Nq, Nk) probabilities for q (B, H, Nq, D) and k (B, Hkv, Nk, D)."""
         batch, heads, len_q, _ = q.shape
@@ -218,7 +230,9 @@ class MultiheadBlockAttention(nn.Module):
                 f"{elements} elements, above max_weights_elements = {self.max_weights_elements}; "
                 f"call with need_weights=False or raise the class attribute"
             )
-        layout = make_layout(len_q, len_k, block_size, cu_seqlens)
+        layout = host_layout(
+            len_q, len_k, q.device, block_size, cu_seqlens, cu_seqlens_k, max_seqlen, max_seqlen_k
+        )
         allowed = layout.mask(self.causal, device=q.device)
         k = k.repeat_interleave(heads // k.shape[1], dim=1)
         scores = torch.matmul(q, k.transpose(-2, -1)).float() / math.sqrt(self.head_dim)

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-from block_attn.blocks import device_offsets, layout_from_device_offsets, make_layout
+from block_attn.device_blocks import host_layout
 from block_attn.validation import check_qkv, resolve_scale
 
 __all__ = ["attention"]
@@ -28,6 +28,8 @@ def attention(
     scale: float | None = None,
     return_lse: bool = False,
     max_seqlen: int | None = None,
+    cu_seqlens_k: torch.Tensor | Sequence[int] | None = None,
+    max_seqlen_k: int | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Same contract as :func:`block_attn.attention`, computed densely. O(Nq·Nk) memory.
 
@@ -35,13 +37,16 @@ def attention(
     """
     check_qkv(q, k, v)
     scale = resolve_scale(scale, q.shape[-1])
-    if max_seqlen is None:
-        layout = make_layout(q.shape[2], k.shape[2], block_size, cu_seqlens)
-    else:
-        if block_size is not None:
-            raise ValueError("max_seqlen goes with cu_seqlens, not with block_size")
-        offsets = device_offsets(cu_seqlens, max_seqlen, q.shape[2], k.shape[2], q.device)
-        layout = layout_from_device_offsets(offsets, max_seqlen, q.shape[2])
+    layout = host_layout(
+        q.shape[2],
+        k.shape[2],
+        q.device,
+        block_size,
+        cu_seqlens,
+        cu_seqlens_k,
+        max_seqlen,
+        max_seqlen_k,
+    )
     groups = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(groups, dim=1)
     v = v.repeat_interleave(groups, dim=1)

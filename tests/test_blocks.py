@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from block_attn.blocks import EvenOffsets, fixed_layout, full_layout, varlen_layout
+from block_attn.blocks import fixed_layout, full_layout, varlen_layout
+from block_attn.offsets import EvenOffsets
 
 
 def test_even_offsets_behave_as_their_tuple():

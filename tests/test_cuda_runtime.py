@@ -19,6 +19,10 @@ MASK_KWARGS = [
     pytest.param({"cu_seqlens": [0, 70, 71, 200]}, id="cu_seqlens-list"),
     pytest.param({"causal": True}, id="causal"),
     pytest.param({"block_size": 64, "causal": True}, id="block_size-causal"),
+    pytest.param(
+        {"cu_seqlens": [0, 70, 71, 200], "cu_seqlens_k": [0, 100, 150, 200], "causal": True},
+        id="key-offsets-list",
+    ),
 ]
 
 

@@ -112,6 +112,40 @@ BAD_INPUTS = [
      RuntimeError, r"cu_seqlens_q: block 1 has 8 rows, more than its max_seqlen 6"),
     ("max-seqlen-cu-short", lambda: call(cu_seqlens=torch.tensor([0, 4, 10]), max_seqlen=8),
      RuntimeError, r"cu_seqlens_q must end at the tensors' length 12, got 10"),
+    # cu_seqlens_k (the keys' own offsets).
+    ("cu-k-without-cu", lambda: call(cu_seqlens_k=[0, N]), ValueError,
+     r"cu_seqlens_k \(key offsets\) needs cu_seqlens \(query offsets\)"),
+    ("cu-k-with-block-size", lambda: call(block_size=4, cu_seqlens_k=[0, N]), ValueError,
+     r"cu_seqlens_k \(key offsets\) needs cu_seqlens"),
+    ("cu-k-block-count", lambda: call(cu_seqlens=[0, 4, N], cu_seqlens_k=[0, N]), ValueError,
+     r"cu_seqlens and cu_seqlens_k must describe the same number of blocks, got 2 and 1"),
+    ("cu-k-short", lambda: call(q=torch.randn(B, H, 5, D), cu_seqlens=[0, 2, 5],
+                                cu_seqlens_k=[0, 4, 10]),
+     ValueError, r"cu_seqlens_k must end at Nk = 12, got last offset 10"),
+    ("cu-q-short", lambda: call(q=torch.randn(B, H, 5, D), cu_seqlens=[0, 2, 4],
+                                cu_seqlens_k=[0, 4, N]),
+     ValueError, r"cu_seqlens must end at Nq = 5, got last offset 4"),
+    ("cu-k-empty-block", lambda: call(cu_seqlens=[0, 4, N], cu_seqlens_k=[0, 0, N]), ValueError,
+     r"cu_seqlens_k has an empty block"),
+    ("cu-k-float", lambda: call(cu_seqlens=[0, N], cu_seqlens_k=torch.tensor([0.0, 12.0])),
+     TypeError, r"cu_seqlens_k must be an int32 or int64 tensor"),
+    ("max-seqlen-k-alone", lambda: call(cu_seqlens=[0, N], cu_seqlens_k=[0, N], max_seqlen_k=12),
+     ValueError, r"max_seqlen_k \(the longest key block\) needs max_seqlen as well"),
+    ("max-seqlen-k-without-cu-k", lambda: call(cu_seqlens=torch.tensor([0, N]), max_seqlen=12,
+                                               max_seqlen_k=12),
+     ValueError, r"max_seqlen_k goes with cu_seqlens_k"),
+    ("cu-k-kept-without-max-k", lambda: call(cu_seqlens=torch.tensor([0, N]), max_seqlen=12,
+                                             cu_seqlens_k=torch.tensor([0, N])),
+     ValueError, r"cu_seqlens_k kept on the device needs max_seqlen_k"),
+    ("cu-k-kept-block-count", lambda: call(cu_seqlens=torch.tensor([0, 4, N]), max_seqlen=8,
+                                           cu_seqlens_k=torch.tensor([0, N]), max_seqlen_k=12),
+     ValueError, r"same number of blocks, got 2 and 1"),
+    ("max-seqlen-k-zero", lambda: call(cu_seqlens=torch.tensor([0, N]), max_seqlen=12,
+                                       cu_seqlens_k=torch.tensor([0, N]), max_seqlen_k=0),
+     ValueError, r"max_seqlen_k must be in \[1, 2147483647\], got 0"),
+    ("max-seqlen-k-too-small", lambda: call(cu_seqlens=torch.tensor([0, 4, N]), max_seqlen=8,
+                                            cu_seqlens_k=torch.tensor([0, 2, N]), max_seqlen_k=6),
+     RuntimeError, r"cu_seqlens_k: block 1 has 10 rows, more than its max_seqlen 6"),
     # Scalars.
     ("scale-inf", lambda: call(scale=float("inf")), ValueError, r"scale must be finite, got inf"),
     ("scale-nan", lambda: call(scale=float("nan")), ValueError, r"scale must be finite, got nan"),
@@ -143,6 +177,24 @@ def test_reference_validates_like_the_kernel_path():
         block_attn.reference.attention(q, k, v)
     with pytest.raises(ValueError, match="cu_seqlens must start at 0"):
         block_attn.reference.attention(*qkv(), cu_seqlens=[2, N])
+
+
+@pytest.mark.parametrize(
+    ("offsets", "max_seqlen", "match"),
+    [
+        ([0, 4, N], 6, r"cu_seqlens block 1 has 8 tokens, more than 6"),
+        ([0, 8, 4, N], 12, r"cu_seqlens must be non-decreasing"),
+        ([1, 4, N], 12, r"cu_seqlens must start at 0, got 1"),
+        ([0, 4, 10], 12, r"cu_seqlens must end at 12, got last offset 10"),
+    ],
+)
+def test_reference_checks_offsets_kept_on_the_device(offsets, max_seqlen, match):
+    """The reference reads offsets given with max_seqlen and checks the contract the CUDA
+    kernels assume without checking."""
+    with pytest.raises(ValueError, match=match):
+        block_attn.reference.attention(
+            *qkv(), cu_seqlens=torch.tensor(offsets), max_seqlen=max_seqlen
+        )
 
 
 # The raw operators check what they rely on, independently of the Python layer.

@@ -138,6 +138,32 @@ def test_blocks_match_mha_with_block_diagonal_mask(device, causal, blocks):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("causal", [False, True])
+def test_cross_attention_with_key_blocks_matches_mha(device, causal):
+    """Query block j attends key block j of a longer memory (bottom-right causal per block)."""
+    torch.manual_seed(5)
+    off_q, off_k = [0, 4, 10], [0, 9, 14]
+    mha, module = reference_pair(device, causal=causal)
+    x = torch.randn(2, off_q[-1], EMBED_DIM, device=device)
+    memory = torch.randn(2, off_k[-1], EMBED_DIM, device=device)
+    allowed = torch.zeros(off_q[-1], off_k[-1], dtype=torch.bool)
+    for (q0, q1), (k0, k1) in zip(
+        itertools.pairwise(off_q), itertools.pairwise(off_k), strict=True
+    ):
+        block = torch.ones(q1 - q0, k1 - k0, dtype=torch.bool)
+        allowed[q0:q1, k0:k1] = block.tril((k1 - k0) - (q1 - q0)) if causal else block
+    expected, _ = mha(x, memory, memory, attn_mask=~allowed.to(device))
+    out, weights = module(x, memory, cu_seqlens=off_q, cu_seqlens_k=off_k, need_weights=True)
+    # Rows that see no key (Lq > Lk under the causal mask): MHA gives NaN, we give the output
+    # projection of zeros; compare the others.
+    has_key = allowed.any(dim=-1).to(device)
+    assert not causal or not has_key.all(), "the causal case should have rows without keys"
+    assert_close(out[:, has_key], expected[:, has_key], "output with key blocks")
+    assert torch.all(weights[..., ~allowed.to(device)] == 0), "weight outside a block pair"
+    assert torch.all(weights[:, :, ~has_key] == 0), "a row without keys has weights"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("causal", [False, True])
 def test_changing_one_block_leaves_other_blocks_unchanged(device, causal):
     torch.manual_seed(4)
     module = MultiheadBlockAttention(EMBED_DIM, NUM_HEADS, causal=causal, device=device)

@@ -7,12 +7,14 @@ context-parallel attention calls for each (query shard, key shard) pair.
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import pytest
 import torch
 from common import assert_close, assert_within_reference_error
 
+import block_attn
 from block_attn import ops
 from block_attn.blocks import BlockLayout
 
@@ -168,3 +170,58 @@ def test_low_precision_separate_blocks(device, dtype, lengths_q, lengths_k, caus
             a, a_low, a_high, factor=2 if name in ("out", "lse") else 3, atol=1e-3,
             what=f"{dtype} {name}",
         )  # fmt: skip
+
+
+# The public API's cu_seqlens_k: packed sequences whose queries attend their own keys (e.g. new
+# tokens against a per-sequence cache, bottom-right causal), given three ways.
+API_CONTAINERS = ["list", "int64-tensor", "on-device"]
+
+
+def _api_blocks(device: str, container: str, off_q: list[int], off_k: list[int]) -> dict:
+    if container == "list":
+        return {"cu_seqlens": off_q, "cu_seqlens_k": off_k}
+    if container == "int64-tensor":
+        return {"cu_seqlens": torch.tensor(off_q), "cu_seqlens_k": torch.tensor(off_k)}
+    longest_q = max(b - a for a, b in itertools.pairwise(off_q))
+    longest_k = max(b - a for a, b in itertools.pairwise(off_k))
+    return {
+        "cu_seqlens": torch.tensor(off_q, dtype=torch.int32, device=device),
+        "cu_seqlens_k": torch.tensor(off_k, dtype=torch.int32, device=device),
+        "max_seqlen": longest_q + 1,
+        "max_seqlen_k": longest_k + 2,
+    }
+
+
+@pytest.mark.parametrize("container", API_CONTAINERS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_public_api_with_key_offsets(device, container, causal):
+    lengths_q, lengths_k = [3, 17, 1, 30], [9, 17, 30, 5]
+    off_q, off_k = offsets(lengths_q), offsets(lengths_k)
+    layout = BlockLayout(tuple(off_q), tuple(off_k), max(lengths_q), max(lengths_k))
+    q = torch.randn(2, 4, off_q[-1], 16, dtype=torch.float64, device=device, requires_grad=True)
+    k = torch.randn(2, 2, off_k[-1], 16, dtype=torch.float64, device=device, requires_grad=True)
+    v = torch.randn_like(k).requires_grad_()
+    blocks = _api_blocks(device, container, off_q, off_k)
+    out, lse = block_attn.attention(q, k, v, causal=causal, return_lse=True, **blocks)
+    expected_out, expected_lse = dense_reference(q, k, v, layout, causal, 16**-0.5)
+    assert_close(out, expected_out, atol=1e-12, rtol=1e-10, what="out")
+    finite = ~expected_lse.isinf()
+    assert_close(lse[finite], expected_lse[finite], atol=1e-6, rtol=1e-6, what="lse")
+    reference_out = block_attn.reference.attention(q, k, v, causal=causal, **blocks)
+    assert_close(out, reference_out, atol=1e-12, rtol=1e-10, what="out vs block_attn.reference")
+
+    grad_out = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), grad_out)
+    expected = torch.autograd.grad(expected_out, (q, k, v), grad_out)
+    for name, a, b in zip(("grad_q", "grad_k", "grad_v"), got, expected, strict=True):
+        assert_close(a, b, atol=1e-11, rtol=1e-9, what=name)
+
+
+def test_public_api_key_offsets_gradcheck(device):
+    q = torch.randn(1, 2, 9, 4, dtype=torch.float64, device=device, requires_grad=True)
+    k = torch.randn(1, 1, 11, 4, dtype=torch.float64, device=device, requires_grad=True)
+    v = torch.randn_like(k).requires_grad_()
+    blocks = {"cu_seqlens": [0, 3, 9], "cu_seqlens_k": [0, 5, 11], "causal": True}
+    assert torch.autograd.gradcheck(
+        lambda q, k, v: block_attn.attention(q, k, v, **blocks), (q, k, v), atol=1e-5
+    )
