@@ -22,6 +22,7 @@
 #include "cuda/hopper/bwd_wgmma.cuh"
 #include "cuda/hopper/fwd_wgmma.cuh"
 #include "cuda/launch.h"
+#include "emulated_offset_clamp.h"
 
 namespace {
 
@@ -641,6 +642,8 @@ int main() {
           {DType::kFloat16, large_scores}});
   cuda_emulator::DeviceProperties sm75{7, 5, 64 * 1024};  // no tensor-core kernels
   run_on(sm75, "sm_75", {{DType::kFloat16, causal_gqa64}, {DType::kBFloat16, mqa}});
+
+  failures += block_attn::emulated_test::check_offsets_outside_contract();
 
   std::printf("%s: %d failure(s)\n", failures ? "FAILED" : "passed", failures);
   return failures ? 1 : 0;
