@@ -60,12 +60,22 @@ def test_fake_kernel_keeps_layout():
 COMPILE_CASES = [
     pytest.param({"block_size": 5, "causal": True}, id="block_size"),
     pytest.param({"cu_seqlens": [0, 3, 11, 24]}, id="cu_seqlens-list"),
+    pytest.param(
+        {"cu_seqlens": [0, 3, 11, 24], "cu_seqlens_k": [0, 9, 10, 24], "causal": True},
+        id="key-offsets",
+    ),
+    pytest.param("on-device", id="offsets-on-device"),
 ]
 
 
 @pytest.mark.parametrize("kwargs", COMPILE_CASES)
 def test_compile_fullgraph_matches_eager(device, kwargs):
     torch._dynamo.reset()
+    if kwargs == "on-device":
+        offsets_q = torch.tensor([0, 3, 11, 24], dtype=torch.int32, device=device)
+        offsets_k = torch.tensor([0, 9, 10, 24], device=device)  # int64: converted in the graph
+        kwargs = {"cu_seqlens": offsets_q, "max_seqlen": 13, "cu_seqlens_k": offsets_k}
+        kwargs.update(max_seqlen_k=14, causal=True)
 
     def loss_terms(q, k, v):
         out, lse = block_attn.attention(q, k, v, return_lse=True, **kwargs)
