@@ -70,3 +70,9 @@ def test_walkthrough_document_shows_the_current_code():
         "docs/walkthrough.md is out of date: run "
         "`PYTHONPATH=. python examples/walkthrough.py --markdown docs/walkthrough.md`"
     )
+
+
+def test_chunked_prefill_equals_one_packed_pass():
+    for chunk in ("1", "7"):
+        stdout = run_example(str(EXAMPLES / "chunked_prefill.py"), "--chunk", chunk)
+        assert "largest difference from one packed causal pass" in stdout, stdout
