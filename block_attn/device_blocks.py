@@ -23,7 +23,9 @@ def _check_max_seqlen(value: object, name: str) -> int:
     return value
 
 
-def _device_offsets(cu_seqlens: object, name: str, max_name: str, device: torch.device):
+def _device_offsets(
+    cu_seqlens: object, name: str, max_name: str, device: torch.device
+) -> torch.Tensor:
     if not isinstance(cu_seqlens, torch.Tensor):
         raise TypeError(
             f"{max_name} goes with {name} given as a tensor on q's device (so its values need "
@@ -85,7 +87,9 @@ def offsets_kept_on_device(
     return cu_q, cu_k, max_q, max_k
 
 
-def read_kept_offsets(cu_seqlens: torch.Tensor, max_seqlen: int, seqlen: int, name: str):
+def read_kept_offsets(
+    cu_seqlens: torch.Tensor, max_seqlen: int, seqlen: int, name: str
+) -> tuple[int, ...]:
     """Offsets kept on the device, read on the host and checked against their contract (for the
     reference; empty blocks are allowed)."""
     offsets = tuple(int(c) for c in cu_seqlens.tolist())
