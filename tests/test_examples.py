@@ -9,6 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+from conftest import DEVICES
+
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 
@@ -72,7 +75,10 @@ def test_walkthrough_document_shows_the_current_code():
     )
 
 
-def test_chunked_prefill_equals_one_packed_pass():
+@pytest.mark.parametrize("device", DEVICES)
+def test_chunked_prefill_equals_one_packed_pass(device):
     for chunk in ("1", "7"):
-        stdout = run_example(str(EXAMPLES / "chunked_prefill.py"), "--chunk", chunk)
+        stdout = run_example(
+            str(EXAMPLES / "chunked_prefill.py"), "--chunk", chunk, "--device", device
+        )
         assert "largest difference from one packed causal pass" in stdout, stdout
