@@ -67,9 +67,37 @@ grep -q 'block_attn::cuda::launch_forward' <<<"$defined_all" ||
 
 # The GPU suite's probes are plain CUDA programs; they must at least compile and link.
 for probe in flash_tile_variants wgmma_probe wgmma_attention_probe; do
-  "$CUDA_HOME/bin/nvcc" -std=c++17 -O3 --expt-relaxed-constexpr \
-    -gencode=arch=compute_90a,code=sm_90a "csrc/tests/$probe.cu" -o "$TMP_DIR/$probe" ||
+  "$CUDA_HOME/bin/nvcc" -std=c++17 -O3 --expt-relaxed-constexpr -Xptxas -v \
+    -gencode=arch=compute_90a,code=sm_90a "csrc/tests/$probe.cu" -o "$TMP_DIR/$probe" \
+    >"$TMP_DIR/$probe.ptxas.log" 2>&1 || {
+    cat "$TMP_DIR/$probe.ptxas.log" >&2
     fail "nvcc csrc/tests/$probe.cu"
+  }
 done
+
+# The probe instantiates every Hopper kernel variant. ptxas serialising their wgmma products
+# (a missing fence or a register it cannot keep) would halve their speed without failing any
+# test, so it fails here; spills are listed.
+ptxas_log="$TMP_DIR/wgmma_attention_probe.ptxas.log"
+if grep -i 'wgmma.*serializ' "$ptxas_log" >&2; then
+  fail "ptxas serialises wgmma products in the Hopper kernels (see above)"
+fi
+"$PYTHON" - "$ptxas_log" <<'EOF'
+import re
+import sys
+
+kernel, counted, spilling = None, 0, []
+for line in open(sys.argv[1]):
+    if m := re.search(r"Compiling entry function '(\w*wgmma_kernel\w*)'", line):
+        kernel = m.group(1)
+    elif kernel and (m := re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)):
+        counted += 1
+        if m.group(1) != "0" or m.group(2) != "0":
+            spilling.append(f"{kernel}: {m.group(1)} B spill stores, {m.group(2)} B spill loads")
+        kernel = None
+print(f"cuda_compile_check: {counted} Hopper kernel variants compiled, {len(spilling)} spill")
+for entry in spilling:
+    print(f"  {entry}")
+EOF
 
 echo "cuda_compile_check: OK: $SO built in ${elapsed}s (archs $TORCH_CUDA_ARCH_LIST)"
