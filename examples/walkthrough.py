@@ -29,9 +29,18 @@ from block_attn.blocks import make_layout
 from block_attn.nn import MultiheadBlockAttention
 
 
-def show_mask(seqlen: int, *, causal: bool = False, block_size=None, cu_seqlens=None) -> None:
+def show_mask(
+    seqlen: int,
+    *,
+    causal: bool = False,
+    block_size=None,
+    cu_seqlens=None,
+    cu_seqlens_k=None,
+    seqlen_k=None,
+) -> None:
     """Prints which keys (columns) each query (row) may attend: █ allowed, · masked."""
-    allowed = make_layout(seqlen, seqlen, block_size, cu_seqlens).mask(causal)
+    seqlen_k = seqlen if seqlen_k is None else seqlen_k
+    allowed = make_layout(seqlen, seqlen_k, block_size, cu_seqlens, cu_seqlens_k).mask(causal)
     for row in allowed.tolist():
         print(" ".join("█" if a else "·" for a in row))
 
@@ -146,7 +155,39 @@ def module() -> None:
     print("packed == documents one by one:", torch.allclose(out, alone, atol=1e-6))
 
 
-SECTIONS = [single_head, causal, multi_head, fixed_blocks, packed_documents, module]
+def cached_keys() -> None:
+    """## 7. Queries against their own cached keys
+
+    When several sequences are extended at once (a prompt processed in chunks, or decoding),
+    each sequence's new queries must attend that sequence's keys so far: its cache plus the
+    new tokens. `cu_seqlens` then gives the queries' blocks and `cu_seqlens_k` the keys'
+    blocks (as many, ending at Nk); query block j attends key block j. With `causal=True`
+    each block is aligned bottom-right, so the last query sees every key of its sequence and
+    the first new query sees the whole cache."""
+    torch.manual_seed(0)
+    cu_seqlens, cu_seqlens_k = [0, 2, 3], [0, 4, 7]  # 2 and 1 new tokens; 4 and 3 keys
+    q = torch.randn(1, 2, 3, 4)
+    k, v = torch.randn(2, 1, 2, 7, 4).unbind(0)
+    show_mask(3, cu_seqlens=cu_seqlens, cu_seqlens_k=cu_seqlens_k, seqlen_k=7, causal=True)
+    out = block_attn.attention(
+        q, k, v, cu_seqlens=cu_seqlens, cu_seqlens_k=cu_seqlens_k, causal=True
+    )
+    pairs = zip(itertools.pairwise(cu_seqlens), itertools.pairwise(cu_seqlens_k), strict=True)
+    for (q0, q1), (k0, k1) in pairs:
+        alone = block_attn.attention(q[:, :, q0:q1], k[:, :, k0:k1], v[:, :, k0:k1], causal=True)
+        same = torch.allclose(out[:, :, q0:q1], alone, atol=1e-6)
+        print(f"queries [{q0}, {q1}) with keys [{k0}, {k1}) == on their own: {same}")
+
+
+SECTIONS = [
+    single_head,
+    causal,
+    multi_head,
+    fixed_blocks,
+    packed_documents,
+    module,
+    cached_keys,
+]
 
 INTRO = """# Walk-through: from single-head attention to packed documents
 
