@@ -169,9 +169,8 @@ def cached_keys() -> None:
     q = torch.randn(1, 2, 3, 4)
     k, v = torch.randn(2, 1, 2, 7, 4).unbind(0)
     show_mask(3, cu_seqlens=cu_seqlens, cu_seqlens_k=cu_seqlens_k, seqlen_k=7, causal=True)
-    out = block_attn.attention(
-        q, k, v, cu_seqlens=cu_seqlens, cu_seqlens_k=cu_seqlens_k, causal=True
-    )
+    blocks = {"cu_seqlens": cu_seqlens, "cu_seqlens_k": cu_seqlens_k}
+    out = block_attn.attention(q, k, v, causal=True, **blocks)
     pairs = zip(itertools.pairwise(cu_seqlens), itertools.pairwise(cu_seqlens_k), strict=True)
     for (q0, q1), (k0, k1) in pairs:
         alone = block_attn.attention(q[:, :, q0:q1], k[:, :, k0:k1], v[:, :, k0:k1], causal=True)
