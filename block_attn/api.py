@@ -42,10 +42,11 @@ def attention(
             ``h // (Hq // Hkv)`` (GQA / MQA).
         v: (B, Hkv, Nk, D) values.
         block_size: tokens ``[i*b, (i+1)*b)`` form block i; the last block may be shorter.
-        cu_seqlens: block offsets ``0 = c0 < c1 < ... < cm = N`` as a 1-D int32/int64 tensor
-            (any device; a CUDA tensor is read once on the host) or a list of ints; block j is
-            ``[c_j, c_{j+1})`` (packed documents). ``block_size`` and ``cu_seqlens`` need
-            Nq == Nk; pass at most one. Neither means one block (full attention).
+        cu_seqlens: block offsets ``0 = c0 <= c1 <= ... <= cm = N`` as a 1-D int32/int64
+            tensor (any device; a CUDA tensor is read once on the host) or a list of ints;
+            block j is ``[c_j, c_{j+1})`` (packed documents; empty blocks are allowed).
+            ``block_size`` and ``cu_seqlens`` need Nq == Nk; pass at most one. Neither means
+            one block (full attention).
         causal: inside a block, query i attends key j iff j <= i. With no blocks and Nq != Nk
             the mask is aligned bottom-right: query i attends key j iff j <= i + Nk - Nq
             (FlashAttention's convention). PyTorch SDPA's ``is_causal`` aligns top-left
@@ -58,7 +59,7 @@ def attention(
             be captured in a CUDA graph (copy new offsets into the same tensor between replays:
             as many blocks, none longer than ``max_seqlen``). Their values are not checked on
             CUDA, where the kernels clamp them to the tensors (bad offsets give wrong rows, not
-            stray memory accesses); the CPU kernels check them. Empty blocks are allowed here.
+            stray memory accesses); the CPU kernels check them.
         cu_seqlens_k: the keys' offsets when they differ from the queries' (``cu_seqlens``):
             query block j ``[cq_j, cq_{j+1})`` attends key block j ``[ck_j, ck_{j+1})``, e.g.
             each packed sequence's new tokens against its cached keys. Ends at Nk; as many

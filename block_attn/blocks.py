@@ -1,8 +1,8 @@
 """Block structure: validation of ``block_size`` / ``cu_seqlens`` into one representation.
 
 Everything below the public API describes blocks the same way: ``cu_seqlens`` offsets
-``0 = c0 < c1 < ... < cm = N`` (block ``j`` is tokens ``[c_j, c_{j+1})``) plus the longest
-block's length. ``block_size`` is only a way to build those offsets.
+``0 = c0 <= c1 <= ... <= cm = N`` (block ``j`` is tokens ``[c_j, c_{j+1})``, possibly empty)
+plus the longest block's length. ``block_size`` is only a way to build those offsets.
 """
 
 from __future__ import annotations
@@ -114,9 +114,18 @@ def offsets_from_cu_seqlens(
 
 
 def validate_offsets(
-    offsets: Sequence[int], seqlen: int, name: str = "cu_seqlens", length_name: str = "N"
+    offsets: Sequence[int],
+    seqlen: int,
+    name: str = "cu_seqlens",
+    length_name: str = "N",
+    max_len: int | None = None,
+    max_name: str = "max_seqlen",
 ) -> int:
-    """Checks ``0 = c0 < c1 < ... < cm = seqlen`` and returns the longest block's length."""
+    """Checks ``0 = c0 <= c1 <= ... <= cm = seqlen`` and returns the longest block's length.
+
+    Empty blocks are allowed (e.g. offsets padded to a fixed count by repeating N). With
+    ``max_len``, no block may be longer.
+    """
     if len(offsets) < 2:
         raise ValueError(f"{name} must hold at least 2 offsets (0 and N), got {list(offsets)}")
     if offsets[0] != 0:
@@ -126,16 +135,19 @@ def validate_offsets(
         raise ValueError(
             f"{name} offsets must fit in int32 for indexing, got {too_large[0]} > {INT32_MAX}"
         )
+    longest = 0
     for j in range(len(offsets) - 1):
-        if offsets[j + 1] < offsets[j]:
+        length = offsets[j + 1] - offsets[j]
+        if length < 0:
             raise ValueError(
-                f"{name} must be increasing, but offset {j + 1} ({offsets[j + 1]}) < "
+                f"{name} must be non-decreasing, but offset {j + 1} ({offsets[j + 1]}) < "
                 f"offset {j} ({offsets[j]})"
             )
-        if offsets[j + 1] == offsets[j]:
+        if max_len is not None and length > max_len:
             raise ValueError(
-                f"{name} has an empty block: offsets {j} and {j + 1} are both {offsets[j]}"
+                f"{name} block {j} has {length} tokens, more than {max_name} = {max_len}"
             )
+        longest = max(longest, length)
     if offsets[-1] > seqlen:
         raise ValueError(
             f"{name} goes beyond the sequence: last offset {offsets[-1]} > {length_name} = {seqlen}"
@@ -144,7 +156,7 @@ def validate_offsets(
         raise ValueError(
             f"{name} must end at {length_name} = {seqlen}, got last offset {offsets[-1]}"
         )
-    return max(offsets[j + 1] - offsets[j] for j in range(len(offsets) - 1))
+    return longest
 
 
 def varlen_layout(seqlen: int, cu_seqlens: torch.Tensor | Sequence[int]) -> BlockLayout:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from block_attn.blocks import BlockLayout, make_layout
+from block_attn.blocks import BlockLayout, make_layout, validate_offsets
 from block_attn.offsets import INT32_MAX
 
 
@@ -88,24 +88,17 @@ def offsets_kept_on_device(
 
 
 def read_kept_offsets(
-    cu_seqlens: torch.Tensor, max_seqlen: int, seqlen: int, name: str
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    seqlen: int,
+    name: str,
+    max_name: str,
+    length_name: str = "N",
 ) -> tuple[int, ...]:
     """Offsets kept on the device, read on the host and checked against their contract (for the
-    reference; empty blocks are allowed)."""
+    reference)."""
     offsets = tuple(int(c) for c in cu_seqlens.tolist())
-    if offsets[0] != 0:
-        raise ValueError(f"{name} must start at 0, got {offsets[0]}")
-    for j in range(len(offsets) - 1):
-        length = offsets[j + 1] - offsets[j]
-        if length < 0:
-            raise ValueError(
-                f"{name} must be non-decreasing, but offset {j + 1} ({offsets[j + 1]}) < "
-                f"offset {j} ({offsets[j]})"
-            )
-        if length > max_seqlen:
-            raise ValueError(f"{name} block {j} has {length} tokens, more than {max_seqlen}")
-    if offsets[-1] != seqlen:
-        raise ValueError(f"{name} must end at {seqlen}, got last offset {offsets[-1]}")
+    validate_offsets(offsets, seqlen, name, length_name, max_seqlen, max_name)
     return offsets
 
 
@@ -114,10 +107,11 @@ def layout_of_kept_offsets(
 ) -> BlockLayout:
     """The layout that :func:`offsets_kept_on_device`'s result describes (read on the host)."""
     cu_q, cu_k, max_q, max_k = kept
-    offsets_q = read_kept_offsets(cu_q, max_q, seqlen_q, "cu_seqlens")
-    offsets_k = (
-        offsets_q if cu_k is cu_q else read_kept_offsets(cu_k, max_k, seqlen_k, "cu_seqlens_k")
-    )
+    if cu_k is cu_q:
+        offsets_q = read_kept_offsets(cu_q, max_q, seqlen_q, "cu_seqlens", "max_seqlen")
+        return BlockLayout(offsets_q, offsets_q, max_q, max_k)
+    offsets_q = read_kept_offsets(cu_q, max_q, seqlen_q, "cu_seqlens", "max_seqlen", "Nq")
+    offsets_k = read_kept_offsets(cu_k, max_k, seqlen_k, "cu_seqlens_k", "max_seqlen_k", "Nk")
     return BlockLayout(offsets_q, offsets_k, max_q, max_k)
 
 

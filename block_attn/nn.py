@@ -137,7 +137,7 @@ class MultiheadBlockAttention(nn.Module):
             query: (B, Nq, E).
             key: (B, Nk, E); default ``query`` (self-attention).
             value: (B, Nk, E); default ``key``.
-            cu_seqlens: block offsets ``0 = c0 < c1 < ... < cm = N`` shared by all batch rows
+            cu_seqlens: block offsets ``0 = c0 <= c1 <= ... <= cm = N`` shared by all batch rows
                 (a list of ints or a 1-D int tensor); overrides ``block_size`` for this call.
                 Blocks need Nq == Nk.
             max_seqlen: with ``cu_seqlens`` as a tensor on the inputs' device, at least the

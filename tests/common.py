@@ -57,7 +57,9 @@ class MaskSpec:
     For "block_size", ``value`` is an int, "N" (one block) or "N+" (larger than N).
     For "cu_seqlens", ``value`` is the container: "list", "int32" or "int64", or "on-device"
     (int32 on the test's device, passed with ``max_seqlen`` so that it is never read on the host;
-    ``max_seqlen`` is 3 above the longest block, as an upper bound may be).
+    ``max_seqlen`` is 3 above the longest block, as an upper bound may be), or "padded" (a list
+    with empty blocks: first, after a cut, and N repeated at the end as when offsets are padded
+    to a fixed count).
     """
 
     kind: str
@@ -76,6 +78,9 @@ class MaskSpec:
         offsets = random_offsets(seqlen, random.Random(seed))
         if self.value == "list":
             return {"cu_seqlens": offsets}, offsets
+        if self.value == "padded":
+            padded = [0, *offsets[:2], *offsets[1:], seqlen, seqlen]
+            return {"cu_seqlens": padded}, padded
         if self.value == "on-device":
             cu_seqlens = torch.tensor(offsets, dtype=torch.int32, device=device)
             longest = max(b - a for a, b in itertools.pairwise(offsets))
@@ -92,6 +97,7 @@ MASKS = (
     MaskSpec("block_size", "N"),
     MaskSpec("block_size", "N+"),
     MaskSpec("cu_seqlens", "list"),
+    MaskSpec("cu_seqlens", "padded"),
     MaskSpec("cu_seqlens", "int32"),
     MaskSpec("cu_seqlens", "int64"),
     MaskSpec("cu_seqlens", "on-device"),

@@ -118,7 +118,8 @@ def _offsets(case: Case) -> list[int] | None:
         return sorted({*range(0, n + 1, size), *range(3, n, size)})
     generator = torch.Generator().manual_seed(case.seqlen + case.world)
     cuts = torch.randperm(n - 1, generator=generator)[: n // 7] + 1
-    return [0, *sorted(cuts.tolist()), n]
+    # Empty blocks too: first, and N repeated as when offsets are padded to a fixed count.
+    return [0, 0, *sorted(cuts.tolist()), n, n]
 
 
 def _inputs(case: Case) -> tuple[torch.Tensor, ...]:

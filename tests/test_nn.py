@@ -122,7 +122,7 @@ def test_blocks_match_mha_with_block_diagonal_mask(device, causal, blocks):
         mha, module = reference_pair(device, causal=causal, block_size=4)
         call = {}
     else:
-        offsets = [0, 1, 6, 14]
+        offsets = [0, 1, 1, 6, 14, 14]  # with empty blocks
         mha, module = reference_pair(device, causal=causal)
         cu_seqlens = offsets if blocks == "cu_seqlens_list" else torch.tensor(offsets)
         call = {"cu_seqlens": cu_seqlens}

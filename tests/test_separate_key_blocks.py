@@ -195,7 +195,9 @@ def _api_blocks(device: str, container: str, off_q: list[int], off_k: list[int])
 @pytest.mark.parametrize("container", API_CONTAINERS)
 @pytest.mark.parametrize("causal", [False, True])
 def test_public_api_with_key_offsets(device, container, causal):
-    lengths_q, lengths_k = [3, 17, 1, 30], [9, 17, 30, 5]
+    # Empty blocks on either side: block 2 has keys but no queries, block 4 queries but no keys
+    # (they output 0, with lse = -inf).
+    lengths_q, lengths_k = [3, 17, 0, 1, 4, 30], [9, 17, 6, 30, 0, 5]
     off_q, off_k = offsets(lengths_q), offsets(lengths_k)
     layout = BlockLayout(tuple(off_q), tuple(off_k), max(lengths_q), max(lengths_k))
     q = torch.randn(2, 4, off_q[-1], 16, dtype=torch.float64, device=device, requires_grad=True)

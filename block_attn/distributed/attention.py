@@ -77,7 +77,7 @@ def context_parallel_attention(
         q: (B, Hq, N / W, D) this rank's queries.
         k: (B, Hkv, N / W, D) this rank's keys; ``Hq % Hkv == 0`` (GQA / MQA).
         v: (B, Hkv, N / W, D) this rank's values.
-        cu_seqlens: block offsets of the GLOBAL sequence, ``0 = c0 < ... < cm = N`` (packed
+        cu_seqlens: block offsets of the GLOBAL sequence, ``0 = c0 <= ... <= cm = N`` (packed
             documents), identical on every rank. Documents may cross shard boundaries.
         block_size: fixed blocks of the GLOBAL sequence; at most one of this and cu_seqlens.
         causal: causal mask inside each block, by global position.

@@ -76,7 +76,7 @@ def plan_pair(
     """The op call for queries in ``q_range`` against keys in ``k_range``, or None if no work.
 
     Args:
-        offsets: global block offsets ``0 = c0 < ... < cm = N``.
+        offsets: global block offsets ``0 = c0 <= ... <= cm = N``.
         q_range: global ``[start, end)`` of the query chunk.
         k_range: global ``[start, end)`` of the key chunk; equal to or disjoint from q_range.
         causal: the global causal flag.
