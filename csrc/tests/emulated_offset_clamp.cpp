@@ -17,6 +17,7 @@
 
 #include "attention_params.h"
 #include "cuda/launch.h"
+#include "emulated_elements.h"
 
 namespace block_attn::emulated_test {
 namespace {
@@ -24,41 +25,20 @@ namespace {
 constexpr int kSeqlen = 130;
 constexpr int kGuardRows = 512;  // more than any offset here reaches past the tensors
 
-template <typename T>
-float to_float(T x);
-template <>
-float to_float(__nv_bfloat16 x) {
-  return __bfloat162float(x);
-}
-template <>
-float to_float(float x) {
-  return x;
-}
-template <typename T>
-T from_float(float x);
-template <>
-__nv_bfloat16 from_float(float x) {
-  return __float2bfloat16_rn(x);
-}
-template <>
-float from_float(float x) {
-  return x;
-}
-
 // `rows` rows of `width` elements between kGuardRows rows of NaN on each side; the rows start as
 // random values (`random`) or NaN.
 template <typename T>
 struct Guarded {
   int rows, width;
   std::vector<T> data;
-  T nan = from_float<T>(NAN);
+  T nan = Element<T>::nan();
 
   Guarded(int rows_, int width_, bool random, std::mt19937& rng)
       : rows(rows_), width(width_), data(static_cast<size_t>(rows_ + 2 * kGuardRows) * width_) {
     std::fill(data.begin(), data.end(), nan);
     std::normal_distribution<float> normal;
     if (random) {
-      for (int i = 0; i < rows * width; ++i) body()[i] = from_float<T>(normal(rng));
+      for (int i = 0; i < rows * width; ++i) body()[i] = Element<T>::from(normal(rng));
     }
   }
   T* body() { return data.data() + static_cast<size_t>(kGuardRows) * width; }
@@ -73,7 +53,7 @@ struct Guarded {
   bool rows_finite(int begin, int end) const {
     const T* first = data.data() + static_cast<size_t>(kGuardRows + begin) * width;
     return std::all_of(first, first + static_cast<size_t>(end - begin) * width,
-                       [](T x) { return std::isfinite(to_float(x)); });
+                       [](T x) { return std::isfinite(Element<T>::to(x)); });
   }
 };
 
@@ -123,7 +103,7 @@ int run(const OffsetCase& c, int head_dim, bool causal, const char* label) {
   p.head_dim = head_dim;
   p.scale = 1.0 / std::sqrt(static_cast<double>(head_dim));
   p.is_causal = causal;
-  const cuda::DType dtype = sizeof(T) == 2 ? cuda::DType::kBFloat16 : cuda::DType::kFloat32;
+  const cuda::DType dtype = Element<T>::kDType;
 
   std::string problem;
   bool ok = cuda::launch_forward(p, dtype, nullptr) == cudaSuccess;

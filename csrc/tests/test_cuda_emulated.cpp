@@ -22,6 +22,7 @@
 #include "cuda/hopper/bwd_wgmma.cuh"
 #include "cuda/hopper/fwd_wgmma.cuh"
 #include "cuda/launch.h"
+#include "emulated_elements.h"
 #include "emulated_offset_clamp.h"
 
 namespace {
@@ -29,42 +30,7 @@ namespace {
 using block_attn::BackwardParams;
 using block_attn::ForwardParams;
 using block_attn::cuda::DType;
-
-// Element types and their conversions through float64.
-template <typename T>
-struct Element;
-template <>
-struct Element<__nv_bfloat16> {
-  static constexpr DType kDType = DType::kBFloat16;
-  static constexpr const char* kName = "bf16";
-  static __nv_bfloat16 from(double x) { return __float2bfloat16_rn(static_cast<float>(x)); }
-  static double to(__nv_bfloat16 x) { return __bfloat162float(x); }
-  static __nv_bfloat16 nan() { return __float2bfloat16_rn(NAN); }
-};
-template <>
-struct Element<__half> {
-  static constexpr DType kDType = DType::kFloat16;
-  static constexpr const char* kName = "fp16";
-  static __half from(double x) { return __float2half_rn(static_cast<float>(x)); }
-  static double to(__half x) { return __half2float(x); }
-  static __half nan() { return __float2half_rn(NAN); }
-};
-template <>
-struct Element<float> {
-  static constexpr DType kDType = DType::kFloat32;
-  static constexpr const char* kName = "fp32";
-  static float from(double x) { return static_cast<float>(x); }
-  static double to(float x) { return x; }
-  static float nan() { return NAN; }
-};
-template <>
-struct Element<double> {
-  static constexpr DType kDType = DType::kFloat64;
-  static constexpr const char* kName = "fp64";
-  static double from(double x) { return x; }
-  static double to(double x) { return x; }
-  static double nan() { return NAN; }
-};
+using block_attn::emulated_test::Element;
 
 enum class Layout {
   kHeadsFirst,     // (batch, heads, rows, head_dim) contiguous
