@@ -16,6 +16,9 @@ MASK_KINDS = [
     pytest.param(4, 2, 9, 9, 4, {"cu_seqlens": [0, 1, 5, 9]}, id="ragged-gqa"),
     pytest.param(2, 1, 7, 7, 5, {"causal": True}, id="causal-mqa"),
     pytest.param(2, 1, 10, 10, 4, {"cu_seqlens": [0, 4, 6, 10], "causal": True}, id="both"),
+    pytest.param(
+        2, 1, 9, 9, 4, {"cu_seqlens": [0, 0, 4, 4, 9, 9], "causal": True}, id="empty-blocks"
+    ),
     pytest.param(2, 2, 5, 8, 4, {"causal": True}, id="full-causal-Nq<Nk"),
     pytest.param(4, 2, 8, 5, 4, {"causal": True}, id="full-causal-Nq>Nk"),
     pytest.param(2, 2, 4, 9, 4, {}, id="full-Nq<Nk"),
@@ -33,8 +36,8 @@ def test_gradcheck(device, Hq, Hkv, Nq, Nk, D, kwargs):
 
 @pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
 def test_gradcheck_with_offsets_kept_on_the_device(device, causal):
-    """cu_seqlens on the device with max_seqlen: int64 (converted on the device), an empty block
-    (allowed there), max_seqlen above the longest block."""
+    """cu_seqlens on the device with max_seqlen: int64 (converted on the device), an empty block,
+    max_seqlen above the longest block."""
     q, k, v = make_qkv(2, 4, 2, 9, 9, 4, dtype=torch.float64, device=device)
     inputs = tuple(t.requires_grad_() for t in (q, k, v))
     cu_seqlens = torch.tensor([0, 4, 4, 9], device=device)
