@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "attention_cpu.h"
+#include "few_query_scores.h"
 #include "forward_products.h"
 #include "tile_math.h"
 #include "tile_schedule.h"
@@ -33,7 +34,9 @@ struct ForwardScratch {
   explicit ForwardScratch(int dim)
       : padded_dim(padded<acc>(dim)),
         products(dim),
-        storage(kBlockN * kBlockM + kBlockM * padded_dim + 4 * kBlockM) {
+        storage(kBlockN * kBlockM + kBlockM * padded_dim + 4 * kBlockM),
+        gathered_queries(static_cast<int64_t>(kBlockM) * dim),
+        query_rows(static_cast<int64_t>(kFewQueries) * padded_dim) {
     scores_t = storage.get();
     out = scores_t + kBlockN * kBlockM;
     row_max = out + kBlockM * padded_dim;
@@ -44,6 +47,8 @@ struct ForwardScratch {
   int padded_dim;
   ForwardProducts<scalar_t, kBlockM, kBlockN> products;
   AlignedBuffer<acc> storage;
+  AlignedBuffer<scalar_t> gathered_queries;  // query rows of several heads, lane order
+  AlignedBuffer<acc> query_rows;             // a few queries' rows for few_query_scores
   acc *scores_t, *out, *row_max, *row_sum, *correction, *inverse_sum;
   std::vector<int> first_lane = std::vector<int>(kBlockN);
 };
@@ -90,15 +95,20 @@ void online_softmax_tile(int cols, int lanes, acc scale, const int* first_lane, 
   }
 }
 
+// One query tile of `heads` consecutive query heads that share a kv head, starting at `head`.
+// Its lanes are (row, head) pairs, lane = row · heads + head offset: the heads read each K and V
+// tile once, and a tile of few rows (decoding, short chunks) fills more of its vector lanes.
+// The causally masked lanes of a key stay a prefix: those of the rows before its first query.
 template <typename scalar_t>
-void forward_tile(const ForwardParams& p, int batch, int head, const Tile& tile,
+void forward_tile(const ForwardParams& p, int batch, int head, int heads, const Tile& tile,
                   ForwardScratch<scalar_t>& t) {
   using acc = acc_t<scalar_t>;
   const int dim = p.head_dim;
   const int ld = t.padded_dim;
   const BlockExtent e = block_extent(p, tile.block);
   const int rows = tile.end - tile.begin;
-  const int lanes = padded<acc>(rows);
+  const int used = rows * heads;
+  const int lanes = padded<acc>(used);
   const int kv_head = head / (p.heads_q / p.heads_kv);
 
   const auto* q = static_cast<const scalar_t*>(p.q) + batch * p.q_batch_stride +
@@ -108,8 +118,25 @@ void forward_tile(const ForwardParams& p, int batch, int head, const Tile& tile,
   const auto* v = static_cast<const scalar_t*>(p.v) + batch * p.v_batch_stride +
                   kv_head * p.v_head_stride + e.k_start * p.v_row_stride;
 
-  t.products.load_queries(q, p.q_row_stride, rows);
-  fill<acc>(t.out, static_cast<int64_t>(rows) * ld, 0);
+  auto query_row = [&](int lane) {
+    return q + (lane % heads) * p.q_head_stride + (lane / heads) * p.q_row_stride;
+  };
+  const bool few = used <= kFewQueries;
+  if (few) {
+    for (int lane = 0; lane < used; ++lane) {
+      pack_rows(query_row(lane), 0, 1, dim, t.query_rows.get() + lane * ld, ld);
+    }
+  } else if (heads == 1) {
+    t.products.load_queries(q, p.q_row_stride, rows);
+  } else {
+    scalar_t* gathered = t.gathered_queries.get();
+    for (int lane = 0; lane < used; ++lane) {
+      std::copy(query_row(lane), query_row(lane) + dim,
+                gathered + static_cast<int64_t>(lane) * dim);
+    }
+    t.products.load_queries(gathered, dim, used);
+  }
+  fill<acc>(t.out, static_cast<int64_t>(used) * ld, 0);
   fill<acc>(t.row_max, kBlockM, -kInf<acc>);
   fill<acc>(t.row_sum, kBlockM, 0);
 
@@ -117,34 +144,42 @@ void forward_tile(const ForwardParams& p, int batch, int head, const Tile& tile,
   for (int k0 = 0; k0 < key_end; k0 += kBlockN) {
     const int cols = std::min(kBlockN, key_end - k0);
     // Sᵀ = K · Qᵀ: keys × queries.
-    t.products.scores(k + k0 * p.k_row_stride, p.k_row_stride, cols, lanes, t.scores_t);
+    if (few) {
+      few_query_scores(k + k0 * p.k_row_stride, p.k_row_stride, cols, dim, t.query_rows.get(), ld,
+                       used, lanes, t.scores_t, kBlockM);
+    } else {
+      t.products.scores(k + k0 * p.k_row_stride, p.k_row_stride, cols, lanes, t.scores_t);
+    }
     if (p.is_causal) {
-      // Queries before first_lane[c] (tile-local) may not see key k0 + c.
+      // Lanes before first_lane[c] (the tile's rows before the first that sees key k0 + c) are
+      // masked.
       for (int c = 0; c < cols; ++c) {
-        t.first_lane[c] = std::clamp(causal_query_begin(k0 + c, e, true) - tile.begin, 0, rows);
+        const int first_row = std::clamp(causal_query_begin(k0 + c, e, true) - tile.begin, 0, rows);
+        t.first_lane[c] = first_row * heads;
       }
     }
     online_softmax_tile<acc>(cols, lanes, static_cast<acc>(p.scale),
                              p.is_causal ? t.first_lane.data() : nullptr, t.scores_t, t.row_max,
                              t.row_sum, t.correction);
-    for (int r = 0; r < rows; ++r) {
+    for (int r = 0; r < used; ++r) {
       if (t.correction[r] != acc(1)) scale_in_place(t.out + r * ld, ld, t.correction[r]);
     }
     // O += P · V.
-    t.products.accumulate_values(t.scores_t, v + k0 * p.v_row_stride, p.v_row_stride, cols, rows,
+    t.products.accumulate_values(t.scores_t, v + k0 * p.v_row_stride, p.v_row_stride, cols, used,
                                  t.out);
   }
 
-  acc* lse = static_cast<acc*>(p.lse) +
-             (static_cast<int64_t>(batch) * p.heads_q + head) * p.seqlen_q + e.q_start + tile.begin;
-  for (int r = 0; r < rows; ++r) {
-    const bool any_key = t.row_sum[r] != 0;  // NaN inputs give a NaN sum: keep it visible
-    t.inverse_sum[r] = any_key ? acc(1) / t.row_sum[r] : acc(0);
-    lse[r] = any_key ? t.row_max[r] + std::log(t.row_sum[r]) : -kInf<acc>;
+  for (int lane = 0; lane < used; ++lane) {
+    const int h = head + lane % heads;
+    const int64_t row = e.q_start + tile.begin + lane / heads;
+    const bool any_key = t.row_sum[lane] != 0;  // NaN inputs give a NaN sum: keep it visible
+    t.inverse_sum[lane] = any_key ? acc(1) / t.row_sum[lane] : acc(0);
+    static_cast<acc*>(p.lse)[(static_cast<int64_t>(batch) * p.heads_q + h) * p.seqlen_q + row] =
+        any_key ? t.row_max[lane] + std::log(t.row_sum[lane]) : -kInf<acc>;
+    auto* out = static_cast<scalar_t*>(p.out) + batch * p.out_batch_stride + h * p.out_head_stride +
+                row * p.out_row_stride;
+    unpack_rows(t.out + lane * ld, ld, 1, dim, t.inverse_sum + lane, out, p.out_row_stride);
   }
-  auto* out = static_cast<scalar_t*>(p.out) + batch * p.out_batch_stride +
-              head * p.out_head_stride + (e.q_start + tile.begin) * p.out_row_stride;
-  unpack_rows(t.out, ld, rows, dim, t.inverse_sum, out, p.out_row_stride);
 }
 
 }  // namespace
@@ -158,19 +193,26 @@ void run_forward(const ForwardParams& p) {
   // start early; among equal costs, head by head in sequence order, so that a thread's next
   // item reads the rows after its last one (and the same block's K and V) instead of another
   // head's.
+  // A tile of fewer than kBlockM rows takes as many query heads of its kv head as fit in
+  // kBlockM lanes (GQA / MQA: decoding one token per sequence runs a kv head's group at once).
   struct Item {
     int64_t cost;
-    int64_t head;  // batch · heads_q + head
+    int64_t head;  // batch · heads_q + the first head
     int tile;
+    int heads;  // consecutive query heads, all of one kv head
   };
-  const int64_t heads = static_cast<int64_t>(p.batch) * p.heads_q;
+  const int groups = p.heads_q / p.heads_kv;
   std::vector<Item> items;
-  items.reserve(tiles.size() * heads);
-  for (int64_t bh = 0; bh < heads; ++bh) {
+  for (int64_t bh = 0; bh < static_cast<int64_t>(p.batch) * p.heads_q; ++bh) {
+    const int in_group = static_cast<int>(bh % groups);
     for (int i = 0; i < static_cast<int>(tiles.size()); ++i) {
       const Tile& tile = tiles[i];
+      const int rows = tile.end - tile.begin;
+      const int per_item = std::clamp(kBlockM / rows, 1, groups);
+      if (in_group % per_item != 0) continue;  // this head runs in the item of an earlier one
+      const int heads = std::min(per_item, groups - in_group);
       const int keys = causal_key_end(tile.end - 1, block_extent(p, tile.block), p.is_causal);
-      items.push_back({static_cast<int64_t>(keys) * (tile.end - tile.begin), bh, i});
+      items.push_back({static_cast<int64_t>(keys) * rows * heads, bh, i, heads});
     }
   }
   std::stable_sort(items.begin(), items.end(),
@@ -191,8 +233,8 @@ void run_forward(const ForwardParams& p) {
         for (int64_t i = takes[take]; i < takes[take + 1]; ++i) {
           const Item& item = items[i];
           forward_tile<scalar_t>(p, static_cast<int>(item.head / p.heads_q),
-                                 static_cast<int>(item.head % p.heads_q), tiles[item.tile],
-                                 scratch);
+                                 static_cast<int>(item.head % p.heads_q), item.heads,
+                                 tiles[item.tile], scratch);
         }
       });
 }

@@ -1,0 +1,131 @@
+// Scores of a tile that holds only a few queries (decoding: one token per sequence, times the
+// query heads of one kv head), as dot products along head_dim.
+//
+// The register-tiled product puts queries along the vector lanes, so a tile of 1-8 queries
+// leaves most of each vector idle and reads K one broadcast element at a time. Here K rows are
+// read as whole vectors, each multiplied by every query held in the accumulation type, and each
+// (key, query) dot product ends in one horizontal sum.
+#pragma once
+
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+
+#include "micro_kernel.h"
+#include "tile_math.h"
+
+namespace block_attn::cpu {
+
+// Tiles with at most this many (query, head) lanes take the dot-product path. Above it the
+// register-tiled product is faster (each K element it broadcasts then serves many lanes).
+constexpr int kFewQueries = 4;
+
+// `count` (≤ one vector) elements of `src` in the accumulation type, zero past `count`.
+template <typename scalar_t>
+inline at::vec::Vectorized<acc_t<scalar_t>> load_as_acc(const scalar_t* src, int count) {
+  using Vec = at::vec::Vectorized<acc_t<scalar_t>>;
+  constexpr int W = kVecWidth<acc_t<scalar_t>>;
+  if constexpr (std::is_same_v<scalar_t, acc_t<scalar_t>>) {
+    return count == W ? Vec::loadu(src) : Vec::loadu(src, count);
+  } else {
+    Vec out;
+    if (count == W) {
+      at::vec::load_to_float(src, out);
+    } else {
+      scalar_t tail[W] = {};  // a full-width load would read past the row
+      std::copy(src, src + count, tail);
+      at::vec::load_to_float(tail, out);
+    }
+    return out;
+  }
+}
+
+template <typename T>
+inline T horizontal_sum(const at::vec::Vectorized<T>& v) {
+  return at::vec::vec_reduce_all<T>(
+      [](const at::vec::Vectorized<T>& a, const at::vec::Vectorized<T>& b) { return a + b; }, v);
+}
+
+// scores_t[c * ld_scores + j] = Σ_d k[c · stride + d] · queries[j · ld + d] for keys c < cols
+// and queries j < kQueries; queries are in the accumulation type, zero-padded to whole vectors.
+// Two keys at a time give 2·kQueries independent accumulator chains.
+template <int kQueries, typename scalar_t>
+void few_query_scores_fixed(const scalar_t* k, int64_t stride, int cols, int dim,
+                            const acc_t<scalar_t>* queries, int64_t ld, acc_t<scalar_t>* scores_t,
+                            int64_t ld_scores) {
+  using Vec = at::vec::Vectorized<acc_t<scalar_t>>;
+  constexpr int W = kVecWidth<acc_t<scalar_t>>;
+  constexpr int kKeys = 2;
+  int c = 0;
+  for (; c + kKeys <= cols; c += kKeys) {
+    Vec sums[kKeys][kQueries];
+#pragma GCC unroll 8
+    for (int key = 0; key < kKeys; ++key) {
+#pragma GCC unroll 8
+      for (int j = 0; j < kQueries; ++j) sums[key][j] = Vec(0);
+    }
+    for (int d = 0; d < dim; d += W) {
+      const int count = std::min(W, dim - d);
+      Vec key_values[kKeys];
+#pragma GCC unroll 8
+      for (int key = 0; key < kKeys; ++key) {
+        key_values[key] = load_as_acc(k + (c + key) * stride + d, count);
+      }
+#pragma GCC unroll 8
+      for (int j = 0; j < kQueries; ++j) {
+        const Vec query = Vec::loadu(queries + j * ld + d);
+#pragma GCC unroll 8
+        for (int key = 0; key < kKeys; ++key) {
+          sums[key][j] = at::vec::fmadd(key_values[key], query, sums[key][j]);
+        }
+      }
+    }
+#pragma GCC unroll 8
+    for (int key = 0; key < kKeys; ++key) {
+#pragma GCC unroll 8
+      for (int j = 0; j < kQueries; ++j) {
+        scores_t[(c + key) * ld_scores + j] = horizontal_sum(sums[key][j]);
+      }
+    }
+  }
+  for (; c < cols; ++c) {
+    Vec sums[kQueries];
+#pragma GCC unroll 8
+    for (int j = 0; j < kQueries; ++j) sums[j] = Vec(0);
+    for (int d = 0; d < dim; d += W) {
+      const Vec key_value = load_as_acc(k + c * stride + d, std::min(W, dim - d));
+#pragma GCC unroll 8
+      for (int j = 0; j < kQueries; ++j) {
+        sums[j] = at::vec::fmadd(key_value, Vec::loadu(queries + j * ld + d), sums[j]);
+      }
+    }
+#pragma GCC unroll 8
+    for (int j = 0; j < kQueries; ++j) scores_t[c * ld_scores + j] = horizontal_sum(sums[j]);
+  }
+}
+
+// The same for 1 ≤ queries ≤ kFewQueries; lanes [queries, lanes) of each key's row are zeroed
+// so that the softmax over whole vectors reads no stale values.
+template <typename scalar_t, int kQueries = kFewQueries>
+void few_query_scores(const scalar_t* k, int64_t stride, int cols, int dim,
+                      const acc_t<scalar_t>* queries, int64_t ld, int count, int lanes,
+                      acc_t<scalar_t>* scores_t, int64_t ld_scores) {
+  if constexpr (kQueries > 1) {
+    if (count < kQueries) {
+      return few_query_scores<scalar_t, kQueries - 1>(k, stride, cols, dim, queries, ld, count,
+                                                      lanes, scores_t, ld_scores);
+    }
+  }
+  few_query_scores_fixed<kQueries>(k, stride, cols, dim, queries, ld, scores_t, ld_scores);
+  if (lanes > kQueries) {
+    for (int c = 0; c < cols; ++c) {
+      std::fill(scores_t + c * ld_scores + kQueries, scores_t + c * ld_scores + lanes,
+                acc_t<scalar_t>(0));
+    }
+  }
+}
+
+}  // namespace block_attn::cpu
