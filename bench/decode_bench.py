@@ -35,7 +35,6 @@ import torch  # noqa: E402
 from torch.nn.functional import scaled_dot_product_attention as sdpa  # noqa: E402
 
 import block_attn  # noqa: E402
-from bench.cpu_bench import environment  # noqa: E402
 
 PEERS = ("block_attn", "sdpa-loop", "sdpa-dense-mask")
 
@@ -134,12 +133,24 @@ def measure(w: DecodeWorkload, device: str, rounds: int) -> list[dict]:
     return rows
 
 
+def environment(device: str) -> dict:
+    """The CPU or GPU benchmark's environment record (imported lazily: each needs its own
+    dependencies)."""
+    if device == "cuda":
+        from bench.gpu_bench import environment as gpu_environment
+
+        return gpu_environment("cuda", "ours")
+    from bench.cpu_bench import environment as cpu_environment
+
+    return {**cpu_environment(), "device": "cpu"}
+
+
 def markdown(env: dict, rows: list[dict]) -> str:
+    machine = env.get("device_name") or f"{env['cpu_model']} · {env['torch_threads']} threads"
     lines = [
         f"# block_attn decoding benchmark ({env['device']})",
         "",
-        f"{env['date']} · {env['cpu_model']} · {env['torch_threads']} threads · "
-        f"torch {env['torch']}",
+        f"{env['date']} · {machine} · torch {env['torch']}",
         "",
         "Medians of interleaved rounds after a warm-up; `peer/ours` above 1 means block_attn is "
         "faster. KV GB/s: key and value bytes read once per call.",
@@ -162,9 +173,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
     args = parser.parse_args(argv)
     torch.manual_seed(0)
-    env = {**environment(), "device": args.device, "workloads": [asdict(w) for w in WORKLOADS]}
-    if args.device == "cuda":
-        env["gpu"] = torch.cuda.get_device_name()
+    env = {**environment(args.device), "workloads": [asdict(w) for w in WORKLOADS]}
     rows = []
     for w in WORKLOADS:
         rows += measure(w, args.device, args.rounds)

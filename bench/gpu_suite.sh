@@ -10,7 +10,7 @@
 # failed (initcheck, the kernel probes and the profile are advisory). When a wgmma probe fails, the
 # later steps run with BLOCK_ATTN_HOPPER_KERNELS=0, and the summary says so.
 # SUITE_BUDGET (seconds, default 540) bounds the whole run: later steps get what is left.
-# STEPS (default "env build probes tests sanitizer bench profile") picks steps, e.g. STEPS="bench";
+# STEPS (default "env build probes tests sanitizer bench profile decode") picks steps, e.g. STEPS="bench";
 # they run in that order.
 # SANITIZER_KERNELS (default block_attn): substring of the kernels racecheck/initcheck check.
 # BENCH_ARGS adds arguments to gpu_bench.py (e.g. "--dry-run --device cpu" for a logic check).
@@ -22,7 +22,7 @@ mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
 LOG="$OUT/gpu_suite.log"
 SUMMARY="$OUT/summary.txt"
-STEPS="${STEPS:-env build probes tests sanitizer bench profile}"
+STEPS="${STEPS:-env build probes tests sanitizer bench profile decode}"
 SUITE_BUDGET="${SUITE_BUDGET:-540}"
 export PYTHONUNBUFFERED=1
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0a}"
@@ -267,9 +267,13 @@ fi
 if wanted profile; then
   run_step profile 120 0 0 bash -c 'profile >"$OUT/ncu_kernels.txt" 2>&1; rc=$?; tail -40 "$OUT/ncu_kernels.txt"; exit $rc'
 fi
-# initcheck last: advisory, and it ran out of time on the first H100 run.
+# initcheck: advisory, and it ran out of time on the first H100 run.
 if wanted sanitizer; then
   run_step initcheck 30 0 0 sanitizer initcheck --kernel-name "$kernels"
+fi
+# Advisory, with what is left: new tokens against per-sequence caches (decode_cuda.md).
+if wanted decode; then
+  run_step decode 40 0 0 python3 bench/decode_bench.py --device cuda --rounds 10 --out "$OUT"
 fi
 
 {
