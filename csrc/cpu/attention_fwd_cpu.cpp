@@ -145,8 +145,10 @@ void forward_tile(const ForwardParams& p, int batch, int head, int heads, const 
     const int cols = std::min(kBlockN, key_end - k0);
     // Sᵀ = K · Qᵀ: keys × queries.
     if (few) {
-      few_query_scores(k + k0 * p.k_row_stride, p.k_row_stride, cols, dim, t.query_rows.get(), ld,
-                       used, lanes, t.scores_t, kBlockM);
+      const KeyValueRows<scalar_t> rows_now{k + k0 * p.k_row_stride, p.k_row_stride,
+                                            v + k0 * p.v_row_stride, p.v_row_stride};
+      few_query_scores(rows_now, cols, dim, t.query_rows.get(), ld, used, lanes, t.scores_t,
+                       kBlockM);
     } else {
       t.products.scores(k + k0 * p.k_row_stride, p.k_row_stride, cols, lanes, t.scores_t);
     }
