@@ -1,5 +1,5 @@
 """Queries of a few tokens per sequence against their own cached keys (decoding, short chunks):
-the forward packs the query heads of a kv head into one tile, and tiles of at most four
+the forward packs the query heads of a kv head into one tile, and tiles of at most eight
 (query, head) lanes take the dot-product path. Shapes cover both paths and the switch between
 them: 1-3 queries per sequence, 1-8 query heads per kv head, head dims that are not whole
 vectors, key blocks across the 256-key tiles, both stride layouts.

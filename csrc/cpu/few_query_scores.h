@@ -19,9 +19,10 @@
 
 namespace block_attn::cpu {
 
-// Tiles with at most this many (query, head) lanes take the dot-product path. Above it the
-// register-tiled product is faster (each K element it broadcasts then serves many lanes).
-constexpr int kFewQueries = 4;
+// Tiles with at most this many (query, head) lanes take the dot-product path (with the prefetch
+// below it ran 1.9x the register-tiled product at 8 lanes on decoding, 2x at 6). Above 8 the
+// accumulators of two keys no longer fit in AVX-512's 32 vector registers.
+constexpr int kFewQueries = 8;
 
 // With so few products per byte the loop waits on memory; K and V rows this many keys ahead are
 // prefetched (measured on decoding: 1.4x for float32, 1.6x for bf16 over none).
@@ -64,7 +65,8 @@ struct KeyValueRows {
 
 // scores_t[c * ld_scores + j] = Σ_d k[c · stride + d] · queries[j · ld + d] for keys c < cols
 // and queries j < kQueries; queries are in the accumulation type, zero-padded to whole vectors.
-// Two keys at a time give 2·kQueries independent accumulator chains.
+// Two keys at a time give 2·kQueries independent accumulator chains, where the registers hold
+// them (16 vector registers below AVX-512).
 template <int kQueries, typename scalar_t>
 void few_query_scores_fixed(const KeyValueRows<scalar_t>& rows, int cols, int dim,
                             const acc_t<scalar_t>* queries, int64_t ld, acc_t<scalar_t>* scores_t,
@@ -73,7 +75,13 @@ void few_query_scores_fixed(const KeyValueRows<scalar_t>& rows, int cols, int di
   const int64_t stride = rows.k_stride;
   using Vec = at::vec::Vectorized<acc_t<scalar_t>>;
   constexpr int W = kVecWidth<acc_t<scalar_t>>;
-  constexpr int kKeys = 2;
+#if defined(CPU_CAPABILITY_AVX512)
+  constexpr int kVectorRegisters = 32;
+#else
+  constexpr int kVectorRegisters = 16;
+#endif
+  // Accumulators, the keys' vectors and one query vector.
+  constexpr int kKeys = 2 * kQueries + 2 + 1 <= kVectorRegisters ? 2 : 1;
   int c = 0;
   for (; c + kKeys <= cols; c += kKeys) {
     Vec sums[kKeys][kQueries];
