@@ -6,7 +6,8 @@ Usage (repo root, extension built in place):
     PYTHONPATH=. python bench/decode_bench.py --device cuda
 
 Workloads: several sequences each add 1 token (decoding) or a chunk of 16 (chunked prefill)
-against its own key/value cache, causal aligned bottom-right, B=1, GQA 32/8 heads or 16/16.
+against its own key/value cache, causal aligned bottom-right, B=1, GQA 32/8 or 64/8 heads, or
+16/16.
 Peers:
 - ``sdpa-loop``: one ``scaled_dot_product_attention`` call per sequence (``enable_gqa``; an
   explicit bottom-right mask for chunks), outputs concatenated;
@@ -54,6 +55,7 @@ class DecodeWorkload:
 WORKLOADS = [
     DecodeWorkload("decode-gqa-d128-f32", 8, 1, 2048, 32, 8, 128, "float32"),
     DecodeWorkload("decode-gqa-d128-bf16", 8, 1, 2048, 32, 8, 128, "bfloat16"),
+    DecodeWorkload("decode-gqa8-d128-bf16", 8, 1, 2048, 64, 8, 128, "bfloat16"),
     DecodeWorkload("decode-mha-d64-f32", 8, 1, 512, 16, 16, 64, "float32"),
     DecodeWorkload("decode-long-gqa-d128-f32", 1, 1, 16384, 32, 8, 128, "float32"),
     DecodeWorkload("chunk16-gqa-d128-f32", 4, 16, 4096, 32, 8, 128, "float32"),
