@@ -63,77 +63,67 @@ struct KeyValueRows {
   int64_t v_stride;
 };
 
-// scores_t[c * ld_scores + j] = Σ_d k[c · stride + d] · queries[j · ld + d] for keys c < cols
-// and queries j < kQueries; queries are in the accumulation type, zero-padded to whole vectors.
-// Two keys at a time give 2·kQueries independent accumulator chains, where the registers hold
-// them (16 vector registers below AVX-512).
+// scores_t[(c + key) * ld_scores + j] = Σ_d k[(c + key) · stride + d] · queries[j · ld + d] for
+// the kKeys keys from c and queries j < kQueries; queries are in the accumulation type,
+// zero-padded to whole vectors.
+template <int kQueries, int kKeys, typename scalar_t>
+inline void dot_keys(const KeyValueRows<scalar_t>& rows, int c, int cols, int dim,
+                     const acc_t<scalar_t>* queries, int64_t ld, acc_t<scalar_t>* scores_t,
+                     int64_t ld_scores) {
+  using Vec = at::vec::Vectorized<acc_t<scalar_t>>;
+  constexpr int W = kVecWidth<acc_t<scalar_t>>;
+  Vec sums[kKeys][kQueries];
+#pragma GCC unroll 8
+  for (int key = 0; key < kKeys; ++key) {
+#pragma GCC unroll 8
+    for (int j = 0; j < kQueries; ++j) sums[key][j] = Vec(0);
+  }
+  const bool prefetch = c + kPrefetchKeys + kKeys <= cols;
+  for (int d = 0; d < dim; d += W) {
+    if (prefetch) {
+#pragma GCC unroll 8
+      for (int key = 0; key < kKeys; ++key) {
+        __builtin_prefetch(rows.k + (c + kPrefetchKeys + key) * rows.k_stride + d);
+        __builtin_prefetch(rows.v + (c + kPrefetchKeys + key) * rows.v_stride + d);
+      }
+    }
+    Vec key_values[kKeys];
+#pragma GCC unroll 8
+    for (int key = 0; key < kKeys; ++key) {
+      key_values[key] = load_as_acc(rows.k + (c + key) * rows.k_stride + d, std::min(W, dim - d));
+    }
+#pragma GCC unroll 8
+    for (int j = 0; j < kQueries; ++j) {
+      const Vec query = Vec::loadu(queries + j * ld + d);
+#pragma GCC unroll 8
+      for (int key = 0; key < kKeys; ++key) {
+        sums[key][j] = at::vec::fmadd(key_values[key], query, sums[key][j]);
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int key = 0; key < kKeys; ++key) {
+#pragma GCC unroll 8
+    for (int j = 0; j < kQueries; ++j) {
+      scores_t[(c + key) * ld_scores + j] = horizontal_sum(sums[key][j]);
+    }
+  }
+}
+
+// The scores of keys c < cols against kQueries queries. Two keys at a time give 2·kQueries
+// independent accumulator chains, where the registers hold them (accumulators, the keys'
+// vectors and one query vector).
 template <int kQueries, typename scalar_t>
 void few_query_scores_fixed(const KeyValueRows<scalar_t>& rows, int cols, int dim,
                             const acc_t<scalar_t>* queries, int64_t ld, acc_t<scalar_t>* scores_t,
                             int64_t ld_scores) {
-  const scalar_t* k = rows.k;
-  const int64_t stride = rows.k_stride;
-  using Vec = at::vec::Vectorized<acc_t<scalar_t>>;
-  constexpr int W = kVecWidth<acc_t<scalar_t>>;
-#if defined(CPU_CAPABILITY_AVX512)
-  constexpr int kVectorRegisters = 32;
-#else
-  constexpr int kVectorRegisters = 16;
-#endif
-  // Accumulators, the keys' vectors and one query vector.
   constexpr int kKeys = 2 * kQueries + 2 + 1 <= kVectorRegisters ? 2 : 1;
   int c = 0;
   for (; c + kKeys <= cols; c += kKeys) {
-    Vec sums[kKeys][kQueries];
-#pragma GCC unroll 8
-    for (int key = 0; key < kKeys; ++key) {
-#pragma GCC unroll 8
-      for (int j = 0; j < kQueries; ++j) sums[key][j] = Vec(0);
-    }
-    for (int d = 0; d < dim; d += W) {
-      const int count = std::min(W, dim - d);
-      if (c + kPrefetchKeys + kKeys <= cols) {
-#pragma GCC unroll 8
-        for (int key = 0; key < kKeys; ++key) {
-          __builtin_prefetch(k + (c + kPrefetchKeys + key) * stride + d);
-          __builtin_prefetch(rows.v + (c + kPrefetchKeys + key) * rows.v_stride + d);
-        }
-      }
-      Vec key_values[kKeys];
-#pragma GCC unroll 8
-      for (int key = 0; key < kKeys; ++key) {
-        key_values[key] = load_as_acc(k + (c + key) * stride + d, count);
-      }
-#pragma GCC unroll 8
-      for (int j = 0; j < kQueries; ++j) {
-        const Vec query = Vec::loadu(queries + j * ld + d);
-#pragma GCC unroll 8
-        for (int key = 0; key < kKeys; ++key) {
-          sums[key][j] = at::vec::fmadd(key_values[key], query, sums[key][j]);
-        }
-      }
-    }
-#pragma GCC unroll 8
-    for (int key = 0; key < kKeys; ++key) {
-#pragma GCC unroll 8
-      for (int j = 0; j < kQueries; ++j) {
-        scores_t[(c + key) * ld_scores + j] = horizontal_sum(sums[key][j]);
-      }
-    }
+    dot_keys<kQueries, kKeys>(rows, c, cols, dim, queries, ld, scores_t, ld_scores);
   }
   for (; c < cols; ++c) {
-    Vec sums[kQueries];
-#pragma GCC unroll 8
-    for (int j = 0; j < kQueries; ++j) sums[j] = Vec(0);
-    for (int d = 0; d < dim; d += W) {
-      const Vec key_value = load_as_acc(k + c * stride + d, std::min(W, dim - d));
-#pragma GCC unroll 8
-      for (int j = 0; j < kQueries; ++j) {
-        sums[j] = at::vec::fmadd(key_value, Vec::loadu(queries + j * ld + d), sums[j]);
-      }
-    }
-#pragma GCC unroll 8
-    for (int j = 0; j < kQueries; ++j) scores_t[c * ld_scores + j] = horizontal_sum(sums[j]);
+    dot_keys<kQueries, 1>(rows, c, cols, dim, queries, ld, scores_t, ld_scores);
   }
 }
 

@@ -24,16 +24,19 @@ constexpr int padded(int n) {
   return (n + kVecWidth<T> - 1) / kVecWidth<T> * kVecWidth<T>;
 }
 
+// Vector registers of the build's SIMD flavour.
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int kVectorRegisters = 32;
+#else
+constexpr int kVectorRegisters = 16;
+#endif
+
 // Register tile: kRows rows × kVectors vectors of accumulators. With 32 vector registers
 // (AVX-512) 6×4 uses 24 for C, 4 for a row of B and 1 for the broadcast; with 16 (AVX2 and
 // narrower), the classic 6×2.
 template <typename T>
 struct RegisterTile {
-#if defined(CPU_CAPABILITY_AVX512)
-  static constexpr int kVectors = 4;
-#else
-  static constexpr int kVectors = 2;
-#endif
+  static constexpr int kVectors = kVectorRegisters == 32 ? 4 : 2;
   static constexpr int kRows = 6;
 };
 
