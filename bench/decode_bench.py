@@ -7,14 +7,19 @@ Usage (repo root, extension built in place):
 
 Workloads: several sequences each add 1 token (decoding) or a chunk of 16 (chunked prefill)
 against its own key/value cache, causal aligned bottom-right, B=1, GQA 32/8 or 64/8 heads, or
-16/16.
+16/16. The CUDA list is in bfloat16 (where the split-key decoding kernel runs) and adds a batch
+of 64 sequences.
 Peers:
 - ``sdpa-loop``: one ``scaled_dot_product_attention`` call per sequence (``enable_gqa``; an
   explicit bottom-right mask for chunks), outputs concatenated;
-- ``sdpa-dense-mask``: one SDPA call over all sequences with the (Nq, Nk) block mask.
-Peers run interleaved, one call each per round; times are medians over the rounds after a
-warm-up. ``KV GB/s`` counts the key and value bytes read once. Writes ``decode_<device>.json``
-and ``decode_<device>.md`` to ``--out``.
+- ``sdpa-dense-mask``: one SDPA call over all sequences with the (Nq, Nk) block mask;
+- on CUDA, ``block_attn-no-split``: block_attn with ``BLOCK_ATTN_DECODE_KERNEL=0``, the
+  general forward (one query head per tile, no key split), to measure what the decoding kernel
+  gains.
+Peers run interleaved, one call each per round (on CUDA, ``--calls`` calls between two
+synchronisations, so short calls are not timed by their launch latency); times are medians over
+the rounds after a warm-up. ``KV GB/s`` counts the key and value bytes read once. Writes
+``decode_<device>.json`` and ``decode_<device>.md`` to ``--out``.
 """
 
 from __future__ import annotations
@@ -37,8 +42,6 @@ from torch.nn.functional import scaled_dot_product_attention as sdpa  # noqa: E4
 
 import block_attn  # noqa: E402
 
-PEERS = ("block_attn", "sdpa-loop", "sdpa-dense-mask")
-
 
 @dataclass(frozen=True)
 class DecodeWorkload:
@@ -59,6 +62,14 @@ WORKLOADS = [
     DecodeWorkload("decode-mha-d64-f32", 8, 1, 512, 16, 16, 64, "float32"),
     DecodeWorkload("decode-long-gqa-d128-f32", 1, 1, 16384, 32, 8, 128, "float32"),
     DecodeWorkload("chunk16-gqa-d128-f32", 4, 16, 4096, 32, 8, 128, "float32"),
+]
+CUDA_WORKLOADS = [
+    DecodeWorkload("decode-gqa-d128-bf16", 8, 1, 2048, 32, 8, 128, "bfloat16"),
+    DecodeWorkload("decode-gqa8-d128-bf16", 8, 1, 2048, 64, 8, 128, "bfloat16"),
+    DecodeWorkload("decode-mha-d64-bf16", 8, 1, 512, 16, 16, 64, "bfloat16"),
+    DecodeWorkload("decode-long-gqa-d128-bf16", 1, 1, 16384, 32, 8, 128, "bfloat16"),
+    DecodeWorkload("decode-batch64-gqa-d128-bf16", 64, 1, 4096, 32, 8, 128, "bfloat16"),
+    DecodeWorkload("chunk16-gqa-d128-bf16", 4, 16, 4096, 32, 8, 128, "bfloat16"),
 ]
 
 
@@ -98,24 +109,38 @@ def make_peers(w: DecodeWorkload, q, k, v, offsets_q, offsets_k) -> dict[str, Ca
     def dense_mask():
         return sdpa(q, k, v, attn_mask=dense, enable_gqa=True)
 
-    return {"block_attn": ours, "sdpa-loop": loop, "sdpa-dense-mask": dense_mask}
+    peers = {"block_attn": ours, "sdpa-loop": loop, "sdpa-dense-mask": dense_mask}
+    if q.is_cuda:
+
+        def without_split():
+            os.environ["BLOCK_ATTN_DECODE_KERNEL"] = "0"  # read by every call
+            try:
+                return ours()
+            finally:
+                del os.environ["BLOCK_ATTN_DECODE_KERNEL"]
+
+        peers["block_attn-no-split"] = without_split
+    return peers
 
 
-def measure(w: DecodeWorkload, device: str, rounds: int) -> list[dict]:
+def measure(w: DecodeWorkload, device: str, rounds: int, calls: int) -> list[dict]:
+    """calls: calls per timed round on CUDA (one on CPU)."""
     q, k, v, offsets_q, offsets_k = make_inputs(w, device)
     peers = make_peers(w, q, k, v, offsets_q, offsets_k)
     expected = peers["sdpa-loop"]().double()
     errors = {name: float((fn().double() - expected).abs().max()) for name, fn in peers.items()}
+    calls = calls if device == "cuda" else 1
     times: dict[str, list[float]] = {name: [] for name in peers}
     for _ in range(rounds):
         for name, fn in peers.items():
             if device == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            fn()
+            for _ in range(calls):
+                fn()
             if device == "cuda":
                 torch.cuda.synchronize()
-            times[name].append((time.perf_counter() - t0) * 1e3)
+            times[name].append((time.perf_counter() - t0) * 1e3 / calls)
     kv_bytes = 2 * k.numel() * k.element_size()
     ours_ms = statistics.median(times["block_attn"])
     rows = []
@@ -172,14 +197,17 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--calls", type=int, default=20, help="calls per timed round on CUDA")
     parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
     args = parser.parse_args(argv)
     torch.manual_seed(0)
-    env = {**environment(args.device), "workloads": [asdict(w) for w in WORKLOADS]}
+    workloads = CUDA_WORKLOADS if args.device == "cuda" else WORKLOADS
+    env = {**environment(args.device), "workloads": [asdict(w) for w in workloads]}
     rows = []
-    for w in WORKLOADS:
-        rows += measure(w, args.device, args.rounds)
-        for r in rows[-len(PEERS) :]:
+    for w in workloads:
+        measured = measure(w, args.device, args.rounds, args.calls)
+        rows += measured
+        for r in measured:
             print(
                 f"{r['workload']:26s} {r['peer']:16s} {r['ms']:8.2f} ms  x{r['peer_over_ours']:.2f}"
             )

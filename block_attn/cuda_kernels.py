@@ -18,8 +18,8 @@ def hopper_kernels_apply(
     environment variable ``BLOCK_ATTN_HOPPER_KERNELS`` is not ``"0"``, in both the default and
     the deterministic mode. They also need every row 16-byte aligned (aligned storage, and
     strides that are multiples of 8 elements, as contiguous tensors and their head-transposed
-    views have), which this does not check. Everything else runs the mma.sync (sm_80+) or
-    simple kernels.
+    views have), which this does not check. A forward that ``decoding_kernel_applies`` to runs
+    that kernel instead. Everything else runs the mma.sync (sm_80+) or simple kernels.
     """
     device = torch.device(device)
     if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
@@ -33,4 +33,33 @@ def hopper_kernels_apply(
         "9.0a" in archs
         and torch.cuda.get_device_capability(device) == (9, 0)
         and os.environ.get("BLOCK_ATTN_HOPPER_KERNELS") != "0"
+    )
+
+
+# The C++ dispatch's limits (csrc/cuda/launch.cu): at most this many queries in every block, and
+# at least two 64-key tiles in the longest key block.
+DECODING_MAX_QUERIES = 16
+DECODING_MIN_KEYS = 128
+
+
+def decoding_kernel_applies(
+    device: str | torch.device, dtype: torch.dtype, max_seqlen_q: int, max_seqlen_k: int
+) -> bool:
+    """Whether attention's forward on ``device`` runs the split-key decoding kernel for query
+    blocks of at most ``max_seqlen_q`` rows against key blocks of at most ``max_seqlen_k``.
+
+    It takes bfloat16 and float16 on an sm_80+ GPU when every query block has at most 16 rows
+    and the longest key block at least 128 (new tokens against per-sequence caches), unless the
+    environment variable ``BLOCK_ATTN_DECODE_KERNEL`` is ``"0"`` (read at every call). It puts
+    the query heads that share a kv head into one tile and splits each block's keys over several
+    CTAs. The backward is the same as for any other forward.
+    """
+    device = torch.device(device)
+    return (
+        device.type == "cuda"
+        and dtype in (torch.bfloat16, torch.float16)
+        and max_seqlen_q <= DECODING_MAX_QUERIES
+        and max_seqlen_k >= DECODING_MIN_KEYS
+        and torch.cuda.get_device_capability(device)[0] >= 8
+        and os.environ.get("BLOCK_ATTN_DECODE_KERNEL") != "0"
     )

@@ -23,6 +23,11 @@ MASK_KWARGS = [
         {"cu_seqlens": [0, 70, 71, 200], "cu_seqlens_k": [0, 100, 150, 200], "causal": True},
         id="key-offsets-list",
     ),
+    # A few new tokens per sequence against longer key caches: the split-key decoding forward.
+    pytest.param(
+        {"cu_seqlens": [0, 3, 8], "cu_seqlens_k": [0, 500, 600], "causal": True},
+        id="decoding-list",
+    ),
 ]
 
 
@@ -47,9 +52,18 @@ def _check_against_reference(got, q, k, v, grad_out, kwargs):
         assert_within_reference_error(g, e_low, e_high, factor=factor, atol=1e-3, what=name)
 
 
-def _inputs(dtype=torch.bfloat16, seqlen=200):
-    q, k, v = make_qkv(2, 4, 2, seqlen, seqlen, 64, dtype=dtype, device="cuda", requires_grad=True)
+def _inputs(dtype=torch.bfloat16, seqlen=200, seqlen_k=None):
+    seqlen_k = seqlen if seqlen_k is None else seqlen_k
+    q, k, v = make_qkv(
+        2, 4, 2, seqlen, seqlen_k, 64, dtype=dtype, device="cuda", requires_grad=True
+    )
     return q, k, v, torch.randn_like(q)
+
+
+def _inputs_for(kwargs):
+    """Inputs with as many query and key rows as the kwargs' listed offsets end at (else 200)."""
+    seqlen = kwargs["cu_seqlens"][-1] if "cu_seqlens" in kwargs else 200
+    return _inputs(seqlen=seqlen, seqlen_k=kwargs.get("cu_seqlens_k", [seqlen])[-1])
 
 
 @contextlib.contextmanager
@@ -65,7 +79,7 @@ def _sync_debug_mode_error():
 @requires_cuda
 @pytest.mark.parametrize("kwargs", [*MASK_KWARGS, pytest.param("on-device", id="on-device")])
 def test_forward_and_backward_never_wait_for_the_gpu(kwargs):
-    q, k, v, grad_out = _inputs()
+    q, k, v, grad_out = _inputs() if kwargs == "on-device" else _inputs_for(kwargs)
     if kwargs == "on-device":
         cu_seqlens = torch.tensor([0, 70, 71, 200], dtype=torch.int32, device="cuda")
         kwargs = {"cu_seqlens": cu_seqlens, "max_seqlen": 129, "causal": True}
@@ -79,7 +93,7 @@ def test_forward_and_backward_never_wait_for_the_gpu(kwargs):
 @requires_cuda
 @pytest.mark.parametrize("kwargs", MASK_KWARGS)
 def test_any_current_stream_gives_correct_results(kwargs):
-    q, k, v, grad_out = _inputs()
+    q, k, v, grad_out = _inputs_for(kwargs)
     expected = _forward_backward(q, k, v, grad_out, kwargs)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -138,6 +152,37 @@ def test_cuda_graph_with_offsets_kept_on_the_device():
         graph.replay()
         torch.cuda.synchronize()
         kwargs = {"cu_seqlens": offsets, "causal": True}
+        _check_against_reference(captured, q, k, v, grad_out, kwargs)
+
+
+@requires_cuda
+def test_cuda_graph_decoding_with_offsets_kept_on_the_device():
+    """New tokens against key caches in a graph: the decoding forward's split-key scratch is
+    allocated inside the capture, and the boundary between the two caches moves between
+    replays (one of them empty in the last)."""
+    q, k, v, grad_out = _inputs(seqlen=8, seqlen_k=1200)
+    cu_seqlens = torch.tensor([0, 3, 8], dtype=torch.int32, device="cuda")
+    cu_seqlens_k = torch.tensor([0, 500, 1200], dtype=torch.int32, device="cuda")
+
+    def step():
+        kwargs = {
+            "cu_seqlens": cu_seqlens,
+            "cu_seqlens_k": cu_seqlens_k,
+            "max_seqlen": 5,
+            "max_seqlen_k": 1200,
+            "causal": True,
+        }
+        return _forward_backward(q, k, v, grad_out, kwargs)
+
+    graph, captured = _capture(step)
+    for offsets_k in ([0, 500, 1200], [0, 1000, 1200], [0, 0, 1200]):
+        cu_seqlens_k.copy_(torch.tensor(offsets_k, dtype=torch.int32))
+        with torch.no_grad():
+            for t in (q, k, v):
+                t.copy_(torch.randn_like(t))
+        graph.replay()
+        torch.cuda.synchronize()
+        kwargs = {"cu_seqlens": [0, 3, 8], "cu_seqlens_k": offsets_k, "causal": True}
         _check_against_reference(captured, q, k, v, grad_out, kwargs)
 
 

@@ -39,20 +39,21 @@ def simple_file(direction: str, dtype: str, head_dim: int) -> str:
     return "".join(lines)
 
 
-def flash_file(direction: str, dtype: str, head_dim: int) -> str:
+def flash_file(kernel: str, dtype: str, head_dim: int) -> str:
+    """kernel: "fwd_flash", "bwd_flash" or "fwd_decode" (run_<kernel> in flash/<kernel>.cuh)."""
     lines = [
         HEADER,
-        f'#include "../flash/{direction}_flash.cuh"\n',
+        f'#include "../flash/{kernel}.cuh"\n',
         "\nnamespace block_attn::cuda {\n\n",
     ]
-    args = (
-        "const ForwardParams&, cudaStream_t"
-        if direction == "fwd"
-        else "const BackwardParams&, void*, float*, cudaStream_t"
-    )
+    args = {
+        "fwd_flash": "const ForwardParams&, cudaStream_t",
+        "bwd_flash": "const BackwardParams&, void*, float*, cudaStream_t",
+        "fwd_decode": "const ForwardParams&, int, float*, cudaStream_t",
+    }[kernel]
     for causal in ("false", "true"):
         lines.append(
-            f"template cudaError_t run_{direction}_flash<{DTYPES[dtype]}, {head_dim}, {causal}>(\n"
+            f"template cudaError_t run_{kernel}<{DTYPES[dtype]}, {head_dim}, {causal}>(\n"
             f"    {args});\n"
         )
     lines.append("\n}  // namespace block_attn::cuda\n")
@@ -90,11 +91,11 @@ def main() -> None:
                 files[name] = simple_file(direction, dtype, head_dim)
     for dtype in FLASH_DTYPES:
         for head_dim in FLASH_HEAD_DIMS:
-            name = f"fwd_flash_{dtype}_hdim{head_dim}.cu"
-            files[name] = flash_file("fwd", dtype, head_dim)
+            for kernel in ("fwd_flash", "fwd_decode"):
+                files[f"{kernel}_{dtype}_hdim{head_dim}.cu"] = flash_file(kernel, dtype, head_dim)
         for head_dim in FLASH_BWD_HEAD_DIMS:
             name = f"bwd_flash_{dtype}_hdim{head_dim}.cu"
-            files[name] = flash_file("bwd", dtype, head_dim)
+            files[name] = flash_file("bwd_flash", dtype, head_dim)
     for direction in ("fwd", "bwd"):
         for dtype in HOPPER_DTYPES:
             for head_dim in HOPPER_HEAD_DIMS[direction]:

@@ -1,4 +1,6 @@
 // Dispatch from runtime dtype / head dim / causal to the instantiated kernels.
+#include <algorithm>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 
@@ -8,6 +10,7 @@
 #include "launch.h"
 #include "simple/simple_kernels.h"
 #include "static_switch.h"
+#include "utils.cuh"
 
 namespace block_attn::cuda {
 namespace {
@@ -70,6 +73,63 @@ cudaError_t uses_hopper_kernels(const ForwardParams& params, bool rows_aligned, 
 #endif
 }
 
+// The decoding forward (run_fwd_decode) takes float16/bfloat16 problems whose query blocks are
+// all short (at most kDecodeMaxQueries) and whose longest key block spans at least two key
+// tiles, on sm_80+, unless the environment variable BLOCK_ATTN_DECODE_KERNEL is "0" (read at every
+// call, so a process can compare both paths). It splits each block's keys over enough CTAs to
+// start about kDecodeCtasPerSm per SM, keeping at least kDecodeMinTilesPerSplit 64-key tiles per
+// split so the merge stays small beside the loads.
+constexpr int kDecodeMaxQueries = 16;
+constexpr int kDecodeKeyTile = 64;
+constexpr int kDecodeCtasPerSm = 4;
+constexpr int kDecodeMinTilesPerSplit = 2;
+constexpr int kDecodeMaxSplits = 64;
+
+struct DecodePlan {
+  bool use = false;
+  int splits = 1;
+};
+
+cudaError_t plan_decode(const ForwardParams& params, DType dtype, DecodePlan& plan) {
+  plan = DecodePlan{};
+  const bool half_type = dtype == DType::kBFloat16 || dtype == DType::kFloat16;
+  if (!half_type || params.max_seqlen_q > kDecodeMaxQueries ||
+      params.max_seqlen_k < 2 * kDecodeKeyTile) {
+    return cudaSuccess;
+  }
+  const char* setting = std::getenv("BLOCK_ATTN_DECODE_KERNEL");
+  if (setting != nullptr && std::strcmp(setting, "0") == 0) return cudaSuccess;
+  bool tensor_cores = false;
+  cudaError_t err = device_has_tensor_core_kernels(tensor_cores);
+  if (err != cudaSuccess || !tensor_cores) return err;
+  int device = 0;
+  int multiprocessors = 0;
+  err = cudaGetDevice(&device);
+  if (err == cudaSuccess) {
+    err = cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, device);
+  }
+  if (err != cudaSuccess) return err;
+  plan.use = true;
+  const int64_t ctas = static_cast<int64_t>(decode_lane_tiles(params)) * params.num_blocks *
+                       params.batch * params.heads_kv;
+  const int64_t wanted = (static_cast<int64_t>(kDecodeCtasPerSm) * multiprocessors + ctas - 1) /
+                         std::max<int64_t>(ctas, 1);
+  const int most = std::min(
+      kDecodeMaxSplits, ceil_div(params.max_seqlen_k, kDecodeKeyTile) / kDecodeMinTilesPerSplit);
+  plan.splits = static_cast<int>(std::clamp<int64_t>(wanted, 1, std::max(most, 1)));
+  return cudaSuccess;
+}
+
+template <typename T>
+cudaError_t launch_forward_decode(const ForwardParams& params, int splits, float* split_partials,
+                                  cudaStream_t stream) {
+  return FLASH_HEADDIM_SWITCH(params.head_dim, kHeadDim, [&] {
+    return BOOL_SWITCH(params.is_causal, kIsCausal, [&] {
+      return run_fwd_decode<T, kHeadDim, kIsCausal>(params, splits, split_partials, stream);
+    });
+  });
+}
+
 template <typename T>
 cudaError_t launch_forward_hopper(const ForwardParams& params, cudaStream_t stream) {
   return FLASH_HEADDIM_SWITCH(params.head_dim, kHeadDim, [&] {
@@ -127,12 +187,33 @@ cudaError_t uses_flash_backward(const BackwardParams& params, DType dtype, bool&
 
 }  // namespace
 
-cudaError_t launch_forward(const ForwardParams& params, DType dtype, cudaStream_t stream) {
+cudaError_t forward_split_partials_elements(const ForwardParams& params, DType dtype,
+                                            size_t& elements) {
+  elements = 0;
+  DecodePlan plan;
+  const cudaError_t err = plan_decode(params, dtype, plan);
+  if (err == cudaSuccess && plan.use && plan.splits > 1) {
+    elements = static_cast<size_t>(plan.splits) * params.batch * params.heads_q * params.seqlen_q *
+               (params.head_dim + 1);
+  }
+  return err;
+}
+
+cudaError_t launch_forward(const ForwardParams& params, const ForwardWorkspace& workspace,
+                           DType dtype, cudaStream_t stream) {
   if (params.head_dim < 1 || params.head_dim > kMaxHeadDim) return cudaErrorInvalidValue;
   if (dtype == DType::kFloat16 || dtype == DType::kBFloat16) {
+    DecodePlan decode;
+    cudaError_t err = plan_decode(params, dtype, decode);
+    if (err != cudaSuccess) return err;
+    if (decode.use) {
+      float* partials = workspace.split_partials;
+      return dtype == DType::kFloat16
+                 ? launch_forward_decode<__half>(params, decode.splits, partials, stream)
+                 : launch_forward_decode<__nv_bfloat16>(params, decode.splits, partials, stream);
+    }
     bool hopper = false;
-    cudaError_t err =
-        uses_hopper_kernels(params, rows_are_16_byte_aligned(params), dtype, true, hopper);
+    err = uses_hopper_kernels(params, rows_are_16_byte_aligned(params), dtype, true, hopper);
     if (err != cudaSuccess) return err;
     if (hopper) {
       return dtype == DType::kFloat16 ? launch_forward_hopper<__half>(params, stream)

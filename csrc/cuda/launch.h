@@ -15,6 +15,18 @@ enum class DType { kFloat32, kFloat64, kFloat16, kBFloat16 };
 // Largest head_dim the kernels support.
 constexpr int kMaxHeadDim = 256;
 
+// Scratch memory of the forward, allocated by the caller.
+struct ForwardWorkspace {
+  // forward_split_partials_elements floats (uninitialised), or null where it says 0.
+  float* split_partials = nullptr;
+};
+
+// Floats of ForwardWorkspace::split_partials that launch_forward needs: where the decoding kernel
+// (blocks of at most 16 queries against longer key blocks, float16/bfloat16) splits every block's
+// keys over several CTAs, their partial rows and log-sum-exps, else 0.
+cudaError_t forward_split_partials_elements(const ForwardParams& params, DType dtype,
+                                            size_t& elements);
+
 // Scratch memory of the backward, allocated by the caller.
 struct BackwardWorkspace {
   // (batch, heads_q, seqlen_q) contiguous: rowsum(grad_out * out) - grad_lse, in the accumulator
@@ -31,7 +43,8 @@ cudaError_t backward_dq_accumulator_elements(const BackwardParams& params, DType
                                              size_t& elements);
 
 // Writes params.out and params.lse. Returns the first launch error, or cudaSuccess.
-cudaError_t launch_forward(const ForwardParams& params, DType dtype, cudaStream_t stream);
+cudaError_t launch_forward(const ForwardParams& params, const ForwardWorkspace& workspace,
+                           DType dtype, cudaStream_t stream);
 
 // Writes params.grad_q, grad_k and grad_v (fully overwritten). Without a dq_accumulator every
 // output element is reduced by one thread in a fixed order: bitwise reproducible.

@@ -50,8 +50,18 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(
   if (!forward_has_work(q)) return {out, lse};
   const ForwardParams params = make_forward_params(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
                                                    max_seqlen_q, max_seqlen_k, causal, scale);
-  const cudaError_t err = cuda::launch_forward(params, to_kernel_dtype(q.scalar_type()),
-                                               at::cuda::getCurrentCUDAStream());
+  const cuda::DType dtype = to_kernel_dtype(q.scalar_type());
+  cuda::ForwardWorkspace workspace{};
+  size_t split_partials_elements = 0;
+  C10_CUDA_CHECK(cuda::forward_split_partials_elements(params, dtype, split_partials_elements));
+  at::Tensor split_partials;
+  if (split_partials_elements > 0) {
+    split_partials =
+        at::empty({static_cast<int64_t>(split_partials_elements)}, q.options().dtype(at::kFloat));
+    workspace.split_partials = split_partials.data_ptr<float>();
+  }
+  const cudaError_t err =
+      cuda::launch_forward(params, workspace, dtype, at::cuda::getCurrentCUDAStream());
   C10_CUDA_CHECK(err);
   return {out, lse};
 }

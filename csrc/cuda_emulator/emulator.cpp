@@ -562,6 +562,9 @@ cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attribute, int dev
     case cudaDevAttrMaxSharedMemoryPerBlockOptin:
       *value = p.max_shared_bytes_optin;
       return cudaSuccess;
+    case cudaDevAttrMultiProcessorCount:
+      *value = p.multiprocessors;
+      return cudaSuccess;
     default:
       return cudaErrorInvalidValue;
   }

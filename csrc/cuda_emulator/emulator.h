@@ -45,11 +45,13 @@ extern dim3 gridDim;
 
 namespace cuda_emulator {
 
-// The device the runtime API reports: compute capability and the opt-in shared memory per CTA.
+// The device the runtime API reports: compute capability, the opt-in shared memory per CTA and
+// the SM count (few, so that kernels sized by it split their work as on a busy GPU).
 struct DeviceProperties {
   int major = 9;
   int minor = 0;
   int max_shared_bytes_optin = 227 * 1024;
+  int multiprocessors = 4;
 };
 void set_device_properties(const DeviceProperties& properties);
 const DeviceProperties& device_properties();

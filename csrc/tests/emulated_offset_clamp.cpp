@@ -61,6 +61,10 @@ struct OffsetCase {
   const char* name;
   std::vector<int32_t> offsets;
   int max_seqlen;
+  // Key blocks of their own (empty: the query offsets) and the longest of them (0: max_seqlen).
+  // Short query blocks against long key blocks take the decoding forward.
+  std::vector<int32_t> key_offsets = {};
+  int max_seqlen_k = 0;
 };
 
 template <typename T>
@@ -95,9 +99,11 @@ int run(const OffsetCase& c, int head_dim, bool causal, const char* label) {
   set(p.grad_q_batch_stride, p.grad_q_head_stride, p.grad_q_row_stride);
   set(p.grad_k_batch_stride, p.grad_k_head_stride, p.grad_k_row_stride);
   set(p.grad_v_batch_stride, p.grad_v_head_stride, p.grad_v_row_stride);
-  p.cu_seqlens_q = p.cu_seqlens_k = c.offsets.data();
+  p.cu_seqlens_q = c.offsets.data();
+  p.cu_seqlens_k = c.key_offsets.empty() ? c.offsets.data() : c.key_offsets.data();
   p.num_blocks = static_cast<int>(c.offsets.size()) - 1;
-  p.max_seqlen_q = p.max_seqlen_k = c.max_seqlen;
+  p.max_seqlen_q = c.max_seqlen;
+  p.max_seqlen_k = c.max_seqlen_k > 0 ? c.max_seqlen_k : c.max_seqlen;
   p.batch = p.heads_q = p.heads_kv = 1;
   p.seqlen_q = p.seqlen_k = kSeqlen;
   p.head_dim = head_dim;
@@ -106,8 +112,16 @@ int run(const OffsetCase& c, int head_dim, bool causal, const char* label) {
   const cuda::DType dtype = Element<T>::kDType;
 
   std::string problem;
-  bool ok = cuda::launch_forward(p, dtype, nullptr) == cudaSuccess;
+  size_t partial_elements = 0;
+  cuda::forward_split_partials_elements(p, dtype, partial_elements);
+  // Rows of head_dim + 1 floats where the decoding forward splits the keys.
+  Guarded<float> split_partials(static_cast<int>(partial_elements / (head_dim + 1)), head_dim + 1,
+                                false, rng);
+  cuda::ForwardWorkspace forward_workspace;
+  forward_workspace.split_partials = partial_elements ? split_partials.body() : nullptr;
+  bool ok = cuda::launch_forward(p, forward_workspace, dtype, nullptr) == cudaSuccess;
   if (!ok) problem = "forward launch failed";
+  if (ok && !split_partials.guards_intact()) problem = "split partials' guard written";
   for (const bool deterministic : {true, false}) {
     if (!ok) break;
     p.deterministic = deterministic;
@@ -150,6 +164,8 @@ int check_offsets_outside_contract() {
       {"negative", {-5, 40, kSeqlen}, kSeqlen + 5},
       {"decreasing", {0, 90, 40, kSeqlen}, kSeqlen},
       {"longer than max_seqlen", {0, kSeqlen}, 16},
+      {"decoding, keys past the end", {0, 1, 2, 3}, 1, {0, 100, 200, 300}, 200},
+      {"decoding, keys negative, decreasing", {0, 1, 2, 3}, 1, {-20, 110, 60, kSeqlen}, 130},
   };
   int failures = 0;
   for (const auto& [arch, device] :

@@ -132,7 +132,14 @@ cudaError_t run_forward(const Case& c, const ForwardParams& p) {
           });
     }
   }
-  return block_attn::cuda::launch_forward(p, Element<T>::kDType, nullptr);
+  size_t partial_elements = 0;
+  const cudaError_t err =
+      block_attn::cuda::forward_split_partials_elements(p, Element<T>::kDType, partial_elements);
+  if (err != cudaSuccess) return err;
+  std::vector<float> split_partials(partial_elements, NAN);
+  block_attn::cuda::ForwardWorkspace workspace;
+  workspace.split_partials = partial_elements ? split_partials.data() : nullptr;
+  return block_attn::cuda::launch_forward(p, workspace, Element<T>::kDType, nullptr);
 }
 
 // A (batch, heads, rows, head_dim) tensor with the case's strides over a buffer that also holds
@@ -527,24 +534,66 @@ int main() {
   simple32.layout = Layout::kRowsFirst;
   simple32.causal = false;
 
+  // Few queries per block against longer key blocks: the decoding forward. With the emulated 4
+  // SMs, a lone block's keys split over 8 CTAs; rows of heads 6:2 straddle the 16-lane tiles.
+  Case decode_split{
+      "decoding: one block of 2 queries, 1000 keys, GQA 4:1", {2}, {1000}, 1, 4, 1, 128, true};
+  Case decode_ragged{"decoding: key caches of 300, 1000, 0 and 77, GQA 8:2",
+                     {1, 1, 1, 1},
+                     {300, 1000, 0, 77},
+                     1,
+                     8,
+                     2,
+                     128,
+                     true,
+                     Layout::kRowsFirst};
+  Case decode_straddle{
+      "decoding: 3, 16 and 5 queries, GQA 6:2", {3, 16, 5}, {200, 700, 5}, 1, 6, 2, 64, true};
+  Case decode_unaligned{"decoding: head_dim 40, unaligned rows",
+                        {4, 1},
+                        {333, 150},
+                        2,
+                        4,
+                        2,
+                        40,
+                        true,
+                        Layout::kUnalignedRows};
+  Case decode_wide{"decoding: head_dim 256, MQA 3:1, padded rows",
+                   {2, 1},
+                   {260, 129},
+                   1,
+                   3,
+                   1,
+                   256,
+                   false,
+                   Layout::kPaddedRows};
+  decode_wide.backward = false;  // the simple backward at head_dim 256 is covered above
+  Case decode_one_split{"decoding: 20 blocks of 1 query (one split)",
+                        std::vector<int>(20, 1),
+                        std::vector<int>(20, 130),
+                        1,
+                        2,
+                        1,
+                        64,
+                        false};
+  Case decode_large = decode_split;
+  decode_large.name = "decoding: large scores (q of deviation 300)";
+  decode_large.q_scale = 300.0;
+  decode_large.causal = false;
+
   cuda_emulator::DeviceProperties sm90;  // 227 KiB of shared memory per CTA
-  run_on(sm90, "sm_90",
-         {{DType::kBFloat16, causal128},
-          {DType::kFloat16, causal128},
-          {DType::kBFloat16, long_causal},
-          {DType::kBFloat16, gqa64},
-          {DType::kFloat16, causal_gqa64},
-          {DType::kBFloat16, separate},
-          {DType::kBFloat16, short_blocks},
-          {DType::kFloat16, mqa},
-          {DType::kFloat16, odd_dim},
-          {DType::kBFloat16, dim59},
-          {DType::kBFloat16, dim96},
-          {DType::kBFloat16, dim256},
-          {DType::kFloat16, dim192},
-          {DType::kFloat32, simple64},
-          {DType::kFloat64, simple32},
-          {DType::kFloat16, large_scores}});
+  run_on(sm90, "sm_90", {{DType::kBFloat16, causal128},       {DType::kFloat16, causal128},
+                         {DType::kBFloat16, long_causal},     {DType::kBFloat16, gqa64},
+                         {DType::kFloat16, causal_gqa64},     {DType::kBFloat16, separate},
+                         {DType::kBFloat16, short_blocks},    {DType::kFloat16, mqa},
+                         {DType::kFloat16, odd_dim},          {DType::kBFloat16, dim59},
+                         {DType::kBFloat16, dim96},           {DType::kBFloat16, dim256},
+                         {DType::kFloat16, dim192},           {DType::kFloat32, simple64},
+                         {DType::kFloat64, simple32},         {DType::kFloat16, large_scores},
+                         {DType::kBFloat16, decode_split},    {DType::kFloat16, decode_ragged},
+                         {DType::kBFloat16, decode_straddle}, {DType::kFloat16, decode_unaligned},
+                         {DType::kBFloat16, decode_wide},     {DType::kBFloat16, decode_one_split},
+                         {DType::kBFloat16, decode_large}});
   // The wgmma forward and backward called directly, one and two warpgroups per CTA (the probe's
   // cases; launch_forward / launch_backward above pick them for head_dim 64 and 128 too): bf16,
   // fp16 for the causal ones, and three at head_dim 64.
@@ -605,7 +654,9 @@ int main() {
   run_on(sm86, "sm_86",
          {{DType::kBFloat16, causal128},
           {DType::kFloat16, separate},
-          {DType::kFloat16, large_scores}});
+          {DType::kFloat16, large_scores},
+          {DType::kFloat16, decode_straddle},
+          {DType::kBFloat16, decode_wide}});
   cuda_emulator::DeviceProperties sm75{7, 5, 64 * 1024};  // no tensor-core kernels
   run_on(sm75, "sm_75", {{DType::kFloat16, causal_gqa64}, {DType::kBFloat16, mqa}});
 

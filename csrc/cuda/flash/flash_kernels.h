@@ -11,6 +11,24 @@ namespace block_attn::cuda {
 template <typename T, int kHeadDim, bool kIsCausal>
 cudaError_t run_fwd_flash(const ForwardParams& params, cudaStream_t stream);
 
+// (row, head) pairs per query tile of the decoding forward: one 16-row mma group.
+constexpr int kDecodeLanes = 16;
+
+// Query tiles of the decoding forward per (block, kv head): the longest block's rows times the
+// query heads that share a kv head, 16 to a tile.
+inline int decode_lane_tiles(const ForwardParams& params) {
+  const int groups = params.heads_q / params.heads_kv;
+  return (params.max_seqlen_q * groups + kDecodeLanes - 1) / kDecodeLanes;
+}
+
+// The forward for blocks of few queries against long key blocks (decoding against per-sequence
+// caches): the query heads that share a kv head share 16-row tiles, and every block's keys are
+// split over `splits` CTAs. With splits > 1, split_partials is scratch for their partial results:
+// splits * batch * heads_q * seqlen_q * (head_dim + 1) floats. kHeadDim: as run_fwd_flash.
+template <typename T, int kHeadDim, bool kIsCausal>
+cudaError_t run_fwd_decode(const ForwardParams& params, int splits, float* split_partials,
+                           cudaStream_t stream);
+
 // kHeadDim: head_dim rounded up to 64 or 128 (larger head dims use the simple backward).
 // delta: the workspace of launch_backward (float, (batch, heads_q, seqlen_q)). dq_accumulator:
 // null for the deterministic dQ kernel, else (batch, heads_q, seqlen_q, head_dim) float32 scratch

@@ -1,0 +1,394 @@
+// Forward on tensor cores for blocks of few queries against long key blocks: decoding new tokens
+// against per-sequence key/value caches. float16/bfloat16, sm_80+.
+//
+// The flash forward gives each query head its own 64-row tile: a block of one query fills one
+// row of it, and every query head of a kv head reads that head's K and V again. Here a 16-row
+// tile (one mma row group) holds lanes l = row * groups + g, query row l / groups of head
+// head_kv * groups + l % groups, so a K or V row is read once for all the heads that share it.
+// Few such tiles would leave most SMs idle, so each block's key tiles are split over `splits`
+// CTAs (grid (splits * lane tiles, blocks, batch * heads_kv)); with more than one split, every CTA
+// writes its rows' normalised partial output and log-sum-exp, and combine_splits_kernel merges
+// them. Within a CTA each of the four warps takes 16 keys of every 64-key tile, with its own
+// online softmax; the warps' partial results merge in shared memory at the end. Loads use
+// cp.async: V_j streams in while S_j is computed, and K_{j+1} while P_j V_j is.
+#pragma once
+
+#include <type_traits>
+
+#include "../kernel_launch.cuh"
+#include "../tensor_rows.cuh"
+#include "../utils.cuh"
+#include "flash_kernels.h"
+#include "mma_utils.cuh"
+#include "tile_io.cuh"
+#include "warp_gemm.cuh"
+
+namespace block_attn::cuda {
+
+template <int kHeadDim_>
+struct DecodeFwdTraits {
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kWarps = 4;
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int kLanes = kDecodeLanes;  // (row, head) pairs per tile: one mma row group
+  static constexpr int kKeysPerWarp = 16;      // one k-step of the P V product
+  static constexpr int kBlockN = kWarps * kKeysPerWarp;
+  static constexpr int kSmemStride = kHeadDim + 8;  // elements; +16 bytes against bank conflicts
+  static constexpr int kTileBytes = (kLanes + 2 * kBlockN) * kSmemStride * 2;
+  // After the key loop the tiles' memory holds every warp's float O (16 x kHeadDim; +4 floats
+  // per row against bank conflicts); the warps' row maxima and sums follow the tiles.
+  static constexpr int kMergeStride = kHeadDim + 4;
+  static constexpr int kStatsBytes = 2 * kWarps * kLanes * 4;
+  static constexpr int kSharedBytes = kTileBytes + kStatsBytes;
+  static_assert(kWarps * kLanes * kMergeStride * 4 <= kTileBytes, "merge buffer too large");
+  static_assert(kHeadDim % 16 == 0 && kHeadDim <= 256, "unsupported head dim");
+};
+
+// The CTA's rows: lane tile, block and kv head, and the query rows its lanes stand for.
+struct DecodeTile {
+  BlockRange qr;
+  BlockRange kr;
+  int lane0;  // the tile's first lane; lane l is row l / groups of query head head_kv * groups + l
+              // % groups
+  int split;
+  int batch;
+  int head_kv;
+  int groups;
+};
+
+__device__ __forceinline__ DecodeTile decode_tile(const ForwardParams& p, int lane_tiles) {
+  DecodeTile t;
+  t.qr = block_range(p.cu_seqlens_q, blockIdx.y, p.seqlen_q);
+  t.kr = block_range(p.cu_seqlens_k, blockIdx.y, p.seqlen_k);
+  t.lane0 = static_cast<int>(blockIdx.x % lane_tiles) * kDecodeLanes;
+  t.split = static_cast<int>(blockIdx.x / lane_tiles);
+  t.batch = static_cast<int>(blockIdx.z) / p.heads_kv;
+  t.head_kv = static_cast<int>(blockIdx.z) % p.heads_kv;
+  t.groups = p.heads_q / p.heads_kv;
+  return t;
+}
+
+// Index of a lane's query row in the (batch, heads_q, seqlen_q) lse array and in each split's
+// slice of the partial results.
+__device__ __forceinline__ int64_t decode_row_index(const ForwardParams& p, const DecodeTile& t,
+                                                    int lane) {
+  return lse_index(p, t.batch, t.head_kv * t.groups + lane % t.groups,
+                   t.qr.start + lane / t.groups);
+}
+
+// Stages the tile's 16 query rows in shared memory; lanes past the block's rows are zero.
+template <typename Traits, typename T>
+__device__ __forceinline__ void load_lane_rows_async(T* sQ, const ForwardParams& p,
+                                                     const DecodeTile& t, bool vectorized) {
+  constexpr int kChunks = Traits::kHeadDim / 8;
+  for (int idx = threadIdx.x; idx < Traits::kLanes * kChunks; idx += Traits::kThreads) {
+    const int r = idx / kChunks;
+    const int c = (idx % kChunks) * 8;
+    const int lane = t.lane0 + r;
+    const int row = lane / t.groups;
+    T* dst = sQ + r * Traits::kSmemStride + c;
+    if (row < t.qr.length && c < p.head_dim) {
+      const T* src =
+          q_rows<T>(p, t.batch, t.head_kv * t.groups + lane % t.groups, t.qr.start + row) + c;
+      if (vectorized) {
+        cp_async_16(dst, src);
+      } else {
+#pragma unroll
+        for (int e = 0; e < 8; ++e) dst[e] = c + e < p.head_dim ? src[e] : from_acc<T>(0.f);
+      }
+    } else {
+      *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);
+    }
+  }
+}
+
+// Keys [0, end) of the block that query `row` sees.
+template <bool kIsCausal>
+__device__ __forceinline__ int decode_key_end(int row, BlockRange qr, BlockRange kr) {
+  return kIsCausal ? causal_key_end(row, qr.length, kr.length) : kr.length;
+}
+
+template <typename Traits, typename T, bool kIsCausal>
+__global__ void __launch_bounds__(Traits::kThreads)
+    fwd_decode_kernel(const ForwardParams params, const int lane_tiles, float* split_partials,
+                      const bool vectorized) {
+#ifdef BLOCK_ATTN_SM80_OR_NEWER
+  constexpr int kBlockN = Traits::kBlockN;
+  constexpr int kHeadDim = Traits::kHeadDim;
+  constexpr int kStride = Traits::kSmemStride;
+  constexpr int kLanes = Traits::kLanes;
+  constexpr int kWarps = Traits::kWarps;
+  constexpr int kNBlocksS = Traits::kKeysPerWarp / 8;  // 8-column mma tiles of S
+  constexpr int kNBlocksO = kHeadDim / 8;              // 8-column mma tiles of O
+
+  const DecodeTile tile = decode_tile(params, lane_tiles);
+  const BlockRange qr = tile.qr, kr = tile.kr;
+  // The block's query rows with a lane in this tile.
+  const int first_row = tile.lane0 / tile.groups;
+  const int last_row = min((tile.lane0 + kLanes - 1) / tile.groups, qr.length - 1);
+  if (last_row < first_row) return;
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int group_row = lane / 4;  // rows of the mma fragments: group_row and group_row + 8
+  const int quad_col = lane % 4;   // column pair of the mma fragments
+  const int head_dim = params.head_dim;
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* sQ = reinterpret_cast<T*>(smem_raw);
+  T* sK = sQ + kLanes * kStride;
+  T* sV = sK + kBlockN * kStride;
+
+  const T* k = k_rows<T>(params, tile.batch, tile.head_kv, kr.start);
+  const T* v = v_rows<T>(params, tile.batch, tile.head_kv, kr.start);
+
+  // Keys some lane may see, keys every lane sees (no mask below), and this split's key tiles.
+  const int n_end = decode_key_end<kIsCausal>(last_row, qr, kr);
+  const int unmasked_tiles = decode_key_end<kIsCausal>(first_row, qr, kr) / kBlockN;
+  const int n_tiles = ceil_div(n_end, kBlockN);
+  const int splits = gridDim.x / lane_tiles;
+  const int tiles_per_split = ceil_div(n_tiles, splits);
+  const int tile_begin = min(tile.split * tiles_per_split, n_tiles);
+  const int tile_end = min(tile_begin + tiles_per_split, n_tiles);
+
+  const float scale_log2 = params.scale * 1.4426950408889634f;
+  float acc_o[kNBlocksO][4];
+  float row_max[2] = {-INFINITY, -INFINITY};
+  float row_sum[2] = {0.f, 0.f};  // per-thread partial sums, reduced over the quad at the end
+  zero_fragments(acc_o);
+
+  load_lane_rows_async<Traits>(sQ, params, tile, vectorized);
+  if (tile_begin < tile_end) {
+    load_tile_async<Traits, kBlockN>(sK, k, params.k_row_stride, tile_begin * kBlockN, n_end,
+                                     head_dim, vectorized);
+  }
+  cp_async_commit();
+
+  auto process_key_tile = [&](const int j, auto mask_tag) {
+    constexpr bool kMask = decltype(mask_tag)::value;
+    const int n0 = j * kBlockN + warp * Traits::kKeysPerWarp;  // the warp's first key
+    cp_async_wait_all();
+    __syncthreads();  // K_j is in; every warp is done with V_{j-1}
+    load_tile_async<Traits, kBlockN>(sV, v, params.v_row_stride, j * kBlockN, n_end, head_dim,
+                                     vectorized);
+    cp_async_commit();
+
+    float s[kNBlocksS][4];
+    zero_fragments(s);
+    warp_gemm_abt<T, kHeadDim, Traits::kKeysPerWarp, kStride>(
+        s, sQ, sK + warp * Traits::kKeysPerWarp * kStride, lane);
+#pragma unroll
+    for (int n = 0; n < kNBlocksS; ++n) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        s[n][e] *= scale_log2;  // scale first (it may be negative), then mask
+        if (kMask) {
+          const int row = (tile.lane0 + group_row + (e / 2) * 8) / tile.groups;
+          const int key = n0 + n * 8 + quad_col * 2 + (e % 2);
+          if (key >= decode_key_end<kIsCausal>(row, qr, kr)) s[n][e] = -INFINITY;
+        }
+      }
+    }
+
+    // Online softmax of the warp's 16 keys for lanes group_row (e = 0, 1) and group_row + 8.
+    float m_use[2];
+    float alpha[2];
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+      float mx = row_max[rr];
+#pragma unroll
+      for (int n = 0; n < kNBlocksS; ++n) mx = fmaxf(mx, fmaxf(s[n][2 * rr], s[n][2 * rr + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      // A lane with no allowed key so far keeps max -inf; subtract 0 instead of inf - inf.
+      m_use[rr] = mx == -INFINITY ? 0.f : mx;
+      alpha[rr] = fast_exp2(row_max[rr] - m_use[rr]);
+      row_max[rr] = mx;
+      row_sum[rr] *= alpha[rr];
+#pragma unroll
+      for (int d = 0; d < kNBlocksO; ++d) {
+        acc_o[d][2 * rr] *= alpha[rr];
+        acc_o[d][2 * rr + 1] *= alpha[rr];
+      }
+    }
+#pragma unroll
+    for (int n = 0; n < kNBlocksS; ++n) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        s[n][e] = fast_exp2(s[n][e] - m_use[e / 2]);
+        row_sum[e / 2] += s[n][e];
+      }
+    }
+
+    cp_async_wait_all();
+    __syncthreads();  // V_j is in; every warp is done with K_j
+    if (j + 1 < tile_end) {
+      load_tile_async<Traits, kBlockN>(sK, k, params.k_row_stride, (j + 1) * kBlockN, n_end,
+                                       head_dim, vectorized);
+    }
+    cp_async_commit();
+
+    warp_gemm_pb<T, Traits::kKeysPerWarp, kHeadDim, kStride>(
+        acc_o, s, sV + warp * Traits::kKeysPerWarp * kStride, lane);
+  };
+
+  int j = tile_begin;
+  for (; j < min(unmasked_tiles, tile_end); ++j) process_key_tile(j, std::false_type{});
+  for (; j < tile_end; ++j) process_key_tile(j, std::true_type{});
+
+  cp_async_wait_all();
+  __syncthreads();  // all loads landed and all warps are done with the tiles
+
+  // Every warp's O (unnormalised), row maximum and sum, then one merged value per element.
+  float* merge_o = reinterpret_cast<float*>(smem_raw);
+  float* warp_max = reinterpret_cast<float*>(smem_raw + Traits::kTileBytes);
+  float* warp_sum = warp_max + kWarps * kLanes;
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    float sum = row_sum[rr];
+    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+    const int r = group_row + rr * 8;
+    if (quad_col == 0) {
+      warp_max[warp * kLanes + r] = row_max[rr];
+      warp_sum[warp * kLanes + r] = sum;
+    }
+#pragma unroll
+    for (int d = 0; d < kNBlocksO; ++d) {
+      *reinterpret_cast<float2*>(merge_o + (warp * kLanes + r) * Traits::kMergeStride + d * 8 +
+                                 quad_col * 2) =
+          make_float2(acc_o[d][2 * rr], acc_o[d][2 * rr + 1]);
+    }
+  }
+  __syncthreads();
+
+  const int64_t rows_total = static_cast<int64_t>(params.batch) * params.heads_q * params.seqlen_q;
+  constexpr int kChunks = kHeadDim / 8;
+  for (int idx = threadIdx.x; idx < kLanes * kChunks; idx += Traits::kThreads) {
+    const int r = idx / kChunks;
+    const int c = (idx % kChunks) * 8;
+    const int lane_index = tile.lane0 + r;
+    if (lane_index / tile.groups >= qr.length || c >= head_dim) continue;
+    float m = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) m = fmaxf(m, warp_max[w * kLanes + r]);
+    float weight[kWarps];
+    float sum = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) {
+      weight[w] = m == -INFINITY ? 0.f : fast_exp2(warp_max[w * kLanes + r] - m);
+      sum += weight[w] * warp_sum[w * kLanes + r];
+    }
+    const float inv = sum != 0.f ? 1.f / sum : 0.f;  // a NaN sum (NaN inputs) stays visible
+    float o[8];
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      float x = 0.f;
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) {
+        x += weight[w] * merge_o[(w * kLanes + r) * Traits::kMergeStride + c + e];
+      }
+      o[e] = x * inv;
+    }
+    const float lse_value =
+        sum != 0.f ? (m + log2f(sum)) * 0.6931471805599453f : -INFINITY;  // natural log
+    const int64_t at = decode_row_index(params, tile, lane_index);
+    if (splits == 1) {
+      if (c == 0) static_cast<float*>(params.lse)[at] = lse_value;
+      T* dst =
+          out_rows<T>(params, tile.batch, tile.head_kv * tile.groups + lane_index % tile.groups,
+                      qr.start + lane_index / tile.groups) +
+          c;
+      if (vectorized) {
+        uint4 packed;
+        packed.x = pack2<T>(o[0], o[1]);
+        packed.y = pack2<T>(o[2], o[3]);
+        packed.z = pack2<T>(o[4], o[5]);
+        packed.w = pack2<T>(o[6], o[7]);
+        *reinterpret_cast<uint4*>(dst) = packed;
+      } else {
+        for (int e = 0; e < 8 && c + e < head_dim; ++e) dst[e] = from_acc<T>(o[e]);
+      }
+    } else {
+      // Partials: splits slices of rows_total log-sum-exps, then splits slices of rows_total
+      // rows of head_dim floats.
+      const int64_t slice_row = tile.split * rows_total + at;
+      if (c == 0) split_partials[slice_row] = lse_value;
+      float* dst = split_partials + splits * rows_total + slice_row * head_dim + c;
+      for (int e = 0; e < 8 && c + e < head_dim; ++e) dst[e] = o[e];
+    }
+  }
+#endif
+}
+
+// Merges the splits' partial rows of one lane tile: out = sum_s exp(lse_s - lse) out_s with
+// lse = log sum_s exp(lse_s). Grid (lane tiles, blocks, batch * heads_kv).
+template <typename Traits, typename T>
+__global__ void __launch_bounds__(Traits::kThreads)
+    combine_splits_kernel(const ForwardParams params, const int lane_tiles, const int splits,
+                          const float* split_partials, const bool vectorized) {
+  const DecodeTile tile = decode_tile(params, lane_tiles);
+  const int64_t rows_total = static_cast<int64_t>(params.batch) * params.heads_q * params.seqlen_q;
+  const int head_dim = params.head_dim;
+  constexpr int kChunks = Traits::kHeadDim / 8;
+  for (int idx = threadIdx.x; idx < Traits::kLanes * kChunks; idx += Traits::kThreads) {
+    const int r = idx / kChunks;
+    const int c = (idx % kChunks) * 8;
+    const int lane_index = tile.lane0 + r;
+    if (lane_index / tile.groups >= tile.qr.length || c >= head_dim) continue;
+    const int64_t at = decode_row_index(params, tile, lane_index);
+    float m = -INFINITY;
+    for (int s = 0; s < splits; ++s) m = fmaxf(m, split_partials[s * rows_total + at]);
+    float sum = 0.f;
+    float o[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    for (int s = 0; s < splits; ++s) {
+      const float lse_s = split_partials[s * rows_total + at];
+      if (lse_s == -INFINITY) continue;  // a split without keys for this row
+      const float weight = exp_acc(lse_s - m);
+      sum += weight;
+      const float* src =
+          split_partials + splits * rows_total + (s * rows_total + at) * head_dim + c;
+      for (int e = 0; e < 8 && c + e < head_dim; ++e) o[e] += weight * src[e];
+    }
+    const float inv = sum != 0.f ? 1.f / sum : 0.f;
+    if (c == 0) static_cast<float*>(params.lse)[at] = sum != 0.f ? m + log_acc(sum) : -INFINITY;
+    T* dst = out_rows<T>(params, tile.batch, tile.head_kv * tile.groups + lane_index % tile.groups,
+                         tile.qr.start + lane_index / tile.groups) +
+             c;
+    if (vectorized) {
+      uint4 packed;
+      packed.x = pack2<T>(o[0] * inv, o[1] * inv);
+      packed.y = pack2<T>(o[2] * inv, o[3] * inv);
+      packed.z = pack2<T>(o[4] * inv, o[5] * inv);
+      packed.w = pack2<T>(o[6] * inv, o[7] * inv);
+      *reinterpret_cast<uint4*>(dst) = packed;
+    } else {
+      for (int e = 0; e < 8 && c + e < head_dim; ++e) dst[e] = from_acc<T>(o[e] * inv);
+    }
+  }
+}
+
+template <typename T, int kHeadDim, bool kIsCausal>
+cudaError_t run_fwd_decode(const ForwardParams& params, int splits, float* split_partials,
+                           cudaStream_t stream) {
+  using Traits = DecodeFwdTraits<kHeadDim>;
+  const int lane_tiles = decode_lane_tiles(params);
+  if (splits < 1 || (splits > 1 && split_partials == nullptr)) return cudaErrorInvalidValue;
+  const dim3 grid(splits * lane_tiles, params.num_blocks, params.batch * params.heads_kv);
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0) return cudaSuccess;
+  const bool vectorized = rows_are_16_byte_aligned(params);
+  auto kernel = fwd_decode_kernel<Traits, T, kIsCausal>;
+  if (Traits::kSharedBytes > 48 * 1024) {
+    const cudaError_t err = cudaFuncSetAttribute(
+        kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Traits::kSharedBytes);
+    if (err != cudaSuccess) return err;
+  }
+  cudaError_t err = launch_kernel(kernel, grid, Traits::kThreads, Traits::kSharedBytes, stream,
+                                  params, lane_tiles, split_partials, vectorized);
+  if (err != cudaSuccess || splits == 1) return err;
+  const dim3 combine_grid(lane_tiles, params.num_blocks, params.batch * params.heads_kv);
+  return launch_kernel(combine_splits_kernel<Traits, T>, combine_grid, Traits::kThreads, 0, stream,
+                       params, lane_tiles, splits, static_cast<const float*>(split_partials),
+                       vectorized);
+}
+
+}  // namespace block_attn::cuda
