@@ -6,10 +6,13 @@ out-of-bounds access is not hidden inside the caching allocator's pool). Exits 1
 fails or is wrong, so the sanitizer's own exit code and ours can both fail the step.
 
 Covers bf16/fp16/fp32/fp64, fixed blocks, ragged cu_seqlens, causal, GQA/MQA, and head dims
-64, 128 and 80, at lengths just off the kernels' tile sizes. Then, on CUDA, the raw operators
-with offsets that break their contract (past the end, negative, decreasing, a block longer than
-max_seqlen): CUDA does not check those values (that would wait for the GPU), so what matters is
-that no kernel reads or writes outside the tensors, which memcheck sees.
+64, 128 and 80, at lengths just off the kernels' tile sizes; and a few tokens per sequence
+against longer key blocks of their own (the split-key decoding forward, whose CTAs merge their
+warps' results in shared memory). Then, on CUDA, the raw operators with offsets that break their
+contract (past the end, negative, decreasing, a block longer than max_seqlen, key blocks of a
+decoding call past the end or decreasing): CUDA does not check those values (that would wait for
+the GPU), so what matters is that no kernel reads or writes outside the tensors, which memcheck
+sees.
 """
 
 from __future__ import annotations
@@ -46,6 +49,11 @@ class Case:
     cu_seqlens: list[int] | None = None
     causal: bool = False
     batch: int = 2
+    cu_seqlens_k: list[int] | None = None  # key blocks of their own (keys: its last offset)
+
+    @property
+    def seqlen_k(self) -> int:
+        return self.cu_seqlens_k[-1] if self.cu_seqlens_k else self.seqlen
 
     @property
     def name(self) -> str:
@@ -57,13 +65,17 @@ class Case:
             else "full"
         )
         dtype = str(self.dtype).removeprefix("torch.")
+        keys = f"-k{self.seqlen_k}" if self.cu_seqlens_k else ""
         return (
-            f"{dtype}-d{self.head_dim}-h{self.heads_q}/{self.heads_kv}-n{self.seqlen}-{blocks}"
-            f"{'-causal' if self.causal else ''}"
+            f"{dtype}-d{self.head_dim}-h{self.heads_q}/{self.heads_kv}-n{self.seqlen}{keys}-"
+            f"{blocks}{'-causal' if self.causal else ''}"
         )
 
     def kwargs(self) -> dict:
-        return {"block_size": self.block_size, "cu_seqlens": self.cu_seqlens, "causal": self.causal}
+        kwargs = {"block_size": self.block_size, "cu_seqlens": self.cu_seqlens}
+        if self.cu_seqlens_k:
+            kwargs["cu_seqlens_k"] = self.cu_seqlens_k
+        return {**kwargs, "causal": self.causal}
 
 
 RAGGED = [0, 1, 17, 80, 145, 209, 211]  # a 1-token block, lengths off 64/128 tiles
@@ -88,6 +100,14 @@ def all_cases() -> list[Case]:
             seqlen = RAGGED[-1] if "cu_seqlens" in structure else 130 + i
             cases.append(Case(dtype, head_dim, heads_q, heads_kv, seqlen, **structure))
             i += 1
+    # 1-5 new tokens against caches of 300, 1 and 399 keys (one of them shorter than the query
+    # block); heads 6:2 put rows across two 16-lane tiles.
+    decoding = {"cu_seqlens": [0, 1, 6, 7], "cu_seqlens_k": [0, 300, 301, 700]}
+    cases += [
+        Case(torch.bfloat16, 128, 8, 2, 7, **decoding, causal=True),
+        Case(torch.float16, 64, 6, 2, 7, **decoding),
+        Case(torch.bfloat16, 80, 4, 1, 7, **decoding, causal=True),
+    ]
     return cases
 
 
@@ -103,7 +123,7 @@ def run_case(case: Case, attention, reference, device: str) -> list[str]:
     """Problems found (empty when the case passes)."""
     gen = torch.Generator().manual_seed(0)
     shape_q = (case.batch, case.heads_q, case.seqlen, case.head_dim)
-    shape_kv = (case.batch, case.heads_kv, case.seqlen, case.head_dim)
+    shape_kv = (case.batch, case.heads_kv, case.seqlen_k, case.head_dim)
     inputs = [torch.randn(s, generator=gen).to(device) for s in (shape_q, shape_kv, shape_kv)]
     inputs.append(torch.randn(shape_q, generator=gen).to(device))
     exact = forward_backward(reference, inputs, torch.float64, case.kwargs())
@@ -135,12 +155,15 @@ def run_case(case: Case, attention, reference, device: str) -> list[str]:
     return problems
 
 
-# (name, offsets over 130 rows, max_seqlen): none of them keeps the raw operators' contract.
+# (name, offsets over 130 rows, max_seqlen[, key offsets, their max_seqlen]): none of them keeps
+# the raw operators' contract. The last two take the decoding forward (short query blocks).
 UNCHECKED_OFFSETS = [
     ("past-the-end", [0, 40, 230], 190),
     ("negative", [-5, 40, 130], 135),
     ("decreasing", [0, 90, 40, 130], 130),
     ("longer-than-max", [0, 130], 16),
+    ("decoding-keys-past-the-end", [0, 1, 2, 3], 1, [0, 100, 200, 300], 200),
+    ("decoding-keys-decreasing", [0, 1, 2, 3], 1, [-20, 110, 60, 130], 130),
 ]
 
 
@@ -154,17 +177,19 @@ def run_unchecked_offsets(device: str) -> list[tuple[str, list[str]]]:
         q, k, v, dout = (
             torch.randn(1, 2, seqlen, head_dim, generator=gen).to(device, dtype) for _ in range(4)
         )
-        for name, offsets, max_len in UNCHECKED_OFFSETS:
+        for name, offsets, max_len, *keys in UNCHECKED_OFFSETS:
+            offsets_k, max_len_k = keys if keys else (offsets, max_len)
             label = f"unchecked-offsets-{str(dtype).removeprefix('torch.')}-d{head_dim}-{name}"
             cu = torch.tensor(offsets, dtype=torch.int32, device=device)
+            cu_k = torch.tensor(offsets_k, dtype=torch.int32, device=device)
             problems = []
             try:
                 out, lse = torch.ops.block_attn.attention_forward(
-                    q, k, v, cu, cu, max_len, max_len, True, head_dim**-0.5
+                    q, k, v, cu, cu_k, max_len, max_len_k, True, head_dim**-0.5
                 )
                 for deterministic in (False, True):
                     torch.ops.block_attn.attention_backward(
-                        dout, q, k, v, out, lse, None, cu, cu, max_len, max_len, True,
+                        dout, q, k, v, out, lse, None, cu, cu_k, max_len, max_len_k, True,
                         head_dim**-0.5, deterministic,
                     )  # fmt: skip
                 torch.cuda.synchronize()
