@@ -6,8 +6,9 @@ Usage (repo root, extension built in place):
     PYTHONPATH=. python bench/decode_bench.py --device cuda
 
 Workloads: several sequences each add 1 token (decoding) or a chunk of 16 (chunked prefill)
-against its own key/value cache, causal aligned bottom-right, B=1, GQA 32/8 or 64/8 heads, or
-16/16. The CUDA list is in bfloat16 (where the split-key decoding kernel runs) and adds a batch
+against its own key/value cache, causal aligned bottom-right, B=1, GQA 32/8 or 64/8 heads,
+16/16, or MQA 32/1 (one sequence: a single tile, whose keys the CPU forward splits over its
+threads). The CUDA list is in bfloat16 (where the split-key decoding kernel runs) and adds a batch
 of 64 sequences.
 Peers:
 - ``sdpa-loop``: one ``scaled_dot_product_attention`` call per sequence (``enable_gqa``; an
@@ -61,6 +62,7 @@ WORKLOADS = [
     DecodeWorkload("decode-gqa8-d128-bf16", 8, 1, 2048, 64, 8, 128, "bfloat16"),
     DecodeWorkload("decode-mha-d64-f32", 8, 1, 512, 16, 16, 64, "float32"),
     DecodeWorkload("decode-long-gqa-d128-f32", 1, 1, 16384, 32, 8, 128, "float32"),
+    DecodeWorkload("decode-long-mqa-d128-f32", 1, 1, 16384, 32, 1, 128, "float32"),
     DecodeWorkload("chunk16-gqa-d128-f32", 4, 16, 4096, 32, 8, 128, "float32"),
 ]
 # Most telling first: the results are written after every workload, so a run cut short keeps them.

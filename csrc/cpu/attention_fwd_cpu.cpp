@@ -13,6 +13,7 @@
 
 #include "attention_cpu.h"
 #include "few_query_scores.h"
+#include "forward_key_split.h"
 #include "forward_products.h"
 #include "tile_math.h"
 #include "tile_schedule.h"
@@ -99,9 +100,11 @@ void online_softmax_tile(int cols, int lanes, acc scale, const int* first_lane, 
 // Its lanes are (row, head) pairs, lane = row · heads + head offset: the heads read each K and V
 // tile once, and a tile of few rows (decoding, short chunks) fills more of its vector lanes.
 // The causally masked lanes of a key stay a prefix: those of the rows before its first query.
+// Keys [keys.begin, keys.end) of the block only (multiples of kBlockN but the end); with a
+// `partial` slot the unnormalised results go there for merge_key_ranges instead of to out/lse.
 template <typename scalar_t>
 void forward_tile(const ForwardParams& p, int batch, int head, int heads, const Tile& tile,
-                  ForwardScratch<scalar_t>& t) {
+                  KeyRange keys, acc_t<scalar_t>* partial, ForwardScratch<scalar_t>& t) {
   using acc = acc_t<scalar_t>;
   const int dim = p.head_dim;
   const int ld = t.padded_dim;
@@ -140,8 +143,8 @@ void forward_tile(const ForwardParams& p, int batch, int head, int heads, const 
   fill<acc>(t.row_max, kBlockM, -kInf<acc>);
   fill<acc>(t.row_sum, kBlockM, 0);
 
-  const int key_end = causal_key_end(tile.end - 1, e, p.is_causal);
-  for (int k0 = 0; k0 < key_end; k0 += kBlockN) {
+  const int key_end = std::min(keys.end, causal_key_end(tile.end - 1, e, p.is_causal));
+  for (int k0 = keys.begin; k0 < key_end; k0 += kBlockN) {
     const int cols = std::min(kBlockN, key_end - k0);
     // Sᵀ = K · Qᵀ: keys × queries.
     if (few) {
@@ -171,6 +174,15 @@ void forward_tile(const ForwardParams& p, int batch, int head, int heads, const 
                                  t.out);
   }
 
+  if (partial != nullptr) {
+    const KeyRangeSlot<acc> slot(partial, used, dim);
+    for (int lane = 0; lane < used; ++lane) {
+      std::copy_n(t.out + lane * ld, dim, slot.out + static_cast<int64_t>(lane) * dim);
+    }
+    std::copy_n(t.row_max, used, slot.max);
+    std::copy_n(t.row_sum, used, slot.sum);
+    return;
+  }
   for (int lane = 0; lane < used; ++lane) {
     const int h = head + lane % heads;
     const int64_t row = e.q_start + tile.begin + lane / heads;
@@ -188,6 +200,7 @@ void forward_tile(const ForwardParams& p, int batch, int head, int heads, const 
 
 template <typename scalar_t>
 void run_forward(const ForwardParams& p) {
+  using acc = acc_t<scalar_t>;
   check_host_offsets(p.cu_seqlens_q, p.num_blocks, p.seqlen_q, "cu_seqlens_q");
   check_host_offsets(p.cu_seqlens_k, p.num_blocks, p.seqlen_k, "cu_seqlens_k");
   const std::vector<Tile> tiles = make_tiles(p, kBlockM, /*by_query=*/true);
@@ -201,10 +214,12 @@ void run_forward(const ForwardParams& p) {
     int64_t cost;
     int64_t head;  // batch · heads_q + the first head
     int tile;
-    int heads;  // consecutive query heads, all of one kv head
+    int heads;        // consecutive query heads, all of one kv head
+    KeyRange keys;    // block-local keys the item visits
+    int64_t partial;  // its key range's slot in `partials`, or -1: written out directly
   };
   const int groups = p.heads_q / p.heads_kv;
-  std::vector<Item> items;
+  std::vector<Item> whole;
   for (int64_t bh = 0; bh < static_cast<int64_t>(p.batch) * p.heads_q; ++bh) {
     const int in_group = static_cast<int>(bh % groups);
     for (int i = 0; i < static_cast<int>(tiles.size()); ++i) {
@@ -214,31 +229,88 @@ void run_forward(const ForwardParams& p) {
       if (in_group % per_item != 0) continue;  // this head runs in the item of an earlier one
       const int heads = std::min(per_item, groups - in_group);
       const int keys = causal_key_end(tile.end - 1, block_extent(p, tile.block), p.is_causal);
-      items.push_back({static_cast<int64_t>(keys) * rows * heads, bh, i, heads});
+      whole.push_back({static_cast<int64_t>(keys) * rows * heads, bh, i, heads, {0, keys}, -1});
     }
   }
-  std::stable_sort(items.begin(), items.end(),
+  // Too few items for the threads: the costliest tiles' keys are split into ranges whose
+  // results are merged below (split tiles: their first item and range count).
+  std::vector<int64_t> costs;
+  for (const Item& item : whole) costs.push_back(item.cost);
+  const int64_t cost_limit = forward_split_cost(costs, at::get_num_threads());
+  struct SplitTile {
+    int64_t first_item;  // its ranges are items first_item, first_item + 1, ...
+    int ranges;
+  };
+  std::vector<Item> items;
+  std::vector<SplitTile> split_tiles;
+  int64_t partial_size = 0;
+  for (const Item& item : whole) {
+    const int rows = tiles[item.tile].end - tiles[item.tile].begin;
+    const std::vector<KeyRange> ranges =
+        item.cost > cost_limit && cost_limit > 0
+            ? split_keys(item.keys.end, kBlockN, item.cost, cost_limit)
+            : std::vector<KeyRange>{item.keys};
+    if (ranges.size() == 1) {
+      items.push_back(item);
+      continue;
+    }
+    split_tiles.push_back({static_cast<int64_t>(items.size()), static_cast<int>(ranges.size())});
+    const int64_t slot = key_range_slot_size(rows * item.heads, p.head_dim);
+    for (const KeyRange& r : ranges) {
+      const int64_t cost = static_cast<int64_t>(r.end - r.begin) * rows * item.heads;
+      items.push_back({cost, item.head, item.tile, item.heads, r, partial_size});
+      partial_size += slot;
+    }
+  }
+  std::vector<acc> partials(partial_size);
+  std::vector<Item> order = items;  // items keep their index for the merge; `order` runs them
+  std::stable_sort(order.begin(), order.end(),
                    [](const Item& a, const Item& b) { return a.cost > b.cost; });
-  // A thread takes up to kTilesPerTake consecutive items of one (head, block) at a time: they
-  // read the same K and V tiles, which then come from its own cache.
+  // A thread takes up to kTilesPerTake consecutive whole items of one (head, block) at a time:
+  // they read the same K and V tiles, which then come from its own cache. Key ranges go alone.
   std::vector<int64_t> takes;
-  for (int64_t i = 0; i < static_cast<int64_t>(items.size()); ++i) {
+  for (int64_t i = 0; i < static_cast<int64_t>(order.size()); ++i) {
     const bool same_block = !takes.empty() && i - takes.back() < kTilesPerTake &&
-                            items[i].head == items[i - 1].head &&
-                            tiles[items[i].tile].block == tiles[items[i - 1].tile].block;
+                            order[i].partial < 0 && order[i - 1].partial < 0 &&
+                            order[i].head == order[i - 1].head &&
+                            tiles[order[i].tile].block == tiles[order[i - 1].tile].block;
     if (!same_block) takes.push_back(i);
   }
-  takes.push_back(static_cast<int64_t>(items.size()));
+  takes.push_back(static_cast<int64_t>(order.size()));
   run_work_items(
       static_cast<int64_t>(takes.size()) - 1, [&] { return ForwardScratch<scalar_t>(p.head_dim); },
       [&](int64_t take, ForwardScratch<scalar_t>& scratch) {
         for (int64_t i = takes[take]; i < takes[take + 1]; ++i) {
-          const Item& item = items[i];
+          const Item& item = order[i];
+          acc* partial = item.partial < 0 ? nullptr : partials.data() + item.partial;
           forward_tile<scalar_t>(p, static_cast<int>(item.head / p.heads_q),
                                  static_cast<int>(item.head % p.heads_q), item.heads,
-                                 tiles[item.tile], scratch);
+                                 tiles[item.tile], item.keys, partial, scratch);
         }
       });
+  at::parallel_for(0, static_cast<int64_t>(split_tiles.size()), 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc> merged(p.head_dim);
+    for (int64_t s = begin; s < end; ++s) {
+      const Item& first = items[split_tiles[s].first_item];
+      const Tile& tile = tiles[first.tile];
+      const BlockExtent e = block_extent(p, tile.block);
+      const int used = (tile.end - tile.begin) * first.heads;
+      const int batch = static_cast<int>(first.head / p.heads_q);
+      const int head = static_cast<int>(first.head % p.heads_q);
+      for (int lane = 0; lane < used; ++lane) {
+        const acc lse = merge_key_ranges<acc>(
+            partials.data() + first.partial, key_range_slot_size(used, p.head_dim),
+            split_tiles[s].ranges, used, p.head_dim, lane, merged.data());
+        const int h = head + lane % first.heads;
+        const int64_t row = e.q_start + tile.begin + lane / first.heads;
+        static_cast<acc*>(p.lse)[(static_cast<int64_t>(batch) * p.heads_q + h) * p.seqlen_q + row] =
+            lse;
+        auto* out = static_cast<scalar_t*>(p.out) + batch * p.out_batch_stride +
+                    h * p.out_head_stride + row * p.out_row_stride;
+        unpack_rows(merged.data(), p.head_dim, 1, p.head_dim, nullptr, out, p.out_row_stride);
+      }
+    }
+  });
 }
 
 template void run_forward<float>(const ForwardParams&);
