@@ -184,3 +184,41 @@ def test_decoding_kernel_never_claims_other_problems(device, dtype, max_seqlen_q
     """CPU tensors, float32/float64, blocks of more than 16 queries and short key blocks never
     take it."""
     assert not decoding_kernel_applies(device, dtype, max_seqlen_q, max_seqlen_k)
+
+
+@pytest.fixture
+def restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_one_tile_split_over_threads_matches_one_thread(dtype, restore_threads):
+    """CPU: one token of 32 query heads against one kv head is a single tile, whose keys are
+    split over the threads (here 4) and merged; on one thread the tile stays whole. Both match
+    the reference, and the split run repeats bitwise."""
+    q, k, v = make_qkv(1, 32, 1, 3, 3000, 64, dtype=dtype)
+    blocks = {"cu_seqlens": [0, 1, 2, 3], "cu_seqlens_k": [0, 2900, 2950, 3000]}
+    torch.set_num_threads(4)
+    split = block_attn.attention(q, k, v, causal=True, return_lse=True, **blocks)
+    again = block_attn.attention(q, k, v, causal=True, return_lse=True, **blocks)
+    torch.set_num_threads(1)
+    whole = block_attn.attention(q, k, v, causal=True, return_lse=True, **blocks)
+    want_out, want_lse = reference.attention(
+        q.double(), k.double(), v.double(), causal=True, return_lse=True, **blocks
+    )
+    assert torch.equal(split[0], again[0]) and torch.equal(split[1], again[1])
+    atol = {torch.float64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 1e-2}[dtype]
+    for name, (out, lse) in {"split": split, "one thread": whole}.items():
+        assert_close(out, want_out, atol=atol, rtol=atol, what=f"{name} out")
+        assert_close(lse, want_lse, atol=1e-5, rtol=1e-5, what=f"{name} lse")
+
+
+def test_nan_in_one_key_range_stays_visible(restore_threads):
+    """A NaN key in one of the split ranges makes its rows NaN, as without the split."""
+    q, k, v = make_qkv(1, 8, 1, 1, 4000, 32)
+    k[0, 0, 3500, 0] = float("nan")
+    torch.set_num_threads(4)
+    out, lse = block_attn.attention(q, k, v, return_lse=True)
+    assert out.isnan().all() and lse.isnan().all()
