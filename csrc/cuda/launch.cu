@@ -80,7 +80,6 @@ cudaError_t uses_hopper_kernels(const ForwardParams& params, bool rows_aligned, 
 // start about kDecodeCtasPerSm per SM, keeping at least kDecodeMinTilesPerSplit 64-key tiles per
 // split so the merge stays small beside the loads.
 constexpr int kDecodeMaxQueries = 16;
-constexpr int kDecodeKeyTile = 64;
 constexpr int kDecodeCtasPerSm = 4;
 constexpr int kDecodeMinTilesPerSplit = 2;
 constexpr int kDecodeMaxSplits = 64;

@@ -11,8 +11,10 @@ namespace block_attn::cuda {
 template <typename T, int kHeadDim, bool kIsCausal>
 cudaError_t run_fwd_flash(const ForwardParams& params, cudaStream_t stream);
 
-// (row, head) pairs per query tile of the decoding forward: one 16-row mma group.
+// (row, head) pairs per query tile of the decoding forward (one 16-row mma group), and keys per
+// tile (16 for each of its four warps).
 constexpr int kDecodeLanes = 16;
+constexpr int kDecodeKeyTile = 64;
 
 // Query tiles of the decoding forward per (block, kv head): the longest block's rows times the
 // query heads that share a kv head, 16 to a tile.

@@ -31,8 +31,8 @@ struct DecodeFwdTraits {
   static constexpr int kWarps = 4;
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kLanes = kDecodeLanes;  // (row, head) pairs per tile: one mma row group
-  static constexpr int kKeysPerWarp = 16;      // one k-step of the P V product
-  static constexpr int kBlockN = kWarps * kKeysPerWarp;
+  static constexpr int kBlockN = kDecodeKeyTile;
+  static constexpr int kKeysPerWarp = kBlockN / kWarps;  // 16: one k-step of the P V product
   static constexpr int kSmemStride = kHeadDim + 8;  // elements; +16 bytes against bank conflicts
   static constexpr int kTileBytes = (kLanes + 2 * kBlockN) * kSmemStride * 2;
   // After the key loop the tiles' memory holds every warp's float O (16 x kHeadDim; +4 floats
@@ -42,6 +42,7 @@ struct DecodeFwdTraits {
   static constexpr int kSharedBytes = kTileBytes + kStatsBytes;
   static_assert(kWarps * kLanes * kMergeStride * 4 <= kTileBytes, "merge buffer too large");
   static_assert(kHeadDim % 16 == 0 && kHeadDim <= 256, "unsupported head dim");
+  static_assert(kKeysPerWarp == 16, "the warps' products assume 16 keys each");
 };
 
 // The CTA's rows: lane tile, block and kv head, and the query rows its lanes stand for.
