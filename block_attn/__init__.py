@@ -6,6 +6,7 @@ Functions take SDPA's layout: q (B, Hq, N, D), k and v (B, Hkv, N, D).
 from block_attn import nn, reference
 from block_attn.api import attention, block_diagonal_attention, causal_attention
 from block_attn.blocks import BlockLayout
+from block_attn.kv_cache import padded_cache_blocks
 
 
 def build_info() -> dict:
@@ -38,6 +39,7 @@ __all__ = [
     "build_info",
     "causal_attention",
     "nn",
+    "padded_cache_blocks",
     "reference",
 ]
 __version__ = "0.1.0"
