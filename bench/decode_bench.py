@@ -14,12 +14,15 @@ Peers:
 - ``sdpa-loop``: one ``scaled_dot_product_attention`` call per sequence (``enable_gqa``; an
   explicit bottom-right mask for chunks), outputs concatenated;
 - ``sdpa-dense-mask``: one SDPA call over all sequences with the (Nq, Nk) block mask;
+- for a padded cache (``padded-cache-*``: a (B, L, Hkv, D) cache whose slots are filled to
+  different lengths, read through ``padded_cache_blocks``), ``sdpa-padding-mask``: one SDPA
+  call on the cache with a (B, 1, 1, L) mask of the valid rows, instead of the dense mask;
 - on CUDA, ``block_attn-no-split``: block_attn with ``BLOCK_ATTN_DECODE_KERNEL=0``, the
   general forward (one query head per tile, no key split), to measure what the decoding kernel
   gains.
 Peers run interleaved, one call each per round (on CUDA, ``--calls`` calls between two
 synchronisations, so short calls are not timed by their launch latency); times are medians over
-the rounds after a warm-up. ``KV GB/s`` counts the key and value bytes read once. Writes
+the rounds after a warm-up. ``KV GB/s`` counts the (valid) key and value bytes read once. Writes
 ``decode_<device>.json`` and ``decode_<device>.md`` to ``--out``.
 """
 
@@ -54,6 +57,9 @@ class DecodeWorkload:
     heads_kv: int
     head_dim: int
     dtype: str
+    # A padded (static) cache: each sequence has a slot of cached_keys rows, of which a seeded
+    # random 1/4 to all are valid (one new token each).
+    padded: bool = False
 
 
 WORKLOADS = [
@@ -64,6 +70,7 @@ WORKLOADS = [
     DecodeWorkload("decode-long-gqa-d128-f32", 1, 1, 16384, 32, 8, 128, "float32"),
     DecodeWorkload("decode-long-mqa-d128-f32", 1, 1, 16384, 32, 1, 128, "float32"),
     DecodeWorkload("chunk16-gqa-d128-f32", 4, 16, 4096, 32, 8, 128, "float32"),
+    DecodeWorkload("padded-cache-gqa-d128-f32", 8, 1, 4096, 32, 8, 128, "float32", padded=True),
 ]
 # Most telling first: the results are written after every workload, so a run cut short keeps them.
 CUDA_WORKLOADS = [
@@ -73,6 +80,7 @@ CUDA_WORKLOADS = [
     DecodeWorkload("chunk16-gqa-d128-bf16", 4, 16, 4096, 32, 8, 128, "bfloat16"),
     DecodeWorkload("decode-gqa8-d128-bf16", 8, 1, 2048, 64, 8, 128, "bfloat16"),
     DecodeWorkload("decode-mha-d64-bf16", 8, 1, 512, 16, 16, 64, "bfloat16"),
+    DecodeWorkload("padded-cache-gqa-d128-bf16", 16, 1, 4096, 32, 8, 128, "bfloat16", True),
 ]
 
 
@@ -118,22 +126,76 @@ def make_peers(w: DecodeWorkload, q, k, v, offsets_q, offsets_k) -> dict[str, Ca
 
     peers = {"block_attn": ours, "sdpa-loop": loop, "sdpa-dense-mask": dense_mask}
     if q.is_cuda:
-
-        def without_split():
-            os.environ["BLOCK_ATTN_DECODE_KERNEL"] = "0"  # read by every call
-            try:
-                return ours()
-            finally:
-                del os.environ["BLOCK_ATTN_DECODE_KERNEL"]
-
-        peers["block_attn-no-split"] = without_split
+        peers["block_attn-no-split"] = with_decode_kernel_off(ours)
     return peers
+
+
+def with_decode_kernel_off(fn: Callable) -> Callable:
+    """fn with BLOCK_ATTN_DECODE_KERNEL=0 (the general CUDA forward), read by every call."""
+
+    def run():
+        os.environ["BLOCK_ATTN_DECODE_KERNEL"] = "0"
+        try:
+            return fn()
+        finally:
+            del os.environ["BLOCK_ATTN_DECODE_KERNEL"]
+
+    return run
+
+
+def padded_cache_peers(w: DecodeWorkload, device: str) -> tuple[dict[str, Callable], int]:
+    """Peers on a (B, L, Hkv, D) cache with per-sequence valid lengths, each returning
+    (B, Hq, 1, D); and the bytes of the valid key and value rows."""
+    dtype = getattr(torch, w.dtype)
+    lengths = torch.randint(
+        w.cached_keys // 4,
+        w.cached_keys + 1,
+        (w.sequences,),
+        generator=torch.Generator().manual_seed(1),
+    ).tolist()
+    shape_q = (w.sequences, 1, w.heads_q, w.head_dim)
+    q = torch.randn(shape_q, dtype=dtype, device=device)
+    k = torch.randn(w.sequences, w.cached_keys, w.heads_kv, w.head_dim, dtype=dtype, device=device)
+    v = torch.randn_like(k)
+    blocks = block_attn.padded_cache_blocks(lengths, w.cached_keys)
+    slots = torch.arange(w.cached_keys, device=device)
+    valid = slots < torch.tensor(lengths, device=device)[:, None]  # (B, L)
+
+    def rows(x):  # (B, n, H, D) -> (1, H, B * n, D), a view
+        return x.flatten(0, 1).unsqueeze(0).transpose(1, 2)
+
+    def ours():
+        out = block_attn.attention(rows(q), rows(k), rows(v), causal=True, **blocks)
+        return out[0].transpose(0, 1).unsqueeze(2)  # (1, Hq, B, D) -> (B, Hq, 1, D)
+
+    def padding_mask():
+        qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+        return sdpa(qt, kt, vt, attn_mask=valid[:, None, None, :], enable_gqa=True)
+
+    def loop():
+        outs = []
+        for i, length in enumerate(lengths):
+            qi, ki, vi = (
+                x[i : i + 1, :n].transpose(1, 2) for x, n in ((q, 1), (k, length), (v, length))
+            )
+            outs.append(sdpa(qi, ki, vi, enable_gqa=True))
+        return torch.cat(outs)
+
+    peers = {"block_attn": ours, "sdpa-loop": loop, "sdpa-padding-mask": padding_mask}
+    if device == "cuda":
+        peers["block_attn-no-split"] = with_decode_kernel_off(ours)
+    kv_bytes = 2 * sum(lengths) * w.heads_kv * w.head_dim * k.element_size()
+    return peers, kv_bytes
 
 
 def measure(w: DecodeWorkload, device: str, rounds: int, calls: int) -> list[dict]:
     """calls: calls per timed round on CUDA (one on CPU)."""
-    q, k, v, offsets_q, offsets_k = make_inputs(w, device)
-    peers = make_peers(w, q, k, v, offsets_q, offsets_k)
+    if w.padded:
+        peers, kv_bytes = padded_cache_peers(w, device)
+    else:
+        q, k, v, offsets_q, offsets_k = make_inputs(w, device)
+        peers = make_peers(w, q, k, v, offsets_q, offsets_k)
+        kv_bytes = 2 * k.numel() * k.element_size()
     expected = peers["sdpa-loop"]().double()
     errors = {name: float((fn().double() - expected).abs().max()) for name, fn in peers.items()}
     calls = calls if device == "cuda" else 1
@@ -148,7 +210,6 @@ def measure(w: DecodeWorkload, device: str, rounds: int, calls: int) -> list[dic
             if device == "cuda":
                 torch.cuda.synchronize()
             times[name].append((time.perf_counter() - t0) * 1e3 / calls)
-    kv_bytes = 2 * k.numel() * k.element_size()
     ours_ms = statistics.median(times["block_attn"])
     rows = []
     for name in peers:
