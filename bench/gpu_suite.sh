@@ -10,7 +10,7 @@
 # failed (initcheck, the kernel probes and the profile are advisory). When a wgmma probe fails, the
 # later steps run with BLOCK_ATTN_HOPPER_KERNELS=0, and the summary says so.
 # SUITE_BUDGET (seconds, default 540) bounds the whole run: later steps get what is left.
-# STEPS (default "env build probes tests sanitizer bench profile decode") picks steps, e.g. STEPS="bench";
+# STEPS (default "env build probes tests sanitizer bench decode profile") picks steps, e.g. STEPS="bench";
 # they run in that order.
 # SANITIZER_KERNELS (default block_attn): substring of the kernels racecheck/initcheck check.
 # BENCH_ARGS adds arguments to gpu_bench.py (e.g. "--dry-run --device cpu" for a logic check).
@@ -22,7 +22,7 @@ mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
 LOG="$OUT/gpu_suite.log"
 SUMMARY="$OUT/summary.txt"
-STEPS="${STEPS:-env build probes tests sanitizer bench profile decode}"
+STEPS="${STEPS:-env build probes tests sanitizer bench decode profile}"
 SUITE_BUDGET="${SUITE_BUDGET:-540}"
 export PYTHONUNBUFFERED=1
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0a}"
@@ -255,13 +255,23 @@ if wanted sanitizer; then
 fi
 if wanted bench; then
   # Timing loops get the step's limit less ~50 s for roofline, accuracy check and tables; the
-  # profile after it keeps at least 45 s.
+  # decode step after it keeps at least 30 s and the profile 45 s.
   reserve=0
-  if wanted profile; then reserve=45; fi
+  if wanted decode; then reserve=30; fi
+  if wanted profile; then reserve=$((reserve + 45)); fi
   left=$(($(remaining) - reserve))
   left=$((left < 300 ? left : 300))
   run_step benchmark 300 "$reserve" 1 python3 bench/gpu_bench.py --out "$OUT/gpu_results.json" \
     --time-budget $((left - 50 > 200 ? 200 : (left - 50 > 30 ? left - 50 : 30))) ${BENCH_ARGS:-}
+fi
+
+# Advisory: new tokens against per-sequence caches (decode_cuda.md), the decoding kernel's
+# only timing; the profile after it keeps at least 45 s.
+if wanted decode; then
+  reserve=0
+  if wanted profile; then reserve=45; fi
+  run_step decode 40 "$reserve" 0 python3 bench/decode_bench.py --device cuda --rounds 10 \
+    --out "$OUT"
 fi
 
 if wanted profile; then
@@ -270,10 +280,6 @@ fi
 # initcheck: advisory, and it ran out of time on the first H100 run.
 if wanted sanitizer; then
   run_step initcheck 30 0 0 sanitizer initcheck --kernel-name "$kernels"
-fi
-# Advisory, with what is left: new tokens against per-sequence caches (decode_cuda.md).
-if wanted decode; then
-  run_step decode 40 0 0 python3 bench/decode_bench.py --device cuda --rounds 10 --out "$OUT"
 fi
 
 {
