@@ -82,3 +82,17 @@ def test_chunked_prefill_equals_one_packed_pass(device):
             str(EXAMPLES / "chunked_prefill.py"), "--chunk", chunk, "--device", device
         )
         assert "largest difference from one packed causal pass" in stdout, stdout
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_static_cache_decoding_equals_one_causal_pass(device):
+    """The script asserts that every decoded step matches a float64 causal pass; on CUDA also
+    with bf16 and with one captured step replayed."""
+    runs = [("--dtype", "float32")]
+    if device == "cuda":
+        runs += [("--dtype", "bfloat16"), ("--dtype", "bfloat16", "--graph")]
+    for extra in runs:
+        stdout = run_example(
+            str(EXAMPLES / "static_cache_decoding.py"), "--device", device, "--steps", "4", *extra
+        )
+        assert "largest difference from one causal pass" in stdout, stdout
