@@ -96,6 +96,21 @@ void online_softmax_tile(int cols, int lanes, acc scale, const int* first_lane, 
   }
 }
 
+// Writes lane `lane` of a tile of `heads` query heads from `head` (lane = row · heads + head
+// offset): its lse, and its output row `values` (dim values) times `factor`.
+template <typename scalar_t>
+void write_lane(const ForwardParams& p, int batch, int head, int heads, const BlockExtent& e,
+                const Tile& tile, int lane, const acc_t<scalar_t>* values,
+                const acc_t<scalar_t>* factor, acc_t<scalar_t> lse) {
+  const int h = head + lane % heads;
+  const int64_t row = e.q_start + tile.begin + lane / heads;
+  static_cast<acc_t<scalar_t>*>(
+      p.lse)[(static_cast<int64_t>(batch) * p.heads_q + h) * p.seqlen_q + row] = lse;
+  auto* out = static_cast<scalar_t*>(p.out) + batch * p.out_batch_stride + h * p.out_head_stride +
+              row * p.out_row_stride;
+  unpack_rows(values, p.head_dim, 1, p.head_dim, factor, out, p.out_row_stride);
+}
+
 // One query tile of `heads` consecutive query heads that share a kv head, starting at `head`.
 // Its lanes are (row, head) pairs, lane = row · heads + head offset: the heads read each K and V
 // tile once, and a tile of few rows (decoding, short chunks) fills more of its vector lanes.
@@ -184,15 +199,11 @@ void forward_tile(const ForwardParams& p, int batch, int head, int heads, const 
     return;
   }
   for (int lane = 0; lane < used; ++lane) {
-    const int h = head + lane % heads;
-    const int64_t row = e.q_start + tile.begin + lane / heads;
     const bool any_key = t.row_sum[lane] != 0;  // NaN inputs give a NaN sum: keep it visible
     t.inverse_sum[lane] = any_key ? acc(1) / t.row_sum[lane] : acc(0);
-    static_cast<acc*>(p.lse)[(static_cast<int64_t>(batch) * p.heads_q + h) * p.seqlen_q + row] =
-        any_key ? t.row_max[lane] + std::log(t.row_sum[lane]) : -kInf<acc>;
-    auto* out = static_cast<scalar_t*>(p.out) + batch * p.out_batch_stride + h * p.out_head_stride +
-                row * p.out_row_stride;
-    unpack_rows(t.out + lane * ld, ld, 1, dim, t.inverse_sum + lane, out, p.out_row_stride);
+    write_lane<scalar_t>(p, batch, head, heads, e, tile, lane, t.out + lane * ld,
+                         t.inverse_sum + lane,
+                         any_key ? t.row_max[lane] + std::log(t.row_sum[lane]) : -kInf<acc>);
   }
 }
 
@@ -238,7 +249,8 @@ void run_forward(const ForwardParams& p) {
   for (const Item& item : whole) costs.push_back(item.cost);
   const int64_t cost_limit = forward_split_cost(costs, at::get_num_threads());
   struct SplitTile {
-    int64_t first_item;  // its ranges are items first_item, first_item + 1, ...
+    Item whole;             // the tile as one item
+    int64_t first_partial;  // its ranges' slots, one after another in `partials`
     int ranges;
   };
   std::vector<Item> items;
@@ -254,7 +266,7 @@ void run_forward(const ForwardParams& p) {
       items.push_back(item);
       continue;
     }
-    split_tiles.push_back({static_cast<int64_t>(items.size()), static_cast<int>(ranges.size())});
+    split_tiles.push_back({item, partial_size, static_cast<int>(ranges.size())});
     const int64_t slot = key_range_slot_size(rows * item.heads, p.head_dim);
     for (const KeyRange& r : ranges) {
       const int64_t cost = static_cast<int64_t>(r.end - r.begin) * rows * item.heads;
@@ -263,25 +275,24 @@ void run_forward(const ForwardParams& p) {
     }
   }
   std::vector<acc> partials(partial_size);
-  std::vector<Item> order = items;  // items keep their index for the merge; `order` runs them
-  std::stable_sort(order.begin(), order.end(),
+  std::stable_sort(items.begin(), items.end(),
                    [](const Item& a, const Item& b) { return a.cost > b.cost; });
   // A thread takes up to kTilesPerTake consecutive whole items of one (head, block) at a time:
   // they read the same K and V tiles, which then come from its own cache. Key ranges go alone.
   std::vector<int64_t> takes;
-  for (int64_t i = 0; i < static_cast<int64_t>(order.size()); ++i) {
+  for (int64_t i = 0; i < static_cast<int64_t>(items.size()); ++i) {
     const bool same_block = !takes.empty() && i - takes.back() < kTilesPerTake &&
-                            order[i].partial < 0 && order[i - 1].partial < 0 &&
-                            order[i].head == order[i - 1].head &&
-                            tiles[order[i].tile].block == tiles[order[i - 1].tile].block;
+                            items[i].partial < 0 && items[i - 1].partial < 0 &&
+                            items[i].head == items[i - 1].head &&
+                            tiles[items[i].tile].block == tiles[items[i - 1].tile].block;
     if (!same_block) takes.push_back(i);
   }
-  takes.push_back(static_cast<int64_t>(order.size()));
+  takes.push_back(static_cast<int64_t>(items.size()));
   run_work_items(
       static_cast<int64_t>(takes.size()) - 1, [&] { return ForwardScratch<scalar_t>(p.head_dim); },
       [&](int64_t take, ForwardScratch<scalar_t>& scratch) {
         for (int64_t i = takes[take]; i < takes[take + 1]; ++i) {
-          const Item& item = order[i];
+          const Item& item = items[i];
           acc* partial = item.partial < 0 ? nullptr : partials.data() + item.partial;
           forward_tile<scalar_t>(p, static_cast<int>(item.head / p.heads_q),
                                  static_cast<int>(item.head % p.heads_q), item.heads,
@@ -291,23 +302,16 @@ void run_forward(const ForwardParams& p) {
   at::parallel_for(0, static_cast<int64_t>(split_tiles.size()), 1, [&](int64_t begin, int64_t end) {
     std::vector<acc> merged(p.head_dim);
     for (int64_t s = begin; s < end; ++s) {
-      const Item& first = items[split_tiles[s].first_item];
-      const Tile& tile = tiles[first.tile];
-      const BlockExtent e = block_extent(p, tile.block);
-      const int used = (tile.end - tile.begin) * first.heads;
-      const int batch = static_cast<int>(first.head / p.heads_q);
-      const int head = static_cast<int>(first.head % p.heads_q);
+      const SplitTile& split = split_tiles[s];
+      const Tile& tile = tiles[split.whole.tile];
+      const int used = (tile.end - tile.begin) * split.whole.heads;
       for (int lane = 0; lane < used; ++lane) {
-        const acc lse = merge_key_ranges<acc>(
-            partials.data() + first.partial, key_range_slot_size(used, p.head_dim),
-            split_tiles[s].ranges, used, p.head_dim, lane, merged.data());
-        const int h = head + lane % first.heads;
-        const int64_t row = e.q_start + tile.begin + lane / first.heads;
-        static_cast<acc*>(p.lse)[(static_cast<int64_t>(batch) * p.heads_q + h) * p.seqlen_q + row] =
-            lse;
-        auto* out = static_cast<scalar_t*>(p.out) + batch * p.out_batch_stride +
-                    h * p.out_head_stride + row * p.out_row_stride;
-        unpack_rows(merged.data(), p.head_dim, 1, p.head_dim, nullptr, out, p.out_row_stride);
+        const acc lse = merge_key_ranges<acc>(partials.data() + split.first_partial,
+                                              key_range_slot_size(used, p.head_dim), split.ranges,
+                                              used, p.head_dim, lane, merged.data());
+        write_lane<scalar_t>(p, static_cast<int>(split.whole.head / p.heads_q),
+                             static_cast<int>(split.whole.head % p.heads_q), split.whole.heads,
+                             block_extent(p, tile.block), tile, lane, merged.data(), nullptr, lse);
       }
     }
   });

@@ -40,15 +40,15 @@ struct KeyRange {
 };
 inline std::vector<KeyRange> split_keys(int keys, int tile, int64_t cost, int64_t limit) {
   const int tiles = (keys + tile - 1) / tile;
-  const int64_t wanted = limit > 0 ? (cost + limit - 1) / limit : 1;
+  if (tiles <= 1 || limit <= 0) return {{0, keys}};
+  const int64_t wanted = (cost + limit - 1) / limit;
   const int ranges =
       static_cast<int>(std::clamp<int64_t>(wanted, 1, std::min(tiles, kMaxKeyRanges)));
-  const int tiles_per_range = (tiles + ranges - 1) / std::max(ranges, 1);
+  const int tiles_per_range = (tiles + ranges - 1) / ranges;
   std::vector<KeyRange> out;
   for (int t = 0; t < tiles; t += tiles_per_range) {
     out.push_back({t * tile, std::min(keys, (t + tiles_per_range) * tile)});
   }
-  if (out.empty()) out.push_back({0, keys});
   return out;
 }
 
@@ -58,12 +58,13 @@ inline int64_t key_range_slot_size(int lanes, int dim) {
   return static_cast<int64_t>(lanes) * (dim + 2);
 }
 
-template <typename acc>
+// T: acc to write a slot, const acc to read one.
+template <typename T>
 struct KeyRangeSlot {
-  acc* out;
-  acc* max;
-  acc* sum;
-  KeyRangeSlot(acc* base, int lanes, int dim)
+  T* out;
+  T* max;
+  T* sum;
+  KeyRangeSlot(T* base, int lanes, int dim)
       : out(base), max(base + static_cast<int64_t>(lanes) * dim), sum(max + lanes) {}
 };
 
@@ -75,7 +76,7 @@ acc merge_key_ranges(const acc* first_slot, int64_t slot_size, int ranges, int l
   acc top = -std::numeric_limits<acc>::infinity();
   bool nan = false;
   for (int r = 0; r < ranges; ++r) {
-    const KeyRangeSlot<acc> slot(const_cast<acc*>(first_slot) + r * slot_size, lanes, dim);
+    const KeyRangeSlot<const acc> slot(first_slot + r * slot_size, lanes, dim);
     top = std::max(top, slot.max[lane]);
     nan |= std::isnan(slot.sum[lane]);
   }
@@ -87,7 +88,7 @@ acc merge_key_ranges(const acc* first_slot, int64_t slot_size, int ranges, int l
   if (top == -std::numeric_limits<acc>::infinity()) return top;
   acc total = 0;
   for (int r = 0; r < ranges; ++r) {
-    const KeyRangeSlot<acc> slot(const_cast<acc*>(first_slot) + r * slot_size, lanes, dim);
+    const KeyRangeSlot<const acc> slot(first_slot + r * slot_size, lanes, dim);
     if (slot.max[lane] == -std::numeric_limits<acc>::infinity()) continue;  // no key in range
     const acc weight = std::exp(slot.max[lane] - top);
     total += weight * slot.sum[lane];
