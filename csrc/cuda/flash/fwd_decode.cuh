@@ -20,6 +20,7 @@
 #include "../utils.cuh"
 #include "flash_kernels.h"
 #include "mma_utils.cuh"
+#include "online_softmax.cuh"
 #include "tile_io.cuh"
 #include "warp_gemm.cuh"
 
@@ -69,12 +70,37 @@ __device__ __forceinline__ DecodeTile decode_tile(const ForwardParams& p, int la
   return t;
 }
 
+// Lane `lane`'s query head, and its row in the tensors (the block's row lane / groups).
+__device__ __forceinline__ int lane_head(const DecodeTile& t, int lane) {
+  return t.head_kv * t.groups + lane % t.groups;
+}
+__device__ __forceinline__ int lane_row(const DecodeTile& t, int lane) {
+  return t.qr.start + lane / t.groups;
+}
+
 // Index of a lane's query row in the (batch, heads_q, seqlen_q) lse array and in each split's
 // slice of the partial results.
 __device__ __forceinline__ int64_t decode_row_index(const ForwardParams& p, const DecodeTile& t,
                                                     int lane) {
-  return lse_index(p, t.batch, t.head_kv * t.groups + lane % t.groups,
-                   t.qr.start + lane / t.groups);
+  return lse_index(p, t.batch, lane_head(t, lane), lane_row(t, lane));
+}
+
+// Writes columns [c, c + 8) of a lane's output row, `o` times `factor` (real columns only).
+template <typename T>
+__device__ __forceinline__ void store_output_chunk(const ForwardParams& p, const DecodeTile& t,
+                                                   int lane, int c, const float (&o)[8],
+                                                   float factor, bool vectorized) {
+  T* dst = out_rows<T>(p, t.batch, lane_head(t, lane), lane_row(t, lane)) + c;
+  if (vectorized) {
+    uint4 packed;
+    packed.x = pack2<T>(o[0] * factor, o[1] * factor);
+    packed.y = pack2<T>(o[2] * factor, o[3] * factor);
+    packed.z = pack2<T>(o[4] * factor, o[5] * factor);
+    packed.w = pack2<T>(o[6] * factor, o[7] * factor);
+    *reinterpret_cast<uint4*>(dst) = packed;
+  } else {
+    for (int e = 0; e < 8 && c + e < p.head_dim; ++e) dst[e] = from_acc<T>(o[e] * factor);
+  }
 }
 
 // Stages the tile's 16 query rows in shared memory; lanes past the block's rows are zero.
@@ -89,8 +115,7 @@ __device__ __forceinline__ void load_lane_rows_async(T* sQ, const ForwardParams&
     const int row = lane / t.groups;
     T* dst = sQ + r * Traits::kSmemStride + c;
     if (row < t.qr.length && c < p.head_dim) {
-      const T* src =
-          q_rows<T>(p, t.batch, t.head_kv * t.groups + lane % t.groups, t.qr.start + row) + c;
+      const T* src = q_rows<T>(p, t.batch, lane_head(t, lane), lane_row(t, lane)) + c;
       if (vectorized) {
         cp_async_16(dst, src);
       } else {
@@ -152,9 +177,10 @@ __global__ void __launch_bounds__(Traits::kThreads)
   const int tile_end = min(tile_begin + tiles_per_split, n_tiles);
 
   const float scale_log2 = params.scale * 1.4426950408889634f;
-  float acc_o[kNBlocksO][4];
-  float row_max[2] = {-INFINITY, -INFINITY};
-  float row_sum[2] = {0.f, 0.f};  // per-thread partial sums, reduced over the quad at the end
+  // One 16-row group: the shapes online_softmax_step and the warp products take.
+  float acc_o[1][kNBlocksO][4];
+  float row_max[1][2] = {{-INFINITY, -INFINITY}};
+  float row_sum[1][2] = {{0.f, 0.f}};  // per-thread partial sums, reduced over the quad at the end
   zero_fragments(acc_o);
 
   load_lane_rows_async<Traits>(sQ, params, tile, vectorized);
@@ -173,52 +199,24 @@ __global__ void __launch_bounds__(Traits::kThreads)
                                      vectorized);
     cp_async_commit();
 
-    float s[kNBlocksS][4];
+    float s[1][kNBlocksS][4];
     zero_fragments(s);
-    warp_gemm_abt<T, kHeadDim, Traits::kKeysPerWarp, kStride>(
+    warp_gemm_abt<T, kHeadDim, Traits::kKeysPerWarp, kStride, 1>(
         s, sQ, sK + warp * Traits::kKeysPerWarp * kStride, lane);
 #pragma unroll
     for (int n = 0; n < kNBlocksS; ++n) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        s[n][e] *= scale_log2;  // scale first (it may be negative), then mask
+        s[0][n][e] *= scale_log2;  // scale first (it may be negative), then mask
         if (kMask) {
           const int row = (tile.lane0 + group_row + (e / 2) * 8) / tile.groups;
           const int key = n0 + n * 8 + quad_col * 2 + (e % 2);
-          if (key >= decode_key_end<kIsCausal>(row, qr, kr)) s[n][e] = -INFINITY;
+          if (key >= decode_key_end<kIsCausal>(row, qr, kr)) s[0][n][e] = -INFINITY;
         }
       }
     }
 
-    // Online softmax of the warp's 16 keys for lanes group_row (e = 0, 1) and group_row + 8.
-    float m_use[2];
-    float alpha[2];
-#pragma unroll
-    for (int rr = 0; rr < 2; ++rr) {
-      float mx = row_max[rr];
-#pragma unroll
-      for (int n = 0; n < kNBlocksS; ++n) mx = fmaxf(mx, fmaxf(s[n][2 * rr], s[n][2 * rr + 1]));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      // A lane with no allowed key so far keeps max -inf; subtract 0 instead of inf - inf.
-      m_use[rr] = mx == -INFINITY ? 0.f : mx;
-      alpha[rr] = fast_exp2(row_max[rr] - m_use[rr]);
-      row_max[rr] = mx;
-      row_sum[rr] *= alpha[rr];
-#pragma unroll
-      for (int d = 0; d < kNBlocksO; ++d) {
-        acc_o[d][2 * rr] *= alpha[rr];
-        acc_o[d][2 * rr + 1] *= alpha[rr];
-      }
-    }
-#pragma unroll
-    for (int n = 0; n < kNBlocksS; ++n) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        s[n][e] = fast_exp2(s[n][e] - m_use[e / 2]);
-        row_sum[e / 2] += s[n][e];
-      }
-    }
+    online_softmax_step(s, row_max, row_sum, acc_o);  // the warp's 16 keys
 
     cp_async_wait_all();
     __syncthreads();  // V_j is in; every warp is done with K_j
@@ -228,7 +226,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
     }
     cp_async_commit();
 
-    warp_gemm_pb<T, Traits::kKeysPerWarp, kHeadDim, kStride>(
+    warp_gemm_pb<T, Traits::kKeysPerWarp, kHeadDim, kStride, 1>(
         acc_o, s, sV + warp * Traits::kKeysPerWarp * kStride, lane);
   };
 
@@ -245,19 +243,19 @@ __global__ void __launch_bounds__(Traits::kThreads)
   float* warp_sum = warp_max + kWarps * kLanes;
 #pragma unroll
   for (int rr = 0; rr < 2; ++rr) {
-    float sum = row_sum[rr];
+    float sum = row_sum[0][rr];
     sum += __shfl_xor_sync(0xffffffffu, sum, 1);
     sum += __shfl_xor_sync(0xffffffffu, sum, 2);
     const int r = group_row + rr * 8;
     if (quad_col == 0) {
-      warp_max[warp * kLanes + r] = row_max[rr];
+      warp_max[warp * kLanes + r] = row_max[0][rr];
       warp_sum[warp * kLanes + r] = sum;
     }
 #pragma unroll
     for (int d = 0; d < kNBlocksO; ++d) {
       *reinterpret_cast<float2*>(merge_o + (warp * kLanes + r) * Traits::kMergeStride + d * 8 +
                                  quad_col * 2) =
-          make_float2(acc_o[d][2 * rr], acc_o[d][2 * rr + 1]);
+          make_float2(acc_o[0][d][2 * rr], acc_o[0][d][2 * rr + 1]);
     }
   }
   __syncthreads();
@@ -295,20 +293,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
     const int64_t at = decode_row_index(params, tile, lane_index);
     if (splits == 1) {
       if (c == 0) static_cast<float*>(params.lse)[at] = lse_value;
-      T* dst =
-          out_rows<T>(params, tile.batch, tile.head_kv * tile.groups + lane_index % tile.groups,
-                      qr.start + lane_index / tile.groups) +
-          c;
-      if (vectorized) {
-        uint4 packed;
-        packed.x = pack2<T>(o[0], o[1]);
-        packed.y = pack2<T>(o[2], o[3]);
-        packed.z = pack2<T>(o[4], o[5]);
-        packed.w = pack2<T>(o[6], o[7]);
-        *reinterpret_cast<uint4*>(dst) = packed;
-      } else {
-        for (int e = 0; e < 8 && c + e < head_dim; ++e) dst[e] = from_acc<T>(o[e]);
-      }
+      store_output_chunk<T>(params, tile, lane_index, c, o, 1.f, vectorized);
     } else {
       // Partials: splits slices of rows_total log-sum-exps, then splits slices of rows_total
       // rows of head_dim floats.
@@ -352,19 +337,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
     }
     const float inv = sum != 0.f ? 1.f / sum : 0.f;
     if (c == 0) static_cast<float*>(params.lse)[at] = sum != 0.f ? m + log_acc(sum) : -INFINITY;
-    T* dst = out_rows<T>(params, tile.batch, tile.head_kv * tile.groups + lane_index % tile.groups,
-                         tile.qr.start + lane_index / tile.groups) +
-             c;
-    if (vectorized) {
-      uint4 packed;
-      packed.x = pack2<T>(o[0] * inv, o[1] * inv);
-      packed.y = pack2<T>(o[2] * inv, o[3] * inv);
-      packed.z = pack2<T>(o[4] * inv, o[5] * inv);
-      packed.w = pack2<T>(o[6] * inv, o[7] * inv);
-      *reinterpret_cast<uint4*>(dst) = packed;
-    } else {
-      for (int e = 0; e < 8 && c + e < head_dim; ++e) dst[e] = from_acc<T>(o[e] * inv);
-    }
+    store_output_chunk<T>(params, tile, lane_index, c, o, inv, vectorized);
   }
 }
 

@@ -20,6 +20,7 @@
 #include "../utils.cuh"
 #include "flash_kernels.h"
 #include "mma_utils.cuh"
+#include "online_softmax.cuh"
 #include "tile_io.cuh"
 #include "warp_gemm.cuh"
 
@@ -131,55 +132,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
       }
     }
 
-    // Online softmax for rows group_row (e = 0, 1) and group_row + 8 (e = 2, 3) of each group.
-    float m_use[kRowGroups][2];
-    float alpha[kRowGroups][2];
-    bool max_moved = false;
-#pragma unroll
-    for (int g = 0; g < kRowGroups; ++g) {
-#pragma unroll
-      for (int rr = 0; rr < 2; ++rr) {
-        float mx = row_max[g][rr];
-#pragma unroll
-        for (int n = 0; n < kNBlocksS; ++n) {
-          mx = fmaxf(mx, fmaxf(s[g][n][2 * rr], s[g][n][2 * rr + 1]));
-        }
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        max_moved |= !(mx == row_max[g][rr]);  // NaN counts as moved
-        // A row with no allowed key so far keeps max -inf; subtract 0 instead of inf - inf.
-        m_use[g][rr] = mx == -INFINITY ? 0.f : mx;
-        alpha[g][rr] = fast_exp2(row_max[g][rr] - m_use[g][rr]);
-        row_max[g][rr] = mx;
-      }
-    }
-    // Once the maxima settle, most tiles leave every row's max in place (alpha = 1): skip the
-    // rescale of O when no row of the warp moved.
-    if (__any_sync(0xffffffffu, max_moved)) {
-#pragma unroll
-      for (int g = 0; g < kRowGroups; ++g) {
-#pragma unroll
-        for (int rr = 0; rr < 2; ++rr) {
-          row_sum[g][rr] *= alpha[g][rr];
-#pragma unroll
-          for (int d = 0; d < kNBlocksO; ++d) {
-            acc_o[g][d][2 * rr] *= alpha[g][rr];
-            acc_o[g][d][2 * rr + 1] *= alpha[g][rr];
-          }
-        }
-      }
-    }
-#pragma unroll
-    for (int g = 0; g < kRowGroups; ++g) {
-#pragma unroll
-      for (int n = 0; n < kNBlocksS; ++n) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          s[g][n][e] = fast_exp2(s[g][n][e] - m_use[g][e / 2]);
-          row_sum[g][e / 2] += s[g][n][e];
-        }
-      }
-    }
+    online_softmax_step(s, row_max, row_sum, acc_o);
 
     cp_async_wait_all();
     __syncthreads();  // V_j is in; every warp is done with K_j
