@@ -39,6 +39,17 @@ void check_cuda_limits(const at::Tensor& q, const at::Tensor& cu_seqlens_q) {
               " on CUDA, got ", q.size(0) * q.size(1));
 }
 
+// An uninitialised float32 scratch buffer of `elements` on q's device (from the caching
+// allocator, so graph capture works), or an undefined tensor for none.
+at::Tensor float_scratch(const at::Tensor& q, size_t elements) {
+  if (elements == 0) return {};
+  return at::empty({static_cast<int64_t>(elements)}, q.options().dtype(at::kFloat));
+}
+
+float* data_or_null(const at::Tensor& scratch) {
+  return scratch.defined() ? scratch.data_ptr<float>() : nullptr;
+}
+
 std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,
     const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, bool causal,
@@ -54,12 +65,8 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(
   cuda::ForwardWorkspace workspace{};
   size_t split_partials_elements = 0;
   C10_CUDA_CHECK(cuda::forward_split_partials_elements(params, dtype, split_partials_elements));
-  at::Tensor split_partials;
-  if (split_partials_elements > 0) {
-    split_partials =
-        at::empty({static_cast<int64_t>(split_partials_elements)}, q.options().dtype(at::kFloat));
-    workspace.split_partials = split_partials.data_ptr<float>();
-  }
+  const at::Tensor split_partials = float_scratch(q, split_partials_elements);
+  workspace.split_partials = data_or_null(split_partials);
   const cudaError_t err =
       cuda::launch_forward(params, workspace, dtype, at::cuda::getCurrentCUDAStream());
   C10_CUDA_CHECK(err);
@@ -97,12 +104,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
   workspace.delta = delta.data_ptr();
   size_t dq_accumulator_elements = 0;
   C10_CUDA_CHECK(cuda::backward_dq_accumulator_elements(params, dtype, dq_accumulator_elements));
-  at::Tensor dq_accumulator;
-  if (dq_accumulator_elements > 0) {
-    dq_accumulator =
-        at::empty({static_cast<int64_t>(dq_accumulator_elements)}, q.options().dtype(at::kFloat));
-    workspace.dq_accumulator = dq_accumulator.data_ptr<float>();
-  }
+  const at::Tensor dq_accumulator = float_scratch(q, dq_accumulator_elements);
+  workspace.dq_accumulator = data_or_null(dq_accumulator);
   const cudaError_t err =
       cuda::launch_backward(params, workspace, dtype, at::cuda::getCurrentCUDAStream());
   C10_CUDA_CHECK(err);
