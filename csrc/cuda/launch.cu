@@ -109,7 +109,10 @@ cudaError_t plan_decode(const ForwardParams& params, DType dtype, DecodePlan& pl
   }
   if (err != cudaSuccess) return err;
   plan.use = true;
-  const int64_t ctas = static_cast<int64_t>(decode_lane_tiles(params)) * params.num_blocks *
+  // A block with queries has at least one row, so at most seqlen_q blocks do work: the CTAs of
+  // the rest exit at once (a padded cache pairs every slot's unused rows with an empty block).
+  const int64_t busy_blocks = std::min<int64_t>(params.num_blocks, params.seqlen_q);
+  const int64_t ctas = static_cast<int64_t>(decode_lane_tiles(params)) * busy_blocks *
                        params.batch * params.heads_kv;
   const int64_t wanted = (static_cast<int64_t>(kDecodeCtasPerSm) * multiprocessors + ctas - 1) /
                          std::max<int64_t>(ctas, 1);

@@ -576,6 +576,15 @@ int main() {
                         1,
                         64,
                         false};
+  // A static cache viewed as packed rows: each slot's unused rows pair with an empty query block.
+  Case decode_padded{"decoding: a padded cache of 3 slots, GQA 4:1",
+                     {1, 0, 1, 0, 1, 0},
+                     {300, 212, 5, 507, 512, 0},
+                     1,
+                     4,
+                     1,
+                     64,
+                     true};
   Case decode_large = decode_split;
   decode_large.name = "decoding: large scores (q of deviation 300)";
   decode_large.q_scale = 300.0;
@@ -593,7 +602,7 @@ int main() {
                          {DType::kBFloat16, decode_split},    {DType::kFloat16, decode_ragged},
                          {DType::kBFloat16, decode_straddle}, {DType::kFloat16, decode_unaligned},
                          {DType::kBFloat16, decode_wide},     {DType::kBFloat16, decode_one_split},
-                         {DType::kBFloat16, decode_large}});
+                         {DType::kBFloat16, decode_large},    {DType::kFloat16, decode_padded}});
   // The wgmma forward and backward called directly, one and two warpgroups per CTA (the probe's
   // cases; launch_forward / launch_backward above pick them for head_dim 64 and 128 too): bf16,
   // fp16 for the causal ones, and three at head_dim 64.
