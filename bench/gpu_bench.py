@@ -58,6 +58,9 @@ def parse_args(argv=None):
     parser.add_argument("--reps", type=int, default=None, help="timed calls, default 20 (dry 3)")
     parser.add_argument("--warmup", type=int, default=None, help="default 3 (dry run 1)")
     parser.add_argument("--no-small-d", action="store_true", help="skip the D=64 variants")
+    parser.add_argument(
+        "--no-wide-d", action="store_true", help="skip the D=256 workload (timed last)"
+    )
     parser.add_argument("--reference-max-seqlen", type=int, default=4096)
     parser.add_argument("--accuracy-seqlen", type=int, default=None, help="default 2048 (dry 256)")
     parser.add_argument(
@@ -262,7 +265,9 @@ def main(argv=None) -> int:
     print(report.roofline_lines(roofline), flush=True)
     free_memory(args.device)
 
-    workloads = make_workloads(args.seqlen, args.heads, args.block_sizes, not args.no_small_d)
+    workloads = make_workloads(
+        args.seqlen, args.heads, args.block_sizes, not args.no_small_d, not args.no_wide_d
+    )
     if args.workloads:
         wanted = args.workloads.split(",")
         workloads = [w for w in workloads if any(s in w.name for s in wanted)]

@@ -5,13 +5,13 @@ Run under ``compute-sanitizer --tool memcheck|racecheck|initcheck`` with
 out-of-bounds access is not hidden inside the caching allocator's pool). Exits 1 if any case
 fails or is wrong, so the sanitizer's own exit code and ours can both fail the step.
 
-Covers bf16/fp16/fp32/fp64, fixed blocks, ragged cu_seqlens, causal, GQA/MQA, and head dims
-64, 128 and 80, at lengths just off the kernels' tile sizes; and a few tokens per sequence
-against longer key blocks of their own (the split-key decoding forward, whose CTAs merge their
-warps' results in shared memory). Then, on CUDA, the raw operators with offsets that break their
-contract (past the end, negative, decreasing, a block longer than max_seqlen, key blocks of a
-decoding call past the end or decreasing): CUDA does not check those values (that would wait for
-the GPU), so what matters is that no kernel reads or writes outside the tensors, which memcheck
+Covers bf16/fp16/fp32/fp64, fixed blocks, ragged cu_seqlens, causal, GQA/MQA, and head dims 64, 128
+and 80 (and 256 and 192 in bf16/fp16), at lengths just off the kernels' tile sizes; and a few tokens
+per sequence against longer key blocks of their own (the split-key decoding forward, whose CTAs
+merge their warps' results in shared memory). Then, on CUDA, the raw operators with offsets that
+break their contract (past the end, negative, decreasing, a block longer than max_seqlen, key blocks
+of a decoding call past the end or decreasing): CUDA does not check those values (that would wait
+for the GPU), so what matters is that no kernel reads or writes outside the tensors, which memcheck
 sees.
 """
 
@@ -107,6 +107,11 @@ def all_cases() -> list[Case]:
         Case(torch.bfloat16, 128, 8, 2, 7, **decoding, causal=True),
         Case(torch.float16, 64, 6, 2, 7, **decoding),
         Case(torch.bfloat16, 80, 4, 1, 7, **decoding, causal=True),
+    ]
+    # Above head_dim 128 two warps share each key of the backward's dK/dV, one per column half.
+    cases += [
+        Case(torch.bfloat16, 256, 4, 2, RAGGED[-1], cu_seqlens=RAGGED, causal=True),
+        Case(torch.float16, 192, 2, 1, 150, block_size=64),
     ]
     return cases
 

@@ -124,11 +124,14 @@ def _doc_params(seqlen: int) -> tuple[float, int, int]:
     return max(32.0, seqlen / 16), 16, max(64, seqlen // 4)
 
 
-def make_workloads(seqlen: int, heads: int, block_sizes: list[int], small_d: bool):
+def make_workloads(
+    seqlen: int, heads: int, block_sizes: list[int], small_d: bool, wide_d: bool = False
+):
     """The suite: causal full attention, packed documents (causal and not), fixed blocks.
 
     D=128 throughout; with ``small_d`` also D=64 for causal, causal documents and the smallest
-    fixed block (the cheap variants).
+    fixed block (the cheap variants); with ``wide_d`` last causal documents at D=256 (as in
+    models with 256-wide heads).
     """
     docs = document_lengths(seqlen, *_doc_params(seqlen))
     workloads = [
@@ -147,4 +150,6 @@ def make_workloads(seqlen: int, heads: int, block_sizes: list[int], small_d: boo
             Workload("docs-causal-d64", "docs", heads, seqlen, 64, True, docs),
             Workload(f"fixed{b}-d64", "fixed", heads, seqlen, 64, False, blocks, b),
         ]
+    if wide_d:
+        workloads.append(Workload("docs-causal-d256", "docs", heads, seqlen, 256, True, docs))
     return workloads

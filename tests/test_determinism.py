@@ -70,7 +70,7 @@ def test_changing_one_block_leaves_others_bitwise_unchanged(
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
-@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("D", [64, 128, 256])
 def test_deterministic_and_default_backward_agree(device, dtype, D):
     """The deterministic mode changes only how dQ is summed: dK and dV agree bitwise, dQ to
     rounding (on CUDA the default sums it with atomics in float32)."""

@@ -20,6 +20,8 @@ CONFIGS = [
     pytest.param(1, 4, 1, 257, 80, {"cu_seqlens": [0, 5, 100, 101, 257]}, id="ragged-mqa"),
     pytest.param(1, 2, 2, 200, 128, {"causal": True}, id="causal"),
     pytest.param(1, 8, 2, 300, 256, {"cu_seqlens": [0, 150, 300], "causal": True}, id="both"),
+    # Padded up to 256, where two CUDA warps share each key's dK and dV columns.
+    pytest.param(1, 4, 2, 170, 192, {"cu_seqlens": [0, 40, 170]}, id="dim192-gqa"),
     pytest.param(2, 2, 2, 65, 16, {"block_size": 3, "causal": True}, id="small-blocks"),
     # Odd head dims: bf16 products pair adjacent elements, so the last pair is half padding.
     pytest.param(1, 2, 1, 150, 59, {"cu_seqlens": [0, 70, 150], "causal": True}, id="odd-dim"),

@@ -4,6 +4,7 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "flash/bwd_traits.h"
 #include "flash/flash_kernels.h"
 #include "flash/tile_io.cuh"
 #include "hopper/hopper_kernels.h"
@@ -165,12 +166,10 @@ cudaError_t launch_forward_flash(const ForwardParams& params, cudaStream_t strea
   });
 }
 
-// Backward accumulators (two head_dim-wide tiles per warp) stop fitting in registers above 128.
 template <typename T>
 cudaError_t launch_backward_flash(const BackwardParams& params, const BackwardWorkspace& workspace,
                                   cudaStream_t stream) {
-  return BOOL_SWITCH(params.head_dim <= 64, kSmallHeadDim, [&] {
-    constexpr int kHeadDim = kSmallHeadDim ? 64 : 128;
+  return FLASH_HEADDIM_SWITCH(params.head_dim, kHeadDim, [&] {
     return BOOL_SWITCH(params.is_causal, kIsCausal, [&] {
       float* dq_accumulator = params.deterministic ? nullptr : workspace.dq_accumulator;
       return run_bwd_flash<T, kHeadDim, kIsCausal>(params, workspace.delta, dq_accumulator, stream);
@@ -178,13 +177,22 @@ cudaError_t launch_backward_flash(const BackwardParams& params, const BackwardWo
   });
 }
 
-// Whether launch_backward takes the tensor-core kernels.
+// Whether launch_backward takes the tensor-core kernels: float16/bfloat16 on sm_80+, and above
+// head_dim 128 only where a CTA may have their shared memory (not the 99 KiB of sm_86 / sm_89).
 cudaError_t uses_flash_backward(const BackwardParams& params, DType dtype, bool& result) {
   result = false;
-  if ((dtype != DType::kFloat16 && dtype != DType::kBFloat16) || params.head_dim > 128) {
-    return cudaSuccess;
+  if (dtype != DType::kFloat16 && dtype != DType::kBFloat16) return cudaSuccess;
+  cudaError_t err = device_has_tensor_core_kernels(result);
+  if (err != cudaSuccess || !result || params.head_dim <= 128) return err;
+  int device = 0;
+  int max_shared_bytes = 0;
+  err = cudaGetDevice(&device);
+  if (err == cudaSuccess) {
+    err =
+        cudaDeviceGetAttribute(&max_shared_bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
   }
-  return device_has_tensor_core_kernels(result);
+  result = err == cudaSuccess && max_shared_bytes >= flash_bwd_min_shared_bytes<256>();
+  return err;
 }
 
 }  // namespace

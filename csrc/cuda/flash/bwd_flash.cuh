@@ -3,7 +3,8 @@
 //   2. dkdv_flash_kernel: a CTA owns kBlockN keys of a block and kv head (16 per warp) and loops
 //      over the group's query heads and the query tiles that see its keys, double-buffering
 //      Q / dO tiles with cp.async. Per tile: S^T = K Q^T, dP^T = V dO^T, P^T = exp(S^T - lse),
-//      dS^T = P^T (dP^T - Delta), dV += P^T dO, dK += dS^T Q.
+//      dS^T = P^T (dP^T - Delta), dV += P^T dO, dK += dS^T Q. At head_dim 256 two warps share
+//      each 16 keys, one per half of dK's and dV's columns; both form the 16 keys' S^T and dP^T.
 //   3. dQ, one of two ways:
 //      - deterministic: dq_flash_kernel, a CTA per kBlockM queries looping over the key tiles
 //        they see, recomputes S and dP: dQ += dS K (seven products per tile pair in all);
@@ -21,37 +22,13 @@
 #include "../simple/bwd_simple.cuh"
 #include "../tensor_rows.cuh"
 #include "../utils.cuh"
+#include "bwd_traits.h"
 #include "flash_kernels.h"
 #include "mma_utils.cuh"
 #include "tile_io.cuh"
 #include "warp_gemm.cuh"
 
 namespace block_attn::cuda {
-
-template <int kHeadDim_, int kRowGroups_ = 1, int kWarps_ = 4>
-struct FlashBwdTraits {
-  static constexpr int kHeadDim = kHeadDim_;
-  static constexpr int kRowGroups = kRowGroups_;  // 16-row mma groups per warp of owned rows
-  static constexpr int kWarps = kWarps_;
-  static constexpr int kThreads = kWarps * 32;
-  // Rows a CTA owns (16 per group) and rows of the tiles it streams. The streamed tile is 32 rows
-  // at head_dim 128 so that two head_dim-wide accumulators plus two score tiles fit in registers.
-  static constexpr int kRowsPerWarp = 16 * kRowGroups;
-  static constexpr int kBlockOwn = kRowsPerWarp * kWarps;
-  static constexpr int kBlockStream = kHeadDim <= 64 ? 64 : 32;
-  static constexpr int kSmemStride = kHeadDim + 8;  // elements; +16 bytes against bank conflicts
-  // Two owned tiles plus two double-buffered streamed tiles, and per streamed row lse and Delta.
-  static constexpr int kSharedBytes =
-      (2 * kBlockOwn + 4 * kBlockStream) * kSmemStride * 2 + 2 * 2 * kBlockStream * 4;
-  // Atomic dQ: the tile's dS^T (kBlockOwn keys x kBlockStream queries) for the dQ product, and
-  // how the 16-query groups x head_dim columns of dQ_tile split over the warps.
-  static constexpr int kDsStride = kBlockStream + 8;  // elements; +16 bytes against conflicts
-  static constexpr int kAtomicDqSharedBytes = kSharedBytes + kBlockOwn * kDsStride * 2;
-  static constexpr int kDqGroups = kBlockStream / 16;
-  static constexpr int kDqColumns = kHeadDim * kDqGroups / kWarps;  // per warp
-  static_assert(kHeadDim % 16 == 0 && kHeadDim <= 128, "unsupported head dim");
-  static_assert(kWarps % kDqGroups == 0 && kDqColumns % 16 == 0, "dQ tile does not split");
-};
 
 // dst[0] += x and dst[1] += y with atomics: one 8-byte reduction on sm_90 (dst 8-byte aligned).
 __device__ __forceinline__ void atomic_add_pair(float* dst, float x, float y) {
@@ -94,6 +71,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
   constexpr int kBlockM = Traits::kBlockStream;  // queries per streamed tile
   constexpr int kHeadDim = Traits::kHeadDim;
   constexpr int kStride = Traits::kSmemStride;
+  static_assert(Traits::kWarpColumns <= 128, "dK and dV (128 floats a thread at most)");
 
   const KeyTile tile = key_tile(params, kBlockN);
   const BlockRange qr = tile.qr, kr = tile.kr;
@@ -107,6 +85,9 @@ __global__ void __launch_bounds__(Traits::kThreads)
   const int group_row = lane / 4;
   const int quad_col = lane % 4;
   const int head_dim = params.head_dim;
+  // The warp's 16 keys, and the first of the dK / dV columns it accumulates.
+  const int key_group = warp % Traits::kRowWarps;
+  const int col0 = (warp / Traits::kRowWarps) * Traits::kWarpColumns;
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sK = reinterpret_cast<T*>(smem_raw);
@@ -149,12 +130,13 @@ __global__ void __launch_bounds__(Traits::kThreads)
   cp_async_commit();
 
   const float scale_log2 = params.scale * kLog2e;
-  float dk[kHeadDim / 8][4];
-  float dv[kHeadDim / 8][4];
+  constexpr int kColumns = Traits::kWarpColumns;
+  float dk[kColumns / 8][4];
+  float dv[kColumns / 8][4];
   zero_fragments(dk);
   zero_fragments(dv);
-  const T* sK_warp = sK + warp * 16 * kStride;
-  const T* sV_warp = sV + warp * 16 * kStride;
+  const T* sK_warp = sK + key_group * 16 * kStride;
+  const T* sV_warp = sV + key_group * 16 * kStride;
 
   for (int it = 0; it < iterations; ++it) {
     const int buf = it % 2;
@@ -189,7 +171,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
           const int col = n * 8 + quad_col * 2 + (e % 2);  // query within the tile
           float p = fast_exp2(s[n][e] * scale_log2 - s_lse[buf * kBlockM + col]);
           if (kMask) {
-            const int t = n0 + warp * 16 + group_row + (e / 2) * 8;
+            const int t = n0 + key_group * 16 + group_row + (e / 2) * 8;
             const int i = m0 + col;
             const bool allowed =
                 i < qr.length && (!kIsCausal || t < causal_key_end(i, qr.length, kr.length));
@@ -200,11 +182,13 @@ __global__ void __launch_bounds__(Traits::kThreads)
         }
       }
       if constexpr (kAtomicDq) {
-        warp_store_acc<T, kBlockM, Traits::kDsStride>(s_ds + warp * 16 * Traits::kDsStride, dp, 1.f,
-                                                      lane);
+        if (col0 == 0) {  // warps sharing keys hold the same dS^T
+          warp_store_acc<T, kBlockM, Traits::kDsStride>(s_ds + key_group * 16 * Traits::kDsStride,
+                                                        dp, 1.f, lane);
+        }
       }
-      warp_gemm_pb<T, kBlockM, kHeadDim, kStride>(dv, s, (sdO + buf * kTile), lane);
-      warp_gemm_pb<T, kBlockM, kHeadDim, kStride>(dk, dp, (sQ + buf * kTile), lane);
+      warp_gemm_pb<T, kBlockM, kColumns, kStride>(dv, s, (sdO + buf * kTile + col0), lane);
+      warp_gemm_pb<T, kBlockM, kColumns, kStride>(dk, dp, (sQ + buf * kTile + col0), lane);
     };
     if (needs_mask) {
       accumulate_tile(std::true_type{});
@@ -215,14 +199,14 @@ __global__ void __launch_bounds__(Traits::kThreads)
     if constexpr (kAtomicDq) {
       // dQ_tile += dS K over the CTA's keys: warp w takes 16 queries and kDqColumns columns.
       // Keys past the block have zero rows in sK, so their dS adds nothing.
-      constexpr int kColumns = Traits::kDqColumns;
+      constexpr int kDqColumns = Traits::kDqColumns;
       const int q_group = warp % Traits::kDqGroups;
-      const int col0 = (warp / Traits::kDqGroups) * kColumns;
+      const int dq_col0 = (warp / Traits::kDqGroups) * kDqColumns;
       __syncthreads();  // every warp's dS^T is in
-      float dq[kColumns / 8][4];
+      float dq[kDqColumns / 8][4];
       zero_fragments(dq);
-      warp_gemm_atb<T, kBlockN, kColumns, Traits::kDsStride, kStride>(dq, s_ds + q_group * 16,
-                                                                      sK + col0, lane);
+      warp_gemm_atb<T, kBlockN, kDqColumns, Traits::kDsStride, kStride>(dq, s_ds + q_group * 16,
+                                                                        sK + dq_col0, lane);
       float* dq_rows = dq_accumulator + lse_index(params, batch, head, qr.start) * head_dim;
       // Rows of the accumulator start 8-byte aligned when head_dim is even.
       const bool aligned_pairs = head_dim % 2 == 0;
@@ -231,8 +215,8 @@ __global__ void __launch_bounds__(Traits::kThreads)
         const int i = m0 + q_group * 16 + group_row + rr * 8;
         if (i >= qr.length) continue;
 #pragma unroll
-        for (int n = 0; n < kColumns / 8; ++n) {
-          const int col = col0 + n * 8 + quad_col * 2;
+        for (int n = 0; n < kDqColumns / 8; ++n) {
+          const int col = dq_col0 + n * 8 + quad_col * 2;
           if (col >= head_dim) continue;
           float* sum = dq_rows + static_cast<int64_t>(i) * head_dim + col;
           if (aligned_pairs) {
@@ -248,9 +232,10 @@ __global__ void __launch_bounds__(Traits::kThreads)
 
   cp_async_wait_all();
   __syncthreads();  // with atomic dQ, every warp has read all of sK
-  // Each warp overwrites its own rows of sK / sV with dK / dV.
-  warp_store_acc<T, kHeadDim, kStride>(sK + warp * 16 * kStride, dk, params.scale, lane);
-  warp_store_acc<T, kHeadDim, kStride>(sV + warp * 16 * kStride, dv, 1.f, lane);
+  // Each warp overwrites its own rows and columns of sK / sV with dK / dV.
+  warp_store_acc<T, kColumns, kStride>(sK + key_group * 16 * kStride + col0, dk, params.scale,
+                                       lane);
+  warp_store_acc<T, kColumns, kStride>(sV + key_group * 16 * kStride + col0, dv, 1.f, lane);
   __syncthreads();
   T* grad_k = grad_k_rows<T>(params, batch, head_kv, kr.start);
   T* grad_v = grad_v_rows<T>(params, batch, head_kv, kr.start);
@@ -268,6 +253,8 @@ template <typename Traits, typename T, bool kIsCausal>
 __global__ void __launch_bounds__(Traits::kThreads)
     dq_flash_kernel(const BackwardParams params, const float* delta, const bool vectorized) {
 #ifdef BLOCK_ATTN_SM80_OR_NEWER
+  static_assert(Traits::kColumnSplit == 1, "a dQ warp owns whole rows");
+  static_assert(Traits::kRowGroups * Traits::kHeadDim <= 256, "dQ (128 floats a thread at most)");
   constexpr int kRowGroups = Traits::kRowGroups;
   constexpr int kBlockM = Traits::kBlockOwn;     // queries of this CTA
   constexpr int kBlockN = Traits::kBlockStream;  // keys per streamed tile
@@ -448,14 +435,14 @@ cudaError_t launch_dq_flash(const BackwardParams& params, const float* delta, bo
                        vectorized);
 }
 
-// kKeyWarps: warps (16 keys each) of a dK/dV CTA. 8 (128 keys, as FlashAttention-2 takes at
-// head_dim 128) halves the atomic dQ traffic and the Q / dO tile loads per product, for 111 KiB
-// of shared memory and one CTA per SM; 4 is what runs until a GPU measurement says otherwise
-// (csrc/tests/flash_tile_variants.cu times both).
+// kKeyWarps: 16-key groups of a dK/dV CTA. 8 (128 keys, as FlashAttention-2 takes at head_dim
+// 128) halves the atomic dQ traffic and the Q / dO tile loads per product, for 111 KiB of shared
+// memory and one CTA per SM; 4 is what runs until a GPU measurement says otherwise
+// (csrc/tests/flash_tile_variants.cu times both). At head_dim 256 each group has two warps.
 template <typename T, int kHeadDim, bool kIsCausal, int kKeyWarps>
 cudaError_t run_bwd_flash(const BackwardParams& params, void* delta_workspace,
                           float* dq_accumulator, cudaStream_t stream) {
-  using Traits = FlashBwdTraits<kHeadDim, 1, kKeyWarps>;
+  using Traits = DkDvTraits<kHeadDim, kKeyWarps>;
   auto* delta = static_cast<float*>(delta_workspace);
   const bool vectorized = rows_are_16_byte_aligned(params);
   const bool atomic_dq = dq_accumulator != nullptr;
@@ -475,7 +462,8 @@ cudaError_t run_bwd_flash(const BackwardParams& params, void* delta_workspace,
   }
   if (atomic_dq) return launch_dq_convert<T>(params, dq_accumulator, stream);
   // Two row groups per warp unless every query block fits in 64 rows, or the device's shared
-  // memory per CTA (99 KiB on sm_86 and sm_89) cannot hold their tiles.
+  // memory per CTA (99 KiB on sm_86 and sm_89) cannot hold their tiles, or (head_dim 256) their
+  // accumulators would not fit in registers.
   int device = 0;
   int max_shared_bytes = 0;
   err = cudaGetDevice(&device);
@@ -484,10 +472,13 @@ cudaError_t run_bwd_flash(const BackwardParams& params, void* delta_workspace,
         cudaDeviceGetAttribute(&max_shared_bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
   }
   if (err != cudaSuccess) return err;
-  const bool two_groups =
-      params.max_seqlen_q > 64 && FlashBwdTraits<kHeadDim, 2>::kSharedBytes <= max_shared_bytes;
-  return two_groups ? launch_dq_flash<T, kHeadDim, kIsCausal, 2>(params, delta, vectorized, stream)
-                    : launch_dq_flash<T, kHeadDim, kIsCausal, 1>(params, delta, vectorized, stream);
+  if constexpr (kHeadDim <= 128) {
+    const bool two_groups =
+        params.max_seqlen_q > 64 && FlashBwdTraits<kHeadDim, 2>::kSharedBytes <= max_shared_bytes;
+    if (two_groups)
+      return launch_dq_flash<T, kHeadDim, kIsCausal, 2>(params, delta, vectorized, stream);
+  }
+  return launch_dq_flash<T, kHeadDim, kIsCausal, 1>(params, delta, vectorized, stream);
 }
 
 }  // namespace block_attn::cuda

@@ -31,7 +31,8 @@ template <typename T, int kHeadDim, bool kIsCausal>
 cudaError_t run_fwd_decode(const ForwardParams& params, int splits, float* split_partials,
                            cudaStream_t stream);
 
-// kHeadDim: head_dim rounded up to 64 or 128 (larger head dims use the simple backward).
+// kHeadDim: head_dim rounded up to 64, 128 or 256 (256 needs flash_bwd_min_shared_bytes<256>()
+// of shared memory per CTA; bwd_traits.h).
 // delta: the workspace of launch_backward (float, (batch, heads_q, seqlen_q)). dq_accumulator:
 // null for the deterministic dQ kernel, else (batch, heads_q, seqlen_q, head_dim) float32 scratch
 // for dQ by atomics (zeroed here). kKeyWarps: warps of a dK/dV CTA, 16 keys each.

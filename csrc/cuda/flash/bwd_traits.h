@@ -1,0 +1,57 @@
+// Tile shapes of the tensor-core backward (bwd_flash.cuh), without device code, so that the
+// dispatch can tell which devices have the shared memory they need.
+#pragma once
+
+namespace block_attn::cuda {
+
+// kRowWarps warps own consecutive 16-row groups; kColumnSplit warps share each group's rows, each
+// accumulating kHeadDim / kColumnSplit columns (the dK/dV kernel at head_dim 256, whose two
+// head_dim-wide accumulators would not fit in one warp's registers).
+template <int kHeadDim_, int kRowGroups_ = 1, int kRowWarps_ = 4, int kColumnSplit_ = 1>
+struct FlashBwdTraits {
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kRowGroups = kRowGroups_;  // 16-row mma groups per warp of owned rows
+  static constexpr int kRowWarps = kRowWarps_;
+  static constexpr int kColumnSplit = kColumnSplit_;
+  static constexpr int kWarpColumns = kHeadDim / kColumnSplit;  // accumulator columns per warp
+  static constexpr int kWarps = kRowWarps * kColumnSplit;
+  static constexpr int kThreads = kWarps * 32;
+  // Rows a CTA owns (16 per group) and rows of the tiles it streams. The streamed tile is 32 rows
+  // at head_dim 128 so that two head_dim-wide accumulators plus two score tiles fit in registers.
+  static constexpr int kRowsPerWarp = 16 * kRowGroups;
+  static constexpr int kBlockOwn = kRowsPerWarp * kRowWarps;
+  static constexpr int kBlockStream = kHeadDim <= 64 ? 64 : 32;
+  static constexpr int kSmemStride = kHeadDim + 8;  // elements; +16 bytes against bank conflicts
+  // Two owned tiles plus two double-buffered streamed tiles, and per streamed row lse and Delta.
+  static constexpr int kSharedBytes =
+      (2 * kBlockOwn + 4 * kBlockStream) * kSmemStride * 2 + 2 * 2 * kBlockStream * 4;
+  // Atomic dQ: the tile's dS^T (kBlockOwn keys x kBlockStream queries) for the dQ product, and
+  // how the 16-query groups x head_dim columns of dQ_tile split over the warps.
+  static constexpr int kDsStride = kBlockStream + 8;  // elements; +16 bytes against conflicts
+  static constexpr int kAtomicDqSharedBytes = kSharedBytes + kBlockOwn * kDsStride * 2;
+  static constexpr int kDqGroups = kBlockStream / 16;
+  static constexpr int kDqColumns = kHeadDim * kDqGroups / kWarps;  // per warp
+  static_assert(kHeadDim % 16 == 0 && kHeadDim <= 256, "unsupported head dim");
+  static_assert(kWarps % kDqGroups == 0 && kDqColumns % 16 == 0, "dQ tile does not split");
+};
+
+// Warps that share each 16 rows of the dK/dV kernel: two at head_dim 256, where one warp's dK and
+// dV accumulators would take 256 registers per thread.
+constexpr int dkdv_column_split(int head_dim) {
+  return head_dim > 128 ? 2 : 1;
+}
+
+// The dK/dV kernel's tiles: kKeyWarps groups of 16 keys.
+template <int kHeadDim, int kKeyWarps = 4>
+using DkDvTraits = FlashBwdTraits<kHeadDim, 1, kKeyWarps, dkdv_column_split(kHeadDim)>;
+
+// Shared memory per CTA that the default backward at head_dim kHeadDim needs at least (its dK/dV
+// kernel with atomic dQ and its dQ kernel with one row group).
+template <int kHeadDim>
+constexpr int flash_bwd_min_shared_bytes() {
+  constexpr int dkdv = DkDvTraits<kHeadDim>::kAtomicDqSharedBytes;
+  constexpr int dq = FlashBwdTraits<kHeadDim, 1>::kSharedBytes;
+  return dkdv > dq ? dkdv : dq;
+}
+
+}  // namespace block_attn::cuda
