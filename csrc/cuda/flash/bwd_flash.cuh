@@ -4,7 +4,8 @@
 //      over the group's query heads and the query tiles that see its keys, double-buffering
 //      Q / dO tiles with cp.async. Per tile: S^T = K Q^T, dP^T = V dO^T, P^T = exp(S^T - lse),
 //      dS^T = P^T (dP^T - Delta), dV += P^T dO, dK += dS^T Q. At head_dim 256 two warps share
-//      each 16 keys, one per half of dK's and dV's columns; both form the 16 keys' S^T and dP^T.
+//      each 16 keys, one per half of dK's and dV's columns: each forms S^T and dP^T for half the
+//      tile's queries, and they exchange P^T and dS^T through shared memory.
 //   3. dQ, one of two ways:
 //      - deterministic: dq_flash_kernel, a CTA per kBlockM queries looping over the key tiles
 //        they see, recomputes S and dP: dQ += dS K (seven products per tile pair in all);
@@ -98,7 +99,9 @@ __global__ void __launch_bounds__(Traits::kThreads)
   T* sdO = sQ + 2 * kTile;
   float* s_lse = reinterpret_cast<float*>(sdO + 2 * kTile);
   float* s_delta = s_lse + 2 * kBlockM;
-  [[maybe_unused]] T* s_ds = reinterpret_cast<T*>(s_delta + 2 * kBlockM);  // kAtomicDq: dS^T
+  // dS^T for the atomic dQ, and with a column split P^T too (each [key][query], kDsStride apart).
+  [[maybe_unused]] T* s_ds = reinterpret_cast<T*>(s_delta + 2 * kBlockM);
+  [[maybe_unused]] T* s_p = s_ds + kBlockN * Traits::kDsStride;
 
   const T* k = k_rows<T>(params, batch, head_kv, kr.start);
   const T* v = v_rows<T>(params, batch, head_kv, kr.start);
@@ -156,19 +159,16 @@ __global__ void __launch_bounds__(Traits::kThreads)
                             (kIsCausal && n0 + kBlockN > causal_key_end(m0, qr.length, kr.length));
     // Separate copies for masked and unmasked tiles: the compiler would otherwise predicate the
     // per-element index tests and run them on every tile.
-    auto accumulate_tile = [&](auto mask_tag) {
+    // P^T = exp(S^T - lse) into s and dS^T = P^T (dP^T - Delta) into dp, in place, for the
+    // warp's 16 keys and the tile's queries q0, q0 + 1, ...; masked pairs get 0.
+    auto probabilities = [&](auto mask_tag, auto& s, auto& dp, int q0) {
       constexpr bool kMask = decltype(mask_tag)::value;
-      float s[kBlockM / 8][4];
-      float dp[kBlockM / 8][4];
-      zero_fragments(s);
-      zero_fragments(dp);
-      warp_gemm_abt<T, kHeadDim, kBlockM, kStride>(s, sK_warp, (sQ + buf * kTile), lane);
-      warp_gemm_abt<T, kHeadDim, kBlockM, kStride>(dp, sV_warp, (sdO + buf * kTile), lane);
+      constexpr int kTiles = std::extent_v<std::remove_reference_t<decltype(s)>>;
 #pragma unroll
-      for (int n = 0; n < kBlockM / 8; ++n) {
+      for (int n = 0; n < kTiles; ++n) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const int col = n * 8 + quad_col * 2 + (e % 2);  // query within the tile
+          const int col = q0 + n * 8 + quad_col * 2 + (e % 2);  // query within the tile
           float p = fast_exp2(s[n][e] * scale_log2 - s_lse[buf * kBlockM + col]);
           if (kMask) {
             const int t = n0 + key_group * 16 + group_row + (e / 2) * 8;
@@ -181,14 +181,49 @@ __global__ void __launch_bounds__(Traits::kThreads)
           dp[n][e] = p * (dp[n][e] - s_delta[buf * kBlockM + col]);
         }
       }
-      if constexpr (kAtomicDq) {
-        if (col0 == 0) {  // warps sharing keys hold the same dS^T
+    };
+    // Separate copies for masked and unmasked tiles: the compiler would otherwise predicate the
+    // per-element index tests and run them on every tile.
+    auto accumulate_tile = [&](auto mask_tag) {
+      if constexpr (Traits::kColumnSplit == 1) {
+        float s[kBlockM / 8][4];
+        float dp[kBlockM / 8][4];
+        zero_fragments(s);
+        zero_fragments(dp);
+        warp_gemm_abt<T, kHeadDim, kBlockM, kStride>(s, sK_warp, (sQ + buf * kTile), lane);
+        warp_gemm_abt<T, kHeadDim, kBlockM, kStride>(dp, sV_warp, (sdO + buf * kTile), lane);
+        probabilities(mask_tag, s, dp, 0);
+        if constexpr (kAtomicDq) {
           warp_store_acc<T, kBlockM, Traits::kDsStride>(s_ds + key_group * 16 * Traits::kDsStride,
                                                         dp, 1.f, lane);
         }
+        warp_gemm_pb<T, kBlockM, kColumns, kStride>(dv, s, (sdO + buf * kTile), lane);
+        warp_gemm_pb<T, kBlockM, kColumns, kStride>(dk, dp, (sQ + buf * kTile), lane);
+      } else {
+        // The key group's warps each form S^T and dP^T for their share of the tile's queries
+        // and pass P^T and dS^T (rounded to T, as warp_gemm_pb would) to each other through
+        // shared memory; then each accumulates its columns of dV and dK over all the queries.
+        constexpr int kQueries = Traits::kQueriesPerWarp;
+        const int q0 = (warp / Traits::kRowWarps) * kQueries;
+        float s[kQueries / 8][4];
+        float dp[kQueries / 8][4];
+        zero_fragments(s);
+        zero_fragments(dp);
+        warp_gemm_abt<T, kHeadDim, kQueries, kStride>(s, sK_warp, sQ + buf * kTile + q0 * kStride,
+                                                      lane);
+        warp_gemm_abt<T, kHeadDim, kQueries, kStride>(dp, sV_warp, sdO + buf * kTile + q0 * kStride,
+                                                      lane);
+        probabilities(mask_tag, s, dp, q0);
+        T* p_rows = s_p + key_group * 16 * Traits::kDsStride;
+        T* ds_rows = s_ds + key_group * 16 * Traits::kDsStride;
+        warp_store_acc<T, kQueries, Traits::kDsStride>(p_rows + q0, s, 1.f, lane);
+        warp_store_acc<T, kQueries, Traits::kDsStride>(ds_rows + q0, dp, 1.f, lane);
+        __syncthreads();  // both warps' P^T and dS^T are in
+        warp_gemm_ab<T, kBlockM, kColumns, Traits::kDsStride, kStride>(
+            dv, p_rows, sdO + buf * kTile + col0, lane);
+        warp_gemm_ab<T, kBlockM, kColumns, Traits::kDsStride, kStride>(
+            dk, ds_rows, sQ + buf * kTile + col0, lane);
       }
-      warp_gemm_pb<T, kBlockM, kColumns, kStride>(dv, s, (sdO + buf * kTile + col0), lane);
-      warp_gemm_pb<T, kBlockM, kColumns, kStride>(dk, dp, (sQ + buf * kTile + col0), lane);
     };
     if (needs_mask) {
       accumulate_tile(std::true_type{});
@@ -453,7 +488,7 @@ cudaError_t run_bwd_flash(const BackwardParams& params, void* delta_workspace,
   if (grid_dkdv.x > 0 && grid_dkdv.y > 0 && grid_dkdv.z > 0) {
     auto kernel = atomic_dq ? dkdv_flash_kernel<Traits, T, kIsCausal, true>
                             : dkdv_flash_kernel<Traits, T, kIsCausal, false>;
-    const int shared_bytes = atomic_dq ? Traits::kAtomicDqSharedBytes : Traits::kSharedBytes;
+    const int shared_bytes = Traits::dkdv_shared_bytes(atomic_dq);
     err = allow_shared_bytes(kernel, shared_bytes);
     if (err != cudaSuccess) return err;
     err = launch_kernel(kernel, grid_dkdv, Traits::kThreads, shared_bytes, stream, params, delta,

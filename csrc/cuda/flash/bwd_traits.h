@@ -28,11 +28,21 @@ struct FlashBwdTraits {
   // Atomic dQ: the tile's dS^T (kBlockOwn keys x kBlockStream queries) for the dQ product, and
   // how the 16-query groups x head_dim columns of dQ_tile split over the warps.
   static constexpr int kDsStride = kBlockStream + 8;  // elements; +16 bytes against conflicts
-  static constexpr int kAtomicDqSharedBytes = kSharedBytes + kBlockOwn * kDsStride * 2;
+  static constexpr int kDsBytes = kBlockOwn * kDsStride * 2;
+  static constexpr int kAtomicDqSharedBytes = kSharedBytes + kDsBytes;
+  // Column split: each warp of a key group forms S^T and dP^T for kQueriesPerWarp of the
+  // streamed queries and passes P^T and dS^T on through shared memory.
+  static constexpr int kQueriesPerWarp = kBlockStream / kColumnSplit;
+  // The dK/dV kernel's shared memory: with atomic dQ or a column split dS^T, and with a column
+  // split also P^T.
+  static constexpr int dkdv_shared_bytes(bool atomic_dq) {
+    return kSharedBytes + (kColumnSplit > 1 ? 2 * kDsBytes : atomic_dq ? kDsBytes : 0);
+  }
   static constexpr int kDqGroups = kBlockStream / 16;
   static constexpr int kDqColumns = kHeadDim * kDqGroups / kWarps;  // per warp
   static_assert(kHeadDim % 16 == 0 && kHeadDim <= 256, "unsupported head dim");
   static_assert(kWarps % kDqGroups == 0 && kDqColumns % 16 == 0, "dQ tile does not split");
+  static_assert(kQueriesPerWarp % 16 == 0, "queries per warp: whole mma k-steps");
 };
 
 // Warps that share each 16 rows of the dK/dV kernel: two at head_dim 256, where one warp's dK and
@@ -49,7 +59,7 @@ using DkDvTraits = FlashBwdTraits<kHeadDim, 1, kKeyWarps, dkdv_column_split(kHea
 // kernel with atomic dQ and its dQ kernel with one row group).
 template <int kHeadDim>
 constexpr int flash_bwd_min_shared_bytes() {
-  constexpr int dkdv = DkDvTraits<kHeadDim>::kAtomicDqSharedBytes;
+  constexpr int dkdv = DkDvTraits<kHeadDim>::dkdv_shared_bytes(true);
   constexpr int dq = FlashBwdTraits<kHeadDim, 1>::kSharedBytes;
   return dkdv > dq ? dkdv : dq;
 }

@@ -92,6 +92,26 @@ __device__ __forceinline__ void warp_gemm_pb(float (&acc)[kD / 8][4], const floa
                                       reinterpret_cast<const float (&)[1][kK / 8][4]>(p), sB, lane);
 }
 
+// acc (16 x kD) += A B, with A (16 x kK) the 16 rows at sA of a [row][k] shared tile (T values,
+// as warp_gemm_pb would round them) and B the first kK rows of a [k][d] shared tile.
+template <typename T, int kK, int kD, int kStrideA, int kStrideB>
+__device__ __forceinline__ void warp_gemm_ab(float (&acc)[kD / 8][4], const T* sA, const T* sB,
+                                             int lane) {
+#pragma unroll
+  for (int kk = 0; kk < kK / 16; ++kk) {
+    uint32_t a[4];
+    ldmatrix_x4(a, sA + (lane % 16) * kStrideA + kk * 16 + (lane / 16) * 8);
+#pragma unroll
+    for (int d2 = 0; d2 < kD / 16; ++d2) {
+      uint32_t b[4];
+      ldmatrix_x4_trans(b, sB + (kk * 16 + (lane % 8) + ((lane / 8) % 2) * 8) * kStrideB + d2 * 16 +
+                               (lane / 16) * 8);
+      mma_16816<T>(acc[2 * d2], a, b[0], b[1]);
+      mma_16816<T>(acc[2 * d2 + 1], a, b[2], b[3]);
+    }
+  }
+}
+
 // acc (16 x kN) += A B, with A (16 x kK) read transposed from shared memory - the 16 columns
 // starting at sAt of a [k][row] tile - and B the first kK rows of a [k][n] shared tile.
 template <typename T, int kK, int kN, int kStrideA, int kStrideB>
