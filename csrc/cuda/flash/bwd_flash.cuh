@@ -157,8 +157,6 @@ __global__ void __launch_bounds__(Traits::kThreads)
 
     const bool needs_mask = m0 + kBlockM > qr.length ||
                             (kIsCausal && n0 + kBlockN > causal_key_end(m0, qr.length, kr.length));
-    // Separate copies for masked and unmasked tiles: the compiler would otherwise predicate the
-    // per-element index tests and run them on every tile.
     // P^T = exp(S^T - lse) into s and dS^T = P^T (dP^T - Delta) into dp, in place, for the
     // warp's 16 keys and the tile's queries q0, q0 + 1, ...; masked pairs get 0.
     auto probabilities = [&](auto mask_tag, auto& s, auto& dp, int q0) {
