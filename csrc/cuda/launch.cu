@@ -177,8 +177,8 @@ cudaError_t launch_backward_flash(const BackwardParams& params, const BackwardWo
   });
 }
 
-// Whether launch_backward takes the tensor-core kernels: float16/bfloat16 on sm_80+, and above
-// head_dim 128 only where a CTA may have their shared memory (not the 99 KiB of sm_86 / sm_89).
+// Whether launch_backward takes the tensor-core kernels: float16/bfloat16 on sm_80+ (above head_dim
+// 128, where a CTA may have the shared memory of their narrowest tiles: 70 KiB).
 cudaError_t uses_flash_backward(const BackwardParams& params, DType dtype, bool& result) {
   result = false;
   if (dtype != DType::kFloat16 && dtype != DType::kBFloat16) return cudaSuccess;

@@ -203,11 +203,13 @@ int main() {
                                    : -1;
   const bool two_fit = kernels::FlashBwdTraits<kHeadDim, 2>::kSharedBytes <= max_shared;
   const double dq_two = two_fit ? median_ms([&] {
-    return kernels::launch_dq_flash<bf16, kHeadDim, kCausal, 2>(p, delta, vectorized, nullptr);
+    return kernels::launch_dq_flash<bf16, kernels::DqTraits<kHeadDim, 2>, kCausal>(
+        p, delta, vectorized, nullptr);
   })
                                 : -1;
   const double dq_one = median_ms([&] {
-    return kernels::launch_dq_flash<bf16, kHeadDim, kCausal, 1>(one, delta, vectorized, nullptr);
+    return kernels::launch_dq_flash<bf16, kernels::DqTraits<kHeadDim, 1>, kCausal>(
+        one, delta, vectorized, nullptr);
   });
   if (fwd_one < 0 || fwd_two < 0 || delta_ms < 0 || dkdv_ms < 0 || dq_one < 0) return 1;
 

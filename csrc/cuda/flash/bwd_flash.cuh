@@ -454,10 +454,9 @@ cudaError_t allow_shared_bytes(Kernel kernel, int bytes) {
   return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
 }
 
-template <typename T, int kHeadDim, bool kIsCausal, int kRowGroups>
+template <typename T, typename Traits, bool kIsCausal>
 cudaError_t launch_dq_flash(const BackwardParams& params, const float* delta, bool vectorized,
                             cudaStream_t stream) {
-  using Traits = FlashBwdTraits<kHeadDim, kRowGroups>;
   const dim3 grid(ceil_div(params.max_seqlen_q, Traits::kBlockOwn), params.num_blocks,
                   params.batch * params.heads_q);
   if (grid.x == 0 || grid.y == 0 || grid.z == 0) return cudaSuccess;
@@ -468,50 +467,74 @@ cudaError_t launch_dq_flash(const BackwardParams& params, const float* delta, bo
                        vectorized);
 }
 
+template <typename T, typename Traits, bool kIsCausal>
+cudaError_t launch_dkdv_flash(const BackwardParams& params, const float* delta,
+                              float* dq_accumulator, bool vectorized, cudaStream_t stream) {
+  const dim3 grid(ceil_div(params.max_seqlen_k, Traits::kBlockOwn), params.num_blocks,
+                  params.batch * params.heads_kv);
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0) return cudaSuccess;
+  const bool atomic_dq = dq_accumulator != nullptr;
+  auto kernel = atomic_dq ? dkdv_flash_kernel<Traits, T, kIsCausal, true>
+                          : dkdv_flash_kernel<Traits, T, kIsCausal, false>;
+  const int shared_bytes = Traits::dkdv_shared_bytes(atomic_dq);
+  cudaError_t err = allow_shared_bytes(kernel, shared_bytes);
+  if (err != cudaSuccess) return err;
+  return launch_kernel(kernel, grid, Traits::kThreads, shared_bytes, stream, params, delta,
+                       dq_accumulator, vectorized);
+}
+
+// The backward with the given dK/dV tiles, and dQ by atomics or by the dQ kernel with DqOne's
+// tiles (DqTwo's, two row groups per warp, where blocks are longer than 64 queries and the
+// device's CTAs have their shared memory; void: never).
+template <typename T, bool kIsCausal, typename DkDv, typename DqOne, typename DqTwo>
+cudaError_t run_bwd_flash_tiles(const BackwardParams& params, float* delta, float* dq_accumulator,
+                                int max_shared_bytes, cudaStream_t stream) {
+  const bool vectorized = rows_are_16_byte_aligned(params);
+  cudaError_t err = launch_backward_prologue<T>(params, delta, dq_accumulator, stream);
+  if (err == cudaSuccess) {
+    err = launch_dkdv_flash<T, DkDv, kIsCausal>(params, delta, dq_accumulator, vectorized, stream);
+  }
+  if (err != cudaSuccess) return err;
+  if (dq_accumulator != nullptr) return launch_dq_convert<T>(params, dq_accumulator, stream);
+  if constexpr (!std::is_void_v<DqTwo>) {
+    if (params.max_seqlen_q > 64 && DqTwo::kSharedBytes <= max_shared_bytes) {
+      return launch_dq_flash<T, DqTwo, kIsCausal>(params, delta, vectorized, stream);
+    }
+  }
+  return launch_dq_flash<T, DqOne, kIsCausal>(params, delta, vectorized, stream);
+}
+
 // kKeyWarps: 16-key groups of a dK/dV CTA. 8 (128 keys, as FlashAttention-2 takes at head_dim
 // 128) halves the atomic dQ traffic and the Q / dO tile loads per product, for 111 KiB of shared
 // memory and one CTA per SM; 4 is what runs until a GPU measurement says otherwise
-// (csrc/tests/flash_tile_variants.cu times both). At head_dim 256 each group has two warps.
+// (csrc/tests/flash_tile_variants.cu times both). At head_dim 256 each group has two warps, and
+// devices with less shared memory per CTA than those tiles need (sm_86, sm_89) get narrower
+// ones. The dQ kernel takes two row groups per warp up to head_dim 128 (above, their
+// accumulators would not fit in registers) where the shared memory allows.
 template <typename T, int kHeadDim, bool kIsCausal, int kKeyWarps>
 cudaError_t run_bwd_flash(const BackwardParams& params, void* delta_workspace,
                           float* dq_accumulator, cudaStream_t stream) {
-  using Traits = DkDvTraits<kHeadDim, kKeyWarps>;
   auto* delta = static_cast<float*>(delta_workspace);
-  const bool vectorized = rows_are_16_byte_aligned(params);
-  const bool atomic_dq = dq_accumulator != nullptr;
-  cudaError_t err = launch_backward_prologue<T>(params, delta, dq_accumulator, stream);
-  if (err != cudaSuccess) return err;
-  const dim3 grid_dkdv(ceil_div(params.max_seqlen_k, Traits::kBlockOwn), params.num_blocks,
-                       params.batch * params.heads_kv);
-  if (grid_dkdv.x > 0 && grid_dkdv.y > 0 && grid_dkdv.z > 0) {
-    auto kernel = atomic_dq ? dkdv_flash_kernel<Traits, T, kIsCausal, true>
-                            : dkdv_flash_kernel<Traits, T, kIsCausal, false>;
-    const int shared_bytes = Traits::dkdv_shared_bytes(atomic_dq);
-    err = allow_shared_bytes(kernel, shared_bytes);
-    if (err != cudaSuccess) return err;
-    err = launch_kernel(kernel, grid_dkdv, Traits::kThreads, shared_bytes, stream, params, delta,
-                        dq_accumulator, vectorized);
-    if (err != cudaSuccess) return err;
-  }
-  if (atomic_dq) return launch_dq_convert<T>(params, dq_accumulator, stream);
-  // Two row groups per warp unless every query block fits in 64 rows, or the device's shared
-  // memory per CTA (99 KiB on sm_86 and sm_89) cannot hold their tiles, or (head_dim 256) their
-  // accumulators would not fit in registers.
   int device = 0;
   int max_shared_bytes = 0;
-  err = cudaGetDevice(&device);
+  cudaError_t err = cudaGetDevice(&device);
   if (err == cudaSuccess) {
     err =
         cudaDeviceGetAttribute(&max_shared_bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
   }
   if (err != cudaSuccess) return err;
-  if constexpr (kHeadDim <= 128) {
-    const bool two_groups =
-        params.max_seqlen_q > 64 && FlashBwdTraits<kHeadDim, 2>::kSharedBytes <= max_shared_bytes;
-    if (two_groups)
-      return launch_dq_flash<T, kHeadDim, kIsCausal, 2>(params, delta, vectorized, stream);
+  using DkDv = DkDvTraits<kHeadDim, kKeyWarps>;
+  if constexpr (kHeadDim > 128) {
+    if (flash_bwd_shared_bytes<DkDv, DqTraits<kHeadDim>>() > max_shared_bytes) {
+      return run_bwd_flash_tiles<T, kIsCausal, NarrowDkDvTraits<kHeadDim>, NarrowDqTraits<kHeadDim>,
+                                 void>(params, delta, dq_accumulator, max_shared_bytes, stream);
+    }
+    return run_bwd_flash_tiles<T, kIsCausal, DkDv, DqTraits<kHeadDim>, void>(
+        params, delta, dq_accumulator, max_shared_bytes, stream);
+  } else {
+    return run_bwd_flash_tiles<T, kIsCausal, DkDv, DqTraits<kHeadDim>, DqTraits<kHeadDim, 2>>(
+        params, delta, dq_accumulator, max_shared_bytes, stream);
   }
-  return launch_dq_flash<T, kHeadDim, kIsCausal, 1>(params, delta, vectorized, stream);
 }
 
 }  // namespace block_attn::cuda

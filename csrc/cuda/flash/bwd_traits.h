@@ -7,7 +7,9 @@ namespace block_attn::cuda {
 // kRowWarps warps own consecutive 16-row groups; kColumnSplit warps share each group's rows, each
 // accumulating kHeadDim / kColumnSplit columns (the dK/dV kernel at head_dim 256, whose two
 // head_dim-wide accumulators would not fit in one warp's registers).
-template <int kHeadDim_, int kRowGroups_ = 1, int kRowWarps_ = 4, int kColumnSplit_ = 1>
+// kBlockStream_: rows of the streamed tiles (0: 64 up to head_dim 64, else 32).
+template <int kHeadDim_, int kRowGroups_ = 1, int kRowWarps_ = 4, int kColumnSplit_ = 1,
+          int kBlockStream_ = 0>
 struct FlashBwdTraits {
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kRowGroups = kRowGroups_;  // 16-row mma groups per warp of owned rows
@@ -20,7 +22,7 @@ struct FlashBwdTraits {
   // at head_dim 128 so that two head_dim-wide accumulators plus two score tiles fit in registers.
   static constexpr int kRowsPerWarp = 16 * kRowGroups;
   static constexpr int kBlockOwn = kRowsPerWarp * kRowWarps;
-  static constexpr int kBlockStream = kHeadDim <= 64 ? 64 : 32;
+  static constexpr int kBlockStream = kBlockStream_ > 0 ? kBlockStream_ : kHeadDim <= 64 ? 64 : 32;
   static constexpr int kSmemStride = kHeadDim + 8;  // elements; +16 bytes against bank conflicts
   // Two owned tiles plus two double-buffered streamed tiles, and per streamed row lse and Delta.
   static constexpr int kSharedBytes =
@@ -42,7 +44,7 @@ struct FlashBwdTraits {
   static constexpr int kDqColumns = kHeadDim * kDqGroups / kWarps;  // per warp
   static_assert(kHeadDim % 16 == 0 && kHeadDim <= 256, "unsupported head dim");
   static_assert(kWarps % kDqGroups == 0 && kDqColumns % 16 == 0, "dQ tile does not split");
-  static_assert(kQueriesPerWarp % 16 == 0, "queries per warp: whole mma k-steps");
+  static_assert(kQueriesPerWarp % 8 == 0, "queries per warp: whole mma n-tiles");
 };
 
 // Warps that share each 16 rows of the dK/dV kernel: two at head_dim 256, where one warp's dK and
@@ -55,13 +57,34 @@ constexpr int dkdv_column_split(int head_dim) {
 template <int kHeadDim, int kKeyWarps = 4>
 using DkDvTraits = FlashBwdTraits<kHeadDim, 1, kKeyWarps, dkdv_column_split(kHeadDim)>;
 
-// Shared memory per CTA that the default backward at head_dim kHeadDim needs at least (its dK/dV
-// kernel with atomic dQ and its dQ kernel with one row group).
+// The dQ kernel's tiles: 64 queries (kRowGroups 16-row groups per warp).
+template <int kHeadDim, int kRowGroups = 1>
+using DqTraits = FlashBwdTraits<kHeadDim, kRowGroups>;
+
+// Above head_dim 128 on devices whose CTAs get less shared memory than those tiles need (99 KiB
+// on sm_86 and sm_89): dK/dV CTAs of 32 keys and dQ CTAs of 32 queries, streaming 16-row tiles.
+template <int kHeadDim>
+using NarrowDkDvTraits = FlashBwdTraits<kHeadDim, 1, 2, dkdv_column_split(kHeadDim), 16>;
+template <int kHeadDim>
+using NarrowDqTraits = FlashBwdTraits<kHeadDim, 1, 2, 1, 16>;
+
+// Shared memory per CTA of a backward's largest kernel: its dK/dV kernel with atomic dQ, or its
+// dQ kernel.
+template <typename DkDv, typename Dq>
+constexpr int flash_bwd_shared_bytes() {
+  return DkDv::dkdv_shared_bytes(true) > Dq::kSharedBytes ? DkDv::dkdv_shared_bytes(true)
+                                                          : Dq::kSharedBytes;
+}
+
+// Shared memory per CTA the tensor-core backward needs at head_dim kHeadDim (with its narrow
+// tiles above 128).
 template <int kHeadDim>
 constexpr int flash_bwd_min_shared_bytes() {
-  constexpr int dkdv = DkDvTraits<kHeadDim>::dkdv_shared_bytes(true);
-  constexpr int dq = FlashBwdTraits<kHeadDim, 1>::kSharedBytes;
-  return dkdv > dq ? dkdv : dq;
+  if constexpr (kHeadDim > 128) {
+    return flash_bwd_shared_bytes<NarrowDkDvTraits<kHeadDim>, NarrowDqTraits<kHeadDim>>();
+  } else {
+    return flash_bwd_shared_bytes<DkDvTraits<kHeadDim>, DqTraits<kHeadDim>>();
+  }
 }
 
 }  // namespace block_attn::cuda

@@ -25,6 +25,26 @@ __device__ __forceinline__ void zero_fragments(float (&acc)[kGroups][kN][4]) {
 template <typename T, int kK, int kN, int kStride, int kGroups>
 __device__ __forceinline__ void warp_gemm_abt(float (&acc)[kGroups][kN / 8][4], const T* sA,
                                               const T* sB, int lane) {
+  if constexpr (kN == 8) {
+    // One 8-row B tile: each ldmatrix.x4 takes its fragments for two k-steps.
+    static_assert(kK % 32 == 0, "k in pairs of 16-column steps");
+#pragma unroll
+    for (int ks = 0; ks < kK / 16; ks += 2) {
+      uint32_t b[4];
+      ldmatrix_x4(b, sB + (lane % 8) * kStride + ks * 16 + (lane / 8) * 8);
+#pragma unroll
+      for (int step = 0; step < 2; ++step) {
+#pragma unroll
+        for (int g = 0; g < kGroups; ++g) {
+          uint32_t a[4];
+          ldmatrix_x4(a,
+                      sA + (g * 16 + (lane % 16)) * kStride + (ks + step) * 16 + (lane / 16) * 8);
+          mma_16816<T>(acc[g][0], a, b[2 * step], b[2 * step + 1]);
+        }
+      }
+    }
+    return;
+  }
 #pragma unroll
   for (int ks = 0; ks < kK / 16; ++ks) {
     uint32_t a[kGroups][4];
