@@ -12,6 +12,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <random>
 #include <string>
@@ -472,9 +473,47 @@ void run_on(const cuda_emulator::DeviceProperties& device, const char* name,
   }
 }
 
+// A problem drawn from rng. The listed cases vary one thing at a time; these meet combinations
+// nobody listed. About half are decoding-shaped: up to 16 queries per block against key blocks of
+// their own.
+std::pair<DType, Case> random_case(std::mt19937& rng, int index) {
+  auto pick = [&](int n) { return static_cast<int>(rng() % static_cast<unsigned>(n)); };
+  Case c;
+  c.name = "random problem " + std::to_string(index);
+  const bool decoding = pick(2) == 0;
+  const int blocks = 1 + pick(4);
+  for (int b = 0; b < blocks; ++b) {
+    const int length = pick(decoding ? 17 : 260);
+    c.lengths_q.push_back(length);
+    c.lengths_k.push_back(decoding || pick(3) == 0 ? pick(decoding ? 400 : 260) : length);
+  }
+  c.lengths_q[0] = std::max(c.lengths_q[0], 1);  // at least one query and one key in all
+  c.lengths_k[0] = std::max(c.lengths_k[0], 1);
+  c.batch = 1 + pick(2);
+  c.heads_kv = 1 + pick(2);
+  c.heads_q = c.heads_kv * (1 + pick(4));
+  static const int kHeadDims[] = {16, 40, 64, 96, 128, 192, 256};
+  c.head_dim = kHeadDims[pick(7)];
+  c.causal = pick(2) == 0;
+  c.layout = static_cast<Layout>(pick(4));
+  c.grad_lse = pick(2) == 0;
+  auto list = [](const std::vector<int>& values) {
+    std::string text;
+    for (int v : values) text += (text.empty() ? "" : ",") + std::to_string(v);
+    return text;
+  };
+  c.name += ": queries " + list(c.lengths_q) + ", keys " + list(c.lengths_k) + ", batch " +
+            std::to_string(c.batch) + ", heads " + std::to_string(c.heads_q) + ":" +
+            std::to_string(c.heads_kv) + ", layout " + std::to_string(static_cast<int>(c.layout)) +
+            (c.grad_lse ? ", lse gradient" : "");
+  return {pick(3) == 0 ? DType::kFloat16 : DType::kBFloat16, c};
+}
+
 }  // namespace
 
-int main() {
+// Argument: how many random problems to add (default 6), alternately on emulated sm_90 and sm_86.
+int main(int argc, char** argv) {
+  const int random_cases = argc > 1 ? std::atoi(argv[1]) : 6;
   // Lengths sit on both sides of the 32/64/128-row tiles; 0 is an empty block.
   const std::vector<int> ragged = {200, 64, 1, 0, 129};
   Case causal128{"ragged causal, 128-query tiles", ragged, ragged, 1, 2, 2, 128, true};
@@ -671,6 +710,16 @@ int main() {
           {DType::kBFloat16, dim192}});
   cuda_emulator::DeviceProperties sm75{7, 5, 64 * 1024};  // no tensor-core kernels
   run_on(sm75, "sm_75", {{DType::kFloat16, causal_gqa64}, {DType::kBFloat16, mqa}});
+
+  std::mt19937 problem_rng(20261124);
+  for (int i = 0; i < random_cases; ++i) {
+    const auto problem = random_case(problem_rng, i);
+    if (i % 2 == 0) {
+      run_on(sm90, "sm_90", {problem});
+    } else {
+      run_on(sm86, "sm_86", {problem});
+    }
+  }
 
   failures += block_attn::emulated_test::check_offsets_outside_contract();
 
