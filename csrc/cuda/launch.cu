@@ -8,6 +8,7 @@
 #include "flash/flash_kernels.h"
 #include "flash/tile_io.cuh"
 #include "hopper/hopper_kernels.h"
+#include "kernel_launch.cuh"
 #include "launch.h"
 #include "simple/simple_kernels.h"
 #include "static_switch.h"
@@ -16,19 +17,12 @@
 namespace block_attn::cuda {
 namespace {
 
-// The current device's compute capability. Attribute queries, not stream operations: safe during
-// graph capture.
+// The current device's compute capability.
 cudaError_t compute_capability(int& major, int& minor) {
-  int device = 0;
-  major = minor = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err == cudaSuccess) {
-    err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
-  }
-  if (err == cudaSuccess) {
-    err = cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
-  }
-  return err;
+  minor = 0;
+  const cudaError_t err = current_device_attribute(cudaDevAttrComputeCapabilityMajor, major);
+  if (err != cudaSuccess) return err;
+  return current_device_attribute(cudaDevAttrComputeCapabilityMinor, minor);
 }
 
 // mma.sync, ldmatrix and cp.async need sm_80 or newer.
@@ -85,13 +79,8 @@ constexpr int kDecodeCtasPerSm = 4;
 constexpr int kDecodeMinTilesPerSplit = 2;
 constexpr int kDecodeMaxSplits = 64;
 
-struct DecodePlan {
-  bool use = false;
-  int splits = 1;
-};
-
-cudaError_t plan_decode(const ForwardParams& params, DType dtype, DecodePlan& plan) {
-  plan = DecodePlan{};
+// Sets plan.decode and plan.decode_splits.
+cudaError_t plan_decode(const ForwardParams& params, DType dtype, ForwardPlan& plan) {
   const bool half_type = dtype == DType::kBFloat16 || dtype == DType::kFloat16;
   if (!half_type || params.max_seqlen_q > kDecodeMaxQueries ||
       params.max_seqlen_k < 2 * kDecodeKeyTile) {
@@ -102,14 +91,10 @@ cudaError_t plan_decode(const ForwardParams& params, DType dtype, DecodePlan& pl
   bool tensor_cores = false;
   cudaError_t err = device_has_tensor_core_kernels(tensor_cores);
   if (err != cudaSuccess || !tensor_cores) return err;
-  int device = 0;
   int multiprocessors = 0;
-  err = cudaGetDevice(&device);
-  if (err == cudaSuccess) {
-    err = cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, device);
-  }
+  err = current_device_attribute(cudaDevAttrMultiProcessorCount, multiprocessors);
   if (err != cudaSuccess) return err;
-  plan.use = true;
+  plan.decode = true;
   // A block with queries has at least one row, so at most seqlen_q blocks do work: the CTAs of
   // the rest exit at once (a padded cache pairs every slot's unused rows with an empty block).
   const int64_t busy_blocks = std::min<int64_t>(params.num_blocks, params.seqlen_q);
@@ -119,7 +104,7 @@ cudaError_t plan_decode(const ForwardParams& params, DType dtype, DecodePlan& pl
                          std::max<int64_t>(ctas, 1);
   const int most = std::min(
       kDecodeMaxSplits, ceil_div(params.max_seqlen_k, kDecodeKeyTile) / kDecodeMinTilesPerSplit);
-  plan.splits = static_cast<int>(std::clamp<int64_t>(wanted, 1, std::max(most, 1)));
+  plan.decode_splits = static_cast<int>(std::clamp<int64_t>(wanted, 1, std::max(most, 1)));
   return cudaSuccess;
 }
 
@@ -184,46 +169,38 @@ cudaError_t uses_flash_backward(const BackwardParams& params, DType dtype, bool&
   if (dtype != DType::kFloat16 && dtype != DType::kBFloat16) return cudaSuccess;
   cudaError_t err = device_has_tensor_core_kernels(result);
   if (err != cudaSuccess || !result || params.head_dim <= 128) return err;
-  int device = 0;
   int max_shared_bytes = 0;
-  err = cudaGetDevice(&device);
-  if (err == cudaSuccess) {
-    err =
-        cudaDeviceGetAttribute(&max_shared_bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-  }
+  err = current_device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, max_shared_bytes);
   result = err == cudaSuccess && max_shared_bytes >= flash_bwd_min_shared_bytes<256>();
   return err;
 }
 
 }  // namespace
 
-cudaError_t forward_split_partials_elements(const ForwardParams& params, DType dtype,
-                                            size_t& elements) {
-  elements = 0;
-  DecodePlan plan;
+cudaError_t plan_forward(const ForwardParams& params, DType dtype, ForwardPlan& plan) {
+  plan = ForwardPlan{};
   const cudaError_t err = plan_decode(params, dtype, plan);
-  if (err == cudaSuccess && plan.use && plan.splits > 1) {
-    elements = static_cast<size_t>(plan.splits) * params.batch * params.heads_q * params.seqlen_q *
-               (params.head_dim + 1);
+  if (err == cudaSuccess && plan.decode && plan.decode_splits > 1) {
+    plan.split_partials_elements = static_cast<size_t>(plan.decode_splits) * params.batch *
+                                   params.heads_q * params.seqlen_q * (params.head_dim + 1);
   }
   return err;
 }
 
-cudaError_t launch_forward(const ForwardParams& params, const ForwardWorkspace& workspace,
-                           DType dtype, cudaStream_t stream) {
+cudaError_t launch_forward(const ForwardParams& params, const ForwardPlan& plan,
+                           const ForwardWorkspace& workspace, DType dtype, cudaStream_t stream) {
   if (params.head_dim < 1 || params.head_dim > kMaxHeadDim) return cudaErrorInvalidValue;
   if (dtype == DType::kFloat16 || dtype == DType::kBFloat16) {
-    DecodePlan decode;
-    cudaError_t err = plan_decode(params, dtype, decode);
-    if (err != cudaSuccess) return err;
-    if (decode.use) {
+    if (plan.decode) {
+      const int splits = plan.decode_splits;
       float* partials = workspace.split_partials;
       return dtype == DType::kFloat16
-                 ? launch_forward_decode<__half>(params, decode.splits, partials, stream)
-                 : launch_forward_decode<__nv_bfloat16>(params, decode.splits, partials, stream);
+                 ? launch_forward_decode<__half>(params, splits, partials, stream)
+                 : launch_forward_decode<__nv_bfloat16>(params, splits, partials, stream);
     }
     bool hopper = false;
-    err = uses_hopper_kernels(params, rows_are_16_byte_aligned(params), dtype, true, hopper);
+    cudaError_t err =
+        uses_hopper_kernels(params, rows_are_16_byte_aligned(params), dtype, true, hopper);
     if (err != cudaSuccess) return err;
     if (hopper) {
       return dtype == DType::kFloat16 ? launch_forward_hopper<__half>(params, stream)

@@ -62,13 +62,13 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(
   const ForwardParams params = make_forward_params(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
                                                    max_seqlen_q, max_seqlen_k, causal, scale);
   const cuda::DType dtype = to_kernel_dtype(q.scalar_type());
+  cuda::ForwardPlan plan;
+  C10_CUDA_CHECK(cuda::plan_forward(params, dtype, plan));
+  const at::Tensor split_partials = float_scratch(q, plan.split_partials_elements);
   cuda::ForwardWorkspace workspace{};
-  size_t split_partials_elements = 0;
-  C10_CUDA_CHECK(cuda::forward_split_partials_elements(params, dtype, split_partials_elements));
-  const at::Tensor split_partials = float_scratch(q, split_partials_elements);
   workspace.split_partials = data_or_null(split_partials);
   const cudaError_t err =
-      cuda::launch_forward(params, workspace, dtype, at::cuda::getCurrentCUDAStream());
+      cuda::launch_forward(params, plan, workspace, dtype, at::cuda::getCurrentCUDAStream());
   C10_CUDA_CHECK(err);
   return {out, lse};
 }

@@ -112,14 +112,15 @@ int run(const OffsetCase& c, int head_dim, bool causal, const char* label) {
   const cuda::DType dtype = Element<T>::kDType;
 
   std::string problem;
-  size_t partial_elements = 0;
-  cuda::forward_split_partials_elements(p, dtype, partial_elements);
+  cuda::ForwardPlan plan;
+  bool ok = cuda::plan_forward(p, dtype, plan) == cudaSuccess;
+  const size_t partial_elements = plan.split_partials_elements;
   // Rows of head_dim + 1 floats where the decoding forward splits the keys.
   Guarded<float> split_partials(static_cast<int>(partial_elements / (head_dim + 1)), head_dim + 1,
                                 false, rng);
   cuda::ForwardWorkspace forward_workspace;
   forward_workspace.split_partials = partial_elements ? split_partials.body() : nullptr;
-  bool ok = cuda::launch_forward(p, forward_workspace, dtype, nullptr) == cudaSuccess;
+  ok = ok && cuda::launch_forward(p, plan, forward_workspace, dtype, nullptr) == cudaSuccess;
   if (!ok) problem = "forward launch failed";
   if (ok && !split_partials.guards_intact()) problem = "split partials' guard written";
   for (const bool deterministic : {true, false}) {

@@ -133,14 +133,13 @@ cudaError_t run_forward(const Case& c, const ForwardParams& p) {
           });
     }
   }
-  size_t partial_elements = 0;
-  const cudaError_t err =
-      block_attn::cuda::forward_split_partials_elements(p, Element<T>::kDType, partial_elements);
+  block_attn::cuda::ForwardPlan plan;
+  const cudaError_t err = block_attn::cuda::plan_forward(p, Element<T>::kDType, plan);
   if (err != cudaSuccess) return err;
-  std::vector<float> split_partials(partial_elements, NAN);
+  std::vector<float> split_partials(plan.split_partials_elements, NAN);
   block_attn::cuda::ForwardWorkspace workspace;
-  workspace.split_partials = partial_elements ? split_partials.data() : nullptr;
-  return block_attn::cuda::launch_forward(p, workspace, Element<T>::kDType, nullptr);
+  workspace.split_partials = plan.split_partials_elements ? split_partials.data() : nullptr;
+  return block_attn::cuda::launch_forward(p, plan, workspace, Element<T>::kDType, nullptr);
 }
 
 // A (batch, heads, rows, head_dim) tensor with the case's strides over a buffer that also holds

@@ -515,13 +515,9 @@ template <typename T, int kHeadDim, bool kIsCausal, int kKeyWarps>
 cudaError_t run_bwd_flash(const BackwardParams& params, void* delta_workspace,
                           float* dq_accumulator, cudaStream_t stream) {
   auto* delta = static_cast<float*>(delta_workspace);
-  int device = 0;
   int max_shared_bytes = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err == cudaSuccess) {
-    err =
-        cudaDeviceGetAttribute(&max_shared_bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-  }
+  const cudaError_t err =
+      current_device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, max_shared_bytes);
   if (err != cudaSuccess) return err;
   using DkDv = DkDvTraits<kHeadDim, kKeyWarps>;
   if constexpr (kHeadDim > 128) {
