@@ -46,16 +46,33 @@ class AlignedBuffer {
   std::unique_ptr<T, Free> data_;
 };
 
+// out[d] = in[d] for d < dim, converted to the accumulation type. float16/bfloat16 convert a
+// vector at a time (vcvtph2ps, or a shift): the compiler turns the element-wise loop into one
+// conversion and one store per element, which made packing a fifth of the float16 forward.
+template <typename scalar_t>
+inline void convert_row(const scalar_t* in, int dim, acc_t<scalar_t>* out) {
+  int d = 0;
+  if constexpr (std::is_same_v<scalar_t, c10::Half> || std::is_same_v<scalar_t, c10::BFloat16>) {
+    using Vec = at::vec::Vectorized<float>;
+    for (; d + kVecWidth<float> <= dim; d += kVecWidth<float>) {
+      Vec values;
+      if constexpr (std::is_same_v<scalar_t, c10::Half>) {
+        at::vec::load_fp32_from_fp16(in + d, values);
+      } else {
+        at::vec::load_fp32_from_bf16(in + d, values);
+      }
+      values.store(out + d);
+    }
+  }
+  for (; d < dim; ++d) out[d] = static_cast<acc_t<scalar_t>>(in[d]);
+}
+
 // dst[r * ld + d] = src[r * stride + d] for r < rows, d < dim, converted to the accumulation
 // type. Packing is O(rows·dim) against the O(rows·cols·dim) products it feeds.
 template <typename scalar_t>
 inline void pack_rows(const scalar_t* src, int64_t stride, int rows, int dim, acc_t<scalar_t>* dst,
                       int64_t ld) {
-  for (int r = 0; r < rows; ++r) {
-    const scalar_t* in = src + r * stride;
-    acc_t<scalar_t>* out = dst + r * ld;
-    for (int d = 0; d < dim; ++d) out[d] = static_cast<acc_t<scalar_t>>(in[d]);
-  }
+  for (int r = 0; r < rows; ++r) convert_row(src + r * stride, dim, dst + r * ld);
 }
 
 // dst[d * ld + r] = scale · src[r * stride + d]: the transposed operand whose rows are the
@@ -63,9 +80,23 @@ inline void pack_rows(const scalar_t* src, int64_t stride, int rows, int dim, ac
 template <typename scalar_t>
 inline void pack_rows_transposed(const scalar_t* src, int64_t stride, int rows, int dim,
                                  acc_t<scalar_t> scale, acc_t<scalar_t>* dst, int64_t ld) {
+  using acc = acc_t<scalar_t>;
+  if constexpr (std::is_same_v<scalar_t, acc>) {
+    for (int r = 0; r < rows; ++r) {
+      const scalar_t* in = src + r * stride;
+      for (int d = 0; d < dim; ++d) dst[d * ld + r] = scale * in[d];
+    }
+    return;
+  }
+  constexpr int kChunk = 64;  // elements of a row converted at a time, then scattered
+  alignas(64) acc row[kChunk];
   for (int r = 0; r < rows; ++r) {
     const scalar_t* in = src + r * stride;
-    for (int d = 0; d < dim; ++d) dst[d * ld + r] = scale * static_cast<acc_t<scalar_t>>(in[d]);
+    for (int d0 = 0; d0 < dim; d0 += kChunk) {
+      const int n = std::min(kChunk, dim - d0);
+      convert_row(in + d0, n, row);
+      for (int d = 0; d < n; ++d) dst[(d0 + d) * ld + r] = scale * row[d];
+    }
   }
 }
 

@@ -144,6 +144,7 @@ int main() {
   check_dtype<double>(at::kDouble, 1e-6);
   check_dtype<float>(at::kFloat, 1e-4);
   check_dtype<c10::BFloat16>(at::kBFloat16, 6e-2);
+  check_dtype<c10::Half>(at::kHalf, 1e-2);
   std::printf("%s\n", failures == 0 ? "all passed" : "FAILED");
   return failures == 0 ? 0 : 1;
 }
