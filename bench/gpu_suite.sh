@@ -147,9 +147,12 @@ tests() {
   # pytest-xdist, where installed, runs the tests in 4 processes and replaces one that crashes,
   # so a crash costs one test, not the rest of the run. Not --dist loadfile: xdist 3.8 then runs
   # the crashing test again in each replacement and never the rest of its file.
+  # Each of the 4 processes gets a quarter of the cores for the CPU tests' OpenMP threads, rather
+  # than all of them each.
   local parallel=()
   if python3 -c 'import xdist' 2>/dev/null; then
     parallel=(-n 4 --dist load --max-worker-restart 8)
+    export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(($(nproc) / 4 > 0 ? $(nproc) / 4 : 1))}"
   fi
   # pytest-timeout, where installed, ends a test that hangs (a kernel that never finishes) by
   # ending its process, which xdist then replaces: one failed test instead of a step timeout.
