@@ -192,7 +192,7 @@ int main() {
     return kernels::run_bwd_flash<bf16, kHeadDim, kCausal>(atomic, delta, dq_accumulator, nullptr);
   });
   const bool wide_fits =
-      kernels::FlashBwdTraits<kHeadDim, 1, 8>::kAtomicDqSharedBytes <= max_shared;
+      kernels::FlashBwdTraits<kHeadDim, 1, 8>::dkdv_shared_bytes(true) <= max_shared;
   BackwardParams wide = atomic;  // 8-warp dK/dV CTAs; same outputs as the 4-warp ones
   wide.grad_q = grad_q_wide;
   wide.grad_k = grad_k_wide;

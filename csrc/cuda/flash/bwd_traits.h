@@ -2,6 +2,8 @@
 // dispatch can tell which devices have the shared memory they need.
 #pragma once
 
+#include <algorithm>
+
 namespace block_attn::cuda {
 
 // kRowWarps warps own consecutive 16-row groups; kColumnSplit warps share each group's rows, each
@@ -31,7 +33,6 @@ struct FlashBwdTraits {
   // how the 16-query groups x head_dim columns of dQ_tile split over the warps.
   static constexpr int kDsStride = kBlockStream + 8;  // elements; +16 bytes against conflicts
   static constexpr int kDsBytes = kBlockOwn * kDsStride * 2;
-  static constexpr int kAtomicDqSharedBytes = kSharedBytes + kDsBytes;
   // Column split: each warp of a key group forms S^T and dP^T for kQueriesPerWarp of the
   // streamed queries and passes P^T and dS^T on through shared memory.
   static constexpr int kQueriesPerWarp = kBlockStream / kColumnSplit;
@@ -72,8 +73,7 @@ using NarrowDqTraits = FlashBwdTraits<kHeadDim, 1, 2, 1, 16>;
 // dQ kernel.
 template <typename DkDv, typename Dq>
 constexpr int flash_bwd_shared_bytes() {
-  return DkDv::dkdv_shared_bytes(true) > Dq::kSharedBytes ? DkDv::dkdv_shared_bytes(true)
-                                                          : Dq::kSharedBytes;
+  return std::max(DkDv::dkdv_shared_bytes(true), Dq::kSharedBytes);
 }
 
 // Shared memory per CTA the tensor-core backward needs at head_dim kHeadDim (with its narrow
