@@ -44,10 +44,9 @@ class FloatBackwardProducts {
   // Q and dO of one query tile, as rows and transposed.
   void load_queries(InputRows<scalar_t> q, InputRows<scalar_t> grad_out, int rows) {
     pack_rows(q.data, q.stride, rows, dim_, q_.get(), ld_);
-    pack_rows_transposed(q.data, q.stride, rows, dim_, acc(1), q_t_.get(), kBlockM);
+    pack_rows_transposed(q.data, q.stride, rows, dim_, q_t_.get(), kBlockM);
     pack_rows(grad_out.data, grad_out.stride, rows, dim_, grad_out_.get(), ld_);
-    pack_rows_transposed(grad_out.data, grad_out.stride, rows, dim_, acc(1), grad_out_t_.get(),
-                         kBlockM);
+    pack_rows_transposed(grad_out.data, grad_out.stride, rows, dim_, grad_out_t_.get(), kBlockM);
   }
 
   // Keys [key, key + cols) of the range: scores_t = K · Qᵀ, grad_scores_t = V · dOᵀ (unscaled;

@@ -26,7 +26,7 @@ class FloatForwardProducts {
 
   // Qᵀ of `rows` queries (row stride `stride`), queries along the vector lanes.
   void load_queries(const scalar_t* q, int64_t stride, int rows) {
-    pack_rows_transposed(q, stride, rows, dim_, acc(1), q_t_.get(), kBlockM);
+    pack_rows_transposed(q, stride, rows, dim_, q_t_.get(), kBlockM);
   }
 
   // scores_t (cols × lanes, row stride kBlockM) = K · Qᵀ, unscaled.
