@@ -43,24 +43,24 @@ __device__ __forceinline__ void warp_gemm_abt(float (&acc)[kGroups][kN / 8][4], 
         }
       }
     }
-    return;
-  }
+  } else {
 #pragma unroll
-  for (int ks = 0; ks < kK / 16; ++ks) {
-    uint32_t a[kGroups][4];
-#pragma unroll
-    for (int g = 0; g < kGroups; ++g) {
-      ldmatrix_x4(a[g], sA + (g * 16 + (lane % 16)) * kStride + ks * 16 + (lane / 16) * 8);
-    }
-#pragma unroll
-    for (int n2 = 0; n2 < kN / 16; ++n2) {
-      uint32_t b[4];
-      ldmatrix_x4(b, sB + (n2 * 16 + (lane % 8) + (lane / 16) * 8) * kStride + ks * 16 +
-                         ((lane / 8) % 2) * 8);
+    for (int ks = 0; ks < kK / 16; ++ks) {
+      uint32_t a[kGroups][4];
 #pragma unroll
       for (int g = 0; g < kGroups; ++g) {
-        mma_16816<T>(acc[g][2 * n2], a[g], b[0], b[1]);
-        mma_16816<T>(acc[g][2 * n2 + 1], a[g], b[2], b[3]);
+        ldmatrix_x4(a[g], sA + (g * 16 + (lane % 16)) * kStride + ks * 16 + (lane / 16) * 8);
+      }
+#pragma unroll
+      for (int n2 = 0; n2 < kN / 16; ++n2) {
+        uint32_t b[4];
+        ldmatrix_x4(b, sB + (n2 * 16 + (lane % 8) + (lane / 16) * 8) * kStride + ks * 16 +
+                           ((lane / 8) % 2) * 8);
+#pragma unroll
+        for (int g = 0; g < kGroups; ++g) {
+          mma_16816<T>(acc[g][2 * n2], a[g], b[0], b[1]);
+          mma_16816<T>(acc[g][2 * n2 + 1], a[g], b[2], b[3]);
+        }
       }
     }
   }
