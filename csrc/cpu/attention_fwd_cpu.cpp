@@ -140,6 +140,18 @@ void forward_tile(const ForwardParams& p, int batch, int head, int heads, const 
     return q + (lane % heads) * p.q_head_stride + (lane / heads) * p.q_row_stride;
   };
   const bool few = used <= kFewQueries;
+  if (!few) {
+    // Q is packed next and K and V are read right after: ask for all three tiles at once, so
+    // that their first reads from memory overlap instead of each stalling in turn (the
+    // few-query path prefetches its own keys as it goes).
+    const int first_keys = std::min(
+        kBlockN, std::min(keys.end, causal_key_end(tile.end - 1, e, p.is_causal)) - keys.begin);
+    for (int h = 0; h < heads; ++h) {
+      prefetch_rows(q + h * p.q_head_stride, p.q_row_stride, rows, dim);
+    }
+    prefetch_rows(k + keys.begin * p.k_row_stride, p.k_row_stride, first_keys, dim);
+    prefetch_rows(v + keys.begin * p.v_row_stride, p.v_row_stride, first_keys, dim);
+  }
   if (few) {
     for (int lane = 0; lane < used; ++lane) {
       pack_rows(query_row(lane), 0, 1, dim, t.query_rows.get() + lane * ld, ld);

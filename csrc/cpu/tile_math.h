@@ -135,6 +135,16 @@ inline void unpack_rows(const acc_t<scalar_t>* src, int64_t ld, int rows, int di
   }
 }
 
+// Asks for every cache line of `rows` rows of `dim` elements (row stride `stride`), without
+// waiting for them.
+template <typename T>
+inline void prefetch_rows(const T* src, int64_t stride, int rows, int dim) {
+  constexpr int kLine = 64 / static_cast<int>(sizeof(T));
+  for (int r = 0; r < rows; ++r) {
+    for (int d = 0; d < dim; d += kLine) __builtin_prefetch(src + r * stride + d);
+  }
+}
+
 // exp on a vector. float32 uses ATen's inline polynomial (the one PyTorch's CPU flash kernel
 // uses; a few ulp, exact 0 at -inf); float64 keeps the correctly rounded Sleef exp, so float64
 // gradients stay exact for gradcheck.
