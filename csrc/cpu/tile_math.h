@@ -47,8 +47,8 @@ class AlignedBuffer {
 };
 
 // out[d] = in[d] for d < dim, converted to the accumulation type. float16/bfloat16 convert a
-// vector at a time (vcvtph2ps, or a shift): the compiler turns the element-wise loop into one
-// conversion and one store per element, which made packing a fifth of the float16 forward.
+// vector at a time: float16's element loop compiled to one conversion and one store per element,
+// a fifth of its forward.
 template <typename scalar_t>
 inline void convert_row(const scalar_t* in, int dim, acc_t<scalar_t>* out) {
   int d = 0;
@@ -77,9 +77,8 @@ inline void pack_rows(const scalar_t* src, int64_t stride, int rows, int dim, ac
 
 // dst[d * ld + r] = src[r * stride + d]: the transposed operand whose rows are the vector
 // dimension of a product (queries along the vector lanes). float32 goes through at::vec's
-// register transpose (16×16 blocks on AVX-512) instead of one scalar load and store per element,
-// which made this a third of the products' time for 64-row blocks; float16/bfloat16 convert 16
-// rows at a time into float32 rows first.
+// register transpose (16×16 blocks on AVX-512); float16/bfloat16 convert 16 rows at a time into
+// float32 rows first.
 template <typename scalar_t>
 inline void pack_rows_transposed(const scalar_t* src, int64_t stride, int rows, int dim,
                                  acc_t<scalar_t>* dst, int64_t ld) {
