@@ -118,6 +118,13 @@ int run(const OffsetCase& c, int head_dim, bool causal, const char* label) {
   // Rows of head_dim + 1 floats where the decoding forward splits the keys.
   Guarded<float> split_partials(static_cast<int>(partial_elements / (head_dim + 1)), head_dim + 1,
                                 false, rng);
+  // The scratch the plan asks for is not optional: without it the launch fails, before any
+  // kernel runs.
+  if (ok && partial_elements > 0 &&
+      cuda::launch_forward(p, plan, cuda::ForwardWorkspace{}, dtype, nullptr) !=
+          cudaErrorInvalidValue) {
+    problem = "a split decoding forward without its scratch did not fail";
+  }
   cuda::ForwardWorkspace forward_workspace;
   forward_workspace.split_partials = partial_elements ? split_partials.body() : nullptr;
   ok = ok && cuda::launch_forward(p, plan, forward_workspace, dtype, nullptr) == cudaSuccess;
@@ -152,7 +159,8 @@ int run(const OffsetCase& c, int head_dim, bool causal, const char* label) {
       if (!t->rows_finite(start, end)) problem = "a row read past its tensor (not finite)";
     }
   }
-  std::printf("  %-4s %-34s %s%s\n", problem.empty() ? "ok" : "FAIL", c.name, label,
+  std::printf("  %-4s %-34s %s%s%s\n", problem.empty() ? "ok" : "FAIL", c.name, label,
+              partial_elements > 0 ? ", split keys" : "",
               problem.empty() ? "" : (", " + problem).c_str());
   return problem.empty() ? 0 : 1;
 }
