@@ -140,12 +140,12 @@ void forward_tile(const ForwardParams& p, int batch, int head, int heads, const 
     return q + (lane % heads) * p.q_head_stride + (lane / heads) * p.q_row_stride;
   };
   const bool few = used <= kFewQueries;
+  const int key_end = std::min(keys.end, causal_key_end(tile.end - 1, e, p.is_causal));
   if (!few) {
     // Q is packed next and K and V are read right after: ask for all three tiles at once, so
     // that their first reads from memory overlap instead of each stalling in turn (the
     // few-query path prefetches its own keys as it goes).
-    const int first_keys = std::min(
-        kBlockN, std::min(keys.end, causal_key_end(tile.end - 1, e, p.is_causal)) - keys.begin);
+    const int first_keys = std::min(kBlockN, key_end - keys.begin);
     for (int h = 0; h < heads; ++h) {
       prefetch_rows(q + h * p.q_head_stride, p.q_row_stride, rows, dim);
     }
@@ -170,7 +170,6 @@ void forward_tile(const ForwardParams& p, int batch, int head, int heads, const 
   fill<acc>(t.row_max, kBlockM, -kInf<acc>);
   fill<acc>(t.row_sum, kBlockM, 0);
 
-  const int key_end = std::min(keys.end, causal_key_end(tile.end - 1, e, p.is_causal));
   for (int k0 = keys.begin; k0 < key_end; k0 += kBlockN) {
     const int cols = std::min(kBlockN, key_end - k0);
     // Sᵀ = K · Qᵀ: keys × queries.
