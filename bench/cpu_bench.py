@@ -241,7 +241,15 @@ def median_ms(fn, reps: int) -> float:
     return statistics.median(times)
 
 
-def gemm_rate(dtype: torch.dtype, size: int = 4096, reps: int = 5) -> dict:
+def gemm_rate(dtype: torch.dtype, size: int = 4096, reps: int = 5, max_call_s: float = 3.0) -> dict:
+    """torch.mm's rate on size³ products. Where one such call would take longer than max_call_s
+    (bf16 without native instructions runs a scalar loop: minutes at 4096), the size is halved
+    until it would not, down to 512, so that the benchmark never stalls here."""
+    probe = 512
+    a, b = torch.randn(probe, probe, dtype=dtype), torch.randn(probe, probe, dtype=dtype)
+    probe_s = median_ms(lambda: torch.mm(a, b), 1) / 1e3
+    while size > probe and probe_s * (size / probe) ** 3 > max_call_s:
+        size //= 2
     a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
     ms = median_ms(lambda: torch.mm(a, b), reps)
     return {"size": size, "dtype": str(dtype), "ms": ms, "gflops": 2 * size**3 / ms / 1e6}

@@ -334,8 +334,9 @@ def readme_section(results: dict, plot_path: str = "results/cpu_results.png") ->
         f"## CPU results ({results['mode']} mode)",
         "",
         f"{env['cpu_model']}, {env['cores']} cores, torch {env['torch']}, {env['date'][:10]}; "
-        f"fp32 GEMM (4096³ `torch.mm`, best of start and end) {gemm_rate(gemm, 'fp32'):.0f} "
-        f"GFLOP/s, bf16 {gemm_rate(gemm, 'bf16'):.0f}. "
+        f"fp32 GEMM ({gemm['fp32'].get('size', 4096)}³ `torch.mm`, best of start and end) "
+        f"{gemm_rate(gemm, 'fp32'):.0f} GFLOP/s, bf16 ({gemm['bf16'].get('size', 4096)}³) "
+        f"{gemm_rate(gemm, 'bf16'):.0f}. "
         "Run: `PYTHONPATH=. python bench/cpu_bench.py` "
         f"({results.get('elapsed_s', '?')} s). Peer columns are peer_ms / block_attn_ms (above "
         "1: block_attn faster); `-` not run (see `cpu_results.md` for why).",
