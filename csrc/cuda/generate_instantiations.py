@@ -48,7 +48,7 @@ def flash_file(kernel: str, dtype: str, head_dim: int) -> str:
     ]
     args = {
         "fwd_flash": "const ForwardParams&, cudaStream_t",
-        "bwd_flash": "const BackwardParams&, void*, float*, cudaStream_t",
+        "bwd_flash": "const BackwardParams&, void*, float*, int, cudaStream_t",
         "fwd_decode": "const ForwardParams&, int, float*, cudaStream_t",
     }[kernel]
     for causal in ("false", "true"):

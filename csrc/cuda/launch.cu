@@ -25,6 +25,14 @@ cudaError_t compute_capability(int& major, int& minor) {
   return current_device_attribute(cudaDevAttrComputeCapabilityMinor, minor);
 }
 
+bool is_half_type(DType dtype) {
+  return dtype == DType::kFloat16 || dtype == DType::kBFloat16;
+}
+
+bool head_dim_supported(int head_dim) {
+  return head_dim >= 1 && head_dim <= kMaxHeadDim;
+}
+
 // mma.sync, ldmatrix and cp.async need sm_80 or newer.
 cudaError_t device_has_tensor_core_kernels(bool& result) {
   int major = 0;
@@ -48,10 +56,9 @@ cudaError_t uses_hopper_kernels(const ForwardParams& params, bool rows_aligned, 
                                 bool forward, bool& result) {
   result = false;
 #if defined(BLOCK_ATTN_WITH_SM90A) || defined(BLOCK_ATTN_CUDA_EMULATION)
-  const bool half_type = dtype == DType::kBFloat16 || dtype == DType::kFloat16;
   const int d = params.head_dim;
   const bool tiled_head_dim = d == 64 || d == 128 || (forward && d == 256);
-  if (!half_type || !tiled_head_dim || !rows_aligned) return cudaSuccess;
+  if (!is_half_type(dtype) || !tiled_head_dim || !rows_aligned) return cudaSuccess;
   const char* setting = std::getenv("BLOCK_ATTN_HOPPER_KERNELS");
   if (setting != nullptr && std::strcmp(setting, "0") == 0) return cudaSuccess;
   int major = 0;
@@ -79,10 +86,9 @@ constexpr int kDecodeCtasPerSm = 4;
 constexpr int kDecodeMinTilesPerSplit = 2;
 constexpr int kDecodeMaxSplits = 64;
 
-// Sets plan.decode and plan.decode_splits.
+// Sets plan.path to kDecode, and plan.decode_splits, where the decoding forward takes the problem.
 cudaError_t plan_decode(const ForwardParams& params, DType dtype, ForwardPlan& plan) {
-  const bool half_type = dtype == DType::kBFloat16 || dtype == DType::kFloat16;
-  if (!half_type || params.max_seqlen_q > kDecodeMaxQueries ||
+  if (!is_half_type(dtype) || params.max_seqlen_q > kDecodeMaxQueries ||
       params.max_seqlen_k < 2 * kDecodeKeyTile) {
     return cudaSuccess;
   }
@@ -94,7 +100,7 @@ cudaError_t plan_decode(const ForwardParams& params, DType dtype, ForwardPlan& p
   int multiprocessors = 0;
   err = current_device_attribute(cudaDevAttrMultiProcessorCount, multiprocessors);
   if (err != cudaSuccess) return err;
-  plan.decode = true;
+  plan.path = KernelPath::kDecode;
   // A block with queries has at least one row, so at most seqlen_q blocks do work: the CTAs of
   // the rest exit at once (a padded cache pairs every slot's unused rows with an empty block).
   const int64_t busy_blocks = std::min<int64_t>(params.num_blocks, params.seqlen_q);
@@ -129,11 +135,9 @@ cudaError_t launch_forward_hopper(const ForwardParams& params, cudaStream_t stre
 }
 
 template <typename T>
-cudaError_t launch_backward_hopper(const BackwardParams& params, const BackwardWorkspace& workspace,
-                                   cudaStream_t stream) {
+cudaError_t launch_backward_hopper(const BackwardParams& params, float* dq_accumulator,
+                                   const BackwardWorkspace& workspace, cudaStream_t stream) {
   auto* delta = static_cast<float*>(workspace.delta);
-  // Deterministic: dQ from its own kernel, summed in a fixed order, instead of atomics.
-  float* dq_accumulator = params.deterministic ? nullptr : workspace.dq_accumulator;
   return BOOL_SWITCH(params.head_dim == 64, kSmallHeadDim, [&] {
     constexpr int kHeadDim = kSmallHeadDim ? 64 : 128;
     return BOOL_SWITCH(params.is_causal, kIsCausal, [&] {
@@ -152,67 +156,66 @@ cudaError_t launch_forward_flash(const ForwardParams& params, cudaStream_t strea
 }
 
 template <typename T>
-cudaError_t launch_backward_flash(const BackwardParams& params, const BackwardWorkspace& workspace,
+cudaError_t launch_backward_flash(const BackwardParams& params, int max_shared_bytes,
+                                  float* dq_accumulator, const BackwardWorkspace& workspace,
                                   cudaStream_t stream) {
   return FLASH_HEADDIM_SWITCH(params.head_dim, kHeadDim, [&] {
     return BOOL_SWITCH(params.is_causal, kIsCausal, [&] {
-      float* dq_accumulator = params.deterministic ? nullptr : workspace.dq_accumulator;
-      return run_bwd_flash<T, kHeadDim, kIsCausal>(params, workspace.delta, dq_accumulator, stream);
+      return run_bwd_flash<T, kHeadDim, kIsCausal>(params, workspace.delta, dq_accumulator,
+                                                   max_shared_bytes, stream);
     });
   });
-}
-
-// Whether launch_backward takes the tensor-core kernels: float16/bfloat16 on sm_80+ (above head_dim
-// 128, where a CTA may have the shared memory of their narrowest tiles: 70 KiB).
-cudaError_t uses_flash_backward(const BackwardParams& params, DType dtype, bool& result) {
-  result = false;
-  if (dtype != DType::kFloat16 && dtype != DType::kBFloat16) return cudaSuccess;
-  cudaError_t err = device_has_tensor_core_kernels(result);
-  if (err != cudaSuccess || !result || params.head_dim <= 128) return err;
-  int max_shared_bytes = 0;
-  err = current_device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, max_shared_bytes);
-  result = err == cudaSuccess && max_shared_bytes >= flash_bwd_min_shared_bytes<256>();
-  return err;
 }
 
 }  // namespace
 
 cudaError_t plan_forward(const ForwardParams& params, DType dtype, ForwardPlan& plan) {
   plan = ForwardPlan{};
-  const cudaError_t err = plan_decode(params, dtype, plan);
-  if (err == cudaSuccess && plan.decode && plan.decode_splits > 1) {
-    plan.split_partials_elements = static_cast<size_t>(plan.decode_splits) * params.batch *
-                                   params.heads_q * params.seqlen_q * (params.head_dim + 1);
+  if (!head_dim_supported(params.head_dim)) return cudaErrorInvalidValue;
+  cudaError_t err = plan_decode(params, dtype, plan);
+  if (err != cudaSuccess) return err;
+  if (plan.path == KernelPath::kDecode) {
+    if (plan.decode_splits > 1) {
+      plan.split_partials_elements = static_cast<size_t>(plan.decode_splits) * params.batch *
+                                     params.heads_q * params.seqlen_q * (params.head_dim + 1);
+    }
+    return cudaSuccess;
   }
+  if (!is_half_type(dtype)) return cudaSuccess;
+  bool hopper = false;
+  err = uses_hopper_kernels(params, rows_are_16_byte_aligned(params), dtype, true, hopper);
+  if (err != cudaSuccess) return err;
+  if (hopper) {
+    plan.path = KernelPath::kHopper;
+    return cudaSuccess;
+  }
+  bool tensor_cores = false;
+  err = device_has_tensor_core_kernels(tensor_cores);
+  if (tensor_cores) plan.path = KernelPath::kTensorCore;
   return err;
 }
 
 cudaError_t launch_forward(const ForwardParams& params, const ForwardPlan& plan,
                            const ForwardWorkspace& workspace, DType dtype, cudaStream_t stream) {
-  if (params.head_dim < 1 || params.head_dim > kMaxHeadDim) return cudaErrorInvalidValue;
-  if (dtype == DType::kFloat16 || dtype == DType::kBFloat16) {
-    if (plan.decode) {
+  if (!head_dim_supported(params.head_dim)) return cudaErrorInvalidValue;
+  // The three tensor-core paths are built for float16 and bfloat16 only.
+  if (plan.path != KernelPath::kSimple && !is_half_type(dtype)) return cudaErrorInvalidValue;
+  const bool fp16 = dtype == DType::kFloat16;
+  switch (plan.path) {
+    case KernelPath::kDecode: {
       const int splits = plan.decode_splits;
       float* partials = workspace.split_partials;
-      return dtype == DType::kFloat16
-                 ? launch_forward_decode<__half>(params, splits, partials, stream)
-                 : launch_forward_decode<__nv_bfloat16>(params, splits, partials, stream);
+      return fp16 ? launch_forward_decode<__half>(params, splits, partials, stream)
+                  : launch_forward_decode<__nv_bfloat16>(params, splits, partials, stream);
     }
-    bool hopper = false;
-    cudaError_t err =
-        uses_hopper_kernels(params, rows_are_16_byte_aligned(params), dtype, true, hopper);
-    if (err != cudaSuccess) return err;
-    if (hopper) {
-      return dtype == DType::kFloat16 ? launch_forward_hopper<__half>(params, stream)
-                                      : launch_forward_hopper<__nv_bfloat16>(params, stream);
-    }
-    bool tensor_cores = false;
-    err = device_has_tensor_core_kernels(tensor_cores);
-    if (err != cudaSuccess) return err;
-    if (tensor_cores) {
-      return dtype == DType::kFloat16 ? launch_forward_flash<__half>(params, stream)
-                                      : launch_forward_flash<__nv_bfloat16>(params, stream);
-    }
+    case KernelPath::kHopper:
+      return fp16 ? launch_forward_hopper<__half>(params, stream)
+                  : launch_forward_hopper<__nv_bfloat16>(params, stream);
+    case KernelPath::kTensorCore:
+      return fp16 ? launch_forward_flash<__half>(params, stream)
+                  : launch_forward_flash<__nv_bfloat16>(params, stream);
+    case KernelPath::kSimple:
+      break;
   }
   return DTYPE_SWITCH(dtype, T, [&] {
     return SIMPLE_HEADDIM_SWITCH(params.head_dim, kHeadDim, [&] {
@@ -222,38 +225,59 @@ cudaError_t launch_forward(const ForwardParams& params, const ForwardPlan& plan,
   });
 }
 
-cudaError_t backward_dq_accumulator_elements(const BackwardParams& params, DType dtype,
-                                             size_t& elements) {
-  elements = 0;
-  bool flash = false;
-  const cudaError_t err = uses_flash_backward(params, dtype, flash);
-  if (err == cudaSuccess && flash && !params.deterministic) {
-    elements =
+cudaError_t plan_backward(const BackwardParams& params, DType dtype, BackwardPlan& plan) {
+  plan = BackwardPlan{};
+  if (!head_dim_supported(params.head_dim)) return cudaErrorInvalidValue;
+  if (!is_half_type(dtype)) return cudaSuccess;
+  bool tensor_cores = false;
+  cudaError_t err = device_has_tensor_core_kernels(tensor_cores);
+  if (err != cudaSuccess || !tensor_cores) return err;
+  int max_shared_bytes = 0;
+  err = current_device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, max_shared_bytes);
+  if (err != cudaSuccess) return err;
+  // Above head_dim 128 a CTA needs the shared memory of the narrowest tiles (70 KiB).
+  if (params.head_dim > 128 && max_shared_bytes < flash_bwd_min_shared_bytes<256>()) {
+    return cudaSuccess;
+  }
+  bool hopper = false;
+  err = uses_hopper_kernels(params, rows_are_16_byte_aligned(params), dtype, false, hopper);
+  if (err != cudaSuccess) return err;
+  plan.path = hopper ? KernelPath::kHopper : KernelPath::kTensorCore;
+  plan.max_shared_bytes = max_shared_bytes;
+  if (!params.deterministic) {
+    plan.dq_accumulator_elements =
         static_cast<size_t>(params.batch) * params.heads_q * params.seqlen_q * params.head_dim;
   }
-  return err;
+  return cudaSuccess;
 }
 
-cudaError_t launch_backward(const BackwardParams& params, const BackwardWorkspace& workspace,
-                            DType dtype, cudaStream_t stream) {
-  if (params.head_dim < 1 || params.head_dim > kMaxHeadDim) return cudaErrorInvalidValue;
-  bool flash = false;
-  cudaError_t err = uses_flash_backward(params, dtype, flash);
-  if (err != cudaSuccess) return err;
-  bool hopper = false;
-  if (flash) {
-    err = uses_hopper_kernels(params, rows_are_16_byte_aligned(params), dtype, false, hopper);
-    if (err != cudaSuccess) return err;
+cudaError_t launch_backward(const BackwardParams& params, const BackwardPlan& plan,
+                            const BackwardWorkspace& workspace, DType dtype, cudaStream_t stream) {
+  if (!head_dim_supported(params.head_dim)) return cudaErrorInvalidValue;
+  if (plan.path != KernelPath::kSimple && !is_half_type(dtype)) return cudaErrorInvalidValue;
+  // The scratch the plan asks for is not optional: without it the kernels would take the
+  // deterministic dQ path, which the plan did not choose.
+  if (plan.dq_accumulator_elements > 0 && workspace.dq_accumulator == nullptr) {
+    return cudaErrorInvalidValue;
   }
-  if (hopper) {
-    return dtype == DType::kFloat16
-               ? launch_backward_hopper<__half>(params, workspace, stream)
-               : launch_backward_hopper<__nv_bfloat16>(params, workspace, stream);
-  }
-  if (flash) {
-    return dtype == DType::kFloat16
-               ? launch_backward_flash<__half>(params, workspace, stream)
-               : launch_backward_flash<__nv_bfloat16>(params, workspace, stream);
+  // Null: dQ from its own kernel, summed in a fixed order, instead of atomics.
+  float* dq_accumulator = plan.dq_accumulator_elements > 0 ? workspace.dq_accumulator : nullptr;
+  const bool fp16 = dtype == DType::kFloat16;
+  switch (plan.path) {
+    case KernelPath::kHopper:
+      return fp16
+                 ? launch_backward_hopper<__half>(params, dq_accumulator, workspace, stream)
+                 : launch_backward_hopper<__nv_bfloat16>(params, dq_accumulator, workspace, stream);
+    case KernelPath::kTensorCore: {
+      const int shared = plan.max_shared_bytes;
+      return fp16 ? launch_backward_flash<__half>(params, shared, dq_accumulator, workspace, stream)
+                  : launch_backward_flash<__nv_bfloat16>(params, shared, dq_accumulator, workspace,
+                                                         stream);
+    }
+    case KernelPath::kDecode:
+      return cudaErrorInvalidValue;  // forward only
+    case KernelPath::kSimple:
+      break;
   }
   return DTYPE_SWITCH(dtype, T, [&] {
     return SIMPLE_HEADDIM_SWITCH(params.head_dim, kHeadDim, [&] {

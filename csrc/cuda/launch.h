@@ -15,12 +15,23 @@ enum class DType { kFloat32, kFloat64, kFloat16, kBFloat16 };
 // Largest head_dim the kernels support.
 constexpr int kMaxHeadDim = 256;
 
-// The forward's choices that need scratch memory, made once per call (plan_forward) so that the
-// caller's allocation and the launch agree.
+// The kernel families. Each call picks one, once (plan_forward / plan_backward), so that the
+// caller's scratch allocation and the launch agree.
+enum class KernelPath {
+  kSimple,      // one thread per query row, every dtype and device (simple/)
+  kTensorCore,  // mma.sync, ldmatrix and cp.async: float16/bfloat16 on sm_80+ (flash/)
+  kHopper,      // warpgroup products (wgmma): float16/bfloat16 on sm_90 (hopper/)
+  kDecode,      // forward only: float16/bfloat16 blocks of few queries (flash/fwd_decode.cuh)
+};
+
 struct ForwardPlan {
-  // Whether the decoding kernel runs: float16/bfloat16 blocks of at most 16 queries against longer
-  // key blocks, on sm_80+, unless the environment variable BLOCK_ATTN_DECODE_KERNEL is "0".
-  bool decode = false;
+  // kDecode for float16/bfloat16 blocks of at most 16 queries against longer key blocks, on
+  // sm_80+, unless the environment variable BLOCK_ATTN_DECODE_KERNEL is "0". Otherwise kHopper
+  // for float16/bfloat16 at head_dim 64, 128 or 256 with 16-byte aligned rows on sm_90 in a build
+  // with sm_90a code, unless BLOCK_ATTN_HOPPER_KERNELS is "0"; else kTensorCore for
+  // float16/bfloat16 on sm_80+; else kSimple. Both variables are read by every plan, so a process
+  // can compare the paths.
+  KernelPath path = KernelPath::kSimple;
   // CTAs over which the decoding kernel splits every block's keys.
   int decode_splits = 1;
   // Floats of ForwardWorkspace::split_partials the launch needs: with more than one split, every
@@ -36,29 +47,40 @@ struct ForwardWorkspace {
   float* split_partials = nullptr;
 };
 
+struct BackwardPlan {
+  // kTensorCore for float16/bfloat16 on sm_80+ (above head_dim 128, where the device has the
+  // shared memory of their narrowest tiles: 70 KiB per CTA), kHopper where those run on sm_90 as
+  // in ForwardPlan (head_dim 64 or 128 only), else kSimple.
+  KernelPath path = KernelPath::kSimple;
+  // The device's opt-in shared memory per CTA, from which the tensor-core backward picks its
+  // tiles (0 on the simple path).
+  int max_shared_bytes = 0;
+  // Floats of BackwardWorkspace::dq_accumulator the launch needs: batch * heads_q * seqlen_q *
+  // head_dim on the tensor-core and Hopper paths when params.deterministic is false (dQ is then
+  // summed with atomics, in an order that varies from run to run), else 0.
+  size_t dq_accumulator_elements = 0;
+};
+
+cudaError_t plan_backward(const BackwardParams& params, DType dtype, BackwardPlan& plan);
+
 // Scratch memory of the backward, allocated by the caller.
 struct BackwardWorkspace {
   // (batch, heads_q, seqlen_q) contiguous: rowsum(grad_out * out) - grad_lse, in the accumulator
   // type (double for float64 inputs, float otherwise).
   void* delta = nullptr;
-  // backward_dq_accumulator_elements floats (uninitialised), or null where it says 0.
+  // BackwardPlan::dq_accumulator_elements floats (uninitialised), or null where it says 0.
   float* dq_accumulator = nullptr;
 };
-
-// Floats of BackwardWorkspace::dq_accumulator that launch_backward needs: batch * heads_q *
-// seqlen_q * head_dim where the tensor-core backward runs and params.deterministic is false
-// (dQ is then summed with atomics, in an order that varies from run to run), else 0.
-cudaError_t backward_dq_accumulator_elements(const BackwardParams& params, DType dtype,
-                                             size_t& elements);
 
 // Writes params.out and params.lse, as plan_forward(params, dtype) planned. Returns the first
 // launch error, or cudaSuccess.
 cudaError_t launch_forward(const ForwardParams& params, const ForwardPlan& plan,
                            const ForwardWorkspace& workspace, DType dtype, cudaStream_t stream);
 
-// Writes params.grad_q, grad_k and grad_v (fully overwritten). Without a dq_accumulator every
-// output element is reduced by one thread in a fixed order: bitwise reproducible.
-cudaError_t launch_backward(const BackwardParams& params, const BackwardWorkspace& workspace,
-                            DType dtype, cudaStream_t stream);
+// Writes params.grad_q, grad_k and grad_v (fully overwritten), as plan_backward(params, dtype)
+// planned. Where the plan needs no dq_accumulator, every output element is reduced by one thread
+// in a fixed order: bitwise reproducible.
+cudaError_t launch_backward(const BackwardParams& params, const BackwardPlan& plan,
+                            const BackwardWorkspace& workspace, DType dtype, cudaStream_t stream);
 
 }  // namespace block_attn::cuda

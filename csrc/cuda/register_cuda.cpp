@@ -100,14 +100,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
   const BackwardParams params = make_backward_params(
       grad_out, q, k, v, out, lse, grad_lse_contiguous, grad_q, grad_k, grad_v, cu_seqlens_q,
       cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, deterministic);
+  cuda::BackwardPlan plan;
+  C10_CUDA_CHECK(cuda::plan_backward(params, dtype, plan));
+  const at::Tensor dq_accumulator = float_scratch(q, plan.dq_accumulator_elements);
   cuda::BackwardWorkspace workspace{};
   workspace.delta = delta.data_ptr();
-  size_t dq_accumulator_elements = 0;
-  C10_CUDA_CHECK(cuda::backward_dq_accumulator_elements(params, dtype, dq_accumulator_elements));
-  const at::Tensor dq_accumulator = float_scratch(q, dq_accumulator_elements);
   workspace.dq_accumulator = data_or_null(dq_accumulator);
   const cudaError_t err =
-      cuda::launch_backward(params, workspace, dtype, at::cuda::getCurrentCUDAStream());
+      cuda::launch_backward(params, plan, workspace, dtype, at::cuda::getCurrentCUDAStream());
   C10_CUDA_CHECK(err);
   return {grad_q, grad_k, grad_v};
 }

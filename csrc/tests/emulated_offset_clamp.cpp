@@ -133,14 +133,21 @@ int run(const OffsetCase& c, int head_dim, bool causal, const char* label) {
   for (const bool deterministic : {true, false}) {
     if (!ok) break;
     p.deterministic = deterministic;
-    size_t elements = 0;
-    cuda::backward_dq_accumulator_elements(p, dtype, elements);
+    cuda::BackwardPlan backward_plan;
+    ok = cuda::plan_backward(p, dtype, backward_plan) == cudaSuccess;
+    const size_t elements = backward_plan.dq_accumulator_elements;
     // (seqlen, head_dim) floats where dQ is summed with atomics.
     Guarded<float> dq_accumulator(static_cast<int>(elements / head_dim), head_dim, false, rng);
     cuda::BackwardWorkspace workspace;
     workspace.delta = delta.body();
+    // As in the forward, the accumulator the plan asks for is not optional.
+    if (ok && elements > 0 &&
+        cuda::launch_backward(p, backward_plan, workspace, dtype, nullptr) !=
+            cudaErrorInvalidValue) {
+      problem = "a backward without its dQ accumulator did not fail";
+    }
     workspace.dq_accumulator = elements ? dq_accumulator.body() : nullptr;
-    ok = cuda::launch_backward(p, workspace, dtype, nullptr) == cudaSuccess;
+    ok = ok && cuda::launch_backward(p, backward_plan, workspace, dtype, nullptr) == cudaSuccess;
     if (!ok) problem = "backward launch failed";
     if (ok && !dq_accumulator.guards_intact()) problem = "dQ accumulator's guard written";
   }

@@ -189,7 +189,8 @@ int main() {
   atomic.grad_k = grad_k_atomic;
   atomic.grad_v = grad_v_atomic;
   const double atomic_ms = median_ms([&] {
-    return kernels::run_bwd_flash<bf16, kHeadDim, kCausal>(atomic, delta, dq_accumulator, nullptr);
+    return kernels::run_bwd_flash<bf16, kHeadDim, kCausal>(atomic, delta, dq_accumulator,
+                                                           max_shared, nullptr);
   });
   const bool wide_fits =
       kernels::FlashBwdTraits<kHeadDim, 1, 8>::dkdv_shared_bytes(true) <= max_shared;
@@ -198,7 +199,8 @@ int main() {
   wide.grad_k = grad_k_wide;
   wide.grad_v = grad_v_wide;
   const double wide_ms = wide_fits ? median_ms([&] {
-    return kernels::run_bwd_flash<bf16, kHeadDim, kCausal, 8>(wide, delta, dq_accumulator, nullptr);
+    return kernels::run_bwd_flash<bf16, kHeadDim, kCausal, 8>(wide, delta, dq_accumulator,
+                                                              max_shared, nullptr);
   })
                                    : -1;
   const bool two_fit = kernels::FlashBwdTraits<kHeadDim, 2>::kSharedBytes <= max_shared;

@@ -86,6 +86,7 @@ cudaError_t with_wgmma_config(const ForwardParams& p, int warpgroups, Launch&& l
 // CTAs, and the wgmma backward with the case's warpgroups (dQ by atomics, or deterministic).
 template <typename T>
 cudaError_t run_backward(const Case& c, const BackwardParams& p,
+                         const block_attn::cuda::BackwardPlan& plan,
                          const block_attn::cuda::BackwardWorkspace& workspace) {
   if constexpr (sizeof(T) == 2) {
     if (c.wgmma_warpgroups > 0 && p.head_dim != 256) {  // no wgmma backward at 256
@@ -102,15 +103,16 @@ cudaError_t run_backward(const Case& c, const BackwardParams& p,
       using block_attn::cuda::run_bwd_flash;
       float* delta = static_cast<float*>(workspace.delta);
       float* sums = p.deterministic ? nullptr : workspace.dq_accumulator;
+      const int shared = plan.max_shared_bytes;
       if (p.head_dim <= 64) {
-        return p.is_causal ? run_bwd_flash<T, 64, true, 8>(p, delta, sums, nullptr)
-                           : run_bwd_flash<T, 64, false, 8>(p, delta, sums, nullptr);
+        return p.is_causal ? run_bwd_flash<T, 64, true, 8>(p, delta, sums, shared, nullptr)
+                           : run_bwd_flash<T, 64, false, 8>(p, delta, sums, shared, nullptr);
       }
-      return p.is_causal ? run_bwd_flash<T, 128, true, 8>(p, delta, sums, nullptr)
-                         : run_bwd_flash<T, 128, false, 8>(p, delta, sums, nullptr);
+      return p.is_causal ? run_bwd_flash<T, 128, true, 8>(p, delta, sums, shared, nullptr)
+                         : run_bwd_flash<T, 128, false, 8>(p, delta, sums, shared, nullptr);
     }
   }
-  return block_attn::cuda::launch_backward(p, workspace, Element<T>::kDType, nullptr);
+  return block_attn::cuda::launch_backward(p, plan, workspace, Element<T>::kDType, nullptr);
 }
 
 // launch_forward, or the wgmma forward with the case's warpgroups per CTA.
@@ -406,8 +408,14 @@ void run_case(const Case& c) {
   // into a float32 accumulator from the dK/dV kernel.
   for (const bool deterministic : {true, false}) {
     p.deterministic = deterministic;
-    size_t accumulator_elements = 0;
-    block_attn::cuda::backward_dq_accumulator_elements(p, Element<T>::kDType, accumulator_elements);
+    block_attn::cuda::BackwardPlan plan;
+    err = block_attn::cuda::plan_backward(p, Element<T>::kDType, plan);
+    if (err != cudaSuccess) {
+      std::printf("  FAIL backward plan: error %d\n", static_cast<int>(err));
+      ++failures;
+      return;
+    }
+    const size_t accumulator_elements = plan.dq_accumulator_elements;
     if (!deterministic && accumulator_elements == 0) break;        // one path only
     std::vector<float> dq_accumulator(accumulator_elements, NAN);  // launch_backward zeroes it
     block_attn::cuda::BackwardWorkspace workspace;
@@ -416,7 +424,7 @@ void run_case(const Case& c) {
     for (Tensor<T>* t : {&grad_q, &grad_k, &grad_v}) {
       std::fill(t->data.begin(), t->data.end(), Element<T>::nan());
     }
-    err = run_backward<T>(c, p, workspace);
+    err = run_backward<T>(c, p, plan, workspace);
     if (err != cudaSuccess) {
       std::printf("  FAIL backward launch: error %d\n", static_cast<int>(err));
       ++failures;

@@ -306,8 +306,10 @@ struct TimingProblem {
   Case c;
   Buffers b;
   BackwardParams p{};
+  int max_shared_bytes = 0;  // what the mma.sync backward picks its tiles by
   bool ready = false;
   TimingProblem(int tokens, int heads) : c{"timing", heads, heads, {0, tokens}, {0, tokens}, true} {
+    cudaDeviceGetAttribute(&max_shared_bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, 0);
     const size_t size = static_cast<size_t>(heads) * tokens * kHeadDim;
     if (!b.allocate(heads, tokens, heads, tokens, 2)) return;
     std::vector<__nv_bfloat16> host(size);
@@ -357,7 +359,7 @@ void time_causal(int tokens, int heads) {
               gpu_probe::median_ms([&] { return run<__nv_bfloat16, 2, 128>(t.p); }), fwd);
   report_time("backward, mma.sync, atomic dQ", gpu_probe::median_ms([&] {
                 return run_bwd_flash<__nv_bfloat16, kHeadDim, true, 4>(t.p, t.b.delta, t.b.dq_sums,
-                                                                       nullptr);
+                                                                       t.max_shared_bytes, nullptr);
               }),
               bwd);
   report_time("backward, wgmma, 1 warpgroup (64 keys)",
@@ -366,7 +368,7 @@ void time_causal(int tokens, int heads) {
               gpu_probe::median_ms([&] { return run_backward<__nv_bfloat16, 2>(t.p, t.b); }), bwd);
   report_time("backward, mma.sync, deterministic", gpu_probe::median_ms([&] {
                 return run_bwd_flash<__nv_bfloat16, kHeadDim, true, 4>(t.p, t.b.delta, nullptr,
-                                                                       nullptr);
+                                                                       t.max_shared_bytes, nullptr);
               }),
               bwd);
   report_time("backward, wgmma, deterministic (dQ kernel)",

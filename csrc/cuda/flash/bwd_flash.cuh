@@ -513,12 +513,8 @@ cudaError_t run_bwd_flash_tiles(const BackwardParams& params, float* delta, floa
 // accumulators would not fit in registers) where the shared memory allows.
 template <typename T, int kHeadDim, bool kIsCausal, int kKeyWarps>
 cudaError_t run_bwd_flash(const BackwardParams& params, void* delta_workspace,
-                          float* dq_accumulator, cudaStream_t stream) {
+                          float* dq_accumulator, int max_shared_bytes, cudaStream_t stream) {
   auto* delta = static_cast<float*>(delta_workspace);
-  int max_shared_bytes = 0;
-  const cudaError_t err =
-      current_device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, max_shared_bytes);
-  if (err != cudaSuccess) return err;
   using DkDv = DkDvTraits<kHeadDim, kKeyWarps>;
   if constexpr (kHeadDim > 128) {
     if (flash_bwd_shared_bytes<DkDv, DqTraits<kHeadDim>>() > max_shared_bytes) {

@@ -4,8 +4,8 @@
 namespace block_attn::cuda {
 
 template cudaError_t run_bwd_flash<__nv_bfloat16, 64, false>(const BackwardParams&, void*, float*,
-                                                             cudaStream_t);
+                                                             int, cudaStream_t);
 template cudaError_t run_bwd_flash<__nv_bfloat16, 64, true>(const BackwardParams&, void*, float*,
-                                                            cudaStream_t);
+                                                            int, cudaStream_t);
 
 }  // namespace block_attn::cuda

@@ -3,9 +3,9 @@
 
 namespace block_attn::cuda {
 
-template cudaError_t run_bwd_flash<__half, 64, false>(const BackwardParams&, void*, float*,
+template cudaError_t run_bwd_flash<__half, 64, false>(const BackwardParams&, void*, float*, int,
                                                       cudaStream_t);
-template cudaError_t run_bwd_flash<__half, 64, true>(const BackwardParams&, void*, float*,
+template cudaError_t run_bwd_flash<__half, 64, true>(const BackwardParams&, void*, float*, int,
                                                      cudaStream_t);
 
 }  // namespace block_attn::cuda
