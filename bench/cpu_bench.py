@@ -365,6 +365,9 @@ def environment() -> dict:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "host": platform.node(),
         "cpu_model": model,
+        # The widest vector ISA torch found on this CPU (AVX512, AVX2, ...): an AVX2-only machine
+        # runs MKL's GEMMs at their full rate, so the peer ratios differ from an AVX-512 one.
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),

@@ -226,7 +226,8 @@ def write_markdown(results: dict, path: str) -> None:
     lines = [
         f"# block_attn CPU benchmark ({results['mode']} mode)",
         "",
-        f"{env['date']} · {env['cpu_model']} · {env['cores']} cores · torch {env['torch']} · "
+        f"{env['date']} · {env['cpu_model']} ({env.get('cpu_capability', '?')}) · "
+        f"{env['cores']} cores · torch {env['torch']} · "
         f"fp32 GEMM {gemm_rate(gemm, 'fp32'):.0f} GFLOP/s, bf16 {gemm_rate(gemm, 'bf16'):.0f} · "
         f"{results.get('elapsed_s', '?')} s",
         "",
@@ -333,7 +334,8 @@ def readme_section(results: dict, plot_path: str = "results/cpu_results.png") ->
     lines = [
         f"## CPU results ({results['mode']} mode)",
         "",
-        f"{env['cpu_model']}, {env['cores']} cores, torch {env['torch']}, {env['date'][:10]}; "
+        f"{env['cpu_model']} ({env.get('cpu_capability', '?')}), {env['cores']} cores, "
+        f"torch {env['torch']}, {env['date'][:10]}; "
         f"fp32 GEMM ({gemm['fp32'].get('size', 4096)}³ `torch.mm`, best of start and end) "
         f"{gemm_rate(gemm, 'fp32'):.0f} GFLOP/s, bf16 ({gemm['bf16'].get('size', 4096)}³) "
         f"{gemm_rate(gemm, 'bf16'):.0f}. "
