@@ -33,6 +33,13 @@ bool head_dim_supported(int head_dim) {
   return head_dim >= 1 && head_dim <= kMaxHeadDim;
 }
 
+// Whether the environment variable `name` is "0": a kernel path switched off. Read at every
+// plan, so a process can compare both paths.
+bool switched_off(const char* name) {
+  const char* setting = std::getenv(name);
+  return setting != nullptr && std::strcmp(setting, "0") == 0;
+}
+
 // mma.sync, ldmatrix and cp.async need sm_80 or newer.
 cudaError_t device_has_tensor_core_kernels(bool& result) {
   int major = 0;
@@ -59,8 +66,7 @@ cudaError_t uses_hopper_kernels(const ForwardParams& params, bool rows_aligned, 
   const int d = params.head_dim;
   const bool tiled_head_dim = d == 64 || d == 128 || (forward && d == 256);
   if (!is_half_type(dtype) || !tiled_head_dim || !rows_aligned) return cudaSuccess;
-  const char* setting = std::getenv("BLOCK_ATTN_HOPPER_KERNELS");
-  if (setting != nullptr && std::strcmp(setting, "0") == 0) return cudaSuccess;
+  if (switched_off("BLOCK_ATTN_HOPPER_KERNELS")) return cudaSuccess;
   int major = 0;
   int minor = 0;
   const cudaError_t err = compute_capability(major, minor);
@@ -92,8 +98,7 @@ cudaError_t plan_decode(const ForwardParams& params, DType dtype, ForwardPlan& p
       params.max_seqlen_k < 2 * kDecodeKeyTile) {
     return cudaSuccess;
   }
-  const char* setting = std::getenv("BLOCK_ATTN_DECODE_KERNEL");
-  if (setting != nullptr && std::strcmp(setting, "0") == 0) return cudaSuccess;
+  if (switched_off("BLOCK_ATTN_DECODE_KERNEL")) return cudaSuccess;
   bool tensor_cores = false;
   cudaError_t err = device_has_tensor_core_kernels(tensor_cores);
   if (err != cudaSuccess || !tensor_cores) return err;
