@@ -24,6 +24,7 @@
 #include "cuda/hopper/fwd_wgmma.cuh"
 #include "cuda/launch.h"
 #include "emulated_elements.h"
+#include "emulated_kernel_paths.h"
 #include "emulated_offset_clamp.h"
 
 namespace {
@@ -729,6 +730,7 @@ int main(int argc, char** argv) {
   }
 
   failures += block_attn::emulated_test::check_offsets_outside_contract();
+  failures += block_attn::emulated_test::check_kernel_paths();
 
   std::printf("%s: %d failure(s)\n", failures ? "FAILED" : "passed", failures);
   return failures ? 1 : 0;
