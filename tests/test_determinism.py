@@ -116,8 +116,13 @@ def test_nan_propagates_only_to_rows_that_see_it(device):
     torch.testing.assert_close(before_key, clean[:, :, 16:25])
 
 
-def test_nan_query_stays_in_its_row(device):
-    q, k, v = make_qkv(1, 1, 1, 32, 32, 8, device=device)
+@pytest.mark.parametrize(
+    ("dtype", "head_dim"),
+    [(torch.float32, 8), (torch.bfloat16, 8), (torch.bfloat16, 64), (torch.float16, 128)],
+)
+def test_nan_query_stays_in_its_row(device, dtype, head_dim):
+    """A NaN query makes its own row NaN (all its scores are NaN), not zero; other rows keep."""
+    q, k, v = make_qkv(1, 1, 1, 32, 32, head_dim, dtype=dtype, device=device)
     clean = block_attn.attention(q, k, v, block_size=8)
     q_nan = q.clone()
     q_nan[0, 0, 10, 0] = float("nan")

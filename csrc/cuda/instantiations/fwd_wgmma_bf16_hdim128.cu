@@ -3,11 +3,9 @@
 
 namespace block_attn::cuda::hopper {
 
-template cudaError_t run_fwd_wgmma<__nv_bfloat16, 128, false, 1>(const ForwardParams&,
-                                                                 cudaStream_t);
-template cudaError_t run_fwd_wgmma<__nv_bfloat16, 128, true, 1>(const ForwardParams&, cudaStream_t);
-template cudaError_t run_fwd_wgmma<__nv_bfloat16, 128, false, 2>(const ForwardParams&,
-                                                                 cudaStream_t);
-template cudaError_t run_fwd_wgmma<__nv_bfloat16, 128, true, 2>(const ForwardParams&, cudaStream_t);
+template cudaError_t run_fwd_wgmma<__nv_bfloat16, 128, false, 2, 128>(const ForwardParams&,
+                                                                      cudaStream_t);
+template cudaError_t run_fwd_wgmma<__nv_bfloat16, 128, true, 2, 128>(const ForwardParams&,
+                                                                     cudaStream_t);
 
 }  // namespace block_attn::cuda::hopper

@@ -3,11 +3,9 @@
 
 namespace block_attn::cuda::hopper {
 
-template cudaError_t run_fwd_wgmma<__nv_bfloat16, 256, false, 1>(const ForwardParams&,
-                                                                 cudaStream_t);
-template cudaError_t run_fwd_wgmma<__nv_bfloat16, 256, true, 1>(const ForwardParams&, cudaStream_t);
-template cudaError_t run_fwd_wgmma<__nv_bfloat16, 256, false, 2>(const ForwardParams&,
-                                                                 cudaStream_t);
-template cudaError_t run_fwd_wgmma<__nv_bfloat16, 256, true, 2>(const ForwardParams&, cudaStream_t);
+template cudaError_t run_fwd_wgmma<__nv_bfloat16, 256, false, 1, 64>(const ForwardParams&,
+                                                                     cudaStream_t);
+template cudaError_t run_fwd_wgmma<__nv_bfloat16, 256, true, 1, 64>(const ForwardParams&,
+                                                                    cudaStream_t);
 
 }  // namespace block_attn::cuda::hopper

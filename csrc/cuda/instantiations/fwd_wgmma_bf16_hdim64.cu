@@ -3,9 +3,9 @@
 
 namespace block_attn::cuda::hopper {
 
-template cudaError_t run_fwd_wgmma<__nv_bfloat16, 64, false, 1>(const ForwardParams&, cudaStream_t);
-template cudaError_t run_fwd_wgmma<__nv_bfloat16, 64, true, 1>(const ForwardParams&, cudaStream_t);
-template cudaError_t run_fwd_wgmma<__nv_bfloat16, 64, false, 2>(const ForwardParams&, cudaStream_t);
-template cudaError_t run_fwd_wgmma<__nv_bfloat16, 64, true, 2>(const ForwardParams&, cudaStream_t);
+template cudaError_t run_fwd_wgmma<__nv_bfloat16, 64, false, 2, 128>(const ForwardParams&,
+                                                                     cudaStream_t);
+template cudaError_t run_fwd_wgmma<__nv_bfloat16, 64, true, 2, 128>(const ForwardParams&,
+                                                                    cudaStream_t);
 
 }  // namespace block_attn::cuda::hopper

@@ -74,10 +74,14 @@ __global__ void __launch_bounds__(Traits::kThreads) fwd_simple_kernel(const Forw
         const A s = dot_row<Traits>(q_reg[r], sK + n * kHeadDim, lane);
         if (lane == n && n0 + n < key_end) my_score = s * scale;
       }
+      // max() drops NaN scores, so a row whose allowed scores are all NaN (a NaN query) keeps
+      // max -inf: it goes on with 0 in place of the max, and its NaN reaches the sum and output.
       const A new_max = max(row_max[r], warp_max(my_score));
-      if (new_max == neg_inf<A>()) continue;  // no allowed key yet; warp-uniform
-      const A alpha = exp_acc(row_max[r] - new_max);
-      const A p = exp_acc(my_score - new_max);
+      const bool any_nan = __any_sync(0xffffffffu, my_score != my_score);
+      if (new_max == neg_inf<A>() && !any_nan) continue;  // no allowed key yet; warp-uniform
+      const A max_used = new_max == neg_inf<A>() ? A(0) : new_max;
+      const A alpha = exp_acc(row_max[r] - max_used);
+      const A p = exp_acc(my_score - max_used);
       row_sum[r] = row_sum[r] * alpha + warp_sum(p);
       row_max[r] = new_max;
 #pragma unroll
