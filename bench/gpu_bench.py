@@ -117,12 +117,13 @@ def environment(device: str, impl_name: str) -> dict:
         env["memory_gib"] = round(props.total_memory / 2**30, 1)
         env["capability"] = f"{props.major}.{props.minor}"
         env["driver"] = nvidia_smi_field("driver_version")
-        # Whether the bf16 workloads (head_dim 64 and 128 alike) run the Hopper kernels.
+        # Whether the bf16 workloads run the Hopper kernels: the backward at head_dim 64 and 128
+        # alike; the forward by head_dim and key block length (hopper_kernels_apply).
         env["hopper_kernels_env"] = os.environ.get("BLOCK_ATTN_HOPPER_KERNELS")
         try:
             from block_attn.cuda_kernels import hopper_kernels_apply
 
-            env["hopper_kernels"] = hopper_kernels_apply(device, torch.bfloat16, 128)
+            env["hopper_kernels"] = hopper_kernels_apply(device, torch.bfloat16, 128, backward=True)
         except Exception as error:
             env["hopper_kernels"] = {"error": describe(error)}
     else:

@@ -65,7 +65,9 @@ class OursMmaSync(Ours):
     def __init__(self, workload, device, impl: Callable):
         from block_attn.cuda_kernels import hopper_kernels_apply
 
-        if not hopper_kernels_apply(device, workload.dtype, workload.head_dim):
+        dtype, head_dim = workload.dtype, workload.head_dim
+        forward = hopper_kernels_apply(device, dtype, head_dim, max_seqlen_k=workload.max_len)
+        if not forward and not hopper_kernels_apply(device, dtype, head_dim, backward=True):
             raise UnsupportedError("runs the same kernels as block_attn here")
         super().__init__(workload, device, impl)
 

@@ -6,17 +6,28 @@ import os
 
 import torch
 
+# The C++ dispatch's rule (csrc/cuda/launch.cu): below head_dim 256 the Hopper forward runs only
+# over key blocks longer than this; shorter ones run the mma.sync forward, which was as fast there.
+HOPPER_FORWARD_MIN_KEYS = 4096
+
 
 def hopper_kernels_apply(
-    device: str | torch.device, dtype: torch.dtype, head_dim: int, *, backward: bool = False
+    device: str | torch.device,
+    dtype: torch.dtype,
+    head_dim: int,
+    *,
+    backward: bool = False,
+    max_seqlen_k: int | None = None,
 ) -> bool:
     """Whether attention's forward (or, with ``backward=True``, its backward) on ``device`` runs
     the Hopper (wgmma) kernels for this dtype and head_dim.
 
-    They take bfloat16 and float16 with head_dim 64 or 128 (the forward also 256) on an sm_90 GPU
-    (H100, H200) when the extension was built with ``9.0a`` in ``TORCH_CUDA_ARCH_LIST`` and the
-    environment variable ``BLOCK_ATTN_HOPPER_KERNELS`` is not ``"0"``, in both the default and
-    the deterministic mode. They also need every row 16-byte aligned (aligned storage, and
+    They take bfloat16 and float16 on an sm_90 GPU (H100, H200) when the extension was built with
+    ``9.0a`` in ``TORCH_CUDA_ARCH_LIST`` and the environment variable
+    ``BLOCK_ATTN_HOPPER_KERNELS`` is not ``"0"``, in both the default and the deterministic mode:
+    the backward at head_dim 64 and 128, the forward at head_dim 256, and at head_dim 128 when the
+    longest key block (``max_seqlen_k``, needed for this answer) is longer than
+    ``HOPPER_FORWARD_MIN_KEYS``. They also need every row 16-byte aligned (aligned storage, and
     strides that are multiples of 8 elements, as contiguous tensors and their head-transposed
     views have), which this does not check. A forward that ``decoding_kernel_applies`` to runs
     that kernel instead. Everything else runs the mma.sync (sm_80+) or simple kernels.
@@ -24,8 +35,13 @@ def hopper_kernels_apply(
     device = torch.device(device)
     if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
         return False
-    if head_dim not in ((64, 128) if backward else (64, 128, 256)):
-        return False
+    if backward:
+        if head_dim not in (64, 128):
+            return False
+    elif head_dim != 256:
+        long_keys = max_seqlen_k is not None and max_seqlen_k > HOPPER_FORWARD_MIN_KEYS
+        if head_dim != 128 or not long_keys:
+            return False
     from block_attn import _C
 
     archs = _C.build_info()["cuda_archs"].replace("+PTX", "").replace(";", " ").split()

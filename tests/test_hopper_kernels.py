@@ -1,9 +1,10 @@
 """The Hopper (wgmma) kernels against the mma.sync kernels and the float64 reference.
 
 On an sm_90 GPU with a build that has sm_90a code, bf16/fp16 attention with head_dim 64 or 128
-runs the wgmma forward and backward (in deterministic mode with a dQ kernel instead of atomics),
-and at head_dim 256 the wgmma forward; BLOCK_ATTN_HOPPER_KERNELS=0 selects the mma.sync kernels,
-read at every call. Elsewhere the comparisons skip.
+runs the wgmma backward (in deterministic mode with a dQ kernel instead of atomics); the wgmma
+forward runs at head_dim 256, and at head_dim 128 over key blocks longer than
+HOPPER_FORWARD_MIN_KEYS. BLOCK_ATTN_HOPPER_KERNELS=0 selects the mma.sync kernels, read at every
+call. Elsewhere the comparisons skip.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ CASES = [
     pytest.param(2, 4, 2, 257, {"cu_seqlens": [0, 1, 64, 65, 200, 257]}, id="ragged-gqa"),
     pytest.param(1, 6, 2, 400, {"cu_seqlens": [0, 130, 131, 400], "causal": True}, id="docs"),
     pytest.param(1, 2, 1, 96, {"block_size": 32, "causal": True}, id="small-blocks-mqa"),
+    # Longer than HOPPER_FORWARD_MIN_KEYS: the wgmma forward at head_dim 128 too.
+    pytest.param(1, 2, 1, 4160, {"cu_seqlens": [0, 4099, 4160], "causal": True}, id="long"),
 ]
 
 
@@ -48,8 +51,12 @@ def check_against_reference(q, k, v, grad_out, kwargs, results):
 
 
 def hopper_inputs(B, Hq, Hkv, N, D, dtype, layout, backward=False):
+    """Inputs for a problem where the Hopper backward (or, without ``backward``, either of the
+    Hopper kernels) runs; skips elsewhere."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    if not hopper_kernels_apply(device, dtype, D, backward=backward):
+    runs_backward = hopper_kernels_apply(device, dtype, D, backward=True)
+    runs_forward = hopper_kernels_apply(device, dtype, D, max_seqlen_k=N)
+    if not (runs_backward or (runs_forward and not backward)):
         pytest.skip("the Hopper kernels need an sm_90 GPU and a build with sm_90a code")
     q, k, v = make_qkv(B, Hq, Hkv, N, N, D, dtype=dtype, device=device, layout=layout)
     q, k, v = (t.requires_grad_() for t in (q, k, v))
@@ -106,10 +113,19 @@ def test_no_hopper_backward_at_head_dim_256():
     assert not hopper_kernels_apply("cuda", torch.bfloat16, 256, backward=True)
 
 
+@pytest.mark.parametrize(("D", "max_seqlen_k"), [(64, 16384), (128, 4096), (128, None)])
+def test_hopper_forward_not_over_short_key_blocks_or_head_dim_64(D, max_seqlen_k):
+    """The mma.sync forward was as fast there (csrc/cuda/launch.cu has the figures)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    assert not hopper_kernels_apply(device, torch.bfloat16, D, max_seqlen_k=max_seqlen_k)
+
+
 def test_environment_variable_turns_hopper_kernels_off(monkeypatch):
     monkeypatch.delenv("BLOCK_ATTN_HOPPER_KERNELS", raising=False)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    if not hopper_kernels_apply(device, torch.bfloat16, 128):
+    if not hopper_kernels_apply(device, torch.bfloat16, 128, backward=True):
         pytest.skip("the Hopper kernels need an sm_90 GPU and a build with sm_90a code")
+    assert hopper_kernels_apply(device, torch.bfloat16, 128, max_seqlen_k=8192)
     monkeypatch.setenv("BLOCK_ATTN_HOPPER_KERNELS", "0")
-    assert not hopper_kernels_apply(device, torch.bfloat16, 128)
+    assert not hopper_kernels_apply(device, torch.bfloat16, 128, backward=True)
+    assert not hopper_kernels_apply(device, torch.bfloat16, 128, max_seqlen_k=8192)

@@ -136,8 +136,14 @@ int check_kernel_paths() {
 
   cuda_emulator::set_device_properties(cuda_emulator::DeviceProperties{});
   std::printf("=== emulated sm_90: kernel paths\n");
-  failures += check("bf16 d128", problem(128, 128, 128, false), bf16, {hopper, hopper});
-  failures += check("fp16 d64 deterministic", problem(64, 128, 128, true), fp16, {hopper, hopper});
+  failures += check("bf16 d128", problem(128, 128, 128, false), bf16, {tensor_core, hopper});
+  failures +=
+      check("bf16 d128, 4096 keys", problem(128, 128, 4096, false), bf16, {tensor_core, hopper});
+  failures += check("bf16 d128, 4097 keys", problem(128, 128, 4097, false), bf16, {hopper, hopper});
+  failures +=
+      check("fp16 d64 deterministic", problem(64, 128, 128, true), fp16, {tensor_core, hopper});
+  failures +=
+      check("fp16 d64, 16384 keys", problem(64, 128, 16384, false), fp16, {tensor_core, hopper});
   failures += check("bf16 d128 rows not 16-byte aligned", problem(128, 128, 128, false, 132), bf16,
                     {tensor_core, tensor_core});
   failures += check("bf16 d96 (padded to 128)", problem(96, 128, 128, false), bf16,
@@ -150,15 +156,15 @@ int check_kernel_paths() {
   failures += check("fp16 decoding: 16 queries, 128 keys", problem(64, 16, 128, false), fp16,
                     {decode, hopper});
   failures += check("bf16 1 query against 64 keys: no decoding", problem(128, 1, 64, false), bf16,
-                    {hopper, hopper});
+                    {tensor_core, hopper});
   failures +=
       check("fp32 decoding shape", problem(64, 1, 1024, false), DType::kFloat32, {simple, simple});
   setenv("BLOCK_ATTN_HOPPER_KERNELS", "0", 1);
-  failures += check("bf16 d128, BLOCK_ATTN_HOPPER_KERNELS=0", problem(128, 128, 128, false), bf16,
+  failures += check("bf16 d128, BLOCK_ATTN_HOPPER_KERNELS=0", problem(128, 128, 8192, false), bf16,
                     {tensor_core, tensor_core});
   unsetenv("BLOCK_ATTN_HOPPER_KERNELS");
   setenv("BLOCK_ATTN_DECODE_KERNEL", "0", 1);
-  failures += check("bf16 decoding, BLOCK_ATTN_DECODE_KERNEL=0", problem(128, 1, 1024, false), bf16,
+  failures += check("bf16 decoding, BLOCK_ATTN_DECODE_KERNEL=0", problem(128, 1, 8192, false), bf16,
                     {hopper, hopper});
   unsetenv("BLOCK_ATTN_DECODE_KERNEL");
   failures += check_refused(0);
