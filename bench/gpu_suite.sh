@@ -96,7 +96,16 @@ else:
 EOF
   echo "cpus: $(nproc)"
   git log -1 --format='commit %H %s' 2>/dev/null
+  # A copy of the working tree may carry an older .git than its files: this digest names the
+  # sources that ran (the same command in a checkout gives the same digest).
+  echo "source digest: $(source_digest)"
   return $rc
+}
+
+source_digest() {
+  find csrc block_attn tests bench setup.py -type f \( -name '*.py' -o -name '*.cu' -o -name '*.cuh' \
+    -o -name '*.h' -o -name '*.cpp' -o -name '*.sh' \) -not -path 'bench/results/*' |
+    LC_ALL=C sort | xargs sha256sum | sha256sum | cut -c1-16
 }
 
 build() {
@@ -233,7 +242,7 @@ profile() {
 HOPPER_PROBE_FAILURES="$OUT/hopper_probe_failures.txt"
 rm -f "$HOPPER_PROBE_FAILURES" "$OUT/build_fallback.txt" "$OUT"/probe_*.txt
 export OUT HOPPER_PROBE_FAILURES
-export -f environment build tests sanitizer kernel_probes profile
+export -f source_digest environment build tests sanitizer kernel_probes profile
 log "block_attn GPU suite: steps '$STEPS', budget ${SUITE_BUDGET}s, writing to $OUT"
 if wanted env; then run_step environment 60 0 1 environment; fi
 # Reserves keep time for the later counted steps: tests, memcheck, racecheck and the benchmark
