@@ -27,8 +27,9 @@ enum class KernelPath {
 struct ForwardPlan {
   // kDecode for float16/bfloat16 blocks of at most 16 queries against longer key blocks, on
   // sm_80+, unless the environment variable BLOCK_ATTN_DECODE_KERNEL is "0". Otherwise kHopper
-  // for float16/bfloat16 at head_dim 64, 128 or 256 with 16-byte aligned rows on sm_90 in a build
-  // with sm_90a code, unless BLOCK_ATTN_HOPPER_KERNELS is "0"; else kTensorCore for
+  // for float16/bfloat16 at head_dim 256, or 128 over key blocks longer than 4096, with 16-byte
+  // aligned rows on sm_90 in a build with sm_90a code, unless BLOCK_ATTN_HOPPER_KERNELS is "0"
+  // (the mma.sync forward was as fast elsewhere); else kTensorCore for
   // float16/bfloat16 on sm_80+; else kSimple. Both variables are read by every plan, so a process
   // can compare the paths.
   KernelPath path = KernelPath::kSimple;
