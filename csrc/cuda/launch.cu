@@ -69,13 +69,10 @@ constexpr int kHopperBackwardWarpgroups = 2;
 // mma.sync forward was as fast or faster: fixed blocks of 256 0.18 ms against 0.21 ms, packed
 // documents 0.92 ms against 0.96 ms; and at head_dim 64 on every workload measured.
 constexpr int kHopperForwardMinKeys = 4096;
-bool hopper_forward_pays(const ForwardParams& params) {
-  return params.head_dim == 256 ||
-         (params.head_dim == 128 && params.max_seqlen_k > kHopperForwardMinKeys);
-}
 
-// Whether the Hopper kernels take a problem: bf16 or fp16, head_dim 64 or 128 (or 256 in the
-// forward), 16-byte aligned rows, on an sm_90 device, in a build with sm_90a code, unless the
+// Whether the Hopper kernels take a problem: bf16 or fp16 with 16-byte aligned rows, in the
+// backward at head_dim 64 or 128, in the forward at head_dim 256 or at 128 over key blocks longer
+// than kHopperForwardMinKeys; on an sm_90 device, in a build with sm_90a code, unless the
 // environment variable BLOCK_ATTN_HOPPER_KERNELS is "0" (read at every call, so a process can
 // compare both paths).
 cudaError_t uses_hopper_kernels(const ForwardParams& params, bool rows_aligned, DType dtype,
@@ -83,8 +80,10 @@ cudaError_t uses_hopper_kernels(const ForwardParams& params, bool rows_aligned, 
   result = false;
 #if defined(BLOCK_ATTN_WITH_SM90A) || defined(BLOCK_ATTN_CUDA_EMULATION)
   const int d = params.head_dim;
-  const bool tiled_head_dim = d == 64 || d == 128 || (forward && d == 256);
-  if (!is_half_type(dtype) || !tiled_head_dim || !rows_aligned) return cudaSuccess;
+  const bool shape_taken =
+      forward ? d == 256 || (d == 128 && params.max_seqlen_k > kHopperForwardMinKeys)
+              : d == 64 || d == 128;
+  if (!is_half_type(dtype) || !shape_taken || !rows_aligned) return cudaSuccess;
   if (switched_off("BLOCK_ATTN_HOPPER_KERNELS")) return cudaSuccess;
   int major = 0;
   int minor = 0;
@@ -150,7 +149,9 @@ cudaError_t launch_forward_decode(const ForwardParams& params, int splits, float
 
 template <typename T>
 cudaError_t launch_forward_hopper(const ForwardParams& params, cudaStream_t stream) {
-  return FLASH_HEADDIM_SWITCH(params.head_dim, kHeadDim, [&] {
+  // uses_hopper_kernels takes head_dim 128 and 256 only.
+  return BOOL_SWITCH(params.head_dim == 256, kWideHeads, [&] {
+    constexpr int kHeadDim = kWideHeads ? 256 : 128;
     return BOOL_SWITCH(params.is_causal, kIsCausal, [&] {
       return hopper::run_fwd_wgmma<T, kHeadDim, kIsCausal, hopper_forward_warpgroups(kHeadDim),
                                    hopper_forward_key_tile(kHeadDim)>(params, stream);
@@ -209,7 +210,7 @@ cudaError_t plan_forward(const ForwardParams& params, DType dtype, ForwardPlan& 
   bool hopper = false;
   err = uses_hopper_kernels(params, rows_are_16_byte_aligned(params), dtype, true, hopper);
   if (err != cudaSuccess) return err;
-  if (hopper && hopper_forward_pays(params)) {
+  if (hopper) {
     plan.path = KernelPath::kHopper;
     return cudaSuccess;
   }
