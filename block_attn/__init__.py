@@ -3,6 +3,8 @@
 Functions take SDPA's layout: q (B, Hq, N, D), k and v (B, Hkv, N, D).
 """
 
+import re
+
 from block_attn import nn, reference
 from block_attn.api import attention, block_diagonal_attention, causal_attention
 from block_attn.blocks import BlockLayout
@@ -22,6 +24,64 @@ def build_info() -> dict:
     return dict(_C.build_info())
 
 
+def _parallel_summary(report: str) -> str:
+    """One line from ATen's multi-line parallel report: backend and thread counts."""
+    backend = re.search(r"ATen parallel backend: (.+)", report)
+    intra = re.search(r"at::get_num_threads\(\) : (\d+)", report)
+    inter = re.search(r"at::get_num_interop_threads\(\) : (\d+)", report)
+    parts = [backend.group(1).strip() if backend else "unknown backend"]
+    if intra and inter:
+        parts.append(f"{intra.group(1)} intra-op / {inter.group(1)} inter-op threads")
+    libraries = [name for name in ("MKL-DNN", "Math Kernel Library") if name in report]
+    if libraries:
+        parts.append(
+            "with " + " and ".join("oneDNN" if n == "MKL-DNN" else "MKL" for n in libraries)
+        )
+    return ", ".join(parts)
+
+
+def build_info_table(info: dict | None = None) -> str:
+    """``build_info()`` as a short two-column table, one line per setting.
+
+    Args:
+        info: a ``build_info()`` dict; by default this build's.
+
+    Returns:
+        The table, lines joined by newlines, no trailing newline. Keys it does not know are
+        listed after the known ones, each on one line.
+    """
+    import torch
+
+    info = build_info() if info is None else dict(info)
+    archs = info.pop("cuda_archs", "").replace(";", " ")
+    rows = [
+        ("block_attn", __version__),
+        (
+            "torch",
+            f"{torch.__version__} (extension built against {info.pop('torch_version', '?')})",
+        ),
+        (
+            "CPU kernels",
+            f"{'OpenMP' if info.pop('openmp', False) else 'no OpenMP'}, "
+            f"{info.pop('cpu_threads', '?')} threads",
+        ),
+        (
+            "CUDA kernels",
+            f"yes, for {archs or 'the default archs'}" if info.pop("cuda", False) else "no",
+        ),
+    ]
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        rows.append(("GPU", f"{torch.cuda.get_device_name()} (compute capability {major}.{minor})"))
+    rows.append(("parallel backend", _parallel_summary(info.pop("parallel_backend", ""))))
+    rows += [
+        (key, str(value).strip().splitlines()[0] if str(value).strip() else "")
+        for key, value in info.items()
+    ]
+    width = max(len(key) for key, _ in rows)
+    return "\n".join(f"{key:<{width}}  {value}" for key, value in rows)
+
+
 def __getattr__(name: str):
     # block_attn.distributed is imported on first use, so `import block_attn` works on
     # builds of torch without torch.distributed.
@@ -37,6 +97,7 @@ __all__ = [
     "attention",
     "block_diagonal_attention",
     "build_info",
+    "build_info_table",
     "causal_attention",
     "nn",
     "padded_cache_blocks",
