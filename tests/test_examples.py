@@ -75,6 +75,33 @@ def test_walkthrough_document_shows_the_current_code():
     )
 
 
+DOCUMENTS = [ROOT / "README.md", ROOT / "bench" / "README.md", *sorted(ROOT.glob("docs/*.md"))]
+
+
+@pytest.mark.parametrize("document", DOCUMENTS, ids=lambda path: str(path.relative_to(ROOT)))
+def test_documentation_links_resolve(document):
+    """Every relative link of the README and the docs pages names a file that exists."""
+    links = re.findall(r"\]\(([^)\s]+)\)", document.read_text())
+    broken = [
+        link
+        for link in links
+        if not re.match(r"[a-z]+://", link)
+        and link.split("#")[0]
+        and not (document.parent / link.split("#")[0]).exists()
+    ]
+    assert not broken, f"{document.relative_to(ROOT)} links to missing files: {broken}"
+
+
+def test_readme_test_command_is_what_ci_runs():
+    command = "bash scripts/install.sh && python3 -m pytest"
+    readme = (ROOT / "README.md").read_text()
+    assert f"```bash\n{command}\n```" in readme, f"README.md no longer shows `{command}`"
+    ci_lines = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert any(line.startswith(command) for line in ci_lines), (
+        f".ci/run no longer runs the README's test command `{command}`"
+    )
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_chunked_prefill_equals_one_packed_pass(device):
     for chunk in ("1", "7"):
