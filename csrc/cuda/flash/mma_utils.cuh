@@ -13,7 +13,7 @@
 #endif
 
 #ifdef BLOCK_ATTN_CUDA_EMULATION
-#include "../../cuda_emulator/ptx.h"
+#include "cuda_emulator/ptx.h"
 #else
 
 namespace block_attn::cuda {

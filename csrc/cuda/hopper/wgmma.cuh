@@ -34,7 +34,7 @@ __host__ __device__ constexpr uint32_t swizzle128_offset(int row, int col) {
 }  // namespace block_attn::cuda::hopper
 
 #ifdef BLOCK_ATTN_CUDA_EMULATION
-#include "../../cuda_emulator/wgmma.h"
+#include "cuda_emulator/wgmma.h"
 #else
 
 namespace block_attn::cuda::hopper {

@@ -1,5 +1,5 @@
-// Host versions of the PTX wrappers in flash/mma_utils.cuh, with the semantics of the PTX ISA
-// manual: fragment layouts of ldmatrix and mma.sync.m16n8k16, cp.async that lands at the wait,
+// Host versions of the PTX wrappers in csrc/cuda/flash/mma_utils.cuh, with the semantics of the PTX
+// ISA manual: fragment layouts of ldmatrix and mma.sync.m16n8k16, cp.async that lands at the wait,
 // ex2.approx.ftz.
 #pragma once
 

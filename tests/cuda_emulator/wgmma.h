@@ -1,6 +1,6 @@
-// Host versions of the Hopper warpgroup products in hopper/wgmma.cuh. Operands are read through
-// the matrix descriptors as the PTX manual lays out the 128-byte swizzle: 16-byte chunk c of the
-// 128-byte row at address a lands at chunk c XOR ((a / 128) % 8), so tiles are 1024-byte
+// Host versions of the Hopper warpgroup products in csrc/cuda/hopper/wgmma.cuh. Operands are read
+// through the matrix descriptors as the PTX manual lays out the 128-byte swizzle: 16-byte chunk c
+// of the 128-byte row at address a lands at chunk c XOR ((a / 128) % 8), so tiles are 1024-byte
 // aligned; a K-major operand's 8-row groups are the stride offset apart, an MN-major operand's
 // 8-row k groups the stride offset apart and its 64-element column atoms the leading offset.
 // A product runs, and its accumulators change, only at the wgmma.wait_group that retires its
