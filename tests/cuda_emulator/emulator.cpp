@@ -6,6 +6,7 @@
 #include <memory>
 #include <vector>
 
+#include "cuda/shared_memory.cuh"
 #include "fiber.h"
 
 uint3 threadIdx;
@@ -17,11 +18,8 @@ namespace {
 constexpr int kSharedCapacity = 256 * 1024;
 }
 
-namespace block_attn::cuda {
-// What the kernels declare as `extern __shared__ unsigned char smem_raw[]`: one CTA runs at a
-// time, so one buffer serves them all.
-alignas(1024) unsigned char smem_raw[kSharedCapacity];
-}  // namespace block_attn::cuda
+// One CTA runs at a time, so one buffer serves them all.
+alignas(1024) unsigned char block_attn::cuda::smem_raw[kSharedCapacity];
 
 // The Hopper kernels declare theirs in a nested namespace: the same buffer under that name.
 namespace block_attn::cuda::hopper {
@@ -71,11 +69,14 @@ struct Thread {
   std::vector<ChunkAccesses*> unfenced_chunks;  // its writes not yet behind fence.proxy.async
   // Its wgmma products not yet run: committed groups (oldest first) and those issued since.
   struct Product {
-    const void* accumulators;
+    void* accumulators;
+    int bytes;
     std::function<void()> run;
   };
   std::vector<std::vector<Product>> committed_products;
   std::vector<Product> open_products;
+  // What the destination registers of its pending products held before the first of them.
+  std::map<void*, std::vector<unsigned char>> held_accumulators;
 };
 
 // The meeting point of a warp's (or warpgroup's) collectives.
@@ -208,6 +209,7 @@ void run_cta(State& s, unsigned cta) {
     t.unfenced_chunks.clear();
     t.committed_products.clear();
     t.open_products.clear();
+    t.held_accumulators.clear();
   }
   for (Warp& w : s.warps) w.arrived = 0;
   for (Warpgroup& w : s.warpgroups) w.arrived = 0;
@@ -507,8 +509,24 @@ void wait_async_reads(int pending) {
   }
 }
 
-bool accumulators_pending(const void* accumulators) {
-  const Thread& thread = *state().current;
+namespace {
+
+void fill_pending(void* accumulators, int bytes) {
+  auto* words = static_cast<unsigned char*>(accumulators);
+  for (int offset = 0; offset + 4 <= bytes; offset += 4) {
+    std::memcpy(words + offset, &kPendingAccumulator, 4);
+  }
+}
+
+bool all_pending(const void* accumulators, int bytes) {
+  const auto* words = static_cast<const unsigned char*>(accumulators);
+  for (int offset = 0; offset + 4 <= bytes; offset += 4) {
+    if (std::memcmp(words + offset, &kPendingAccumulator, 4) != 0) return false;
+  }
+  return true;
+}
+
+bool product_pending(const Thread& thread, const void* accumulators) {
   for (const auto& group : thread.committed_products) {
     for (const Thread::Product& product : group) {
       if (product.accumulators == accumulators) return true;
@@ -520,8 +538,23 @@ bool accumulators_pending(const void* accumulators) {
   return false;
 }
 
-void defer_product(const void* accumulators, std::function<void()> run) {
-  state().current->open_products.push_back({accumulators, std::move(run)});
+// Keeps what the registers hold for the next product into them and marks them pending.
+void hold_accumulators(Thread& thread, void* accumulators, int bytes) {
+  const auto* begin = static_cast<const unsigned char*>(accumulators);
+  thread.held_accumulators[accumulators].assign(begin, begin + bytes);
+  fill_pending(accumulators, bytes);
+}
+
+}  // namespace
+
+void defer_product(void* accumulators, int bytes, std::function<void()> run) {
+  Thread& thread = *state().current;
+  if (!product_pending(thread, accumulators)) {
+    hold_accumulators(thread, accumulators, bytes);
+  } else if (!all_pending(accumulators, bytes)) {
+    fail("wgmma accumulator registers written before the wait for the product");
+  }
+  thread.open_products.push_back({accumulators, bytes, std::move(run)});
 }
 
 void commit_products() {
@@ -533,10 +566,34 @@ void commit_products() {
 void run_products(int pending) {
   Thread& thread = *state().current;
   while (static_cast<int>(thread.committed_products.size()) > pending) {
-    const std::vector<Thread::Product> group = std::move(thread.committed_products.front());
+    std::vector<Thread::Product> group = std::move(thread.committed_products.front());
     thread.committed_products.erase(thread.committed_products.begin());
-    for (const Thread::Product& product : group) product.run();
+    for (std::size_t i = 0; i < group.size(); ++i) {
+      Thread::Product& product = group[i];
+      if (!all_pending(product.accumulators, product.bytes)) {
+        fail("wgmma accumulator registers written before the wait for the product");
+      }
+      const auto held = thread.held_accumulators.find(product.accumulators);
+      std::memcpy(product.accumulators, held->second.data(), product.bytes);
+      thread.held_accumulators.erase(held);
+      product.run();
+      // A later product into the same registers (in this group or one still running) starts
+      // from this one's result.
+      bool more = product_pending(thread, product.accumulators);
+      for (std::size_t later = i + 1; later < group.size() && !more; ++later) {
+        more = group[later].accumulators == product.accumulators;
+      }
+      if (more) hold_accumulators(thread, product.accumulators, product.bytes);
+    }
   }
+}
+
+bool holds_pending_accumulator(const void* p, int bytes) {
+  const auto* words = static_cast<const unsigned char*>(p);
+  for (int offset = 0; offset + 4 <= bytes; offset += 4) {
+    if (std::memcmp(words + offset, &kPendingAccumulator, 4) == 0) return true;
+  }
+  return false;
 }
 
 }  // namespace cuda_emulator

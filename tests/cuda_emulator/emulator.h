@@ -17,7 +17,9 @@
 // read since the last __syncthreads. wgmma reads shared memory through the async proxy: each
 // thread that wrote a chunk it reads (a landed cp.async, a store_shared) must have executed
 // fence.proxy.async since, and the chunk must not be written again before the warpgroup's
-// wgmma.wait_group retires the read. Other plain loads and stores are not tracked. Misuse - a
+// wgmma.wait_group retires the read; until that wait a wgmma's accumulator registers hold a NaN
+// pattern that shuffles and tracked stores reject, so a read before the wait shows up. Other
+// plain loads and stores are not tracked. Misuse - a
 // collective with divergent lanes, a deadlock, a shared-memory access out of range, shared memory
 // above the opt-in - aborts with a message naming the kernel's thread.
 #pragma once
@@ -115,18 +117,29 @@ void commit_async_reads();
 void wait_async_reads(int pending);
 
 // The calling thread's share of wgmma products runs at the wgmma.wait_group that retires its
-// commit group, as on the hardware, where results land only then: accumulators read before the
-// wait hold what they held before. `accumulators` names the destination registers;
-// accumulators_pending says whether a product into them is already waiting to run.
-bool accumulators_pending(const void* accumulators);
-void defer_product(const void* accumulators, std::function<void()> run);
+// commit group, as on the hardware, where results land only then. Until then the destination
+// registers (`bytes` at `accumulators`) hold kPendingAccumulator in every 32-bit word, and hold
+// their values again only when the product runs: a product finds them changed if they were
+// written before the wait, and a read before the wait carries the pattern into the checks of
+// holds_pending_accumulator.
+void defer_product(void* accumulators, int bytes, std::function<void()> run);
 void commit_products();
 void run_products(int pending);
+
+// A quiet NaN with a payload that float arithmetic carries along (x86 keeps the first NaN
+// operand's payload), so what is computed from an accumulator read before the wait shows it too.
+constexpr uint32_t kPendingAccumulator = 0x7fc0deadu;
+// Whether a 32-bit word at a multiple of 4 bytes into [p, p + bytes) holds kPendingAccumulator;
+// checked where register values leave a thread (shuffles, tracked shared-memory stores).
+bool holds_pending_accumulator(const void* p, int bytes);
 
 template <typename T>
 T shuffle(unsigned mask, T x, int source_lane, const char* operation) {
   static_assert(sizeof(T) <= kPayloadBytes, "shuffle payload too large");
   if (mask != 0xffffffffu) fail("shuffle with a partial lane mask");
+  if (holds_pending_accumulator(&x, sizeof(T))) {
+    fail("shuffle of a value read from wgmma accumulators before the wait for their product");
+  }
   const WarpPayloads& all = warp_exchange(&x, sizeof(T), operation);
   T y;
   std::memcpy(&y, all[source_lane & 31], sizeof(T));

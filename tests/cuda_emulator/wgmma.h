@@ -4,7 +4,8 @@
 // aligned; a K-major operand's 8-row groups are the stride offset apart, an MN-major operand's
 // 8-row k groups the stride offset apart and its 64-element column atoms the leading offset.
 // A product runs, and its accumulators change, only at the wgmma.wait_group that retires its
-// commit group; its accumulator and A-fragment registers must be left alone until then. Its
+// commit group; its accumulator and A-fragment registers must be left alone until then (the
+// accumulators hold cuda_emulator::kPendingAccumulator meanwhile). Its
 // shared-memory operand reads are checked per 16-byte chunk as the hardware's would need
 // (cuda_emulator::note_async_read): written with a __syncthreads since, behind each writing
 // thread's fence.proxy.async, and not overwritten until that wait and a __syncthreads after it.
@@ -24,6 +25,9 @@ inline void fence_shared_for_async_reads() {
 }
 template <typename V>
 void store_shared(unsigned char* address, const V& value) {
+  if (cuda_emulator::holds_pending_accumulator(&value, sizeof(V))) {
+    cuda_emulator::fail("store of a value read from wgmma accumulators before the wait");
+  }
   cuda_emulator::note_shared_store(address, sizeof(V));
   std::memcpy(address, &value, sizeof(V));
 }
@@ -99,19 +103,10 @@ struct Descriptor {
   }
 };
 
-// Queues `run` (which forms d) to run at the wait that retires it. The first of a chain of
-// products into d checks that nothing wrote d meanwhile.
+// Queues `run` (which forms d) to run at the wait that retires it; d is marked pending until then.
 template <int kRegisters, typename Run>
 void defer(float (&d)[kRegisters], Run run) {
-  const bool check = !cuda_emulator::accumulators_pending(d);
-  std::array<float, kRegisters> issued;
-  std::memcpy(issued.data(), d, sizeof(d));
-  cuda_emulator::defer_product(d, [&d, issued, check, run] {
-    if (check && std::memcmp(issued.data(), d, sizeof(d)) != 0) {
-      cuda_emulator::fail("wgmma accumulator registers written before the wait for the product");
-    }
-    run();
-  });
+  cuda_emulator::defer_product(d, sizeof(d), run);
 }
 
 // d (64 x N) = A B (+ d): thread t of the warpgroup holds d[4 j + e] = row 16 (t / 32) +
