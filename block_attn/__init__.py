@@ -7,8 +7,7 @@ import re
 
 from block_attn import nn, reference
 from block_attn.api import attention, block_diagonal_attention, causal_attention
-from block_attn.blocks import BlockLayout
-from block_attn.kv_cache import padded_cache_blocks
+from block_attn.blocks import BlockLayout, padded_cache_blocks
 
 
 def build_info() -> dict:

@@ -17,7 +17,7 @@ import time
 import torch
 
 import block_attn
-from block_attn.blocks import varlen_layout
+from block_attn.blocks import BlockLayout
 
 
 def document_offsets(total: int, mean_length: float, generator: torch.Generator) -> list[int]:
@@ -85,7 +85,7 @@ def main() -> None:
     if not error < 1e-4:
         raise SystemExit(f"mismatch against the reference: {error:.2e}")
 
-    mask = varlen_layout(args.tokens, offsets).mask(causal=True, device=device)
+    mask = BlockLayout.from_offsets(offsets).mask(causal=True, device=device)
     sdpa = torch.nn.functional.scaled_dot_product_attention
     ours_s = median_seconds(lambda: block_attn.attention(q, k, v, cu_seqlens=offsets, causal=True))
     dense_s = median_seconds(lambda: sdpa(q, k, v, attn_mask=mask))

@@ -7,8 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from block_attn import ops
-from block_attn.blocks import make_layout
-from block_attn.device_blocks import offsets_kept_on_device
+from block_attn.blocks import BlockLayout, resolve_blocks
 from block_attn.validation import check_qkv, resolve_scale, with_unit_last_stride
 
 __all__ = ["attention", "block_diagonal_attention", "causal_attention"]
@@ -29,6 +28,7 @@ def attention(
     max_seqlen: int | None = None,
     cu_seqlens_k: CuSeqlens | None = None,
     max_seqlen_k: int | None = None,
+    blocks: BlockLayout | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Exact scaled dot-product attention with block-diagonal and/or causal masks.
 
@@ -67,10 +67,14 @@ def attention(
             query i attends local key t iff t <= i + Lk_j - Lq_j.
         max_seqlen_k: with ``cu_seqlens_k`` kept on the device (``max_seqlen`` given): at least
             the longest key block.
+        blocks: a :class:`BlockLayout` built once (``BlockLayout.from_seqlens(lengths)``,
+            ``from_offsets``, ``fixed``, ``full``) and reused across calls, e.g. by every layer
+            of a model; instead of the block arguments above. Its offsets must end at Nq / Nk.
 
     Returns:
         out: (B, Hq, Nq, D) in q's dtype, in q's memory layout when q is dense.
-        lse: (B, Hq, Nq) float32, only with ``return_lse=True``.
+        lse: (B, Hq, Nq), only with ``return_lse=True``: float64 for float64 inputs, else
+            float32.
 
     Float16 and bfloat16 are computed with float32 accumulation. NaN or Inf in q, k or v
     propagate to the outputs of the rows that see them (as in any softmax attention); they are
@@ -82,48 +86,26 @@ def attention(
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     scale = resolve_scale(scale, q.shape[-1])
-    if max_seqlen is None and max_seqlen_k is None:
-        layout = make_layout(q.shape[2], k.shape[2], block_size, cu_seqlens, cu_seqlens_k)
-        if q.numel() == 0 or layout.num_blocks == 0:
-            return _empty_result(q, k, v, return_lse)
-        cu_seqlens_q, cu_seqlens_k = layout.tensors(q.device)
-        max_len_q, max_len_k = layout.max_len_q, layout.max_len_k
-    else:
-        cu_seqlens_q, cu_seqlens_k, max_len_q, max_len_k = offsets_kept_on_device(
-            block_size,
-            cu_seqlens,
-            cu_seqlens_k,
-            max_seqlen,
-            max_seqlen_k,
-            q.shape[2],
-            k.shape[2],
-            q.device,
-        )
-        if q.numel() == 0:
-            return _empty_result(q, k, v, return_lse)
+    call_blocks = resolve_blocks(
+        q.shape[2],
+        k.shape[2],
+        q.device,
+        blocks=blocks,
+        block_size=block_size,
+        cu_seqlens=cu_seqlens,
+        cu_seqlens_k=cu_seqlens_k,
+        max_seqlen=max_seqlen,
+        max_seqlen_k=max_seqlen_k,
+    )
+    offsets = call_blocks.for_kernels(q.device)
     out, lse = ops.attention_forward(
         with_unit_last_stride(q),
         with_unit_last_stride(k),
         with_unit_last_stride(v),
-        cu_seqlens_q,
-        cu_seqlens_k,
-        max_len_q,
-        max_len_k,
+        *offsets,
         causal,
         scale,
     )
-    return (out, lse.to(torch.float32)) if return_lse else out
-
-
-def _empty_result(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, return_lse: bool
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """The result for q without elements (N = 0 or B = 0), still connected to q, k and v so that
-    every input gets a (zero) gradient."""
-    connect = q.sum() + k.sum() + v.sum()
-    out = torch.zeros_like(q) + 0 * connect
-    lse = torch.full(q.shape[:3], float("-inf"), dtype=torch.float32, device=q.device)
-    lse = lse + 0 * connect.float()
     return (out, lse) if return_lse else out
 
 
@@ -140,13 +122,17 @@ def block_diagonal_attention(
     max_seqlen: int | None = None,
     cu_seqlens_k: CuSeqlens | None = None,
     max_seqlen_k: int | None = None,
+    blocks: BlockLayout | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Attention restricted to diagonal blocks; exactly one of ``block_size``/``cu_seqlens``.
+    """Attention restricted to diagonal blocks; exactly one of ``block_size``, ``cu_seqlens``
+    and ``blocks``.
 
     Same arguments and shapes as :func:`attention`.
     """
-    if block_size is None and cu_seqlens is None:
-        raise ValueError("block_diagonal_attention needs block_size or cu_seqlens, got neither")
+    if block_size is None and cu_seqlens is None and blocks is None:
+        raise ValueError(
+            "block_diagonal_attention needs block_size, cu_seqlens or blocks, got none of them"
+        )
     return attention(
         q,
         k,
@@ -159,6 +145,7 @@ def block_diagonal_attention(
         max_seqlen=max_seqlen,
         cu_seqlens_k=cu_seqlens_k,
         max_seqlen_k=max_seqlen_k,
+        blocks=blocks,
     )
 
 

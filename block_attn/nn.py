@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import block_attn
-from block_attn.device_blocks import host_layout
+from block_attn.blocks import resolve_blocks
 
 __all__ = ["MultiheadBlockAttention"]
 
@@ -230,9 +230,16 @@ class MultiheadBlockAttention(nn.Module):
                 f"{elements} elements, above max_weights_elements = {self.max_weights_elements}; "
                 f"call with need_weights=False or raise the class attribute"
             )
-        layout = host_layout(
-            len_q, len_k, q.device, block_size, cu_seqlens, cu_seqlens_k, max_seqlen, max_seqlen_k
-        )
+        layout = resolve_blocks(
+            len_q,
+            len_k,
+            q.device,
+            block_size=block_size,
+            cu_seqlens=cu_seqlens,
+            cu_seqlens_k=cu_seqlens_k,
+            max_seqlen=max_seqlen,
+            max_seqlen_k=max_seqlen_k,
+        ).on_host()
         allowed = layout.mask(self.causal, device=q.device)
         k = k.repeat_interleave(heads // k.shape[1], dim=1)
         scores = torch.matmul(q, k.transpose(-2, -1)).float() / math.sqrt(self.head_dim)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from block_attn import _C  # noqa: F401  (loading the extension registers the operators)
+from block_attn.validation import with_unit_last_stride
 
 __all__ = ["attention_backward", "attention_forward"]
 
@@ -116,10 +117,6 @@ def _attention_backward_fake(
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
-def _with_unit_last_stride(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
-
-
 def _setup_context(ctx, inputs, output) -> None:
     q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale = inputs
     out, lse = output
@@ -137,7 +134,7 @@ def _backward(ctx, grad_out, grad_lse):
         grad_out = torch.zeros_like(out)
     grad_lse = None if grad_lse is None else grad_lse.to(lse.dtype).contiguous()
     grad_q, grad_k, grad_v = attention_backward(
-        _with_unit_last_stride(grad_out),
+        with_unit_last_stride(grad_out),
         q,
         k,
         v,

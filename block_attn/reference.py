@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-from block_attn.device_blocks import host_layout
+from block_attn.blocks import BlockLayout, resolve_blocks
 from block_attn.validation import check_qkv, resolve_scale
 
 __all__ = ["attention"]
@@ -30,6 +30,7 @@ def attention(
     max_seqlen: int | None = None,
     cu_seqlens_k: torch.Tensor | Sequence[int] | None = None,
     max_seqlen_k: int | None = None,
+    blocks: BlockLayout | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Same contract as :func:`block_attn.attention`, computed densely. O(Nq·Nk) memory.
 
@@ -37,23 +38,21 @@ def attention(
     """
     check_qkv(q, k, v)
     scale = resolve_scale(scale, q.shape[-1])
-    layout = host_layout(
+    layout = resolve_blocks(
         q.shape[2],
         k.shape[2],
         q.device,
-        block_size,
-        cu_seqlens,
-        cu_seqlens_k,
-        max_seqlen,
-        max_seqlen_k,
-    )
+        blocks=blocks,
+        block_size=block_size,
+        cu_seqlens=cu_seqlens,
+        cu_seqlens_k=cu_seqlens_k,
+        max_seqlen=max_seqlen,
+        max_seqlen_k=max_seqlen_k,
+    ).on_host()
     groups = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(groups, dim=1)
     v = v.repeat_interleave(groups, dim=1)
-    if layout.num_blocks == 0:
-        allowed = torch.zeros(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device)
-    else:
-        allowed = layout.mask(causal, device=q.device)
+    allowed = layout.mask(causal, device=q.device)
     scores = torch.matmul(q, k.transpose(-2, -1)) * scale
     scores = scores.float() if scores.dtype != torch.float64 else scores
     scores = scores.masked_fill(~allowed, float("-inf"))
@@ -63,5 +62,4 @@ def attention(
     probs = torch.softmax(scores.masked_fill(~has_key[:, None], 0.0), dim=-1)
     probs = probs.masked_fill(~has_key[:, None], 0.0).to(q.dtype)
     out = torch.matmul(probs, v)
-    lse = lse.to(torch.float32)
     return (out, lse) if return_lse else out

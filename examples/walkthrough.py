@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 import block_attn
-from block_attn.blocks import make_layout
+from block_attn.blocks import resolve_blocks
 from block_attn.nn import MultiheadBlockAttention
 
 
@@ -40,7 +40,15 @@ def show_mask(
 ) -> None:
     """Prints which keys (columns) each query (row) may attend: █ allowed, · masked."""
     seqlen_k = seqlen if seqlen_k is None else seqlen_k
-    allowed = make_layout(seqlen, seqlen_k, block_size, cu_seqlens, cu_seqlens_k).mask(causal)
+    blocks = resolve_blocks(
+        seqlen,
+        seqlen_k,
+        torch.device("cpu"),
+        block_size=block_size,
+        cu_seqlens=cu_seqlens,
+        cu_seqlens_k=cu_seqlens_k,
+    )
+    allowed = blocks.on_host().mask(causal)
     for row in allowed.tolist():
         print(" ".join("█" if a else "·" for a in row))
 
@@ -201,7 +209,7 @@ import math
 import torch
 
 import block_attn
-from block_attn.blocks import make_layout
+from block_attn.blocks import resolve_blocks
 from block_attn.nn import MultiheadBlockAttention
 
 torch.set_printoptions(precision=3, sci_mode=False)

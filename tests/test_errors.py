@@ -144,6 +144,17 @@ BAD_INPUTS = [
     ("max-seqlen-k-too-small", lambda: call(cu_seqlens=torch.tensor([0, 4, N]), max_seqlen=8,
                                             cu_seqlens_k=torch.tensor([0, 2, N]), max_seqlen_k=6),
      RuntimeError, r"cu_seqlens_k: block 1 has 10 rows, more than its max_seqlen 6"),
+    # blocks (a BlockLayout).
+    ("blocks-not-layout", lambda: call(blocks=[0, N]), TypeError,
+     r"blocks must be a BlockLayout, got list"),
+    ("blocks-and-cu", lambda: call(blocks=block_attn.BlockLayout.fixed(N, 4), cu_seqlens=[0, N]),
+     ValueError, r"blocks already describes the blocks; leave out cu_seqlens"),
+    ("blocks-wrong-length", lambda: call(blocks=block_attn.BlockLayout.from_seqlens([4, 4])),
+     ValueError, r"blocks covers 8 queries and 8 keys, but the tensors have Nq = 12, Nk = 12"),
+    ("layout-negative-length", lambda: block_attn.BlockLayout.from_seqlens([4, -1]), ValueError,
+     r"seqlens\[1\] must be >= 0, got -1"),
+    ("layout-key-count", lambda: block_attn.BlockLayout.from_seqlens([4, 8], [12]), ValueError,
+     r"same number of blocks, got 2 and 1"),
     # Scalars.
     ("scale-inf", lambda: call(scale=float("inf")), ValueError, r"scale must be finite, got inf"),
     ("scale-nan", lambda: call(scale=float("nan")), ValueError, r"scale must be finite, got nan"),
@@ -165,7 +176,7 @@ def test_bad_input_raises(fn, exception, match):
 
 def test_block_diagonal_attention_needs_blocks():
     q, k, v = qkv()
-    with pytest.raises(ValueError, match="needs block_size or cu_seqlens, got neither"):
+    with pytest.raises(ValueError, match="needs block_size, cu_seqlens or blocks, got none"):
         block_attn.block_diagonal_attention(q, k, v)
 
 

@@ -7,7 +7,7 @@ import torch
 from common import MASKS, assert_close, hand_mask, make_qkv, masked_scores, sdpa_with_mask
 
 from block_attn import reference
-from block_attn.blocks import make_layout
+from block_attn.blocks import BlockLayout, resolve_blocks
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
@@ -26,15 +26,15 @@ def test_reference_matches_sdpa(mask, causal):
 @pytest.mark.parametrize(("Nq", "Nk"), [(3, 9), (9, 3), (1, 1), (5, 5)])
 def test_layout_mask_matches_hand_mask(Nq, Nk, causal):
     assert torch.equal(
-        make_layout(Nq, Nk, None, None).mask(causal), hand_mask([0, Nk], Nq, Nk, causal)
+        BlockLayout.full(Nq, Nk).mask(causal), hand_mask([0, Nk], Nq, Nk, causal)
     )
 
 
 def test_layout_mask_for_blocks():
-    layout = make_layout(10, 10, None, [0, 3, 4, 10])
+    layout = resolve_blocks(10, 10, torch.device("cpu"), cu_seqlens=[0, 3, 4, 10]).on_host()
     expected = hand_mask([0, 3, 4, 10], 10, 10, causal=True)
     assert torch.equal(layout.mask(True), expected)
     assert layout.max_len_q == layout.max_len_k == 6
-    fixed = make_layout(10, 10, 4, None)
+    fixed = BlockLayout.fixed(10, 4)
     assert fixed.offsets_q == (0, 4, 8, 10) and fixed.max_len_q == 4
-    assert make_layout(10, 10, 25, None).offsets_q == (0, 10)
+    assert BlockLayout.fixed(10, 25).offsets_q == (0, 10)

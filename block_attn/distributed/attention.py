@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
-from block_attn.blocks import make_layout
+from block_attn.blocks import resolve_blocks
 from block_attn.distributed.checks import check_local_inputs, check_same_on_all_ranks
 from block_attn.distributed.ring import ring_backward, ring_forward
 from block_attn.distributed.schedule import Schedule, build_schedule
@@ -110,7 +110,10 @@ def context_parallel_attention(
         check_local_inputs(q, k, v, world_size, layout, schedule)
         scale = resolve_scale(scale, q.shape[-1])
         seqlen = q.shape[2] * world_size
-        offsets = make_layout(seqlen, seqlen, block_size, cu_seqlens).offsets_q
+        blocks = resolve_blocks(
+            seqlen, seqlen, q.device, block_size=block_size, cu_seqlens=cu_seqlens
+        )
+        offsets = tuple(blocks.on_host().offsets_q)
     except (TypeError, ValueError) as error:
         if not validate:
             raise

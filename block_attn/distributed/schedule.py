@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
+from block_attn.blocks import offsets_tensor
 from block_attn.distributed.layout import chunk_ranges
-from block_attn.offsets import offsets_tensor
 
 __all__ = ["PairPlan", "Schedule", "build_schedule", "plan_pair"]
 
