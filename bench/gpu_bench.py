@@ -1,8 +1,8 @@
 """GPU benchmark: block_attn against PyTorch's attention kernels on the same inputs.
 
 Usage (repo root, extension built in place):
-    python3 bench/gpu_bench.py --out bench/results/gpu_results.json
-    python3 bench/gpu_bench.py --dry-run --device cpu --impl reference   # logic check, no GPU
+    python3 -m bench.gpu_bench --out bench/results/gpu_results.json
+    python3 -m bench.gpu_bench --dry-run --device cpu --impl reference   # logic check, no GPU
 
 Workloads are bf16, B=1, H=16, N=16384, D=128 (and cheap D=64 variants): causal full
 attention, packed documents (lognormal lengths, causal and not) and fixed blocks. Each is
@@ -24,15 +24,14 @@ import sys
 import time
 import traceback
 
+import torch
+
+from bench import accuracy, report
+from bench.peers import PEER_NAMES, UnsupportedError, make_peer
+from bench.timing import call_seconds, copy_bandwidth, matmul_tflops, time_ms
+from bench.workloads import make_workloads
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-import torch  # noqa: E402
-
-from bench import accuracy, report  # noqa: E402
-from bench.peers import PEER_NAMES, UnsupportedError, make_peer  # noqa: E402
-from bench.timing import copy_bandwidth, matmul_tflops, synchronize, time_ms  # noqa: E402
-from bench.workloads import make_workloads  # noqa: E402
 
 MODES = ("fwd", "fwdbwd")
 
@@ -178,11 +177,7 @@ def measure(peer, inputs, mode: str, device: str, reps: int, warmup: int) -> dic
                 out = peer.run(q, k, v)
                 return torch.autograd.grad(out, (q, k, v), dout)
 
-    synchronize(device)
-    start = time.perf_counter()
-    step()
-    synchronize(device)
-    first_call_s = time.perf_counter() - start
+    first_call_s = call_seconds(step, device)
     result = time_ms(step, device, reps, warmup)
     result["first_call_s"] = round(first_call_s, 3)
     return result
