@@ -5,7 +5,7 @@ last with ncu, skipping the warm-up launches. Each pass launches 4 block_attn ke
 bf16/fp16 inputs (forward, delta, dK/dV, dQ), so with the default ``--warmup 1``:
 
     ncu --kernel-name-base mangled --kernel-name regex:block_attn --launch-skip 4 \\
-        --launch-count 4 --section SpeedOfLight ... python3 bench/profile_kernels.py causal-d128
+        --launch-count 4 --section SpeedOfLight ... python3 -m bench.profile_kernels causal-d128
 
 With several workloads, ncu's ``--launch-skip`` counts from the first; profile one workload per
 ncu call. ``--list`` prints the workload names.
@@ -14,16 +14,11 @@ ncu call. ``--list`` prints the workload names.
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+import torch
 
-import torch  # noqa: E402
-
-import block_attn  # noqa: E402
-from bench.workloads import make_workloads  # noqa: E402
+import block_attn
+from bench.workloads import make_workloads
 
 
 def run(name: str, seqlen: int, heads: int, warmup: int) -> None:

@@ -18,15 +18,11 @@ sees.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from dataclasses import dataclass
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-import torch  # noqa: E402
+import torch
 
 OUTPUT_FACTOR = 2.0
 GRADIENT_FACTOR = 3.0

@@ -18,7 +18,7 @@ short block) free, and the median distance in start order between CTAs that read
 block's K and V (same block and head): CTAs much further apart than the slots do not run
 together, and each then reads K and V from memory instead of L2.
 
-    python bench/tile_order_model.py
+    python -m bench.tile_order_model
 """
 
 from __future__ import annotations
@@ -26,10 +26,7 @@ from __future__ import annotations
 import heapq
 import math
 import statistics
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.workloads import _doc_params, document_lengths
 
 HEADS = 16
