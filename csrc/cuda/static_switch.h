@@ -5,6 +5,7 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_runtime.h>
 
 #define BOOL_SWITCH(COND, CONST_NAME, ...)      \
   [&] {                                         \
@@ -17,10 +18,16 @@
     }                                           \
   }()
 
-// DTYPE is a block_attn::cuda::DType; TYPE_NAME becomes the element type.
+// DTYPE is a block_attn::cuda::DType; TYPE_NAME becomes the element type and the lambda returns a
+// cudaError_t. A value outside the enumeration returns cudaErrorInvalidValue, never a guessed
+// type; with no default case the compiler flags an enumerator added without a case.
 #define DTYPE_SWITCH(DTYPE, TYPE_NAME, ...)        \
-  [&] {                                            \
+  [&]() -> cudaError_t {                           \
     switch (DTYPE) {                               \
+      case ::block_attn::cuda::DType::kFloat32: {  \
+        using TYPE_NAME = float;                   \
+        return __VA_ARGS__();                      \
+      }                                            \
       case ::block_attn::cuda::DType::kFloat64: {  \
         using TYPE_NAME = double;                  \
         return __VA_ARGS__();                      \
@@ -33,12 +40,8 @@
         using TYPE_NAME = __nv_bfloat16;           \
         return __VA_ARGS__();                      \
       }                                            \
-      case ::block_attn::cuda::DType::kFloat32:    \
-      default: {                                   \
-        using TYPE_NAME = float;                   \
-        return __VA_ARGS__();                      \
-      }                                            \
     }                                              \
+    return cudaErrorInvalidValue;                  \
   }()
 
 // Rounds head_dim up to the head dims the simple kernels are built for (one value per lane of a

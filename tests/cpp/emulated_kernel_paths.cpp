@@ -123,6 +123,19 @@ int check_refused(int head_dim) {
   return refused ? 0 : 1;
 }
 
+// A dtype outside the enumeration is refused by both launches before any kernel runs (the
+// null data pointers would fail any that did), not run as some other type.
+int check_unknown_dtype_refused() {
+  const BackwardParams p = problem(64, 128, 128, false);
+  const auto unknown = static_cast<DType>(99);
+  const bool refused =
+      cuda::launch_forward(p, cuda::ForwardPlan{}, {}, unknown, nullptr) == cudaErrorInvalidValue &&
+      cuda::launch_backward(p, cuda::BackwardPlan{}, {}, unknown, nullptr) == cudaErrorInvalidValue;
+  std::printf("  %-4s a dtype outside the enumeration refused by both launches\n",
+              refused ? "ok" : "FAIL");
+  return refused ? 0 : 1;
+}
+
 }  // namespace
 
 int check_kernel_paths() {
@@ -169,6 +182,7 @@ int check_kernel_paths() {
   unsetenv("BLOCK_ATTN_DECODE_KERNEL");
   failures += check_refused(0);
   failures += check_refused(264);
+  failures += check_unknown_dtype_refused();
 
   cuda_emulator::set_device_properties(cuda_emulator::DeviceProperties{8, 6, 99 * 1024});
   std::printf("=== emulated sm_86: kernel paths\n");

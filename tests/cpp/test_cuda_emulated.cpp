@@ -23,6 +23,7 @@
 #include "cuda/hopper/bwd_wgmma.cuh"
 #include "cuda/hopper/fwd_wgmma.cuh"
 #include "cuda/launch.h"
+#include "cuda/static_switch.h"
 #include "emulated_elements.h"
 #include "emulated_kernel_paths.h"
 #include "emulated_offset_clamp.h"
@@ -464,20 +465,10 @@ void run_on(const cuda_emulator::DeviceProperties& device, const char* name,
   cuda_emulator::set_device_properties(device);
   std::printf("=== emulated %s\n", name);
   for (const auto& [dtype, c] : cases) {
-    switch (dtype) {
-      case DType::kBFloat16:
-        run_case<__nv_bfloat16>(c);
-        break;
-      case DType::kFloat16:
-        run_case<__half>(c);
-        break;
-      case DType::kFloat32:
-        run_case<float>(c);
-        break;
-      case DType::kFloat64:
-        run_case<double>(c);
-        break;
-    }
+    DTYPE_SWITCH(dtype, T, [&] {
+      run_case<T>(c);
+      return cudaSuccess;
+    });
   }
 }
 
