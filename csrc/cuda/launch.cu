@@ -49,40 +49,16 @@ cudaError_t device_has_tensor_core_kernels(bool& result) {
   return err;
 }
 
-// Shapes of the Hopper kernels, from wgmma_attention_probe on an H100 (causal, 16k tokens,
-// H = 16, D = 128, bf16). Forward: 2 warpgroups of 64 queries with 128-key tiles took 3.43 ms,
-// against 4.84 ms for 1 warpgroup with 64-key tiles and 3.78 ms for the mma.sync kernel.
-// head_dim 256 keeps 1 warpgroup, 64-key tiles and the softmax in turn with the products: double
-// buffers of 128-key tiles would not fit in shared memory. Backward: 2 warpgroups of 64 keys per
-// dK/dV CTA, 8.30 ms against 11.09 ms for 1 and 15.16 ms for mma.sync.
-constexpr int hopper_forward_warpgroups(int head_dim) {
-  return head_dim == 256 ? 1 : 2;
-}
-constexpr int hopper_forward_key_tile(int head_dim) {
-  return head_dim == 256 ? 64 : 128;
-}
-constexpr int kHopperBackwardWarpgroups = 2;
-
-// Where the Hopper forward beats the mma.sync forward (H100, bf16, 16k tokens, H = 16): at
-// head_dim 256 (packed documents 1.08 ms against 1.48 ms) and at head_dim 128 over long key
-// blocks (causal over 16k keys 3.54 ms against 3.70 ms). Over blocks of at most 4096 keys the
-// mma.sync forward was as fast or faster: fixed blocks of 256 0.18 ms against 0.21 ms, packed
-// documents 0.92 ms against 0.96 ms; and at head_dim 64 on every workload measured.
-constexpr int kHopperForwardMinKeys = 4096;
-
-// Whether the Hopper kernels take a problem: bf16 or fp16 with 16-byte aligned rows, in the
-// backward at head_dim 64 or 128, in the forward at head_dim 256 or at 128 over key blocks longer
-// than kHopperForwardMinKeys; on an sm_90 device, in a build with sm_90a code, unless the
-// environment variable BLOCK_ATTN_HOPPER_KERNELS is "0" (read at every call, so a process can
-// compare both paths).
+// Whether the Hopper kernels take a problem: bf16 or fp16 with 16-byte aligned rows at a head dim
+// of hopper_shapes.h's lists (the forward only over key blocks longer than its shape's
+// kMinKeys), on an sm_90 device, in a build with sm_90a code, unless the environment variable
+// BLOCK_ATTN_HOPPER_KERNELS is "0" (read at every call, so a process can compare both paths).
 cudaError_t uses_hopper_kernels(const ForwardParams& params, bool rows_aligned, DType dtype,
                                 bool forward, bool& result) {
   result = false;
 #if defined(BLOCK_ATTN_WITH_SM90A) || defined(BLOCK_ATTN_CUDA_EMULATION)
-  const int d = params.head_dim;
-  const bool shape_taken =
-      forward ? d == 256 || (d == 128 && params.max_seqlen_k > kHopperForwardMinKeys)
-              : d == 64 || d == 128;
+  const bool shape_taken = forward ? hopper::forward_takes(params.head_dim, params.max_seqlen_k)
+                                   : hopper::BackwardHeadDims::contains(params.head_dim);
   if (!is_half_type(dtype) || !shape_taken || !rows_aligned) return cudaSuccess;
   if (switched_off("BLOCK_ATTN_HOPPER_KERNELS")) return cudaSuccess;
   int major = 0;
@@ -149,12 +125,9 @@ cudaError_t launch_forward_decode(const ForwardParams& params, int splits, float
 
 template <typename T>
 cudaError_t launch_forward_hopper(const ForwardParams& params, cudaStream_t stream) {
-  // uses_hopper_kernels takes head_dim 128 and 256 only.
-  return BOOL_SWITCH(params.head_dim == 256, kWideHeads, [&] {
-    constexpr int kHeadDim = kWideHeads ? 256 : 128;
+  return hopper::ForwardHeadDims::dispatch(params.head_dim, cudaErrorInvalidValue, [&](auto dim) {
     return BOOL_SWITCH(params.is_causal, kIsCausal, [&] {
-      return hopper::run_fwd_wgmma<T, kHeadDim, kIsCausal, hopper_forward_warpgroups(kHeadDim),
-                                   hopper_forward_key_tile(kHeadDim)>(params, stream);
+      return hopper::run_fwd_wgmma<T, decltype(dim)::value, kIsCausal>(params, stream);
     });
   });
 }
@@ -163,11 +136,10 @@ template <typename T>
 cudaError_t launch_backward_hopper(const BackwardParams& params, float* dq_accumulator,
                                    const BackwardWorkspace& workspace, cudaStream_t stream) {
   auto* delta = static_cast<float*>(workspace.delta);
-  return BOOL_SWITCH(params.head_dim == 64, kSmallHeadDim, [&] {
-    constexpr int kHeadDim = kSmallHeadDim ? 64 : 128;
+  return hopper::BackwardHeadDims::dispatch(params.head_dim, cudaErrorInvalidValue, [&](auto dim) {
     return BOOL_SWITCH(params.is_causal, kIsCausal, [&] {
-      return hopper::run_bwd_wgmma<T, kHeadDim, kIsCausal, kHopperBackwardWarpgroups>(
-          params, delta, dq_accumulator, stream);
+      return hopper::run_bwd_wgmma<T, decltype(dim)::value, kIsCausal>(params, delta,
+                                                                       dq_accumulator, stream);
     });
   });
 }

@@ -27,11 +27,10 @@ enum class KernelPath {
 struct ForwardPlan {
   // kDecode for float16/bfloat16 blocks of at most 16 queries against longer key blocks, on
   // sm_80+, unless the environment variable BLOCK_ATTN_DECODE_KERNEL is "0". Otherwise kHopper
-  // for float16/bfloat16 at head_dim 256, or 128 over key blocks longer than 4096, with 16-byte
-  // aligned rows on sm_90 in a build with sm_90a code, unless BLOCK_ATTN_HOPPER_KERNELS is "0"
-  // (the mma.sync forward was as fast elsewhere); else kTensorCore for
-  // float16/bfloat16 on sm_80+; else kSimple. Both variables are read by every plan, so a process
-  // can compare the paths.
+  // for float16/bfloat16 where hopper/hopper_shapes.h's forward shapes take the head_dim and the
+  // longest key block, with 16-byte aligned rows on sm_90 in a build with sm_90a code, unless
+  // BLOCK_ATTN_HOPPER_KERNELS is "0"; else kTensorCore for float16/bfloat16 on sm_80+; else
+  // kSimple. Both variables are read by every plan, so a process can compare the paths.
   KernelPath path = KernelPath::kSimple;
   // CTAs over which the decoding kernel splits every block's keys.
   int decode_splits = 1;
@@ -51,7 +50,7 @@ struct ForwardWorkspace {
 struct BackwardPlan {
   // kTensorCore for float16/bfloat16 on sm_80+ (above head_dim 128, where the device has the
   // shared memory of their narrowest tiles: 70 KiB per CTA), kHopper where those run on sm_90 as
-  // in ForwardPlan (head_dim 64 or 128 only), else kSimple.
+  // in ForwardPlan (at hopper/hopper_shapes.h's backward head dims), else kSimple.
   KernelPath path = KernelPath::kSimple;
   // The device's opt-in shared memory per CTA, from which the tensor-core backward picks its
   // tiles (0 on the simple path).

@@ -1,6 +1,6 @@
-// Backward on Hopper warpgroup products (wgmma), bf16 or fp16, head_dim 64 or 128, dQ summed with
-// atomics: what launch_backward runs for such problems on sm_90 outside deterministic mode
-// (launch.cu says when); csrc/tests/wgmma_attention_probe.cu checks it against a host reference
+// Backward on Hopper warpgroup products (wgmma), bf16 or fp16, dQ summed with atomics: what
+// launch_backward runs for the problems hopper_shapes.h lists on sm_90 outside deterministic mode
+// (launch.cu says when); bench/probes/wgmma_attention_probe.cu checks it against a host reference
 // and times it beside the mma.sync backward.
 //
 // Same grid and semantics as dkdv_flash_kernel with atomic dQ: a CTA owns kBlockN keys of a block
@@ -329,6 +329,13 @@ cudaError_t run_bwd_wgmma(const BackwardParams& params, float* delta, float* dq_
   }
   if (atomic_dq) return launch_dq_convert<T>(params, dq_accumulator, stream);
   return run_dq_wgmma<T, kHeadDim, kIsCausal>(params, delta, stream);
+}
+
+template <typename T, int kHeadDim, bool kIsCausal>
+cudaError_t run_bwd_wgmma(const BackwardParams& params, float* delta, float* dq_accumulator,
+                          cudaStream_t stream) {
+  return run_bwd_wgmma<T, kHeadDim, kIsCausal, BackwardShape<kHeadDim>::kWarpgroups>(
+      params, delta, dq_accumulator, stream);
 }
 
 }  // namespace block_attn::cuda::hopper

@@ -1,6 +1,6 @@
-// Forward on Hopper warpgroup products (wgmma), bf16 or fp16, head_dim 64, 128 or 256: what
-// launch_forward runs for such problems on sm_90 (launch.cu says when);
-// csrc/tests/wgmma_attention_probe.cu checks it against a host reference and times it.
+// Forward on Hopper warpgroup products (wgmma), bf16 or fp16: what launch_forward runs for the
+// problems hopper_shapes.h lists on sm_90 (launch.cu says when); bench/probes/
+// wgmma_attention_probe.cu checks it against a host reference and times it.
 //
 // Same grid and semantics as fwd_flash_kernel: (query tiles of the longest block, blocks,
 // batch * heads_q), query tiles costliest first, block offsets read on the device. A CTA is
@@ -8,7 +8,7 @@
 // by cp.async in the 128-byte swizzle layout (each row as 64-element column blocks)
 // and read by the tensor cores directly: S = Q K^T with both operands in shared memory, O += P V
 // with P in registers (S's accumulators, rounded to T, are already in the A-fragment layout) and
-// V N-major. By default (kOverlapSoftmax) K and V are double-buffered and iteration j issues
+// V N-major. With kOverlapSoftmax, K and V are double-buffered and iteration j issues
 // S_j and then P_{j-1} V_{j-1}, so the softmax of S_j runs on the FP32 and MUFU units while the
 // tensor cores form the second product. Requires 16-byte aligned rows (rows_are_16_byte_aligned).
 #pragma once
@@ -291,6 +291,13 @@ cudaError_t run_fwd_wgmma(const ForwardParams& params, cudaStream_t stream) {
                                                Traits::kSharedBytes);
   if (err != cudaSuccess) return err;
   return launch_kernel(kernel, grid, Traits::kThreads, Traits::kSharedBytes, stream, params);
+}
+
+template <typename T, int kHeadDim, bool kIsCausal>
+cudaError_t run_fwd_wgmma(const ForwardParams& params, cudaStream_t stream) {
+  using Shape = ForwardShape<kHeadDim>;
+  return run_fwd_wgmma<T, kHeadDim, kIsCausal, Shape::kWarpgroups, Shape::kBlockN,
+                       Shape::kOverlapSoftmax>(params, stream);
 }
 
 }  // namespace block_attn::cuda::hopper

@@ -3,9 +3,9 @@
 
 namespace block_attn::cuda::hopper {
 
-template cudaError_t run_bwd_wgmma<__nv_bfloat16, 128, false, 2>(const BackwardParams&, float*,
-                                                                 float*, cudaStream_t);
-template cudaError_t run_bwd_wgmma<__nv_bfloat16, 128, true, 2>(const BackwardParams&, float*,
-                                                                float*, cudaStream_t);
+template cudaError_t run_bwd_wgmma<__nv_bfloat16, 128, false>(const BackwardParams&, float*, float*,
+                                                              cudaStream_t);
+template cudaError_t run_bwd_wgmma<__nv_bfloat16, 128, true>(const BackwardParams&, float*, float*,
+                                                             cudaStream_t);
 
 }  // namespace block_attn::cuda::hopper

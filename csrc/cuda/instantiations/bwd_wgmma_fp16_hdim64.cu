@@ -3,9 +3,9 @@
 
 namespace block_attn::cuda::hopper {
 
-template cudaError_t run_bwd_wgmma<__half, 64, false, 2>(const BackwardParams&, float*, float*,
-                                                         cudaStream_t);
-template cudaError_t run_bwd_wgmma<__half, 64, true, 2>(const BackwardParams&, float*, float*,
-                                                        cudaStream_t);
+template cudaError_t run_bwd_wgmma<__half, 64, false>(const BackwardParams&, float*, float*,
+                                                      cudaStream_t);
+template cudaError_t run_bwd_wgmma<__half, 64, true>(const BackwardParams&, float*, float*,
+                                                     cudaStream_t);
 
 }  // namespace block_attn::cuda::hopper

@@ -3,7 +3,7 @@
 
 namespace block_attn::cuda::hopper {
 
-template cudaError_t run_fwd_wgmma<__half, 128, false, 2, 128>(const ForwardParams&, cudaStream_t);
-template cudaError_t run_fwd_wgmma<__half, 128, true, 2, 128>(const ForwardParams&, cudaStream_t);
+template cudaError_t run_fwd_wgmma<__half, 128, false>(const ForwardParams&, cudaStream_t);
+template cudaError_t run_fwd_wgmma<__half, 128, true>(const ForwardParams&, cudaStream_t);
 
 }  // namespace block_attn::cuda::hopper

@@ -3,7 +3,7 @@
 
 namespace block_attn::cuda::hopper {
 
-template cudaError_t run_fwd_wgmma<__half, 256, false, 1, 64>(const ForwardParams&, cudaStream_t);
-template cudaError_t run_fwd_wgmma<__half, 256, true, 1, 64>(const ForwardParams&, cudaStream_t);
+template cudaError_t run_fwd_wgmma<__half, 256, false>(const ForwardParams&, cudaStream_t);
+template cudaError_t run_fwd_wgmma<__half, 256, true>(const ForwardParams&, cudaStream_t);
 
 }  // namespace block_attn::cuda::hopper
