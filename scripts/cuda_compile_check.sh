@@ -6,8 +6,8 @@
 # Uses VENV if given (it must hold a CUDA build of torch), otherwise creates build/cuda-check-venv
 # and installs torch==2.14.1, ninja and numpy into it. Builds into build/cuda-check so the in-place
 # CPU extension is left alone, then fails if the library is missing or leaves block_attn symbols
-# undefined (a missing kernel instantiation shows up as one). Also compiles and links the Hopper
-# probes (csrc/tests/wgmma_*probe.cu).
+# undefined (a missing kernel instantiation shows up as one). Also compiles and links the GPU
+# probes (bench/probes/*.cu).
 # Environment: CUDA_HOME (default /usr/local/cuda), TORCH_CUDA_ARCH_LIST (default 9.0a),
 # MAX_JOBS (default: number of CPUs).
 set -euo pipefail
@@ -64,20 +64,23 @@ fi
 defined_all="$(nm -C --defined-only "$SO")"
 grep -q 'block_attn::cuda::launch_forward' <<<"$defined_all" ||
   fail "$SO has no CUDA forward (was it built without BLOCK_ATTN_CUDA?)"
+grep -q 'block_attn::define_plan_functions' <<<"$defined_all" ||
+  fail "$SO has no kernel plan functions for Python (_C.plan_forward / _C.plan_backward)"
 
 # The GPU suite's probes are plain CUDA programs; they must at least compile and link.
 for probe in flash_tile_variants wgmma_probe wgmma_attention_probe; do
   "$CUDA_HOME/bin/nvcc" -std=c++17 -O3 --expt-relaxed-constexpr -Xptxas -v \
-    -gencode=arch=compute_90a,code=sm_90a "csrc/tests/$probe.cu" -o "$TMP_DIR/$probe" \
+    -gencode=arch=compute_90a,code=sm_90a "bench/probes/$probe.cu" -o "$TMP_DIR/$probe" \
     >"$TMP_DIR/$probe.ptxas.log" 2>&1 || {
     cat "$TMP_DIR/$probe.ptxas.log" >&2
-    fail "nvcc csrc/tests/$probe.cu"
+    fail "nvcc bench/probes/$probe.cu"
   }
 done
 
-# The probe instantiates every Hopper kernel variant. ptxas serialising their wgmma products
-# (a missing fence or a register it cannot keep) would halve their speed without failing any
-# test, so it fails here; spills are listed.
+# The attention probe instantiates the Hopper forward and backward at head_dim 128, with the
+# shapes the dispatch runs. ptxas serialising their wgmma products (a missing fence or a register
+# it cannot keep) would halve their speed without failing any test, so it fails here; spills are
+# listed.
 ptxas_log="$TMP_DIR/wgmma_attention_probe.ptxas.log"
 if grep -i 'wgmma.*serializ' "$ptxas_log" >&2; then
   fail "ptxas serialises wgmma products in the Hopper kernels (see above)"

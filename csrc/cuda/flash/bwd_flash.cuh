@@ -507,7 +507,7 @@ cudaError_t run_bwd_flash_tiles(const BackwardParams& params, float* delta, floa
 // kKeyWarps: 16-key groups of a dK/dV CTA. 8 (128 keys, as FlashAttention-2 takes at head_dim
 // 128) halves the atomic dQ traffic and the Q / dO tile loads per product, for 111 KiB of shared
 // memory and one CTA per SM; 4 is what runs until a GPU measurement says otherwise
-// (csrc/tests/flash_tile_variants.cu times both). At head_dim 256 each group has two warps, and
+// (bench/probes/flash_tile_variants.cu times both). At head_dim 256 each group has two warps, and
 // devices with less shared memory per CTA than those tiles need (sm_86, sm_89) get narrower
 // ones. The dQ kernel takes two row groups per warp up to head_dim 128 (above, their
 // accumulators would not fit in registers) where the shared memory allows.

@@ -1,13 +1,13 @@
 // Times the tensor-core kernels' variants side by side on the benchmark's causal-d128 workload
 // (causal, one block of 16384 tokens, 16 heads, head_dim 128, bf16): the forward and the dQ
-// kernel with one and with two 16-row groups per warp, the backward kernel by kernel, and the
-// backward's two dQ paths (the deterministic dQ kernel, and atomics from the dK/dV kernel, whose
-// CTAs own 64 keys in 4 warps or 128 in 8). The
-// row-group variants do the same per-row arithmetic in the same order, so their outputs must
-// agree bitwise, and the two paths' dK and dV too; their dQ must agree to rounding. The program
-// checks all of that. Plain CUDA, no torch (any sm_80+ GPU):
+// kernel with one and with two 16-row groups per warp (both dispatched, by block length), the
+// backward kernel by kernel, and the backward's two dQ paths (the deterministic dQ kernel, and
+// atomics from the dK/dV kernel, whose CTAs own 64 keys in 4 warps as dispatched, or 128 in 8: a
+// variant of this probe's own). The row-group variants do the same per-row arithmetic in the
+// same order, so their outputs must agree bitwise, and the two paths' dK and dV too; their dQ must
+// agree to rounding. The program checks all of that. Plain CUDA, no torch (any sm_80+ GPU):
 //   nvcc -std=c++17 -O3 --expt-relaxed-constexpr -gencode=arch=compute_90a,code=sm_90a \
-//       csrc/tests/flash_tile_variants.cu -o variants
+//       bench/probes/flash_tile_variants.cu -o variants
 // Exits 0 when the variants agree.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -20,8 +20,8 @@
 #include <random>
 #include <vector>
 
-#include "../cuda/flash/bwd_flash.cuh"
-#include "../cuda/flash/fwd_flash.cuh"
+#include "../../csrc/cuda/flash/bwd_flash.cuh"
+#include "../../csrc/cuda/flash/fwd_flash.cuh"
 #include "gpu_probe.h"
 
 namespace {
@@ -37,6 +37,16 @@ constexpr bool kCausal = true;
 
 using gpu_probe::check;
 using gpu_probe::median_ms;
+
+// The backward with dK/dV CTAs of 8 warps (128 keys, as FlashAttention-2 takes at head_dim 128),
+// for half the atomic dQ traffic and Q / dO tile loads per product; the dispatch runs 4.
+using WideKeyTraits = kernels::FlashBwdTraits<kHeadDim, 1, 8>;
+cudaError_t run_backward_wide_keys(const BackwardParams& p, float* delta, float* dq_accumulator,
+                                   int max_shared_bytes) {
+  return kernels::run_bwd_flash_tiles<bf16, kCausal, WideKeyTraits, kernels::DqTraits<kHeadDim>,
+                                      kernels::DqTraits<kHeadDim, 2>>(p, delta, dq_accumulator,
+                                                                      max_shared_bytes, nullptr);
+}
 
 template <typename T>
 T* device_array(size_t count) {
@@ -192,15 +202,13 @@ int main() {
     return kernels::run_bwd_flash<bf16, kHeadDim, kCausal>(atomic, delta, dq_accumulator,
                                                            max_shared, nullptr);
   });
-  const bool wide_fits =
-      kernels::FlashBwdTraits<kHeadDim, 1, 8>::dkdv_shared_bytes(true) <= max_shared;
+  const bool wide_fits = WideKeyTraits::dkdv_shared_bytes(true) <= max_shared;
   BackwardParams wide = atomic;  // 8-warp dK/dV CTAs; same outputs as the 4-warp ones
   wide.grad_q = grad_q_wide;
   wide.grad_k = grad_k_wide;
   wide.grad_v = grad_v_wide;
   const double wide_ms = wide_fits ? median_ms([&] {
-    return kernels::run_bwd_flash<bf16, kHeadDim, kCausal, 8>(wide, delta, dq_accumulator,
-                                                              max_shared, nullptr);
+    return run_backward_wide_keys(wide, delta, dq_accumulator, max_shared);
   })
                                    : -1;
   const bool two_fit = kernels::FlashBwdTraits<kHeadDim, 2>::kSharedBytes <= max_shared;

@@ -7,7 +7,7 @@
 //   3. dQ = dS K with dS^T stored: A M-major (stored [k][m]) and B N-major, as the backward's dQ
 //      product reads them.
 // Plain CUDA, no torch:
-//   nvcc -std=c++17 -O2 -gencode=arch=compute_90a,code=sm_90a csrc/tests/wgmma_probe.cu -o probe
+//   nvcc -std=c++17 -O2 -gencode=arch=compute_90a,code=sm_90a bench/probes/wgmma_probe.cu -o probe
 // Exits 0 when product 1 and at least one encoding of product 2 match; prints every result.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -17,7 +17,7 @@
 #include <cstdlib>
 #include <vector>
 
-#include "../cuda/hopper/wgmma.cuh"
+#include "../../csrc/cuda/hopper/wgmma.cuh"
 #include "gpu_probe.h"
 
 namespace {

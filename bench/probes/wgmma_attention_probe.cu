@@ -1,10 +1,10 @@
-// Checks the Hopper forward and backward (csrc/cuda/hopper/fwd_wgmma.cuh, bwd_wgmma.cuh), with one
-// and with two warpgroups per CTA, against a float64 host reference on small ragged / causal /
-// GQA cases (bf16, and fp16 for the causal ones), then times them on causal attention over 16384
-// tokens, 16 heads, head_dim 128, bf16 (the benchmark's causal-d128 workload), the backward beside
-// the mma.sync one with atomic dQ. Plain CUDA, no torch:
+// Checks the Hopper forward and backward (csrc/cuda/hopper/fwd_wgmma.cuh, bwd_wgmma.cuh) at
+// head_dim 128, with the tile shapes the dispatch runs (csrc/cuda/hopper/hopper_shapes.h), against
+// a float64 host reference on small ragged / causal / GQA cases (bf16, and fp16 for the causal
+// ones), then times them on causal attention over 16384 tokens, 16 heads, bf16 (the benchmark's
+// causal-d128 workload), the backward beside the mma.sync one. Plain CUDA, no torch:
 //   nvcc -std=c++17 -O3 --expt-relaxed-constexpr -gencode=arch=compute_90a,code=sm_90a \
-//       csrc/tests/wgmma_attention_probe.cu -o probe
+//       bench/probes/wgmma_attention_probe.cu -o probe
 // Exits 0 when every case matches.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -17,9 +17,9 @@
 #include <type_traits>
 #include <vector>
 
-#include "../cuda/flash/bwd_flash.cuh"
-#include "../cuda/hopper/bwd_wgmma.cuh"
-#include "../cuda/hopper/fwd_wgmma.cuh"
+#include "../../csrc/cuda/flash/bwd_flash.cuh"
+#include "../../csrc/cuda/hopper/bwd_wgmma.cuh"
+#include "../../csrc/cuda/hopper/fwd_wgmma.cuh"
 #include "gpu_probe.h"
 
 namespace {
@@ -30,6 +30,7 @@ using block_attn::cuda::hopper::run_bwd_wgmma;
 using block_attn::cuda::hopper::run_fwd_wgmma;
 
 constexpr int kHeadDim = 128;
+using ForwardShape = block_attn::cuda::hopper::ForwardShape<kHeadDim>;
 
 struct Case {
   const char* name;
@@ -144,20 +145,16 @@ const char* type_name() {
   return std::is_same_v<T, __half> ? "fp16" : "bf16";
 }
 
-// kWarpgroups: warpgroups of 64 queries per CTA (1 or 2), sharing the K and V tiles.
-// kKeyTile: keys per forward tile (64, or 128 with 64 x 128 score products). kOverlap: each
-// tile's softmax beside the previous tile's P V product (otherwise in turn).
-template <typename T, int kWarpgroups, int kKeyTile = 64, bool kOverlap = true>
+template <typename T>
 cudaError_t run(const BackwardParams& p) {
-  return p.is_causal
-             ? run_fwd_wgmma<T, kHeadDim, true, kWarpgroups, kKeyTile, kOverlap>(p, nullptr)
-             : run_fwd_wgmma<T, kHeadDim, false, kWarpgroups, kKeyTile, kOverlap>(p, nullptr);
+  return p.is_causal ? run_fwd_wgmma<T, kHeadDim, true>(p, nullptr)
+                     : run_fwd_wgmma<T, kHeadDim, false>(p, nullptr);
 }
-template <typename T, int kWarpgroups>
+template <typename T>
 cudaError_t run_backward(const BackwardParams& p, const Buffers& b, bool deterministic = false) {
   float* sums = deterministic ? nullptr : b.dq_sums;  // no sums: the deterministic dQ kernel
-  return p.is_causal ? run_bwd_wgmma<T, kHeadDim, true, kWarpgroups>(p, b.delta, sums, nullptr)
-                     : run_bwd_wgmma<T, kHeadDim, false, kWarpgroups>(p, b.delta, sums, nullptr);
+  return p.is_causal ? run_bwd_wgmma<T, kHeadDim, true>(p, b.delta, sums, nullptr)
+                     : run_bwd_wgmma<T, kHeadDim, false>(p, b.delta, sums, nullptr);
 }
 
 // Largest |got - want| of a gradient, and whether it is within 3 units of bf16 rounding (the
@@ -174,7 +171,7 @@ struct GradientError {
 // Runs one case forward and backward; returns whether out and lse match the float64 reference of
 // the same bf16-rounded inputs within bf16 rounding of P and of the output, and the gradients
 // within GradientError's bound.
-template <typename T, int kWarpgroups, int kKeyTile = 64, bool kOverlap = true>
+template <typename T>
 bool check_case(const Case& c, std::mt19937& rng) {
   const int nq = c.offsets_q.back();
   const int nk = c.offsets_k.back();
@@ -202,8 +199,7 @@ bool check_case(const Case& c, std::mt19937& rng) {
     max_k = std::max(max_k, c.offsets_k[j + 1] - c.offsets_k[j]);
   }
   const BackwardParams p = make_params(b, c, max_q, max_k);
-  if (!check(run<T, kWarpgroups, kKeyTile, kOverlap>(p), "forward launch") ||
-      !check(cudaDeviceSynchronize(), "forward")) {
+  if (!check(run<T>(p), "forward launch") || !check(cudaDeviceSynchronize(), "forward")) {
     return false;
   }
   std::vector<T> out(size_q), dq(size_q), dk(size_k), dv(size_k);
@@ -270,12 +266,11 @@ bool check_case(const Case& c, std::mt19937& rng) {
   // P and the output are rounded to T (bf16: 8 bits of mantissa): errors of a few 1e-3 on
   // outputs of magnitude below 1; a wrong layout or mask gives errors of order 1.
   bool match = out_error < 2e-2 && lse_error < 1e-3 && rows_without_keys_ok;
-  std::printf("%s, %d warpgroup(s), %3d-key tiles%s, %-28s max |err| out %.3g, lse %.3g%s -> %s\n",
-              type_name<T>(), kWarpgroups, kKeyTile, kOverlap ? "" : ", softmax in turn", c.name,
-              out_error, lse_error, rows_without_keys_ok ? "" : ", rows without keys WRONG",
+  std::printf("%s, %-28s max |err| out %.3g, lse %.3g%s -> %s\n", type_name<T>(), c.name, out_error,
+              lse_error, rows_without_keys_ok ? "" : ", rows without keys WRONG",
               match ? "match" : "MISMATCH");
   for (const bool deterministic : {false, true}) {
-    if (!check(run_backward<T, kWarpgroups>(p, b, deterministic), "backward launch") ||
+    if (!check(run_backward<T>(p, b, deterministic), "backward launch") ||
         !check(cudaDeviceSynchronize(), "backward") ||
         !check(cudaMemcpy(dq.data(), b.grad_q, size_q * 2, cudaMemcpyDeviceToHost), "copy") ||
         !check(cudaMemcpy(dk.data(), b.grad_k, size_k * 2, cudaMemcpyDeviceToHost), "copy") ||
@@ -323,7 +318,7 @@ struct TimingProblem {
     cudaMemcpy(b.cu_q, offsets, 8, cudaMemcpyHostToDevice);
     cudaMemcpy(b.cu_k, offsets, 8, cudaMemcpyHostToDevice);
     p = make_params(b, c, tokens, tokens);
-    ready = check(run<__nv_bfloat16, 1>(p), "forward") && check(cudaDeviceSynchronize(), "forward");
+    ready = check(run<__nv_bfloat16>(p), "forward") && check(cudaDeviceSynchronize(), "forward");
   }
   // Useful flops of the forward, 2 H D N (N + 1); the backward's are 2.5 times as many.
   double forward_flops() const {
@@ -338,41 +333,30 @@ void report_time(const char* what, double ms, double flops) {
               gpu_probe::kTimedRuns);
 }
 
-// Times the forward and backward on causal-d128, the backward beside the mma.sync one (4-warp
-// dK/dV CTAs, atomic dQ: what the extension runs).
+// Times the forward and backward on causal-d128, the backward beside the mma.sync one (dQ by
+// atomics, as the extension runs it by default, and deterministic).
 void time_causal(int tokens, int heads) {
   TimingProblem t(tokens, heads);
   if (!t.ready) return;
-  std::printf("causal N=%d H=%d D=128 bf16:\n", tokens, heads);
+  std::printf("causal N=%d H=%d D=128 bf16; forward: %d warpgroup(s), %d-key tiles%s\n", tokens,
+              heads, ForwardShape::kWarpgroups, ForwardShape::kBlockN,
+              ForwardShape::kOverlapSoftmax ? ", softmax beside P V" : ", softmax in turn");
   const double fwd = t.forward_flops(), bwd = 2.5 * fwd;
-  report_time("forward, wgmma, 1 warpgroup",
-              gpu_probe::median_ms([&] { return run<__nv_bfloat16, 1>(t.p); }), fwd);
-  report_time("forward, wgmma, 2 warpgroups",
-              gpu_probe::median_ms([&] { return run<__nv_bfloat16, 2>(t.p); }), fwd);
-  report_time("forward, wgmma, 1 warpgroup, softmax in turn",
-              gpu_probe::median_ms([&] { return run<__nv_bfloat16, 1, 64, false>(t.p); }), fwd);
-  report_time("forward, wgmma, 2 warpgroups, softmax in turn",
-              gpu_probe::median_ms([&] { return run<__nv_bfloat16, 2, 64, false>(t.p); }), fwd);
-  report_time("forward, wgmma, 1 warpgroup, 128-key tiles",
-              gpu_probe::median_ms([&] { return run<__nv_bfloat16, 1, 128>(t.p); }), fwd);
-  report_time("forward, wgmma, 2 warpgroups, 128-key tiles",
-              gpu_probe::median_ms([&] { return run<__nv_bfloat16, 2, 128>(t.p); }), fwd);
+  report_time("forward, wgmma", gpu_probe::median_ms([&] { return run<__nv_bfloat16>(t.p); }), fwd);
   report_time("backward, mma.sync, atomic dQ", gpu_probe::median_ms([&] {
-                return run_bwd_flash<__nv_bfloat16, kHeadDim, true, 4>(t.p, t.b.delta, t.b.dq_sums,
-                                                                       t.max_shared_bytes, nullptr);
+                return run_bwd_flash<__nv_bfloat16, kHeadDim, true>(t.p, t.b.delta, t.b.dq_sums,
+                                                                    t.max_shared_bytes, nullptr);
               }),
               bwd);
-  report_time("backward, wgmma, 1 warpgroup (64 keys)",
-              gpu_probe::median_ms([&] { return run_backward<__nv_bfloat16, 1>(t.p, t.b); }), bwd);
-  report_time("backward, wgmma, 2 warpgroups (128 keys)",
-              gpu_probe::median_ms([&] { return run_backward<__nv_bfloat16, 2>(t.p, t.b); }), bwd);
+  report_time("backward, wgmma, atomic dQ",
+              gpu_probe::median_ms([&] { return run_backward<__nv_bfloat16>(t.p, t.b); }), bwd);
   report_time("backward, mma.sync, deterministic", gpu_probe::median_ms([&] {
-                return run_bwd_flash<__nv_bfloat16, kHeadDim, true, 4>(t.p, t.b.delta, nullptr,
-                                                                       t.max_shared_bytes, nullptr);
+                return run_bwd_flash<__nv_bfloat16, kHeadDim, true>(t.p, t.b.delta, nullptr,
+                                                                    t.max_shared_bytes, nullptr);
               }),
               bwd);
   report_time("backward, wgmma, deterministic (dQ kernel)",
-              gpu_probe::median_ms([&] { return run_backward<__nv_bfloat16, 2>(t.p, t.b, true); }),
+              gpu_probe::median_ms([&] { return run_backward<__nv_bfloat16>(t.p, t.b, true); }),
               bwd);
 }
 
@@ -395,15 +379,8 @@ int main() {
   std::mt19937 rng(1);
   bool all = true;
   for (const Case& c : cases) {
-    all = check_case<__nv_bfloat16, 1>(c, rng) && all;
-    all = check_case<__nv_bfloat16, 2>(c, rng) && all;
-    all = check_case<__nv_bfloat16, 1, 128>(c, rng) && all;
-    all = check_case<__nv_bfloat16, 2, 128>(c, rng) && all;
-    all = check_case<__nv_bfloat16, 1, 64, false>(c, rng) && all;
-    if (c.causal) {
-      all = check_case<__half, 1>(c, rng) && all;
-      all = check_case<__half, 2>(c, rng) && all;
-    }
+    all = check_case<__nv_bfloat16>(c, rng) && all;
+    if (c.causal) all = check_case<__half>(c, rng) && all;
   }
   if (all) time_causal(16384, 16);
   std::printf("%s\n", all ? "wgmma attention probe: PASS" : "wgmma attention probe: FAIL");
