@@ -11,17 +11,16 @@
 // mma.sync) is a rendezvous of the warp's 32 fibers, a wgmma one of the warpgroup's 128, and
 // __syncthreads one of the CTA's live threads. PTX semantics follow the ISA manual; cp.async copies
 // land only at cp.async.wait_group, and shared memory starts every CTA filled with 0xff bytes, so a
-// read before the wait or of a byte never written shows up (ldmatrix and wgmma check for it).
-// Races are checked per 16-byte chunk against the barriers: an ldmatrix or wgmma read while a copy
-// is in flight or before a __syncthreads follows its landing, and a copy over what another warp
-// read since the last __syncthreads. wgmma reads shared memory through the async proxy: each
-// thread that wrote a chunk it reads (a landed cp.async, a store_shared) must have executed
-// fence.proxy.async since, and the chunk must not be written again before the warpgroup's
-// wgmma.wait_group retires the read; until that wait a wgmma's accumulator registers hold a NaN
-// pattern that shuffles and tracked stores reject, so a read before the wait shows up. Other
-// plain loads and stores are not tracked. Misuse - a
-// collective with divergent lanes, a deadlock, a shared-memory access out of range, shared memory
-// above the opt-in - aborts with a message naming the kernel's thread.
+// read before the wait or of a byte never written shows up (ldmatrix and wgmma check for it). Races
+// are checked per 16-byte chunk against the barriers: an ldmatrix or wgmma read while a copy is in
+// flight or before a __syncthreads follows its landing, and a copy over what another warp read
+// since the last __syncthreads. wgmma reads shared memory through the async proxy: each thread that
+// wrote a chunk it reads (a landed cp.async, a store_shared) must have executed fence.proxy.async
+// since, and the chunk must not be written again before the warpgroup's wgmma.wait_group retires
+// the read; until that wait a wgmma's accumulator registers hold a NaN pattern that shuffles and
+// tracked stores reject, so a read before the wait shows up. Other plain loads and stores are not
+// tracked. Misuse - a collective with divergent lanes, a deadlock, a shared-memory access out of
+// range, shared memory above the opt-in - aborts with a message naming the kernel's thread.
 #pragma once
 
 #ifndef BLOCK_ATTN_CUDA_EMULATION

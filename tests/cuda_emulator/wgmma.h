@@ -2,13 +2,13 @@
 // through the matrix descriptors as the PTX manual lays out the 128-byte swizzle: 16-byte chunk c
 // of the 128-byte row at address a lands at chunk c XOR ((a / 128) % 8), so tiles are 1024-byte
 // aligned; a K-major operand's 8-row groups are the stride offset apart, an MN-major operand's
-// 8-row k groups the stride offset apart and its 64-element column atoms the leading offset.
-// A product runs, and its accumulators change, only at the wgmma.wait_group that retires its
-// commit group; its accumulator and A-fragment registers must be left alone until then (the
-// accumulators hold cuda_emulator::kPendingAccumulator meanwhile). Its
-// shared-memory operand reads are checked per 16-byte chunk as the hardware's would need
-// (cuda_emulator::note_async_read): written with a __syncthreads since, behind each writing
-// thread's fence.proxy.async, and not overwritten until that wait and a __syncthreads after it.
+// 8-row k groups the stride offset apart and its 64-element column atoms the leading offset. A
+// product runs, and its accumulators change, only at the wgmma.wait_group that retires its commit
+// group; its accumulator and A-fragment registers must be left alone until then (the accumulators
+// hold cuda_emulator::kPendingAccumulator meanwhile). Its shared-memory operand reads are checked
+// per 16-byte chunk as the hardware's would need (cuda_emulator::note_async_read): written with a
+// __syncthreads since, behind each writing thread's fence.proxy.async, and not overwritten until
+// that wait and a __syncthreads after it.
 #pragma once
 
 #include <array>
