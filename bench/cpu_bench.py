@@ -1,9 +1,9 @@
 """CPU benchmark: block_attn against PyTorch's CPU attention paths on the same inputs.
 
 Usage (repo root, extension built in place with BLOCK_ATTN_CUDA=0):
-    PYTHONPATH=. python bench/cpu_bench.py            # full mode (~7 minutes on 2 cores)
-    PYTHONPATH=. python bench/cpu_bench.py --quick    # small sizes (< 2 minutes)
-    PYTHONPATH=. python bench/cpu_bench.py --workloads fixed256,docs-causal
+    python -m bench.cpu_bench            # full mode (~7 minutes on 2 cores)
+    python -m bench.cpu_bench --quick    # small sizes (< 2 minutes)
+    python -m bench.cpu_bench --workloads fixed256,docs-causal
 
 Workloads (B=1, H=8): fixed blocks, packed documents (lognormal lengths, causal and not, and
 all-equal lengths), causal full attention and N-scaling at b=256; float32 D=64 throughout,
@@ -21,27 +21,26 @@ import gc
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 import traceback
 from dataclasses import dataclass
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+import torch
+from tqdm import tqdm
 
-import torch  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from bench import cpu_report  # noqa: E402
-from bench.cpu_peers import (  # noqa: E402
+from bench import cpu_report
+from bench.cpu_peers import (
     DENSE_MASK_MAX_BYTES,
     UnsupportedError,
     dense_mask_bytes,
     layout_check,
     make_cpu_peer,
 )
-from bench.workloads import Workload, document_lengths, fixed_lengths  # noqa: E402
+from bench.timing import call_seconds, median_ms, time_interleaved_ms
+from bench.workloads import Workload, document_lengths, fixed_lengths
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 MODES = ("fwd", "fwdbwd")
 DTYPE_TAG = {torch.float32: "f32", torch.bfloat16: "bf16"}
@@ -231,16 +230,6 @@ def peak_growth_mib(rss_before_kib: int) -> float:
 # --- measuring -------------------------------------------------------------------------------
 
 
-def median_ms(fn, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
-
-
 def gemm_rate(dtype: torch.dtype, size: int = 4096, reps: int = 5, max_call_s: float = 3.0) -> dict:
     """torch.mm's rate on size³ products. Where one such call would take longer than max_call_s
     (bf16 without native instructions runs a scalar loop: minutes at 4096), the size is halved
@@ -316,16 +305,12 @@ def measure_case(case: Case, mode: str, peers: dict, inputs, args, deadline: flo
             continue
         try:
             rss = reset_peak()
-            start = time.perf_counter()
             step = make_step(peer, inputs, mode)
-            step()
-            first = time.perf_counter() - start
+            first = call_seconds(step, "cpu")
             row["peak_mib"] = peak_growth_mib(rss)
             row["first_call_s"] = round(first, 3)
             if name in COMPILED:
-                start = time.perf_counter()
-                step()
-                first = time.perf_counter() - start
+                first = call_seconds(step, "cpu")
             if first > args.slow_call_s and name not in ALWAYS_REPEATED:
                 row["status"] = "skipped"
                 row["note"] = f"one call took {first:.1f} s > {args.slow_call_s:g} s: not repeated"
@@ -337,20 +322,9 @@ def measure_case(case: Case, mode: str, peers: dict, inputs, args, deadline: flo
         except Exception as error:
             row["status"], row["note"] = "error", describe(error)
         gc.collect()
-    times = {name: [] for name in steps}
-    for _ in range(args.reps):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            times[name].append((time.perf_counter() - start) * 1e3)
-    for name, samples in times.items():
-        rows[name].update(
-            status="ok",
-            ms=statistics.median(samples),
-            min_ms=min(samples),
-            max_ms=max(samples),
-            reps=len(samples),
-        )
+    # The warm-up calls were made above, one peer at a time.
+    for name, timing in time_interleaved_ms(steps, "cpu", args.reps, warmup=0).items():
+        rows[name].update(status="ok", **timing)
     return list(rows.values())
 
 
@@ -417,7 +391,7 @@ def main(argv=None) -> int:
     n_check = 4096 if args.quick else 16384
     results["sdpa_layout_check"] = {
         "shape": f"H=8 N={n_check} D=64 b=256 float32 forward, ms",
-        "ms": layout_check(8, n_check, 64, 256, args.reps, median_ms),
+        "ms": layout_check(8, n_check, 64, 256, args.reps),
     }
     print("SDPA batch layouts:", results["sdpa_layout_check"]["ms"], flush=True)
 

@@ -16,6 +16,7 @@ from bench.peers import (
     UnsupportedError,
     dense_mask,
 )
+from bench.timing import median_ms
 from bench.workloads import Workload
 
 DENSE_MASK_MAX_BYTES = 4 * 2**30
@@ -160,11 +161,8 @@ def make_cpu_peer(name: str, workload: Workload, ours_impl, reference_max_seqlen
     return CPU_PEERS[name](workload, "cpu")
 
 
-def layout_check(heads: int, seqlen: int, dim: int, block: int, reps: int, timer) -> dict:
-    """Milliseconds of SDPA forward on fixed blocks in each batch layout (float32).
-
-    ``timer(fn, reps)`` returns the median milliseconds of ``fn``.
-    """
+def layout_check(heads: int, seqlen: int, dim: int, block: int, reps: int) -> dict:
+    """Median milliseconds of SDPA forward on fixed blocks in each batch layout (float32)."""
     q, k, v = (torch.randn(1, heads, seqlen, dim) for _ in range(3))
     nb = seqlen // block
 
@@ -182,5 +180,5 @@ def layout_check(heads: int, seqlen: int, dim: int, block: int, reps: int, timer
     with torch.no_grad():
         for label, layout in layouts.items():
             a, b, c = layout(q), layout(k), layout(v)
-            out[label] = round(timer(lambda a=a, b=b, c=c: sdpa(a, b, c), reps), 3)
+            out[label] = round(median_ms(lambda a=a, b=b, c=c: sdpa(a, b, c), reps), 3)
     return out

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import statistics
 
+from bench.result_rows import OURS, add_ratios, fmt, peers_and_cases, target_status
+from bench.result_rows import row_line as _row_line
 from bench.workloads import Workload
-
-OURS = "block_attn"
 
 
 def workload_info(w: Workload) -> dict:
@@ -28,15 +28,12 @@ def workload_info(w: Workload) -> dict:
 
 def add_figures(rows: list[dict], w: Workload, gemm_gflops: float) -> None:
     """Useful GFLOP/s (backward counted as 2.5× forward), % of fp32 GEMM, peer_ms / our_ms."""
-    ours = next((r for r in rows if r["peer"] == OURS and r.get("status") == "ok"), None)
     for r in rows:
         r["flops"] = w.flops(r["mode"])
-        if r.get("status") != "ok":
-            continue
-        r["gflops"] = r["flops"] / r["ms"] / 1e6
-        r["pct_fp32_gemm"] = 100.0 * r["gflops"] / gemm_gflops
-        if ours is not None:
-            r["vs_ours"] = r["ms"] / ours["ms"]
+        if r.get("status") == "ok":
+            r["gflops"] = r["flops"] / r["ms"] / 1e6
+            r["pct_fp32_gemm"] = 100.0 * r["gflops"] / gemm_gflops
+    add_ratios(rows)
 
 
 def gemm_rate(gemm: dict, dtype: str) -> float:
@@ -50,18 +47,16 @@ def rescale_gemm(rows: list[dict], gemm_gflops: float) -> None:
             r["pct_fp32_gemm"] = 100.0 * r["gflops"] / gemm_gflops
 
 
-def fmt(value, spec: str) -> str:
-    return "-" if value is None else f"{value:{spec}}"
+def _figures(r: dict) -> str:
+    return (
+        f"{r['ms']:9.1f} ms {r['gflops']:6.1f} GFLOP/s {r['pct_fp32_gemm']:4.0f}% GEMM"
+        f"  peer/ours {fmt(r.get('vs_ours'), '.2f', 5)}  peak {fmt(r.get('peak_mib'), '.0f')} MiB"
+    )
 
 
 def row_line(r: dict) -> str:
-    head = f"{r['workload']:<24} {r['mode']:<6} {r['peer']:<16}"
-    if r.get("status") != "ok":
-        return f"{head} {r.get('status', '?'):>8}  {r.get('note', '')}"
-    return (
-        f"{head} {r['ms']:9.1f} ms {r['gflops']:6.1f} GFLOP/s {r['pct_fp32_gemm']:4.0f}% GEMM"
-        f"  peer/ours {fmt(r.get('vs_ours'), '.2f'):>5}  peak {fmt(r.get('peak_mib'), '.0f')} MiB"
-    )
+    """The printed line of one CPU row."""
+    return _row_line(r, 24, _figures)
 
 
 # --- targets -----------------------------------------------------------------------------
@@ -197,7 +192,7 @@ def targets(results: dict) -> list[dict]:
         if not measured:
             entry["status"] = "unmeasured"
         else:
-            short = [m for m in measured if m[1] < m[2]]
+            short = [m for m in measured if target_status(m[1], m[2]) == "short"]
             entry["status"] = "short" if short else "met"
             entry["met_count"] = f"{len(measured) - len(short)}/{len(measured)}"
             worst = min(measured, key=lambda m: m[1] / m[2] if m[2] else m[1])
@@ -274,8 +269,7 @@ def plot(results: dict, path: str) -> None:
     info = {w["name"]: w for w in results["workloads"]}
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(16, 7), gridspec_kw={"width_ratios": [3, 2]})
 
-    peers = [p for p in dict.fromkeys(r["peer"] for r in rows) if p != OURS]
-    keys = list(dict.fromkeys((r["workload"], r["mode"]) for r in rows if r["peer"] != OURS))
+    peers, keys = peers_and_cases([r for r in rows if r["peer"] != OURS])
     width = 0.8 / max(len(peers), 1)
     for i, peer in enumerate(peers):
         by_key = {(r["workload"], r["mode"]): r.get("vs_ours") for r in rows if r["peer"] == peer}
@@ -328,8 +322,8 @@ def readme_section(results: dict, plot_path: str = "results/cpu_results.png") ->
     workload and mode), the plot, and each target with its worst case."""
     env, gemm = results["environment"], results["gemm"]
     rows = results["rows"]
-    peers = [p for p in dict.fromkeys(r["peer"] for r in rows) if p != OURS]
-    keys = list(dict.fromkeys((r["workload"], r["mode"]) for r in rows))
+    peers, keys = peers_and_cases(rows)
+    peers = [p for p in peers if p != OURS]
     by_key = {(r["workload"], r["mode"], r["peer"]): r for r in rows}
     lines = [
         f"## CPU results ({results['mode']} mode)",
@@ -339,7 +333,7 @@ def readme_section(results: dict, plot_path: str = "results/cpu_results.png") ->
         f"fp32 GEMM ({gemm['fp32'].get('size', 4096)}³ `torch.mm`, best of start and end) "
         f"{gemm_rate(gemm, 'fp32'):.0f} GFLOP/s, bf16 ({gemm['bf16'].get('size', 4096)}³) "
         f"{gemm_rate(gemm, 'bf16'):.0f}. "
-        "Run: `PYTHONPATH=. python bench/cpu_bench.py` "
+        "Run: `python -m bench.cpu_bench` "
         f"({results.get('elapsed_s', '?')} s). Peer columns are peer_ms / block_attn_ms (above "
         "1: block_attn faster); `-` not run (see `cpu_results.md` for why).",
         "",

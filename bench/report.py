@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+from bench.result_rows import OURS, add_ratios, find_row, fmt, peers_and_cases, target_status
+from bench.result_rows import row_line as _row_line
 from bench.workloads import Workload
 
-OURS = "block_attn"
+__all__ = [
+    "TARGETS",
+    "accuracy_line",
+    "add_figures",
+    "add_ratios",
+    "roofline_lines",
+    "row_line",
+    "tables",
+    "targets",
+]
 
 # (label, workload, mode, peer or None, threshold); a peer target compares peer_ms / our_ms.
 TARGETS = [
@@ -31,25 +42,6 @@ def add_figures(row: dict, workload: Workload, roofline: dict) -> None:
             row["pct_copy_bw"] = 100.0 * row["gb_per_s"] / copy
 
 
-def add_ratios(rows: list[dict], workload_name: str) -> None:
-    """``vs_ours`` = peer_ms / our_ms for each timed row (above 1: block_attn is faster)."""
-    ours = {
-        r["mode"]: r["ms"]
-        for r in rows
-        if r["workload"] == workload_name and r["peer"] == OURS and r.get("status") == "ok"
-    }
-    for r in rows:
-        if r["workload"] == workload_name and r.get("status") == "ok" and r["mode"] in ours:
-            r["vs_ours"] = r["ms"] / ours[r["mode"]]
-
-
-def find_row(rows, workload, mode, peer):
-    for r in rows:
-        if r["workload"] == workload and r["mode"] == mode and r["peer"] == peer:
-            return r
-    return None
-
-
 def targets(results: dict) -> list[dict]:
     """Each target's measured value and met / short / unmeasured (with the reason)."""
     rows = results["rows"]
@@ -70,10 +62,7 @@ def targets(results: dict) -> list[dict]:
             else:
                 value = other["ms"] / ours["ms"]
         entry["value"] = value
-        if value is None:
-            entry["status"] = "unmeasured"
-        else:
-            entry["status"] = "met" if value >= threshold else "short"
+        entry["status"] = target_status(value, threshold)
         if why:
             entry["note"] = why
         out.append(entry)
@@ -91,20 +80,18 @@ def targets(results: dict) -> list[dict]:
     return out
 
 
-def fmt(value, spec: str, width: int) -> str:
-    return f"{value:{spec}}".rjust(width) if value is not None else "-".rjust(width)
-
-
-def row_line(row: dict) -> str:
-    head = f"{row['workload']:<18} {row['mode']:<6} {row['peer']:<16}"
-    if row.get("status") != "ok":
-        return f"{head} {row.get('status', '?'):>8}  {row.get('note', '')}"
+def _figures(row: dict) -> str:
     return (
-        f"{head} {fmt(row['ms'], '.3f', 9)} ms {fmt(row.get('tflops'), '.1f', 7)} TFLOP/s"
+        f"{fmt(row['ms'], '.3f', 9)} ms {fmt(row.get('tflops'), '.1f', 7)} TFLOP/s"
         f" {fmt(row.get('vs_ours'), '.2f', 6)}x"
         f" {fmt(row.get('pct_copy_bw'), '.0f', 4)}{'% copy' if 'pct_copy_bw' in row else ''}"
         f"  (first call {row['first_call_s']:.1f} s)"
     )
+
+
+def row_line(row: dict) -> str:
+    """The printed line of one GPU row."""
+    return _row_line(row, 18, _figures)
 
 
 def roofline_lines(roofline: dict) -> str:
@@ -133,8 +120,7 @@ def accuracy_line(entry: dict) -> str:
 def tables(results: dict) -> str:
     """The readable summary: one line per workload/mode, peers as columns (ms and ratio)."""
     rows = results["rows"]
-    peers = list(dict.fromkeys(r["peer"] for r in rows))
-    keys = list(dict.fromkeys((r["workload"], r["mode"]) for r in rows))
+    peers, keys = peers_and_cases(rows)
     lines = [
         "",
         "== times in ms (peer_ms / block_attn_ms in brackets; above 1: block_attn faster)",
