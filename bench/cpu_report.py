@@ -215,6 +215,22 @@ def targets_text(entries: list[dict]) -> str:
 # --- markdown and plot -------------------------------------------------------------------
 
 
+def target_bullets(entries: list[dict]) -> list[str]:
+    """A markdown bullet per target: its status, how many cases met it, and the worst case."""
+    lines = []
+    for e in entries:
+        worst = e.get("worst")
+        detail = (
+            f"worst: {worst['case']} {worst['value']:.2f} (need {worst['threshold']:.2f})"
+            if worst
+            else "not measured"
+        )
+        lines.append(
+            f"- **{e['status']}** — {e['target']}: {e.get('met_count', '-')} cases met; {detail}"
+        )
+    return lines
+
+
 def write_markdown(results: dict, path: str) -> None:
     env = results["environment"]
     gemm = results["gemm"]
@@ -242,15 +258,7 @@ def write_markdown(results: dict, path: str) -> None:
             f"{fmt(r.get('pct_fp32_gemm'), '.0f')} | {fmt(r.get('vs_ours'), '.2f')} | "
             f"{fmt(r.get('peak_mib'), '.0f')} | {note[:120]} |"
         )
-    lines += ["", "## Targets", ""]
-    for e in results.get("targets", []):
-        worst = e.get("worst")
-        detail = (
-            f"worst {worst['case']}: {worst['value']:.2f} (need {worst['threshold']:.2f})"
-            if worst
-            else "no measurement"
-        )
-        lines.append(f"- **{e['status']}** {e['target']} ({e.get('met_count', '-')}); {detail}")
+    lines += ["", "## Targets", "", *target_bullets(results.get("targets", []))]
     check = results.get("sdpa_layout_check")
     if check:
         lines += ["", f"SDPA batch layouts ({check['shape']}):", ""]
@@ -354,14 +362,5 @@ def readme_section(results: dict, plot_path: str = "results/cpu_results.png") ->
             + " |"
         )
     lines += ["", f"![CPU benchmark]({plot_path})", "", "### Targets", ""]
-    for e in results.get("targets", []):
-        worst = e.get("worst")
-        detail = (
-            f"worst: {worst['case']} {worst['value']:.2f} (need {worst['threshold']:.2f})"
-            if worst
-            else "not measured"
-        )
-        lines.append(
-            f"- **{e['status']}** — {e['target']}: {e.get('met_count', '-')} cases met; {detail}"
-        )
+    lines += target_bullets(results.get("targets", []))
     return "\n".join(lines) + "\n"

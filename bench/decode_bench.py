@@ -2,8 +2,8 @@
 would otherwise write, on the same inputs in one process.
 
 Usage (repo root, extension built in place):
-    PYTHONPATH=. python bench/decode_bench.py                 # CPU, ~1 minute on 2 cores
-    PYTHONPATH=. python bench/decode_bench.py --device cuda
+    python -m bench.decode_bench                 # CPU, ~1 minute on 2 cores
+    python -m bench.decode_bench --device cuda
 
 Workloads: several sequences each add 1 token (decoding) or a chunk of 16 (chunked prefill)
 against its own key/value cache, causal aligned bottom-right, B=1, GQA 32/8 or 64/8 heads,
@@ -32,19 +32,17 @@ import argparse
 import itertools
 import json
 import os
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
+import torch
+from torch.nn.functional import scaled_dot_product_attention as sdpa
+
+import block_attn
+from bench.timing import time_interleaved_ms
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-import torch  # noqa: E402
-from torch.nn.functional import scaled_dot_product_attention as sdpa  # noqa: E402
-
-import block_attn  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -199,27 +197,18 @@ def measure(w: DecodeWorkload, device: str, rounds: int, calls: int) -> list[dic
     expected = peers["sdpa-loop"]().double()
     errors = {name: float((fn().double() - expected).abs().max()) for name, fn in peers.items()}
     calls = calls if device == "cuda" else 1
-    times: dict[str, list[float]] = {name: [] for name in peers}
-    for _ in range(rounds):
-        for name, fn in peers.items():
-            if device == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            for _ in range(calls):
-                fn()
-            if device == "cuda":
-                torch.cuda.synchronize()
-            times[name].append((time.perf_counter() - t0) * 1e3 / calls)
-    ours_ms = statistics.median(times["block_attn"])
+    # The error check above was each peer's warm-up call.
+    timings = time_interleaved_ms(peers, device, rounds, warmup=0, calls=calls)
+    ours_ms = timings["block_attn"]["ms"]
     rows = []
     for name in peers:
-        ms = statistics.median(times[name])
+        ms = timings[name]["ms"]
         rows.append(
             {
                 "workload": w.name,
                 "peer": name,
                 "ms": ms,
-                "min_ms": min(times[name]),
+                "min_ms": timings[name]["min_ms"],
                 "kv_gb_per_s": kv_bytes / ms / 1e6,
                 "peer_over_ours": ms / ours_ms,
                 "max_abs_diff_vs_sdpa_loop": errors[name],

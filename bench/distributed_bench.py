@@ -5,7 +5,7 @@ Spawns 2 and 4 gloo processes on this machine and runs forward and forward + bac
 block-aware one, on packed documents and on plain causal attention; the single-process op on
 the full sequence is the baseline. Writes ``bench/results/distributed_cpu.json``.
 
-Run: ``python bench/distributed_bench.py [--tokens 4096] [--repeats 3]``.
+Run: ``python -m bench.distributed_bench [--tokens 4096] [--repeats 3]``.
 
 All processes share one machine, so with more processes than cores the timings measure
 contention as much as parallelism; the byte counts do not depend on the machine.
@@ -21,13 +21,13 @@ import platform
 import socket
 import statistics
 import tempfile
-import time
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import block_attn
+from bench.timing import sample_ms
 from block_attn.distributed import (
     STATS,
     build_schedule,
@@ -64,18 +64,12 @@ def inputs(args: argparse.Namespace) -> tuple[torch.Tensor, ...]:
 
 def timed(fn, repeats: int, group: dist.ProcessGroup | None = None) -> float:
     """Median over repeats of the slowest rank's time, in milliseconds."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        if group is not None or dist.is_initialized():
-            dist.barrier(group)
-        start = time.perf_counter()
-        fn()
-        elapsed = torch.tensor([time.perf_counter() - start])
-        if dist.is_initialized():
-            dist.all_reduce(elapsed, op=dist.ReduceOp.MAX, group=group)
-        times.append(elapsed.item())
-    return 1e3 * statistics.median(times)
+    if not dist.is_initialized():
+        return statistics.median(sample_ms({"fn": fn}, "cpu", repeats)["fn"])
+    samples = sample_ms({"fn": fn}, "cpu", repeats, before_call=lambda: dist.barrier(group))["fn"]
+    slowest = torch.tensor(samples)
+    dist.all_reduce(slowest, op=dist.ReduceOp.MAX, group=group)
+    return statistics.median(slowest.tolist())
 
 
 def worker(rank: int, world: int, port: int, args: argparse.Namespace, out_dir: str) -> None:
@@ -216,7 +210,7 @@ def main() -> None:
     offsets = workloads(args)["packed"]
     result = {
         "description": __doc__.splitlines()[0],
-        "command": "python bench/distributed_bench.py "
+        "command": "python -m bench.distributed_bench "
         + " ".join(
             f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
             for k, v in vars(args).items()

@@ -1,8 +1,8 @@
 """block_attn in each floating dtype on the same shapes, side by side in one process.
 
 Usage (repo root, extension built in place):
-    PYTHONPATH=. python bench/dtype_bench.py                  # CPU, ~1 minute on 2 cores
-    PYTHONPATH=. python bench/dtype_bench.py --device cuda --rounds 20
+    python -m bench.dtype_bench                  # CPU, ~1 minute on 2 cores
+    python -m bench.dtype_bench --device cuda --rounds 20
 
 Each round calls every dtype once (interleaved, so a slow stretch of a shared machine hits them
 alike); the table gives the median over the rounds after one warm-up round, in ms, and each
@@ -12,13 +12,12 @@ dtype's time divided by float32's (below 1: faster than float32).
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
 
 import block_attn
+from bench.timing import time_interleaved_ms
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -55,16 +54,6 @@ def make_call(workload: tuple, dtype: torch.dtype, device: str, backward: bool) 
     return forward
 
 
-def timed_ms(call: Callable, device: str) -> float:
-    if device == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    call()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) * 1e3
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -78,13 +67,8 @@ def main() -> None:
             calls = {
                 d: make_call(workload, dtype, args.device, backward) for d, dtype in DTYPES.items()
             }
-            times: dict[str, list[float]] = {d: [] for d in DTYPES}
-            for round_index in range(args.rounds + 1):
-                for d, call in calls.items():
-                    ms = timed_ms(call, args.device)
-                    if round_index > 0:
-                        times[d].append(ms)
-            median = {d: statistics.median(t) for d, t in times.items()}
+            timings = time_interleaved_ms(calls, args.device, args.rounds, warmup=1)
+            median = {d: timing["ms"] for d, timing in timings.items()}
             cells = [f"{median[d]:.1f} ({median[d] / median['float32']:.2f})" for d in DTYPES]
             mode = "fwd+bwd" if backward else "fwd"
             print(f"| {name} | {mode} | " + " | ".join(cells) + " |", flush=True)
