@@ -19,7 +19,6 @@ import json
 import os
 import platform
 import socket
-import statistics
 import tempfile
 
 import torch
@@ -27,7 +26,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import block_attn
-from bench.timing import sample_ms
+from bench.timing import median_ms, sample_ms, summarize
 from block_attn.distributed import (
     STATS,
     build_schedule,
@@ -65,11 +64,11 @@ def inputs(args: argparse.Namespace) -> tuple[torch.Tensor, ...]:
 def timed(fn, repeats: int, group: dist.ProcessGroup | None = None) -> float:
     """Median over repeats of the slowest rank's time, in milliseconds."""
     if not dist.is_initialized():
-        return statistics.median(sample_ms({"fn": fn}, "cpu", repeats)["fn"])
+        return median_ms(fn, repeats)
     samples = sample_ms({"fn": fn}, "cpu", repeats, before_call=lambda: dist.barrier(group))["fn"]
     slowest = torch.tensor(samples)
     dist.all_reduce(slowest, op=dist.ReduceOp.MAX, group=group)
-    return statistics.median(slowest.tolist())
+    return summarize(slowest.tolist())["ms"]
 
 
 def worker(rank: int, world: int, port: int, args: argparse.Namespace, out_dir: str) -> None:
