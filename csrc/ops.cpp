@@ -1,9 +1,15 @@
 // The one place that declares every block_attn operator schema, plus the pybind11 module that
-// exposes what is not an operator (build information).
+// exposes what is not an operator (build information; in CUDA builds, the kernel plans).
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 #include <torch/library.h>
 #include <torch/version.h>
+
+#include "attention_host.h"
+
+#ifdef BLOCK_ATTN_WITH_CUDA
+#include "cuda/python_plans.h"
+#endif
 
 #ifndef BLOCK_ATTN_CUDA_ARCHS
 #define BLOCK_ATTN_CUDA_ARCHS ""
@@ -47,7 +53,17 @@ pybind11::dict build_info() {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.doc() = "block_attn native extension: operators are registered under torch.ops.block_attn";
+  module.def(
+      "check_inputs",
+      [](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale) {
+        block_attn::check_attention_inputs(q, k, v);
+        block_attn::check_scale(scale);
+      },
+      "The operators' checks of q, k, v and the scale, for code that computes without them.");
   module.def("build_info", &build_info,
              "What was compiled: CUDA kernels or not, CUDA archs, the torch version built against, "
              "OpenMP, and the number of CPU threads the kernels use.");
+#ifdef BLOCK_ATTN_WITH_CUDA
+  block_attn::define_plan_functions(module);
+#endif
 }

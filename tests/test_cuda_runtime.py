@@ -1,5 +1,6 @@
 """How the ops behave on a GPU's streams: no host synchronisation, any current stream, CUDA
-graph capture and replay (skipped without a GPU).
+graph capture and replay (skipped without a GPU). Where a test relies on a kernel path, it checks
+the kernels that ran (torch.profiler).
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from conftest import requires_cuda
 
 import block_attn
 from block_attn import reference
+from block_attn.cuda_kernels import decoding_kernel_applies, kernel_paths, kernels_launched
 
+DECODING_KWARGS = {"cu_seqlens": [0, 3, 8], "cu_seqlens_k": [0, 500, 600], "causal": True}
 MASK_KWARGS = [
     pytest.param({"block_size": 48}, id="block_size"),
     pytest.param({"cu_seqlens": [0, 70, 71, 200]}, id="cu_seqlens-list"),
@@ -24,10 +27,7 @@ MASK_KWARGS = [
         id="key-offsets-list",
     ),
     # A few new tokens per sequence against longer key caches: the split-key decoding forward.
-    pytest.param(
-        {"cu_seqlens": [0, 3, 8], "cu_seqlens_k": [0, 500, 600], "causal": True},
-        id="decoding-list",
-    ),
+    pytest.param(DECODING_KWARGS, id="decoding-list"),
 ]
 
 
@@ -64,6 +64,22 @@ def _inputs_for(kwargs):
     """Inputs with as many query and key rows as the kwargs' listed offsets end at (else 200)."""
     seqlen = kwargs["cu_seqlens"][-1] if "cu_seqlens" in kwargs else 200
     return _inputs(seqlen=seqlen, seqlen_k=kwargs.get("cu_seqlens_k", [seqlen])[-1])
+
+
+def _decode_kernels(kernels):
+    """Asserts that ``kernels`` (the names of a forward's launches) are the split-key decoding
+    forward's, with its keys split over several CTAs (their partial results merged after)."""
+    assert kernel_paths(kernels) == {"decode"}, f"the forward launched {kernels}"
+    assert any("combine_splits_kernel" in name for name in kernels), f"no key splits: {kernels}"
+
+
+@requires_cuda
+def test_decoding_blocks_run_the_split_key_forward():
+    """The decoding-list problem above takes the split-key forward, not the general one."""
+    if not decoding_kernel_applies("cuda", torch.bfloat16, 5, 500):
+        pytest.skip("the decoding forward needs an sm_80+ GPU")
+    q, k, v, _ = _inputs_for(DECODING_KWARGS)
+    _decode_kernels(kernels_launched(lambda: block_attn.attention(q, k, v, **DECODING_KWARGS)))
 
 
 @contextlib.contextmanager
@@ -164,17 +180,16 @@ def test_cuda_graph_decoding_with_offsets_kept_on_the_device():
     cu_seqlens = torch.tensor([0, 3, 8], dtype=torch.int32, device="cuda")
     cu_seqlens_k = torch.tensor([0, 500, 1200], dtype=torch.int32, device="cuda")
 
-    def step():
-        kwargs = {
-            "cu_seqlens": cu_seqlens,
-            "cu_seqlens_k": cu_seqlens_k,
-            "max_seqlen": 5,
-            "max_seqlen_k": 1200,
-            "causal": True,
-        }
-        return _forward_backward(q, k, v, grad_out, kwargs)
-
-    graph, captured = _capture(step)
+    step_kwargs = {
+        "cu_seqlens": cu_seqlens,
+        "cu_seqlens_k": cu_seqlens_k,
+        "max_seqlen": 5,
+        "max_seqlen_k": 1200,
+        "causal": True,
+    }
+    if decoding_kernel_applies("cuda", q.dtype, 5, 1200):
+        _decode_kernels(kernels_launched(lambda: block_attn.attention(q, k, v, **step_kwargs)))
+    graph, captured = _capture(lambda: _forward_backward(q, k, v, grad_out, step_kwargs))
     for offsets_k in ([0, 500, 1200], [0, 1000, 1200], [0, 0, 1200]):
         cu_seqlens_k.copy_(torch.tensor(offsets_k, dtype=torch.int32))
         with torch.no_grad():

@@ -1,10 +1,11 @@
 """The Hopper (wgmma) kernels against the mma.sync kernels and the float64 reference.
 
-On an sm_90 GPU with a build that has sm_90a code, bf16/fp16 attention with head_dim 64 or 128
-runs the wgmma backward (in deterministic mode with a dQ kernel instead of atomics); the wgmma
-forward runs at head_dim 256, and at head_dim 128 over key blocks longer than
-HOPPER_FORWARD_MIN_KEYS. BLOCK_ATTN_HOPPER_KERNELS=0 selects the mma.sync kernels, read at every
-call. Elsewhere the comparisons skip.
+On an sm_90 GPU with a build that has sm_90a code, bf16/fp16 attention runs the wgmma kernels
+where the C++ plan takes them (csrc/cuda/hopper/hopper_shapes.h lists the head dims: the backward
+at 64 and 128, in deterministic mode with a dQ kernel instead of atomics; the forward at 256, and
+at 128 over long key blocks). BLOCK_ATTN_HOPPER_KERNELS=0 selects the mma.sync kernels, read at
+every call. Which kernels ran is observed (torch.profiler), not inferred. Elsewhere the
+comparisons skip.
 """
 
 from __future__ import annotations
@@ -15,21 +16,37 @@ from common import LAYOUTS, assert_within_reference_error, grads, make_qkv
 
 import block_attn
 from block_attn import reference
-from block_attn.cuda_kernels import hopper_kernels_apply
+from block_attn.cuda_kernels import hopper_kernels_apply, kernel_paths, kernels_launched
 
 CASES = [
     pytest.param(1, 4, 4, 300, {"causal": True}, id="causal"),
     pytest.param(2, 4, 2, 257, {"cu_seqlens": [0, 1, 64, 65, 200, 257]}, id="ragged-gqa"),
     pytest.param(1, 6, 2, 400, {"cu_seqlens": [0, 130, 131, 400], "causal": True}, id="docs"),
     pytest.param(1, 2, 1, 96, {"block_size": 32, "causal": True}, id="small-blocks-mqa"),
-    # Longer than HOPPER_FORWARD_MIN_KEYS: the wgmma forward at head_dim 128 too.
+    # A key block longer than the head_dim 128 forward shape's kMinKeys: the wgmma forward too.
     pytest.param(1, 2, 1, 4160, {"cu_seqlens": [0, 4099, 4160], "causal": True}, id="long"),
 ]
 
 
 def run(q, k, v, grad_out, kwargs):
-    out = block_attn.attention(q, k, v, **kwargs)
-    return (out, *grads(out, (q, k, v), grad_out))
+    """Forward and backward: ``(out, grad_q, grad_k, grad_v)``, and the names of the kernels the
+    forward and the backward launched."""
+    outputs = {}
+
+    def forward():
+        outputs["out"] = block_attn.attention(q, k, v, **kwargs)
+
+    def backward():
+        outputs["grads"] = grads(outputs["out"], (q, k, v), grad_out)
+
+    forward_kernels = kernels_launched(forward)
+    backward_kernels = kernels_launched(backward)
+    return (outputs["out"], *outputs["grads"]), forward_kernels, backward_kernels
+
+
+def assert_paths(kernels, expected, what):
+    """The launched ``kernels`` belong to the path ``expected`` only."""
+    assert kernel_paths(kernels) == {expected}, f"{what} launched {kernels}, not {expected}"
 
 
 def check_against_reference(q, k, v, grad_out, kwargs, results):
@@ -52,7 +69,8 @@ def check_against_reference(q, k, v, grad_out, kwargs, results):
 
 def hopper_inputs(B, Hq, Hkv, N, D, dtype, layout, backward=False):
     """Inputs for a problem where the Hopper backward (or, without ``backward``, either of the
-    Hopper kernels) runs; skips elsewhere."""
+    Hopper kernels) runs, and whether the plan takes the forward and the backward there; skips
+    elsewhere."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     runs_backward = hopper_kernels_apply(device, dtype, D, backward=True)
     runs_forward = hopper_kernels_apply(device, dtype, D, max_seqlen_k=N)
@@ -60,7 +78,7 @@ def hopper_inputs(B, Hq, Hkv, N, D, dtype, layout, backward=False):
         pytest.skip("the Hopper kernels need an sm_90 GPU and a build with sm_90a code")
     q, k, v = make_qkv(B, Hq, Hkv, N, N, D, dtype=dtype, device=device, layout=layout)
     q, k, v = (t.requires_grad_() for t in (q, k, v))
-    return q, k, v, torch.randn_like(q)
+    return q, k, v, torch.randn_like(q), runs_forward, runs_backward
 
 
 @pytest.mark.parametrize(("B", "Hq", "Hkv", "N", "kwargs"), CASES)
@@ -70,11 +88,15 @@ def hopper_inputs(B, Hq, Hkv, N, D, dtype, layout, backward=False):
 def test_hopper_and_mma_kernels_within_reference_error(
     B, Hq, Hkv, N, kwargs, layout, dtype, D, monkeypatch
 ):
-    q, k, v, grad_out = hopper_inputs(B, Hq, Hkv, N, D, dtype, layout)
-    hopper = run(q, k, v, grad_out, kwargs)
+    q, k, v, grad_out, runs_forward, runs_backward = hopper_inputs(B, Hq, Hkv, N, D, dtype, layout)
+    hopper, forward_kernels, backward_kernels = run(q, k, v, grad_out, kwargs)
+    assert_paths(forward_kernels, "hopper" if runs_forward else "tensor_core", "the forward")
+    assert_paths(backward_kernels, "hopper" if runs_backward else "tensor_core", "the backward")
     monkeypatch.setenv("BLOCK_ATTN_HOPPER_KERNELS", "0")
-    mma = run(q, k, v, grad_out, kwargs)
+    mma, forward_kernels, backward_kernels = run(q, k, v, grad_out, kwargs)
     monkeypatch.delenv("BLOCK_ATTN_HOPPER_KERNELS")
+    assert_paths(forward_kernels, "tensor_core", "the forward with the Hopper kernels off")
+    assert_paths(backward_kernels, "tensor_core", "the backward with the Hopper kernels off")
     check_against_reference(q, k, v, grad_out, kwargs, {"hopper": hopper, "mma.sync": mma})
 
 
@@ -82,11 +104,14 @@ def test_hopper_and_mma_kernels_within_reference_error(
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("D", [64, 128])
 def test_deterministic_hopper_backward(B, Hq, Hkv, N, kwargs, dtype, D, deterministic_algorithms):
-    """The dQ kernel that replaces the atomics: within the reference's error, and bitwise
-    repeatable."""
-    q, k, v, grad_out = hopper_inputs(B, Hq, Hkv, N, D, dtype, "bhnd", backward=True)
-    first = run(q, k, v, grad_out, kwargs)
-    again = run(q, k, v, grad_out, kwargs)
+    """The dQ kernel that replaces the atomics: launched, within the reference's error, and
+    bitwise repeatable."""
+    q, k, v, grad_out, _, _ = hopper_inputs(B, Hq, Hkv, N, D, dtype, "bhnd", backward=True)
+    first, _, backward_kernels = run(q, k, v, grad_out, kwargs)
+    assert_paths(backward_kernels, "hopper", "the deterministic backward")
+    assert any("dq_wgmma_kernel" in name for name in backward_kernels), backward_kernels
+    assert not any("dq_convert_kernel" in name for name in backward_kernels), backward_kernels
+    again, _, _ = run(q, k, v, grad_out, kwargs)
     for name, a, b in zip(("out", "grad_q", "grad_k", "grad_v"), first, again, strict=True):
         assert torch.equal(a, b), f"{name} differs between two deterministic runs"
     check_against_reference(q, k, v, grad_out, kwargs, {"deterministic hopper": first})
@@ -115,7 +140,7 @@ def test_no_hopper_backward_at_head_dim_256():
 
 @pytest.mark.parametrize(("D", "max_seqlen_k"), [(64, 16384), (128, 4096), (128, None)])
 def test_hopper_forward_not_over_short_key_blocks_or_head_dim_64(D, max_seqlen_k):
-    """The mma.sync forward was as fast there (csrc/cuda/launch.cu has the figures)."""
+    """The mma.sync forward was as fast there (csrc/cuda/hopper/hopper_shapes.h)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     assert not hopper_kernels_apply(device, torch.bfloat16, D, max_seqlen_k=max_seqlen_k)
 

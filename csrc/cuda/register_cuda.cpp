@@ -1,12 +1,14 @@
 // Registers the CUDA kernels for the block_attn operators: checks, workspace allocation and
 // launch on the current stream of q's device. Nothing here waits on the device, so the ops can be
-// captured in CUDA graphs.
+// captured in CUDA graphs. Also Python's plan functions (python_plans.h), from the same plans.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <torch/extension.h>
 #include <torch/library.h>
 
 #include "../attention_host.h"
 #include "launch.h"
+#include "python_plans.h"
 
 namespace block_attn {
 namespace {
@@ -112,7 +114,80 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
   return {grad_q, grad_k, grad_v};
 }
 
+const char* path_name(cuda::KernelPath path) {
+  switch (path) {
+    case cuda::KernelPath::kTensorCore:
+      return "tensor_core";
+    case cuda::KernelPath::kHopper:
+      return "hopper";
+    case cuda::KernelPath::kDecode:
+      return "decode";
+    case cuda::KernelPath::kSimple:
+      break;
+  }
+  return "simple";
+}
+
+// The plan attention_forward_cuda makes for these inputs (with out allocated as it allocates it).
+pybind11::dict plan_forward_for(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
+                                int64_t max_seqlen_q, int64_t max_seqlen_k, bool causal) {
+  constexpr double kScale = 1.0;  // the plan does not depend on it
+  check_forward_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, kScale);
+  check_cuda_limits(q, cu_seqlens_q);
+  const c10::cuda::CUDAGuard device_guard(q.device());
+  auto [out, lse] = allocate_forward_outputs(q);
+  const ForwardParams params = make_forward_params(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
+                                                   max_seqlen_q, max_seqlen_k, causal, kScale);
+  cuda::ForwardPlan plan;
+  C10_CUDA_CHECK(cuda::plan_forward(params, to_kernel_dtype(q.scalar_type()), plan));
+  pybind11::dict result;
+  result["path"] = path_name(plan.path);
+  result["decode_splits"] = plan.decode_splits;
+  result["split_partials_elements"] = plan.split_partials_elements;
+  return result;
+}
+
+// The plan attention_backward_cuda makes for these inputs, with out, grad_out and the gradients
+// allocated as the ops allocate them.
+pybind11::dict plan_backward_for(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                 const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
+                                 int64_t max_seqlen_q, int64_t max_seqlen_k, bool causal,
+                                 bool deterministic) {
+  constexpr double kScale = 1.0;  // the plan does not depend on it
+  check_forward_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, kScale);
+  check_cuda_limits(q, cu_seqlens_q);
+  const c10::cuda::CUDAGuard device_guard(q.device());
+  auto [out, lse] = allocate_forward_outputs(q);
+  const at::Tensor grad_out = empty_output_like(q);
+  auto [grad_q, grad_k, grad_v] = allocate_gradients(q, k, v);
+  const BackwardParams params = make_backward_params(
+      grad_out, q, k, v, out, lse, std::nullopt, grad_q, grad_k, grad_v, cu_seqlens_q, cu_seqlens_k,
+      max_seqlen_q, max_seqlen_k, causal, kScale, deterministic);
+  cuda::BackwardPlan plan;
+  C10_CUDA_CHECK(cuda::plan_backward(params, to_kernel_dtype(q.scalar_type()), plan));
+  pybind11::dict result;
+  result["path"] = path_name(plan.path);
+  result["max_shared_bytes"] = plan.max_shared_bytes;
+  result["dq_accumulator_elements"] = plan.dq_accumulator_elements;
+  return result;
+}
+
 }  // namespace
+
+void define_plan_functions(pybind11::module_& module) {
+  using pybind11::arg;
+  module.def("plan_forward", &plan_forward_for,
+             "The CUDA kernel attention_forward runs for these inputs: a dict of path ('simple', "
+             "'tensor_core', 'hopper' or 'decode'), decode_splits and split_partials_elements.",
+             arg("q"), arg("k"), arg("v"), arg("cu_seqlens_q"), arg("cu_seqlens_k"),
+             arg("max_seqlen_q"), arg("max_seqlen_k"), arg("causal"));
+  module.def("plan_backward", &plan_backward_for,
+             "The CUDA kernels attention_backward runs for these inputs: a dict of path ('simple', "
+             "'tensor_core' or 'hopper'), max_shared_bytes and dq_accumulator_elements.",
+             arg("q"), arg("k"), arg("v"), arg("cu_seqlens_q"), arg("cu_seqlens_k"),
+             arg("max_seqlen_q"), arg("max_seqlen_k"), arg("causal"), arg("deterministic"));
+}
 
 TORCH_LIBRARY_IMPL(block_attn, CUDA, m) {
   m.impl("attention_forward", &attention_forward_cuda);
