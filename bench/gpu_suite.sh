@@ -4,24 +4,30 @@
 #
 #   OUT=/some/dir bash bench/gpu_suite.sh        # from the repo root
 #
-# Everything goes to $OUT (default bench/results/gpu_run): gpu_suite.log (the whole run),
-# junit.xml, gpu_results.json, summary.txt and ncu_kernels.txt. Each step is timed and limited; a
-# failing step is recorded and the next one still runs. Exits non-zero when any counted step
-# failed (initcheck, the kernel probes and the profile are advisory). When a wgmma probe fails, the
-# later steps run with BLOCK_ATTN_HOPPER_KERNELS=0, and the summary says so.
+# Everything goes to $OUT, outside the tree by default (/tmp/block_attn_gpu_run): gpu_suite.log
+# (the whole run), junit.xml, gpu_results.json, decode_cuda.md/.json, ncu_kernels.txt, probes/
+# (the probes' build logs and outputs), and the summary as summary.txt and summary.json. To keep a
+# run, copy its summary, gpu_results.json and the decoding tables into bench/results/<gpu>/.
+# Each step is timed and limited; a failing step is recorded and the next one still runs. The
+# summary gives two verdicts: whether the counted steps passed, and whether the benchmark's
+# targets were met. The exit code follows the steps only (a missed target is a result, not a
+# failure): non-zero when any counted step failed (initcheck, the kernel probes and the profile
+# are advisory). When a wgmma probe fails, the later steps run with BLOCK_ATTN_HOPPER_KERNELS=0,
+# and the summary says so.
 # SUITE_BUDGET (seconds, default 540) bounds the whole run: later steps get what is left.
 # STEPS (default "env build probes tests sanitizer bench decode profile") picks steps, e.g. STEPS="bench";
 # they run in that order.
 # SANITIZER_KERNELS (default block_attn): substring of the kernels racecheck/initcheck check.
-# BENCH_ARGS adds arguments to gpu_bench.py (e.g. "--dry-run --device cpu" for a logic check).
+# BENCH_ARGS adds arguments to bench.gpu_bench (e.g. "--dry-run --device cpu" for a logic check).
 set -uo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
-OUT="${OUT:-bench/results/gpu_run}"
-mkdir -p "$OUT"
+OUT="${OUT:-/tmp/block_attn_gpu_run}"
+mkdir -p "$OUT/probes"
 OUT="$(cd "$OUT" && pwd)"
 LOG="$OUT/gpu_suite.log"
 SUMMARY="$OUT/summary.txt"
+SUMMARY_JSON="$OUT/summary.json"
 STEPS="${STEPS:-env build probes tests sanitizer bench decode profile}"
 SUITE_BUDGET="${SUITE_BUDGET:-540}"
 export PYTHONUNBUFFERED=1
@@ -29,6 +35,7 @@ export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0a}"
 START=$(date +%s)
 : >"$LOG"
 RESULTS=()
+STEP_RECORDS=() # name, status, rc, seconds, counted: tab-separated, for summary.json
 FAILED=0
 
 log() { echo "$*" | tee -a "$LOG"; }
@@ -49,6 +56,7 @@ run_step() {
   if ((limit < 10)); then
     log "=== [$name] skipped: $(remaining) s of the suite budget left"
     RESULTS+=("$(printf '%-22s %-9s %6s %7s' "$name" skipped - -)")
+    STEP_RECORDS+=("$(printf '%s\t%s\t\t\t%s' "$name" skipped "$counted")")
     ((counted)) && FAILED=1
     return
   fi
@@ -67,6 +75,7 @@ run_step() {
   ((counted)) || [[ $status == ok ]] || status="$status*"
   log "=== [$name] rc=$rc ($status) in $((t1 - t0)) s"
   RESULTS+=("$(printf '%-22s %-9s %6s %6ss' "$name" "$status" "$rc" "$((t1 - t0))")")
+  STEP_RECORDS+=("$(printf '%s\t%s\t%s\t%s\t%s' "$name" "${status%\*}" "$rc" "$((t1 - t0))" "$counted")")
   if ((rc != 0 && counted)); then
     FAILED=1
   fi
@@ -182,12 +191,12 @@ sanitizer() {
     --print-limit 50 "$@" python3 bench/sanitizer_cases.py "${case_args[@]}"
 }
 
-# Plain CUDA programs, compiled in parallel: the tile variants of the tensor-core kernels timed side
-# by side (and checked to agree bitwise); on sm_90, the Hopper warpgroup-product building blocks
-# and the forward and backward built on them against host references, both timed beside the
-# mma.sync kernels.
+# Plain CUDA programs (bench/probes/), compiled in parallel: the tile variants of the tensor-core
+# kernels timed side by side (and checked to agree bitwise); on sm_90, the Hopper warpgroup-product
+# building blocks and the forward and backward built on them against host references, both timed
+# beside the mma.sync kernels. Build logs, binaries and outputs go to $OUT/probes/.
 kernel_probes() {
-  local major arch rc=0 probe probes=(flash_tile_variants) nvcc
+  local major arch rc=0 probe probes=(flash_tile_variants) nvcc dir="$OUT/probes"
   nvcc=$(command -v nvcc || echo "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc")
   major=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | cut -d. -f1)
   arch=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | tr -d .)
@@ -198,21 +207,21 @@ kernel_probes() {
     echo "compute capability $major: no wgmma to check"
   fi
   for probe in "${probes[@]}"; do
-    rm -f "/tmp/block_attn_$probe"
+    rm -f "$dir/$probe"
     "$nvcc" -std=c++17 -O3 --expt-relaxed-constexpr -gencode="arch=compute_$arch,code=sm_$arch" \
-      "csrc/tests/$probe.cu" -o "/tmp/block_attn_$probe" >"/tmp/block_attn_$probe.log" 2>&1 &
+      "bench/probes/$probe.cu" -o "$dir/$probe" >"$dir/$probe.build.log" 2>&1 &
   done
   wait
   local probe_rc
   for probe in "${probes[@]}"; do
     echo "--- $probe"
-    cat "/tmp/block_attn_$probe.log"
-    if [[ ! -x "/tmp/block_attn_$probe" ]]; then
+    cat "$dir/$probe.build.log"
+    if [[ ! -x "$dir/$probe" ]]; then
       rc=1
       continue
     fi
     # Each probe gets its own limit, so a hanging kernel is reported as this probe's failure.
-    timeout --kill-after=5 45 "/tmp/block_attn_$probe" 2>&1 | tee "$OUT/probe_$probe.txt"
+    timeout --kill-after=5 45 "$dir/$probe" 2>&1 | tee "$dir/$probe.txt"
     probe_rc=${PIPESTATUS[0]}
     if ((probe_rc != 0)); then
       rc=1
@@ -233,14 +242,14 @@ profile() {
       --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
       --section WarpStateStats --section SchedulerStats --section InstructionStats \
       --section Occupancy --section LaunchStats \
-      python3 bench/profile_kernels.py "$workload" || return 1
+      python3 -m bench.profile_kernels "$workload" || return 1
   done
 }
 
 # A wgmma probe that ran and failed (wrong result, crash or hang) lists itself here; the steps after
 # it then run the mma.sync kernels, so one run still tests and times the rest.
 HOPPER_PROBE_FAILURES="$OUT/hopper_probe_failures.txt"
-rm -f "$HOPPER_PROBE_FAILURES" "$OUT/build_fallback.txt" "$OUT"/probe_*.txt
+rm -f "$HOPPER_PROBE_FAILURES" "$OUT/build_fallback.txt" "$OUT"/probes/*.txt "$SUMMARY_JSON"
 export OUT HOPPER_PROBE_FAILURES
 export -f source_digest environment build tests sanitizer kernel_probes profile
 log "block_attn GPU suite: steps '$STEPS', budget ${SUITE_BUDGET}s, writing to $OUT"
@@ -273,7 +282,7 @@ if wanted bench; then
   if wanted profile; then reserve=$((reserve + 45)); fi
   left=$(($(remaining) - reserve))
   left=$((left < 300 ? left : 300))
-  run_step benchmark 300 "$reserve" 1 python3 bench/gpu_bench.py --out "$OUT/gpu_results.json" \
+  run_step benchmark 300 "$reserve" 1 python3 -m bench.gpu_bench --out "$OUT/gpu_results.json" \
     --time-budget $((left - 50 > 200 ? 200 : (left - 50 > 30 ? left - 50 : 30))) ${BENCH_ARGS:-}
 fi
 
@@ -282,7 +291,7 @@ fi
 if wanted decode; then
   reserve=0
   if wanted profile; then reserve=45; fi
-  run_step decode 40 "$reserve" 0 python3 bench/decode_bench.py --device cuda --rounds 10 \
+  run_step decode 40 "$reserve" 0 python3 -m bench.decode_bench --device cuda --rounds 10 \
     --out "$OUT"
 fi
 
@@ -304,9 +313,9 @@ fi
   fi
   if [[ -s "$OUT/build_fallback.txt" ]]; then echo "BUILD FALLBACK: $(cat "$OUT/build_fallback.txt")"; fi
   # The probes' verdicts and timings: what the kernel choices in launch.cu are made from.
-  for probe_output in "$OUT"/probe_*.txt; do
+  for probe_output in "$OUT"/probes/*.txt; do
     [[ -f $probe_output ]] || continue
-    echo "--- $(basename "$probe_output" .txt)"
+    echo "--- probe $(basename "$probe_output" .txt)"
     grep -E 'TFLOP/s|PASS|FAIL|MISMATCH|DIFFER' "$probe_output" | head -40
   done
   if [[ -f "$OUT/junit.xml" ]]; then
@@ -320,18 +329,53 @@ totals = {k: sum(int(s.get(k, 0)) for s in suites) for k in ("tests", "failures"
 print("tests: " + ", ".join(f"{v} {k}" for k, v in totals.items()))
 EOF
   fi
-  if [[ -f "$OUT/gpu_results.json" ]]; then
-    python3 - "$OUT/gpu_results.json" <<'EOF'
+  # Steps and targets are verdicts of their own: a run whose steps all passed but whose benchmark
+  # fell short of a target (or measured none) does not read as a pass of both.
+  python3 - "$OUT/gpu_results.json" "$SUMMARY_JSON" "${STEP_RECORDS[@]}" <<'EOF'
 import json
+import os
 import sys
 
-for t in json.load(open(sys.argv[1])).get("targets", []):
+results_path, summary_path = sys.argv[1], sys.argv[2]
+steps = []
+for record in sys.argv[3:]:
+    name, status, rc, seconds, counted = record.split("\t")
+    steps.append(
+        {
+            "step": name,
+            "status": status,
+            "rc": int(rc) if rc else None,
+            "seconds": int(seconds) if seconds else None,
+            "counted": counted == "1",
+        }
+    )
+failed = [s["step"] for s in steps if s["counted"] and s["status"] != "ok"]
+targets = json.load(open(results_path)).get("targets", []) if os.path.exists(results_path) else []
+for t in targets:
     value = t.get("value")
     shown = f"{value:.2f}" if isinstance(value, float) else str(value)
     print(f"target {t['status']:<10} {t['target']} ({shown} / {t['threshold']})")
+met = sum(t.get("status") == "met" for t in targets)
+counted = sum(s["counted"] for s in steps)
+print(f"steps: FAIL ({', '.join(failed)})" if failed else f"steps: PASS ({counted} counted, all ok)")
+if not targets:
+    verdict, detail = "NOT MEASURED", "no benchmark targets in this run"
+elif met == len(targets):
+    verdict, detail = "MET", f"all {len(targets)}"
+else:
+    verdict, detail = "NOT MET", f"{met} of {len(targets)} met"
+print(f"targets: {verdict} ({detail})")
+summary = {
+    "steps_passed": not failed,
+    "failed_steps": failed,
+    "targets": verdict,
+    "targets_met": met,
+    "targets_total": len(targets),
+    "steps": steps,
+}
+with open(summary_path, "w") as f:
+    json.dump(summary, f, indent=1)
 EOF
-  fi
-  echo "overall: $([[ $FAILED == 0 ]] && echo PASS || echo FAIL)"
 } 2>&1 | tee -a "$LOG" >"$SUMMARY"
 cat "$SUMMARY"
 exit "$FAILED"
