@@ -5,7 +5,7 @@
 // read the operands from shared memory, with no ldmatrix. The 64 x 64 fp32 result lies in the
 // warpgroup's registers like four stacked mma.sync C fragments: register 4 j + e of lane l in
 // warp w holds row 16 w + l / 4 + 8 (e / 2), column 8 j + 2 (l % 4) + e % 2.
-// csrc/tests/wgmma_probe.cu checks these against a host reference on the GPU; under
+// bench/probes/wgmma_probe.cu checks these against a host reference on the GPU; under
 // BLOCK_ATTN_CUDA_EMULATION the host emulator provides the fences and products.
 #pragma once
 
