@@ -241,10 +241,5 @@ class MultiheadBlockAttention(nn.Module):
             max_seqlen_k=max_seqlen_k,
         ).on_host()
         allowed = layout.mask(self.causal, device=q.device)
-        k = k.repeat_interleave(heads // k.shape[1], dim=1)
-        scores = torch.matmul(q, k.transpose(-2, -1)).float() / math.sqrt(self.head_dim)
-        scores = scores.masked_fill(~allowed, float("-inf"))
-        # A query with no allowed key (bottom-right causal with Nq > Nk) gets a zero row, not NaN.
-        has_key = allowed.any(dim=-1, keepdim=True)
-        probs = torch.softmax(scores.masked_fill(~has_key, 0.0), dim=-1)
-        return probs.masked_fill(~has_key, 0.0).to(q.dtype)
+        probs, _ = block_attn.reference.probabilities(q, k, allowed, 1 / math.sqrt(self.head_dim))
+        return probs

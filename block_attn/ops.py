@@ -91,6 +91,11 @@ def attention_backward(
 def _attention_forward_fake(
     q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale
 ):
+    # A call mixing meta and real tensors runs this kernel, not the C++ checks.
+    torch._check_value(
+        q.device == k.device == v.device,
+        lambda: f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}",
+    )
     out = torch.empty_like(q)
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     lse = q.new_empty((q.shape[0], q.shape[1], q.shape[2]), dtype=lse_dtype)

@@ -12,9 +12,9 @@ from collections.abc import Sequence
 import torch
 
 from block_attn.blocks import BlockLayout, resolve_blocks
-from block_attn.validation import check_qkv, resolve_scale
+from block_attn.validation import check_qkv, check_tensors, resolve_scale
 
-__all__ = ["attention"]
+__all__ = ["attention", "probabilities"]
 
 
 def attention(
@@ -38,6 +38,7 @@ def attention(
     """
     check_qkv(q, k, v)
     scale = resolve_scale(scale, q.shape[-1])
+    check_tensors(q, k, v, scale)
     layout = resolve_blocks(
         q.shape[2],
         k.shape[2],
@@ -49,17 +50,33 @@ def attention(
         max_seqlen=max_seqlen,
         max_seqlen_k=max_seqlen_k,
     ).on_host()
-    groups = q.shape[1] // k.shape[1]
-    k = k.repeat_interleave(groups, dim=1)
-    v = v.repeat_interleave(groups, dim=1)
-    allowed = layout.mask(causal, device=q.device)
+    probs, lse = probabilities(q, k, layout.mask(causal, device=q.device), scale)
+    v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    out = torch.matmul(probs, v)
+    return (out, lse) if return_lse else out
+
+
+def probabilities(
+    q: torch.Tensor, k: torch.Tensor, allowed: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense attention probabilities and their log-normaliser.
+
+    Args:
+        q: (B, Hq, Nq, D).
+        k: (B, Hkv, Nk, D); query head h reads kv head ``h // (Hq // Hkv)``.
+        allowed: (Nq, Nk) bool, True where a query may attend a key.
+        scale: multiplies q·k before the softmax.
+
+    Returns:
+        probs: (B, Hq, Nq, Nk) in q's dtype; a row with no allowed key is all zeros.
+        lse: (B, Hq, Nq), float64 for float64 inputs, else float32; -inf for such a row.
+    """
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     scores = torch.matmul(q, k.transpose(-2, -1)) * scale
     scores = scores.float() if scores.dtype != torch.float64 else scores
     scores = scores.masked_fill(~allowed, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
-    # Rows with no allowed key: softmax would be NaN; they output 0.
-    has_key = allowed.any(dim=-1)
-    probs = torch.softmax(scores.masked_fill(~has_key[:, None], 0.0), dim=-1)
-    probs = probs.masked_fill(~has_key[:, None], 0.0).to(q.dtype)
-    out = torch.matmul(probs, v)
-    return (out, lse) if return_lse else out
+    # Rows with no allowed key: softmax would be NaN; they get zeros.
+    has_key = allowed.any(dim=-1, keepdim=True)
+    probs = torch.softmax(scores.masked_fill(~has_key, 0.0), dim=-1)
+    return probs.masked_fill(~has_key, 0.0).to(q.dtype), lse

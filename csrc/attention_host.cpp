@@ -2,25 +2,59 @@
 
 #include <cmath>
 #include <limits>
+#include <string>
 
 namespace block_attn {
 namespace {
 
+// PyTorch's Python names, which users know, for the dtypes a message may name.
+std::string dtype_name(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat:
+      return "torch.float32";
+    case at::kDouble:
+      return "torch.float64";
+    case at::kHalf:
+      return "torch.float16";
+    case at::kBFloat16:
+      return "torch.bfloat16";
+    case at::kInt:
+      return "torch.int32";
+    case at::kLong:
+      return "torch.int64";
+    case at::kBool:
+      return "torch.bool";
+    default:
+      return std::string("torch.") + c10::toString(t);
+  }
+}
+
 void check_attention_tensor(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.dim() == 4, name, " must be 4-D (batch, heads, seqlen, head_dim), got ", t.dim(),
-              "-D");
+  TORCH_CHECK_VALUE(t.dim() == 4, name, " must be 4-D (batch, heads, seqlen, head_dim), got ",
+                    t.dim(), "-D shape ", t.sizes());
+  const at::ScalarType dtype = t.scalar_type();
+  TORCH_CHECK_TYPE(
+      dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
+      name, " has unsupported dtype ", dtype_name(dtype),
+      "; supported: float32, float64, bfloat16, float16");
+}
+
+// The kernels' own requirement (the public API copies other layouts first).
+void check_unit_last_stride(const at::Tensor& t, const char* name) {
   // A tensor without elements is never read, and .contiguous() leaves its strides as they are.
-  TORCH_CHECK(t.numel() == 0 || t.size(-1) <= 1 || t.stride(-1) == 1, name,
-              " must have unit stride in its last (head_dim) dimension, got stride ", t.stride(-1));
+  TORCH_CHECK_VALUE(t.numel() == 0 || t.size(-1) <= 1 || t.stride(-1) == 1, name,
+                    " must have unit stride in its last (head_dim) dimension, got stride ",
+                    t.stride(-1));
 }
 
 void check_offsets(const at::Tensor& cu, const char* name, const at::Tensor& q) {
-  TORCH_CHECK(cu.dim() == 1 && cu.size(0) >= 2, name,
-              " must be 1-D with at least 2 offsets, got shape ", cu.sizes());
-  TORCH_CHECK(cu.scalar_type() == at::kInt, name, " must be int32, got ", cu.scalar_type());
-  TORCH_CHECK(cu.device() == q.device(), name, " must be on q's device ", q.device(), ", got ",
-              cu.device());
-  TORCH_CHECK(cu.is_contiguous(), name, " must be contiguous");
+  TORCH_CHECK_TYPE(cu.scalar_type() == at::kInt, name, " must be int32, got ",
+                   dtype_name(cu.scalar_type()));
+  TORCH_CHECK_VALUE(cu.dim() == 1 && cu.size(0) >= 2, name,
+                    " must be 1-D with at least 2 offsets, got shape ", cu.sizes());
+  TORCH_CHECK_VALUE(cu.device() == q.device(), name, " must be on q's device ", q.device(),
+                    ", got ", cu.device());
+  TORCH_CHECK_VALUE(cu.is_contiguous(), name, " must be contiguous");
 }
 
 void fill_strides(const at::Tensor& t, int64_t& batch, int64_t& head, int64_t& row) {
@@ -31,38 +65,53 @@ void fill_strides(const at::Tensor& t, int64_t& batch, int64_t& head, int64_t& r
 
 }  // namespace
 
-void check_forward_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                          const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
-                          int64_t max_seqlen_q, int64_t max_seqlen_k, double scale) {
+void check_attention_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   check_attention_tensor(q, "q");
   check_attention_tensor(k, "k");
   check_attention_tensor(v, "v");
-  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
-              "q, k and v must share a dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ",
-              v.scalar_type());
-  TORCH_CHECK(q.device() == k.device() && q.device() == v.device(),
-              "q, k and v must be on one device, got ", q.device(), ", ", k.device(), ", ",
-              v.device());
-  TORCH_CHECK(k.sizes() == v.sizes(), "k and v must have the same shape, got ", k.sizes(), " and ",
-              v.sizes());
-  TORCH_CHECK(q.size(0) == k.size(0), "q and k must have the same batch size, got ", q.size(0),
-              " and ", k.size(0));
-  TORCH_CHECK(q.size(3) == k.size(3), "q and k must have the same head_dim, got ", q.size(3),
-              " and ", k.size(3));
-  TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0,
-              "the number of query heads must be a multiple of the number of kv heads, got ",
-              q.size(1), " and ", k.size(1));
+  TORCH_CHECK_TYPE(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
+                   "q, k and v must share a dtype, got ", dtype_name(q.scalar_type()), ", ",
+                   dtype_name(k.scalar_type()), ", ", dtype_name(v.scalar_type()));
+  TORCH_CHECK_VALUE(q.device() == k.device() && q.device() == v.device(),
+                    "q, k and v must be on one device, got ", q.device(), ", ", k.device(), ", ",
+                    v.device());
+  TORCH_CHECK_VALUE(k.sizes() == v.sizes(), "k and v must have the same shape, got ", k.sizes(),
+                    " and ", v.sizes());
+  TORCH_CHECK_VALUE(q.size(0) == k.size(0), "batch size mismatch: q has B = ", q.size(0),
+                    ", k and v have B = ", k.size(0));
+  TORCH_CHECK_VALUE(q.size(3) == k.size(3), "head_dim mismatch: q has D = ", q.size(3),
+                    ", k and v have D = ", k.size(3));
+  TORCH_CHECK_VALUE(q.size(3) > 0, "head_dim D must be at least 1, got 0");
+  TORCH_CHECK_VALUE(k.size(1) > 0 && q.size(1) % k.size(1) == 0,
+                    "the number of query heads must be a multiple of the number of kv heads "
+                    "(Hq % Hkv == 0), got Hq = ",
+                    q.size(1), ", Hkv = ", k.size(1));
+  constexpr int64_t kInt32Max = std::numeric_limits<int32_t>::max();
+  TORCH_CHECK_VALUE(q.size(2) <= kInt32Max && k.size(2) <= kInt32Max,
+                    "sequence lengths must fit in int32, got Nq = ", q.size(2),
+                    ", Nk = ", k.size(2));
+}
+
+void check_forward_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                          const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
+                          int64_t max_seqlen_q, int64_t max_seqlen_k, double scale) {
+  check_attention_inputs(q, k, v);
+  check_unit_last_stride(q, "q");
+  check_unit_last_stride(k, "k");
+  check_unit_last_stride(v, "v");
   check_offsets(cu_seqlens_q, "cu_seqlens_q", q);
   check_offsets(cu_seqlens_k, "cu_seqlens_k", q);
-  TORCH_CHECK(cu_seqlens_q.size(0) == cu_seqlens_k.size(0),
-              "cu_seqlens_q and cu_seqlens_k must describe the same number of blocks, got ",
-              cu_seqlens_q.size(0) - 1, " and ", cu_seqlens_k.size(0) - 1);
-  TORCH_CHECK(max_seqlen_q >= 0 && max_seqlen_k >= 0,
-              "max_seqlen_q and max_seqlen_k must be non-negative");
-  TORCH_CHECK(std::isfinite(scale), "scale must be finite, got ", scale);
-  constexpr int64_t kInt32Max = std::numeric_limits<int32_t>::max();
-  TORCH_CHECK(q.size(2) <= kInt32Max && k.size(2) <= kInt32Max,
-              "sequence lengths must fit in int32");
+  TORCH_CHECK_VALUE(cu_seqlens_q.size(0) == cu_seqlens_k.size(0),
+                    "cu_seqlens_q and cu_seqlens_k must describe the same number of blocks, got ",
+                    cu_seqlens_q.size(0) - 1, " and ", cu_seqlens_k.size(0) - 1);
+  TORCH_CHECK_VALUE(max_seqlen_q >= 0 && max_seqlen_k >= 0,
+                    "max_seqlen_q and max_seqlen_k must be non-negative, got ", max_seqlen_q,
+                    " and ", max_seqlen_k);
+  check_scale(scale);
+}
+
+void check_scale(double scale) {
+  TORCH_CHECK_VALUE(std::isfinite(scale), "scale must be finite, got ", scale);
 }
 
 void check_backward_inputs(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
@@ -70,23 +119,26 @@ void check_backward_inputs(const at::Tensor& grad_out, const at::Tensor& q, cons
                            const std::optional<at::Tensor>& grad_lse) {
   check_attention_tensor(grad_out, "grad_out");
   check_attention_tensor(out, "out");
-  TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(),
-              "grad_out and out must have q's shape ", q.sizes(), ", got ", grad_out.sizes(),
-              " and ", out.sizes());
-  TORCH_CHECK(grad_out.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(),
-              "grad_out and out must have q's dtype ", q.scalar_type());
+  check_unit_last_stride(grad_out, "grad_out");
+  check_unit_last_stride(out, "out");
+  TORCH_CHECK_VALUE(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(),
+                    "grad_out and out must have q's shape ", q.sizes(), ", got ", grad_out.sizes(),
+                    " and ", out.sizes());
+  TORCH_CHECK_TYPE(
+      grad_out.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(),
+      "grad_out and out must have q's dtype ", q.scalar_type());
   const at::ScalarType lse_dtype = lse_dtype_for(q);
   const char* lse_dtype_name = lse_dtype == at::kDouble ? "float64" : "float32";
-  TORCH_CHECK(lse.scalar_type() == lse_dtype && lse.is_contiguous() && lse.dim() == 3 &&
-                  lse.size(0) == q.size(0) && lse.size(1) == q.size(1) && lse.size(2) == q.size(2),
-              "lse must be a contiguous ", lse_dtype_name,
-              " tensor of shape (batch, heads_q, seqlen_q), got ", lse.scalar_type(), " ",
-              lse.sizes());
+  TORCH_CHECK_VALUE(
+      lse.scalar_type() == lse_dtype && lse.is_contiguous() && lse.dim() == 3 &&
+          lse.size(0) == q.size(0) && lse.size(1) == q.size(1) && lse.size(2) == q.size(2),
+      "lse must be a contiguous ", lse_dtype_name,
+      " tensor of shape (batch, heads_q, seqlen_q), got ", lse.scalar_type(), " ", lse.sizes());
   if (grad_lse.has_value()) {
-    TORCH_CHECK(grad_lse->scalar_type() == lse_dtype && grad_lse->sizes() == lse.sizes() &&
-                    grad_lse->is_contiguous(),
-                "grad_lse must be a contiguous ", lse_dtype_name, " tensor with lse's shape ",
-                lse.sizes());
+    TORCH_CHECK_VALUE(grad_lse->scalar_type() == lse_dtype && grad_lse->sizes() == lse.sizes() &&
+                          grad_lse->is_contiguous(),
+                      "grad_lse must be a contiguous ", lse_dtype_name, " tensor with lse's shape ",
+                      lse.sizes());
   }
 }
 

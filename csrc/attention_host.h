@@ -10,8 +10,13 @@
 
 namespace block_attn {
 
-// Checks what the op itself needs (the Python layer validates user input first, with friendlier
-// messages); every message names the argument.
+// The one place that checks the operators' tensor arguments: the Python layer checks only what
+// it must read before the call (tensors of four dimensions) and what C++ cannot see (Python
+// types, lists, keyword combinations). Every message names the argument; a wrong dtype raises
+// TypeError in Python, every other bad value ValueError.
+void check_attention_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v);
+void check_scale(double scale);
+
 void check_forward_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                           const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
                           int64_t max_seqlen_q, int64_t max_seqlen_k, double scale);

@@ -5,6 +5,8 @@
 #include <torch/library.h>
 #include <torch/version.h>
 
+#include "attention_host.h"
+
 #ifdef BLOCK_ATTN_WITH_CUDA
 #include "cuda/python_plans.h"
 #endif
@@ -51,6 +53,13 @@ pybind11::dict build_info() {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.doc() = "block_attn native extension: operators are registered under torch.ops.block_attn";
+  module.def(
+      "check_inputs",
+      [](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale) {
+        block_attn::check_attention_inputs(q, k, v);
+        block_attn::check_scale(scale);
+      },
+      "The operators' checks of q, k, v and the scale, for code that computes without them.");
   module.def("build_info", &build_info,
              "What was compiled: CUDA kernels or not, CUDA archs, the torch version built against, "
              "OpenMP, and the number of CPU threads the kernels use.");

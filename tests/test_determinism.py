@@ -74,6 +74,8 @@ def test_changing_one_block_leaves_others_bitwise_unchanged(
 def test_deterministic_and_default_backward_agree(device, dtype, D):
     """The deterministic mode changes only how dQ is summed: dK and dV agree bitwise, dQ to
     rounding (on CUDA the default sums it with atomics in float32)."""
+    if device == "cpu":
+        pytest.skip("the CPU backward has one path: the deterministic mode does not change it")
     q, k, v = make_qkv(2, 4, 2, 300, 300, D, dtype=dtype, device=device, requires_grad=True)
     grad_out = torch.randn_like(q)
     kwargs = {"cu_seqlens": [0, 100, 101, 300], "causal": True}

@@ -107,9 +107,9 @@ BAD_INPUTS = [
      ValueError, r"cu_seqlens needs as many queries as keys.*Nq = 5, Nk = 12"),
     # The CPU kernels check the offsets' values that CUDA leaves unread.
     ("max-seqlen-too-small", lambda: call(cu_seqlens=torch.tensor([0, 4, N]), max_seqlen=6),
-     RuntimeError, r"cu_seqlens_q: block 1 has 8 rows, more than its max_seqlen 6"),
+     ValueError, r"cu_seqlens_q: block 1 has 8 rows, more than its max_seqlen 6"),
     ("max-seqlen-cu-short", lambda: call(cu_seqlens=torch.tensor([0, 4, 10]), max_seqlen=8),
-     RuntimeError, r"cu_seqlens_q must end at the tensors' length 12, got 10"),
+     ValueError, r"cu_seqlens_q must end at the tensors' length 12, got 10"),
     # cu_seqlens_k (the keys' own offsets).
     ("cu-k-without-cu", lambda: call(cu_seqlens_k=[0, N]), ValueError,
      r"cu_seqlens_k \(key offsets\) needs cu_seqlens \(query offsets\)"),
@@ -143,7 +143,7 @@ BAD_INPUTS = [
      ValueError, r"max_seqlen_k must be in \[1, 2147483647\], got 0"),
     ("max-seqlen-k-too-small", lambda: call(cu_seqlens=torch.tensor([0, 4, N]), max_seqlen=8,
                                             cu_seqlens_k=torch.tensor([0, 2, N]), max_seqlen_k=6),
-     RuntimeError, r"cu_seqlens_k: block 1 has 10 rows, more than its max_seqlen 6"),
+     ValueError, r"cu_seqlens_k: block 1 has 10 rows, more than its max_seqlen 6"),
     # blocks (a BlockLayout).
     ("blocks-not-layout", lambda: call(blocks=[0, N]), TypeError,
      r"blocks must be a BlockLayout, got list"),
@@ -230,47 +230,56 @@ def raw_forward(device="cpu", **overrides):
 
 
 RAW_FORWARD_ERRORS = [
-    ("cu-int64", {"cu_seqlens_q": torch.tensor([0, 4, N])}, r"cu_seqlens_q must be int32.*Long"),
-    ("cu-k-float", {"cu_seqlens_k": torch.tensor([0.0, 12.0])}, r"cu_seqlens_k must be int32"),
-    ("cu-2d", {"cu_seqlens_q": torch.tensor([[0, N]], dtype=torch.int32)},
+    ("cu-int64", TypeError, {"cu_seqlens_q": torch.tensor([0, 4, N])},
+     r"cu_seqlens_q must be int32, got torch\.int64"),
+    ("cu-k-float", TypeError, {"cu_seqlens_k": torch.tensor([0.0, 12.0])},
+     r"cu_seqlens_k must be int32, got torch\.(float32|int64)"),
+    ("cu-2d", ValueError, {"cu_seqlens_q": torch.tensor([[0, N]], dtype=torch.int32)},
      r"cu_seqlens_q must be 1-D with at least 2 offsets"),
-    ("cu-one-offset", {"cu_seqlens_k": torch.tensor([0], dtype=torch.int32)},
+    ("cu-one-offset", ValueError, {"cu_seqlens_k": torch.tensor([0], dtype=torch.int32)},
      r"cu_seqlens_k must be 1-D with at least 2 offsets"),
-    ("cu-noncontiguous", {"cu_seqlens_q": torch.tensor([0, 9, 4, 9, N, 9], dtype=torch.int32)[::2]},
+    ("cu-noncontiguous", ValueError,
+     {"cu_seqlens_q": torch.tensor([0, 9, 4, 9, N, 9], dtype=torch.int32)[::2]},
      r"cu_seqlens_q must be contiguous"),
-    ("cu-block-counts", {"cu_seqlens_k": torch.tensor([0, N], dtype=torch.int32)},
+    ("cu-block-counts", ValueError, {"cu_seqlens_k": torch.tensor([0, N], dtype=torch.int32)},
      r"same number of blocks, got 2 and 1"),
-    ("cu-start", {"cu_seqlens_q": torch.tensor([1, 4, N], dtype=torch.int32)},
+    ("cu-start", ValueError, {"cu_seqlens_q": torch.tensor([1, 4, N], dtype=torch.int32)},
      r"cu_seqlens_q must start at 0, got 1"),
-    ("cu-decreasing", {"cu_seqlens_k": torch.tensor([0, 8, 4], dtype=torch.int32)},
+    ("cu-decreasing", ValueError, {"cu_seqlens_k": torch.tensor([0, 8, 4], dtype=torch.int32)},
      r"cu_seqlens_k must be non-decreasing, got offset 2 = 4 after 8"),
-    ("cu-short", {"cu_seqlens_k": torch.tensor([0, 4, N - 1], dtype=torch.int32)},
+    ("cu-short", ValueError, {"cu_seqlens_k": torch.tensor([0, 4, N - 1], dtype=torch.int32)},
      r"cu_seqlens_k must end at the tensors' length 12, got 11"),
-    ("cu-beyond", {"cu_seqlens_q": torch.tensor([0, 4, N + 5], dtype=torch.int32),
+    ("cu-beyond", ValueError, {"cu_seqlens_q": torch.tensor([0, 4, N + 5], dtype=torch.int32),
                    "max_seqlen_q": 20}, r"cu_seqlens_q must end at the tensors' length 12, got 17"),
-    ("cu-longer-than-max", {"max_seqlen_k": 7},
+    ("cu-longer-than-max", ValueError, {"max_seqlen_k": 7},
      r"cu_seqlens_k: block 1 has 8 rows, more than its max_seqlen 7"),
-    ("q-rank", {"q": torch.randn(H, N, D)}, r"q must be 4-D"),
-    ("k-last-stride", {"k": torch.randn(B, H, D, N).transpose(-1, -2)},
+    ("q-rank", ValueError, {"q": torch.randn(H, N, D)}, r"q must be 4-D"),
+    ("k-last-stride", ValueError, {"k": torch.randn(B, H, D, N).transpose(-1, -2)},
      r"k must have unit stride in its last \(head_dim\) dimension"),
-    ("dtypes", {"v": torch.randn(B, H, N, D, dtype=torch.float64)},
+    ("dtypes", TypeError, {"v": torch.randn(B, H, N, D, dtype=torch.float64)},
      r"q, k and v must share a dtype"),
-    ("k-v-shape", {"v": torch.randn(B, H, N + 1, D)}, r"k and v must have the same shape"),
-    ("batch", {"q": torch.randn(1, H, N, D)}, r"q and k must have the same batch size"),
-    ("head-dim", {"q": torch.randn(B, H, N, 4)}, r"q and k must have the same head_dim"),
-    ("gqa", {"q": torch.randn(B, 3, N, D)}, r"multiple of the number of kv heads, got 3 and 4"),
-    ("max-seqlen", {"max_seqlen_q": -1}, r"max_seqlen_q and max_seqlen_k must be non-negative"),
-    ("scale-inf", {"scale": float("inf")}, r"scale must be finite, got inf"),
-    ("scale-nan", {"scale": float("nan")}, r"scale must be finite, got nan"),
+    ("k-v-shape", ValueError, {"v": torch.randn(B, H, N + 1, D)},
+     r"k and v must have the same shape"),
+    ("batch", ValueError, {"q": torch.randn(1, H, N, D)},
+     r"batch size mismatch: q has B = 1, k and v have B = 2"),
+    ("head-dim", ValueError, {"q": torch.randn(B, H, N, 4)},
+     r"head_dim mismatch: q has D = 4, k and v have D = 8"),
+    ("gqa", ValueError, {"q": torch.randn(B, 3, N, D)},
+     r"multiple of the number of kv heads \(Hq % Hkv == 0\), got Hq = 3, Hkv = 4"),
+    ("max-seqlen", ValueError, {"max_seqlen_q": -1},
+     r"max_seqlen_q and max_seqlen_k must be non-negative"),
+    ("scale-inf", ValueError, {"scale": float("inf")}, r"scale must be finite, got inf"),
+    ("scale-nan", ValueError, {"scale": float("nan")}, r"scale must be finite, got nan"),
 ]  # fmt: skip
 
 
 @pytest.mark.parametrize(
-    ("overrides", "match"),
-    [pytest.param(overrides, match, id=name) for name, overrides, match in RAW_FORWARD_ERRORS],
+    ("exception", "overrides", "match"),
+    [pytest.param(*case, id=name) for name, *case in RAW_FORWARD_ERRORS],
 )
-def test_raw_forward_checks(overrides, match):
-    with pytest.raises(RuntimeError, match=match):
+def test_raw_forward_checks(exception, overrides, match):
+    """The operators' checks are the only ones on their tensors: ValueError or TypeError."""
+    with pytest.raises(exception, match=match):
         raw_forward(**overrides)
 
 
@@ -299,31 +308,32 @@ def raw_backward(**overrides):
 
 
 RAW_BACKWARD_ERRORS = [
-    ("lse-dtype", {"lse": torch.zeros(B, H, N, dtype=torch.float64)},
+    ("lse-dtype", ValueError, {"lse": torch.zeros(B, H, N, dtype=torch.float64)},
      r"lse must be a contiguous float32"),
-    ("lse-shape", {"lse": torch.zeros(B, H, N + 1)},
+    ("lse-shape", ValueError, {"lse": torch.zeros(B, H, N + 1)},
      r"lse must be .*shape \(batch, heads_q, seqlen_q\)"),
-    ("grad-lse-shape", {"grad_lse": torch.zeros(B, H)},
+    ("grad-lse-shape", ValueError, {"grad_lse": torch.zeros(B, H)},
      r"grad_lse must be a contiguous float32 tensor with lse's shape"),
-    ("grad-lse-dtype", {"grad_lse": torch.zeros(B, H, N, dtype=torch.float64)},
+    ("grad-lse-dtype", ValueError, {"grad_lse": torch.zeros(B, H, N, dtype=torch.float64)},
      r"grad_lse must be a contiguous float32"),
-    ("grad-out-shape", {"grad_out": torch.randn(B, H, N - 1, D)},
+    ("grad-out-shape", ValueError, {"grad_out": torch.randn(B, H, N - 1, D)},
      r"grad_out and out must have q's shape"),
-    ("grad-out-dtype", {"grad_out": torch.randn(B, H, N, D, dtype=torch.float64)},
+    ("grad-out-dtype", TypeError, {"grad_out": torch.randn(B, H, N, D, dtype=torch.float64)},
      r"grad_out and out must have q's dtype"),
-    ("grad-out-rank", {"grad_out": torch.randn(H, N, D)}, r"grad_out must be 4-D"),
-    ("cu-int64", {"cu_seqlens_k": torch.tensor([0, 4, N])}, r"cu_seqlens_k must be int32"),
-    ("cu-decreasing", {"cu_seqlens_q": torch.tensor([0, 6, 4], dtype=torch.int32)},
+    ("grad-out-rank", ValueError, {"grad_out": torch.randn(H, N, D)}, r"grad_out must be 4-D"),
+    ("cu-int64", TypeError, {"cu_seqlens_k": torch.tensor([0, 4, N])},
+     r"cu_seqlens_k must be int32, got torch\.(float32|int64)"),
+    ("cu-decreasing", ValueError, {"cu_seqlens_q": torch.tensor([0, 6, 4], dtype=torch.int32)},
      r"cu_seqlens_q must be non-decreasing, got offset 2 = 4 after 6"),
-    ("cu-longer-than-max", {"max_seqlen_q": 4},
+    ("cu-longer-than-max", ValueError, {"max_seqlen_q": 4},
      r"cu_seqlens_q: block 1 has 8 rows, more than its max_seqlen 4"),
 ]  # fmt: skip
 
 
 @pytest.mark.parametrize(
-    ("overrides", "match"),
-    [pytest.param(overrides, match, id=name) for name, overrides, match in RAW_BACKWARD_ERRORS],
+    ("exception", "overrides", "match"),
+    [pytest.param(*case, id=name) for name, *case in RAW_BACKWARD_ERRORS],
 )
-def test_raw_backward_checks(overrides, match):
-    with pytest.raises(RuntimeError, match=match):
+def test_raw_backward_checks(exception, overrides, match):
+    with pytest.raises(exception, match=match):
         raw_backward(**overrides)

@@ -334,3 +334,14 @@ def test_need_weights_is_refused_above_the_size_limit(monkeypatch):
     assert module(x).shape == x.shape  # the output alone has no limit
     monkeypatch.setattr(MultiheadBlockAttention, "max_weights_elements", 2 * NUM_HEADS * 6 * 6)
     assert module(x, need_weights=True)[1].shape == (2, NUM_HEADS, 6, 6)
+
+
+def test_float64_module_weights_are_float64_exact():
+    """need_weights computes in the module's dtype: float64 rows sum to 1 to float64 rounding."""
+    torch.manual_seed(5)
+    module = MultiheadBlockAttention(EMBED_DIM, NUM_HEADS, block_size=4, dtype=torch.float64)
+    x = torch.randn(2, 10, EMBED_DIM, dtype=torch.float64)
+    _, weights = module(x, need_weights=True)
+    assert weights.dtype == torch.float64
+    error = (weights.sum(dim=-1) - 1).abs().max().item()
+    assert error < 1e-13, f"float64 weight rows sum to 1 within {error:.2e}"

@@ -11,7 +11,7 @@ from block_attn.blocks import resolve_blocks
 from block_attn.distributed.checks import check_local_inputs, check_same_on_all_ranks
 from block_attn.distributed.ring import ring_backward, ring_forward
 from block_attn.distributed.schedule import Schedule, build_schedule
-from block_attn.validation import resolve_scale, with_unit_last_stride
+from block_attn.validation import check_qkv, resolve_scale, with_unit_last_stride
 
 __all__ = ["context_parallel_attention"]
 
@@ -107,8 +107,9 @@ def context_parallel_attention(
     try:
         if not isinstance(causal, bool):
             raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
-        check_local_inputs(q, k, v, world_size, layout, schedule)
+        check_qkv(q, k, v)
         scale = resolve_scale(scale, q.shape[-1])
+        check_local_inputs(q, k, v, scale, world_size, layout, schedule)
         seqlen = q.shape[2] * world_size
         blocks = resolve_blocks(
             seqlen, seqlen, q.device, block_size=block_size, cu_seqlens=cu_seqlens

@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 
 from block_attn.distributed.layout import LAYOUTS, check_divisible, check_layout
-from block_attn.validation import check_qkv
+from block_attn.validation import SUPPORTED_DTYPES, check_tensors
 
 __all__ = ["check_local_inputs", "check_same_on_all_ranks"]
 
@@ -29,13 +29,13 @@ _FIELDS = (
     "number of block offsets",
     "block offsets (crc32)",
 )
-_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
 def check_local_inputs(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
+    scale: float,
     world_size: int,
     layout: str,
     schedule: str,
@@ -46,6 +46,7 @@ def check_local_inputs(
         q: (B, Hq, N / W, D) this rank's queries.
         k: (B, Hkv, N / W, D) this rank's keys.
         v: (B, Hkv, N / W, D) this rank's values.
+        scale: the resolved softmax scale.
         world_size: W.
         layout: one of :data:`LAYOUTS`.
         schedule: ``"block"`` or ``"ring"``.
@@ -53,7 +54,7 @@ def check_local_inputs(
     check_layout(layout)
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-    check_qkv(q, k, v)
+    check_tensors(q, k, v, scale)
     if q.shape[2] != k.shape[2]:
         raise ValueError(
             f"q and k must hold the same positions of the sequence, got local lengths "
@@ -139,7 +140,7 @@ def _summary(
         k.shape[1],
         q.shape[2],
         q.shape[3],
-        _DTYPES.index(q.dtype),
+        SUPPORTED_DTYPES.index(q.dtype),
         int(causal),
         LAYOUTS.index(layout),
         SCHEDULES.index(schedule),

@@ -16,16 +16,16 @@ void check_offset_values(const at::Tensor& cu_seqlens, int64_t seqlen, int64_t m
                          const char* name) {
   const int32_t* offsets = cu_seqlens.data_ptr<int32_t>();
   const int64_t count = cu_seqlens.size(0);
-  TORCH_CHECK(offsets[0] == 0, name, " must start at 0, got ", offsets[0]);
+  TORCH_CHECK_VALUE(offsets[0] == 0, name, " must start at 0, got ", offsets[0]);
   for (int64_t j = 0; j + 1 < count; ++j) {
     const int64_t length = static_cast<int64_t>(offsets[j + 1]) - offsets[j];
-    TORCH_CHECK(length >= 0, name, " must be non-decreasing, got offset ", j + 1, " = ",
-                offsets[j + 1], " after ", offsets[j]);
-    TORCH_CHECK(length <= max_seqlen, name, ": block ", j, " has ", length,
-                " rows, more than its max_seqlen ", max_seqlen);
+    TORCH_CHECK_VALUE(length >= 0, name, " must be non-decreasing, got offset ", j + 1, " = ",
+                      offsets[j + 1], " after ", offsets[j]);
+    TORCH_CHECK_VALUE(length <= max_seqlen, name, ": block ", j, " has ", length,
+                      " rows, more than its max_seqlen ", max_seqlen);
   }
-  TORCH_CHECK(offsets[count - 1] == seqlen, name, " must end at the tensors' length ", seqlen,
-              ", got ", offsets[count - 1]);
+  TORCH_CHECK_VALUE(offsets[count - 1] == seqlen, name, " must end at the tensors' length ", seqlen,
+                    ", got ", offsets[count - 1]);
 }
 
 void check_offsets_on_host(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cu_seqlens_q,
