@@ -25,9 +25,7 @@ def test_reference_matches_sdpa(mask, causal):
 @pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
 @pytest.mark.parametrize(("Nq", "Nk"), [(3, 9), (9, 3), (1, 1), (5, 5)])
 def test_layout_mask_matches_hand_mask(Nq, Nk, causal):
-    assert torch.equal(
-        BlockLayout.full(Nq, Nk).mask(causal), hand_mask([0, Nk], Nq, Nk, causal)
-    )
+    assert torch.equal(BlockLayout.full(Nq, Nk).mask(causal), hand_mask([0, Nk], Nq, Nk, causal))
 
 
 def test_layout_mask_for_blocks():
