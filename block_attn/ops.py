@@ -160,3 +160,28 @@ def _backward(ctx, grad_out, grad_lse):
 torch.library.register_autograd(
     "block_attn::attention_forward", _backward, setup_context=_setup_context
 )
+
+DOUBLE_BACKWARD_ADVICE = (
+    "block_attn does not support double backward (a gradient of its gradients, as "
+    "create_graph=True followed by a second backward computes for gradient penalties): the "
+    "kernels' backward is not itself differentiable. For such losses use "
+    "block_attn.reference.attention (pure PyTorch, same arguments) or PyTorch's "
+    "scaled_dot_product_attention with the math backend and a dense mask"
+)
+
+
+def _refuse_double_backward(ctx, grad_q, grad_k, grad_v):
+    raise RuntimeError(DOUBLE_BACKWARD_ADVICE)
+
+
+def _setup_double_backward(ctx, inputs, output) -> None:
+    pass
+
+
+# Registered so that differentiating the backward raises instead of PyTorch's fallback, which
+# warns and treats the backward as constant (silently wrong second derivatives).
+torch.library.register_autograd(
+    "block_attn::attention_backward",
+    _refuse_double_backward,
+    setup_context=_setup_double_backward,
+)

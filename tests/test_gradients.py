@@ -130,3 +130,16 @@ def test_lse_gradient_formula(device):
     mask = torch.ones(6, 6, dtype=torch.bool, device=device).tril()
     probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
     assert_close(grad_q, 0.5 * probs @ k, atol=1e-5, rtol=1e-5, what="d(sum lse)/dq")
+
+
+def test_double_backward_raises_instead_of_a_wrong_number(device):
+    """A gradient of the gradients (gradient penalties) raises a clear error, never a number."""
+    q, k, v = make_qkv(1, 1, 1, 6, 6, 4, dtype=torch.float64, device=device)
+    inputs = tuple(t.requires_grad_() for t in (q, k, v))
+    out = block_attn.attention(*inputs, causal=True)
+    first = torch.autograd.grad(out.square().sum(), inputs, create_graph=True)
+    penalty = sum(g.square().sum() for g in first)
+    with pytest.raises(RuntimeError, match="block_attn does not support double backward"):
+        torch.autograd.grad(penalty, inputs)
+    with pytest.raises(RuntimeError, match="does not support double backward"):
+        torch.autograd.gradgradcheck(lambda q, k, v: block_attn.attention(q, k, v), inputs)
