@@ -8,7 +8,7 @@ import torch
 
 from block_attn import ops
 from block_attn.blocks import BlockLayout, resolve_blocks
-from block_attn.validation import check_qkv, resolve_scale, with_unit_last_stride
+from block_attn.validation import as_bool, check_qkv, resolve_scale, with_unit_last_stride
 
 __all__ = ["attention", "block_diagonal_attention", "causal_attention"]
 
@@ -83,8 +83,8 @@ def attention(
     ``torch.use_deterministic_algorithms(True)`` is on.
     """
     check_qkv(q, k, v)
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    causal = as_bool(causal, "causal")
+    return_lse = as_bool(return_lse, "return_lse")
     scale = resolve_scale(scale, q.shape[-1])
     call_blocks = resolve_blocks(
         q.shape[2],

@@ -24,6 +24,8 @@ from typing import NamedTuple, overload
 
 import torch
 
+from block_attn.validation import as_int
+
 __all__ = ["BlockLayout", "CallBlocks", "KernelOffsets", "padded_cache_blocks", "resolve_blocks"]
 
 INT32_MAX = 2**31 - 1
@@ -172,8 +174,7 @@ class BlockLayout:
     @classmethod
     def fixed(cls, seqlen: int, block_size: int) -> BlockLayout:
         """Blocks ``[i*b, (i+1)*b)`` over ``seqlen`` tokens; the last one may be shorter."""
-        if isinstance(block_size, bool) or not isinstance(block_size, int):
-            raise TypeError(f"block_size must be an int, got {type(block_size).__name__}")
+        block_size = as_int(block_size, "block_size")
         if block_size <= 0:
             raise ValueError(f"block_size must be a positive int, got {block_size}")
         offsets = EvenOffsets(seqlen, block_size) if seqlen > 0 else (0, 0)
@@ -423,8 +424,7 @@ def _check_block_counts(count_q: int, count_k: int) -> None:
 
 
 def _check_max_seqlen(value: object, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    value = as_int(value, name)
     if value <= 0 or value > INT32_MAX:
         raise ValueError(f"{name} must be in [1, {INT32_MAX}], got {value}")
     return value

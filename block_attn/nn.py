@@ -10,6 +10,7 @@ from torch import nn
 
 import block_attn
 from block_attn.blocks import resolve_blocks
+from block_attn.validation import as_bool, as_int
 
 __all__ = ["MultiheadBlockAttention"]
 
@@ -82,10 +83,11 @@ class MultiheadBlockAttention(nn.Module):
                 f"num_heads must be a multiple of num_kv_heads, got num_heads = {num_heads}, "
                 f"num_kv_heads = {num_kv_heads}"
             )
-        if block_size is not None and (
-            isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0
-        ):
-            raise ValueError(f"block_size must be a positive int or None, got {block_size!r}")
+        if block_size is not None:
+            block_size = as_int(block_size, "block_size")
+            if block_size <= 0:
+                raise ValueError(f"block_size must be a positive int or None, got {block_size}")
+        causal = as_bool(causal, "causal")
         if not 0.0 <= dropout <= 1.0:
             raise ValueError(f"dropout must be in [0, 1], got {dropout}")
         self.embed_dim = embed_dim

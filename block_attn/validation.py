@@ -11,8 +11,17 @@ dense reference, context parallelism before it communicates) runs the same C++ c
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
+
+try:
+    import numpy
+except ImportError:  # numpy is optional for torch
+    numpy = None
+
+# NumPy scalars of the right kind are accepted, as PyTorch accepts them.
+_BOOL_TYPES = (bool,) if numpy is None else (bool, numpy.bool_)
 
 # What the kernels compute in; the C++ checks refuse every other dtype.
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -41,12 +50,27 @@ def check_tensors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     _C.check_inputs(q, k, v, scale)
 
 
+def as_bool(value: object, name: str) -> bool:
+    """``value`` as a Python bool; a bool or a NumPy bool, else TypeError."""
+    if not isinstance(value, _BOOL_TYPES):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return bool(value)
+
+
+def as_int(value: object, name: str) -> int:
+    """``value`` as a Python int; an int or a NumPy integer (not a bool or a tensor), else
+    TypeError."""
+    if isinstance(value, (*_BOOL_TYPES, torch.Tensor)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    return int(value)
+
+
 def resolve_scale(scale: float | None, head_dim: int) -> float:
     """``scale`` or the default 1/sqrt(head_dim), as a Python float (finiteness is checked by
     the operators)."""
     if scale is None:
         return 1.0 / math.sqrt(max(head_dim, 1))
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+    if isinstance(scale, (*_BOOL_TYPES, torch.Tensor)) or not isinstance(scale, numbers.Real):
         raise TypeError(f"scale must be a float, got {type(scale).__name__}")
     return float(scale)
 

@@ -162,6 +162,12 @@ BAD_INPUTS = [
     ("causal-int", lambda: call(causal=1), TypeError, r"causal must be a bool, got int"),
     ("causal-tensor", lambda: call(causal=torch.tensor(True)), TypeError,
      r"causal must be a bool, got Tensor"),
+    ("return-lse-str", lambda: call(return_lse="no"), TypeError,
+     r"return_lse must be a bool, got str"),
+    ("scale-tensor", lambda: call(scale=torch.tensor(0.5)), TypeError,
+     r"scale must be a float, got Tensor"),
+    ("max-seqlen-float", lambda: call(cu_seqlens=torch.tensor([0, N]), max_seqlen=12.0),
+     TypeError, r"max_seqlen must be an int, got float"),
 ]  # fmt: skip
 
 
@@ -337,3 +343,20 @@ RAW_BACKWARD_ERRORS = [
 def test_raw_backward_checks(exception, overrides, match):
     with pytest.raises(exception, match=match):
         raw_backward(**overrides)
+
+
+def test_numpy_scalars_of_the_right_kind_are_accepted():
+    """As PyTorch accepts them: NumPy bools, integers and floats where a bool, an int or a float
+    goes."""
+    np = pytest.importorskip("numpy")
+    q, k, v = qkv()
+    expected = block_attn.attention(q, k, v, block_size=4, causal=True, scale=0.5)
+    got = block_attn.attention(
+        q, k, v, block_size=np.int64(4), causal=np.bool_(True), scale=np.float32(0.5)
+    )
+    assert torch.equal(got, expected)
+    cu = torch.tensor([0, 4, N])
+    expected = block_attn.attention(q, k, v, cu_seqlens=cu, max_seqlen=8)
+    assert torch.equal(
+        block_attn.attention(q, k, v, cu_seqlens=cu, max_seqlen=np.int32(8)), expected
+    )

@@ -304,6 +304,19 @@ def test_constructor_errors(kwargs, match):
         MultiheadBlockAttention(**kwargs)
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"causal": "yes"}, "causal must be a bool, got str"),
+        ({"block_size": 4.0}, "block_size must be an int, got float"),
+    ],
+)
+def test_constructor_type_errors(kwargs, match):
+    """Wrong types fail at construction, not at the first forward."""
+    with pytest.raises(TypeError, match=match):
+        MultiheadBlockAttention(24, 4, **kwargs)
+
+
 def test_forward_errors():
     module = MultiheadBlockAttention(EMBED_DIM, NUM_HEADS)
     x = torch.randn(2, 6, EMBED_DIM)

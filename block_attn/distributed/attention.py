@@ -11,7 +11,7 @@ from block_attn.blocks import resolve_blocks
 from block_attn.distributed.checks import check_local_inputs, check_same_on_all_ranks
 from block_attn.distributed.ring import ring_backward, ring_forward
 from block_attn.distributed.schedule import Schedule, build_schedule
-from block_attn.validation import check_qkv, resolve_scale, with_unit_last_stride
+from block_attn.validation import as_bool, check_qkv, resolve_scale, with_unit_last_stride
 
 __all__ = ["context_parallel_attention"]
 
@@ -105,8 +105,7 @@ def context_parallel_attention(
     offsets: tuple[int, ...] = ()
     local_error: Exception | None = None
     try:
-        if not isinstance(causal, bool):
-            raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+        causal = as_bool(causal, "causal")
         check_qkv(q, k, v)
         scale = resolve_scale(scale, q.shape[-1])
         check_local_inputs(q, k, v, scale, world_size, layout, schedule)
