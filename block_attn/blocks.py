@@ -362,6 +362,11 @@ def _read_offsets(cu_seqlens: object, name: str) -> tuple[int, ...]:
         )
     if cu_seqlens.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"{name} must be an int32 or int64 tensor, got {cu_seqlens.dtype}")
+    if cu_seqlens.device.type == "meta":
+        raise ValueError(
+            f"{name} on the meta device has no values to read: pass a list, or a tensor on q's "
+            "device together with max_seqlen"
+        )
     if cu_seqlens.dim() != 1:
         raise ValueError(
             f"{name} must be 1-D, got {cu_seqlens.dim()}-D shape {tuple(cu_seqlens.shape)}"

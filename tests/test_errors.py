@@ -76,6 +76,8 @@ BAD_INPUTS = [
      r"cu_seqlens must be 1-D, got 2-D"),
     ("cu-too-large", lambda: call(cu_seqlens=torch.tensor([0, 2**31, 2**32])), ValueError,
      r"fit in int32.*2147483648"),
+    ("cu-meta", lambda: call(cu_seqlens=torch.tensor([0, N], device="meta")), ValueError,
+     r"cu_seqlens on the meta device has no values to read"),
     ("cu-not-sequence", lambda: call(cu_seqlens="0,12"), TypeError,
      r"cu_seqlens must be a 1-D int tensor or a list of ints, got str"),
     ("both-block-args", lambda: call(block_size=4, cu_seqlens=[0, N]), ValueError,
