@@ -4,10 +4,10 @@
 #   scripts/cuda_compile_check.sh [VENV]
 #
 # Uses VENV if given (it must hold a CUDA build of torch), otherwise creates build/cuda-check-venv
-# and installs torch==2.14.1, ninja and numpy into it. Builds into build/cuda-check so the in-place
-# CPU extension is left alone, then fails if the library is missing or leaves block_attn symbols
-# undefined (a missing kernel instantiation shows up as one). Also compiles and links the GPU
-# probes (bench/probes/*.cu).
+# and installs the pinned CUDA torch (pyproject.toml's torch-cuda), ninja and numpy into it. Builds
+# into build/cuda-check so the in-place CPU extension is left alone, then fails if the library is
+# missing or leaves block_attn symbols undefined (a missing kernel instantiation shows up as one).
+# Also compiles and links the GPU probes (bench/probes/*.cu).
 # Environment: CUDA_HOME (default /usr/local/cuda), TORCH_CUDA_ARCH_LIST (default 9.0a),
 # MAX_JOBS (default: number of CPUs).
 set -euo pipefail
@@ -26,8 +26,9 @@ if [[ -z "$VENV" ]]; then
   if [[ ! -x "$VENV/bin/python" ]]; then
     python3 -m venv "$VENV" || fail "could not create a venv at $VENV"
   fi
-  "$VENV/bin/python" -m pip install --quiet torch==2.14.1 ninja numpy ||
-    fail "pip install torch==2.14.1 ninja numpy"
+  torch_version="$(bash "$ROOT/scripts/pinned_torch.sh" torch-cuda)"
+  "$VENV/bin/python" -m pip install --quiet "torch==$torch_version" ninja numpy ||
+    fail "pip install torch==$torch_version ninja numpy"
 fi
 PYTHON="$VENV/bin/python"
 [[ -x "$PYTHON" ]] || fail "no python at $PYTHON"

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs block_attn from this checkout into the current Python environment.
-# Installs torch==2.13.0 (CPU build) first when no torch is present, then builds the extension
-# against that torch (--no-build-isolation: an isolated build would pull a second multi-GB torch).
+# Installs the pinned CPU torch (pyproject.toml's torch-cpu) first when no torch is present, then
+# builds the extension against that torch (--no-build-isolation: an isolated build would pull a
+# second multi-GB torch).
 #
 # A re-run reuses the installed extension when nothing it is built from changed: the sources
 # under csrc/, setup.py, pyproject.toml, the torch and compiler versions, the build's environment
@@ -14,8 +15,9 @@ PYTHON="${PYTHON:-python3}"
 STAMP=build/extension_stamp.json
 
 if ! "$PYTHON" -c "import torch" >/dev/null 2>&1; then
-  echo "no torch found: installing torch==2.13.0 (CPU build)"
-  "$PYTHON" -m pip install --quiet torch==2.13.0
+  torch_version="$(bash scripts/pinned_torch.sh torch-cpu)"
+  echo "no torch found: installing torch $torch_version (CPU build)"
+  "$PYTHON" -m pip install --quiet "torch==$torch_version"
 fi
 # pip takes seconds even when everything is installed, so ask it only when something is missing.
 if ! "$PYTHON" -c "
