@@ -57,84 +57,45 @@ struct Case {
   // Standard deviation of q: large values make scores whose exponentials overflow float32 unless
   // the kernels subtract the right row maximum.
   double q_scale = 1.0;
-  int wgmma_warpgroups = 0;  // > 0: the sm_90 wgmma kernels, called directly
-  int wgmma_key_tile = 64;   // keys per tile of the wgmma forward: 64 or 128
-  // The wgmma forward's softmax beside the previous tile's P V (else in turn; 64-key tiles).
-  bool wgmma_overlap_softmax = true;
-  int key_warps = 4;  // 8: the tensor-core backward with 8-warp (128-key) dK/dV CTAs
+  // The sm_90 wgmma kernels called directly, with their dispatched shapes, where
+  // hopper_shapes.h has the head_dim (elsewhere launch_forward / launch_backward).
+  bool wgmma = false;
 };
 
-// Calls launch(head_dim, causal, warpgroups) with the problem's values as integral constants, for
-// the wgmma kernels' instantiations (head_dim 64 or 128, or with kWith256 also 256; one or two
-// warpgroups).
-template <bool kWith256, typename Launch>
-cudaError_t with_wgmma_config(const ForwardParams& p, int warpgroups, Launch&& launch) {
-  auto by_causal = [&](auto head_dim, auto wg) {
-    return p.is_causal ? launch(head_dim, std::true_type{}, wg)
-                       : launch(head_dim, std::false_type{}, wg);
-  };
-  auto by_warpgroups = [&](auto head_dim) {
-    return warpgroups == 1 ? by_causal(head_dim, std::integral_constant<int, 1>{})
-                           : by_causal(head_dim, std::integral_constant<int, 2>{});
-  };
-  if constexpr (kWith256) {
-    if (p.head_dim == 256) return by_warpgroups(std::integral_constant<int, 256>{});
-  }
-  return p.head_dim == 64 ? by_warpgroups(std::integral_constant<int, 64>{})
-                          : by_warpgroups(std::integral_constant<int, 128>{});
-}
-
-// launch_backward, or the kernels called directly: the tensor-core backward with 8-warp dK/dV
-// CTAs, and the wgmma backward with the case's warpgroups (dQ by atomics, or deterministic).
+// launch_backward, or for a wgmma case the wgmma backward called directly (dQ by atomics, or
+// deterministic).
 template <typename T>
 cudaError_t run_backward(const Case& c, const BackwardParams& p,
                          const block_attn::cuda::BackwardPlan& plan,
                          const block_attn::cuda::BackwardWorkspace& workspace) {
+  using block_attn::cuda::hopper::BackwardHeadDims;
   if constexpr (sizeof(T) == 2) {
-    if (c.wgmma_warpgroups > 0 && p.head_dim != 256) {  // no wgmma backward at 256
+    if (c.wgmma && BackwardHeadDims::contains(p.head_dim)) {
       float* delta = static_cast<float*>(workspace.delta);
       float* sums = p.deterministic ? nullptr : workspace.dq_accumulator;
-      return with_wgmma_config<false>(
-          p, c.wgmma_warpgroups, [&](auto head_dim, auto causal, auto wg) {
-            return block_attn::cuda::hopper::run_bwd_wgmma<
-                T, decltype(head_dim)::value, decltype(causal)::value, decltype(wg)::value>(
-                p, delta, sums, nullptr);
-          });
-    }
-    if (c.key_warps == 8) {
-      using block_attn::cuda::run_bwd_flash;
-      float* delta = static_cast<float*>(workspace.delta);
-      float* sums = p.deterministic ? nullptr : workspace.dq_accumulator;
-      const int shared = plan.max_shared_bytes;
-      if (p.head_dim <= 64) {
-        return p.is_causal ? run_bwd_flash<T, 64, true, 8>(p, delta, sums, shared, nullptr)
-                           : run_bwd_flash<T, 64, false, 8>(p, delta, sums, shared, nullptr);
-      }
-      return p.is_causal ? run_bwd_flash<T, 128, true, 8>(p, delta, sums, shared, nullptr)
-                         : run_bwd_flash<T, 128, false, 8>(p, delta, sums, shared, nullptr);
+      return BackwardHeadDims::dispatch(p.head_dim, cudaErrorInvalidValue, [&](auto head_dim) {
+        using block_attn::cuda::hopper::run_bwd_wgmma;
+        constexpr int kHeadDim = decltype(head_dim)::value;
+        return p.is_causal ? run_bwd_wgmma<T, kHeadDim, true>(p, delta, sums, nullptr)
+                           : run_bwd_wgmma<T, kHeadDim, false>(p, delta, sums, nullptr);
+      });
     }
   }
   return block_attn::cuda::launch_backward(p, plan, workspace, Element<T>::kDType, nullptr);
 }
 
-// launch_forward, or the wgmma forward with the case's warpgroups per CTA.
+// launch_forward, or for a wgmma case the wgmma forward called directly.
 template <typename T>
 cudaError_t run_forward(const Case& c, const ForwardParams& p) {
+  using block_attn::cuda::hopper::ForwardHeadDims;
   if constexpr (sizeof(T) == 2) {
-    if (c.wgmma_warpgroups > 0) {
-      return with_wgmma_config<true>(
-          p, c.wgmma_warpgroups, [&](auto head_dim, auto causal, auto wg) {
-            constexpr int kHeadDim = decltype(head_dim)::value;
-            constexpr bool kIsCausal = decltype(causal)::value;
-            constexpr int kWarpgroups = decltype(wg)::value;
-            using block_attn::cuda::hopper::run_fwd_wgmma;
-            if (c.wgmma_key_tile == 128) {
-              return run_fwd_wgmma<T, kHeadDim, kIsCausal, kWarpgroups, 128>(p, nullptr);
-            }
-            return c.wgmma_overlap_softmax
-                       ? run_fwd_wgmma<T, kHeadDim, kIsCausal, kWarpgroups, 64, true>(p, nullptr)
-                       : run_fwd_wgmma<T, kHeadDim, kIsCausal, kWarpgroups, 64, false>(p, nullptr);
-          });
+    if (c.wgmma && ForwardHeadDims::contains(p.head_dim)) {
+      return ForwardHeadDims::dispatch(p.head_dim, cudaErrorInvalidValue, [&](auto head_dim) {
+        using block_attn::cuda::hopper::run_fwd_wgmma;
+        constexpr int kHeadDim = decltype(head_dim)::value;
+        return p.is_causal ? run_fwd_wgmma<T, kHeadDim, true>(p, nullptr)
+                           : run_fwd_wgmma<T, kHeadDim, false>(p, nullptr);
+      });
     }
   }
   block_attn::cuda::ForwardPlan plan;
@@ -291,13 +252,8 @@ void report(const std::string& what, const Comparison& cmp, bool gradient) {
 template <typename T>
 void run_case(const Case& c) {
   using A = std::conditional_t<std::is_same_v<T, double>, double, float>;
-  std::printf("%s [%s, head_dim %d%s%s%s%s%s]\n", c.name.c_str(), Element<T>::kName, c.head_dim,
-              c.causal ? ", causal" : "", c.key_warps == 8 ? ", 8-warp dK/dV" : "",
-              c.wgmma_warpgroups == 1   ? ", wgmma kernels, 1 warpgroup"
-              : c.wgmma_warpgroups == 2 ? ", wgmma kernels, 2 warpgroups"
-                                        : "",
-              c.wgmma_key_tile == 128 ? ", 128-key forward tiles" : "",
-              c.wgmma_warpgroups > 0 && !c.wgmma_overlap_softmax ? ", softmax in turn" : "");
+  std::printf("%s [%s, head_dim %d%s%s]\n", c.name.c_str(), Element<T>::kName, c.head_dim,
+              c.causal ? ", causal" : "", c.wgmma ? ", wgmma kernels called directly" : "");
   std::mt19937 rng(1234);
   const Blocks blocks = offsets(c);
   const int seqlen_q = blocks.q.back(), seqlen_k = blocks.k.back();
@@ -642,61 +598,44 @@ int main(int argc, char** argv) {
                          {DType::kBFloat16, decode_straddle}, {DType::kFloat16, decode_unaligned},
                          {DType::kBFloat16, decode_wide},     {DType::kBFloat16, decode_one_split},
                          {DType::kBFloat16, decode_large},    {DType::kFloat16, decode_padded}});
-  // The wgmma forward and backward called directly, one and two warpgroups per CTA (the probe's
-  // cases; launch_forward / launch_backward above pick them for head_dim 64 and 128 too): bf16,
-  // fp16 for the causal ones, and three at head_dim 64.
+  // The wgmma forward and backward called directly with their dispatched shapes (the probe's
+  // cases; launch_forward / launch_backward above pick them only for some of these problems):
+  // bf16, fp16 for the causal ones, head_dim 64 (backward) and 256 (forward) for some.
   std::vector<std::pair<DType, Case>> wgmma_cases;
-  for (const int warpgroups : {1, 2}) {
-    for (Case c :
-         {Case{"wgmma: full, one block of 200", {200}, {200}, 1, 2, 2, 128, false},
-          Case{"wgmma: causal, one block of 200", {200}, {200}, 1, 2, 2, 128, true},
-          Case{"wgmma: ragged, GQA 4:2, rows first",
-               {70, 1, 229},
-               {70, 1, 229},
-               1,
-               4,
-               2,
-               128,
-               false,
-               Layout::kRowsFirst},
-          Case{"wgmma: ragged causal, Lq != Lk", {64, 129, 0}, {130, 20, 5}, 1, 2, 1, 128, true}}) {
-      c.wgmma_warpgroups = warpgroups;
-      wgmma_cases.push_back({DType::kBFloat16, c});
-      if (c.causal) wgmma_cases.push_back({DType::kFloat16, c});
-      Case wide = c;  // 128-key tiles in the forward
-      wide.wgmma_key_tile = 128;
-      wgmma_cases.push_back({DType::kBFloat16, wide});
-      if (c.causal && c.lengths_q.size() == 1) {  // scores in the thousands
-        wide.name += ", large scores";
-        wide.q_scale = 300.0;
-        wgmma_cases.push_back({DType::kBFloat16, wide});
-      }
-      if (c.causal || c.layout == Layout::kRowsFirst) {  // the forward's softmax in turn
-        Case in_turn = c;
-        in_turn.wgmma_overlap_softmax = false;
-        wgmma_cases.push_back({DType::kBFloat16, in_turn});
-      }
-      if (c.causal || c.heads_q != c.heads_kv) {  // head_dim 64: one column block
-        Case narrow = c;
-        narrow.head_dim = 64;
-        wgmma_cases.push_back({c.causal ? DType::kFloat16 : DType::kBFloat16, narrow});
-      }
-      if (c.heads_q != c.heads_kv || c.lengths_q != c.lengths_k) {  // head_dim 256, forward only
-        Case wide_dim = c;
-        wide_dim.head_dim = 256;
-        wgmma_cases.push_back({DType::kBFloat16, wide_dim});
-      }
+  for (Case c :
+       {Case{"wgmma: full, one block of 200", {200}, {200}, 1, 2, 2, 128, false},
+        Case{"wgmma: causal, one block of 200", {200}, {200}, 1, 2, 2, 128, true},
+        Case{"wgmma: ragged, GQA 4:2, rows first",
+             {70, 1, 229},
+             {70, 1, 229},
+             1,
+             4,
+             2,
+             128,
+             false,
+             Layout::kRowsFirst},
+        Case{"wgmma: ragged causal, Lq != Lk", {64, 129, 0}, {130, 20, 5}, 1, 2, 1, 128, true}}) {
+    c.wgmma = true;
+    wgmma_cases.push_back({DType::kBFloat16, c});
+    if (c.causal) wgmma_cases.push_back({DType::kFloat16, c});
+    if (c.causal && c.lengths_q.size() == 1) {  // scores in the thousands
+      Case large = c;
+      large.name += ", large scores";
+      large.q_scale = 300.0;
+      wgmma_cases.push_back({DType::kBFloat16, large});
+    }
+    if (c.causal || c.heads_q != c.heads_kv) {  // head_dim 64: one column block
+      Case narrow = c;
+      narrow.head_dim = 64;
+      wgmma_cases.push_back({c.causal ? DType::kFloat16 : DType::kBFloat16, narrow});
+    }
+    if (c.heads_q != c.heads_kv || c.lengths_q != c.lengths_k) {  // head_dim 256
+      Case wide_dim = c;
+      wide_dim.head_dim = 256;
+      wgmma_cases.push_back({DType::kBFloat16, wide_dim});
     }
   }
   run_on(sm90, "sm_90", wgmma_cases);
-
-  // The backward with 8-warp (128-key) dK/dV CTAs.
-  std::vector<std::pair<DType, Case>> wide_key_cases;
-  for (Case c : {causal128, gqa64, separate, odd_dim}) {
-    c.key_warps = 8;
-    wide_key_cases.push_back({DType::kBFloat16, c});
-  }
-  run_on(sm90, "sm_90", wide_key_cases);
 
   cuda_emulator::DeviceProperties sm86{8, 6, 99 * 1024};  // the dQ kernel keeps one row group
   run_on(sm86, "sm_86",

@@ -504,18 +504,15 @@ cudaError_t run_bwd_flash_tiles(const BackwardParams& params, float* delta, floa
   return launch_dq_flash<T, DqOne, kIsCausal>(params, delta, vectorized, stream);
 }
 
-// kKeyWarps: 16-key groups of a dK/dV CTA. 8 (128 keys, as FlashAttention-2 takes at head_dim
-// 128) halves the atomic dQ traffic and the Q / dO tile loads per product, for 111 KiB of shared
-// memory and one CTA per SM; 4 is what runs until a GPU measurement says otherwise
-// (bench/probes/flash_tile_variants.cu times both). At head_dim 256 each group has two warps, and
+// dK/dV CTAs of 4 groups of 16 keys (DkDvTraits). At head_dim 256 each group has two warps, and
 // devices with less shared memory per CTA than those tiles need (sm_86, sm_89) get narrower
 // ones. The dQ kernel takes two row groups per warp up to head_dim 128 (above, their
 // accumulators would not fit in registers) where the shared memory allows.
-template <typename T, int kHeadDim, bool kIsCausal, int kKeyWarps>
+template <typename T, int kHeadDim, bool kIsCausal>
 cudaError_t run_bwd_flash(const BackwardParams& params, void* delta_workspace,
                           float* dq_accumulator, int max_shared_bytes, cudaStream_t stream) {
   auto* delta = static_cast<float*>(delta_workspace);
-  using DkDv = DkDvTraits<kHeadDim, kKeyWarps>;
+  using DkDv = DkDvTraits<kHeadDim>;
   if constexpr (kHeadDim > 128) {
     if (flash_bwd_shared_bytes<DkDv, DqTraits<kHeadDim>>() > max_shared_bytes) {
       return run_bwd_flash_tiles<T, kIsCausal, NarrowDkDvTraits<kHeadDim>, NarrowDqTraits<kHeadDim>,

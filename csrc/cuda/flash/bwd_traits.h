@@ -54,9 +54,9 @@ constexpr int dkdv_column_split(int head_dim) {
   return head_dim > 128 ? 2 : 1;
 }
 
-// The dK/dV kernel's tiles: kKeyWarps groups of 16 keys.
-template <int kHeadDim, int kKeyWarps = 4>
-using DkDvTraits = FlashBwdTraits<kHeadDim, 1, kKeyWarps, dkdv_column_split(kHeadDim)>;
+// The dK/dV kernel's tiles: 4 groups of 16 keys.
+template <int kHeadDim>
+using DkDvTraits = FlashBwdTraits<kHeadDim, 1, 4, dkdv_column_split(kHeadDim)>;
 
 // The dQ kernel's tiles: 64 queries (kRowGroups 16-row groups per warp).
 template <int kHeadDim, int kRowGroups = 1>

@@ -36,9 +36,8 @@ cudaError_t run_fwd_decode(const ForwardParams& params, int splits, float* split
 // delta: the workspace of launch_backward (float, (batch, heads_q, seqlen_q)). dq_accumulator:
 // null for the deterministic dQ kernel, else (batch, heads_q, seqlen_q, head_dim) float32 scratch
 // for dQ by atomics (zeroed here). max_shared_bytes: the device's opt-in shared memory per CTA
-// (cudaDevAttrMaxSharedMemoryPerBlockOptin), which picks the tiles. kKeyWarps: warps of a dK/dV
-// CTA, 16 keys each.
-template <typename T, int kHeadDim, bool kIsCausal, int kKeyWarps = 4>
+// (cudaDevAttrMaxSharedMemoryPerBlockOptin), which picks the tiles.
+template <typename T, int kHeadDim, bool kIsCausal>
 cudaError_t run_bwd_flash(const BackwardParams& params, void* delta, float* dq_accumulator,
                           int max_shared_bytes, cudaStream_t stream);
 

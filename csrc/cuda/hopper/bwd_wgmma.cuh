@@ -37,11 +37,12 @@
 
 namespace block_attn::cuda::hopper {
 
-template <int kHeadDim_, int kWarpgroups_>
+// The tiles of hopper_shapes.h's BackwardShape<kHeadDim>.
+template <int kHeadDim_>
 struct WgmmaBwdTraits {
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kColumnBlocks = kHeadDim / 64;
-  static constexpr int kWarpgroups = kWarpgroups_;
+  static constexpr int kWarpgroups = BackwardShape<kHeadDim>::kWarpgroups;
   static constexpr int kThreads = 128 * kWarpgroups;
   static constexpr int kBlockN = 64 * kWarpgroups;  // keys of a CTA
   static constexpr int kBlockM = 64;                // queries per streamed tile
@@ -308,10 +309,10 @@ __global__ void __launch_bounds__(Traits::kThreads)
 // The whole backward: Delta (and the zeroed dQ accumulator), dK / dV, and dQ: with a
 // dq_accumulator ((batch, heads_q, seqlen_q, head_dim) float32) from the dK/dV kernel's atomic
 // sums, else (deterministic) from dq_wgmma_kernel.
-template <typename T, int kHeadDim, bool kIsCausal, int kWarpgroups>
+template <typename T, int kHeadDim, bool kIsCausal>
 cudaError_t run_bwd_wgmma(const BackwardParams& params, float* delta, float* dq_accumulator,
                           cudaStream_t stream) {
-  using Traits = WgmmaBwdTraits<kHeadDim, kWarpgroups>;
+  using Traits = WgmmaBwdTraits<kHeadDim>;
   const bool atomic_dq = dq_accumulator != nullptr;
   cudaError_t err = launch_backward_prologue<T>(params, delta, dq_accumulator, stream);
   if (err != cudaSuccess) return err;
@@ -329,13 +330,6 @@ cudaError_t run_bwd_wgmma(const BackwardParams& params, float* delta, float* dq_
   }
   if (atomic_dq) return launch_dq_convert<T>(params, dq_accumulator, stream);
   return run_dq_wgmma<T, kHeadDim, kIsCausal>(params, delta, stream);
-}
-
-template <typename T, int kHeadDim, bool kIsCausal>
-cudaError_t run_bwd_wgmma(const BackwardParams& params, float* delta, float* dq_accumulator,
-                          cudaStream_t stream) {
-  return run_bwd_wgmma<T, kHeadDim, kIsCausal, BackwardShape<kHeadDim>::kWarpgroups>(
-      params, delta, dq_accumulator, stream);
 }
 
 }  // namespace block_attn::cuda::hopper

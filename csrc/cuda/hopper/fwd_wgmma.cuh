@@ -30,16 +30,18 @@
 
 namespace block_attn::cuda::hopper {
 
-template <int kHeadDim_, int kWarpgroups_, int kBlockN_, bool kOverlapSoftmax_>
+// The tiles of hopper_shapes.h's ForwardShape<kHeadDim>.
+template <int kHeadDim_>
 struct WgmmaFwdTraits {
+  using Shape = ForwardShape<kHeadDim_>;
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kColumnBlocks = kHeadDim / 64;
-  static constexpr int kWarpgroups = kWarpgroups_;
+  static constexpr int kWarpgroups = Shape::kWarpgroups;
   static constexpr int kThreads = 128 * kWarpgroups;
   static constexpr int kBlockM = 64 * kWarpgroups;
-  static constexpr int kBlockN = kBlockN_;  // keys per tile: 64 or 128
+  static constexpr int kBlockN = Shape::kBlockN;  // keys per tile: 64 or 128
   // Softmax of tile j while the tensor cores run P_{j-1} V_{j-1}: K and V double-buffered.
-  static constexpr bool kOverlapSoftmax = kOverlapSoftmax_;
+  static constexpr bool kOverlapSoftmax = Shape::kOverlapSoftmax;
   static constexpr int kStages = kOverlapSoftmax ? 2 : 1;
   static constexpr int kQueryTileBytes = 64 * kHeadDim * 2;  // each warpgroup's Q
   static constexpr int kKeyTileBytes = kBlockN * kHeadDim * 2;
@@ -279,10 +281,9 @@ __global__ void __launch_bounds__(Traits::kThreads) fwd_wgmma_kernel(const Forwa
 #endif
 }
 
-template <typename T, int kHeadDim, bool kIsCausal, int kWarpgroups, int kBlockN,
-          bool kOverlapSoftmax>
+template <typename T, int kHeadDim, bool kIsCausal>
 cudaError_t run_fwd_wgmma(const ForwardParams& params, cudaStream_t stream) {
-  using Traits = WgmmaFwdTraits<kHeadDim, kWarpgroups, kBlockN, kOverlapSoftmax>;
+  using Traits = WgmmaFwdTraits<kHeadDim>;
   const dim3 grid(ceil_div(params.max_seqlen_q, Traits::kBlockM), params.num_blocks,
                   params.batch * params.heads_q);
   if (grid.x == 0 || grid.y == 0 || grid.z == 0) return cudaSuccess;
@@ -291,13 +292,6 @@ cudaError_t run_fwd_wgmma(const ForwardParams& params, cudaStream_t stream) {
                                                Traits::kSharedBytes);
   if (err != cudaSuccess) return err;
   return launch_kernel(kernel, grid, Traits::kThreads, Traits::kSharedBytes, stream, params);
-}
-
-template <typename T, int kHeadDim, bool kIsCausal>
-cudaError_t run_fwd_wgmma(const ForwardParams& params, cudaStream_t stream) {
-  using Shape = ForwardShape<kHeadDim>;
-  return run_fwd_wgmma<T, kHeadDim, kIsCausal, Shape::kWarpgroups, Shape::kBlockN,
-                       Shape::kOverlapSoftmax>(params, stream);
 }
 
 }  // namespace block_attn::cuda::hopper

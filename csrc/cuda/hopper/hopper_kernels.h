@@ -14,23 +14,11 @@ namespace block_attn::cuda::hopper {
 template <typename T, int kHeadDim, bool kIsCausal>
 cudaError_t run_fwd_wgmma(const ForwardParams& params, cudaStream_t stream);
 
-// The forward with another shape (kWarpgroups, kBlockN and kOverlapSoftmax as in ForwardShape),
-// for the tests that compare shapes.
-template <typename T, int kHeadDim, bool kIsCausal, int kWarpgroups, int kBlockN,
-          bool kOverlapSoftmax = (kHeadDim < 256)>
-cudaError_t run_fwd_wgmma(const ForwardParams& params, cudaStream_t stream);
-
 // Delta, dK / dV and dQ: by atomics into dq_accumulator ((batch, heads_q, seqlen_q, head_dim)
 // float32 scratch, zeroed here), or with a null dq_accumulator from a dQ kernel that sums every
 // element in a fixed order (deterministic). The dK/dV CTAs have hopper_shapes.h's
 // BackwardShape<kHeadDim> (a head dim of BackwardHeadDims).
 template <typename T, int kHeadDim, bool kIsCausal>
-cudaError_t run_bwd_wgmma(const BackwardParams& params, float* delta, float* dq_accumulator,
-                          cudaStream_t stream);
-
-// The backward with kWarpgroups warpgroups of 64 keys per dK/dV CTA (1 or 2), for the tests that
-// compare shapes.
-template <typename T, int kHeadDim, bool kIsCausal, int kWarpgroups>
 cudaError_t run_bwd_wgmma(const BackwardParams& params, float* delta, float* dq_accumulator,
                           cudaStream_t stream);
 
