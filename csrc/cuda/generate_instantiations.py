@@ -6,12 +6,15 @@ of hopper/hopper_shapes.h (Hopper kernels, whose tile shapes that header also ho
 kernels' element types from DTYPE_SWITCH. The tensor-core and Hopper kernels are float16/bfloat16
 only, as launch.cu's launch_forward / launch_backward pick them.
 
-Run from anywhere after changing those headers, then format the output:
-  python csrc/cuda/generate_instantiations.py && clang-format -i csrc/cuda/instantiations/*.cu
+Run from anywhere after changing those headers (it formats its output with clang-format and the
+repository's .clang-format, and rewrites only files whose text changes):
+  python csrc/cuda/generate_instantiations.py
 """
 
 import pathlib
 import re
+import shutil
+import subprocess
 
 HERE = pathlib.Path(__file__).resolve().parent
 OUT = HERE / "instantiations"
@@ -117,6 +120,14 @@ def hopper_file(direction: str, dtype: str, head_dim: int) -> str:
     return "".join(lines)
 
 
+def clang_formatted(text: str, path: pathlib.Path) -> str:
+    """``text`` as clang-format lays out ``path`` (by the .clang-format above it)."""
+    if shutil.which("clang-format") is None:
+        raise SystemExit("generate_instantiations: no clang-format (pip install clang-format)")
+    command = ["clang-format", f"--assume-filename={path}"]
+    return subprocess.run(command, input=text, capture_output=True, text=True, check=True).stdout
+
+
 def main() -> None:
     OUT.mkdir(exist_ok=True)
     files = {}
@@ -138,7 +149,10 @@ def main() -> None:
         if old.name not in files:
             old.unlink()
     for name, text in files.items():
-        (OUT / name).write_text(text)
+        path = OUT / name
+        text = clang_formatted(text, path)
+        if not path.exists() or path.read_text() != text:
+            path.write_text(text)
 
 
 if __name__ == "__main__":
