@@ -5,8 +5,8 @@ found (CUDA_HOME), or forced with BLOCK_ATTN_CUDA=1; BLOCK_ATTN_CUDA=0 forces a 
 TORCH_CUDA_ARCH_LIST picks the GPU archs (default: 8.0 8.6 8.9 9.0a). 9.0a is Hopper with its
 arch-specific instructions: with it, bf16/fp16 attention on sm_90 runs the wgmma kernels in the
 backward at head_dim 64 and 128, and in the forward at head_dim 256 and at head_dim 128 when the
-longest key block exceeds 4096 keys (csrc/cuda/launch.cu, uses_hopper_kernels); with plain 9.0
-it runs the mma.sync kernels.
+longest key block exceeds 4096 keys (the table in csrc/cuda/hopper/hopper_shapes.h); with plain
+9.0 it runs the mma.sync kernels.
 Build with `pip install --no-build-isolation .` so the extension links the torch you have.
 """
 
