@@ -362,6 +362,12 @@ def _read_offsets(cu_seqlens: object, name: str) -> tuple[int, ...]:
         )
     if cu_seqlens.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"{name} must be an int32 or int64 tensor, got {cu_seqlens.dtype}")
+    if torch.compiler.is_compiling():
+        raise ValueError(
+            f"{name} given as a tensor is read on the host to be checked, which torch.compile "
+            f"cannot trace: pass it as a list, or as an int32 tensor on q's device together with "
+            f"max_seqlen (the longest block's length), which keeps its values on the device"
+        )
     if cu_seqlens.device.type == "meta":
         raise ValueError(
             f"{name} on the meta device has no values to read: pass a list, or a tensor on q's "

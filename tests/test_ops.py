@@ -96,3 +96,14 @@ def test_compile_fullgraph_matches_eager(device, kwargs):
         ("out", "lse", "grad_q", "grad_k", "grad_v"), compiled, eager, strict=True
     ):
         assert_close(a, b, atol=1e-6, rtol=1e-5, what=f"compiled {name} vs eager")
+
+
+def test_compiled_tensor_offsets_without_max_seqlen_say_what_to_pass():
+    """Offsets read on the host cannot be traced: the error says how to pass them instead."""
+    q, k, v = make_qkv(1, 2, 2, 16, 16, 8)
+    offsets = torch.tensor([0, 5, 16])
+    compiled = torch.compile(
+        lambda q, k, v: block_attn.attention(q, k, v, cu_seqlens=offsets), fullgraph=True
+    )
+    with pytest.raises(Exception, match=r"pass it as a list, or .* together with\s+max_seqlen"):
+        compiled(q, k, v)
