@@ -188,7 +188,7 @@ sanitizer() {
   # The out-of-contract offset cases are about stray accesses, which only memcheck sees.
   [[ $tool == memcheck ]] || case_args=(--no-unchecked-offsets)
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool "$tool" --error-exitcode 1 \
-    --print-limit 50 "$@" python3 bench/sanitizer_cases.py "${case_args[@]}"
+    --print-limit 50 "$@" python3 -m bench.sanitizer_cases "${case_args[@]}"
 }
 
 # Plain CUDA programs (bench/probes/), compiled in parallel: the tile variants of the tensor-core

@@ -21,12 +21,6 @@ constexpr int kSharedCapacity = 256 * 1024;
 // One CTA runs at a time, so one buffer serves them all.
 alignas(1024) unsigned char block_attn::cuda::smem_raw[kSharedCapacity];
 
-// The Hopper kernels declare theirs in a nested namespace: the same buffer under that name.
-namespace block_attn::cuda::hopper {
-extern unsigned char smem_raw[kSharedCapacity]
-    __attribute__((alias("_ZN10block_attn4cuda8smem_rawE")));
-}  // namespace block_attn::cuda::hopper
-
 namespace cuda_emulator {
 namespace {
 

@@ -20,6 +20,7 @@
 #include <type_traits>
 
 #include "../kernel_launch.cuh"
+#include "../shared_memory.cuh"
 #include "../simple/bwd_simple.cuh"
 #include "../tensor_rows.cuh"
 #include "../utils.cuh"
@@ -90,7 +91,6 @@ __global__ void __launch_bounds__(Traits::kThreads)
   const int key_group = warp % Traits::kRowWarps;
   const int col0 = (warp / Traits::kRowWarps) * Traits::kWarpColumns;
 
-  extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sK = reinterpret_cast<T*>(smem_raw);
   T* sV = sK + kBlockN * kStride;
   // Double buffers: buffer b of a tile starts b * (one tile) after its first buffer.
@@ -305,7 +305,6 @@ __global__ void __launch_bounds__(Traits::kThreads)
   const int warp_row0 = warp * Traits::kRowsPerWarp;  // the warp's first owned row
   const int head_dim = params.head_dim;
 
-  extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sQ = reinterpret_cast<T*>(smem_raw);
   T* sdO = sQ + kBlockM * kStride;
   // Double buffers: buffer b of a tile starts b * (one tile) after its first buffer.

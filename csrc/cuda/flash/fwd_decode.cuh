@@ -16,6 +16,7 @@
 #include <type_traits>
 
 #include "../kernel_launch.cuh"
+#include "../shared_memory.cuh"
 #include "../tensor_rows.cuh"
 #include "../utils.cuh"
 #include "flash_kernels.h"
@@ -159,7 +160,6 @@ __global__ void __launch_bounds__(Traits::kThreads)
   const int quad_col = lane % 4;   // column pair of the mma fragments
   const int head_dim = params.head_dim;
 
-  extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sQ = reinterpret_cast<T*>(smem_raw);
   T* sK = sQ + kLanes * kStride;
   T* sV = sK + kBlockN * kStride;

@@ -27,6 +27,7 @@
 #include "../flash/bwd_flash.cuh"
 #include "../flash/mma_utils.cuh"
 #include "../kernel_launch.cuh"
+#include "../shared_memory.cuh"
 #include "../tensor_rows.cuh"
 #include "../utils.cuh"
 #include "dq_wgmma.cuh"
@@ -91,7 +92,6 @@ __global__ void __launch_bounds__(Traits::kThreads)
   const int quad_col = lane % 4;
   const int key_row0 = warpgroup * 64 + warp * 16;  // the warp's first key within the CTA
 
-  extern __shared__ unsigned char smem_raw[];
   unsigned char* smem = reinterpret_cast<unsigned char*>(
       (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~static_cast<uintptr_t>(1023));
   unsigned char* sK = smem;

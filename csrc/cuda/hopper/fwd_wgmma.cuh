@@ -21,6 +21,7 @@
 #include "../../attention_params.h"
 #include "../flash/mma_utils.cuh"
 #include "../kernel_launch.cuh"
+#include "../shared_memory.cuh"
 #include "../tensor_rows.cuh"
 #include "../utils.cuh"
 #include "hopper_kernels.h"
@@ -134,7 +135,6 @@ __global__ void __launch_bounds__(Traits::kThreads) fwd_wgmma_kernel(const Forwa
   const int group_row = lane / 4;
   const int quad_col = lane % 4;
 
-  extern __shared__ unsigned char smem_raw[];
   unsigned char* smem = reinterpret_cast<unsigned char*>(
       (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~static_cast<uintptr_t>(1023));
   unsigned char* sQ = smem;  // one 64-row tile per warpgroup

@@ -7,6 +7,7 @@
 #pragma once
 
 #include "../kernel_launch.cuh"
+#include "../shared_memory.cuh"
 #include "../tensor_rows.cuh"
 #include "../utils.cuh"
 #include "simple_kernels.h"
@@ -53,7 +54,6 @@ __global__ void __launch_bounds__(Traits::kThreads)
   const int lane = threadIdx.x % 32;
   const int head_dim = params.head_dim;
 
-  extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sQ = reinterpret_cast<T*>(smem_raw);
   T* sdO = sQ + kTileRows * kHeadDim;
   A* s_lse = reinterpret_cast<A*>(sdO + kTileRows * kHeadDim);
@@ -152,7 +152,6 @@ __global__ void __launch_bounds__(Traits::kThreads)
   const int lane = threadIdx.x % 32;
   const int head_dim = params.head_dim;
 
-  extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sK = reinterpret_cast<T*>(smem_raw);
   T* sV = sK + kTileRows * kHeadDim;
 

@@ -4,6 +4,7 @@
 #pragma once
 
 #include "../kernel_launch.cuh"
+#include "../shared_memory.cuh"
 #include "../tensor_rows.cuh"
 #include "../utils.cuh"
 #include "simple_kernels.h"
@@ -30,7 +31,6 @@ __global__ void __launch_bounds__(Traits::kThreads) fwd_simple_kernel(const Forw
   const int lane = threadIdx.x % 32;
   const int head_dim = params.head_dim;
 
-  extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sK = reinterpret_cast<T*>(smem_raw);
   T* sV = sK + kTileRows * kHeadDim;
 
