@@ -460,6 +460,25 @@ def _device_offsets(
         raise ValueError(
             f"{name} with {max_name} must be on q's device {device}, got {cu_seqlens.device}"
         )
+    return _narrowed_to_int32(cu_seqlens, name)
+
+
+def _narrowed_to_int32(cu_seqlens: torch.Tensor, name: str) -> torch.Tensor:
+    """int64 offsets as the int32 the kernels read, refused when a value does not fit.
+
+    On the CPU the values are read here; on a GPU (and in traced code) an asynchronous device
+    assert checks them, so the host never waits.
+    """
+    if cu_seqlens.dtype == torch.int32:
+        return cu_seqlens.contiguous()
+    in_range = ((cu_seqlens >= 0) & (cu_seqlens <= INT32_MAX)).all()
+    message = f"{name} offsets must be in [0, {INT32_MAX}] to fit in int32"
+    if cu_seqlens.device.type == "cpu" and not torch.compiler.is_compiling():
+        if not bool(in_range):
+            outside = cu_seqlens[(cu_seqlens < 0) | (cu_seqlens > INT32_MAX)]
+            raise ValueError(f"{message}, got {int(outside[0])}")
+    else:
+        torch._assert_async(in_range, message)
     return cu_seqlens.to(torch.int32).contiguous()
 
 

@@ -112,6 +112,16 @@ BAD_INPUTS = [
      ValueError, r"cu_seqlens_q: block 1 has 8 rows, more than its max_seqlen 6"),
     ("max-seqlen-cu-short", lambda: call(cu_seqlens=torch.tensor([0, 4, 10]), max_seqlen=8),
      ValueError, r"cu_seqlens_q must end at the tensors' length 12, got 10"),
+    ("max-seqlen-int64-beyond-int32",
+     lambda: call(cu_seqlens=torch.tensor([0, 2**32 + 4, 2**32 + 8]), max_seqlen=8), ValueError,
+     r"cu_seqlens offsets must be in \[0, 2147483647\] to fit in int32, got 4294967300"),
+    ("max-seqlen-int64-wraps-to-zero",
+     lambda: call(cu_seqlens=torch.tensor([0, 2**32, N]), max_seqlen=12), ValueError,
+     r"cu_seqlens offsets must be in .* got 4294967296"),
+    ("max-seqlen-k-int64-negative",
+     lambda: call(cu_seqlens=torch.tensor([0, N]), max_seqlen=12,
+                  cu_seqlens_k=torch.tensor([0, -2**32 + N]), max_seqlen_k=12), ValueError,
+     r"cu_seqlens_k offsets must be in .* got -4294967284"),
     # cu_seqlens_k (the keys' own offsets).
     ("cu-k-without-cu", lambda: call(cu_seqlens_k=[0, N]), ValueError,
      r"cu_seqlens_k \(key offsets\) needs cu_seqlens \(query offsets\)"),
@@ -362,3 +372,11 @@ def test_numpy_scalars_of_the_right_kind_are_accepted():
     assert torch.equal(
         block_attn.attention(q, k, v, cu_seqlens=cu, max_seqlen=np.int32(8)), expected
     )
+
+
+def test_reference_refuses_int64_offsets_beyond_int32():
+    """The reference reads offsets kept on the device as the kernels would: never narrowed."""
+    with pytest.raises(ValueError, match=r"cu_seqlens offsets must be in \[0, 2147483647\]"):
+        block_attn.reference.attention(
+            *qkv(), cu_seqlens=torch.tensor([0, 2**32 + 4, 2**32 + 12]), max_seqlen=8
+        )
