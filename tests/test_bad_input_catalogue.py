@@ -195,9 +195,11 @@ HUGE = [
         "ValueError", r"cu_seqlens_k"),
     Bad("kept-int64-offsets-past-int32",
         "call(cu_seqlens=kept([0, 2**32 + 4, 2**32 + N], torch.int64), max_seqlen=N)",
-        "ValueError", r"cu_seqlens",
-        bug="int64 offsets kept on the device are cast to int32 unchecked, so 2**32 + 4 "
-        "wraps to 4 and the call succeeds with other blocks than the ones given"),
+        "ValueError", r"cu_seqlens offsets must be in \[0, 2147483647\] to fit in int32"),
+    Bad("kept-int64-key-offsets-below-zero",
+        "call(cu_seqlens=kept([0, 4, N]), max_seqlen=8, "
+        "cu_seqlens_k=kept([0, 4 - 2**32, N], torch.int64), max_seqlen_k=N)", "ValueError",
+        r"cu_seqlens_k offsets must be in \[0, 2147483647\]"),
     Bad("max-seqlen-past-int32", "call(cu_seqlens=kept([0, N]), max_seqlen=2**31)", "ValueError",
         r"max_seqlen must be in \[1, 2147483647\]"),
     Bad("max-seqlen-huge-int", "call(cu_seqlens=kept([0, N]), max_seqlen=2**70)", "ValueError",
