@@ -33,6 +33,11 @@ constexpr int kBlockN = 128;
 // copies of the block's dQ however many threads there are.
 constexpr int64_t kItemsPerThread = 4;
 constexpr int64_t kMaxRangesPerBlock = 16;
+// dQ sums at most this many key tiles, and dK and dV this many query tiles (4096 of either),
+// in plain float before the sum is added, compensated, to a running total: a plain float sum
+// over a whole long block stops growing once it passes 2^24 times its terms.
+constexpr int kKeyTilesPerSum = 32;
+constexpr int kQueryTilesPerSum = 64;
 
 // Keys [key_begin, key_end) (block-local) of block `block` for one (batch, kv head).
 struct WorkItem {
@@ -59,6 +64,8 @@ struct BackwardScratch {
       : padded_dim(padded<acc>(dim)),
         products(dim, max_range_keys),
         grad_q(kBlockM * padded_dim),
+        grad_q_total(kBlockM * padded_dim),
+        grad_q_compensation(kBlockM * padded_dim),
         scores_t(kBlockN * kBlockM),
         grad_scores_t(kBlockN * kBlockM),
         lse(kBlockM),
@@ -67,14 +74,17 @@ struct BackwardScratch {
         grad_v(static_cast<int64_t>(max_range_keys) * padded_dim) {}
   int padded_dim;
   BackwardProducts<scalar_t, kBlockM, kBlockN> products;
-  // dQ of one query tile (kBlockM × padded_dim).
-  AlignedBuffer<acc> grad_q;
+  // dQ of one query tile (kBlockM × padded_dim), and the compensated total of its earlier keys.
+  AlignedBuffer<acc> grad_q, grad_q_total, grad_q_compensation;
   // Transposed score tiles, keys × queries: S then P, and dP then dS.
   AlignedBuffer<acc> scores_t, grad_scores_t;
   // Per query of the tile: lse (+inf where the query saw no key, so that P = 0) and Delta.
   AlignedBuffer<acc> lse, delta;
   // dK and dV of the item's key range.
   AlignedBuffer<acc> grad_k, grad_v;
+  // Compensated totals of dK and dV over earlier query tiles (total, compensation, each range
+  // keys × padded_dim), sized when a range first needs them: most blocks never do.
+  std::vector<acc> grad_kv_totals;
 };
 
 // Delta_i = rowsum(dO_i ∘ O_i) − grad_lse_i, one value per (batch, query head, query).
@@ -171,19 +181,26 @@ void backward_item(const BackwardParams& p, const std::vector<acc_t<scalar_t>>& 
   fill<acc>(t.grad_k.get(), static_cast<int64_t>(range_keys) * ld, 0);
   fill<acc>(t.grad_v.get(), static_cast<int64_t>(range_keys) * ld, 0);
 
+  const int64_t range_size = static_cast<int64_t>(range_keys) * ld;
+  int query_tiles_in_grads = 0;  // query tiles summed into grad_k/grad_v since their last add
+  bool has_key_totals = false;
+  acc* kv_totals = nullptr;  // dK total, its compensation, dV total, its compensation
+
   // The first range also writes the dQ of queries that see no key at all (zeros).
   const int first_query =
       item.range == 0 ? 0 : causal_query_begin(item.key_begin, e, p.is_causal) / kBlockM * kBlockM;
   for (int g = 0; g < group; ++g) {
     const int head = item.kv_head * group + g;
-    for (int q0 = first_query; q0 < e.len_q; q0 += kBlockM) {
+    for (int q0 = first_query; q0 < e.len_q; q0 = tile_end(q0, e.len_q, kBlockM)) {
       const int rows = std::min(kBlockM, e.len_q - q0);
       const int lanes = padded<acc>(rows);
       const int key_limit = std::min(item.key_end, causal_key_end(q0 + rows - 1, e, p.is_causal));
       fill<acc>(t.grad_q.get(), static_cast<int64_t>(rows) * ld, 0);
       if (key_limit > item.key_begin)
         load_query_tile<scalar_t>(p, delta, item.batch, head, e, q0, rows, t);
-      for (int k0 = item.key_begin; k0 < key_limit; k0 += kBlockN) {
+      int tiles_in_grad_q = 0;  // key tiles summed into grad_q since its last add
+      bool has_query_total = false;
+      for (int k0 = item.key_begin; k0 < key_limit; k0 = tile_end(k0, key_limit, kBlockN)) {
         const int cols = std::min(kBlockN, key_limit - k0);
         const int key = k0 - item.key_begin;  // within the range
         t.products.scores(key, cols, lanes, t.scores_t.get(), t.grad_scores_t.get());
@@ -191,6 +208,35 @@ void backward_item(const BackwardParams& p, const std::vector<acc_t<scalar_t>>& 
                                            t.grad_scores_t.get(), t.lse.get(), t.delta.get());
         t.products.accumulate_grads(key, cols, rows, t.scores_t.get(), t.grad_scores_t.get(),
                                     t.grad_v.get(), t.grad_k.get(), t.grad_q.get());
+        if (++tiles_in_grad_q == kKeyTilesPerSum && tile_end(k0, key_limit, kBlockN) < key_limit) {
+          const int64_t size = static_cast<int64_t>(rows) * ld;
+          if (!has_query_total) {
+            fill<acc>(t.grad_q_total.get(), size, 0);
+            fill<acc>(t.grad_q_compensation.get(), size, 0);
+            has_query_total = true;
+          }
+          move_into_compensated(t.grad_q.get(), size, t.grad_q_total.get(),
+                                t.grad_q_compensation.get());
+          tiles_in_grad_q = 0;
+        }
+      }
+      if (has_query_total) {
+        finish_compensated(t.grad_q.get(), static_cast<int64_t>(rows) * ld, t.grad_q_total.get(),
+                           t.grad_q_compensation.get());
+      }
+      if (key_limit > item.key_begin && ++query_tiles_in_grads == kQueryTilesPerSum) {
+        if (!has_key_totals) {
+          if (static_cast<int64_t>(t.grad_kv_totals.size()) < 4 * range_size) {
+            t.grad_kv_totals.resize(4 * range_size);
+          }
+          kv_totals = t.grad_kv_totals.data();
+          fill<acc>(kv_totals, 4 * range_size, 0);
+          has_key_totals = true;
+        }
+        move_into_compensated(t.grad_k.get(), range_size, kv_totals, kv_totals + range_size);
+        move_into_compensated(t.grad_v.get(), range_size, kv_totals + 2 * range_size,
+                              kv_totals + 3 * range_size);
+        query_tiles_in_grads = 0;
       }
       const int64_t q_row = e.q_start + q0;
       if (target.partial_offset[item.block] < 0) {
@@ -211,6 +257,11 @@ void backward_item(const BackwardParams& p, const std::vector<acc_t<scalar_t>>& 
         }
       }
     }
+  }
+  if (has_key_totals) {
+    finish_compensated(t.grad_k.get(), range_size, kv_totals, kv_totals + range_size);
+    finish_compensated(t.grad_v.get(), range_size, kv_totals + 2 * range_size,
+                       kv_totals + 3 * range_size);
   }
   unpack_rows<scalar_t>(t.grad_k.get(), ld, range_keys, dim, nullptr,
                         static_cast<scalar_t*>(p.grad_k) + item.batch * p.grad_k_batch_stride +
@@ -237,7 +288,7 @@ std::vector<WorkItem> make_work_items(const BackwardParams& p, int64_t max_cost,
   for (int j = 0; j < p.num_blocks; ++j) {
     const BlockExtent e = block_extent(p, j);
     WorkItem current{0, 0, j, 0, 0, 0, 0};
-    for (int k0 = 0; k0 < e.len_k; k0 += kBlockN) {
+    for (int k0 = 0; k0 < e.len_k; k0 = tile_end(k0, e.len_k, kBlockN)) {
       const int cols = std::min(kBlockN, e.len_k - k0);
       const int64_t cost = key_tile_cost(e, k0, cols, p.is_causal);
       if (max_cost > 0 && current.key_end > current.key_begin && current.cost + cost > max_cost) {
@@ -284,7 +335,7 @@ int64_t max_item_cost(const BackwardParams& p) {
   for (int j = 0; j < p.num_blocks; ++j) {
     const BlockExtent e = block_extent(p, j);
     int64_t block = 0;
-    for (int k0 = 0; k0 < e.len_k; k0 += kBlockN) {
+    for (int k0 = 0; k0 < e.len_k; k0 = tile_end(k0, e.len_k, kBlockN)) {
       block += key_tile_cost(e, k0, std::min(kBlockN, e.len_k - k0), p.is_causal);
     }
     total += block * p.batch * p.heads_kv;

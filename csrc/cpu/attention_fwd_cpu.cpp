@@ -28,6 +28,10 @@ namespace {
 constexpr int kBlockM = 64;
 constexpr int kBlockN = 256;
 constexpr int64_t kTilesPerTake = 4;
+// A query's output sums at most this many key tiles (4096 keys) in plain float before the sum
+// is added, compensated, to its running total: a plain float sum over a whole long row stops
+// growing once it passes 2^24 times its terms. Rows of up to that many tiles never add.
+constexpr int kTilesPerSum = 16;
 
 template <typename scalar_t>
 struct ForwardScratch {
@@ -35,7 +39,7 @@ struct ForwardScratch {
   explicit ForwardScratch(int dim)
       : padded_dim(padded<acc>(dim)),
         products(dim),
-        storage(kBlockN * kBlockM + kBlockM * padded_dim + 4 * kBlockM),
+        storage(kBlockN * kBlockM + 3 * kBlockM * padded_dim + 5 * kBlockM),
         gathered_queries(static_cast<int64_t>(kBlockM) * dim),
         query_rows(static_cast<int64_t>(kFewQueries) * padded_dim) {
     scores_t = storage.get();
@@ -44,6 +48,9 @@ struct ForwardScratch {
     row_sum = row_max + kBlockM;
     correction = row_sum + kBlockM;
     inverse_sum = correction + kBlockM;
+    sum_compensation = inverse_sum + kBlockM;
+    out_total = sum_compensation + kBlockM;
+    out_compensation = out_total + kBlockM * padded_dim;
   }
   int padded_dim;
   ForwardProducts<scalar_t, kBlockM, kBlockN> products;
@@ -51,16 +58,19 @@ struct ForwardScratch {
   AlignedBuffer<scalar_t> gathered_queries;  // query rows of several heads, lane order
   AlignedBuffer<acc> query_rows;             // a few queries' rows for few_query_scores
   acc *scores_t, *out, *row_max, *row_sum, *correction, *inverse_sum;
+  // Compensated running totals: of row_sum, and of `out` over the key tiles summed before.
+  acc *sum_compensation, *out_total, *out_compensation;
   std::vector<int> first_lane = std::vector<int>(kBlockN);
 };
 
 // Scales, masks, exponentiates and sums one transposed score tile (cols keys × `lanes` queries,
 // row stride kBlockM) against the running maxima and sums of the queries. Key row c is masked
 // for the lanes before first_lane[c] (causal tiles; nullptr: nothing masked). Leaves P in
-// scores_t and each query's output rescaling factor in `correction`.
+// scores_t and each query's output rescaling factor in `correction`. Each tile's sum is added
+// to row_sum compensated (sum_compensation), so long rows keep the sum's precision.
 template <typename acc>
 void online_softmax_tile(int cols, int lanes, acc scale, const int* first_lane, acc* scores_t,
-                         acc* row_max, acc* row_sum, acc* correction) {
+                         acc* row_max, acc* row_sum, acc* sum_compensation, acc* correction) {
   using Vec = at::vec::Vectorized<acc>;
   constexpr int W = kVecWidth<acc>;
   const Vec lane_index = Vec::arange(0, 1);
@@ -87,7 +97,10 @@ void online_softmax_tile(int cols, int lanes, acc scale, const int* first_lane, 
       sum = sum + p;
     }
     const Vec factor = vec_exp<acc>(old_max - shift);
-    Vec total = Vec::loadu(row_sum + v0) * factor + sum;
+    const Vec old_sum = Vec::loadu(row_sum + v0) * factor;
+    Vec total = old_sum + sum;
+    (Vec::loadu(sum_compensation + v0) * factor + addition_error(old_sum, sum, total))
+        .store(sum_compensation + v0);
     // A NaN score must stay visible: the clamped exp would turn it into a finite value.
     total = Vec::blendv(total, Vec(std::numeric_limits<acc>::quiet_NaN()), new_max != new_max);
     total.store(row_sum + v0);
@@ -169,8 +182,11 @@ void forward_tile(const ForwardParams& p, int batch, int head, int heads, const 
   fill<acc>(t.out, static_cast<int64_t>(used) * ld, 0);
   fill<acc>(t.row_max, kBlockM, -kInf<acc>);
   fill<acc>(t.row_sum, kBlockM, 0);
+  fill<acc>(t.sum_compensation, kBlockM, 0);
+  int tiles_in_out = 0;    // key tiles summed into t.out since it was last added to out_total
+  bool has_total = false;  // out_total holds earlier tiles' sum
 
-  for (int k0 = keys.begin; k0 < key_end; k0 += kBlockN) {
+  for (int k0 = keys.begin; k0 < key_end; k0 = tile_end(k0, key_end, kBlockN)) {
     const int cols = std::min(kBlockN, key_end - k0);
     // Sᵀ = K · Qᵀ: keys × queries.
     if (few) {
@@ -191,14 +207,33 @@ void forward_tile(const ForwardParams& p, int batch, int head, int heads, const 
     }
     online_softmax_tile<acc>(cols, lanes, static_cast<acc>(p.scale),
                              p.is_causal ? t.first_lane.data() : nullptr, t.scores_t, t.row_max,
-                             t.row_sum, t.correction);
+                             t.row_sum, t.sum_compensation, t.correction);
     for (int r = 0; r < used; ++r) {
-      if (t.correction[r] != acc(1)) scale_in_place(t.out + r * ld, ld, t.correction[r]);
+      if (t.correction[r] == acc(1)) continue;
+      scale_in_place(t.out + r * ld, ld, t.correction[r]);
+      if (has_total) {
+        scale_in_place(t.out_total + r * ld, ld, t.correction[r]);
+        scale_in_place(t.out_compensation + r * ld, ld, t.correction[r]);
+      }
     }
     // O += P · V.
     t.products.accumulate_values(t.scores_t, v + k0 * p.v_row_stride, p.v_row_stride, cols, used,
                                  t.out);
+    if (++tiles_in_out == kTilesPerSum && tile_end(k0, key_end, kBlockN) < key_end) {
+      const int64_t size = static_cast<int64_t>(used) * ld;
+      if (!has_total) {
+        fill<acc>(t.out_total, size, 0);
+        fill<acc>(t.out_compensation, size, 0);
+        has_total = true;
+      }
+      move_into_compensated(t.out, size, t.out_total, t.out_compensation);
+      tiles_in_out = 0;
+    }
   }
+  if (has_total) {
+    finish_compensated(t.out, static_cast<int64_t>(used) * ld, t.out_total, t.out_compensation);
+  }
+  for (int lane = 0; lane < used; ++lane) t.row_sum[lane] += t.sum_compensation[lane];
 
   if (partial != nullptr) {
     const KeyRangeSlot<acc> slot(partial, used, dim);

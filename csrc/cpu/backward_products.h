@@ -93,7 +93,7 @@ class Bf16BackwardProducts {
         grad_out_row_pairs_(static_cast<int64_t>(kBlockM / 2) * ld_),
         k_pairs_(static_cast<int64_t>(max_range_keys) * pairs_),
         v_pairs_(static_cast<int64_t>(max_range_keys) * pairs_),
-        k_row_pairs_(static_cast<int64_t>(max_range_keys + 1) / 2 * ld_),
+        k_row_pairs_((static_cast<int64_t>(max_range_keys) + 1) / 2 * ld_),
         probs_(static_cast<int64_t>(kBlockN) * kBlockM),
         grad_scores_(static_cast<int64_t>(kBlockN) * kBlockM),
         grad_score_row_pairs_(static_cast<int64_t>(kBlockN / 2) * kBlockM) {}

@@ -98,7 +98,7 @@ inline void pack_row_pairs(const T* src, int64_t stride, int rows, int dim, Bf16
                            int64_t ld) {
   alignas(64) T zeros[16] = {};
   alignas(64) T edge[2][16];
-  for (int r = 0; r < rows; r += 2) {
+  for (int64_t r = 0; r < rows; r += 2) {  // int64: r + 2 passes INT32_MAX for odd rows
     const T* first = src + r * stride;
     const T* second = r + 1 < rows ? src + (r + 1) * stride : nullptr;
     Bf16Pair* out = dst + (r / 2) * ld;

@@ -39,15 +39,16 @@ struct KeyRange {
   int end;
 };
 inline std::vector<KeyRange> split_keys(int keys, int tile, int64_t cost, int64_t limit) {
-  const int tiles = (keys + tile - 1) / tile;
+  // In int64: rounding `keys` up to whole tiles passes INT32_MAX near the int32 edge.
+  const int64_t tiles = (static_cast<int64_t>(keys) + tile - 1) / tile;
   if (tiles <= 1 || limit <= 0) return {{0, keys}};
   const int64_t wanted = (cost + limit - 1) / limit;
-  const int ranges =
-      static_cast<int>(std::clamp<int64_t>(wanted, 1, std::min(tiles, kMaxKeyRanges)));
-  const int tiles_per_range = (tiles + ranges - 1) / ranges;
+  const int64_t ranges = std::clamp<int64_t>(wanted, 1, std::min<int64_t>(tiles, kMaxKeyRanges));
+  const int64_t tiles_per_range = (tiles + ranges - 1) / ranges;
   std::vector<KeyRange> out;
-  for (int t = 0; t < tiles; t += tiles_per_range) {
-    out.push_back({t * tile, std::min(keys, (t + tiles_per_range) * tile)});
+  for (int64_t t = 0; t < tiles; t += tiles_per_range) {
+    const int64_t end = std::min<int64_t>(keys, (t + tiles_per_range) * tile);
+    out.push_back({static_cast<int>(t * tile), static_cast<int>(end)});
   }
   return out;
 }

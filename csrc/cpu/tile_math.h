@@ -165,9 +165,54 @@ inline void scale_in_place(T* x, int n, T factor) {
   for (; i < n; ++i) x[i] *= factor;
 }
 
+// The rounding error of t = s + v (Neumaier): exact whichever of s and v is larger.
+template <typename T>
+inline at::vec::Vectorized<T> addition_error(const at::vec::Vectorized<T>& s,
+                                             const at::vec::Vectorized<T>& v,
+                                             const at::vec::Vectorized<T>& t) {
+  return at::vec::Vectorized<T>::blendv((v - t) + s, (s - t) + v, s.abs() >= v.abs());
+}
+
+// sum[i] += x[i], compensated: each addition's rounding error goes to compensation[i], and
+// sum + compensation is the total. Long sums of partial results then keep their precision
+// however many partials they add, where a plain sum stops growing once its ulp outgrows them.
+template <typename T>
+inline void add_compensated(const T* x, int64_t n, T* sum, T* compensation) {
+  using Vec = at::vec::Vectorized<T>;
+  int64_t i = 0;
+  for (; i + kVecWidth<T> <= n; i += kVecWidth<T>) {
+    const Vec s = Vec::loadu(sum + i);
+    const Vec v = Vec::loadu(x + i);
+    const Vec t = s + v;
+    (Vec::loadu(compensation + i) + addition_error(s, v, t)).store(compensation + i);
+    t.store(sum + i);
+  }
+  for (; i < n; ++i) {
+    const T t = sum[i] + x[i];
+    compensation[i] +=
+        std::abs(sum[i]) >= std::abs(x[i]) ? (sum[i] - t) + x[i] : (x[i] - t) + sum[i];
+    sum[i] = t;
+  }
+}
+
 template <typename T>
 inline void fill(T* x, int64_t n, T value) {
   std::fill(x, x + n, value);
+}
+
+// Adds the partial sum `partial` into the compensated sum, and zeroes it for the next partial.
+template <typename T>
+inline void move_into_compensated(T* partial, int64_t n, T* sum, T* compensation) {
+  add_compensated(partial, n, sum, compensation);
+  fill(partial, n, T(0));
+}
+
+// partial[i] = sum[i] + compensation[i] + partial[i]: the total of a compensated sum and its
+// last partial.
+template <typename T>
+inline void finish_compensated(T* partial, int64_t n, T* sum, T* compensation) {
+  add_compensated(partial, n, sum, compensation);
+  for (int64_t i = 0; i < n; ++i) partial[i] = sum[i] + compensation[i];
 }
 
 }  // namespace block_attn::cpu

@@ -45,21 +45,32 @@ inline void check_host_offsets(const int32_t* offsets, int num_blocks, int seqle
               ", got ", offsets[num_blocks]);
 }
 
+// The end of the tile of `tile` positions that starts at `begin`, or `end` if sooner. Tile loops
+// step with it rather than `+= tile`: it never passes `end`, so a block of up to INT32_MAX
+// positions cannot overflow its int counter.
+inline int tile_end(int begin, int end, int tile) {
+  return end - begin > tile ? begin + tile : end;
+}
+
 // Splits every block's rows (queries when `by_query`, else keys) into tiles of `tile` rows.
 inline std::vector<Tile> make_tiles(const ForwardParams& p, int tile, bool by_query) {
   std::vector<Tile> tiles;
   for (int j = 0; j < p.num_blocks; ++j) {
     const BlockExtent e = block_extent(p, j);
     const int len = by_query ? e.len_q : e.len_k;
-    for (int r = 0; r < len; r += tile) tiles.push_back({j, r, std::min(len, r + tile)});
+    for (int r = 0; r < len; r = tile_end(r, len, tile)) {
+      tiles.push_back({j, r, tile_end(r, len, tile)});
+    }
   }
   return tiles;
 }
 
 // Causal limit: local query i sees local keys t < key_end(i). Without causal, all len_k keys.
+// In int64: query + 1 + len_k passes INT32_MAX for blocks of more than about 2^30 keys.
 inline int causal_key_end(int query, const BlockExtent& e, bool is_causal) {
   if (!is_causal) return e.len_k;
-  return std::clamp(query + 1 + e.len_k - e.len_q, 0, e.len_k);
+  const int64_t end = static_cast<int64_t>(query) + 1 + e.len_k - e.len_q;
+  return static_cast<int>(std::clamp<int64_t>(end, 0, e.len_k));
 }
 
 // Causal limit: key t is seen by local queries i >= query_begin(t).

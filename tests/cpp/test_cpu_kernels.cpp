@@ -12,6 +12,8 @@
 
 #include "attention_host.h"
 #include "cpu/attention_cpu.h"
+#include "cpu/forward_key_split.h"
+#include "cpu/tile_schedule.h"
 
 namespace {
 
@@ -136,6 +138,41 @@ void check_dtype(at::ScalarType dtype, double tolerance) {
   }
 }
 
+// Blocks whose lengths pass INT32_MAX - tile: tile loops end after covering every position
+// once, key splits cover the block, and causal limits stay exact (no int32 overflow).
+void check_int32_edge() {
+  using namespace block_attn::cpu;
+  constexpr int kTile = 256;
+  constexpr int kMax = std::numeric_limits<int32_t>::max();
+  for (const int len : {kMax, kMax - 16, kMax - kTile}) {
+    const std::string name = std::to_string(len);
+    int64_t tiles = 0;
+    int covered = 0;
+    bool contiguous = true;
+    for (int r = 0; r < len && tiles <= len; r = tile_end(r, len, kTile)) {
+      contiguous &= r == covered;
+      covered = tile_end(r, len, kTile);
+      ++tiles;
+    }
+    expect("tile loop over " + name, contiguous && covered == len &&
+                                         tiles == (static_cast<int64_t>(len) + kTile - 1) / kTile);
+    const int64_t cost = static_cast<int64_t>(len) * 64;
+    const std::vector<KeyRange> ranges = split_keys(len, kTile, cost, cost / kMaxKeyRanges);
+    bool covers =
+        ranges.size() == kMaxKeyRanges && ranges.front().begin == 0 && ranges.back().end == len;
+    for (size_t i = 1; i < ranges.size(); ++i) {
+      covers &= ranges[i].begin == ranges[i - 1].end && ranges[i].begin % kTile == 0;
+    }
+    expect("split_keys of " + name, covers);
+    const BlockExtent one_query{0, 0, 1, len};
+    const BlockExtent square{0, 0, len, len};
+    expect("causal limits of " + name, causal_key_end(0, one_query, true) == len &&
+                                           causal_key_end(0, square, true) == 1 &&
+                                           causal_key_end(len - 1, square, true) == len &&
+                                           causal_query_begin(len - 1, one_query, true) == 0);
+  }
+}
+
 }  // namespace
 
 int main() {
@@ -145,6 +182,7 @@ int main() {
   check_dtype<float>(at::kFloat, 1e-4);
   check_dtype<c10::BFloat16>(at::kBFloat16, 6e-2);
   check_dtype<c10::Half>(at::kHalf, 1e-2);
+  check_int32_edge();
   std::printf("%s\n", failures == 0 ? "all passed" : "FAILED");
   return failures == 0 ? 0 : 1;
 }
