@@ -6,8 +6,8 @@ including odd ones, causal or not, how the blocks are passed (nothing, ``block_s
 ``cu_seqlens`` as a list or an int32/int64 tensor, kept on the device with ``max_seqlen``,
 a ``BlockLayout``), separate key blocks with more or fewer keys than queries, empty and one-row
 blocks, memory layout (contiguous, transposed ``(B, N, H, D)`` views, a sliced or strided last
-dim), a custom scale, which of q, k and v need gradients, ``return_lse`` (and a gradient for it)
-and the CPU thread count. The case's description is in every assertion message.
+dim), a custom scale, peaky scores, which of q, k and v need gradients, ``return_lse`` (and a
+gradient for it) and the CPU thread count. The case's description is in every assertion message.
 
 Environment:
     BLOCK_ATTN_FUZZ_CASES=N: run seeds 0..N-1 (default 500).
@@ -69,6 +69,7 @@ class Case:
     offsets_k: list[int] | None  # the keys' own offsets, else None
     slack: int  # added to max_seqlen for offsets kept on the device
     scale: float | None
+    gain: float  # multiplies q: large scores make the softmax peaky and its running max move
     grad_of: str  # which of "qkv" need gradients ("" for forward only)
     return_lse: bool
     threads: int
@@ -82,7 +83,8 @@ class Case:
             f"B={self.batch}, Hq={self.heads_q}, Hkv={self.heads_kv}, Nq={self.seqlen_q}, "
             f"Nk={self.seqlen_k}, D={self.head_dim}, layout={self.layout}, "
             f"causal={self.causal}, form={self.form}, block_size={self.block_size}"
-            f"{offsets}, slack={self.slack}, scale={self.scale}, grad_of={self.grad_of!r}, "
+            f"{offsets}, slack={self.slack}, scale={self.scale}, gain={self.gain}, "
+            f"grad_of={self.grad_of!r}, "
             f"return_lse={self.return_lse}, threads={self.threads}"
         )
 
@@ -151,6 +153,7 @@ def draw_case(seed: int) -> Case:
         offsets_k=offsets_k,
         slack=rng.choice((0, 0, 1, 5)),
         scale=None,
+        gain=rng.choice((4.0, 10.0)) if rng.random() < 0.2 else 1.0,
         grad_of=rng.choice(("", "q", "k", "v", "qk", "kv", "qv", "qkv", "qkv")),
         return_lse=rng.random() < 0.5,
         threads=rng.choice((1, 2)),
@@ -261,6 +264,7 @@ def test_fuzz(device, seed):
     needs_grad = tuple(name in case.grad_of for name in "qkv")
     shapes = ((case.heads_q, case.seqlen_q), *[(case.heads_kv, case.seqlen_k)] * 2)
     bases = [make_input(case, h, n, device) for h, n in shapes]
+    bases[0].mul_(case.gain)
     for base, flag in zip(bases, needs_grad, strict=True):
         base.requires_grad_(flag)
     # Views of the leaves, so gradients flow back through the strides the kernels see.
