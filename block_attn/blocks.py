@@ -174,6 +174,7 @@ class BlockLayout:
     @classmethod
     def fixed(cls, seqlen: int, block_size: int) -> BlockLayout:
         """Blocks ``[i*b, (i+1)*b)`` over ``seqlen`` tokens; the last one may be shorter."""
+        seqlen = _check_seqlen(seqlen, "seqlen")
         block_size = as_int(block_size, "block_size")
         if block_size <= 0:
             raise ValueError(f"block_size must be a positive int, got {block_size}")
@@ -184,6 +185,8 @@ class BlockLayout:
     @classmethod
     def full(cls, seqlen_q: int, seqlen_k: int) -> BlockLayout:
         """One block: every query may attend every key (before any causal mask)."""
+        seqlen_q = _check_seqlen(seqlen_q, "seqlen_q")
+        seqlen_k = _check_seqlen(seqlen_k, "seqlen_k")
         offsets_q = EvenOffsets(seqlen_q, seqlen_q) if seqlen_q > 0 else (0, 0)
         offsets_k = EvenOffsets(seqlen_k, seqlen_k) if seqlen_k > 0 else (0, 0)
         return cls(offsets_q, offsets_k, seqlen_q, seqlen_k)
@@ -258,6 +261,14 @@ class CallBlocks:
         return BlockLayout(offsets_q, offsets_k, max_q, max_k)
 
 
+def _check_seqlen(value: object, name: str) -> int:
+    """A sequence length: an int in [0, INT32_MAX], the kernels' offsets being int32."""
+    value = as_int(value, name)
+    if not 0 <= value <= INT32_MAX:
+        raise ValueError(f"{name} must be in [0, {INT32_MAX}] (int32 offsets), got {value}")
+    return value
+
+
 def resolve_blocks(
     seqlen_q: int,
     seqlen_k: int,
@@ -318,6 +329,11 @@ def _listed_layout(
         max_k = _check_offsets(offsets_k, seqlen_k, "cu_seqlens_k", "Nk")
         _check_block_counts(len(offsets_q), len(offsets_k))
         return BlockLayout(offsets_q, offsets_k, max_q, max_k)
+    if cu_seqlens is None and max(seqlen_q, seqlen_k) > INT32_MAX:
+        # The operators' own check, made before offsets are made for these lengths.
+        raise ValueError(
+            f"sequence lengths must fit in int32, got Nq = {seqlen_q}, Nk = {seqlen_k}"
+        )
     if block_size is None and cu_seqlens is None:
         return BlockLayout.full(seqlen_q, seqlen_k)
     if seqlen_q != seqlen_k:
@@ -560,10 +576,12 @@ def padded_cache_blocks(
     Raises:
         ValueError: a size or length out of range. TypeError: lengths of another kind.
     """
-    if isinstance(cache_size, bool) or not isinstance(cache_size, int) or cache_size < 0:
-        raise ValueError(f"cache_size must be an int >= 0, got {cache_size!r}")
-    if isinstance(new_tokens, bool) or not isinstance(new_tokens, int) or new_tokens < 1:
-        raise ValueError(f"new_tokens must be an int >= 1, got {new_tokens!r}")
+    cache_size = as_int(cache_size, "cache_size")
+    new_tokens = as_int(new_tokens, "new_tokens")
+    if cache_size < 0:
+        raise ValueError(f"cache_size must be an int >= 0, got {cache_size}")
+    if new_tokens < 1:
+        raise ValueError(f"new_tokens must be an int >= 1, got {new_tokens}")
     if isinstance(cache_lengths, torch.Tensor):
         return _cache_blocks_on_device(cache_lengths, cache_size, new_tokens)
     if isinstance(cache_lengths, (str, bytes)) or not isinstance(cache_lengths, Sequence):
@@ -583,7 +601,15 @@ def padded_cache_blocks(
         cu_seqlens_k += [i * cache_size + length, (i + 1) * cache_size]
     if len(cu_seqlens) == 1:
         raise ValueError("cache_lengths is empty: there must be at least one sequence")
+    _check_cache_room(len(cache_lengths), cache_size, new_tokens)
     return {"cu_seqlens": cu_seqlens, "cu_seqlens_k": cu_seqlens_k}
+
+
+def _check_cache_room(count: int, cache_size: int, new_tokens: int) -> None:
+    if count * max(cache_size, new_tokens) > INT32_MAX:
+        raise ValueError(
+            f"{count} slots of {cache_size} rows (or {new_tokens} queries) exceed int32 offsets"
+        )
 
 
 def _cache_blocks_on_device(
@@ -594,10 +620,7 @@ def _cache_blocks_on_device(
     if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
         raise TypeError(f"cache_lengths must be an integer tensor, got {lengths.dtype}")
     count = lengths.numel()
-    if count * max(cache_size, new_tokens) > INT32_MAX:
-        raise ValueError(
-            f"{count} slots of {cache_size} rows (or {new_tokens} queries) exceed int32 offsets"
-        )
+    _check_cache_room(count, cache_size, new_tokens)
     device = lengths.device
     index = torch.arange(count, dtype=torch.int32, device=device)
     ends_q = (index + 1) * new_tokens

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -67,7 +68,11 @@ class MultiheadBlockAttention(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        embed_dim = as_int(embed_dim, "embed_dim")
+        num_heads = as_int(num_heads, "num_heads")
+        num_kv_heads = num_heads if num_kv_heads is None else as_int(num_kv_heads, "num_kv_heads")
+        if isinstance(dropout, (bool, torch.Tensor)) or not isinstance(dropout, numbers.Real):
+            raise TypeError(f"dropout must be a float, got {type(dropout).__name__}")
         if embed_dim <= 0 or num_heads <= 0 or num_kv_heads <= 0:
             raise ValueError(
                 f"embed_dim, num_heads and num_kv_heads must be positive, got embed_dim = "
@@ -163,6 +168,7 @@ class MultiheadBlockAttention(nn.Module):
         key = query if key is None else key
         value = key if value is None else value
         self._check_inputs(query, key, value)
+        need_weights = as_bool(need_weights, "need_weights")
         batch, len_q, _ = query.shape
         len_k = key.shape[1]
         # (B, N, H, D) views transposed to SDPA's (B, H, N, D): the kernels take them as they are.
@@ -191,7 +197,14 @@ class MultiheadBlockAttention(nn.Module):
         return out if weights is None else (out, weights)
 
     def _check_inputs(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
+        dtype = self.q_proj.weight.dtype
         for name, t in (("query", query), ("key", key), ("value", value)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            # Under autocast the projections take other floating dtypes themselves.
+            autocast = t.is_floating_point() and torch.is_autocast_enabled(t.device.type)
+            if t.dtype != dtype and not autocast:
+                raise TypeError(f"{name} must have the module's dtype {dtype}, got {t.dtype}")
             if t.dim() != 3:
                 raise ValueError(
                     f"{name} must be 3-D (batch, seqlen, embed_dim), got {t.dim()}-D shape "

@@ -72,7 +72,10 @@ def resolve_scale(scale: float | None, head_dim: int) -> float:
         return 1.0 / math.sqrt(max(head_dim, 1))
     if isinstance(scale, (*_BOOL_TYPES, torch.Tensor)) or not isinstance(scale, numbers.Real):
         raise TypeError(f"scale must be a float, got {type(scale).__name__}")
-    return float(scale)
+    try:
+        return float(scale)
+    except OverflowError:
+        raise ValueError(f"scale must be finite, got an int of {scale.bit_length()} bits") from None
 
 
 def with_unit_last_stride(t: torch.Tensor) -> torch.Tensor:

@@ -7,26 +7,9 @@
 namespace block_attn {
 namespace {
 
-// PyTorch's Python names, which users know, for the dtypes a message may name.
+// PyTorch's Python name of a dtype (torch.float32, not Float), which users know.
 std::string dtype_name(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat:
-      return "torch.float32";
-    case at::kDouble:
-      return "torch.float64";
-    case at::kHalf:
-      return "torch.float16";
-    case at::kBFloat16:
-      return "torch.bfloat16";
-    case at::kInt:
-      return "torch.int32";
-    case at::kLong:
-      return "torch.int64";
-    case at::kBool:
-      return "torch.bool";
-    default:
-      return std::string("torch.") + c10::toString(t);
-  }
+  return "torch." + std::string(c10::getDtypeNames(t).first);
 }
 
 void check_attention_tensor(const at::Tensor& t, const char* name) {
