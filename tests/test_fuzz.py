@@ -6,8 +6,9 @@ including odd ones, causal or not, how the blocks are passed (nothing, ``block_s
 ``cu_seqlens`` as a list or an int32/int64 tensor, kept on the device with ``max_seqlen``,
 a ``BlockLayout``), separate key blocks with more or fewer keys than queries, empty and one-row
 blocks, memory layout (contiguous, transposed ``(B, N, H, D)`` views, a sliced or strided last
-dim), a custom scale, peaky scores, which of q, k and v need gradients, ``return_lse`` (and a
-gradient for it) and the CPU thread count. The case's description is in every assertion message.
+dim, a batch stride of 0), a custom scale, peaky scores, which of q, k and v need gradients,
+``return_lse`` (and a gradient for it) and the CPU thread count. The case's description is in
+every assertion message.
 
 Environment:
     BLOCK_ATTN_FUZZ_CASES=N: run seeds 0..N-1 (default 500).
@@ -46,7 +47,7 @@ TOLERANCE = {torch.float32: 3e-5, torch.float64: 1e-10}
 FLOAT32_LSE_TOLERANCE = 1e-4  # lse is float32 for float32 inputs: its value, not a sum, rounds
 LOW_PRECISION_ATOL = 1e-3  # the floor under the relative criterion, as in test_low_precision
 BLOCK_FORMS = ("none", "block_size", "list", "int32", "int64", "on-device", "layout")
-LAYOUTS = ("bhnd", "bnhd", "sliced", "bnhd-sliced", "strided")
+LAYOUTS = ("bhnd", "bnhd", "sliced", "bnhd-sliced", "strided", "broadcast")
 
 
 @dataclass
@@ -153,13 +154,17 @@ def draw_case(seed: int) -> Case:
         offsets_k=offsets_k,
         slack=rng.choice((0, 0, 1, 5)),
         scale=None,
-        gain=rng.choice((4.0, 10.0)) if rng.random() < 0.2 else 1.0,
+        gain=1.0,
         grad_of=rng.choice(("", "q", "k", "v", "qk", "kv", "qv", "qkv", "qkv")),
         return_lse=rng.random() < 0.5,
         threads=rng.choice((1, 2)),
     )
     if rng.random() < 0.3:
         case.scale = rng.choice((0.0, -0.5, 0.3, 1.5)) / case.head_dim**0.5
+    # Not in float16/bfloat16, whose gradients docs/design.md lets stray further than 3x the
+    # reference's when one key takes almost all of a row's weight.
+    if case.dtype in TOLERANCE and rng.random() < 0.3:
+        case.gain = rng.choice((4.0, 10.0))
     # Shrink batch, then the query groups, then the heads, then the head dim, until the dense
     # reference is cheap; lengths are what the fuzzing is after.
     while (
@@ -181,6 +186,8 @@ def make_input(case: Case, heads: int, seqlen: int, device: str) -> torch.Tensor
     b, d = case.batch, case.head_dim
     if case.layout == "strided":
         return torch.randn(b, heads, seqlen, 2 * d, dtype=case.dtype, device=device)
+    if case.layout == "broadcast":
+        return torch.randn(1, heads, seqlen, d, dtype=case.dtype, device=device)
     width = d + 3 if "sliced" in case.layout else d
     if case.layout.startswith("bnhd"):
         return torch.randn(b, seqlen, heads, width, dtype=case.dtype, device=device)
@@ -189,9 +196,12 @@ def make_input(case: Case, heads: int, seqlen: int, device: str) -> torch.Tensor
 
 def make_view(case: Case, base: torch.Tensor) -> torch.Tensor:
     """The (B, H, N, D) view of ``base`` in the case's layout: transposed (B, N, H, D), a
-    sliced last dim (unit stride, rows apart), or every other element (the API copies it)."""
+    sliced last dim (unit stride, rows apart), every other element (the API copies it), or one
+    batch row for all (batch stride 0)."""
     if case.layout == "strided":
         return base[..., ::2]
+    if case.layout == "broadcast":
+        return base.expand(case.batch, -1, -1, -1)
     if case.layout.startswith("bnhd"):
         base = base.transpose(1, 2)
     return base[..., : case.head_dim]
@@ -322,17 +332,15 @@ def test_fuzz(device, seed):
             tolerance = TOLERANCE[case.dtype]
             if name == "lse" and case.dtype == torch.float32:
                 tolerance = FLOAT32_LSE_TOLERANCE
+            # exp's condition number is the score: rounding grows with the gain on q.
+            tolerance *= case.gain
             what = f"{case} {name}"
             assert_close(actual, exact[name], atol=tolerance, rtol=tolerance, what=what)
         return
     low = reference_run(case.dtype)
     for name, actual in ours.items():
         factor = 2 if name in ("out", "lse") else 3
+        what = f"{case} {name}"
         assert_within_reference_error(
-            actual,
-            low[name],
-            exact[name],
-            factor=factor,
-            atol=LOW_PRECISION_ATOL,
-            what=f"{case} {name}",
+            actual, low[name], exact[name], factor=factor, atol=LOW_PRECISION_ATOL, what=what
         )
