@@ -340,7 +340,14 @@ def test_fuzz(device, seed):
     low = reference_run(case.dtype)
     for name, actual in ours.items():
         factor = 2 if name in ("out", "lse") else 3
+        floor = LOW_PRECISION_ATOL
+        if name.startswith("grad") and case.head_dim < 8:
+            # Below the head dims the criterion is calibrated on (test_random_problems: 8 and
+            # up), a gradient sums a few terms, and the kernels' Δ from the rounded output
+            # (docs/design.md) can cost one rounding step more than the reference's error.
+            largest = float(exact[name].abs().max()) if exact[name].numel() else 0.0
+            floor = max(floor, torch.finfo(case.dtype).eps * largest)
         what = f"{case} {name}"
         assert_within_reference_error(
-            actual, low[name], exact[name], factor=factor, atol=LOW_PRECISION_ATOL, what=what
+            actual, low[name], exact[name], factor=factor, atol=floor, what=what
         )
