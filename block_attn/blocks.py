@@ -355,12 +355,15 @@ def _int_sequence(values: object, name: str) -> tuple[int, ...]:
         raise TypeError(
             f"{name} must be a 1-D int tensor or a list of ints, got {type(values).__name__}"
         )
+    listed = []
     for value in values:
-        if isinstance(value, bool) or not isinstance(value, int):
+        try:
+            listed.append(as_int(value, name))
+        except TypeError:
             raise TypeError(
                 f"{name} must contain ints, got an element of type {type(value).__name__}"
-            )
-    return tuple(values)
+            ) from None
+    return tuple(listed)
 
 
 def _read_offsets(cu_seqlens: object, name: str) -> tuple[int, ...]:

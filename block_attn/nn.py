@@ -93,6 +93,9 @@ class MultiheadBlockAttention(nn.Module):
             if block_size <= 0:
                 raise ValueError(f"block_size must be a positive int or None, got {block_size}")
         causal = as_bool(causal, "causal")
+        bias = as_bool(bias, "bias")
+        if dtype is not None and not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
         if not 0.0 <= dropout <= 1.0:
             raise ValueError(f"dropout must be in [0, 1], got {dropout}")
         self.embed_dim = embed_dim
@@ -197,10 +200,12 @@ class MultiheadBlockAttention(nn.Module):
         return out if weights is None else (out, weights)
 
     def _check_inputs(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
-        dtype = self.q_proj.weight.dtype
+        dtype, device = self.q_proj.weight.dtype, self.q_proj.weight.device
         for name, t in (("query", query), ("key", key), ("value", value)):
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            if t.device != device:
+                raise ValueError(f"{name} must be on the module's device {device}, got {t.device}")
             # Under autocast the projections take other floating dtypes themselves.
             autocast = t.is_floating_point() and torch.is_autocast_enabled(t.device.type)
             if t.dtype != dtype and not autocast:

@@ -87,9 +87,11 @@ void check_forward_inputs(const at::Tensor& q, const at::Tensor& k, const at::Te
   TORCH_CHECK_VALUE(cu_seqlens_q.size(0) == cu_seqlens_k.size(0),
                     "cu_seqlens_q and cu_seqlens_k must describe the same number of blocks, got ",
                     cu_seqlens_q.size(0) - 1, " and ", cu_seqlens_k.size(0) - 1);
-  TORCH_CHECK_VALUE(max_seqlen_q >= 0 && max_seqlen_k >= 0,
-                    "max_seqlen_q and max_seqlen_k must be non-negative, got ", max_seqlen_q,
-                    " and ", max_seqlen_k);
+  constexpr int64_t kInt32Max = std::numeric_limits<int32_t>::max();
+  TORCH_CHECK_VALUE(max_seqlen_q >= 0 && max_seqlen_k >= 0 && max_seqlen_q <= kInt32Max &&
+                        max_seqlen_k <= kInt32Max,
+                    "max_seqlen_q and max_seqlen_k must be in [0, ", kInt32Max, "], got ",
+                    max_seqlen_q, " and ", max_seqlen_k);
   check_scale(scale);
 }
 

@@ -401,9 +401,7 @@ SCALARS = [
     Bad("raw-operator-max-seqlen-past-int32",
         "cu = torch.tensor([0, N], dtype=torch.int32)\n"
         "torch.ops.block_attn.attention_forward(*qkv(), cu, cu, 2**40, N, False, 1.0)",
-        "ValueError", r"max_seqlen_q",
-        bug="the raw forward operator accepts max_seqlen_q = 2**40 (it checks only >= 0) where "
-        "attention() refuses max_seqlen above int32; the CUDA grid is sized from it"),
+        "ValueError", r"max_seqlen_q"),
     Bad("block-diagonal-without-blocks", "block_attn.block_diagonal_attention(*qkv())",
         "ValueError", r"block_diagonal_attention needs block_size, cu_seqlens or blocks"),
     Bad("double-backward", "q, k, v = (t.requires_grad_() for t in qkv())\n"
@@ -546,13 +544,8 @@ MODULE = [
     Bad("dropout-bool", "module(dropout=True)", "TypeError", r"dropout must be a float, got bool"),
     Bad("dropout-negative", "module(dropout=-0.1)", "ValueError",
         r"dropout must be in \[0, 1\], got -0\.1"),
-    Bad("bias-str", "module(bias='yes')", "TypeError", r"bias must be a bool",
-        bug="MultiheadBlockAttention(8, 2, bias='yes') is accepted (as True), where causal='yes' "
-        "raises TypeError"),
-    Bad("module-int-dtype", "module(dtype=torch.int64)", "TypeError", r"dtype",
-        bug="MultiheadBlockAttention(8, 2, dtype=torch.int64) raises RuntimeError from "
-        "torch.nn.Linear ('Only Tensors of floating point and complex dtype can require "
-        "gradients'), naming no argument"),
+    Bad("bias-str", "module(bias='yes')", "TypeError", r"bias must be a bool"),
+    Bad("module-int-dtype", "module(dtype=torch.int64)", "TypeError", r"dtype"),
     Bad("query-rank-2", "module()(torch.randn(6, 8))", "ValueError",
         r"query must be 3-D \(batch, seqlen, embed_dim\)"),
     Bad("query-width", "module()(torch.randn(2, 6, 4))", "ValueError",
@@ -570,14 +563,9 @@ MODULE = [
         r"value must have the module's dtype torch\.float32, got torch\.float16"),
     Bad("key-list", "module()(X, [[0.0] * 8])", "TypeError",
         r"key must be a torch\.Tensor, got list"),
-    Bad("key-on-meta", "module()(X, X.to('meta'))", "ValueError", r"key.*meta",
-        bug="MultiheadBlockAttention.forward(X, X.to('meta')) raises RuntimeError 'unknown device "
-        "type for autocast in get_autocast_dispatch_key_from_device_type', naming no argument"),
+    Bad("key-on-meta", "module()(X, X.to('meta'))", "ValueError", r"key.*meta"),
     Bad("query-cpu-for-meta-module",
-        "MultiheadBlockAttention(8, 2, device='meta')(X)", "ValueError", r"query.*(cpu|meta)",
-        bug="MultiheadBlockAttention(8, 2, device='meta')(X) raises RuntimeError from "
-        "torch.nn.Linear ('Tensor on device meta is not on the expected device cpu!'), naming "
-        "no argument, where a query of another dtype gets a TypeError naming query"),
+        "MultiheadBlockAttention(8, 2, device='meta')(X)", "ValueError", r"query.*(cpu|meta)"),
     Bad("forward-cu-short", "module()(X, cu_seqlens=[0, 4])", "ValueError",
         r"cu_seqlens must end at N = 6"),
     Bad("forward-cu-nq-ne-nk", "module()(X, torch.randn(2, 4, 8), cu_seqlens=[0, 6])",

@@ -285,7 +285,7 @@ RAW_FORWARD_ERRORS = [
     ("gqa", ValueError, {"q": torch.randn(B, 3, N, D)},
      r"multiple of the number of kv heads \(Hq % Hkv == 0\), got Hq = 3, Hkv = 4"),
     ("max-seqlen", ValueError, {"max_seqlen_q": -1},
-     r"max_seqlen_q and max_seqlen_k must be non-negative"),
+     r"max_seqlen_q and max_seqlen_k must be in \[0, 2147483647\], got -1"),
     ("scale-inf", ValueError, {"scale": float("inf")}, r"scale must be finite, got inf"),
     ("scale-nan", ValueError, {"scale": float("nan")}, r"scale must be finite, got nan"),
 ]  # fmt: skip
@@ -367,6 +367,8 @@ def test_numpy_scalars_of_the_right_kind_are_accepted():
         q, k, v, block_size=np.int64(4), causal=np.bool_(True), scale=np.float32(0.5)
     )
     assert torch.equal(got, expected)
+    listed = block_attn.attention(q, k, v, cu_seqlens=[0, np.int64(4), N])
+    assert torch.equal(listed, block_attn.attention(q, k, v, cu_seqlens=[0, 4, N]))
     cu = torch.tensor([0, 4, N])
     expected = block_attn.attention(q, k, v, cu_seqlens=cu, max_seqlen=8)
     assert torch.equal(
