@@ -1,10 +1,9 @@
 // Transparent huge pages for the large tensors the CPU kernels write.
 //
 // A fresh tensor of tens of MB comes from mmap, and its first write takes one page fault per
-// 4 KB page: measured 8.5 ms to allocate and fill 32 MB on the benchmark machine against 0.34 ms
-// to refill it. Asking for 2 MB pages on the tensor's aligned interior (the allocator does not
-// align to 2 MB) cuts the faults 512-fold: the 16k-token fwd+bwd at b=256 went from 138–153 ms
-// to 111–129 ms. It is only a hint: nothing changes where THP is off or memory is mapped.
+// 4 KB page, which costs more than the writes themselves. Asking for 2 MB pages on the tensor's
+// aligned interior (the allocator does not align to 2 MB) cuts the faults 512-fold. It is only a
+// hint: nothing changes where THP is off or memory is mapped.
 #pragma once
 
 #include <ATen/core/Tensor.h>

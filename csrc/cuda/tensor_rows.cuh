@@ -13,7 +13,7 @@ namespace block_attn::cuda {
 
 // A CTA's tile, block and batch-head index in a grid (tiles, blocks, batch * heads). CTAs start
 // in linear order (x fastest); decoded block by block, tile by tile, head fastest, every head of a
-// block starts its costliest tile (tile 0) first, so the long blocks of the last heads no longer
+// block starts its costliest tile (tile 0) first, so the long blocks of the last heads do not
 // start last and leave a tail, while the CTAs that share a block's K and V still run close
 // together (for L2).
 struct GridTile {
