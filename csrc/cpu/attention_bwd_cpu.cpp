@@ -325,11 +325,11 @@ std::vector<WorkItem> make_work_items(const BackwardParams& p, int64_t max_cost,
   return items;
 }
 
-// Largest item cost for the thread count: 0 (blocks kept whole) when one thread, or when whole
-// blocks are already small against a thread's share. The split depends on the thread count,
-// so results are bitwise repeatable for a given thread count.
+// Largest item cost for the planned thread count: 0 (blocks kept whole) when one thread, or when
+// whole blocks are already small against a thread's share. The split depends on that count, so
+// results are bitwise repeatable for a given count (any count in deterministic mode).
 int64_t max_item_cost(const BackwardParams& p) {
-  const int64_t threads = at::get_num_threads();
+  const int64_t threads = planning_threads();
   if (threads <= 1) return 0;
   int64_t total = 0, largest = 0;
   for (int j = 0; j < p.num_blocks; ++j) {

@@ -293,7 +293,7 @@ void run_forward(const ForwardParams& p) {
   // results are merged below (split tiles: their first item and range count).
   std::vector<int64_t> costs;
   for (const Item& item : whole) costs.push_back(item.cost);
-  const int64_t cost_limit = forward_split_cost(costs, at::get_num_threads());
+  const int64_t cost_limit = forward_split_cost(costs, planning_threads());
   struct SplitTile {
     Item whole;             // the tile as one item
     int64_t first_partial;  // its ranges' slots, one after another in `partials`

@@ -2,7 +2,7 @@
 // keep every thread busy (decoding one sequence, MQA, a few long cross-attention blocks). Each
 // key range keeps its unnormalised output, row maxima and row sums in its own slot; the slots
 // are merged afterwards by their log-sum-exp, in range order, so results are bitwise repeatable
-// for a given thread count.
+// for a given planned thread count (see planning_threads).
 #pragma once
 
 #include <algorithm>

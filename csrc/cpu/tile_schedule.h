@@ -2,6 +2,8 @@
 // different lengths still balance across threads.
 #pragma once
 
+#include <ATen/Context.h>
+#include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
@@ -11,6 +13,15 @@
 #include "../attention_params.h"
 
 namespace block_attn::cpu {
+
+// The thread count that work splitting plans for. Under torch.use_deterministic_algorithms(True)
+// it is fixed, so that the split (and with it the rounding of merged partials) does not depend on
+// torch.set_num_threads.
+constexpr int64_t kDeterministicPlanThreads = 16;
+inline int64_t planning_threads() {
+  return at::globalContext().deterministicAlgorithms() ? kDeterministicPlanThreads
+                                                       : at::get_num_threads();
+}
 
 // Rows [begin, end) of block `block`, local to the block.
 struct Tile {
