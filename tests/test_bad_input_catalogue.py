@@ -27,6 +27,10 @@ WATCHDOG_EXTRA_SECONDS = 10  # after the alarm, ends the child when a call hangs
 RESULT_PREFIX = "CATALOGUE-RESULT "
 
 
+# How offset checks name the offsets: cu_seqlens / cu_seqlens_k, or the raw operators' names.
+OFFSETS_NAME = r"cu_seqlens\w*(?: \(attention's cu_seqlens\))?"
+
+
 @dataclass(frozen=True)
 class Bad:
     """A call that must raise ``error`` with a message matching ``match`` (a regex)."""
@@ -270,17 +274,17 @@ OFFSETS = [
         r"cu_seqlens_k must be a 1-D int tensor"),
     # Offsets kept on the device: the CPU kernels check their values.
     Bad("kept-not-from-0", "call(cu_seqlens=kept([2, 4, N]), max_seqlen=N)", "ValueError",
-        r"cu_seqlens\w* must start at 0, got 2"),
+        OFFSETS_NAME + r" must start at 0, got 2"),
     Bad("kept-decreasing", "call(cu_seqlens=kept([0, 8, 4, N]), max_seqlen=N)", "ValueError",
-        r"cu_seqlens\w* must be non-decreasing"),
+        OFFSETS_NAME + r" must be non-decreasing"),
     Bad("kept-negative", "call(cu_seqlens=kept([0, -4, N]), max_seqlen=N + 4)", "ValueError",
-        r"cu_seqlens\w* must be non-decreasing"),
+        OFFSETS_NAME + r" must be non-decreasing"),
     Bad("kept-short", "call(cu_seqlens=kept([0, 4, 10]), max_seqlen=N)", "ValueError",
-        r"cu_seqlens\w* must end at the tensors' length 12, got 10"),
+        OFFSETS_NAME + r" must end at the tensors' length 12, got 10"),
     Bad("kept-beyond", "call(cu_seqlens=kept([0, 4, 20]), max_seqlen=20)", "ValueError",
-        r"cu_seqlens\w* must end at the tensors' length 12, got 20"),
+        OFFSETS_NAME + r" must end at the tensors' length 12, got 20"),
     Bad("kept-int64-beyond", "call(cu_seqlens=kept([0, 4, 20], torch.int64), max_seqlen=20)",
-        "ValueError", r"cu_seqlens\w* must end at the tensors' length 12, got 20"),
+        "ValueError", OFFSETS_NAME + r" must end at the tensors' length 12, got 20"),
     Bad("kept-empty", "call(cu_seqlens=kept([]), max_seqlen=N)", "ValueError",
         r"cu_seqlens must be 1-D with at least 2 offsets"),
     Bad("kept-one-offset", "call(cu_seqlens=kept([0]), max_seqlen=N)", "ValueError",
@@ -314,7 +318,7 @@ MAX_SEQLEN = [
     Bad("max-negative", "call(cu_seqlens=kept([0, N]), max_seqlen=-5)", "ValueError",
         r"max_seqlen must be in \[1, 2147483647\], got -5"),
     Bad("max-too-small", "call(cu_seqlens=kept([0, 4, N]), max_seqlen=7)", "ValueError",
-        r"cu_seqlens\w*: block 1 has 8 rows, more than its max_seqlen 7"),
+        OFFSETS_NAME + r": block 1 has 8 rows, more than its max_seqlen 7"),
     Bad("max-float", "call(cu_seqlens=kept([0, N]), max_seqlen=12.0)", "TypeError",
         r"max_seqlen must be an int, got float"),
     Bad("max-str", "call(cu_seqlens=kept([0, N]), max_seqlen='12')", "TypeError",
@@ -458,7 +462,7 @@ BLOCKS = [
     Bad("layout-full-float", "BlockLayout.full(2.5, 4)", "TypeError",
         r"seqlen_q must be an int, got float"),
     Bad("layout-built-directly-bad-offsets", "call(blocks=BlockLayout((1, N), (1, N), 11, 11))",
-        "ValueError", r"cu_seqlens\w* must start at 0, got 1"),
+        "ValueError", OFFSETS_NAME + r" must start at 0, got 1"),
     Bad("layout-built-directly-short-max", "call(blocks=BlockLayout((0, 4, N), (0, 4, N), 4, 4))",
         "ValueError", r"block 1 has 8 rows, more than its max_seqlen 4"),
 ]

@@ -31,7 +31,9 @@ void check_offset_values(const at::Tensor& cu_seqlens, int64_t seqlen, int64_t m
 void check_offsets_on_host(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cu_seqlens_q,
                            const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
                            int64_t max_seqlen_k) {
-  check_offset_values(cu_seqlens_q, q.size(2), max_seqlen_q, "cu_seqlens_q");
+  // The public API calls the query offsets cu_seqlens: name both.
+  check_offset_values(cu_seqlens_q, q.size(2), max_seqlen_q,
+                      "cu_seqlens_q (attention's cu_seqlens)");
   check_offset_values(cu_seqlens_k, k.size(2), max_seqlen_k, "cu_seqlens_k");
 }
 
