@@ -379,8 +379,7 @@ def _read_offsets(cu_seqlens: object, name: str) -> tuple[int, ...]:
             f"{name} as a CUDA tensor is read on the host to be checked, which a CUDA graph "
             "capture cannot do; " + CAPTURE_ADVICE
         )
-    if cu_seqlens.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"{name} must be an int32 or int64 tensor, got {cu_seqlens.dtype}")
+    _check_offsets_dtype(cu_seqlens, name)
     if torch.compiler.is_compiling():
         raise ValueError(
             f"{name} given as a tensor is read on the host to be checked, which torch.compile "
@@ -397,6 +396,11 @@ def _read_offsets(cu_seqlens: object, name: str) -> tuple[int, ...]:
             f"{name} must be 1-D, got {cu_seqlens.dim()}-D shape {tuple(cu_seqlens.shape)}"
         )
     return tuple(int(c) for c in cu_seqlens.tolist())
+
+
+def _check_offsets_dtype(cu_seqlens: torch.Tensor, name: str) -> None:
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{name} must be an int32 or int64 tensor, got {cu_seqlens.dtype}")
 
 
 def _check_offsets(
@@ -469,8 +473,7 @@ def _device_offsets(
             f"not be read on the host), got {name} of type {type(cu_seqlens).__name__}; with a "
             f"list, leave {max_name} out"
         )
-    if cu_seqlens.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"{name} must be an int32 or int64 tensor, got {cu_seqlens.dtype}")
+    _check_offsets_dtype(cu_seqlens, name)
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
         raise ValueError(
             f"{name} must be 1-D with at least 2 offsets, got shape {tuple(cu_seqlens.shape)}"
@@ -490,14 +493,13 @@ def _narrowed_to_int32(cu_seqlens: torch.Tensor, name: str) -> torch.Tensor:
     """
     if cu_seqlens.dtype == torch.int32:
         return cu_seqlens.contiguous()
-    in_range = ((cu_seqlens >= 0) & (cu_seqlens <= INT32_MAX)).all()
+    outside = (cu_seqlens < 0) | (cu_seqlens > INT32_MAX)
     message = f"{name} offsets must be in [0, {INT32_MAX}] to fit in int32"
     if cu_seqlens.device.type == "cpu" and not torch.compiler.is_compiling():
-        if not bool(in_range):
-            outside = cu_seqlens[(cu_seqlens < 0) | (cu_seqlens > INT32_MAX)]
-            raise ValueError(f"{message}, got {int(outside[0])}")
+        if bool(outside.any()):
+            raise ValueError(f"{message}, got {int(cu_seqlens[outside][0])}")
     else:
-        torch._assert_async(in_range, message)
+        torch._assert_async(~outside.any(), message)
     return cu_seqlens.to(torch.int32).contiguous()
 
 

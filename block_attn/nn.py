@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Sequence
 
 import torch
@@ -11,7 +10,7 @@ from torch import nn
 
 import block_attn
 from block_attn.blocks import resolve_blocks
-from block_attn.validation import as_bool, as_int
+from block_attn.validation import as_bool, as_float, as_int
 
 __all__ = ["MultiheadBlockAttention"]
 
@@ -71,8 +70,7 @@ class MultiheadBlockAttention(nn.Module):
         embed_dim = as_int(embed_dim, "embed_dim")
         num_heads = as_int(num_heads, "num_heads")
         num_kv_heads = num_heads if num_kv_heads is None else as_int(num_kv_heads, "num_kv_heads")
-        if isinstance(dropout, (bool, torch.Tensor)) or not isinstance(dropout, numbers.Real):
-            raise TypeError(f"dropout must be a float, got {type(dropout).__name__}")
+        dropout = as_float(dropout, "dropout")
         if embed_dim <= 0 or num_heads <= 0 or num_kv_heads <= 0:
             raise ValueError(
                 f"embed_dim, num_heads and num_kv_heads must be positive, got embed_dim = "

@@ -65,17 +65,25 @@ def as_int(value: object, name: str) -> int:
     return int(value)
 
 
+def as_float(value: object, name: str) -> float:
+    """``value`` as a Python float; a real number, NumPy's included (not a bool or a tensor),
+    else TypeError; an int too large for a float is a ValueError."""
+    if isinstance(value, (*_BOOL_TYPES, torch.Tensor)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    try:
+        return float(value)
+    except OverflowError:
+        raise ValueError(
+            f"{name} must be finite, got an int of {value.bit_length()} bits"
+        ) from None
+
+
 def resolve_scale(scale: float | None, head_dim: int) -> float:
     """``scale`` or the default 1/sqrt(head_dim), as a Python float (finiteness is checked by
     the operators)."""
     if scale is None:
         return 1.0 / math.sqrt(max(head_dim, 1))
-    if isinstance(scale, (*_BOOL_TYPES, torch.Tensor)) or not isinstance(scale, numbers.Real):
-        raise TypeError(f"scale must be a float, got {type(scale).__name__}")
-    try:
-        return float(scale)
-    except OverflowError:
-        raise ValueError(f"scale must be finite, got an int of {scale.bit_length()} bits") from None
+    return as_float(scale, "scale")
 
 
 def with_unit_last_stride(t: torch.Tensor) -> torch.Tensor:
