@@ -7,6 +7,9 @@
 namespace block_attn {
 namespace {
 
+// Offsets and lengths are int32 in the kernels.
+constexpr int64_t kInt32Max = std::numeric_limits<int32_t>::max();
+
 // PyTorch's Python name of a dtype (torch.float32, not Float), which users know.
 std::string dtype_name(at::ScalarType t) {
   return "torch." + std::string(c10::getDtypeNames(t).first);
@@ -69,7 +72,6 @@ void check_attention_inputs(const at::Tensor& q, const at::Tensor& k, const at::
                     "the number of query heads must be a multiple of the number of kv heads "
                     "(Hq % Hkv == 0), got Hq = ",
                     q.size(1), ", Hkv = ", k.size(1));
-  constexpr int64_t kInt32Max = std::numeric_limits<int32_t>::max();
   TORCH_CHECK_VALUE(q.size(2) <= kInt32Max && k.size(2) <= kInt32Max,
                     "sequence lengths must fit in int32, got Nq = ", q.size(2),
                     ", Nk = ", k.size(2));
@@ -87,7 +89,6 @@ void check_forward_inputs(const at::Tensor& q, const at::Tensor& k, const at::Te
   TORCH_CHECK_VALUE(cu_seqlens_q.size(0) == cu_seqlens_k.size(0),
                     "cu_seqlens_q and cu_seqlens_k must describe the same number of blocks, got ",
                     cu_seqlens_q.size(0) - 1, " and ", cu_seqlens_k.size(0) - 1);
-  constexpr int64_t kInt32Max = std::numeric_limits<int32_t>::max();
   TORCH_CHECK_VALUE(max_seqlen_q >= 0 && max_seqlen_k >= 0 && max_seqlen_q <= kInt32Max &&
                         max_seqlen_k <= kInt32Max,
                     "max_seqlen_q and max_seqlen_k must be in [0, ", kInt32Max, "], got ",
