@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from block_attn import ops
+from block_attn import func_transforms
 from block_attn.blocks import BlockLayout, resolve_blocks
 from block_attn.validation import as_bool, check_qkv, resolve_scale, with_unit_last_stride
 
@@ -98,7 +98,7 @@ def attention(
         max_seqlen_k=max_seqlen_k,
     )
     offsets = call_blocks.for_kernels(q.device)
-    out, lse = ops.attention_forward(
+    out, lse = func_transforms.attention_forward(
         with_unit_last_stride(q),
         with_unit_last_stride(k),
         with_unit_last_stride(v),
