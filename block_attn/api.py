@@ -42,9 +42,11 @@ def attention(
             ``h // (Hq // Hkv)`` (GQA / MQA).
         v: (B, Hkv, Nk, D) values.
         block_size: tokens ``[i*b, (i+1)*b)`` form block i; the last block may be shorter.
-        cu_seqlens: block offsets ``0 = c0 <= c1 <= ... <= cm = N`` as a 1-D int32/int64
+        cu_seqlens: block offsets ``0 = c0 <= c1 <= ... <= cm <= N`` as a 1-D int32/int64
             tensor (any device; a CUDA tensor is read once on the host) or a list of ints;
-            block j is ``[c_j, c_{j+1})`` (packed documents; empty blocks are allowed).
+            block j is ``[c_j, c_{j+1})`` (packed documents; empty blocks are allowed). Rows
+            after ``cm`` belong to no block: they output 0 with lse = -inf, are never attended
+            and get no gradient (a buffer holding fewer valid tokens than its length).
             ``block_size`` and ``cu_seqlens`` need Nq == Nk; pass at most one. Neither means
             one block (full attention).
         causal: inside a block, query i attends key j iff j <= i. With no blocks and Nq != Nk
@@ -62,14 +64,14 @@ def attention(
             stray memory accesses); the CPU kernels check them.
         cu_seqlens_k: the keys' offsets when they differ from the queries' (``cu_seqlens``):
             query block j ``[cq_j, cq_{j+1})`` attends key block j ``[ck_j, ck_{j+1})``, e.g.
-            each packed sequence's new tokens against its cached keys. Ends at Nk; as many
+            each packed sequence's new tokens against its cached keys. Ends at most at Nk; as many
             blocks as ``cu_seqlens``. With ``causal`` each block is aligned bottom-right: local
             query i attends local key t iff t <= i + Lk_j - Lq_j.
         max_seqlen_k: with ``cu_seqlens_k`` kept on the device (``max_seqlen`` given): at least
             the longest key block.
         blocks: a :class:`BlockLayout` built once (``BlockLayout.from_seqlens(lengths)``,
             ``from_offsets``, ``fixed``, ``full``) and reused across calls, e.g. by every layer
-            of a model; instead of the block arguments above. Its offsets must end at Nq / Nk.
+            of a model; instead of the block arguments above. Its offsets end at most at Nq / Nk.
 
     Returns:
         out: (B, Hq, Nq, D) in q's dtype, in q's memory layout when q is dense.

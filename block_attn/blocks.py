@@ -127,8 +127,11 @@ class BlockLayout:
     (layers) reuse it.
 
     Attributes:
-        offsets_q: query offsets, ``num_blocks + 1`` Python ints from 0 to ``Nq``.
-        offsets_k: key offsets, ``num_blocks + 1`` Python ints from 0 to ``Nk``.
+        offsets_q: query offsets, ``num_blocks + 1`` Python ints from 0 to at most ``Nq``.
+        offsets_k: key offsets, ``num_blocks + 1`` Python ints from 0 to at most ``Nk``.
+
+    Rows after the last offset (of a tensor longer than the layout covers) belong to no block:
+    such queries output 0 with lse = -inf and such keys are never read; neither gets a gradient.
         max_len_q: the longest query block.
         max_len_k: the longest key block.
     """
@@ -197,10 +200,12 @@ class BlockLayout:
 
     @property
     def seqlen_q(self) -> int:
+        """The query rows the blocks cover (the last query offset)."""
         return self.offsets_q[-1]
 
     @property
     def seqlen_k(self) -> int:
+        """The key rows the blocks cover (the last key offset)."""
         return self.offsets_k[-1]
 
     def tensors(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -210,10 +215,17 @@ class BlockLayout:
             return cu_q, cu_q
         return cu_q, offsets_tensor(self.offsets_k, device)
 
-    def mask(self, causal: bool, device: torch.device | str | None = None) -> torch.Tensor:
+    def mask(
+        self,
+        causal: bool,
+        device: torch.device | str | None = None,
+        shape: tuple[int, int] | None = None,
+    ) -> torch.Tensor:
         """The dense boolean mask (Nq, Nk), True where a query may attend a key (for tests and
-        inspection: O(Nq·Nk) memory)."""
-        allowed = torch.zeros(self.seqlen_q, self.seqlen_k, dtype=torch.bool, device=device)
+        inspection: O(Nq·Nk) memory). ``shape`` gives (Nq, Nk) when the tensors have rows after
+        the last offsets; by default the offsets' ends."""
+        rows, cols = (self.seqlen_q, self.seqlen_k) if shape is None else shape
+        allowed = torch.zeros(rows, cols, dtype=torch.bool, device=device)
         for j in range(self.num_blocks):
             q0, q1 = self.offsets_q[j], self.offsets_q[j + 1]
             k0, k1 = self.offsets_k[j], self.offsets_k[j + 1]
@@ -231,7 +243,7 @@ class CallBlocks:
 
     layout: BlockLayout | None = None
     kept: KernelOffsets | None = None
-    # The tensors' lengths, which kept offsets must end at.
+    # The tensors' lengths, which kept offsets may not go beyond.
     seqlen_q: int = 0
     seqlen_k: int = 0
 
@@ -296,10 +308,10 @@ def resolve_blocks(
                                 ("max_seqlen_k", max_seqlen_k)) if a is not None]  # fmt: skip
         if given:
             raise ValueError(f"blocks already describes the blocks; leave out {', '.join(given)}")
-        if (blocks.seqlen_q, blocks.seqlen_k) != (seqlen_q, seqlen_k):
+        if blocks.seqlen_q > seqlen_q or blocks.seqlen_k > seqlen_k:
             raise ValueError(
-                f"blocks covers {blocks.seqlen_q} queries and {blocks.seqlen_k} keys, but the "
-                f"tensors have Nq = {seqlen_q}, Nk = {seqlen_k}"
+                f"blocks covers {blocks.seqlen_q} queries and {blocks.seqlen_k} keys, more than "
+                f"the tensors have: Nq = {seqlen_q}, Nk = {seqlen_k}"
             )
         return CallBlocks(layout=blocks)
     if max_seqlen is None and max_seqlen_k is None:
@@ -411,10 +423,10 @@ def _check_offsets(
     max_len: int | None = None,
     max_name: str = "max_seqlen",
 ) -> int:
-    """Checks ``0 = c0 <= c1 <= ... <= cm = seqlen`` and returns the longest block's length.
+    """Checks ``0 = c0 <= c1 <= ... <= cm <= seqlen`` and returns the longest block's length.
 
-    Empty blocks are allowed (e.g. offsets padded to a fixed count by repeating N). With
-    ``max_len``, no block may be longer.
+    Empty blocks are allowed (e.g. offsets padded to a fixed count by repeating N), and so are
+    rows after ``cm``, which belong to no block. With ``max_len``, no block may be longer.
     """
     if len(offsets) < 2:
         raise ValueError(f"{name} must hold at least 2 offsets (0 and N), got {list(offsets)}")
@@ -441,10 +453,6 @@ def _check_offsets(
     if offsets[-1] > seqlen:
         raise ValueError(
             f"{name} goes beyond the sequence: last offset {offsets[-1]} > {length_name} = {seqlen}"
-        )
-    if offsets[-1] != seqlen:
-        raise ValueError(
-            f"{name} must end at {length_name} = {seqlen}, got last offset {offsets[-1]}"
         )
     return longest
 

@@ -145,7 +145,7 @@ class MultiheadBlockAttention(nn.Module):
             query: (B, Nq, E).
             key: (B, Nk, E); default ``query`` (self-attention).
             value: (B, Nk, E); default ``key``.
-            cu_seqlens: block offsets ``0 = c0 <= c1 <= ... <= cm = N`` shared by all batch rows
+            cu_seqlens: block offsets ``0 = c0 <= c1 <= ... <= cm <= N`` shared by all batch rows
                 (a list of ints or a 1-D int tensor); overrides ``block_size`` for this call.
                 Blocks need Nq == Nk.
             max_seqlen: with ``cu_seqlens`` as a tensor on the inputs' device, at least the
@@ -258,6 +258,6 @@ class MultiheadBlockAttention(nn.Module):
             max_seqlen=max_seqlen,
             max_seqlen_k=max_seqlen_k,
         ).on_host()
-        allowed = layout.mask(self.causal, device=q.device)
+        allowed = layout.mask(self.causal, device=q.device, shape=(len_q, len_k))
         probs, _ = block_attn.reference.probabilities(q, k, allowed, 1 / math.sqrt(self.head_dim))
         return probs

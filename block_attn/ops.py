@@ -37,8 +37,9 @@ def attention_forward(
         q: (B, Hq, Nq, D), unit stride in D.
         k, v: (B, Hkv, Nk, D), unit stride in D; Hq % Hkv == 0.
         cu_seqlens_q, cu_seqlens_k: (num_blocks + 1,) int32 offsets on q's device, contiguous,
-            non-decreasing from 0 to Nq (resp. Nk); block j pairs queries
-            [cu_q[j], cu_q[j+1]) with keys [cu_k[j], cu_k[j+1]). Blocks may be empty.
+            non-decreasing from 0 to at most Nq (resp. Nk); block j pairs queries
+            [cu_q[j], cu_q[j+1]) with keys [cu_k[j], cu_k[j+1]). Blocks may be empty. Rows after
+            the last offset belong to no block: out 0, lse -inf, zero gradients.
         max_seqlen_q, max_seqlen_k: at least the longest query / key block.
         causal: bottom-right aligned causal mask inside each block.
         scale: multiplies q·k before the softmax.

@@ -50,7 +50,8 @@ def attention(
         max_seqlen=max_seqlen,
         max_seqlen_k=max_seqlen_k,
     ).on_host()
-    probs, lse = probabilities(q, k, layout.mask(causal, device=q.device), scale)
+    allowed = layout.mask(causal, device=q.device, shape=(q.shape[2], k.shape[2]))
+    probs, lse = probabilities(q, k, allowed, scale)
     v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
     out = torch.matmul(probs, v)
     return (out, lse) if return_lse else out

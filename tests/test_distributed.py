@@ -38,7 +38,7 @@ class Case:
     name: str
     world: int  # 2 or 4 ranks
     seqlen: int
-    blocks: str  # "none", "fixed", "ragged", "aligned"
+    blocks: str  # "none", "fixed", "ragged", "aligned", "tail" (offsets end before N)
     causal: bool
     layout: str = "zigzag"
     dtype: torch.dtype = torch.float64
@@ -97,6 +97,8 @@ def _cases() -> list[Case]:
                 f"w{world}-aligned-full-contiguous", world, seqlen, "aligned", False, "contiguous"
             ),
             Case(f"w{world}-head-dim-13", world, seqlen, "ragged", True, head_dim=13),
+            Case(f"w{world}-rows-after-blocks-causal", world, seqlen, "tail", True),
+            Case(f"w{world}-rows-after-blocks-full", world, seqlen, "tail", False, "contiguous"),
         ]
     return cases
 
@@ -116,6 +118,9 @@ def _offsets(case: Case) -> list[int] | None:
         chunks = 2 * case.world if case.layout == "zigzag" else case.world
         size = n // chunks
         return sorted({*range(0, n + 1, size), *range(3, n, size)})
+    if case.blocks == "tail":
+        # The last third of the rows (over one shard at 2 and 4 ranks) belongs to no block.
+        return [0, 3, 7, n - n // 3]
     generator = torch.Generator().manual_seed(case.seqlen + case.world)
     cuts = torch.randperm(n - 1, generator=generator)[: n // 7] + 1
     # Empty blocks too: first, and N repeated as when offsets are padded to a fixed count.
@@ -242,7 +247,7 @@ def _run_errors(world: int, group: dist.ProcessGroup | None) -> dict[str, str]:
             q, k, v, cu_seqlens=[0, 5 + rank, seqlen], group=group
         ),
         "one-rank-bad-cu-seqlens": lambda: context_parallel_attention(
-            q, k, v, cu_seqlens=[0, 5, seqlen - (rank == 0)], group=group
+            q, k, v, cu_seqlens=[0, 5, seqlen + (rank == 0)], group=group
         ),
         "bad-layout": lambda: context_parallel_attention(q, k, v, layout="striped", group=group),
     }
@@ -354,7 +359,7 @@ def test_bytes_match_schedule(results, processes: int) -> None:
         ("odd-length", r"multiple of 2 \* world_size"),
         ("shape-differs", r"differ between ranks in: .*local sequence length"),
         ("cu-seqlens-differs", r"differ between ranks in: block offsets"),
-        ("one-rank-bad-cu-seqlens", r"cu_seqlens must end at N|invalid on rank\(s\) \[0\]"),
+        ("one-rank-bad-cu-seqlens", r"cu_seqlens goes beyond|invalid on rank\(s\) \[0\]"),
         ("bad-layout", r"layout must be one of"),
     ],
 )

@@ -120,7 +120,7 @@ def context_parallel_attention(
         local_error = error
     if validate:
         check_same_on_all_ranks(q, k, offsets, causal, scale, layout, schedule, group, local_error)
-    plan = build_schedule(offsets, world_size, layout, causal)
+    plan = build_schedule(offsets, world_size, layout, causal, q.shape[2] * world_size)
     return _ContextParallelAttention.apply(
         with_unit_last_stride(q),
         with_unit_last_stride(k),

@@ -76,7 +76,7 @@ def plan_pair(
     """The op call for queries in ``q_range`` against keys in ``k_range``, or None if no work.
 
     Args:
-        offsets: global block offsets ``0 = c0 <= ... <= cm = N``.
+        offsets: global block offsets ``0 = c0 <= ... <= cm <= N``.
         q_range: global ``[start, end)`` of the query chunk.
         k_range: global ``[start, end)`` of the key chunk; equal to or disjoint from q_range.
         causal: the global causal flag.
@@ -148,10 +148,15 @@ class Schedule:
 
 @functools.lru_cache(maxsize=64)
 def build_schedule(
-    offsets: tuple[int, ...], world_size: int, layout: str, causal: bool
+    offsets: tuple[int, ...],
+    world_size: int,
+    layout: str,
+    causal: bool,
+    seqlen: int | None = None,
 ) -> Schedule:
-    """The schedule for global block ``offsets`` (ending at N) split over ``world_size`` ranks."""
-    seqlen = offsets[-1]
+    """The schedule for global block ``offsets`` over ``seqlen`` rows (by default the last
+    offset; rows after it belong to no block) split over ``world_size`` ranks."""
+    seqlen = offsets[-1] if seqlen is None else seqlen
     chunks = tuple(chunk_ranges(seqlen, world_size, r, layout) for r in range(world_size))
     pairs = tuple(
         tuple(

@@ -15,6 +15,7 @@
 
 #include "attention_cpu.h"
 #include "backward_products.h"
+#include "rows_outside_blocks.h"
 #include "tile_math.h"
 #include "tile_schedule.h"
 #include "work_queue.h"
@@ -419,6 +420,7 @@ void run_backward(const BackwardParams& p) {
   std::vector<acc> partials(target.partial_size);  // zeros: ranges skip queries they cannot see
 
   zero_query_grads_of_keyless_blocks<scalar_t>(p);
+  zero_gradient_rows_after_blocks<scalar_t>(p);
   run_work_items(
       static_cast<int64_t>(items.size()),
       [&] { return BackwardScratch<scalar_t>(p.head_dim, max_range_keys); },

@@ -15,6 +15,7 @@
 #include "few_query_scores.h"
 #include "forward_key_split.h"
 #include "forward_products.h"
+#include "rows_outside_blocks.h"
 #include "tile_math.h"
 #include "tile_schedule.h"
 #include "work_queue.h"
@@ -260,6 +261,7 @@ void run_forward(const ForwardParams& p) {
   using acc = acc_t<scalar_t>;
   check_host_offsets(p.cu_seqlens_q, p.num_blocks, p.seqlen_q, "cu_seqlens_q");
   check_host_offsets(p.cu_seqlens_k, p.num_blocks, p.seqlen_k, "cu_seqlens_k");
+  write_rows_after_blocks<scalar_t, acc>(p);
   const std::vector<Tile> tiles = make_tiles(p, kBlockM, /*by_query=*/true);
   // Items (tile, batch·head), costliest first (query rows × keys visited) so that long blocks
   // start early; among equal costs, head by head in sequence order, so that a thread's next

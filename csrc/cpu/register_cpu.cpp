@@ -11,7 +11,7 @@ namespace {
 
 // The CPU kernels index rows by the offsets, and reading them here costs nothing (they are in host
 // memory), so a raw-op call that breaks their contract gets an error instead of wild reads: blocks
-// tile [0, seqlen) in order, none longer than max_seqlen.
+// lie in [0, seqlen) in order, none longer than max_seqlen.
 void check_offset_values(const at::Tensor& cu_seqlens, int64_t seqlen, int64_t max_seqlen,
                          const char* name) {
   const int32_t* offsets = cu_seqlens.data_ptr<int32_t>();
@@ -24,8 +24,8 @@ void check_offset_values(const at::Tensor& cu_seqlens, int64_t seqlen, int64_t m
     TORCH_CHECK_VALUE(length <= max_seqlen, name, ": block ", j, " has ", length,
                       " rows, more than its max_seqlen ", max_seqlen);
   }
-  TORCH_CHECK_VALUE(offsets[count - 1] == seqlen, name, " must end at the tensors' length ", seqlen,
-                    ", got ", offsets[count - 1]);
+  TORCH_CHECK_VALUE(offsets[count - 1] <= seqlen, name, " goes beyond the tensors' length ", seqlen,
+                    ": last offset ", offsets[count - 1]);
 }
 
 void check_offsets_on_host(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cu_seqlens_q,
