@@ -5,10 +5,10 @@ MQA), lengths (empty, one row, just off the kernels' tile sizes, up to ~300), he
 including odd ones, causal or not, how the blocks are passed (nothing, ``block_size``,
 ``cu_seqlens`` as a list or an int32/int64 tensor, kept on the device with ``max_seqlen``,
 a ``BlockLayout``), separate key blocks with more or fewer keys than queries, empty and one-row
-blocks, memory layout (contiguous, transposed ``(B, N, H, D)`` views, a sliced or strided last
-dim, a batch stride of 0), a custom scale, peaky scores, which of q, k and v need gradients,
-``return_lse`` (and a gradient for it) and the CPU thread count. The case's description is in
-every assertion message.
+blocks, offsets that end before the tensors (rows in no block), memory layout (contiguous,
+transposed ``(B, N, H, D)`` views, a sliced or strided last dim, a batch stride of 0), a custom
+scale, peaky scores, which of q, k and v need gradients, ``return_lse`` (and a gradient for it)
+and the CPU thread count. The case's description is in every assertion message.
 
 Environment:
     BLOCK_ATTN_FUZZ_CASES=N: run seeds 0..N-1 (default 500).
@@ -165,6 +165,13 @@ def draw_case(seed: int) -> Case:
     # reference's when one key takes almost all of a row's weight.
     if case.dtype in TOLERANCE and rng.random() < 0.3:
         case.gain = rng.choice((4.0, 10.0))
+    if form not in ("none", "block_size") and rng.random() < 0.15:
+        # Offsets that end before the tensors do: the rows after them belong to no block.
+        end_q = rng.randint(0, seqlen_q)
+        case.offsets_q = [min(c, end_q) for c in offsets_q]
+        if offsets_k is not None:
+            end_k = rng.randint(0, seqlen_k)
+            case.offsets_k = [min(c, end_k) for c in offsets_k]
     # Shrink batch, then the query groups, then the heads, then the head dim, until the dense
     # reference is cheap; lengths are what the fuzzing is after.
     while (

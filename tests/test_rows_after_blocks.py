@@ -11,10 +11,10 @@ import itertools
 
 import pytest
 import torch
+from common import assert_close, make_qkv
 
 import block_attn
 from block_attn import reference
-from tests.common import assert_close, make_qkv
 
 TOLERANCES = {
     torch.float64: 1e-10,
