@@ -1,7 +1,11 @@
 """Builds block_attn's native extension against the installed PyTorch.
 
-CPU kernels are always built. CUDA kernels are added when torch is a CUDA build and nvcc is
-found (CUDA_HOME), or forced with BLOCK_ATTN_CUDA=1; BLOCK_ATTN_CUDA=0 forces a CPU-only build.
+CPU kernels are always built. By default the build is portable: the extension carries baseline
+x86-64 kernels and loads, at run time, the best of the AVX2, AVX-512 and AVX-512-BF16 kernel
+objects built beside it that the CPU supports; BLOCK_ATTN_CPU_ARCH=native builds one set of
+kernels for the build machine's instruction set instead (a binary for that CPU class only).
+CUDA kernels are added when torch is a CUDA build and nvcc is found (CUDA_HOME), or forced with
+BLOCK_ATTN_CUDA=1; BLOCK_ATTN_CUDA=0 forces a CPU-only build.
 TORCH_CUDA_ARCH_LIST picks the GPU archs (default: 8.0 8.6 8.9 9.0a). 9.0a is Hopper with its
 arch-specific instructions: with it, bf16/fp16 attention on sm_90 runs the wgmma kernels in the
 backward at head_dim 64 and 128, and in the forward at head_dim 256 and at head_dim 128 when the
@@ -12,6 +16,7 @@ Build with `pip install --no-build-isolation .` so the extension links the torch
 
 import glob
 import os
+import platform
 
 from setuptools import setup
 from torch.utils import cpp_extension
@@ -50,14 +55,59 @@ def sources(pattern: str) -> list[str]:
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
 
 
-def cpu_arch_flags() -> list[str]:
-    """Vector ISA for the CPU kernels: BLOCK_ATTN_CPU_ARCH is passed as -march.
+# The CPU kernels of a portable build: compiled once per capability, each into a shared object
+# of its own that the extension loads when the running CPU supports it (csrc/cpu/cpu_capability.h).
+KERNEL_CAPABILITY_FLAGS = {
+    "avx2": ["-march=x86-64-v3"],  # AVX2, FMA, F16C
+    "avx512": ["-march=x86-64-v4"],  # AVX-512 F, BW, DQ, VL
+    "avx512_bf16": ["-march=x86-64-v4", "-mavx512bf16"],
+}
+KERNEL_SOURCES = ("attention_fwd_cpu.cpp", "attention_bwd_cpu.cpp", "kernel_table.cpp")
 
-    Default: native (the build machine's ISA, so the packing and softmax loops vectorise); set it
-    empty to keep the compiler's default target, e.g. for a portable binary.
-    """
-    arch = os.environ.get("BLOCK_ATTN_CPU_ARCH", "native")
-    return [f"-march={arch}"] if arch else []
+
+def cpu_arch() -> str:
+    """BLOCK_ATTN_CPU_ARCH: empty (default) for a portable build, else the -march value (e.g.
+    native) of a build whose kernels run only on CPUs with that instruction set."""
+    return os.environ.get("BLOCK_ATTN_CPU_ARCH", "")
+
+
+def portable_cpu_build() -> bool:
+    return not cpu_arch() and platform.machine() in ("x86_64", "AMD64")
+
+
+def cpu_arch_flags() -> list[str]:
+    arch = cpu_arch()
+    return [f"-march={arch}", f'-DBLOCK_ATTN_CPU_CAPABILITY_NAME="{arch}"'] if arch else []
+
+
+def kernel_objects(link_flags: list[str]) -> list:
+    """One shared object of CPU kernels per capability, in a portable build."""
+    if not portable_cpu_build():
+        return []
+    # Only the kernel table is exported, so inline code compiled for one instruction set never
+    # stands in for another binary's.
+    hidden = [
+        "-fvisibility=hidden",
+        "-fvisibility-inlines-hidden",
+        "-DBLOCK_ATTN_CPU_KERNEL_OBJECT",
+    ]
+    return [
+        cpp_extension.CppExtension(
+            f"block_attn._cpu_kernels_{name}",
+            [os.path.join("csrc", "cpu", source) for source in KERNEL_SOURCES],
+            extra_compile_args={
+                "cxx": [
+                    "-O3",
+                    "-fopenmp",
+                    *flags,
+                    *hidden,
+                    f'-DBLOCK_ATTN_CPU_CAPABILITY_NAME="{name}"',
+                ]
+            },
+            extra_link_args=link_flags,
+        )
+        for name, flags in KERNEL_CAPABILITY_FLAGS.items()
+    ]
 
 
 def loaded_libstdcxx() -> list[str]:
@@ -119,6 +169,6 @@ def make_extension():
 
 
 setup(
-    ext_modules=[make_extension()],
+    ext_modules=[make_extension(), *kernel_objects(["-fopenmp", *loaded_libstdcxx()])],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )

@@ -16,7 +16,11 @@ def build_info() -> dict:
     Returns:
         dict with keys ``cuda`` (bool: CUDA kernels compiled), ``cuda_archs`` (str),
         ``torch_version`` (the torch it was built against), ``openmp`` (bool),
-        ``cpu_threads`` (threads the CPU kernels use) and ``parallel_backend`` (ATen's report).
+        ``cpu_threads`` (threads the CPU kernels use), ``parallel_backend`` (ATen's report),
+        ``cpu_capabilities`` (the instruction-set capabilities the CPU kernels were compiled
+        for, most capable first: ``avx512_bf16``, ``avx512``, ``avx2``, ``default`` in a portable
+        build, the ``-march`` value in a native-only one) and ``cpu_capability`` (the one in use:
+        the best the CPU supports, or ``BLOCK_ATTN_CPU_CAPABILITY``'s).
     """
     from block_attn import _C
 
@@ -61,6 +65,8 @@ def build_info_table(info: dict | None = None) -> str:
         ),
         (
             "CPU kernels",
+            f"{info.pop('cpu_capability', '?')} of "
+            f"{' '.join(info.pop('cpu_capabilities', [])) or '?'}, "
             f"{'OpenMP' if info.pop('openmp', False) else 'no OpenMP'}, "
             f"{info.pop('cpu_threads', '?')} threads",
         ),

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import torch
 
-from block_attn import _C  # noqa: F401  (loading the extension registers the operators)
+from block_attn import (
+    _C,  # noqa: F401  (loading the extension registers the operators)
+    cpu_kernels,  # noqa: F401  (chooses the CPU kernels)
+)
 from block_attn.validation import with_unit_last_stride
 
 __all__ = ["attention_backward", "attention_forward"]

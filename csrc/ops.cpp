@@ -6,6 +6,7 @@
 #include <torch/version.h>
 
 #include "attention_host.h"
+#include "cpu/cpu_capability.h"
 
 #ifdef BLOCK_ATTN_WITH_CUDA
 #include "cuda/python_plans.h"
@@ -45,6 +46,8 @@ pybind11::dict build_info() {
   info["openmp"] = false;
 #endif
   info["cpu_threads"] = at::get_num_threads();
+  info["cpu_capabilities"] = block_attn::cpu::compiled_capabilities();
+  info["cpu_capability"] = std::string(block_attn::cpu::selected_kernels().capability);
   info["parallel_backend"] = at::get_parallel_info();
   return info;
 }
@@ -63,6 +66,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("build_info", &build_info,
              "What was compiled: CUDA kernels or not, CUDA archs, the torch version built against, "
              "OpenMP, and the number of CPU threads the kernels use.");
+  module.def("select_cpu_kernels", &block_attn::cpu::select_kernels, pybind11::arg("object_paths"),
+             "Chooses the CPU kernels (see csrc/cpu/cpu_capability.h); returns the capability.");
 #ifdef BLOCK_ATTN_WITH_CUDA
   block_attn::define_plan_functions(module);
 #endif

@@ -70,7 +70,7 @@ def build_digest() -> str:
     nvcc = shutil.which("nvcc")
     if nvcc:
         digest.update(command_output(nvcc, "--version").encode())
-    if os.environ.get("BLOCK_ATTN_CPU_ARCH", "native") == "native":
+    if os.environ.get("BLOCK_ATTN_CPU_ARCH", "") == "native":
         # -march=native binds the build to this CPU's instruction set.
         cpu = pathlib.Path("/proc/cpuinfo")
         if cpu.is_file():

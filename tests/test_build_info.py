@@ -13,8 +13,10 @@ import block_attn
 
 def test_build_info_has_documented_keys():
     info = block_attn.build_info()
-    expected = {"cuda", "cuda_archs", "torch_version", "openmp", "cpu_threads", "parallel_backend"}
+    expected = {"cuda", "cuda_archs", "torch_version", "openmp", "cpu_threads", "parallel_backend",
+                "cpu_capabilities", "cpu_capability"}  # fmt: skip
     assert set(info) == expected, f"keys {sorted(info)} != documented {sorted(expected)}"
+    assert info["cpu_capability"] in info["cpu_capabilities"], info
     assert isinstance(info["cuda"], bool)
     assert isinstance(info["openmp"], bool)
     assert isinstance(info["cuda_archs"], str)

@@ -1,13 +1,27 @@
 // Registers the CPU kernels for the block_attn operators.
-#include <ATen/Dispatch.h>
 #include <torch/library.h>
 
 #include "../attention_host.h"
-#include "attention_cpu.h"
+#include "cpu_capability.h"
 #include "huge_pages.h"
 
 namespace block_attn {
 namespace {
+
+cpu::KernelDtype kernel_dtype(const at::Tensor& q) {
+  switch (q.scalar_type()) {
+    case at::kFloat:
+      return cpu::kFloatKernel;
+    case at::kDouble:
+      return cpu::kDoubleKernel;
+    case at::kBFloat16:
+      return cpu::kBFloat16Kernel;
+    case at::kHalf:
+      return cpu::kHalfKernel;
+    default:
+      TORCH_CHECK_TYPE(false, "block_attn: no CPU kernel for ", q.scalar_type());
+  }
+}
 
 // The CPU kernels index rows by the offsets, and reading them here costs nothing (they are in host
 // memory), so a raw-op call that breaks their contract gets an error instead of wild reads: blocks
@@ -50,8 +64,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& q, co
   if (!forward_has_work(q)) return {out, lse};
   const ForwardParams params = make_forward_params(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
                                                    max_seqlen_q, max_seqlen_k, causal, scale);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attention_forward",
-                                  [&] { cpu::run_forward<scalar_t>(params); });
+  cpu::selected_kernels().forward[kernel_dtype(q)](params);
   return {out, lse};
 }
 
@@ -69,8 +82,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
   const BackwardParams params = make_backward_params(
       grad_out, q, k, v, out, lse, grad_lse, grad_q, grad_k, grad_v, cu_seqlens_q, cu_seqlens_k,
       max_seqlen_q, max_seqlen_k, causal, scale, deterministic);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attention_backward",
-                                  [&] { cpu::run_backward<scalar_t>(params); });
+  cpu::selected_kernels().backward[kernel_dtype(q)](params);
   return {grad_q, grad_k, grad_v};
 }
 
