@@ -4,6 +4,7 @@ Usage (repo root, extension built in place with BLOCK_ATTN_CUDA=0):
     python -m bench.cpu_bench            # full mode (~7 minutes on 2 cores)
     python -m bench.cpu_bench --quick    # small sizes (< 2 minutes)
     python -m bench.cpu_bench --workloads fixed256,docs-causal
+    python -m bench.cpu_bench --capability avx2   # as an AVX2 machine would (bench/capability.py)
 
 Workloads (B=1, H=8): fixed blocks, packed documents (lognormal lengths, causal and not, and
 all-equal lengths), causal full attention and N-scaling at b=256; float32 D=64 throughout,
@@ -29,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from bench import cpu_report
+from bench import capability, cpu_report
 from bench.cpu_peers import (
     DENSE_MASK_MAX_BYTES,
     UnsupportedError,
@@ -179,6 +180,12 @@ def parse_args(argv=None):
     parser.add_argument("--reps", type=int, default=5, help="timed rounds (at least 5)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--reference-max-seqlen", type=int, default=1024)
+    parser.add_argument(
+        "--capability",
+        choices=sorted(capability.LIMITS),
+        default=None,
+        help="restrict block_attn and every peer to this instruction set (results get a suffix)",
+    )
     parser.add_argument(
         "--slow-call-s",
         type=float,
@@ -363,6 +370,10 @@ def environment() -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.capability:
+        capability.reexec_limited(
+            args.capability, sys.argv[1:] if argv is None else list(argv), "bench.cpu_bench"
+        )
     torch.manual_seed(0)
     torch._dynamo.config.cache_size_limit = 64
     began = time.perf_counter()
@@ -374,13 +385,20 @@ def main(argv=None) -> int:
         "rows": [],
         "workloads": [],
     }
-    json_path = os.path.join(args.out, "cpu_results.json")
+    suffix = f"_{args.capability}" if args.capability else ""
+    json_path = os.path.join(args.out, f"cpu_results{suffix}.json")
 
     def save():
         results["elapsed_s"] = round(time.perf_counter() - began, 1)
         with open(json_path, "w") as f:
             json.dump(results, f, indent=1, default=str)
 
+    if args.capability:
+        results["environment"]["capability_limits"] = {
+            "requested": args.capability,
+            "environment": capability.LIMITS[args.capability],
+            "read_back": capability.verify(args.capability),
+        }
     print(json.dumps(results["environment"], indent=1, default=str), flush=True)
     results["gemm"] = {"fp32": gemm_rate(torch.float32), "bf16": gemm_rate(torch.bfloat16)}
     gemm = results["gemm"]["fp32"]["gflops"]
@@ -438,9 +456,9 @@ def main(argv=None) -> int:
     cpu_report.rescale_gemm(results["rows"], results["gemm"]["fp32"]["gflops_best"])
     results["targets"] = cpu_report.targets(results)
     save()
-    cpu_report.write_markdown(results, os.path.join(args.out, "cpu_results.md"))
+    cpu_report.write_markdown(results, os.path.join(args.out, f"cpu_results{suffix}.md"))
     try:
-        cpu_report.plot(results, os.path.join(args.out, "cpu_results.png"))
+        cpu_report.plot(results, os.path.join(args.out, f"cpu_results{suffix}.png"))
     except Exception as error:
         print(f"plot failed: {describe(error)}")
     print(cpu_report.targets_text(results["targets"]))
