@@ -224,17 +224,26 @@ class BlockLayout:
         """The dense boolean mask (Nq, Nk), True where a query may attend a key (for tests and
         inspection: O(Nq·Nk) memory). ``shape`` gives (Nq, Nk) when the tensors have rows after
         the last offsets; by default the offsets' ends."""
+        in_block, behind = self.positions(device, shape)
+        return in_block & (behind >= 0) if causal else in_block
+
+    def positions(
+        self, device: torch.device | str | None = None, shape: tuple[int, int] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dense (Nq, Nk) maps: whether query and key share a block, and how far the key is
+        behind the query, ``i' - t`` for local query i aligned bottom-right (``i' = i + Lk - Lq``)
+        and local key t (0 outside blocks)."""
         rows, cols = (self.seqlen_q, self.seqlen_k) if shape is None else shape
-        allowed = torch.zeros(rows, cols, dtype=torch.bool, device=device)
+        in_block = torch.zeros(rows, cols, dtype=torch.bool, device=device)
+        behind = torch.zeros(rows, cols, dtype=torch.int64, device=device)
         for j in range(self.num_blocks):
             q0, q1 = self.offsets_q[j], self.offsets_q[j + 1]
             k0, k1 = self.offsets_k[j], self.offsets_k[j + 1]
-            block = torch.ones(q1 - q0, k1 - k0, dtype=torch.bool, device=device)
-            if causal:
-                # Bottom-right alignment: local query i sees local key t iff t <= i + Lk - Lq.
-                block = torch.tril(block, diagonal=(k1 - k0) - (q1 - q0))
-            allowed[q0:q1, k0:k1] = block
-        return allowed
+            aligned = torch.arange(q1 - q0, device=device) + (k1 - k0) - (q1 - q0)
+            keys = torch.arange(k1 - k0, device=device)
+            in_block[q0:q1, k0:k1] = True
+            behind[q0:q1, k0:k1] = aligned[:, None] - keys[None, :]
+        return in_block, behind
 
 
 @dataclass(frozen=True)
