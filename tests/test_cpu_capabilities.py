@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -91,3 +92,27 @@ def test_unknown_capability_is_a_clear_error(value, match):
 def test_selection_is_repeatable_in_process():
     objects = block_attn.cpu_kernels.kernel_objects()
     assert _C.select_cpu_kernels(objects) == INFO["cpu_capability"]
+
+
+def mnemonics_and_registers(path: str) -> tuple[set[str], str]:
+    listing = subprocess.run(
+        ["objdump", "-d", "--no-show-raw-insn", path], capture_output=True, text=True, check=True
+    ).stdout
+    names = {line.split()[1] for line in listing.splitlines() if line.startswith(" ")
+             and len(line.split()) > 1}  # fmt: skip
+    return names, listing
+
+
+@pytest.mark.skipif(shutil.which("objdump") is None, reason="objdump (binutils) not installed")
+def test_extension_itself_needs_only_baseline_x86_64():
+    """The extension, which every CPU loads, has no AVX instruction: only the kernel objects,
+    loaded where the CPU has them, do. An AVX2 object has no AVX-512 register."""
+    if "default" not in COMPILED or os.uname().machine != "x86_64":
+        pytest.skip(f"not a portable x86-64 build: {COMPILED}")
+    names, _ = mnemonics_and_registers(_C.__file__)
+    vex = sorted(n for n in names if n.startswith("v") and n not in ("verr", "verw"))
+    assert not vex, f"the extension uses VEX/EVEX instructions: {vex[:10]}"
+    avx2 = block_attn.cpu_kernels.kernel_objects().get("avx2")
+    if avx2 is not None:
+        _, listing = mnemonics_and_registers(avx2)
+        assert "%zmm" not in listing and "%k1" not in listing, "AVX-512 code in the AVX2 kernels"
