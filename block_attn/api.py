@@ -9,6 +9,7 @@ import torch
 from block_attn import func_transforms
 from block_attn.blocks import BlockLayout, resolve_blocks
 from block_attn.validation import as_bool, check_qkv, resolve_scale, with_unit_last_stride
+from block_attn.variants import add_sinks, check_sinks
 
 __all__ = ["attention", "block_diagonal_attention", "causal_attention"]
 
@@ -29,6 +30,7 @@ def attention(
     cu_seqlens_k: CuSeqlens | None = None,
     max_seqlen_k: int | None = None,
     blocks: BlockLayout | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Exact scaled dot-product attention with block-diagonal and/or causal masks.
 
@@ -72,6 +74,10 @@ def attention(
         blocks: a :class:`BlockLayout` built once (``BlockLayout.from_seqlens(lengths)``,
             ``from_offsets``, ``fixed``, ``full``) and reused across calls, e.g. by every layer
             of a model; instead of the block arguments above. Its offsets end at most at Nq / Nk.
+        sinks: (Hq,) per-head logits, any floating dtype, differentiable (attention sinks, as in
+            GPT-OSS): each row's softmax normaliser gains ``exp(sinks[h])``, a virtual key whose
+            value is zero. The lse returned is the log of that normaliser, sink included, and a
+            query with no allowed key outputs 0 with lse = ``sinks[h]``.
 
     Returns:
         out: (B, Hq, Nq, D) in q's dtype, in q's memory layout when q is dense.
@@ -100,6 +106,8 @@ def attention(
         max_seqlen_k=max_seqlen_k,
     )
     offsets = call_blocks.for_kernels(q.device)
+    if sinks is not None:
+        check_sinks(sinks, q)
     out, lse = func_transforms.attention_forward(
         with_unit_last_stride(q),
         with_unit_last_stride(k),
@@ -108,6 +116,8 @@ def attention(
         causal,
         scale,
     )
+    if sinks is not None:
+        out, lse = add_sinks(out, lse, sinks)
     return (out, lse) if return_lse else out
 
 
@@ -125,6 +135,7 @@ def block_diagonal_attention(
     cu_seqlens_k: CuSeqlens | None = None,
     max_seqlen_k: int | None = None,
     blocks: BlockLayout | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention restricted to diagonal blocks; exactly one of ``block_size``, ``cu_seqlens``
     and ``blocks``.
@@ -148,6 +159,7 @@ def block_diagonal_attention(
         cu_seqlens_k=cu_seqlens_k,
         max_seqlen_k=max_seqlen_k,
         blocks=blocks,
+        sinks=sinks,
     )
 
 
@@ -158,9 +170,10 @@ def causal_attention(
     *,
     scale: float | None = None,
     return_lse: bool = False,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Causal attention over the whole sequence (bottom-right aligned when Nq != Nk).
 
     Same arguments and shapes as :func:`attention`.
     """
-    return attention(q, k, v, causal=True, scale=scale, return_lse=return_lse)
+    return attention(q, k, v, causal=True, scale=scale, return_lse=return_lse, sinks=sinks)

@@ -43,6 +43,9 @@ class MultiheadBlockAttention(nn.Module):
             bottom-right: query i attends key j iff ``j <= i + Nk - Nq``.
         dropout: probability of zeroing elements of the output in training.
         bias: add biases to the four projections.
+        sinks: learn a per-head attention sink (parameter ``sinks`` of shape (num_heads,),
+            initialised to 0): each row's softmax normaliser gains ``exp(sinks[h])``, a virtual
+            key whose value is zero (see :func:`block_attn.attention`).
         device: device of the parameters.
         dtype: dtype of the parameters.
 
@@ -63,6 +66,7 @@ class MultiheadBlockAttention(nn.Module):
         causal: bool = False,
         dropout: float = 0.0,
         bias: bool = True,
+        sinks: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -92,6 +96,7 @@ class MultiheadBlockAttention(nn.Module):
                 raise ValueError(f"block_size must be a positive int or None, got {block_size}")
         causal = as_bool(causal, "causal")
         bias = as_bool(bias, "bias")
+        sinks = as_bool(sinks, "sinks")
         if dtype is not None and not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
         if not 0.0 <= dropout <= 1.0:
@@ -109,22 +114,26 @@ class MultiheadBlockAttention(nn.Module):
         self.v_proj = nn.Linear(embed_dim, kv_dim, bias=bias, **factory)
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
         self.dropout = nn.Dropout(dropout)
+        self.sinks = nn.Parameter(torch.empty(num_heads, **factory)) if sinks else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Xavier-uniform input projections and zero biases, as torch.nn.MultiheadAttention."""
+        """Xavier-uniform input projections and zero biases, as torch.nn.MultiheadAttention;
+        zero sinks."""
         for proj in (self.q_proj, self.k_proj, self.v_proj):
             nn.init.xavier_uniform_(proj.weight)
         self.out_proj.reset_parameters()
         for proj in (self.q_proj, self.k_proj, self.v_proj, self.out_proj):
             if proj.bias is not None:
                 nn.init.zeros_(proj.bias)
+        if self.sinks is not None:
+            nn.init.zeros_(self.sinks)
 
     def extra_repr(self) -> str:
         return (
             f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, "
             f"num_kv_heads={self.num_kv_heads}, block_size={self.block_size}, "
-            f"causal={self.causal}, dropout={self.dropout.p}"
+            f"causal={self.causal}, dropout={self.dropout.p}, sinks={self.sinks is not None}"
         )
 
     def forward(
@@ -192,6 +201,7 @@ class MultiheadBlockAttention(nn.Module):
             max_seqlen=max_seqlen,
             cu_seqlens_k=cu_seqlens_k,
             max_seqlen_k=max_seqlen_k,
+            sinks=self.sinks,
         )
         out = out.transpose(1, 2).reshape(batch, len_q, self.embed_dim)
         out = self.dropout(self.out_proj(out))
@@ -259,5 +269,7 @@ class MultiheadBlockAttention(nn.Module):
             max_seqlen_k=max_seqlen_k,
         ).on_host()
         allowed = layout.mask(self.causal, device=q.device, shape=(len_q, len_k))
-        probs, _ = block_attn.reference.probabilities(q, k, allowed, 1 / math.sqrt(self.head_dim))
+        probs, _ = block_attn.reference.probabilities(
+            q, k, allowed, 1 / math.sqrt(self.head_dim), sinks=self.sinks
+        )
         return probs

@@ -28,7 +28,7 @@ import torch
 
 from block_attn.validation import as_float, as_int
 
-__all__ = ["Variants", "resolve_variants"]
+__all__ = ["Variants", "add_sinks", "check_sinks", "resolve_variants"]
 
 
 @dataclass(frozen=True)
@@ -82,10 +82,32 @@ def resolve_variants(
         if alibi_slopes.dtype != torch.float32:
             raise TypeError(f"alibi_slopes must be float32, got {alibi_slopes.dtype}")
     if sinks is not None:
-        _check_tensor(sinks, "sinks", q, ((heads,),), "(Hq,)")
-        if not sinks.is_floating_point():
-            raise TypeError(f"sinks must be a floating-point tensor, got {sinks.dtype}")
+        check_sinks(sinks, q)
     return Variants(left, right, softcap, alibi_slopes, sinks, dropout_p, generator)
+
+
+def check_sinks(sinks: object, q: torch.Tensor) -> None:
+    """``sinks`` is a floating (Hq,) tensor on q's device."""
+    _check_tensor(sinks, "sinks", q, ((q.shape[1],),), "(Hq,)")
+    if not sinks.is_floating_point():
+        raise TypeError(f"sinks must be a floating-point tensor, got {sinks.dtype}")
+
+
+def add_sinks(
+    out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention whose normalisers also hold ``exp(sinks[h])``, from plain attention's ``out``
+    (B, Hq, N, D) and ``lse`` (B, Hq, N): exact and differentiable (the sinks included).
+
+    Each row keeps ``exp(lse - lse')`` of its weight, ``lse' = log(exp(lse) + exp(sink))``: an
+    O(N·D) pass, beside the kernels' O(N·L·D).
+    """
+    total = torch.logaddexp(lse, sinks.to(lse.dtype).view(1, -1, 1))
+    # A row with no key and a sink of -inf keeps nothing (not exp(-inf + inf)).
+    empty = torch.isneginf(total)
+    kept = torch.exp(torch.where(empty, torch.zeros_like(lse), lse - total))
+    kept = torch.where(empty, torch.zeros_like(kept), kept)
+    return (out * kept.unsqueeze(-1)).to(out.dtype), total
 
 
 def _window(window_size: object) -> tuple[int, int]:
