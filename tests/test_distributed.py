@@ -46,6 +46,7 @@ class Case:
     schedule: str = "block"
     head_dim: int = 8
     batch: int = 1
+    sinks: bool = False
 
 
 def _cases() -> list[Case]:
@@ -99,6 +100,7 @@ def _cases() -> list[Case]:
             Case(f"w{world}-head-dim-13", world, seqlen, "ragged", True, head_dim=13),
             Case(f"w{world}-rows-after-blocks-causal", world, seqlen, "tail", True),
             Case(f"w{world}-rows-after-blocks-full", world, seqlen, "tail", False, "contiguous"),
+            Case(f"w{world}-sinks-causal-ragged", world, seqlen, "ragged", True, sinks=True),
         ]
     return cases
 
@@ -163,15 +165,21 @@ def _run_case(case: Case, group: dist.ProcessGroup | None) -> str | None:
     offsets = _offsets(case)
     block_size = None
     q_full, k_full, v_full = (t.clone().requires_grad_() for t in (q, k, v))
+    sinks = None
+    if case.sinks:
+        sinks = torch.linspace(-1.0, 2.0, case.heads[0], dtype=q.dtype)
+    sinks_full = None if sinks is None else sinks.clone().requires_grad_()
     out_full = block_attn.attention(
-        q_full, k_full, v_full, cu_seqlens=offsets, block_size=block_size, causal=case.causal
-    )
+        q_full, k_full, v_full, cu_seqlens=offsets, block_size=block_size, causal=case.causal,
+        sinks=sinks_full,
+    )  # fmt: skip
     out_full.backward(grad)
 
     def local(t: torch.Tensor) -> torch.Tensor:
         return shard_sequence(t, dim=2, group=group, layout=case.layout)
 
     q_l, k_l, v_l = (local(t).requires_grad_() for t in (q, k, v))
+    sinks_l = None if sinks is None else sinks.clone().requires_grad_()
     out_l = context_parallel_attention(
         q_l,
         k_l,
@@ -181,6 +189,7 @@ def _run_case(case: Case, group: dist.ProcessGroup | None) -> str | None:
         group=group,
         layout=case.layout,
         schedule=case.schedule,
+        sinks=sinks_l,
     )
     out_l.backward(local(grad))
     tol = _tolerance(case.dtype)
@@ -190,6 +199,11 @@ def _run_case(case: Case, group: dist.ProcessGroup | None) -> str | None:
         _describe("grad_k", k_l.grad, local(k_full.grad), tol),
         _describe("grad_v", v_l.grad, local(v_full.grad), tol),
     ]
+    if sinks is not None:
+        # Each rank's sinks gradient covers its own rows; the sum is the full gradient.
+        grad_sinks = sinks_l.grad.clone()
+        dist.all_reduce(grad_sinks, group=group)
+        problems.append(_describe("grad_sinks", grad_sinks, sinks_full.grad, tol))
     gathered = unshard_sequence(out_l.detach(), dim=2, group=group, layout=case.layout)
     problems.append(_describe("unshard(out)", gathered, out_full.detach(), tol))
     problems = [p for p in problems if p]

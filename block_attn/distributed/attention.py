@@ -12,6 +12,7 @@ from block_attn.distributed.checks import check_local_inputs, check_same_on_all_
 from block_attn.distributed.ring import ring_backward, ring_forward
 from block_attn.distributed.schedule import Schedule, build_schedule
 from block_attn.validation import as_bool, check_qkv, resolve_scale, with_unit_last_stride
+from block_attn.variants import add_sinks, check_sinks
 
 __all__ = ["context_parallel_attention"]
 
@@ -28,15 +29,18 @@ class _ContextParallelAttention(torch.autograd.Function):
         scale: float,
         mode: str,
         group: dist.ProcessGroup | None,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         out, lse = ring_forward(q, k, v, schedule, rank, scale, mode, group)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.schedule, ctx.rank, ctx.scale, ctx.mode, ctx.group = schedule, rank, scale, mode, group
-        return out
+        ctx.set_materialize_grads(False)
+        return out, lse
 
     @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
+    def backward(ctx, grad_out: torch.Tensor | None, grad_lse: torch.Tensor | None):
         q, k, v, out, lse = ctx.saved_tensors
+        if grad_out is None:
+            grad_out = torch.zeros_like(out)
         grad_q, grad_k, grad_v = ring_backward(
             with_unit_last_stride(grad_out),
             q,
@@ -49,6 +53,7 @@ class _ContextParallelAttention(torch.autograd.Function):
             ctx.scale,
             ctx.mode,
             ctx.group,
+            grad_lse,
         )
         return grad_q, grad_k, grad_v, None, None, None, None, None
 
@@ -66,6 +71,7 @@ def context_parallel_attention(
     layout: str = "zigzag",
     schedule: str = "block",
     validate: bool = True,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Block attention over a sequence sharded across the ranks of ``group``.
 
@@ -90,6 +96,9 @@ def context_parallel_attention(
             shard around the whole ring (the classic ring attention, for comparison).
         validate: check with one small all_gather that all ranks pass matching shapes, blocks
             and options, so a mismatch raises ValueError on every rank instead of hanging.
+        sinks: (Hq,) attention sinks as in :func:`block_attn.attention`, the same on every
+            rank; added once to each merged row. Each rank's gradient of ``sinks`` covers its
+            own rows: sum it over the ranks, as for any parameter the ranks share.
 
     Returns:
         (B, Hq, N / W, D) this rank's output, in q's dtype.
@@ -109,6 +118,8 @@ def context_parallel_attention(
         check_qkv(q, k, v)
         scale = resolve_scale(scale, q.shape[-1])
         check_local_inputs(q, k, v, scale, world_size, layout, schedule)
+        if sinks is not None:
+            check_sinks(sinks, q)
         seqlen = q.shape[2] * world_size
         blocks = resolve_blocks(
             seqlen, seqlen, q.device, block_size=block_size, cu_seqlens=cu_seqlens
@@ -121,7 +132,7 @@ def context_parallel_attention(
     if validate:
         check_same_on_all_ranks(q, k, offsets, causal, scale, layout, schedule, group, local_error)
     plan = build_schedule(offsets, world_size, layout, causal, q.shape[2] * world_size)
-    return _ContextParallelAttention.apply(
+    out, lse = _ContextParallelAttention.apply(
         with_unit_last_stride(q),
         with_unit_last_stride(k),
         with_unit_last_stride(v),
@@ -131,3 +142,4 @@ def context_parallel_attention(
         schedule,
         group,
     )
+    return out if sinks is None else add_sinks(out, lse, sinks)[0]

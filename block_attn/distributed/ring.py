@@ -178,6 +178,7 @@ def _shard_grads(
     v_s: torch.Tensor,
     out: torch.Tensor,
     lse_chunks: list[torch.Tensor],
+    grad_lse_chunks: list[torch.Tensor | None],
     plans: tuple[PairPlan, ...],
     offsets: _Offsets,
     chunk_size: int,
@@ -199,7 +200,7 @@ def _shard_grads(
             _chunk(v_s, plan.k_chunk, chunk_size),
             _chunk(out, plan.q_chunk, chunk_size),
             lse_chunks[plan.q_chunk],
-            None,
+            grad_lse_chunks[plan.q_chunk],
             cu_q,
             cu_k,
             plan.max_seqlen_q,
@@ -226,6 +227,7 @@ def ring_backward(
     scale: float,
     mode: str,
     group: dist.ProcessGroup | None,
+    grad_lse: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Context-parallel backward (FlashAttention-2 style, from the merged out and lse).
 
@@ -237,6 +239,7 @@ def ring_backward(
         q, k, v, out: as in and from :func:`ring_forward`.
         lse: (B, Hq, n) float32 from :func:`ring_forward`.
         schedule, rank, scale, mode, group: as in :func:`ring_forward`.
+        grad_lse: (B, Hq, n) gradient of the merged lse, or None.
 
     Returns:
         grad_q, grad_k, grad_v shaped and typed like q, k, v.
@@ -249,6 +252,11 @@ def ring_backward(
         lse.narrow(2, c * chunk_size, chunk_size).contiguous()
         for c in range(len(schedule.chunks[rank]))
     ]
+    grad_lse_chunks: list[torch.Tensor | None] = (
+        [None] * len(lse_chunks)
+        if grad_lse is None
+        else [c.to(lse.dtype).contiguous() for c in grad_lse.split(chunk_size, dim=2)]
+    )
     grad_q = torch.zeros(q.shape, dtype=dtype, device=q.device)
     own_grad_kv = torch.zeros(2 * k.numel(), dtype=dtype, device=k.device)
     rounds = _kv_rounds(schedule, rank, mode)
@@ -263,7 +271,18 @@ def ring_backward(
         if plans:
             k_s, v_s = (k, v) if i == 0 else unpack(buffer, k.shape)
             grad_k, grad_v = _shard_grads(
-                grad_out, q, k_s, v_s, out, lse_chunks, plans, offsets, chunk_size, scale, grad_q
+                grad_out,
+                q,
+                k_s,
+                v_s,
+                out,
+                lse_chunks,
+                grad_lse_chunks,
+                plans,
+                offsets,
+                chunk_size,
+                scale,
+                grad_q,
             )
             contribution = pack(grad_k, grad_v)
         else:
