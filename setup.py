@@ -142,6 +142,16 @@ class BuildExtension(cpp_extension.BuildExtension):
                 setattr(self.compiler, attr, [a for a in command if a not in static_runtime])
         super().build_extensions()
 
+    def build_extension(self, ext) -> None:
+        # Each extension compiles in a folder of its own: the kernel objects compile the same
+        # sources with other flags, and shared object files would be rebuilt on every build.
+        shared = self.build_temp
+        self.build_temp = os.path.join(shared, ext.name.rsplit(".", 1)[-1])
+        try:
+            super().build_extension(ext)
+        finally:
+            self.build_temp = shared
+
 
 def make_extension():
     cxx_flags = ["-O3", "-fopenmp", *cpu_arch_flags()]

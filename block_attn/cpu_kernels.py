@@ -19,7 +19,11 @@ OBJECT_CAPABILITIES = ("avx512_bf16", "avx512", "avx2")
 
 
 def kernel_objects() -> dict[str, str]:
-    """capability -> path of the kernel objects installed beside the extension."""
+    """capability -> path of the kernel objects installed beside the extension; none for a
+    native-only build (whose own kernels are not the baseline ones), which must not pick up
+    objects a portable build left there."""
+    if _C.own_cpu_capability() != "default":
+        return {}
     here = os.path.dirname(_C.__file__)
     found = {}
     for capability in OBJECT_CAPABILITIES:

@@ -66,6 +66,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("build_info", &build_info,
              "What was compiled: CUDA kernels or not, CUDA archs, the torch version built against, "
              "OpenMP, and the number of CPU threads the kernels use.");
+  module.def(
+      "own_cpu_capability",
+      [] { return std::string(block_attn::cpu::compiled_kernel_table().capability); },
+      "The capability of the CPU kernels inside the extension itself: \"default\" in a portable "
+      "build.");
   module.def("select_cpu_kernels", &block_attn::cpu::select_kernels, pybind11::arg("object_paths"),
              "Chooses the CPU kernels (see csrc/cpu/cpu_capability.h); returns the capability.");
 #ifdef BLOCK_ATTN_WITH_CUDA
