@@ -1,5 +1,5 @@
 // Register-tiled tile products for the CPU kernels, written with at::vec so they compile to the
-// build machine's widest SIMD (AVX-512, AVX2 or the scalar fallback).
+// build machine's widest SIMD (AVX-512, AVX2, NEON on aarch64, or the scalar fallback).
 //
 // Every product in the forward and backward has the form C (m×n) (+)= A (m×k) · B (k×n), where
 // B's rows are contiguous and padded to whole vectors, and A is read one element at a time (a
@@ -17,6 +17,11 @@ namespace block_attn::cpu {
 
 template <typename T>
 constexpr int kVecWidth = static_cast<int>(at::vec::Vectorized<T>::size());
+
+#if defined(__aarch64__)
+// Every aarch64 CPU has NEON, so the scalar fallback there means vector_isa.h is out of date.
+static_assert(at::vec::is_vec_specialized_for_v<float>, "at::vec has no NEON or SVE here");
+#endif
 
 // Rounds n up to whole vectors: the padded length of every packed tile row.
 template <typename T>
