@@ -22,11 +22,14 @@ fi
 # pip takes seconds even when everything is installed, so ask it only when something is missing.
 if ! "$PYTHON" -c "
 import importlib.metadata, importlib.util
-names = ['expecttest', 'matplotlib', 'ninja', 'numpy', 'pytest', 'setuptools', 'tqdm', 'wheel']
+names = ['accelerate', 'expecttest', 'matplotlib', 'ninja', 'numpy', 'pytest', 'setuptools', 'tqdm',
+         'transformers', 'wheel']
 assert all(importlib.util.find_spec(name) for name in names)
 assert int(importlib.metadata.version('setuptools').split('.')[0]) >= 64
 " >/dev/null 2>&1; then
-  "$PYTHON" -m pip install --quiet "setuptools>=64" wheel ninja pytest expecttest numpy matplotlib tqdm
+  # transformers and accelerate: tests/test_transformers_backend.py tests the newest release.
+  "$PYTHON" -m pip install --quiet "setuptools>=64" wheel ninja pytest expecttest numpy matplotlib tqdm \
+    transformers accelerate
 fi
 
 # STAMP_PY check: exits 0 (saying what it reuses) when the installed extension was built from

@@ -123,3 +123,18 @@ def test_static_cache_decoding_equals_one_causal_pass(device):
             str(EXAMPLES / "static_cache_decoding.py"), "--device", device, "--steps", "4", *extra
         )
         assert "largest difference from one causal pass" in stdout, stdout
+
+
+def test_hf_packed_training_small(tmp_path):
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    stdout = run_example(
+        str(EXAMPLES / "hf_packed_training.py"), "--small", "--steps", "2", "--docs-per-step", "4",
+        "--device", "cpu", "--out", str(tmp_path),
+    )  # fmt: skip
+    assert "(equal)" in stdout, stdout  # the script asserts equal first-step losses
+    results = json.loads((tmp_path / "results.json").read_text())
+    for mode in ("block_attn", "sdpa-packed", "sdpa-padded"):
+        assert len(results[mode]["losses"]) == 2, f"{mode}: {results[mode]['losses']}"
+        assert results[mode]["tokens_per_second"] > 0
+    assert (tmp_path / "loss_curves.png").stat().st_size > 0
