@@ -80,7 +80,8 @@ cudaError_t uses_hopper_kernels(const ForwardParams& params, bool rows_aligned, 
 // tiles, on sm_80+, unless the environment variable BLOCK_ATTN_DECODE_KERNEL is "0" (read at every
 // call, so a process can compare both paths). It splits each block's keys over enough CTAs to
 // start about kDecodeCtasPerSm per SM, keeping at least kDecodeMinTilesPerSplit 64-key tiles per
-// split so the merge stays small beside the loads.
+// split so the merge stays small beside the loads, and always enough splits that no CTA sums more
+// than kMaxKeysPerAccumulator keys (a float sum of more would stall).
 constexpr int kDecodeMaxQueries = 16;
 constexpr int kDecodeCtasPerSm = 4;
 constexpr int kDecodeMinTilesPerSplit = 2;
@@ -107,9 +108,11 @@ cudaError_t plan_decode(const ForwardParams& params, DType dtype, ForwardPlan& p
                        params.batch * params.heads_kv;
   const int64_t wanted = (static_cast<int64_t>(kDecodeCtasPerSm) * multiprocessors + ctas - 1) /
                          std::max<int64_t>(ctas, 1);
-  const int most = std::min(
-      kDecodeMaxSplits, ceil_div(params.max_seqlen_k, kDecodeKeyTile) / kDecodeMinTilesPerSplit);
-  plan.decode_splits = static_cast<int>(std::clamp<int64_t>(wanted, 1, std::max(most, 1)));
+  const int tiles = ceil_div(params.max_seqlen_k, kDecodeKeyTile);
+  const int most = std::min(kDecodeMaxSplits, tiles / kDecodeMinTilesPerSplit);
+  const int fewest = ceil_div(tiles, tiles_per_accumulator(kDecodeKeyTile));
+  plan.decode_splits =
+      std::max(fewest, static_cast<int>(std::clamp<int64_t>(wanted, 1, std::max(most, 1))));
   return cudaSuccess;
 }
 
@@ -241,7 +244,9 @@ cudaError_t plan_backward(const BackwardParams& params, DType dtype, BackwardPla
   if (err != cudaSuccess) return err;
   plan.path = hopper ? KernelPath::kHopper : KernelPath::kTensorCore;
   plan.max_shared_bytes = max_shared_bytes;
-  if (!params.deterministic) {
+  // dQ by atomics sums one float per key tile; over key blocks longer than
+  // kMaxKeysPerAccumulator the dQ kernel's chunked sums take it instead.
+  if (!params.deterministic && params.max_seqlen_k <= kMaxKeysPerAccumulator) {
     plan.dq_accumulator_elements =
         static_cast<size_t>(params.batch) * params.heads_q * params.seqlen_q * params.head_dim;
   }

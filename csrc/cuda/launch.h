@@ -56,8 +56,9 @@ struct BackwardPlan {
   // tiles (0 on the simple path).
   int max_shared_bytes = 0;
   // Floats of BackwardWorkspace::dq_accumulator the launch needs: batch * heads_q * seqlen_q *
-  // head_dim on the tensor-core and Hopper paths when params.deterministic is false (dQ is then
-  // summed with atomics, in an order that varies from run to run), else 0.
+  // head_dim on the tensor-core and Hopper paths when params.deterministic is false and no key
+  // block is longer than kMaxKeysPerAccumulator (utils.cuh) (dQ is then summed with atomics, in
+  // an order that varies from run to run), else 0.
   size_t dq_accumulator_elements = 0;
 };
 

@@ -102,21 +102,33 @@ __device__ __forceinline__ BlockRange block_range(const int32_t* cu_seqlens, int
   return {start, end - start};
 }
 
+// x clamped to [0, limit]. The causal bounds below are computed in int64: with lengths up to
+// INT32_MAX, i + 1 + len_k - len_q and t - len_k + len_q overflow int.
+__host__ __device__ __forceinline__ int clamp_to_length(int64_t x, int limit) {
+  return x < 0 ? 0 : (x > limit ? limit : static_cast<int>(x));
+}
+
 // Causal, bottom-right aligned: local query i attends local key t iff t <= i + (len_k - len_q).
 // Number of keys, from the start, that query i may see (clamped to [0, len_k]).
-__device__ __forceinline__ int causal_key_end(int i, int len_q, int len_k) {
-  return min(len_k, max(0, i + 1 + len_k - len_q));
+__host__ __device__ __forceinline__ int causal_key_end(int i, int len_q, int len_k) {
+  return clamp_to_length(static_cast<int64_t>(i) + 1 + len_k - len_q, len_k);
 }
 // First query that may see key t (clamped to [0, len_q]).
-__device__ __forceinline__ int causal_query_begin(int t, int len_q, int len_k) {
-  return min(len_q, max(0, t - (len_k - len_q)));
+__host__ __device__ __forceinline__ int causal_query_begin(int t, int len_q, int len_k) {
+  return clamp_to_length(static_cast<int64_t>(t) - len_k + len_q, len_q);
+}
+
+// Last row of the tile [m0, m0 + rows) that lies in a block of `length` rows (m0 < length);
+// m0 + rows itself may pass INT32_MAX.
+__host__ __device__ __forceinline__ int tile_last_row(int m0, int rows, int length) {
+  return m0 >= length - rows ? length - 1 : m0 + rows - 1;
 }
 
 // Keys that some query of rows [m0, m0 + rows) of a block may see: the keys a tile of queries
 // visits.
 template <bool kIsCausal>
 __device__ __forceinline__ int tile_key_end(int m0, int rows, BlockRange qr, BlockRange kr) {
-  return kIsCausal ? causal_key_end(min(m0 + rows, qr.length) - 1, qr.length, kr.length)
+  return kIsCausal ? causal_key_end(tile_last_row(m0, rows, qr.length), qr.length, kr.length)
                    : kr.length;
 }
 // Keys that every query of a tile starting at m0 sees: key tiles below need no mask.
@@ -125,8 +137,31 @@ __device__ __forceinline__ int tile_unmasked_key_end(int m0, BlockRange qr, Bloc
   return kIsCausal ? causal_key_end(m0, qr.length, kr.length) : kr.length;
 }
 
+// Without a + b - 1, which overflows for a near INT32_MAX; 0 for a <= 0.
 __host__ __device__ constexpr int ceil_div(int a, int b) {
-  return (a + b - 1) / b;
+  return a > 0 ? (a - 1) / b + 1 : 0;
+}
+
+// Most keys (or queries) one float accumulator sums. Past 2^24 terms of similar size a float sum
+// stalls (x + 1 == x), so kernels whose rows may be longer (known on the host from max_seqlen)
+// sum chunks of at most this many terms and fold each into a second accumulator. The emulator
+// test sets it small to run that path on small problems.
+#ifndef BLOCK_ATTN_MAX_KEYS_PER_ACCUMULATOR
+#define BLOCK_ATTN_MAX_KEYS_PER_ACCUMULATOR (1 << 22)
+#endif
+constexpr int kMaxKeysPerAccumulator = BLOCK_ATTN_MAX_KEYS_PER_ACCUMULATOR;
+
+// Tiles of `tile` rows that one accumulator sums before a fold (at least one).
+__host__ __device__ constexpr int tiles_per_accumulator(int tile) {
+  return kMaxKeysPerAccumulator / tile > 0 ? kMaxKeysPerAccumulator / tile : 1;
+}
+
+// Whether the dK/dV kernels, which sum over every query of the heads that share a kv head, may
+// sum more than kMaxKeysPerAccumulator terms.
+template <typename Params>
+inline bool long_query_rows(const Params& params) {
+  const int64_t group = params.heads_kv > 0 ? params.heads_q / params.heads_kv : 1;
+  return group * params.max_seqlen_q > kMaxKeysPerAccumulator;
 }
 
 // Largest power of two <= x (x >= 1).

@@ -10,6 +10,7 @@
 
 #include "attention_params.h"
 #include "cuda/launch.h"
+#include "cuda/utils.cuh"
 
 namespace block_attn::emulated_test {
 namespace {
@@ -86,7 +87,8 @@ int check(const char* what, const BackwardParams& p, DType dtype, Expected expec
               path_name(expected.backward);
   }
   // Scratch: the split partials only for a split decoding forward, the dQ accumulator only
-  // where a tensor-core backward sums dQ with atomics.
+  // where a tensor-core backward sums dQ with atomics (not over key blocks longer than
+  // kMaxKeysPerAccumulator, whose dQ takes the dQ kernel's folded sums).
   const size_t rows = static_cast<size_t>(p.batch) * p.heads_q * p.seqlen_q;
   const size_t partials = forward.path == KernelPath::kDecode && forward.decode_splits > 1
                               ? forward.decode_splits * rows * (p.head_dim + 1)
@@ -95,7 +97,8 @@ int check(const char* what, const BackwardParams& p, DType dtype, Expected expec
     problem = "split partials sized " + std::to_string(forward.split_partials_elements) +
               ", expected " + std::to_string(partials);
   }
-  const bool atomics = backward.path != KernelPath::kSimple && !p.deterministic;
+  const bool atomics = backward.path != KernelPath::kSimple && !p.deterministic &&
+                       p.max_seqlen_k <= cuda::kMaxKeysPerAccumulator;
   const size_t accumulator = atomics ? rows * p.head_dim : 0;
   if (problem.empty() && backward.dq_accumulator_elements != accumulator) {
     problem = "dQ accumulator sized " + std::to_string(backward.dq_accumulator_elements) +

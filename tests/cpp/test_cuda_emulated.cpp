@@ -1,10 +1,11 @@
 // Runs the CUDA kernels (launch_forward / launch_backward, as the extension calls them) on the host
 // emulator and checks them against a float64 reference: ragged and empty blocks, query and key
-// blocks of different lengths, causal and not, GQA/MQA, both stride layouts, padded rows,
-// unaligned rows (the element-wise copy path), every head-dim tile, every dtype, and the device
-// properties that change the dispatch (sm_90, sm_86's smaller shared memory, sm_75 without the
-// tensor-core kernels). Outputs start filled with NaN so an element never written fails, and
-// padding between rows must stay untouched.
+// blocks of different lengths, rows after the last offset, causal and not, GQA/MQA, both stride
+// layouts, padded rows, unaligned rows (the element-wise copy path), every head-dim tile, every
+// dtype, and the device properties that change the dispatch (sm_90, sm_86's smaller shared
+// memory, sm_75 without the tensor-core kernels); then seeded random problems for every kernel
+// family. Outputs start filled with NaN so an element never written fails, and padding between
+// rows must stay untouched.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -26,6 +27,7 @@
 #include "cuda/static_switch.h"
 #include "emulated_elements.h"
 #include "emulated_kernel_paths.h"
+#include "emulated_long_rows.h"
 #include "emulated_offset_clamp.h"
 
 namespace {
@@ -60,6 +62,11 @@ struct Case {
   // The sm_90 wgmma kernels called directly, with their dispatched shapes, where
   // hopper_shapes.h has the head_dim (elsewhere launch_forward / launch_backward).
   bool wgmma = false;
+  // Rows after the last offset, in no block (random inputs there): query rows must get out = 0,
+  // lse = -inf and grad_q = 0, key rows grad_k = grad_v = 0.
+  int tail_q = 0;
+  int tail_k = 0;
+  double scale_factor = 1.0;  // scale = scale_factor / sqrt(head_dim)
 };
 
 // launch_backward, or for a wgmma case the wgmma backward called directly (dQ by atomics, or
@@ -216,6 +223,11 @@ void compare_value(Comparison& cmp, double got, double want) {
   cmp.max_reference = std::max(cmp.max_reference, std::abs(want));
 }
 
+// An element that must be exactly `want`: the rows after the last offset.
+void compare_exact(Comparison& cmp, double got, double want) {
+  if (!(got == want)) cmp.max_error = INFINITY;
+}
+
 template <typename T>
 void check_padding(Comparison& cmp, const Tensor<T>& t) {
   for (size_t i = 0; i < t.data.size(); ++i) {
@@ -239,8 +251,8 @@ double tolerance(double magnitude, bool gradient) {
 }
 
 template <typename T, typename Stored = T>
-void report(const std::string& what, const Comparison& cmp, bool gradient) {
-  const double tol = tolerance<Stored>(cmp.max_reference, gradient);
+void report(const std::string& what, const Comparison& cmp, bool gradient, double factor = 1.0) {
+  const double tol = factor * tolerance<Stored>(cmp.max_reference, gradient);
   const bool ok = cmp.finite && cmp.padding_intact && cmp.max_error <= tol;
   std::printf("  %-4s %-17s max error %.3g (tolerance %.3g, largest value %.3g)%s%s\n",
               ok ? "ok" : "FAIL", what.c_str(), cmp.max_error, tol, cmp.max_reference,
@@ -252,11 +264,16 @@ void report(const std::string& what, const Comparison& cmp, bool gradient) {
 template <typename T>
 void run_case(const Case& c) {
   using A = std::conditional_t<std::is_same_v<T, double>, double, float>;
-  std::printf("%s [%s, head_dim %d%s%s]\n", c.name.c_str(), Element<T>::kName, c.head_dim,
-              c.causal ? ", causal" : "", c.wgmma ? ", wgmma kernels called directly" : "");
+  const std::string tails = c.tail_q + c.tail_k > 0
+                                ? ", rows after the last offset " + std::to_string(c.tail_q) + ":" +
+                                      std::to_string(c.tail_k)
+                                : "";
+  std::printf("%s [%s, head_dim %d%s%s%s]\n", c.name.c_str(), Element<T>::kName, c.head_dim,
+              c.causal ? ", causal" : "", c.wgmma ? ", wgmma kernels called directly" : "",
+              tails.c_str());
   std::mt19937 rng(1234);
   const Blocks blocks = offsets(c);
-  const int seqlen_q = blocks.q.back(), seqlen_k = blocks.k.back();
+  const int seqlen_q = blocks.q.back() + c.tail_q, seqlen_k = blocks.k.back() + c.tail_k;
   const int hq = c.heads_q, hkv = c.heads_kv, dim = c.head_dim;
   Tensor<T> q(c.batch, hq, seqlen_q, dim, c.layout), k(c.batch, hkv, seqlen_k, dim, c.layout),
       v(c.batch, hkv, seqlen_k, dim, c.layout), out(c.batch, hq, seqlen_q, dim, c.layout),
@@ -271,7 +288,7 @@ void run_case(const Case& c) {
       delta(lse.size(), NAN);
   std::normal_distribution<double> normal;
   for (A& g : grad_lse) g = static_cast<A>(0.3 * normal(rng));
-  const double scale = 1.0 / std::sqrt(static_cast<double>(dim));
+  const double scale = c.scale_factor / std::sqrt(static_cast<double>(dim));
 
   BackwardParams p{};
   p.q = q.data.data();
@@ -346,11 +363,20 @@ void run_case(const Case& c) {
           }
         }
       }
+      // Query rows after the last offset see no key.
+      for (int i = blocks.q.back(); i < seqlen_q; ++i) {
+        for (int d = 0; d < dim; ++d) compare_exact(cmp_out, out.value(b, h, i, d), 0.0);
+        compare_exact(cmp_lse, lse[(static_cast<size_t>(b) * hq + h) * seqlen_q + i], -INFINITY);
+      }
     }
   }
   check_padding(cmp_out, out);
-  report<T>("out", cmp_out, false);
-  report<T, A>("lse", cmp_lse, false);  // lse is stored in the accumulator type
+  // A score s carries |s| units of rounding into exp(s - lse), and dK multiplies them by q again:
+  // in float32 / float64, where the rounding of P does not hide them, q of deviation g > 1 widens
+  // the tolerance by g^2.
+  const double peaky = sizeof(T) > 2 ? std::max(c.q_scale * c.q_scale, 1.0) : 1.0;
+  report<T>("out", cmp_out, false, peaky);
+  report<T, A>("lse", cmp_lse, false, peaky);  // lse is stored in the accumulator type
   if (!c.backward) return;
 
   p.grad_out = grad_out.data.data();
@@ -393,15 +419,17 @@ void run_case(const Case& c) {
       for (int h = 0; h < hq; ++h) {
         for (int i = 0; i < seqlen_q; ++i) {
           const auto& want = dq_ref[(static_cast<size_t>(b) * hq + h) * seqlen_q + i];
-          for (int d = 0; d < dim; ++d) compare_value(cmp_dq, grad_q.value(b, h, i, d), want[d]);
+          auto compare = i < blocks.q.back() ? compare_value : compare_exact;
+          for (int d = 0; d < dim; ++d) compare(cmp_dq, grad_q.value(b, h, i, d), want[d]);
         }
       }
       for (int h = 0; h < hkv; ++h) {
         for (int t = 0; t < seqlen_k; ++t) {
           const size_t at = (static_cast<size_t>(b) * hkv + h) * seqlen_k + t;
+          auto compare = t < blocks.k.back() ? compare_value : compare_exact;
           for (int d = 0; d < dim; ++d) {
-            compare_value(cmp_dk, grad_k.value(b, h, t, d), dk_ref[at][d]);
-            compare_value(cmp_dv, grad_v.value(b, h, t, d), dv_ref[at][d]);
+            compare(cmp_dk, grad_k.value(b, h, t, d), dk_ref[at][d]);
+            compare(cmp_dv, grad_v.value(b, h, t, d), dv_ref[at][d]);
           }
         }
       }
@@ -410,9 +438,9 @@ void run_case(const Case& c) {
     check_padding(cmp_dk, grad_k);
     check_padding(cmp_dv, grad_v);
     const std::string path = accumulator_elements ? " (atomic dQ)" : "";
-    report<T>("dq" + path, cmp_dq, true);
-    report<T>("dk" + path, cmp_dk, true);
-    report<T>("dv" + path, cmp_dv, true);
+    report<T>("dq" + path, cmp_dq, true, peaky);
+    report<T>("dk" + path, cmp_dk, true, peaky);
+    report<T>("dv" + path, cmp_dv, true, peaky);
   }
 }
 
@@ -428,47 +456,190 @@ void run_on(const cuda_emulator::DeviceProperties& device, const char* name,
   }
 }
 
-// A problem drawn from rng. The listed cases vary one thing at a time; these meet combinations
-// nobody listed. About half are decoding-shaped: up to 16 queries per block against key blocks of
-// their own.
-std::pair<DType, Case> random_case(std::mt19937& rng, int index) {
-  auto pick = [&](int n) { return static_cast<int>(rng() % static_cast<unsigned>(n)); };
+// The kernel families the random problems take in turn, each on the emulated device and dtypes
+// that select it.
+enum class Family {
+  kSimple,      // float32 / float64: the simple kernels on any device
+  kSimpleHalf,  // float16 / bfloat16 on sm_75: the simple kernels
+  kTensorCore,  // float16 / bfloat16 on sm_86: mma.sync
+  kHopper,      // float16 / bfloat16 on sm_90, as launch_forward / launch_backward pick
+  kWgmma,       // the sm_90 wgmma kernels called directly with their dispatched shapes
+  kDecode,      // blocks of at most 16 queries against longer key blocks: the decoding forward
+};
+constexpr int kFamilies = 6;
+const char* family_name(Family family) {
+  static const char* const kNames[] = {"simple",         "simple, sm_75", "tensor cores",
+                                       "sm_90 dispatch", "wgmma",         "decoding"};
+  return kNames[static_cast<int>(family)];
+}
+
+struct RandomProblem {
+  Family family;
+  DType dtype;
   Case c;
-  c.name = "random problem " + std::to_string(index);
-  const bool decoding = pick(2) == 0;
-  const int blocks = 1 + pick(4);
-  for (int b = 0; b < blocks; ++b) {
-    const int length = pick(decoding ? 17 : 260);
-    c.lengths_q.push_back(length);
-    c.lengths_k.push_back(decoding || pick(3) == 0 ? pick(decoding ? 400 : 260) : length);
+  int device;  // 0: sm_90, 1: sm_86, 2: sm_75
+};
+
+// Draws as tests/test_fuzz.py does: lengths just off the tile sizes, the degenerate ones, short
+// ones and up to 300; blocks cut from a total with some empty and one-row ones.
+class ProblemDraw {
+ public:
+  explicit ProblemDraw(std::mt19937& rng) : rng_(rng) {}
+  int pick(int n) { return static_cast<int>(rng_() % static_cast<unsigned>(n)); }
+  template <typename V, size_t N>
+  V choice(const V (&values)[N]) {
+    return values[pick(static_cast<int>(N))];
   }
-  c.lengths_q[0] = std::max(c.lengths_q[0], 1);  // at least one query and one key in all
-  c.lengths_k[0] = std::max(c.lengths_k[0], 1);
-  c.batch = 1 + pick(2);
-  c.heads_kv = 1 + pick(2);
-  c.heads_q = c.heads_kv * (1 + pick(4));
-  static const int kHeadDims[] = {16, 40, 64, 96, 128, 192, 256};
-  c.head_dim = kHeadDims[pick(7)];
-  c.causal = pick(2) == 0;
-  c.layout = static_cast<Layout>(pick(4));
-  c.grad_lse = pick(2) == 0;
+  double uniform() { return rng_() * 0x1p-32; }  // the same on every standard library
+
+  int length() {
+    static const int kSpecial[] = {0, 1, 2, 63, 64, 65, 127, 128, 129, 255, 257};
+    const double roll = uniform();
+    if (roll < 0.35) return choice(kSpecial);
+    return roll < 0.55 ? pick(17) : pick(301);
+  }
+  // `blocks` consecutive block lengths over `total` rows, some empty or a single row.
+  std::vector<int> cut(int total, int blocks) {
+    std::vector<int> cuts;
+    for (int j = 0; j + 1 < blocks; ++j) {
+      const double roll = uniform();
+      const int previous = cuts.empty() ? 0 : cuts.back();
+      cuts.push_back(roll < 0.15  ? previous
+                     : roll < 0.3 ? std::min(previous + 1, total)
+                                  : pick(total + 1));
+    }
+    std::sort(cuts.begin(), cuts.end());
+    cuts.push_back(total);
+    std::vector<int> lengths;
+    int previous = 0;
+    for (int at : cuts) {
+      lengths.push_back(at - previous);
+      previous = at;
+    }
+    return lengths;
+  }
+
+ private:
+  std::mt19937& rng_;
+};
+
+// The emulator's cost of a problem, in padded multiply-adds: every query head's blocks in whole
+// tiles (64 rows; 128 in the Hopper kernels) over whole 64-column blocks of head_dim, as the
+// backward computes them (it outweighs the decoding forward). The simple kernels' products cost
+// the emulator about three times as much.
+double emulated_work(const Case& c, Family family) {
+  auto round_up = [](int x, int to) { return static_cast<double>((x + to - 1) / to * to); };
+  const int tile = family == Family::kHopper || family == Family::kWgmma ? 128 : 64;
+  double work = 0;
+  for (size_t j = 0; j < c.lengths_q.size(); ++j) {
+    work += round_up(c.lengths_q[j], tile) * round_up(c.lengths_k[j], tile);
+  }
+  const bool simple = family == Family::kSimple || family == Family::kSimpleHalf;
+  return work * c.batch * c.heads_q * round_up(c.head_dim, 64) * (simple ? 3 : 1);
+}
+
+// Problem `index`, drawn from rng, for family index % kFamilies. The listed cases vary one thing
+// at a time; these meet combinations nobody listed.
+RandomProblem random_case(std::mt19937& rng, int index) {
+  ProblemDraw draw(rng);
+  const auto family = static_cast<Family>(index % kFamilies);
+  Case c;
+  c.wgmma = family == Family::kWgmma;
+  static const int kHeadsKv[] = {1, 1, 2, 3};
+  static const int kGroups[] = {1, 1, 2, 4};
+  c.heads_kv = draw.choice(kHeadsKv);
+  c.heads_q = c.heads_kv * draw.choice(kGroups);
+  static const int kBatches[] = {1, 1, 1, 2, 2, 3};
+  c.batch = draw.choice(kBatches);
+  static const int kHeadDims[] = {1, 3, 8, 17, 40, 59, 64, 80, 111, 128, 256};
+  static const int kWgmmaHeadDims[] = {64, 128, 256};  // the wgmma kernels' head dims
+  // Half of the sm_90 dispatch's problems at the Hopper kernels' head dims.
+  const bool hopper_dims = c.wgmma || (family == Family::kHopper && draw.pick(2) == 0);
+  c.head_dim = hopper_dims ? draw.choice(kWgmmaHeadDims) : draw.choice(kHeadDims);
+  // The wgmma kernels need 16-byte aligned rows (launch_forward checks that for its own pick).
+  c.layout = static_cast<Layout>(draw.pick(c.wgmma ? 3 : 4));
+  c.causal = draw.pick(2) == 0;
+  c.grad_lse = draw.pick(2) == 0;
+
+  static const int kBlockCounts[] = {1, 2, 3, 5, 9, 17};
+  const int blocks = draw.choice(kBlockCounts);
+  if (family == Family::kDecode) {
+    // Up to 16 queries per block, key blocks of their own, the longest of at least two tiles.
+    for (int j = 0; j < blocks; ++j) {
+      c.lengths_q.push_back(draw.pick(3) == 0 ? 1 : draw.pick(17));
+      c.lengths_k.push_back(draw.length());
+    }
+    int& longest = *std::max_element(c.lengths_k.begin(), c.lengths_k.end());
+    longest = std::max(longest, 128 + draw.pick(300));
+  } else {
+    c.lengths_q = draw.cut(draw.length(), blocks);
+    // Key blocks of their own (more or fewer keys than queries) for some.
+    c.lengths_k = draw.uniform() < 0.4 ? draw.cut(draw.length(), blocks) : c.lengths_q;
+  }
+  if (draw.uniform() < 0.15) {  // padded to a fixed block count with empty blocks
+    const int padding = 1 + draw.pick(3);
+    c.lengths_q.insert(c.lengths_q.end(), padding, 0);
+    c.lengths_k.insert(c.lengths_k.end(), padding, 0);
+  }
+  // Rows after the last offset.
+  if (draw.pick(3) == 0) c.tail_q = draw.length();
+  if (draw.pick(3) == 0) c.tail_k = draw.length();
+
+  DType dtype = draw.pick(2) == 0 ? DType::kFloat16 : DType::kBFloat16;
+  if (family == Family::kSimple) dtype = draw.pick(2) == 0 ? DType::kFloat32 : DType::kFloat64;
+  if (draw.uniform() < 0.3) {
+    static const double kScales[] = {0.0, -0.5, 0.3, 1.5};
+    c.scale_factor = draw.choice(kScales);
+  }
+  // Peaky scores only in float32 / float64: with float16 / bfloat16 P, one key taking almost all
+  // of a row's weight lets the gradients stray past the half types' tolerance.
+  if (family == Family::kSimple && draw.uniform() < 0.3) c.q_scale = draw.pick(2) == 0 ? 4.0 : 10.0;
+
+  // Shrink the batch, then the query groups, then the heads, then the head dim, until the
+  // emulator's work is a few seconds at most; the lengths are what the draw is after.
+  constexpr double kMaxWork = 4e7;
+  while (emulated_work(c, family) > kMaxWork) {
+    if (c.batch > 1) {
+      --c.batch;
+    } else if (c.heads_q > c.heads_kv) {
+      c.heads_q = c.heads_kv;
+    } else if (c.heads_kv > 1) {
+      c.heads_q = c.heads_kv = 1;
+    } else if (c.head_dim > 64 && !c.wgmma) {
+      c.head_dim = 64;
+    } else {
+      break;
+    }
+  }
+
   auto list = [](const std::vector<int>& values) {
     std::string text;
     for (int v : values) text += (text.empty() ? "" : ",") + std::to_string(v);
     return text;
   };
-  c.name += ": queries " + list(c.lengths_q) + ", keys " + list(c.lengths_k) + ", batch " +
-            std::to_string(c.batch) + ", heads " + std::to_string(c.heads_q) + ":" +
-            std::to_string(c.heads_kv) + ", layout " + std::to_string(static_cast<int>(c.layout)) +
-            (c.grad_lse ? ", lse gradient" : "");
-  return {pick(3) == 0 ? DType::kFloat16 : DType::kBFloat16, c};
+  char scales[64];
+  std::snprintf(scales, sizeof scales, ", scale %g/sqrt(d), q deviation %g", c.scale_factor,
+                c.q_scale);
+  c.name = "random problem " + std::to_string(index) + " (" + family_name(family) + "): queries " +
+           list(c.lengths_q) + ", keys " + list(c.lengths_k) + ", batch " +
+           std::to_string(c.batch) + ", heads " + std::to_string(c.heads_q) + ":" +
+           std::to_string(c.heads_kv) + ", layout " + std::to_string(static_cast<int>(c.layout)) +
+           (c.grad_lse ? ", lse gradient" : "") + scales;
+  // Devices in turn where the family runs on several.
+  const int round = index / kFamilies;
+  const int device = family == Family::kSimple       ? round % 3
+                     : family == Family::kSimpleHalf ? 2
+                     : family == Family::kTensorCore ? 1
+                     : family == Family::kDecode     ? round % 2
+                                                     : 0;
+  return {family, dtype, c, device};
 }
 
 }  // namespace
 
-// Argument: how many random problems to add (default 6), alternately on emulated sm_90 and sm_86.
+// Argument: how many random problems to add (default 12: two for each kernel family, in turn).
 int main(int argc, char** argv) {
-  const int random_cases = argc > 1 ? std::atoi(argv[1]) : 6;
+  const int random_cases = argc > 1 ? std::atoi(argv[1]) : 2 * kFamilies;
   // Lengths sit on both sides of the 32/64/128-row tiles; 0 is an empty block.
   const std::vector<int> ragged = {200, 64, 1, 0, 129};
   Case causal128{"ragged causal, 128-query tiles", ragged, ragged, 1, 2, 2, 128, true};
@@ -585,19 +756,72 @@ int main(int argc, char** argv) {
   decode_large.q_scale = 300.0;
   decode_large.causal = false;
 
+  // Rows after the last offset (packed sequences in a fixed-size buffer): more than the longest
+  // block has, so the last block's CTAs stride over them; after an empty last block in some.
+  Case tail_causal{"rows after the last offset, ragged causal", ragged, ragged, 1, 2, 2, 128, true};
+  tail_causal.tail_q = 300;
+  tail_causal.tail_k = 70;
+  Case tail_separate{"rows after the last offset, separate key blocks, GQA 4:2, rows first",
+                     {100, 64, 0},
+                     {150, 40, 0},
+                     2,
+                     4,
+                     2,
+                     64,
+                     false,
+                     Layout::kRowsFirst};
+  tail_separate.tail_q = 9;
+  tail_separate.tail_k = 260;
+  Case tail_separate_simple = tail_separate;  // the simple kernels take longer to emulate
+  tail_separate_simple.batch = 1;
+  Case tail_dim256{
+      "rows after the last offset, head_dim 256", {150, 33}, {150, 33}, 1, 2, 1, 256, true};
+  tail_dim256.tail_q = 80;
+  tail_dim256.tail_k = 20;
+  Case tail_only{
+      "every block empty: all rows after the last offset", {0, 0}, {0, 0}, 1, 2, 1, 64, true};
+  tail_only.tail_q = 70;
+  tail_only.tail_k = 40;
+  Case tail_simple = simple64;
+  tail_simple.name = "simple kernels, rows after the last offset";
+  tail_simple.tail_q = 50;
+  tail_simple.tail_k = 3;
+  Case tail_simple32 = simple32;
+  tail_simple32.name = "simple kernels, rows after the last query offset only";
+  tail_simple32.tail_q = 40;
+  Case tail_decode{"decoding: rows after the last offset, GQA 4:1",
+                   {1, 2, 1},
+                   {300, 1000, 77},
+                   1,
+                   4,
+                   1,
+                   128,
+                   true,
+                   Layout::kRowsFirst};
+  tail_decode.tail_q = 37;
+  tail_decode.tail_k = 50;
+  Case tail_decode_empty{"decoding: no query in any block", {0, 0}, {200, 0}, 1, 4, 2, 64, true};
+  tail_decode_empty.tail_q = 20;
+  tail_decode_empty.tail_k = 10;
+
   cuda_emulator::DeviceProperties sm90;  // 227 KiB of shared memory per CTA
-  run_on(sm90, "sm_90", {{DType::kBFloat16, causal128},       {DType::kFloat16, causal128},
-                         {DType::kBFloat16, long_causal},     {DType::kBFloat16, gqa64},
-                         {DType::kFloat16, causal_gqa64},     {DType::kBFloat16, separate},
-                         {DType::kBFloat16, short_blocks},    {DType::kFloat16, mqa},
-                         {DType::kFloat16, odd_dim},          {DType::kBFloat16, dim59},
-                         {DType::kBFloat16, dim96},           {DType::kBFloat16, dim256},
-                         {DType::kFloat16, dim192},           {DType::kFloat32, simple64},
-                         {DType::kFloat64, simple32},         {DType::kFloat16, large_scores},
-                         {DType::kBFloat16, decode_split},    {DType::kFloat16, decode_ragged},
-                         {DType::kBFloat16, decode_straddle}, {DType::kFloat16, decode_unaligned},
-                         {DType::kBFloat16, decode_wide},     {DType::kBFloat16, decode_one_split},
-                         {DType::kBFloat16, decode_large},    {DType::kFloat16, decode_padded}});
+  run_on(sm90, "sm_90",
+         {{DType::kBFloat16, causal128},       {DType::kFloat16, causal128},
+          {DType::kBFloat16, long_causal},     {DType::kBFloat16, gqa64},
+          {DType::kFloat16, causal_gqa64},     {DType::kBFloat16, separate},
+          {DType::kBFloat16, short_blocks},    {DType::kFloat16, mqa},
+          {DType::kFloat16, odd_dim},          {DType::kBFloat16, dim59},
+          {DType::kBFloat16, dim96},           {DType::kBFloat16, dim256},
+          {DType::kFloat16, dim192},           {DType::kFloat32, simple64},
+          {DType::kFloat64, simple32},         {DType::kFloat16, large_scores},
+          {DType::kBFloat16, decode_split},    {DType::kFloat16, decode_ragged},
+          {DType::kBFloat16, decode_straddle}, {DType::kFloat16, decode_unaligned},
+          {DType::kBFloat16, decode_wide},     {DType::kBFloat16, decode_one_split},
+          {DType::kBFloat16, decode_large},    {DType::kFloat16, decode_padded},
+          {DType::kBFloat16, tail_causal},     {DType::kBFloat16, tail_separate},
+          {DType::kBFloat16, tail_dim256},     {DType::kBFloat16, tail_only},
+          {DType::kFloat32, tail_simple},      {DType::kFloat64, tail_simple32},
+          {DType::kBFloat16, tail_decode},     {DType::kFloat16, tail_decode_empty}});
   // The wgmma forward and backward called directly with their dispatched shapes (the probe's
   // cases; launch_forward / launch_backward above pick them only for some of these problems):
   // bf16, fp16 for the causal ones, head_dim 64 (backward) and 256 (forward) for some.
@@ -635,6 +859,20 @@ int main(int argc, char** argv) {
       wgmma_cases.push_back({DType::kBFloat16, wide_dim});
     }
   }
+  for (const int head_dim : {64, 128, 256}) {
+    Case c{"wgmma: ragged causal, Lq != Lk, rows after the last offset",
+           {64, 129, 0},
+           {130, 20, 5},
+           1,
+           2,
+           1,
+           head_dim,
+           true};
+    c.wgmma = true;
+    c.tail_q = 150;
+    c.tail_k = 90;
+    wgmma_cases.push_back({head_dim == 128 ? DType::kFloat16 : DType::kBFloat16, c});
+  }
   run_on(sm90, "sm_90", wgmma_cases);
 
   cuda_emulator::DeviceProperties sm86{8, 6, 99 * 1024};  // the dQ kernel keeps one row group
@@ -645,22 +883,31 @@ int main(int argc, char** argv) {
           {DType::kFloat16, decode_straddle},
           {DType::kBFloat16, decode_wide},
           {DType::kFloat16, dim256},
-          {DType::kBFloat16, dim192}});
+          {DType::kBFloat16, dim192},
+          {DType::kBFloat16, tail_causal},
+          {DType::kFloat16, tail_separate},
+          {DType::kFloat16, tail_dim256},
+          {DType::kFloat16, tail_decode},
+          {DType::kBFloat16, tail_decode_empty}});
   cuda_emulator::DeviceProperties sm75{7, 5, 64 * 1024};  // no tensor-core kernels
-  run_on(sm75, "sm_75", {{DType::kFloat16, causal_gqa64}, {DType::kBFloat16, mqa}});
+  run_on(sm75, "sm_75",
+         {{DType::kFloat16, causal_gqa64},
+          {DType::kBFloat16, mqa},
+          {DType::kFloat16, tail_separate_simple},
+          {DType::kBFloat16, tail_only}});
 
+  const std::pair<const char*, cuda_emulator::DeviceProperties> devices[] = {
+      {"sm_90", sm90}, {"sm_86", sm86}, {"sm_75", sm75}};
   std::mt19937 problem_rng(20261124);
   for (int i = 0; i < random_cases; ++i) {
-    const auto problem = random_case(problem_rng, i);
-    if (i % 2 == 0) {
-      run_on(sm90, "sm_90", {problem});
-    } else {
-      run_on(sm86, "sm_86", {problem});
-    }
+    const RandomProblem problem = random_case(problem_rng, i);
+    const auto& [name, device] = devices[problem.device];
+    run_on(device, name, {{problem.dtype, problem.c}});
   }
 
   failures += block_attn::emulated_test::check_offsets_outside_contract();
   failures += block_attn::emulated_test::check_kernel_paths();
+  failures += block_attn::emulated_test::check_long_rows();
 
   std::printf("%s: %d failure(s)\n", failures ? "FAILED" : "passed", failures);
   return failures ? 1 : 0;

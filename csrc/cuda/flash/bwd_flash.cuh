@@ -63,8 +63,9 @@ __device__ __forceinline__ void stage_row_statistics(const BackwardParams& param
 }
 
 // kAtomicDq: also adds each tile's dS K into dq_accumulator ((batch, heads_q, seqlen_q, head_dim)
-// float32, zeroed), with atomics.
-template <typename Traits, typename T, bool kIsCausal, bool kAtomicDq>
+// float32, zeroed), with atomics. kLongRows: more than kMaxKeysPerAccumulator queries of the
+// group's heads may see a key; dK and dV sum chunks of at most that many apart and add them up.
+template <typename Traits, typename T, bool kIsCausal, bool kAtomicDq, bool kLongRows>
 __global__ void __launch_bounds__(Traits::kThreads)
     dkdv_flash_kernel(const BackwardParams params, const float* delta, float* dq_accumulator,
                       const bool vectorized) {
@@ -76,9 +77,18 @@ __global__ void __launch_bounds__(Traits::kThreads)
   static_assert(Traits::kWarpColumns <= 128, "dK and dV (128 floats a thread at most)");
 
   const KeyTile tile = key_tile(params, kBlockN);
+  // This CTA's share of the rows after the last block (tail_begin): at once where it has no
+  // rows of its own, else after them.
+  auto write_tail = [&] {
+    zero_grad_kv_tail<T>(params, tail_begin(params, tile.block, tile.kr, params.seqlen_k),
+                         tile.batch, tile.head_kv, tile.tile, gridDim.x);
+  };
   const BlockRange qr = tile.qr, kr = tile.kr;
   const int n0 = tile.n0;
-  if (n0 >= kr.length) return;
+  if (n0 >= kr.length) {
+    write_tail();
+    return;
+  }
   const int batch = tile.batch;
   const int head_kv = tile.head_kv;
   const int group = params.heads_q / params.heads_kv;
@@ -108,10 +118,11 @@ __global__ void __launch_bounds__(Traits::kThreads)
   load_tile_async<Traits, kBlockN>(sK, k, params.k_row_stride, n0, kr.length, head_dim, vectorized);
   load_tile_async<Traits, kBlockN>(sV, v, params.v_row_stride, n0, kr.length, head_dim, vectorized);
 
-  // Query tiles that may see a key of this tile, for each query head of the group.
-  const int m_begin = kIsCausal ? causal_query_begin(n0, qr.length, kr.length) : 0;
+  // Query tiles that may see a key of this tile, for each query head of the group. They start
+  // at a multiple of kBlockM, so that no row index of a tile passes INT32_MAX.
+  const int m_begin =
+      kIsCausal ? causal_query_begin(n0, qr.length, kr.length) / kBlockM * kBlockM : 0;
   const int m_tiles = ceil_div(qr.length - m_begin, kBlockM);
-  const int iterations = group * m_tiles;
   constexpr float kLog2e = 1.4426950408889634f;
 
   auto load_query_tile = [&](int head, int m0, int buf) {
@@ -129,7 +140,10 @@ __global__ void __launch_bounds__(Traits::kThreads)
   // Tiles run head by head, m_tiles per head; (tile_head, tile_m0) is the one computed next.
   int tile_head = head_kv * group;
   int tile_m0 = m_begin;
-  if (iterations > 0) load_query_tile(tile_head, tile_m0, 0);
+  // Past the group's last head: done (no count of group * m_tiles tiles, which may pass
+  // INT32_MAX).
+  const int head_end = m_tiles > 0 ? tile_head + group : tile_head;
+  if (tile_head < head_end) load_query_tile(tile_head, tile_m0, 0);
   cp_async_commit();
 
   const float scale_log2 = params.scale * kLog2e;
@@ -138,25 +152,33 @@ __global__ void __launch_bounds__(Traits::kThreads)
   float dv[kColumns / 8][4];
   zero_fragments(dk);
   zero_fragments(dv);
+  [[maybe_unused]] float total_dk[kColumns / 8][4];
+  [[maybe_unused]] float total_dv[kColumns / 8][4];
+  if constexpr (kLongRows) {
+    zero_fragments(total_dk);
+    zero_fragments(total_dv);
+  }
   const T* sK_warp = sK + key_group * 16 * kStride;
   const T* sV_warp = sV + key_group * 16 * kStride;
 
-  for (int it = 0; it < iterations; ++it) {
-    const int buf = it % 2;
+  [[maybe_unused]] int tiles_summed = 0;  // since the last fold (long rows)
+  for (int buf = 0; tile_head < head_end; buf ^= 1) {
     cp_async_wait_all();
-    __syncthreads();  // tile `it` is in; every warp is done with the other buffer
+    __syncthreads();  // this tile is in; every warp is done with the other buffer
     const int m0 = tile_m0;
     [[maybe_unused]] const int head = tile_head;
-    tile_m0 += kBlockM;  // the next tile, without a division per iteration
-    if (tile_m0 >= qr.length) {
+    // The next tile, without a division per iteration (nor tile_m0 + kBlockM past INT32_MAX).
+    if (tile_m0 >= qr.length - kBlockM) {
       tile_m0 = m_begin;
       ++tile_head;
+    } else {
+      tile_m0 += kBlockM;
     }
-    if (it + 1 < iterations) load_query_tile(tile_head, tile_m0, buf ^ 1);
+    if (tile_head < head_end) load_query_tile(tile_head, tile_m0, buf ^ 1);
     cp_async_commit();
 
-    const bool needs_mask = m0 + kBlockM > qr.length ||
-                            (kIsCausal && n0 + kBlockN > causal_key_end(m0, qr.length, kr.length));
+    const bool needs_mask = m0 > qr.length - kBlockM ||
+                            (kIsCausal && n0 > causal_key_end(m0, qr.length, kr.length) - kBlockN);
     // P^T = exp(S^T - lse) into s and dS^T = P^T (dP^T - Delta) into dp, in place, for the
     // warp's 16 keys and the tile's queries q0, q0 + 1, ...; masked pairs get 0.
     auto probabilities = [&](auto mask_tag, auto& s, auto& dp, int q0) {
@@ -261,6 +283,19 @@ __global__ void __launch_bounds__(Traits::kThreads)
         }
       }
     }
+    if constexpr (kLongRows) {
+      if (++tiles_summed == tiles_per_accumulator(kBlockM)) {
+        add_fragments(total_dk, dk);
+        add_fragments(total_dv, dv);
+        tiles_summed = 0;
+      }
+    }
+  }
+  if constexpr (kLongRows) {
+    add_fragments(total_dk, dk);
+    add_fragments(total_dv, dv);
+    add_fragments(dk, total_dk);
+    add_fragments(dv, total_dv);
   }
 
   cp_async_wait_all();
@@ -276,13 +311,16 @@ __global__ void __launch_bounds__(Traits::kThreads)
                               vectorized);
   store_tile<Traits, kBlockN>(grad_v, params.grad_v_row_stride, sV, n0, kr.length, head_dim,
                               vectorized);
+  write_tail();
 #endif
 }
 
 // dQ: a CTA owns kBlockOwn queries; with two row groups per warp every K and V fragment read
 // from shared memory feeds two products. Query tiles run costliest first (grid_tile): the last,
 // under a causal mask.
-template <typename Traits, typename T, bool kIsCausal>
+// kLongRows: blocks may have more than kMaxKeysPerAccumulator keys; dQ sums chunks of at most
+// that many apart and adds them up.
+template <typename Traits, typename T, bool kIsCausal, bool kLongRows>
 __global__ void __launch_bounds__(Traits::kThreads)
     dq_flash_kernel(const BackwardParams params, const float* delta, const bool vectorized) {
 #ifdef BLOCK_ATTN_SM80_OR_NEWER
@@ -295,7 +333,16 @@ __global__ void __launch_bounds__(Traits::kThreads)
   constexpr int kStride = Traits::kSmemStride;
 
   const QueryTile tile = query_tile(params, kBlockM);
-  if (tile.m0 >= tile.qr.length) return;
+  // This CTA's share of the rows after the last block (tail_begin): at once where it has no
+  // rows of its own, else after them.
+  auto write_tail = [&] {
+    zero_grad_q_tail<T>(params, tail_begin(params, tile.block, tile.qr, params.seqlen_q),
+                        tile.batch, tile.head, tile.tile, gridDim.x);
+  };
+  if (tile.m0 >= tile.qr.length) {
+    write_tail();
+    return;
+  }
   const BlockRange qr = tile.qr, kr = tile.kr;
   const int m0 = tile.m0, batch = tile.batch, head = tile.head, head_kv = tile.head_kv;
   const int warp = threadIdx.x / 32;
@@ -345,6 +392,8 @@ __global__ void __launch_bounds__(Traits::kThreads)
     }
   }
   zero_fragments(dq);
+  [[maybe_unused]] float total_dq[kRowGroups][kHeadDim / 8][4];
+  if constexpr (kLongRows) zero_fragments(total_dq);
   const T* sQ_warp = sQ + warp_row0 * kStride;
   const T* sdO_warp = sdO + warp_row0 * kStride;
 
@@ -392,11 +441,18 @@ __global__ void __launch_bounds__(Traits::kThreads)
       }
       warp_gemm_pb<T, kBlockN, kHeadDim, kStride, kRowGroups>(dq, s, (sK + buf * kTile), lane);
     };
-    if (n0 + kBlockN > unmasked_end) {
+    if (n0 > unmasked_end - kBlockN) {
       accumulate_tile(std::true_type{});
     } else {
       accumulate_tile(std::false_type{});
     }
+    if constexpr (kLongRows) {
+      if ((j + 1) % tiles_per_accumulator(kBlockN) == 0) add_fragments(total_dq, dq);
+    }
+  }
+  if constexpr (kLongRows) {
+    add_fragments(total_dq, dq);
+    add_fragments(dq, total_dq);
   }
 
   cp_async_wait_all();
@@ -407,6 +463,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
   T* grad_q = grad_q_rows<T>(params, batch, head, qr.start);
   store_tile<Traits, kBlockM>(grad_q, params.grad_q_row_stride, sQ, m0, qr.length, head_dim,
                               vectorized);
+  write_tail();
 #endif
 }
 
@@ -456,10 +513,17 @@ cudaError_t allow_shared_bytes(Kernel kernel, int bytes) {
 template <typename T, typename Traits, bool kIsCausal>
 cudaError_t launch_dq_flash(const BackwardParams& params, const float* delta, bool vectorized,
                             cudaStream_t stream) {
-  const dim3 grid(ceil_div(params.max_seqlen_q, Traits::kBlockOwn), params.num_blocks,
-                  params.batch * params.heads_q);
+  const dim3 grid(tiles_with_tail(params.max_seqlen_q, params.seqlen_q, Traits::kBlockOwn),
+                  params.num_blocks, params.batch * params.heads_q);
   if (grid.x == 0 || grid.y == 0 || grid.z == 0) return cudaSuccess;
-  auto kernel = dq_flash_kernel<Traits, T, kIsCausal>;
+  auto kernel = dq_flash_kernel<Traits, T, kIsCausal, false>;
+  // Long key blocks take one row group (run_bwd_flash_tiles), which leaves registers for the
+  // second accumulator.
+  if constexpr (Traits::kRowGroups == 1) {
+    if (params.max_seqlen_k > kMaxKeysPerAccumulator) {
+      kernel = dq_flash_kernel<Traits, T, kIsCausal, true>;
+    }
+  }
   cudaError_t err = allow_shared_bytes(kernel, Traits::kSharedBytes);
   if (err != cudaSuccess) return err;
   return launch_kernel(kernel, grid, Traits::kThreads, Traits::kSharedBytes, stream, params, delta,
@@ -469,12 +533,15 @@ cudaError_t launch_dq_flash(const BackwardParams& params, const float* delta, bo
 template <typename T, typename Traits, bool kIsCausal>
 cudaError_t launch_dkdv_flash(const BackwardParams& params, const float* delta,
                               float* dq_accumulator, bool vectorized, cudaStream_t stream) {
-  const dim3 grid(ceil_div(params.max_seqlen_k, Traits::kBlockOwn), params.num_blocks,
-                  params.batch * params.heads_kv);
+  const dim3 grid(tiles_with_tail(params.max_seqlen_k, params.seqlen_k, Traits::kBlockOwn),
+                  params.num_blocks, params.batch * params.heads_kv);
   if (grid.x == 0 || grid.y == 0 || grid.z == 0) return cudaSuccess;
   const bool atomic_dq = dq_accumulator != nullptr;
-  auto kernel = atomic_dq ? dkdv_flash_kernel<Traits, T, kIsCausal, true>
-                          : dkdv_flash_kernel<Traits, T, kIsCausal, false>;
+  const bool long_rows = long_query_rows(params);
+  auto kernel = atomic_dq ? (long_rows ? dkdv_flash_kernel<Traits, T, kIsCausal, true, true>
+                                       : dkdv_flash_kernel<Traits, T, kIsCausal, true, false>)
+                          : (long_rows ? dkdv_flash_kernel<Traits, T, kIsCausal, false, true>
+                                       : dkdv_flash_kernel<Traits, T, kIsCausal, false, false>);
   const int shared_bytes = Traits::dkdv_shared_bytes(atomic_dq);
   cudaError_t err = allow_shared_bytes(kernel, shared_bytes);
   if (err != cudaSuccess) return err;
@@ -496,7 +563,8 @@ cudaError_t run_bwd_flash_tiles(const BackwardParams& params, float* delta, floa
   if (err != cudaSuccess) return err;
   if (dq_accumulator != nullptr) return launch_dq_convert<T>(params, dq_accumulator, stream);
   if constexpr (!std::is_void_v<DqTwo>) {
-    if (params.max_seqlen_q > 64 && DqTwo::kSharedBytes <= max_shared_bytes) {
+    if (params.max_seqlen_q > 64 && DqTwo::kSharedBytes <= max_shared_bytes &&
+        params.max_seqlen_k <= kMaxKeysPerAccumulator) {
       return launch_dq_flash<T, DqTwo, kIsCausal>(params, delta, vectorized, stream);
     }
   }

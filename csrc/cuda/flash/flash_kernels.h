@@ -17,10 +17,12 @@ constexpr int kDecodeLanes = 16;
 constexpr int kDecodeKeyTile = 64;
 
 // Query tiles of the decoding forward per (block, kv head): the longest block's rows times the
-// query heads that share a kv head, 16 to a tile.
+// query heads that share a kv head, 16 to a tile; at least one, whose CTAs of the last block
+// write the rows after it even where every block is empty.
 inline int decode_lane_tiles(const ForwardParams& params) {
   const int groups = params.heads_q / params.heads_kv;
-  return (params.max_seqlen_q * groups + kDecodeLanes - 1) / kDecodeLanes;
+  const int rows = params.max_seqlen_q > 0 ? params.max_seqlen_q : 1;
+  return (rows * groups + kDecodeLanes - 1) / kDecodeLanes;
 }
 
 // The forward for blocks of few queries against long key blocks (decoding against per-sequence

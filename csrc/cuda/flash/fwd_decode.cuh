@@ -153,7 +153,18 @@ __global__ void __launch_bounds__(Traits::kThreads)
   // The block's query rows with a lane in this tile.
   const int first_row = tile.lane0 / tile.groups;
   const int last_row = min((tile.lane0 + kLanes - 1) / tile.groups, qr.length - 1);
-  if (last_row < first_row) return;
+  // This CTA's share of the rows after the last block (tail_begin): at once where it has no
+  // rows of its own, else after them.
+  auto write_tail = [&] {
+    if (tile.split == 0) {  // the first split's CTAs of the last block write the rows after it
+      write_query_tail<T>(params, tail_begin(params, blockIdx.y, qr, params.seqlen_q), tile.batch,
+                          tile.head_kv * tile.groups, tile.groups, tile.lane0 / kLanes, lane_tiles);
+    }
+  };
+  if (last_row < first_row) {
+    write_tail();
+    return;
+  }
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   const int group_row = lane / 4;  // rows of the mma fragments: group_row and group_row + 8
@@ -303,6 +314,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
       for (int e = 0; e < 8 && c + e < head_dim; ++e) dst[e] = o[e];
     }
   }
+  write_tail();
 #endif
 }
 
@@ -347,6 +359,7 @@ cudaError_t run_fwd_decode(const ForwardParams& params, int splits, float* split
   using Traits = DecodeFwdTraits<kHeadDim>;
   const int lane_tiles = decode_lane_tiles(params);
   if (splits < 1 || (splits > 1 && split_partials == nullptr)) return cudaErrorInvalidValue;
+  if (static_cast<int64_t>(splits) * lane_tiles > INT32_MAX) return cudaErrorInvalidValue;
   const dim3 grid(splits * lane_tiles, params.num_blocks, params.batch * params.heads_kv);
   if (grid.x == 0 || grid.y == 0 || grid.z == 0) return cudaSuccess;
   const bool vectorized = rows_are_16_byte_aligned(params);

@@ -45,7 +45,9 @@ struct FlashFwdTraits {
   static_assert(kRowGroups * kHeadDim <= 256, "O would not fit in registers");
 };
 
-template <typename Traits, typename T, bool kIsCausal>
+// kLongRows: rows may see more than kMaxKeysPerAccumulator keys; each chunk of that many is summed
+// apart and folded into a second accumulator, so no float sum takes more terms.
+template <typename Traits, typename T, bool kIsCausal, bool kLongRows>
 __global__ void __launch_bounds__(Traits::kThreads)
     fwd_flash_kernel(const ForwardParams params, const bool vectorized) {
 #ifdef BLOCK_ATTN_SM80_OR_NEWER
@@ -58,7 +60,16 @@ __global__ void __launch_bounds__(Traits::kThreads)
   constexpr int kNBlocksO = kHeadDim / 8;  // 8-column mma tiles of O
 
   const QueryTile tile = query_tile(params, kBlockM);
-  if (tile.m0 >= tile.qr.length) return;
+  // This CTA's share of the rows after the last block (tail_begin): at once where it has no
+  // rows of its own, else after them.
+  auto write_tail = [&] {
+    write_query_tail<T>(params, tail_begin(params, tile.block, tile.qr, params.seqlen_q),
+                        tile.batch, tile.head, 1, tile.tile, gridDim.x);
+  };
+  if (tile.m0 >= tile.qr.length) {
+    write_tail();
+    return;
+  }
   const BlockRange qr = tile.qr, kr = tile.kr;
   const int m0 = tile.m0, batch = tile.batch, head = tile.head, head_kv = tile.head_kv;
   const int warp = threadIdx.x / 32;
@@ -91,6 +102,40 @@ __global__ void __launch_bounds__(Traits::kThreads)
   for (int g = 0; g < kRowGroups; ++g) {
     row_max[g][0] = row_max[g][1] = -INFINITY;
     row_sum[g][0] = row_sum[g][1] = 0.f;
+  }
+
+  // The chunks summed so far, relative to their row maxima total_max (long rows only).
+  [[maybe_unused]] float total_o[kRowGroups][kNBlocksO][4];
+  [[maybe_unused]] float total_max[kRowGroups][2];
+  [[maybe_unused]] float total_sum[kRowGroups][2];
+  auto fold = [&] {
+#pragma unroll
+    for (int g = 0; g < kRowGroups; ++g) {
+#pragma unroll
+      for (int rr = 0; rr < 2; ++rr) {
+        const float m_use = row_max[g][rr] == -INFINITY ? 0.f : row_max[g][rr];
+        const float beta = fast_exp2(total_max[g][rr] - m_use);
+        total_sum[g][rr] = total_sum[g][rr] * beta + row_sum[g][rr];
+        total_max[g][rr] = row_max[g][rr];
+        row_sum[g][rr] = 0.f;
+#pragma unroll
+        for (int d = 0; d < kNBlocksO; ++d) {
+#pragma unroll
+          for (int e = 2 * rr; e < 2 * rr + 2; ++e) {
+            total_o[g][d][e] = total_o[g][d][e] * beta + acc_o[g][d][e];
+            acc_o[g][d][e] = 0.f;
+          }
+        }
+      }
+    }
+  };
+  if constexpr (kLongRows) {
+    zero_fragments(total_o);
+#pragma unroll
+    for (int g = 0; g < kRowGroups; ++g) {
+      total_max[g][0] = total_max[g][1] = -INFINITY;
+      total_sum[g][0] = total_sum[g][1] = 0.f;
+    }
   }
 
   load_tile_async<Traits, kBlockM>(sQ, q, params.q_row_stride, m0, qr.length, head_dim, vectorized);
@@ -144,6 +189,9 @@ __global__ void __launch_bounds__(Traits::kThreads)
 
     // O += P V: the S accumulators of two adjacent 8-key tiles form one 16-key A fragment.
     warp_gemm_pb<T, kBlockN, kHeadDim, kStride, kRowGroups>(acc_o, s, sV, lane);
+    if constexpr (kLongRows) {
+      if ((j + 1) % tiles_per_accumulator(kBlockN) == 0) fold();
+    }
   };
 
   // Tiles below unmasked_end need no mask; the rest (the diagonal, the block's end) do.
@@ -151,6 +199,22 @@ __global__ void __launch_bounds__(Traits::kThreads)
   int j = 0;
   for (; j < unmasked_tiles; ++j) process_key_tile(j, std::false_type{});
   for (; j < n_tiles; ++j) process_key_tile(j, std::true_type{});
+  if constexpr (kLongRows) {
+    fold();
+#pragma unroll
+    for (int g = 0; g < kRowGroups; ++g) {
+#pragma unroll
+      for (int rr = 0; rr < 2; ++rr) {
+        row_max[g][rr] = total_max[g][rr];
+        row_sum[g][rr] = total_sum[g][rr];
+      }
+#pragma unroll
+      for (int d = 0; d < kNBlocksO; ++d) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc_o[g][d][e] = total_o[g][d][e];
+      }
+    }
+  }
 
   cp_async_wait_all();
   __syncthreads();  // all loads landed and all warps are done with shared memory
@@ -182,16 +246,17 @@ __global__ void __launch_bounds__(Traits::kThreads)
 
   T* out = out_rows<T>(params, batch, head, qr.start);
   store_tile<Traits, kBlockM>(out, params.out_row_stride, sO, m0, qr.length, head_dim, vectorized);
+  write_tail();
 #endif
 }
 
-template <typename T, int kHeadDim, bool kIsCausal, int kRowGroups>
+template <typename T, int kHeadDim, bool kIsCausal, int kRowGroups, bool kLongRows>
 cudaError_t launch_fwd_flash_kernel(const ForwardParams& params, cudaStream_t stream) {
   using Traits = FlashFwdTraits<kHeadDim, kRowGroups>;
-  const dim3 grid(ceil_div(params.max_seqlen_q, Traits::kBlockM), params.num_blocks,
-                  params.batch * params.heads_q);
+  const dim3 grid(tiles_with_tail(params.max_seqlen_q, params.seqlen_q, Traits::kBlockM),
+                  params.num_blocks, params.batch * params.heads_q);
   if (grid.x == 0 || grid.y == 0 || grid.z == 0) return cudaSuccess;
-  auto kernel = fwd_flash_kernel<Traits, T, kIsCausal>;
+  auto kernel = fwd_flash_kernel<Traits, T, kIsCausal, kLongRows>;
   if (Traits::kSharedBytes > 48 * 1024) {
     const cudaError_t err = cudaFuncSetAttribute(
         kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Traits::kSharedBytes);
@@ -203,14 +268,19 @@ cudaError_t launch_fwd_flash_kernel(const ForwardParams& params, cudaStream_t st
 
 // 128-row tiles (two row groups per warp) unless every block has at most 64 queries, where
 // half of such a tile would idle, or head_dim is 256, where O fits in registers only once.
+// Blocks of more than kMaxKeysPerAccumulator keys take 64-row tiles, which leave registers for
+// the second accumulator.
 template <typename T, int kHeadDim, bool kIsCausal>
 cudaError_t run_fwd_flash(const ForwardParams& params, cudaStream_t stream) {
+  if (params.max_seqlen_k > kMaxKeysPerAccumulator) {
+    return launch_fwd_flash_kernel<T, kHeadDim, kIsCausal, 1, true>(params, stream);
+  }
   if constexpr (kHeadDim <= 128) {
     if (params.max_seqlen_q > 64) {
-      return launch_fwd_flash_kernel<T, kHeadDim, kIsCausal, 2>(params, stream);
+      return launch_fwd_flash_kernel<T, kHeadDim, kIsCausal, 2, false>(params, stream);
     }
   }
-  return launch_fwd_flash_kernel<T, kHeadDim, kIsCausal, 1>(params, stream);
+  return launch_fwd_flash_kernel<T, kHeadDim, kIsCausal, 1, false>(params, stream);
 }
 
 }  // namespace block_attn::cuda

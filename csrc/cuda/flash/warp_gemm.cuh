@@ -19,6 +19,24 @@ __device__ __forceinline__ void zero_fragments(float (&acc)[kGroups][kN][4]) {
 #pragma unroll
   for (int g = 0; g < kGroups; ++g) zero_fragments(acc[g]);
 }
+// total += part, then part = 0: a chunk's sums folded into the running total (long rows).
+template <int kN>
+__device__ __forceinline__ void add_fragments(float (&total)[kN][4], float (&part)[kN][4]) {
+#pragma unroll
+  for (int n = 0; n < kN; ++n) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      total[n][e] += part[n][e];
+      part[n][e] = 0.f;
+    }
+  }
+}
+template <int kGroups, int kN>
+__device__ __forceinline__ void add_fragments(float (&total)[kGroups][kN][4],
+                                              float (&part)[kGroups][kN][4]) {
+#pragma unroll
+  for (int g = 0; g < kGroups; ++g) add_fragments(total[g], part[g]);
+}
 
 // acc[g] (16 x kN) += A_g B^T, with A_g rows [16 g, 16 g + 16) of a [row][k] shared tile starting
 // at sA and B the first kN rows of another [row][k] shared tile; k runs over kK columns.

@@ -66,8 +66,10 @@ struct WgmmaBwdTraits {
 };
 
 // kAtomicDq: also adds each tile's dS K into dq_accumulator ((batch, heads_q, seqlen_q, head_dim)
-// float32, zeroed) with atomics; without it dQ is left to dq_wgmma_kernel.
-template <typename Traits, typename T, bool kIsCausal, bool kAtomicDq>
+// float32, zeroed) with atomics; without it dQ is left to dq_wgmma_kernel. kLongRows: more than
+// kMaxKeysPerAccumulator queries of the group's heads may see a key; dK and dV sum chunks of at
+// most that many apart and add them up.
+template <typename Traits, typename T, bool kIsCausal, bool kAtomicDq, bool kLongRows>
 __global__ void __launch_bounds__(Traits::kThreads)
     dkdv_wgmma_kernel(const BackwardParams params, const float* delta, float* dq_accumulator) {
 #ifdef BLOCK_ATTN_WGMMA
@@ -78,9 +80,18 @@ __global__ void __launch_bounds__(Traits::kThreads)
   constexpr int kQueryTileBytes = Traits::kQueryTileBytes;
 
   const KeyTile tile = key_tile(params, kBlockN);
+  // This CTA's share of the rows after the last block (tail_begin): at once where it has no
+  // rows of its own, else after them.
+  auto write_tail = [&] {
+    zero_grad_kv_tail<T>(params, tail_begin(params, tile.block, tile.kr, params.seqlen_k),
+                         tile.batch, tile.head_kv, tile.tile, gridDim.x);
+  };
   const BlockRange qr = tile.qr, kr = tile.kr;
   const int n0 = tile.n0;
-  if (n0 >= kr.length) return;
+  if (n0 >= kr.length) {
+    write_tail();
+    return;
+  }
   const int batch = tile.batch;
   const int head_kv = tile.head_kv;
   const int group = params.heads_q / params.heads_kv;
@@ -109,9 +120,10 @@ __global__ void __launch_bounds__(Traits::kThreads)
   load_tile_swizzled<kBlockN, kHeadDim, kThreads>(sV, v, params.v_row_stride, n0, kr.length);
 
   // Query tiles that may see a key of this CTA, for each query head of the group.
-  const int m_begin = kIsCausal ? causal_query_begin(n0, qr.length, kr.length) : 0;
+  // They start at a multiple of kBlockM, so that no row index of a tile passes INT32_MAX.
+  const int m_begin =
+      kIsCausal ? causal_query_begin(n0, qr.length, kr.length) / kBlockM * kBlockM : 0;
   const int m_tiles = ceil_div(qr.length - m_begin, kBlockM);
-  const int iterations = group * m_tiles;
   constexpr float kLog2e = 1.4426950408889634f;
 
   auto load_query_tile = [&](int head, int m0, int buf) {
@@ -129,7 +141,10 @@ __global__ void __launch_bounds__(Traits::kThreads)
   // Tiles run head by head, m_tiles per head; (tile_head, tile_m0) is the one computed next.
   int tile_head = head_kv * group;
   int tile_m0 = m_begin;
-  if (iterations > 0) load_query_tile(tile_head, tile_m0, 0);
+  // Past the group's last head: done (no count of group * m_tiles tiles, which may pass
+  // INT32_MAX).
+  const int head_end = m_tiles > 0 ? tile_head + group : tile_head;
+  if (tile_head < head_end) load_query_tile(tile_head, tile_m0, 0);
   cp_async_commit();
 
   const float scale_log2 = params.scale * kLog2e;
@@ -146,17 +161,43 @@ __global__ void __launch_bounds__(Traits::kThreads)
   // This warpgroup's 64 rows of each column block of K and V.
   const int own_rows = warpgroup * 64 * 128;
 
-  for (int it = 0; it < iterations; ++it) {
-    const int buf = it % 2;
-    wait_tiles_for_wgmma();  // tile `it` is in; every thread is done with the other buffer and dS^T
+  [[maybe_unused]] float total_dk[kColumnBlocks][32];
+  [[maybe_unused]] float total_dv[kColumnBlocks][32];
+  // Adds dK and dV to their totals and restarts them, where no wgmma is in flight.
+  auto fold = [&] {
+    fence_operands(dk);
+    fence_operands(dv);
+#pragma unroll
+    for (int h = 0; h < kColumnBlocks; ++h) {
+#pragma unroll
+      for (int i = 0; i < 32; ++i) {
+        total_dk[h][i] += dk[h][i];
+        total_dv[h][i] += dv[h][i];
+        dk[h][i] = dv[h][i] = 0.f;
+      }
+    }
+  };
+  if constexpr (kLongRows) {
+#pragma unroll
+    for (int h = 0; h < kColumnBlocks; ++h) {
+#pragma unroll
+      for (int i = 0; i < 32; ++i) total_dk[h][i] = total_dv[h][i] = 0.f;
+    }
+  }
+
+  [[maybe_unused]] int tiles_summed = 0;  // since the last fold (long rows)
+  for (int buf = 0; tile_head < head_end; buf ^= 1) {
+    wait_tiles_for_wgmma();  // this tile is in; every thread is done with the other buffer and dS^T
     const int m0 = tile_m0;
     [[maybe_unused]] const int head = tile_head;  // for the atomic dQ rows
-    tile_m0 += kBlockM;                           // the next tile, without a division per iteration
-    if (tile_m0 >= qr.length) {
+    // The next tile, without a division per iteration (nor tile_m0 + kBlockM past INT32_MAX).
+    if (tile_m0 >= qr.length - kBlockM) {
       tile_m0 = m_begin;
       ++tile_head;
+    } else {
+      tile_m0 += kBlockM;
     }
-    if (it + 1 < iterations) load_query_tile(tile_head, tile_m0, buf ^ 1);
+    if (tile_head < head_end) load_query_tile(tile_head, tile_m0, buf ^ 1);
     cp_async_commit();
     const unsigned char* q_tile = sQ + buf * kQueryTileBytes;
     const unsigned char* grad_out_tile = sdO + buf * kQueryTileBytes;
@@ -178,8 +219,8 @@ __global__ void __launch_bounds__(Traits::kThreads)
 
     // P^T and dS^T in place of S^T and dP^T. Only tiles crossing the causal diagonal or the end
     // of the query block test indices (separate copies: predicated tests would run on every tile).
-    const bool needs_mask = m0 + kBlockM > qr.length ||
-                            (kIsCausal && n0 + kBlockN > causal_key_end(m0, qr.length, kr.length));
+    const bool needs_mask = m0 > qr.length - kBlockM ||
+                            (kIsCausal && n0 > causal_key_end(m0, qr.length, kr.length) - kBlockN);
     auto softmax_gradient = [&](auto mask_tag) {
       constexpr bool kMask = decltype(mask_tag)::value;
 #pragma unroll
@@ -275,11 +316,28 @@ __global__ void __launch_bounds__(Traits::kThreads)
     wgmma_wait<0>();  // dV and dK, before the next tile's loads overwrite their operands
     fence_operands(p_frag);
     fence_operands(ds_frag);
+    if constexpr (kLongRows) {
+      if (++tiles_summed == tiles_per_accumulator(kBlockM)) {
+        fold();
+        tiles_summed = 0;
+      }
+    }
   }
   cp_async_wait_all();
   wgmma_wait<0>();
   fence_operands(dk);
   fence_operands(dv);
+  if constexpr (kLongRows) {
+    fold();
+#pragma unroll
+    for (int h = 0; h < kColumnBlocks; ++h) {
+#pragma unroll
+      for (int i = 0; i < 32; ++i) {
+        dk[h][i] = total_dk[h][i];
+        dv[h][i] = total_dv[h][i];
+      }
+    }
+  }
 
   // dK (scaled) and dV straight from the accumulators; rows past the block are dropped.
   T* grad_k = grad_k_rows<T>(params, batch, head_kv, kr.start);
@@ -303,6 +361,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
       }
     }
   }
+  write_tail();
 #endif
 }
 
@@ -316,11 +375,14 @@ cudaError_t run_bwd_wgmma(const BackwardParams& params, float* delta, float* dq_
   const bool atomic_dq = dq_accumulator != nullptr;
   cudaError_t err = launch_backward_prologue<T>(params, delta, dq_accumulator, stream);
   if (err != cudaSuccess) return err;
-  const dim3 grid(ceil_div(params.max_seqlen_k, Traits::kBlockN), params.num_blocks,
-                  params.batch * params.heads_kv);
+  const dim3 grid(tiles_with_tail(params.max_seqlen_k, params.seqlen_k, Traits::kBlockN),
+                  params.num_blocks, params.batch * params.heads_kv);
   if (grid.x > 0 && grid.y > 0 && grid.z > 0) {
-    auto kernel = atomic_dq ? dkdv_wgmma_kernel<Traits, T, kIsCausal, true>
-                            : dkdv_wgmma_kernel<Traits, T, kIsCausal, false>;
+    const bool long_rows = long_query_rows(params);
+    auto kernel = atomic_dq ? (long_rows ? dkdv_wgmma_kernel<Traits, T, kIsCausal, true, true>
+                                         : dkdv_wgmma_kernel<Traits, T, kIsCausal, true, false>)
+                            : (long_rows ? dkdv_wgmma_kernel<Traits, T, kIsCausal, false, true>
+                                         : dkdv_wgmma_kernel<Traits, T, kIsCausal, false, false>);
     err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                Traits::kSharedBytes);
     if (err != cudaSuccess) return err;

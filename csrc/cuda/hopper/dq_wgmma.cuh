@@ -41,7 +41,9 @@ struct WgmmaDqTraits {
   static_assert(kHeadDim == 64 || kHeadDim == 128, "head_dim 64 or 128");
 };
 
-template <typename Traits, typename T, bool kIsCausal>
+// kLongRows: blocks may have more than kMaxKeysPerAccumulator keys; dQ sums chunks of at most
+// that many apart and adds them up.
+template <typename Traits, typename T, bool kIsCausal, bool kLongRows>
 __global__ void __launch_bounds__(Traits::kThreads)
     dq_wgmma_kernel(const BackwardParams params, const float* delta) {
 #ifdef BLOCK_ATTN_WGMMA
@@ -53,7 +55,16 @@ __global__ void __launch_bounds__(Traits::kThreads)
   constexpr int kTileBytes = Traits::kTileBytes;
 
   const QueryTile tile = query_tile(params, kBlockM);
-  if (tile.m0 >= tile.qr.length) return;
+  // This CTA's share of the rows after the last block (tail_begin): at once where it has no
+  // rows of its own, else after them.
+  auto write_tail = [&] {
+    zero_grad_q_tail<T>(params, tail_begin(params, tile.block, tile.qr, params.seqlen_q),
+                        tile.batch, tile.head, tile.tile, gridDim.x);
+  };
+  if (tile.m0 >= tile.qr.length) {
+    write_tail();
+    return;
+  }
   const BlockRange qr = tile.qr, kr = tile.kr;
   const int m0 = tile.m0, batch = tile.batch, head = tile.head, head_kv = tile.head_kv;
   const int warp = threadIdx.x / 32;
@@ -103,6 +114,25 @@ __global__ void __launch_bounds__(Traits::kThreads)
   for (int h = 0; h < kColumnBlocks; ++h) {
 #pragma unroll
     for (int i = 0; i < 32; ++i) dq[h][i] = 0.f;
+  }
+  [[maybe_unused]] float total_dq[kColumnBlocks][32];
+  // Adds dQ to its total and restarts it, where no wgmma is in flight.
+  auto fold = [&] {
+#pragma unroll
+    for (int h = 0; h < kColumnBlocks; ++h) {
+#pragma unroll
+      for (int i = 0; i < 32; ++i) {
+        total_dq[h][i] += dq[h][i];
+        dq[h][i] = 0.f;
+      }
+    }
+  };
+  if constexpr (kLongRows) {
+#pragma unroll
+    for (int h = 0; h < kColumnBlocks; ++h) {
+#pragma unroll
+      for (int i = 0; i < 32; ++i) total_dq[h][i] = 0.f;
+    }
   }
 
   auto process_key_tile = [&](const int j, auto mask_tag) {
@@ -155,6 +185,9 @@ __global__ void __launch_bounds__(Traits::kThreads)
     wgmma_wait<0>();
     fence_operands(dq);
     fence_operands(ds_frag);
+    if constexpr (kLongRows) {
+      if ((j + 1) % tiles_per_accumulator(kBlockN) == 0) fold();
+    }
   };
 
   const int unmasked_tiles = unmasked_end / kBlockN;
@@ -162,6 +195,14 @@ __global__ void __launch_bounds__(Traits::kThreads)
   for (; j < unmasked_tiles; ++j) process_key_tile(j, std::false_type{});
   for (; j < n_tiles; ++j) process_key_tile(j, std::true_type{});
   cp_async_wait_all();
+  if constexpr (kLongRows) {
+    fold();
+#pragma unroll
+    for (int h = 0; h < kColumnBlocks; ++h) {
+#pragma unroll
+      for (int i = 0; i < 32; ++i) dq[h][i] = total_dq[h][i];
+    }
+  }
 
   T* grad_q = grad_q_rows<T>(params, batch, head, qr.start);
   const float scale = params.scale;
@@ -180,6 +221,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
       }
     }
   }
+  write_tail();
 #endif
 }
 
@@ -187,10 +229,12 @@ __global__ void __launch_bounds__(Traits::kThreads)
 template <typename T, int kHeadDim, bool kIsCausal>
 cudaError_t run_dq_wgmma(const BackwardParams& params, const float* delta, cudaStream_t stream) {
   using Traits = WgmmaDqTraits<kHeadDim>;
-  const dim3 grid(ceil_div(params.max_seqlen_q, Traits::kBlockM), params.num_blocks,
-                  params.batch * params.heads_q);
+  const dim3 grid(tiles_with_tail(params.max_seqlen_q, params.seqlen_q, Traits::kBlockM),
+                  params.num_blocks, params.batch * params.heads_q);
   if (grid.x == 0 || grid.y == 0 || grid.z == 0) return cudaSuccess;
-  auto kernel = dq_wgmma_kernel<Traits, T, kIsCausal>;
+  auto kernel = params.max_seqlen_k > kMaxKeysPerAccumulator
+                    ? dq_wgmma_kernel<Traits, T, kIsCausal, true>
+                    : dq_wgmma_kernel<Traits, T, kIsCausal, false>;
   const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                Traits::kSharedBytes);
   if (err != cudaSuccess) return err;

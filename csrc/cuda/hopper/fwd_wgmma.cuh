@@ -114,7 +114,9 @@ struct SoftmaxRows {
   }
 };
 
-template <typename Traits, typename T, bool kIsCausal>
+// kLongRows: rows may see more than kMaxKeysPerAccumulator keys; each chunk of that many is summed
+// apart and folded into a second accumulator, so no float sum takes more terms.
+template <typename Traits, typename T, bool kIsCausal, bool kLongRows>
 __global__ void __launch_bounds__(Traits::kThreads) fwd_wgmma_kernel(const ForwardParams params) {
 #ifdef BLOCK_ATTN_WGMMA
   constexpr int kThreads = Traits::kThreads;
@@ -125,7 +127,16 @@ __global__ void __launch_bounds__(Traits::kThreads) fwd_wgmma_kernel(const Forwa
   constexpr int kScores = kBlockN / 2;  // registers of the 64 x kBlockN score tile
 
   const QueryTile tile = query_tile(params, kBlockM);
-  if (tile.m0 >= tile.qr.length) return;
+  // This CTA's share of the rows after the last block (tail_begin): at once where it has no
+  // rows of its own, else after them.
+  auto write_tail = [&] {
+    write_query_tail<T>(params, tail_begin(params, tile.block, tile.qr, params.seqlen_q),
+                        tile.batch, tile.head, 1, tile.tile, gridDim.x);
+  };
+  if (tile.m0 >= tile.qr.length) {
+    write_tail();
+    return;
+  }
   const BlockRange qr = tile.qr, kr = tile.kr;
   const int m0 = tile.m0, batch = tile.batch, head = tile.head, head_kv = tile.head_kv;
   const int warpgroup = threadIdx.x / 128;
@@ -164,6 +175,43 @@ __global__ void __launch_bounds__(Traits::kThreads) fwd_wgmma_kernel(const Forwa
     for (int i = 0; i < 32; ++i) acc_o[h][i] = 0.f;
   }
   SoftmaxRows softmax;
+
+  // The chunks summed so far, relative to their row maxima total_max (long rows only). Folded
+  // only where no wgmma is in flight.
+  [[maybe_unused]] float total_o[kColumnBlocks][32];
+  [[maybe_unused]] float total_max[2] = {-INFINITY, -INFINITY};
+  [[maybe_unused]] float total_sum[2] = {0.f, 0.f};
+  auto fold = [&] {
+    float beta[2];
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+      const float row_max = softmax.row_max[rr];
+      beta[rr] = fast_exp2(total_max[rr] - (row_max == -INFINITY ? 0.f : row_max));
+      total_sum[rr] = total_sum[rr] * beta[rr] + softmax.row_sum[rr];
+      total_max[rr] = row_max;
+      softmax.row_sum[rr] = 0.f;
+    }
+#pragma unroll
+    for (int h = 0; h < kColumnBlocks; ++h) {
+#pragma unroll
+      for (int i = 0; i < 32; ++i) {
+        total_o[h][i] = total_o[h][i] * beta[(i % 4) / 2] + acc_o[h][i];
+        acc_o[h][i] = 0.f;
+      }
+    }
+  };
+  auto fold_after_tile = [&](int j) {
+    if constexpr (kLongRows) {
+      if ((j + 1) % tiles_per_accumulator(kBlockN) == 0) fold();
+    }
+  };
+  if constexpr (kLongRows) {
+#pragma unroll
+    for (int h = 0; h < kColumnBlocks; ++h) {
+#pragma unroll
+      for (int i = 0; i < 32; ++i) total_o[h][i] = 0.f;
+    }
+  }
 
   for (int g = 0; g < Traits::kWarpgroups; ++g) {
     load_tile_swizzled<64, kHeadDim, kThreads>(sQ + g * Traits::kQueryTileBytes, q,
@@ -209,6 +257,7 @@ __global__ void __launch_bounds__(Traits::kThreads) fwd_wgmma_kernel(const Forwa
       fence_operands(p_frag);
       if (rescale) softmax.rescale(acc_o);
       to_a_fragments<T>(s, p_frag);
+      fold_after_tile(j);  // O holds tiles up to j - 1 and the sums up to j: both fold alike
     }
     if (n_tiles > 0) {
       wait_tiles_for_wgmma();  // V_{n_tiles - 1} is in
@@ -250,9 +299,23 @@ __global__ void __launch_bounds__(Traits::kThreads) fwd_wgmma_kernel(const Forwa
       wgmma_wait<0>();
       fence_operands(acc_o);
       fence_operands(p_frag);
+      fold_after_tile(j);
     }
   }
   cp_async_wait_all();
+  if constexpr (kLongRows) {
+    fold();
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+      softmax.row_max[rr] = total_max[rr];
+      softmax.row_sum[rr] = total_sum[rr];
+    }
+#pragma unroll
+    for (int h = 0; h < kColumnBlocks; ++h) {
+#pragma unroll
+      for (int i = 0; i < 32; ++i) acc_o[h][i] = total_o[h][i];
+    }
+  }
 
   float* lse = static_cast<float*>(params.lse) + lse_index(params, batch, head, qr.start);
   T* out = out_rows<T>(params, batch, head, qr.start);
@@ -278,16 +341,19 @@ __global__ void __launch_bounds__(Traits::kThreads) fwd_wgmma_kernel(const Forwa
       }
     }
   }
+  write_tail();
 #endif
 }
 
 template <typename T, int kHeadDim, bool kIsCausal>
 cudaError_t run_fwd_wgmma(const ForwardParams& params, cudaStream_t stream) {
   using Traits = WgmmaFwdTraits<kHeadDim>;
-  const dim3 grid(ceil_div(params.max_seqlen_q, Traits::kBlockM), params.num_blocks,
-                  params.batch * params.heads_q);
+  const dim3 grid(tiles_with_tail(params.max_seqlen_q, params.seqlen_q, Traits::kBlockM),
+                  params.num_blocks, params.batch * params.heads_q);
   if (grid.x == 0 || grid.y == 0 || grid.z == 0) return cudaSuccess;
-  auto kernel = fwd_wgmma_kernel<Traits, T, kIsCausal>;
+  auto kernel = params.max_seqlen_k > kMaxKeysPerAccumulator
+                    ? fwd_wgmma_kernel<Traits, T, kIsCausal, true>
+                    : fwd_wgmma_kernel<Traits, T, kIsCausal, false>;
   const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                Traits::kSharedBytes);
   if (err != cudaSuccess) return err;

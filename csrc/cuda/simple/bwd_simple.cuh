@@ -6,6 +6,8 @@
 // P is recomputed from lse; dS = P * (dP - Delta).
 #pragma once
 
+#include <type_traits>
+
 #include "../kernel_launch.cuh"
 #include "../shared_memory.cuh"
 #include "../tensor_rows.cuh"
@@ -34,7 +36,22 @@ __global__ void __launch_bounds__(128) delta_kernel(const BackwardParams params,
   }
 }
 
-template <typename Traits, typename T, bool kIsCausal>
+// Sums of long rows: the running sums `part` take at most kMaxKeysPerAccumulator terms each
+// before they are added to `total` and restart (kLongRows of the kernels below).
+template <int kRows, int kPerLane, typename A>
+__device__ __forceinline__ void fold_sums(A (&total)[kRows][kPerLane], A (&part)[kRows][kPerLane]) {
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) {
+#pragma unroll
+    for (int e = 0; e < kPerLane; ++e) {
+      total[r][e] += part[r][e];
+      part[r][e] = 0;
+    }
+  }
+}
+
+// kLongRows: blocks may have more than kMaxKeysPerAccumulator queries (see fold_sums).
+template <typename Traits, typename T, bool kIsCausal, bool kLongRows>
 __global__ void __launch_bounds__(Traits::kThreads)
     dkdv_simple_kernel(const BackwardParams params, const Acc<T>* delta) {
   using A = Acc<T>;
@@ -46,9 +63,18 @@ __global__ void __launch_bounds__(Traits::kThreads)
   const BlockRange qr = block_range(params.cu_seqlens_q, blockIdx.y, params.seqlen_q);
   const BlockRange kr = block_range(params.cu_seqlens_k, blockIdx.y, params.seqlen_k);
   const int n0 = blockIdx.x * Traits::kRowsPerBlock;
-  if (n0 >= kr.length) return;
   const int batch = blockIdx.z / params.heads_kv;
   const int head_kv = blockIdx.z % params.heads_kv;
+  // This CTA's share of the rows after the last block (tail_begin): at once where it has no
+  // rows of its own, else after them.
+  auto write_tail = [&] {
+    zero_grad_kv_tail<T>(params, tail_begin(params, blockIdx.y, kr, params.seqlen_k), batch,
+                         head_kv, blockIdx.x, gridDim.x);
+  };
+  if (n0 >= kr.length) {
+    write_tail();
+    return;
+  }
   const int group = params.heads_q / params.heads_kv;
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
@@ -76,17 +102,24 @@ __global__ void __launch_bounds__(Traits::kThreads)
 #pragma unroll
     for (int e = 0; e < kPerLane; ++e) dk[r][e] = dv[r][e] = 0;
   }
+  [[maybe_unused]] A total_dk[kLongRows ? kRows : 1][kPerLane] = {};
+  [[maybe_unused]] A total_dv[kLongRows ? kRows : 1][kPerLane] = {};
+  [[maybe_unused]] int tiles_summed = 0;
 
   const A scale = static_cast<A>(params.scale);
-  // Queries that may see the first key of this tile; earlier ones see none of it.
-  const int m_begin = kIsCausal ? causal_query_begin(n0, qr.length, kr.length) : 0;
+  // Query tiles that may see the first key of this tile (earlier ones see none of it), from a
+  // multiple of kTileRows and counted in tiles, so that no row index passes INT32_MAX.
+  const int m_begin =
+      kIsCausal ? causal_query_begin(n0, qr.length, kr.length) / kTileRows * kTileRows : 0;
+  const int m_tiles = ceil_div(qr.length - m_begin, kTileRows);
 
   for (int g = 0; g < group; ++g) {
     const int head = head_kv * group + g;
     const T* q = q_rows<T>(params, batch, head, qr.start);
     const T* grad_out = grad_out_rows<T>(params, batch, head, qr.start);
     const int64_t row_base = lse_index(params, batch, head, qr.start);
-    for (int m0 = m_begin; m0 < qr.length; m0 += kTileRows) {
+    for (int tile = 0; tile < m_tiles; ++tile) {
+      const int m0 = m_begin + tile * kTileRows;
       __syncthreads();
       load_tile<Traits>(sQ, q, params.q_row_stride, m0, qr.length, head_dim);
       load_tile<Traits>(sdO, grad_out, params.grad_out_row_stride, m0, qr.length, head_dim);
@@ -116,7 +149,20 @@ __global__ void __launch_bounds__(Traits::kThreads)
           }
         }
       }
+      if constexpr (kLongRows) {
+        if (++tiles_summed == tiles_per_accumulator(kTileRows)) {
+          fold_sums(total_dk, dk);
+          fold_sums(total_dv, dv);
+          tiles_summed = 0;
+        }
+      }
     }
+  }
+  if constexpr (kLongRows) {
+    fold_sums(total_dk, dk);
+    fold_sums(total_dv, dv);
+    fold_sums(dk, total_dk);
+    fold_sums(dv, total_dv);
   }
 
   T* grad_k = grad_k_rows<T>(params, batch, head_kv, kr.start);
@@ -130,9 +176,11 @@ __global__ void __launch_bounds__(Traits::kThreads)
     store_row<Traits>(grad_v + static_cast<int64_t>(t) * params.grad_v_row_stride, dv[r], A(1),
                       head_dim, lane);
   }
+  write_tail();
 }
 
-template <typename Traits, typename T, bool kIsCausal>
+// kLongRows: blocks may have more than kMaxKeysPerAccumulator keys (see fold_sums).
+template <typename Traits, typename T, bool kIsCausal, bool kLongRows>
 __global__ void __launch_bounds__(Traits::kThreads)
     dq_simple_kernel(const BackwardParams params, const Acc<T>* delta) {
   using A = Acc<T>;
@@ -144,9 +192,18 @@ __global__ void __launch_bounds__(Traits::kThreads)
   const BlockRange qr = block_range(params.cu_seqlens_q, blockIdx.y, params.seqlen_q);
   const BlockRange kr = block_range(params.cu_seqlens_k, blockIdx.y, params.seqlen_k);
   const int m0 = blockIdx.x * Traits::kRowsPerBlock;
-  if (m0 >= qr.length) return;
   const int batch = blockIdx.z / params.heads_q;
   const int head = blockIdx.z % params.heads_q;
+  // This CTA's share of the rows after the last block (tail_begin): at once where it has no
+  // rows of its own, else after them.
+  auto write_tail = [&] {
+    zero_grad_q_tail<T>(params, tail_begin(params, blockIdx.y, qr, params.seqlen_q), batch, head,
+                        blockIdx.x, gridDim.x);
+  };
+  if (m0 >= qr.length) {
+    write_tail();
+    return;
+  }
   const int head_kv = head / (params.heads_q / params.heads_kv);
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
@@ -180,10 +237,14 @@ __global__ void __launch_bounds__(Traits::kThreads)
     for (int e = 0; e < kPerLane; ++e) dq[r][e] = 0;
   }
 
+  [[maybe_unused]] A total_dq[kLongRows ? kRows : 1][kPerLane] = {};
+
   const A scale = static_cast<A>(params.scale);
   const int n_end = tile_key_end<kIsCausal>(m0, Traits::kRowsPerBlock, qr, kr);
+  const int n_tiles = ceil_div(n_end, kTileRows);
 
-  for (int n0 = 0; n0 < n_end; n0 += kTileRows) {
+  for (int tile = 0; tile < n_tiles; ++tile) {
+    const int n0 = tile * kTileRows;
     __syncthreads();
     load_tile<Traits>(sK, k, params.k_row_stride, n0, n_end, head_dim);
     load_tile<Traits>(sV, v, params.v_row_stride, n0, n_end, head_dim);
@@ -203,6 +264,13 @@ __global__ void __launch_bounds__(Traits::kThreads)
         for (int e = 0; e < kPerLane; ++e) dq[r][e] += ds * to_acc(krow[lane + 32 * e]);
       }
     }
+    if constexpr (kLongRows) {
+      if ((tile + 1) % tiles_per_accumulator(kTileRows) == 0) fold_sums(total_dq, dq);
+    }
+  }
+  if constexpr (kLongRows) {
+    fold_sums(total_dq, dq);
+    fold_sums(dq, total_dq);
   }
 
   T* grad_q = grad_q_rows<T>(params, batch, head, qr.start);
@@ -213,6 +281,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
     store_row<Traits>(grad_q + static_cast<int64_t>(i) * params.grad_q_row_stride, dq[r], scale,
                       head_dim, lane);
   }
+  write_tail();
 }
 
 template <typename T, int kHeadDim, bool kIsCausal>
@@ -226,20 +295,29 @@ cudaError_t run_bwd_simple(const BackwardParams& params, void* delta_workspace,
         stream, params, delta);
     if (err != cudaSuccess) return err;
   }
-  const dim3 grid_dkdv(ceil_div(params.max_seqlen_k, Traits::kRowsPerBlock), params.num_blocks,
-                       params.batch * params.heads_kv);
+  const dim3 grid_dkdv(tiles_with_tail(params.max_seqlen_k, params.seqlen_k, Traits::kRowsPerBlock),
+                       params.num_blocks, params.batch * params.heads_kv);
+  // float64 sums do not stall before 2^53 terms. dK and dV sum every query of the group's heads.
+  constexpr bool kFloatSums = !std::is_same_v<Acc<T>, double>;
+  const bool long_queries = kFloatSums && long_query_rows(params);
   if (grid_dkdv.x > 0 && grid_dkdv.y > 0 && grid_dkdv.z > 0) {
     const cudaError_t err =
-        launch_kernel(dkdv_simple_kernel<Traits, T, kIsCausal>, grid_dkdv, Traits::kThreads,
-                      Traits::kKeySharedBytes, stream, params, delta);
+        long_queries
+            ? launch_kernel(dkdv_simple_kernel<Traits, T, kIsCausal, true>, grid_dkdv,
+                            Traits::kThreads, Traits::kKeySharedBytes, stream, params, delta)
+            : launch_kernel(dkdv_simple_kernel<Traits, T, kIsCausal, false>, grid_dkdv,
+                            Traits::kThreads, Traits::kKeySharedBytes, stream, params, delta);
     if (err != cudaSuccess) return err;
   }
-  const dim3 grid_dq(ceil_div(params.max_seqlen_q, Traits::kRowsPerBlock), params.num_blocks,
-                     params.batch * params.heads_q);
+  const dim3 grid_dq(tiles_with_tail(params.max_seqlen_q, params.seqlen_q, Traits::kRowsPerBlock),
+                     params.num_blocks, params.batch * params.heads_q);
+  const bool long_keys = kFloatSums && params.max_seqlen_k > kMaxKeysPerAccumulator;
   if (grid_dq.x > 0 && grid_dq.y > 0 && grid_dq.z > 0) {
     const cudaError_t err =
-        launch_kernel(dq_simple_kernel<Traits, T, kIsCausal>, grid_dq, Traits::kThreads,
-                      Traits::kSharedBytes, stream, params, delta);
+        long_keys ? launch_kernel(dq_simple_kernel<Traits, T, kIsCausal, true>, grid_dq,
+                                  Traits::kThreads, Traits::kSharedBytes, stream, params, delta)
+                  : launch_kernel(dq_simple_kernel<Traits, T, kIsCausal, false>, grid_dq,
+                                  Traits::kThreads, Traits::kSharedBytes, stream, params, delta);
     if (err != cudaSuccess) return err;
   }
   return cudaSuccess;

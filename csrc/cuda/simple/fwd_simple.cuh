@@ -3,6 +3,8 @@
 // memory; key tiles past the causal diagonal are skipped, not masked.
 #pragma once
 
+#include <type_traits>
+
 #include "../kernel_launch.cuh"
 #include "../shared_memory.cuh"
 #include "../tensor_rows.cuh"
@@ -12,7 +14,9 @@
 
 namespace block_attn::cuda {
 
-template <typename Traits, typename T, bool kIsCausal>
+// kLongRows: rows may see more than kMaxKeysPerAccumulator keys; each chunk of that many is summed
+// apart and folded into a second accumulator, so no float sum takes more terms.
+template <typename Traits, typename T, bool kIsCausal, bool kLongRows>
 __global__ void __launch_bounds__(Traits::kThreads) fwd_simple_kernel(const ForwardParams params) {
   using A = Acc<T>;
   constexpr int kPerLane = Traits::kPerLane;
@@ -23,9 +27,18 @@ __global__ void __launch_bounds__(Traits::kThreads) fwd_simple_kernel(const Forw
   const BlockRange qr = block_range(params.cu_seqlens_q, blockIdx.y, params.seqlen_q);
   const BlockRange kr = block_range(params.cu_seqlens_k, blockIdx.y, params.seqlen_k);
   const int m0 = blockIdx.x * Traits::kRowsPerBlock;
-  if (m0 >= qr.length) return;
   const int batch = blockIdx.z / params.heads_q;
   const int head = blockIdx.z % params.heads_q;
+  // This CTA's share of the rows after the last block (tail_begin): at once where it has no
+  // rows of its own, else after them.
+  auto write_tail = [&] {
+    write_query_tail<T>(params, tail_begin(params, blockIdx.y, qr, params.seqlen_q), batch, head, 1,
+                        blockIdx.x, gridDim.x);
+  };
+  if (m0 >= qr.length) {
+    write_tail();
+    return;
+  }
   const int head_kv = head / (params.heads_q / params.heads_kv);
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
@@ -55,10 +68,40 @@ __global__ void __launch_bounds__(Traits::kThreads) fwd_simple_kernel(const Forw
     row_sum[r] = 0;
   }
 
-  // Keys any row of this tile may see.
-  const int n_end = tile_key_end<kIsCausal>(m0, Traits::kRowsPerBlock, qr, kr);
+  // The chunks summed so far, relative to their row maximum total_max (long rows only).
+  [[maybe_unused]] A total_acc[kRows][kPerLane];
+  [[maybe_unused]] A total_max[kRows];
+  [[maybe_unused]] A total_sum[kRows];
+  auto fold = [&] {
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      const A beta = exp_acc(total_max[r] - (row_max[r] == neg_inf<A>() ? A(0) : row_max[r]));
+      total_sum[r] = total_sum[r] * beta + row_sum[r];
+      total_max[r] = row_max[r];
+      row_sum[r] = 0;
+#pragma unroll
+      for (int e = 0; e < kPerLane; ++e) {
+        total_acc[r][e] = total_acc[r][e] * beta + acc[r][e];
+        acc[r][e] = 0;
+      }
+    }
+  };
+  if constexpr (kLongRows) {
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      total_max[r] = neg_inf<A>();
+      total_sum[r] = 0;
+#pragma unroll
+      for (int e = 0; e < kPerLane; ++e) total_acc[r][e] = 0;
+    }
+  }
 
-  for (int n0 = 0; n0 < n_end; n0 += kTileRows) {
+  // Keys any row of this tile may see, in tiles (counted so that no index passes INT32_MAX).
+  const int n_end = tile_key_end<kIsCausal>(m0, Traits::kRowsPerBlock, qr, kr);
+  const int n_tiles = ceil_div(n_end, kTileRows);
+
+  for (int tile = 0; tile < n_tiles; ++tile) {
+    const int n0 = tile * kTileRows;
     __syncthreads();
     load_tile<Traits>(sK, k, params.k_row_stride, n0, n_end, head_dim);
     load_tile<Traits>(sV, v, params.v_row_stride, n0, n_end, head_dim);
@@ -93,6 +136,19 @@ __global__ void __launch_bounds__(Traits::kThreads) fwd_simple_kernel(const Forw
         for (int e = 0; e < kPerLane; ++e) acc[r][e] += pn * to_acc(vrow[lane + 32 * e]);
       }
     }
+    if constexpr (kLongRows) {
+      if ((tile + 1) % tiles_per_accumulator(kTileRows) == 0) fold();
+    }
+  }
+  if constexpr (kLongRows) {
+    fold();
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      row_max[r] = total_max[r];
+      row_sum[r] = total_sum[r];
+#pragma unroll
+      for (int e = 0; e < kPerLane; ++e) acc[r][e] = total_acc[r][e];
+    }
   }
 
   T* out = out_rows<T>(params, batch, head, qr.start);
@@ -108,15 +164,21 @@ __global__ void __launch_bounds__(Traits::kThreads) fwd_simple_kernel(const Forw
       lse[i] = any ? row_max[r] + log_acc(row_sum[r]) : A(-INFINITY);
     }
   }
+  write_tail();
 }
 
 template <typename T, int kHeadDim, bool kIsCausal>
 cudaError_t run_fwd_simple(const ForwardParams& params, cudaStream_t stream) {
   using Traits = SimpleTraits<T, kHeadDim>;
-  const dim3 grid(ceil_div(params.max_seqlen_q, Traits::kRowsPerBlock), params.num_blocks,
-                  params.batch * params.heads_q);
+  const dim3 grid(tiles_with_tail(params.max_seqlen_q, params.seqlen_q, Traits::kRowsPerBlock),
+                  params.num_blocks, params.batch * params.heads_q);
   if (grid.x == 0 || grid.y == 0 || grid.z == 0) return cudaSuccess;
-  return launch_kernel(fwd_simple_kernel<Traits, T, kIsCausal>, grid, Traits::kThreads,
+  // float64 sums do not stall before 2^53 terms.
+  if (!std::is_same_v<Acc<T>, double> && params.max_seqlen_k > kMaxKeysPerAccumulator) {
+    return launch_kernel(fwd_simple_kernel<Traits, T, kIsCausal, true>, grid, Traits::kThreads,
+                         Traits::kSharedBytes, stream, params);
+  }
+  return launch_kernel(fwd_simple_kernel<Traits, T, kIsCausal, false>, grid, Traits::kThreads,
                        Traits::kSharedBytes, stream, params);
 }
 
