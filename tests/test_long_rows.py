@@ -1,4 +1,4 @@
-"""CPU kernels on rows far longer than any tile: a block at the int32 edge, and float32 sums
+"""Kernels on rows far longer than any tile: a block at the int32 edge, and float32 sums
 over more terms than float32's 24-bit significand can count.
 
 K and V are stride-0 expansions of one row, so that blocks of up to 2^31 - 1 keys need no
@@ -11,6 +11,7 @@ import math
 
 import pytest
 import torch
+from conftest import requires_cuda
 
 import block_attn
 
@@ -105,3 +106,37 @@ def test_rows_longer_than_a_partial_sum_match_reference(threads):
         error = (got.double() - ref).abs().max().item()
         scale = ref.abs().max().item()
         assert error <= 1e-5 * scale, f"{name}: max error {error:.3g} against max {scale:.3g}"
+
+
+def constant_rows_cuda(queries: int, keys: int, dtype: torch.dtype):
+    """q (1, 2, queries, 64) of ones/8, k (1, 2, keys, 64) = 1/8 and v = 1, as stride-0 rows."""
+    q = torch.full((1, 2, 1, 64), 0.125, dtype=dtype, device="cuda").expand(1, 2, queries, 64)
+    k = torch.full((1, 2, 1, 64), 0.125, dtype=dtype, device="cuda").expand(1, 2, keys, 64)
+    v = torch.ones(1, 2, 1, 64, dtype=dtype, device="cuda").expand(1, 2, keys, 64)
+    return q, k, v
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("queries", [1, 200], ids=["decoding", "tile"])
+def test_cuda_long_row_output_counts_every_key(dtype, queries):
+    """Past 2^24 keys per row: every kernel family the plan picks (decoding, tensor-core,
+    Hopper, simple for float32) must still count every key."""
+    out, lse = block_attn.attention(*constant_rows_cuda(queries, LONG, dtype), return_lse=True)
+    torch.cuda.synchronize()
+    assert (out.float() - 1).abs().max().item() <= 1e-3, f"out {out.float().min().item()}"
+    want_lse = 0.125 * 0.125 * 64 / 8 + math.log(LONG)  # scale 1/sqrt(64)
+    assert (lse - want_lse).abs().max().item() <= 1e-3 * want_lse
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])  # float16 overflows 2^25
+def test_cuda_long_column_value_grad_counts_every_query(dtype):
+    q = torch.ones(1, 1, 1, 64, dtype=dtype, device="cuda").expand(1, 1, LONG, 64)
+    q = q.requires_grad_()
+    k = torch.ones(1, 1, 1, 64, dtype=dtype, device="cuda", requires_grad=True)
+    v = torch.ones(1, 1, 1, 64, dtype=dtype, device="cuda", requires_grad=True)
+    out = block_attn.attention(q, k, v)
+    out.backward(torch.ones(1, 1, 1, 64, dtype=dtype, device="cuda").expand(1, 1, LONG, 64))
+    got = v.grad.float().max().item()
+    assert got == pytest.approx(LONG, rel=1e-2), f"dV {got}, want {LONG}"
