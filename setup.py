@@ -57,11 +57,17 @@ def sources(pattern: str) -> list[str]:
 
 # The CPU kernels of a portable build: compiled once per capability, each into a shared object
 # of its own that the extension loads when the running CPU supports it (csrc/cpu/cpu_capability.h).
+# GCC's generic tuning vectorises loops at 256 bits even with AVX-512; the kernels' own loops want
+# the full width (the bf16 backward is several percent slower without it).
 KERNEL_CAPABILITY_FLAGS = {
     "avx2": ["-march=x86-64-v3"],  # AVX2, FMA, F16C
-    "avx512": ["-march=x86-64-v4"],  # AVX-512 F, BW, DQ, VL
-    "avx512_bf16": ["-march=x86-64-v4", "-mavx512bf16"],
+    "avx512": ["-march=x86-64-v4", "-mprefer-vector-width=512"],  # AVX-512 F, BW, DQ, VL
+    "avx512_bf16": ["-march=x86-64-v4", "-mavx512bf16", "-mprefer-vector-width=512"],
 }
+# -fno-wrapv undoes the -fwrapv of Python's own compiler flags, which setuptools adds: the
+# kernels never overflow a signed integer, and wrapping arithmetic keeps GCC from vectorising some
+# of their loops (the bf16 backward is about 5% faster without it).
+OPTIMIZE = ["-O3", "-fno-wrapv", "-fopenmp"]
 KERNEL_SOURCES = ("attention_fwd_cpu.cpp", "attention_bwd_cpu.cpp", "kernel_table.cpp")
 
 
@@ -97,8 +103,7 @@ def kernel_objects(link_flags: list[str]) -> list:
             [os.path.join("csrc", "cpu", source) for source in KERNEL_SOURCES],
             extra_compile_args={
                 "cxx": [
-                    "-O3",
-                    "-fopenmp",
+                    *OPTIMIZE,
                     *flags,
                     *hidden,
                     f'-DBLOCK_ATTN_CPU_CAPABILITY_NAME="{name}"',
@@ -154,7 +159,7 @@ class BuildExtension(cpp_extension.BuildExtension):
 
 
 def make_extension():
-    cxx_flags = ["-O3", "-fopenmp", *cpu_arch_flags()]
+    cxx_flags = [*OPTIMIZE, *cpu_arch_flags()]
     link_flags = ["-fopenmp", *loaded_libstdcxx()]
     srcs = sources("csrc/*.cpp") + sources("csrc/cpu/*.cpp")
     if not want_cuda():

@@ -143,9 +143,10 @@ if ! "$PYTHON" -c "$STAMP_PY" check "$STAMP"; then
   digest="$("$PYTHON" -c "$STAMP_PY" digest "$STAMP")"
   if "$PYTHON" -c "$STAMP_PY" installed "$STAMP"; then
     # Already installed from here: rebuild in place, where ninja keeps its object files in
-    # build/temp and recompiles only those whose sources changed.
+    # build/temp and recompiles only those whose sources or flags changed (--force: setuptools
+    # alone would skip an extension whose sources are older than it, even with new flags).
     echo "compiling (log: build/build.log)"
-    if ! "$PYTHON" -W ignore setup.py build_ext --inplace --build-temp build/temp \
+    if ! "$PYTHON" -W ignore setup.py build_ext --inplace --force --build-temp build/temp \
       > build/build.log 2>&1; then
       tail -n 40 build/build.log
       exit 1
