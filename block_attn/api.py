@@ -8,8 +8,9 @@ import torch
 
 from block_attn import func_transforms
 from block_attn.blocks import BlockLayout, resolve_blocks
+from block_attn.dropout_mask import draw_seed_offset
 from block_attn.validation import as_bool, check_qkv, resolve_scale, with_unit_last_stride
-from block_attn.variants import add_sinks, check_sinks
+from block_attn.variants import add_sinks, resolve_variants
 
 __all__ = ["attention", "block_diagonal_attention", "causal_attention"]
 
@@ -30,7 +31,12 @@ def attention(
     cu_seqlens_k: CuSeqlens | None = None,
     max_seqlen_k: int | None = None,
     blocks: BlockLayout | None = None,
+    window_size: Sequence[int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
     sinks: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Exact scaled dot-product attention with block-diagonal and/or causal masks.
 
@@ -74,10 +80,30 @@ def attention(
         blocks: a :class:`BlockLayout` built once (``BlockLayout.from_seqlens(lengths)``,
             ``from_offsets``, ``fixed``, ``full``) and reused across calls, e.g. by every layer
             of a model; instead of the block arguments above. Its offsets end at most at Nq / Nk.
+        window_size: ``(left, right)``, FlashAttention's sliding window: inside its block, query
+            i (at ``i' = i + Lk - Lq``, aligned bottom-right to its key block) attends key j iff
+            ``i' - left <= j <= i' + right``; -1 leaves a side unbounded, and with ``causal``
+            the right side is 0. Key tiles outside the window are never visited: the cost grows
+            with N·window, not N².
+        softcap: when > 0, each scaled score s becomes ``softcap * tanh(s / softcap)`` (Gemma 2),
+            in the forward and the backward.
+        alibi_slopes: float32 ``(Hq,)`` or ``(B, Hq)`` on q's device: adds
+            ``-slope * |i' - j|`` to the (capped) score of query i and key j of a block
+            (FlashAttention's ALiBi). Not differentiable: the slopes get no gradient.
         sinks: (Hq,) per-head logits, any floating dtype, differentiable (attention sinks, as in
             GPT-OSS): each row's softmax normaliser gains ``exp(sinks[h])``, a virtual key whose
             value is zero. The lse returned is the log of that normaliser, sink included, and a
             query with no allowed key outputs 0 with lse = ``sinks[h]``.
+        dropout_p: each normalised probability is kept with probability ``1 - dropout_p`` and
+            scaled by ``1 / (1 - dropout_p)``, as in PyTorch's SDPA; also under
+            ``torch.no_grad()`` (it is the caller's flag). The mask is a pure function of
+            (batch, query head, query row, key row) and a seed and offset drawn from
+            ``generator`` (:mod:`block_attn.dropout_mask`): the same generator state gives the
+            same mask on every device, thread count and kernel path, and
+            :func:`block_attn.reference.attention` reproduces it. The backward regenerates it.
+            The lse is that of the probabilities before dropout.
+        generator: where the dropout seed comes from; default the default generator of q's
+            device (so ``torch.manual_seed`` reproduces a run).
 
     Returns:
         out: (B, Hq, Nq, D) in q's dtype, in q's memory layout when q is dense.
@@ -106,8 +132,19 @@ def attention(
         max_seqlen_k=max_seqlen_k,
     )
     offsets = call_blocks.for_kernels(q.device)
-    if sinks is not None:
-        check_sinks(sinks, q)
+    variants = resolve_variants(
+        q,
+        causal=causal,
+        window_size=window_size,
+        softcap=softcap,
+        alibi_slopes=alibi_slopes,
+        sinks=sinks,
+        dropout_p=dropout_p,
+        generator=generator,
+    )
+    seed_offset = None
+    if variants.dropout_p > 0:
+        seed_offset = draw_seed_offset(variants.generator, q.device)
     out, lse = func_transforms.attention_forward(
         with_unit_last_stride(q),
         with_unit_last_stride(k),
@@ -115,6 +152,12 @@ def attention(
         *offsets,
         causal,
         scale,
+        variants.window_left,
+        -1 if causal else variants.window_right,  # causal bounds the right side already
+        variants.softcap,
+        variants.alibi_slopes,
+        variants.dropout_p,
+        seed_offset,
     )
     if sinks is not None:
         out, lse = add_sinks(out, lse, sinks)
@@ -135,7 +178,12 @@ def block_diagonal_attention(
     cu_seqlens_k: CuSeqlens | None = None,
     max_seqlen_k: int | None = None,
     blocks: BlockLayout | None = None,
+    window_size: Sequence[int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
     sinks: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention restricted to diagonal blocks; exactly one of ``block_size``, ``cu_seqlens``
     and ``blocks``.
@@ -159,7 +207,12 @@ def block_diagonal_attention(
         cu_seqlens_k=cu_seqlens_k,
         max_seqlen_k=max_seqlen_k,
         blocks=blocks,
+        window_size=window_size,
+        softcap=softcap,
+        alibi_slopes=alibi_slopes,
         sinks=sinks,
+        dropout_p=dropout_p,
+        generator=generator,
     )
 
 
@@ -170,10 +223,28 @@ def causal_attention(
     *,
     scale: float | None = None,
     return_lse: bool = False,
+    window_size: Sequence[int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
     sinks: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Causal attention over the whole sequence (bottom-right aligned when Nq != Nk).
 
     Same arguments and shapes as :func:`attention`.
     """
-    return attention(q, k, v, causal=True, scale=scale, return_lse=return_lse, sinks=sinks)
+    return attention(
+        q,
+        k,
+        v,
+        causal=True,
+        scale=scale,
+        return_lse=return_lse,
+        window_size=window_size,
+        softcap=softcap,
+        alibi_slopes=alibi_slopes,
+        sinks=sinks,
+        dropout_p=dropout_p,
+        generator=generator,
+    )

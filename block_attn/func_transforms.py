@@ -26,9 +26,31 @@ def attention_forward(
     max_seqlen_k: int,
     causal: bool,
     scale: float,
+    window_left: int = -1,
+    window_right: int = -1,
+    softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    dropout_seed_offset: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``ops.attention_forward``, differentiable under ``torch.func`` transforms as well."""
-    args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale)
+    args = (
+        q,
+        k,
+        v,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        max_seqlen_q,
+        max_seqlen_k,
+        causal,
+        scale,
+        window_left,
+        window_right,
+        softcap,
+        alibi_slopes,
+        dropout_p,
+        dropout_seed_offset,
+    )
     # Dynamo refuses an autograd.Function given one tensor twice (q is k, shared offsets), so
     # compiled graphs keep the operator.
     if not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
@@ -54,12 +76,26 @@ def _refuse_mapped_offsets(offset_dims: tuple) -> None:
         )
 
 
+def _refuse_mapped_slopes(slope_dims: tuple) -> None:
+    if any(d is not None for d in slope_dims):
+        raise ValueError(
+            "vmap over alibi_slopes is not supported: every mapped call must share its slopes"
+        )
+
+
+def _slopes_for_folded_batch(settings: tuple, index: int, map_size: int) -> tuple:
+    """The settings with (B, Hq) ALiBi slopes (``settings[index]``, if given) repeated for the
+    folded batch."""
+    slopes = settings[index] if len(settings) > index else None
+    if isinstance(slopes, torch.Tensor) and slopes.dim() == 2:
+        return (*settings[:index], slopes.repeat(map_size, 1), *settings[index + 1 :])
+    return settings
+
+
 class _Attention(torch.autograd.Function):
     @staticmethod
-    def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale):
-        return ops.attention_forward(
-            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale
-        )
+    def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, *settings):
+        return ops.attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, *settings)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
@@ -85,19 +121,22 @@ class _Attention(torch.autograd.Function):
             grad_lse,
             cu_seqlens_q,
             cu_seqlens_k,
-            *ctx.settings,
+            *ctx.settings[:4],
             torch.are_deterministic_algorithms_enabled(),
+            *ctx.settings[4:],
         )
-        return (*grads, None, None, None, None, None, None)
+        return (*grads, *([None] * (2 + len(ctx.settings))))
 
     @staticmethod
     def vmap(info, in_dims, q, k, v, cu_seqlens_q, cu_seqlens_k, *settings):
         _refuse_mapped_offsets(in_dims[3:5])
+        _refuse_mapped_slopes(in_dims[12:13])
         n = info.batch_size
         q, k, v = (
             with_unit_last_stride(_fold_into_batch(t, d, n))
             for t, d in zip((q, k, v), in_dims[:3], strict=True)
         )
+        settings = _slopes_for_folded_batch(settings, 7, n)
         out, lse = ops.attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, *settings)
         return (_unfold_batch(out, n), _unfold_batch(lse, n)), (0, 0)
 
@@ -120,6 +159,7 @@ class _AttentionBackward(torch.autograd.Function):
     @staticmethod
     def vmap(info, in_dims, *args):
         _refuse_mapped_offsets(in_dims[7:9])
+        _refuse_mapped_slopes(in_dims[17:18])
         n = info.batch_size
         tensors = [
             None if t is None else _fold_into_batch(t, d, n)
@@ -129,5 +169,5 @@ class _AttentionBackward(torch.autograd.Function):
         tensors = [with_unit_last_stride(t) for t in tensors[:5]] + [
             None if t is None else t.contiguous() for t in tensors[5:]
         ]
-        grads = ops.attention_backward(*tensors, *args[7:])
+        grads = ops.attention_backward(*tensors, *_slopes_for_folded_batch(args[7:], 10, n))
         return tuple(_unfold_batch(g, n) for g in grads), (0, 0, 0)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -11,8 +11,32 @@ from torch import nn
 import block_attn
 from block_attn.blocks import resolve_blocks
 from block_attn.validation import as_bool, as_float, as_int
+from block_attn.variants import resolve_variants
 
-__all__ = ["MultiheadBlockAttention"]
+__all__ = ["MultiheadBlockAttention", "alibi_slopes"]
+
+
+def alibi_slopes(num_heads: int) -> list[float]:
+    """The ALiBi paper's per-head slopes (as in BLOOM), head 0 first.
+
+    For n heads, a power of two, head h gets ``2 ** (-8 * (h + 1) / n)``: a geometric sequence
+    from ``2 ** (-8 / n)`` down to ``2 ** -8``. Otherwise the closest lower power of two c gives
+    the first c slopes, and the remaining ``n - c`` are every other slope of ``2c`` heads
+    (``2 ** (-8 * (2j + 1) / (2c))``, j = 0, 1, ...), which interleave with the first c.
+
+    Args:
+        num_heads: n >= 1.
+
+    Returns:
+        n floats in (0, 1).
+    """
+    num_heads = as_int(num_heads, "num_heads")
+    if num_heads <= 0:
+        raise ValueError(f"num_heads must be positive, got {num_heads}")
+    closest = 1 << (num_heads.bit_length() - 1)
+    slopes = [2.0 ** (-8.0 * i / closest) for i in range(1, closest + 1)]
+    extra = [2.0 ** (-8.0 * i / (2 * closest)) for i in range(1, 2 * closest + 1, 2)]
+    return slopes + extra[: num_heads - closest]
 
 
 class MultiheadBlockAttention(nn.Module):
@@ -31,6 +55,10 @@ class MultiheadBlockAttention(nn.Module):
     ``dropout`` is applied to the output projection's output. Dropout on the attention
     probabilities inside the kernels is not implemented yet.
 
+    ``window_size``, ``softcap`` and ``alibi`` are the score variants of
+    :func:`block_attn.attention` (see :mod:`block_attn.variants`); the CUDA kernels do not
+    implement them yet, so a module using one runs on the CPU only for now.
+
     Args:
         embed_dim: width E of the inputs and the output; a multiple of ``num_heads``.
         num_heads: query heads H; each head has dimension ``embed_dim // num_heads``.
@@ -43,6 +71,15 @@ class MultiheadBlockAttention(nn.Module):
             bottom-right: query i attends key j iff ``j <= i + Nk - Nq``.
         dropout: probability of zeroing elements of the output in training.
         bias: add biases to the four projections.
+        window_size: ``(left, right)`` sliding window inside each block, FlashAttention's
+            convention: query i (aligned bottom-right to its key block, at ``i'``) attends key j
+            iff ``i' - left <= j <= i' + right``; -1 leaves a side unbounded, and with
+            ``causal`` the right side is 0.
+        softcap: when > 0, each scaled score s becomes ``softcap * tanh(s / softcap)``
+            (Gemma 2's logit soft-capping); 0 disables it.
+        alibi: add ALiBi's fixed per-head linear bias ``-slope_h * |i' - j|`` to the (capped)
+            scores, with the slopes of :func:`alibi_slopes` (buffer ``alibi_slopes`` of shape
+            (num_heads,), float32, not saved in the state dict and not trained).
         sinks: learn a per-head attention sink (parameter ``sinks`` of shape (num_heads,),
             initialised to 0): each row's softmax normaliser gains ``exp(sinks[h])``, a virtual
             key whose value is zero (see :func:`block_attn.attention`).
@@ -66,6 +103,9 @@ class MultiheadBlockAttention(nn.Module):
         causal: bool = False,
         dropout: float = 0.0,
         bias: bool = True,
+        window_size: Sequence[int] = (-1, -1),
+        softcap: float = 0.0,
+        alibi: bool = False,
         sinks: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -96,7 +136,15 @@ class MultiheadBlockAttention(nn.Module):
                 raise ValueError(f"block_size must be a positive int or None, got {block_size}")
         causal = as_bool(causal, "causal")
         bias = as_bool(bias, "bias")
+        alibi = as_bool(alibi, "alibi")
         sinks = as_bool(sinks, "sinks")
+        # The functions' own checks, on queries of this module's heads that hold no data.
+        variants = resolve_variants(
+            torch.empty(0, num_heads, 0, 0, device="meta"),
+            causal=False,
+            window_size=window_size,
+            softcap=softcap,
+        )
         if dtype is not None and not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
         if not 0.0 <= dropout <= 1.0:
@@ -107,6 +155,8 @@ class MultiheadBlockAttention(nn.Module):
         self.head_dim = embed_dim // num_heads
         self.block_size = block_size
         self.causal = causal
+        self.window_size = (variants.window_left, variants.window_right)
+        self.softcap = variants.softcap
         kv_dim = self.head_dim * num_kv_heads
         factory = {"device": device, "dtype": dtype}
         self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
@@ -115,7 +165,23 @@ class MultiheadBlockAttention(nn.Module):
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
         self.dropout = nn.Dropout(dropout)
         self.sinks = nn.Parameter(torch.empty(num_heads, **factory)) if sinks else None
+        slopes = None
+        if alibi:
+            slopes = torch.tensor(alibi_slopes(num_heads), dtype=torch.float32, device=device)
+        self.register_buffer("alibi_slopes", slopes, persistent=False)
         self.reset_parameters()
+
+    def _apply(
+        self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True
+    ) -> MultiheadBlockAttention:
+        super()._apply(fn, recurse)
+        # The kernels take float32 slopes: .to(dtype), .half() or .to_empty() would cast or
+        # clear them, so they are rebuilt, exact, wherever the buffer went.
+        if self.alibi_slopes is not None:
+            slopes = alibi_slopes(self.num_heads)
+            device = self.alibi_slopes.device
+            self.alibi_slopes = torch.tensor(slopes, dtype=torch.float32, device=device)
+        return self
 
     def reset_parameters(self) -> None:
         """Xavier-uniform input projections and zero biases, as torch.nn.MultiheadAttention;
@@ -130,11 +196,18 @@ class MultiheadBlockAttention(nn.Module):
             nn.init.zeros_(self.sinks)
 
     def extra_repr(self) -> str:
-        return (
+        options = (
             f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, "
             f"num_kv_heads={self.num_kv_heads}, block_size={self.block_size}, "
             f"causal={self.causal}, dropout={self.dropout.p}, sinks={self.sinks is not None}"
         )
+        if self.window_size != (-1, -1):
+            options += f", window_size={self.window_size}"
+        if self.softcap > 0:
+            options += f", softcap={self.softcap}"
+        if self.alibi_slopes is not None:
+            options += ", alibi=True"
+        return options
 
     def forward(
         self,
@@ -164,10 +237,11 @@ class MultiheadBlockAttention(nn.Module):
             cu_seqlens_k, max_seqlen_k: the keys' block offsets when they differ from the
                 queries' (cross-attention between packed sequences, or new tokens against
                 cached keys), as in :func:`block_attn.attention`.
-            need_weights: also return the attention probabilities. They are computed by a
-                separate dense path that materialises (B, H, Nq, Nk) — O(N²) time and memory —
-                and is refused above ``max_weights_elements`` elements. Meant for inspection
-                and tests; the output itself never goes through it.
+            need_weights: also return the attention probabilities (with the module's window,
+                softcap, ALiBi and sinks). They are computed by a separate dense path that
+                materialises (B, H, Nq, Nk) — O(N²) time and memory — and is refused above
+                ``max_weights_elements`` elements. Meant for inspection and tests; the output
+                itself never goes through it.
 
         Returns:
             out: (B, Nq, E).
@@ -201,6 +275,9 @@ class MultiheadBlockAttention(nn.Module):
             max_seqlen=max_seqlen,
             cu_seqlens_k=cu_seqlens_k,
             max_seqlen_k=max_seqlen_k,
+            window_size=self.window_size,
+            softcap=self.softcap,
+            alibi_slopes=self.alibi_slopes,
             sinks=self.sinks,
         )
         out = out.transpose(1, 2).reshape(batch, len_q, self.embed_dim)
@@ -268,8 +345,23 @@ class MultiheadBlockAttention(nn.Module):
             max_seqlen=max_seqlen,
             max_seqlen_k=max_seqlen_k,
         ).on_host()
-        allowed = layout.mask(self.causal, device=q.device, shape=(len_q, len_k))
+        in_block, behind = layout.positions(q.device, shape=(len_q, len_k))
+        allowed = in_block & (behind >= 0) if self.causal else in_block
+        left, right = self.window_size
+        if left >= 0:
+            allowed = allowed & (behind <= left)
+        if right >= 0:
+            allowed = allowed & (behind >= -right)
+        bias = None
+        if self.alibi_slopes is not None:
+            bias = -self.alibi_slopes.double().view(1, -1, 1, 1) * behind.abs()
         probs, _ = block_attn.reference.probabilities(
-            q, k, allowed, 1 / math.sqrt(self.head_dim), sinks=self.sinks
+            q,
+            k,
+            allowed,
+            1 / math.sqrt(self.head_dim),
+            softcap=self.softcap,
+            bias=bias,
+            sinks=self.sinks,
         )
         return probs

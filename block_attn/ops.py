@@ -28,6 +28,12 @@ def attention_forward(
     max_seqlen_k: int,
     causal: bool,
     scale: float,
+    window_left: int = -1,
+    window_right: int = -1,
+    softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    dropout_seed_offset: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Raw forward operator: ``block_attn.attention`` without its checks of the offsets' values.
 
@@ -46,13 +52,34 @@ def attention_forward(
         max_seqlen_q, max_seqlen_k: at least the longest query / key block.
         causal: bottom-right aligned causal mask inside each block.
         scale: multiplies q·k before the softmax.
+        window_left, window_right: the sliding window (``window_size`` of
+            :mod:`block_attn.variants`); -1 leaves a side unbounded.
+        softcap: caps the scaled scores at ±softcap through tanh; 0 disables it.
+        alibi_slopes: (Hq,) or (B, Hq) float32 ALiBi slopes on q's device, or None.
+        dropout_p: probability of dropping each normalised probability.
+        dropout_seed_offset: with ``dropout_p > 0``, the (seed, offset) int64 tensor on q's device
+            that the mask of :mod:`block_attn.dropout_mask` is a function of.
 
     Returns:
         out (B, Hq, Nq, D) in q's dtype and layout; lse (B, Hq, Nq), float64 for float64 q
         (so float64 gradients are exact to float64 rounding), else float32.
     """
     return torch.ops.block_attn.attention_forward.default(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale
+        q,
+        k,
+        v,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        max_seqlen_q,
+        max_seqlen_k,
+        causal,
+        scale,
+        window_left,
+        window_right,
+        softcap,
+        alibi_slopes,
+        dropout_p,
+        dropout_seed_offset,
     )
 
 
@@ -71,6 +98,12 @@ def attention_backward(
     causal: bool,
     scale: float,
     deterministic: bool,
+    window_left: int = -1,
+    window_right: int = -1,
+    softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    dropout_seed_offset: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Raw backward operator: (grad_q, grad_k, grad_v) shaped like (q, k, v)."""
     return torch.ops.block_attn.attention_backward.default(
@@ -88,12 +121,32 @@ def attention_backward(
         causal,
         scale,
         deterministic,
+        window_left,
+        window_right,
+        softcap,
+        alibi_slopes,
+        dropout_p,
+        dropout_seed_offset,
     )
 
 
 @torch.library.register_fake("block_attn::attention_forward")
 def _attention_forward_fake(
-    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale
+    q,
+    k,
+    v,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    causal,
+    scale,
+    window_left=-1,
+    window_right=-1,
+    softcap=0.0,
+    alibi_slopes=None,
+    dropout_p=0.0,
+    dropout_seed_offset=None,
 ):
     # A call mixing meta and real tensors runs this kernel, not the C++ checks.
     torch._check_value(
@@ -122,23 +175,48 @@ def _attention_backward_fake(
     causal,
     scale,
     deterministic,
+    window_left=-1,
+    window_right=-1,
+    softcap=0.0,
+    alibi_slopes=None,
+    dropout_p=0.0,
+    dropout_seed_offset=None,
 ):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
+# The forward's arguments after q, k, v and the offsets, with the schema's defaults.
+_SETTINGS = {
+    "max_seqlen_q": None,
+    "max_seqlen_k": None,
+    "causal": None,
+    "scale": None,
+    "window_left": -1,
+    "window_right": -1,
+    "softcap": 0.0,
+    "alibi_slopes": None,
+    "dropout_p": 0.0,
+    "dropout_seed_offset": None,
+}
+
+
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale = inputs
+    q, k, v, cu_seqlens_q, cu_seqlens_k, *given = inputs
+    settings = dict(zip(_SETTINGS, given, strict=False)) | {
+        name: default for name, default in list(_SETTINGS.items())[len(given) :]
+    }
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
-    ctx.max_seqlen_q = max_seqlen_q
-    ctx.max_seqlen_k = max_seqlen_k
-    ctx.causal = causal
-    ctx.scale = scale
+    ctx.save_for_backward(
+        q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, settings.pop("alibi_slopes"),
+        settings.pop("dropout_seed_offset"),
+    )  # fmt: skip
+    ctx.settings = settings
     ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
+    q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, seed_offset = ctx.saved_tensors
+    settings = ctx.settings
     if grad_out is None:
         grad_out = torch.zeros_like(out)
     grad_lse = None if grad_lse is None else grad_lse.to(lse.dtype).contiguous()
@@ -152,13 +230,19 @@ def _backward(ctx, grad_out, grad_lse):
         grad_lse,
         cu_seqlens_q,
         cu_seqlens_k,
-        ctx.max_seqlen_q,
-        ctx.max_seqlen_k,
-        ctx.causal,
-        ctx.scale,
+        settings["max_seqlen_q"],
+        settings["max_seqlen_k"],
+        settings["causal"],
+        settings["scale"],
         torch.are_deterministic_algorithms_enabled(),
+        settings["window_left"],
+        settings["window_right"],
+        settings["softcap"],
+        alibi_slopes,
+        settings["dropout_p"],
+        seed_offset,
     )
-    return grad_q, grad_k, grad_v, None, None, None, None, None, None
+    return grad_q, grad_k, grad_v, *([None] * (2 + len(_SETTINGS)))
 
 
 torch.library.register_autograd(

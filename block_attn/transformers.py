@@ -191,25 +191,28 @@ def padding_blocks_mask(
     return torch.nn.functional.pad(offsets, (1, 0)).to(torch.int32).view(1, 1, 2, -1)
 
 
-def _refuse_unsupported(
-    key: torch.Tensor, dropout: float, sliding_window: int | None, softcap: float | None
-) -> None:
-    advice = "use attn_implementation='eager' or 'sdpa' for this model"
+def _refuse_dropout(dropout: float) -> None:
     if dropout:
         raise NotImplementedError(
             f"block_attn does not support dropout yet (got attention dropout {dropout}); set the "
-            f"config's attention_dropout to 0.0 or {advice}"
+            "config's attention_dropout to 0.0 or use attn_implementation='eager' or 'sdpa' for "
+            "this model"
         )
-    # A window at least as long as the keys masks nothing: the result is exact.
-    if sliding_window is not None and sliding_window < key.shape[2]:
-        raise NotImplementedError(
-            f"block_attn does not support sliding_window yet (got sliding_window={sliding_window} "
-            f"with {key.shape[2]} keys); {advice}"
-        )
-    if softcap is not None:
-        raise NotImplementedError(
-            f"block_attn does not support softcap yet (got softcap={softcap}); {advice}"
-        )
+
+
+def _window_size(sliding_window: int | None, longest_keys: int) -> tuple[int, int]:
+    """transformers' ``sliding_window`` (a query sees that many keys, itself included) as
+    block_attn's ``window_size``, as transformers' flash-attention path converts it: causal,
+    ``sliding_window - 1`` keys before the query (the right side is 0).
+
+    A window at least as long as every key block masks nothing and is left out, so that such
+    models keep to the plain kernels.
+    """
+    if sliding_window is not None and sliding_window < 1:
+        raise ValueError(f"sliding_window must be a positive int or None, got {sliding_window}")
+    if sliding_window is None or longest_keys <= sliding_window:
+        return (-1, -1)
+    return (sliding_window - 1, sliding_window - 1)
 
 
 def _as_one_row(x: torch.Tensor) -> torch.Tensor:
@@ -269,8 +272,11 @@ def attention_forward(
         attention_mask: (1, 1, 2, 5B + 1) offsets from :func:`padding_blocks_mask`, or None.
         scaling: softmax scale; default 1/sqrt(D).
         dropout: must be 0 (dropout is not supported yet).
-        sliding_window: None, or at least Nk (otherwise not supported yet).
-        softcap: must be None (not supported yet).
+        sliding_window: None, or the keys a query sees, itself included (Mistral, Qwen2 and
+            Gemma's sliding layers), counted inside its block: ``window_size=(sliding_window - 1,
+            sliding_window - 1)`` with the causal mask, as transformers' flash-attention path.
+        softcap: None, or Gemma 2's ``attn_logit_softcapping``: scores s become
+            ``softcap * tanh(s / softcap)``.
         s_aux: (Hq,) attention sinks (GPT-OSS), passed as ``sinks``.
         **kwargs: ``cu_seq_lens_q``, ``cu_seq_lens_k``, ``max_length_q``, ``max_length_k``,
             ``position_ids``, ``is_causal``; others are ignored.
@@ -279,9 +285,10 @@ def attention_forward(
         (B, Nq, Hq, D) output (padding queries give 0) and None (no attention weights).
 
     Raises:
-        NotImplementedError: an argument block_attn does not support yet, or a dense 4-D mask.
+        NotImplementedError: dropout > 0, or a dense 4-D mask (not supported yet), or a window
+            or softcap on CUDA tensors, which the CUDA kernels do not implement yet.
     """
-    _refuse_unsupported(key, dropout, sliding_window, softcap)
+    _refuse_dropout(dropout)
     is_causal = kwargs.get("is_causal")
     causal = bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
     batch, _, length_q, _ = query.shape
@@ -313,8 +320,17 @@ def attention_forward(
         and length_q > 1
     ):
         blocks = _document_offsets(kwargs["position_ids"])
+    # Documents from position_ids have as many keys as queries.
+    longest_keys = (
+        key.shape[2] if blocks is None else blocks.get("max_seqlen_k", blocks["max_seqlen"])
+    )
+    variants = {
+        "window_size": _window_size(sliding_window, longest_keys),
+        "softcap": 0.0 if softcap is None else softcap,
+        "sinks": s_aux,
+    }
     if blocks is None:
-        out = attention(query, key, value, causal=causal, scale=scaling, sinks=s_aux)
+        out = attention(query, key, value, causal=causal, scale=scaling, **variants)
         return out.transpose(1, 2), None
     out = attention(
         _as_one_row(query),
@@ -322,7 +338,7 @@ def attention_forward(
         _as_one_row(value),
         causal=causal,
         scale=scaling,
-        sinks=s_aux,
+        **variants,
         **blocks,
     )
     return out.transpose(1, 2).reshape(batch, length_q, out.shape[1], out.shape[3]), None

@@ -4,6 +4,8 @@
 #include <limits>
 #include <string>
 
+#include "dropout_philox.h"
+
 namespace block_attn {
 namespace {
 
@@ -98,6 +100,59 @@ void check_forward_inputs(const at::Tensor& q, const at::Tensor& k, const at::Te
 
 void check_scale(double scale) {
   TORCH_CHECK_VALUE(std::isfinite(scale), "scale must be finite, got ", scale);
+}
+
+void check_variants(const at::Tensor& q, const VariantArgs& variants) {
+  TORCH_CHECK_VALUE(variants.window_left >= -1 && variants.window_right >= -1 &&
+                        variants.window_left <= kInt32Max && variants.window_right <= kInt32Max,
+                    "window_size sides must be in [0, ", kInt32Max, "], or -1 for unbounded, got (",
+                    variants.window_left, ", ", variants.window_right, ")");
+  TORCH_CHECK_VALUE(std::isfinite(variants.softcap) && variants.softcap >= 0,
+                    "softcap must be a finite float >= 0 (0 disables it), got ", variants.softcap);
+  TORCH_CHECK_VALUE(variants.dropout_p >= 0 && variants.dropout_p < 1,
+                    "dropout_p must be in [0, 1), got ", variants.dropout_p);
+  if (variants.dropout_p > 0) {
+    TORCH_CHECK_VALUE(variants.dropout_seed_offset.has_value(),
+                      "dropout_p > 0 needs dropout_seed_offset, the (seed, offset) of the mask");
+    const at::Tensor& seed_offset = *variants.dropout_seed_offset;
+    TORCH_CHECK_VALUE(seed_offset.scalar_type() == at::kLong && seed_offset.dim() == 1 &&
+                          seed_offset.size(0) == 2 && seed_offset.is_contiguous(),
+                      "dropout_seed_offset must be a contiguous int64 tensor of shape (2,), got ",
+                      dtype_name(seed_offset.scalar_type()), " ", seed_offset.sizes());
+    TORCH_CHECK_VALUE(seed_offset.device() == q.device(), "dropout_seed_offset must be on q's ",
+                      "device ", q.device(), ", got ", seed_offset.device());
+  }
+  if (!variants.alibi_slopes.has_value()) return;
+  const at::Tensor& slopes = *variants.alibi_slopes;
+  TORCH_CHECK_TYPE(slopes.scalar_type() == at::kFloat, "alibi_slopes must be float32, got ",
+                   dtype_name(slopes.scalar_type()));
+  const bool per_head = slopes.dim() == 1 && slopes.size(0) == q.size(1);
+  const bool per_batch =
+      slopes.dim() == 2 && slopes.size(0) == q.size(0) && slopes.size(1) == q.size(1);
+  TORCH_CHECK_VALUE(per_head || per_batch, "alibi_slopes must have shape (Hq,) = (", q.size(1),
+                    ",) or (B, Hq) = (", q.size(0), ", ", q.size(1), "), got ", slopes.sizes());
+  TORCH_CHECK_VALUE(slopes.device() == q.device(), "alibi_slopes must be on q's device ",
+                    q.device(), ", got ", slopes.device());
+  TORCH_CHECK_VALUE(slopes.stride(-1) == 1,
+                    "alibi_slopes must have unit stride in its last "
+                    "dimension, got stride ",
+                    slopes.stride(-1));
+}
+
+void set_variants(ForwardParams& p, const VariantArgs& variants) {
+  p.window_left = static_cast<int>(variants.window_left);
+  p.window_right = static_cast<int>(variants.window_right);
+  p.softcap = variants.softcap;
+  if (variants.alibi_slopes.has_value()) {
+    const at::Tensor& slopes = *variants.alibi_slopes;
+    p.alibi_slopes = slopes.data_ptr<float>();
+    p.alibi_batch_stride = slopes.dim() == 2 ? slopes.stride(0) : 0;
+  }
+  if (variants.dropout_p > 0) {
+    p.dropout_seed_offset = variants.dropout_seed_offset->data_ptr<int64_t>();
+    p.dropout_threshold = dropout_threshold(variants.dropout_p);
+    p.dropout_scale = 1 / (1 - variants.dropout_p);
+  }
 }
 
 void check_backward_inputs(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,

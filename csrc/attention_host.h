@@ -27,6 +27,28 @@ ForwardParams make_forward_params(const at::Tensor& q, const at::Tensor& k, cons
                                   int64_t max_seqlen_q, int64_t max_seqlen_k, bool is_causal,
                                   double scale);
 
+// The variants' operator arguments (block_attn/variants.py); the defaults turn them off.
+struct VariantArgs {
+  int64_t window_left = -1;
+  int64_t window_right = -1;
+  double softcap = 0;
+  std::optional<at::Tensor> alibi_slopes;
+  double dropout_p = 0;
+  std::optional<at::Tensor> dropout_seed_offset;  // (seed, offset), int64, when dropout_p > 0
+
+  // Whether any variant changes a call with these causal settings (causal already bounds the
+  // window's right side).
+  bool any(bool is_causal) const {
+    return window_left >= 0 || (window_right >= 0 && !is_causal) || softcap != 0 ||
+           alibi_slopes.has_value() || dropout_p != 0;
+  }
+};
+
+void check_variants(const at::Tensor& q, const VariantArgs& variants);
+
+// Copies checked variants into the params (their tensors must outlive the kernels).
+void set_variants(ForwardParams& p, const VariantArgs& variants);
+
 void check_backward_inputs(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
                            const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
                            const std::optional<at::Tensor>& grad_lse);

@@ -41,6 +41,23 @@ struct ForwardParams {
 
   double scale;  // double so float64 inputs are not rounded through float32
   bool is_causal;
+
+  // Variants (block_attn/variants.py). Local query i stands at i' = i + len_k - len_q in its key
+  // block and may attend local key t iff -window_right <= i' - t <= window_left; a side of -1 is
+  // unbounded, and is_causal makes the right side 0. The defaults turn every variant off.
+  int window_left = -1;
+  int window_right = -1;
+  double softcap = 0;  // > 0: a scaled score s becomes softcap * tanh(s / softcap)
+  // ALiBi: -slope * |i' - t| is added to the (capped) score. Float32 slopes, read at
+  // b * alibi_batch_stride + h (stride 0: one slope per head), or nullptr for none.
+  const float* alibi_slopes = nullptr;
+  int64_t alibi_batch_stride = 0;
+  // Dropout of the normalised probabilities (block_attn/dropout_mask.py): (seed, offset) on the
+  // kernel's device, or nullptr for none. A probability is kept iff its Philox word is
+  // >= dropout_threshold, and kept ones are scaled by dropout_scale = 1 / (1 - p).
+  const int64_t* dropout_seed_offset = nullptr;
+  uint32_t dropout_threshold = 0;
+  double dropout_scale = 1;
 };
 
 // Backward: the forward's fields plus the gradients. grad_lse may be null (treated as zero).

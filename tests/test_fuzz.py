@@ -8,7 +8,8 @@ a ``BlockLayout``), separate key blocks with more or fewer keys than queries, em
 blocks, offsets that end before the tensors (rows in no block), memory layout (contiguous,
 transposed ``(B, N, H, D)`` views, a sliced or strided last dim, a batch stride of 0), a custom
 scale, peaky scores, which of q, k and v need gradients, ``return_lse`` (and a gradient for it)
-and the CPU thread count. The case's description is in every assertion message.
+the CPU thread count, and the score variants (sliding window, softcap, ALiBi). The case's
+description is in every assertion message.
 
 Environment:
     BLOCK_ATTN_FUZZ_CASES=N: run seeds 0..N-1 (default 500).
@@ -20,7 +21,7 @@ from __future__ import annotations
 import itertools
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pytest
 import torch
@@ -74,6 +75,8 @@ class Case:
     grad_of: str  # which of "qkv" need gradients ("" for forward only)
     return_lse: bool
     threads: int
+    # window_size / softcap / alibi ("heads" or "batch": slopes of shape (Hq,) or (B, Hq)).
+    variants: dict = field(default_factory=dict)
 
     def __str__(self) -> str:
         offsets = f", offsets_q={self.offsets_q}" if self.form not in ("none", "block_size") else ""
@@ -86,7 +89,7 @@ class Case:
             f"causal={self.causal}, form={self.form}, block_size={self.block_size}"
             f"{offsets}, slack={self.slack}, scale={self.scale}, gain={self.gain}, "
             f"grad_of={self.grad_of!r}, "
-            f"return_lse={self.return_lse}, threads={self.threads}"
+            f"return_lse={self.return_lse}, threads={self.threads}, variants={self.variants}"
         )
 
 
@@ -172,6 +175,7 @@ def draw_case(seed: int) -> Case:
         if offsets_k is not None:
             end_k = rng.randint(0, seqlen_k)
             case.offsets_k = [min(c, end_k) for c in offsets_k]
+    case.variants = _draw_variants(rng)
     # Shrink batch, then the query groups, then the heads, then the head dim, until the dense
     # reference is cheap; lengths are what the fuzzing is after.
     while (
@@ -186,6 +190,31 @@ def draw_case(seed: int) -> Case:
         else:
             case.head_dim = max(d for d in HEAD_DIMS if d < case.head_dim)
     return case
+
+
+def _draw_variants(rng: random.Random) -> dict:
+    """Drawn last, so that the other fields of a seed's case do not depend on them."""
+    variants: dict = {}
+    if rng.random() < 0.3:
+        sides = (-1, 0, 1, 5, 63, 64, 200)
+        variants["window_size"] = (rng.choice(sides), rng.choice(sides))
+    if rng.random() < 0.15:
+        variants["softcap"] = rng.choice((1.0, 5.0, 30.0))
+    if rng.random() < 0.15:
+        variants["alibi"] = rng.choice(("heads", "batch"))
+    return variants
+
+
+def variant_kwargs(case: Case, device: str) -> dict:
+    """The case's variants as keyword arguments; none on CUDA, whose kernels lack them so far."""
+    if device != "cpu":
+        return {}
+    kwargs = {k: v for k, v in case.variants.items() if k != "alibi"}
+    if "alibi" in case.variants:
+        shape = (case.heads_q,) if case.variants["alibi"] == "heads" else (case.batch, case.heads_q)
+        gen = torch.Generator().manual_seed(case.seed)
+        kwargs["alibi_slopes"] = torch.rand(shape, generator=gen) * 0.5
+    return kwargs
 
 
 def make_input(case: Case, heads: int, seqlen: int, device: str) -> torch.Tensor:
@@ -294,7 +323,7 @@ def test_fuzz(device, seed):
     threads = torch.get_num_threads()
     torch.set_num_threads(case.threads)
     try:
-        kwargs = block_kwargs(case, device)
+        kwargs = block_kwargs(case, device) | variant_kwargs(case, device)
         ours = run(
             block_attn.attention,
             views,
@@ -315,9 +344,8 @@ def test_fuzz(device, seed):
         ]
         grads = (grad_out.cpu().to(dtype), grad_lse.cpu().to(torch.promote_types(dtype, lse_dtype)))
         # Always with lse, whose -inf rows say which rows have no allowed key.
-        return run(
-            reference.attention, inputs, needs_grad, *grads, reference_kwargs(case), case, True
-        )
+        kwargs = reference_kwargs(case) | variant_kwargs(case, device)
+        return run(reference.attention, inputs, needs_grad, *grads, kwargs, case, True)
 
     exact = reference_run(torch.float64)
     empty_rows = exact["lse"].isneginf()

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import block_attn
-from block_attn.nn import MultiheadBlockAttention
+from block_attn.nn import MultiheadBlockAttention, alibi_slopes
 
 DEVICES = [
     "cpu",
@@ -287,6 +287,159 @@ def test_torch_compile_fullgraph(blocks):
     (grad,) = torch.autograd.grad(out.sum(), x)
     assert_close(out, expected, "compiled output")
     assert_close(grad, expected_grad, "compiled input gradient")
+
+
+def reference_forward(
+    module: MultiheadBlockAttention, x: torch.Tensor, **attention_kwargs
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The module's forward pass written out with block_attn.reference, and its dense weights."""
+    batch, length, _ = x.shape
+
+    def heads(proj: torch.nn.Linear, count: int) -> torch.Tensor:
+        return proj(x).view(batch, length, count, module.head_dim).transpose(1, 2)
+
+    q, k, v = (
+        heads(module.q_proj, NUM_HEADS),
+        heads(module.k_proj, module.num_kv_heads),
+        heads(module.v_proj, module.num_kv_heads),
+    )
+    out = block_attn.reference.attention(q, k, v, **attention_kwargs)
+    out = module.out_proj(out.transpose(1, 2).reshape(batch, length, EMBED_DIM))
+    # The weights: attention on one-hot values picks out each query's probabilities. q and k get
+    # zero features up to the values' width N, which leaves every q·k as it was.
+    identity = torch.eye(length, dtype=x.dtype).expand(batch, NUM_HEADS, length, length)
+    k = k.repeat_interleave(NUM_HEADS // module.num_kv_heads, dim=1)
+    q, k = (torch.nn.functional.pad(t, (0, length - module.head_dim)) for t in (q, k))
+    scale = module.head_dim**-0.5
+    weights = block_attn.reference.attention(q, k, identity, scale=scale, **attention_kwargs)
+    return out, weights
+
+
+VARIANTS = {
+    "window": {"window_size": (3, 1)},
+    "window_left_only": {"window_size": (2, -1)},
+    "softcap": {"softcap": 0.5},
+    "alibi": {"alibi": True},
+    "all": {"window_size": (4, 2), "softcap": 1.5, "alibi": True, "sinks": True},
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("blocks", [{}, {"cu_seqlens": [0, 5, 6, 13]}])
+def test_variants_match_the_reference(variant, causal, blocks):
+    """CPU only: the CUDA kernels have no window, softcap or ALiBi yet."""
+    torch.manual_seed(10)
+    options = VARIANTS[variant]
+    module = MultiheadBlockAttention(EMBED_DIM, NUM_HEADS, num_kv_heads=2, causal=causal, **options)
+    if module.sinks is not None:
+        with torch.no_grad():
+            module.sinks.copy_(torch.linspace(-1.0, 2.0, NUM_HEADS))
+    # Larger projections than the default, so the softcap bites.
+    with torch.no_grad():
+        module.q_proj.weight.mul_(4)
+    x = torch.randn(2, 13, EMBED_DIM, requires_grad=True)
+    kwargs = {
+        "causal": causal,
+        "window_size": options.get("window_size", (-1, -1)),
+        "softcap": options.get("softcap", 0.0),
+        "alibi_slopes": module.alibi_slopes,
+        "sinks": module.sinks,
+        **blocks,
+    }
+    expected, expected_weights = reference_forward(module, x, **kwargs)
+    out, weights = module(x, need_weights=True, **blocks)
+    assert_close(out, expected, f"{variant} output")
+    assert_close(weights, expected_weights, f"{variant} attention weights")
+    grad_out = torch.randn_like(out)
+    parameters = [x, *module.parameters()]
+    expected_grads = torch.autograd.grad(expected, parameters, grad_out)
+    grads = torch.autograd.grad(out, parameters, grad_out)
+    names = ["input", *(name for name, _ in module.named_parameters())]
+    for name, grad, expected_grad in zip(names, grads, expected_grads, strict=True):
+        assert_close(grad, expected_grad, f"{variant} gradient of {name}")
+
+
+def test_a_window_masks_the_weights_outside_it():
+    module = MultiheadBlockAttention(EMBED_DIM, NUM_HEADS, causal=True, window_size=(2, 0))
+    _, weights = module(torch.randn(1, 7, EMBED_DIM), need_weights=True)
+    behind = torch.arange(7)[:, None] - torch.arange(7)[None, :]
+    outside = (behind < 0) | (behind > 2)
+    assert torch.all(weights[..., outside] == 0), "a weight outside the window"
+    assert torch.all(weights[..., ~outside] > 0), "a weight inside the window is 0"
+
+
+def test_alibi_slopes_of_a_power_of_two_head_count():
+    expected = [1 / 2, 1 / 4, 1 / 8, 1 / 16, 1 / 32, 1 / 64, 1 / 128, 1 / 256]
+    assert alibi_slopes(8) == expected
+    module = MultiheadBlockAttention(16, 8, alibi=True)
+    assert module.alibi_slopes.dtype == torch.float32
+    assert module.alibi_slopes.tolist() == expected
+    assert alibi_slopes(4) == [1 / 4, 1 / 16, 1 / 64, 1 / 256]
+    assert alibi_slopes(1) == [1 / 256]
+
+
+def test_alibi_slopes_of_other_head_counts():
+    """The first slopes of the power of two below, then every other slope of twice as many."""
+    assert alibi_slopes(6) == [0.25, 0.0625, 0.015625, 0.00390625, 0.5, 0.125]
+    # 12 heads: the 8 slopes 2^(-i) of 8 heads, then 2^(-0.5), 2^(-1.5), 2^(-2.5), 2^(-3.5).
+    twelve = [0.5, 0.25, 0.125, 0.0625, 0.03125, 0.015625, 0.0078125, 0.00390625]
+    twelve += [0.7071067811865476, 0.35355339059327373, 0.17677669529663687, 0.08838834764831843]
+    assert alibi_slopes(12) == pytest.approx(twelve, rel=1e-15)
+    assert alibi_slopes(3) == [0.0625, 0.00390625, 0.25]
+
+
+def test_alibi_slopes_stay_float32_and_out_of_the_state_dict():
+    module = MultiheadBlockAttention(EMBED_DIM, 6, alibi=True)
+    assert "alibi_slopes" not in module.state_dict()
+    assert "alibi_slopes" in dict(module.named_buffers())
+    for converted in (module.double(), module.to(torch.bfloat16), module.to_empty(device="cpu")):
+        assert converted.alibi_slopes.dtype == torch.float32
+        assert converted.alibi_slopes.tolist() == alibi_slopes(6)
+    module = MultiheadBlockAttention(EMBED_DIM, NUM_HEADS, alibi=True, dtype=torch.float64)
+    out = module(torch.randn(1, 5, EMBED_DIM, dtype=torch.float64))
+    assert out.dtype == torch.float64
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
+def test_alibi_slopes_follow_the_module_to_cuda():
+    module = MultiheadBlockAttention(EMBED_DIM, NUM_HEADS, alibi=True).cuda()
+    assert module.alibi_slopes.device.type == "cuda"
+    assert module.alibi_slopes.dtype == torch.float32
+
+
+def test_extra_repr_shows_the_variants_set():
+    plain = repr(MultiheadBlockAttention(EMBED_DIM, NUM_HEADS))
+    assert "window_size" not in plain and "softcap" not in plain and "alibi" not in plain
+    text = repr(
+        MultiheadBlockAttention(EMBED_DIM, NUM_HEADS, window_size=(8, 0), softcap=30, alibi=True)
+    )
+    assert "window_size=(8, 0), softcap=30.0, alibi=True" in text, text
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"window_size": 4}, TypeError, r"window_size must be a pair of ints \(left, right\)"),
+        ({"window_size": (1, 2, 3)}, ValueError, r"window_size must be a pair \(left, right\)"),
+        ({"window_size": (-2, 0)}, ValueError, r"sides must be >= 0, or -1 for unbounded"),
+        ({"window_size": (1.5, 0)}, TypeError, "window_size must be an int, got float"),
+        ({"softcap": -1.0}, ValueError, r"softcap must be a finite float >= 0"),
+        ({"softcap": float("inf")}, ValueError, r"softcap must be a finite float >= 0"),
+        ({"softcap": "30"}, TypeError, "softcap must be a float, got str"),
+        ({"alibi": 1}, TypeError, "alibi must be a bool, got int"),
+    ],
+)
+def test_variant_errors(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        MultiheadBlockAttention(EMBED_DIM, NUM_HEADS, **kwargs)
+
+
+def test_alibi_slopes_errors():
+    with pytest.raises(ValueError, match="num_heads must be positive, got 0"):
+        alibi_slopes(0)
+    with pytest.raises(TypeError, match="num_heads must be an int, got float"):
+        alibi_slopes(4.0)
 
 
 @pytest.mark.parametrize(

@@ -200,18 +200,10 @@ class Layer(torch.nn.Module):
     is_causal = True
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "named"),
-    [
-        ({"dropout": 0.1}, "dropout"),
-        ({"sliding_window": 4}, "sliding_window"),
-        ({"softcap": 30.0}, "softcap"),
-    ],
-)
-def test_unsupported_arguments_are_refused(kwargs, named):
+def test_dropout_is_refused():
     q, k, v = torch.randn(1, 4, 8, 16), torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16)
-    with pytest.raises(NotImplementedError, match=f"does not support {named}"):
-        hf_backend.attention_forward(Layer(), q, k, v, None, **kwargs)
+    with pytest.raises(NotImplementedError, match="does not support dropout yet"):
+        hf_backend.attention_forward(Layer(), q, k, v, None, dropout=0.1)
 
 
 def test_a_window_longer_than_the_keys_is_exact():
@@ -221,18 +213,132 @@ def test_a_window_longer_than_the_keys_is_exact():
     assert weights is None and torch.equal(out, expected)
 
 
-def test_models_passing_unsupported_arguments_raise():
+@pytest.mark.parametrize("keys", [9, 13])
+def test_sliding_window_and_softcap_follow_transformers_masks(keys):
+    """The window is transformers' sliding_window_overlay (kv > q - window) on the causal mask,
+    bottom-right aligned when cached keys come before the queries; softcap as Gemma 2's eager."""
+    window, softcap, scaling = 3, 2.0, 0.7
+    q = torch.randn(2, 4, 9, 16, dtype=torch.float64)
+    k, v = torch.randn(2, 2, keys, 16, dtype=torch.float64), torch.randn(2, 2, keys, 16)
+    v = v.double()
+    out, _ = hf_backend.attention_forward(
+        Layer(), q, k, v, None, scaling=scaling, sliding_window=window, softcap=softcap
+    )
+    positions_q = torch.arange(9)[:, None] + keys - 9
+    positions_k = torch.arange(keys)[None, :]
+    allowed = (positions_k <= positions_q) & (positions_k > positions_q - window)
+    k, v = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)
+    scores = softcap * torch.tanh(q @ k.transpose(-2, -1) * scaling / softcap)
+    expected = scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1) @ v
+    torch.testing.assert_close(out, expected.transpose(1, 2), atol=1e-12, rtol=1e-10)
+
+
+def test_an_invalid_sliding_window_is_refused():
+    q, k, v = torch.randn(1, 4, 8, 16), torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16)
+    with pytest.raises(ValueError, match="sliding_window must be a positive int or None, got 0"):
+        hf_backend.attention_forward(Layer(), q, k, v, None, sliding_window=0)
+
+
+# Larger weights than the default initialisation, so that attention is far from uniform and a
+# window or a softcap changes the logits by far more than the tolerance.
+WINDOWED = {
+    "mistral": lambda: transformers.MistralConfig(**SMALL, sliding_window=4, initializer_range=0.2),
+    "qwen2": lambda: transformers.Qwen2Config(
+        **SMALL,
+        use_sliding_window=True,
+        sliding_window=4,
+        max_window_layers=1,
+        initializer_range=0.2,
+    ),
+    "gemma2": lambda: transformers.Gemma2Config(
+        **SMALL,
+        head_dim=16,
+        sliding_window=4,
+        attn_logit_softcapping=1.0,
+        initializer_range=0.2,
+    ),
+}
+
+
+def windowed_pair(family: str) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """An eager model with sliding-window layers (and Gemma 2's softcap) and a block_attn copy."""
     torch.manual_seed(0)
-    mistral = transformers.AutoModelForCausalLM.from_config(
-        transformers.MistralConfig(**{**SMALL, "sliding_window": 4}), attn_implementation=NAME
+    eager = transformers.AutoModelForCausalLM.from_config(
+        WINDOWED[family](), attn_implementation="eager"
     )
-    with pytest.raises(NotImplementedError, match="sliding_window"):
-        mistral(torch.zeros(1, 6, dtype=torch.long), use_cache=False)
-    gemma2 = transformers.AutoModelForCausalLM.from_config(
-        transformers.Gemma2Config(**{**SMALL, "head_dim": 16}), attn_implementation=NAME
-    )
-    with pytest.raises(NotImplementedError, match="softcap"):
-        gemma2(torch.zeros(1, 3, dtype=torch.long), use_cache=False)
+    ours = copy.deepcopy(eager)
+    ours.set_attn_implementation(NAME)
+    return eager, ours
+
+
+@pytest.mark.parametrize("family", sorted(WINDOWED))
+@pytest.mark.parametrize("form", ["right", "left", "position_ids", "flash_kwargs"])
+def test_sliding_window_and_softcap_match_eager(family, form):
+    """CPU only: the CUDA kernels have no window or softcap yet."""
+    eager, ours = windowed_pair(family)
+    if form in ("right", "left"):
+        ids, mask = padded_batch(form)
+        inputs, valid = {"input_ids": ids, "attention_mask": mask}, mask.bool()
+    else:
+        batch = packed_batch((5, 1, 9, 7))
+        inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
+        valid = slice(None)
+    expected, expected_grads = logits_and_grads(eager, valid, **inputs)
+    if form == "flash_kwargs":
+        offsets, longest = batch["offsets"], batch["longest"]
+        inputs.update(
+            cu_seq_lens_q=offsets, cu_seq_lens_k=offsets, max_length_q=longest, max_length_k=longest
+        )
+    got, got_grads = logits_and_grads(ours, valid, **inputs)
+    torch.testing.assert_close(got, expected, **TOLERANCE, msg=lambda m: f"logits: {m}")
+    for name, grad in expected_grads.items():
+        # The larger weights give gradients up to ~50: float32 rounding grows with them.
+        atol = TOLERANCE["atol"] * max(1.0, grad.abs().max().item())
+        torch.testing.assert_close(
+            got_grads[name],
+            grad,
+            atol=atol,
+            rtol=TOLERANCE["rtol"],
+            msg=lambda m, n=name: f"{n}: {m}",
+        )
+
+
+@pytest.mark.parametrize("family", sorted(WINDOWED))
+def test_window_and_softcap_change_the_logits(family):
+    """The comparisons above would hold trivially if the window or softcap did nothing."""
+    _, ours = windowed_pair(family)
+    ids = torch.randint(0, SMALL["vocab_size"], (1, 12), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        windowed = ours(ids, use_cache=False).logits
+        # A window longer than the sequence masks nothing.
+        ours.config.sliding_window = 100
+        for layer in ours.model.layers:
+            if getattr(layer.self_attn, "sliding_window", None) is not None:
+                layer.self_attn.sliding_window = 100
+            if hasattr(layer.self_attn, "attn_logit_softcapping"):
+                layer.self_attn.attn_logit_softcapping = None
+        plain = ours(ids, use_cache=False).logits
+    difference = (windowed - plain).abs().max().item()
+    assert difference > 1e-2, f"the window and softcap change the logits by only {difference}"
+
+
+@pytest.mark.parametrize("family", ["mistral", "gemma2"])
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_sliding_window_generation_matches_eager(family, cache):
+    """Sliding-window caches keep only the last keys: the window stays aligned to the queries."""
+    eager, ours = windowed_pair(family)
+    ids, mask = padded_batch("left")
+    ids = ids.masked_fill(mask == 0, 0)
+    options = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0, "attention_mask": mask}
+    if cache == "static":
+        options["cache_implementation"] = "static"
+    for model in (eager, ours):
+        model.eval()
+    expected = eager.generate(ids, output_logits=True, return_dict_in_generate=True, **options)
+    got = ours.generate(ids, output_logits=True, return_dict_in_generate=True, **options)
+    assert torch.equal(got.sequences, expected.sequences), (got.sequences, expected.sequences)
+    for step, (a, b) in enumerate(zip(got.logits, expected.logits, strict=True)):
+        torch.testing.assert_close(a, b, **TOLERANCE, msg=lambda m, s=step: f"step {s}: {m}")
 
 
 @pytest.mark.parametrize("form", ["padded", "packed"])

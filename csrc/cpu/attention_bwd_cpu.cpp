@@ -15,7 +15,9 @@
 
 #include "attention_cpu.h"
 #include "backward_products.h"
+#include "dropout_tile.h"
 #include "rows_outside_blocks.h"
+#include "score_variants.h"
 #include "tile_math.h"
 #include "tile_schedule.h"
 #include "work_queue.h"
@@ -26,7 +28,7 @@ namespace {
 // 64 queries are the vector lanes of the transposed scores, as in the forward. 128 keys per
 // inner tile keep the two score tiles (2 × 32 KB) and the K rows that dQ reads in L2 beside
 // the dK/dV accumulators of the range.
-constexpr int kBlockM = 64;
+constexpr int kBlockM = kTileLanes;
 constexpr int kBlockN = 128;
 // Blocks are split into key ranges until no item exceeds 1/kItemsPerThread of a thread's
 // share of the work: enough items for the dynamic schedule to even out. A block is cut into
@@ -86,6 +88,10 @@ struct BackwardScratch {
   // Compensated totals of dK and dV over earlier query tiles (total, compensation, each range
   // keys × padded_dim), sized when a range first needs them: most blocks never do.
   std::vector<acc> grad_kv_totals;
+  AlibiLanes<acc> alibi;
+  // Dropout: the query tile's counter words and the factors of the current key tile.
+  DropoutLanes dropout_lanes;
+  AlignedBuffer<acc> dropout_factors = AlignedBuffer<acc>(kBlockN * kBlockM);
 };
 
 // Delta_i = rowsum(dO_i ∘ O_i) − grad_lse_i, one value per (batch, query head, query).
@@ -111,29 +117,52 @@ std::vector<acc_t<scalar_t>> compute_delta(const BackwardParams& p) {
   return delta;
 }
 
-// Turns the transposed scores of one tile pair into P = exp(scale·S − lse) (in scores_t) and
-// dS·scale = P ∘ (dP − Delta)·scale (in grad_scores_t, which holds dPᵀ on entry). Keys
-// [k0, k0 + cols) and queries [q0, q0 + rows) are block-local; `lanes` is rows rounded up to
-// whole vectors.
-template <typename acc>
-void probabilities_and_score_grads(const BackwardParams& p, const BlockExtent& e, int q0, int rows,
-                                   int lanes, int k0, int cols, acc* scores_t, acc* grad_scores_t,
-                                   const acc* lse, const acc* delta) {
+// Turns the transposed scores of one tile pair into P = exp(s − lse) and the score gradient
+// dS = P ∘ (dP − Delta) · ds/dS (in grad_scores_t, which holds dPᵀ on entry), where s is the
+// score after scaling and the variants: ds/dS = scale, times 1 − tanh² under a softcap. With
+// dropout factors Z (dropout_t, else nullptr) dP becomes Z ∘ dP and scores_t gets Z ∘ P (what dV
+// needs), else P. Keys [k0, k0 + cols) and queries [q0, q0 + rows) are block-local; `lanes` is
+// rows rounded up to whole vectors. kTransforms: the variants have a softcap or ALiBi.
+template <typename acc, bool kTransforms>
+void probabilities_and_score_grads(const BlockExtent& e, const KeyWindow& window, acc scale_value,
+                                   const TileVariants<acc>& variants, int q0, int rows, int lanes,
+                                   int k0, int cols, acc* scores_t, acc* grad_scores_t,
+                                   const acc* lse, const acc* delta, const acc* dropout_t) {
   using Vec = at::vec::Vectorized<acc>;
   constexpr int W = kVecWidth<acc>;
-  const Vec scale(static_cast<acc>(p.scale));
-  const Vec lane_index = Vec::arange(0, 1);
+  const Vec scale(scale_value);
   for (int c = 0; c < cols; ++c) {
     acc* s = scores_t + c * kBlockM;
     acc* ds = grad_scores_t + c * kBlockM;
-    // Queries before `first` (tile-local) may not see key k0 + c.
-    const int first =
-        p.is_causal ? std::clamp(causal_query_begin(k0 + c, e, true) - q0, 0, rows) : 0;
+    // Queries outside [first, end) (tile-local) may not see key k0 + c.
+    int first = 0, end = kBlockM;
+    if (window.masks()) {
+      first = std::clamp(window_query_begin(k0 + c, e, window) - q0, 0, rows);
+      const int end_row = std::clamp(window_query_end(k0 + c, e, window) - q0, 0, rows);
+      end = end_row == rows ? kBlockM : end_row;
+    }
     for (int v0 = 0; v0 < lanes; v0 += W) {
-      Vec prob = vec_exp<acc>(at::vec::fmadd(Vec::loadu(s + v0), scale, -Vec::loadu(lse + v0)));
-      if (first > v0) prob = Vec::blendv(prob, Vec(0), (lane_index + Vec(v0)) < Vec(first));
+      Vec prob;
+      Vec slope = scale;
+      if constexpr (kTransforms) {
+        Vec tanh_value;
+        const Vec score = transformed<acc>(Vec::loadu(s + v0) * scale, variants, c, v0, tanh_value);
+        prob = vec_exp<acc>(score - Vec::loadu(lse + v0));
+        if (variants.softcap != 0) slope = scale * (Vec(1) - tanh_value * tanh_value);
+      } else {
+        prob = vec_exp<acc>(at::vec::fmadd(Vec::loadu(s + v0), scale, -Vec::loadu(lse + v0)));
+      }
+      if (first > v0 || end < v0 + W) {
+        prob = Vec::blendv(prob, Vec(0), outside_lanes<acc>(v0, first, end));
+      }
+      if (dropout_t != nullptr) {
+        const Vec kept = Vec::loadu(dropout_t + c * kBlockM + v0);
+        (prob * (Vec::loadu(ds + v0) * kept - Vec::loadu(delta + v0)) * slope).store(ds + v0);
+        (prob * kept).store(s + v0);
+        continue;
+      }
       prob.store(s + v0);
-      (prob * (Vec::loadu(ds + v0) - Vec::loadu(delta + v0)) * scale).store(ds + v0);
+      (prob * (Vec::loadu(ds + v0) - Vec::loadu(delta + v0)) * slope).store(ds + v0);
     }
   }
 }
@@ -187,26 +216,56 @@ void backward_item(const BackwardParams& p, const std::vector<acc_t<scalar_t>>& 
   bool has_key_totals = false;
   acc* kv_totals = nullptr;  // dK total, its compensation, dV total, its compensation
 
-  // The first range also writes the dQ of queries that see no key at all (zeros).
+  // A block kept whole writes the dQ of all its queries (zeros where they see none of its keys);
+  // the ranges of a split block visit only the queries that see them (partials start at zero).
+  const KeyWindow window = key_window(p);
+  const bool whole_block = target.partial_offset[item.block] < 0;
   const int first_query =
-      item.range == 0 ? 0 : causal_query_begin(item.key_begin, e, p.is_causal) / kBlockM * kBlockM;
+      whole_block ? 0 : window_query_begin(item.key_begin, e, window) / kBlockM * kBlockM;
+  const int query_end = whole_block ? e.len_q : window_query_end(item.key_end - 1, e, window);
+  TileVariants<acc> variants;
+  variants.softcap = static_cast<acc>(p.softcap);
+  if (p.alibi_slopes != nullptr) variants.alibi = &t.alibi;
+  const acc scale = static_cast<acc>(p.scale);
+  const bool dropout = p.dropout_seed_offset != nullptr;
+  const acc* dropout_t = dropout ? t.dropout_factors.get() : nullptr;
   for (int g = 0; g < group; ++g) {
     const int head = item.kv_head * group + g;
-    for (int q0 = first_query; q0 < e.len_q; q0 = tile_end(q0, e.len_q, kBlockM)) {
+    for (int q0 = first_query; q0 < query_end; q0 = tile_end(q0, e.len_q, kBlockM)) {
       const int rows = std::min(kBlockM, e.len_q - q0);
       const int lanes = padded<acc>(rows);
-      const int key_limit = std::min(item.key_end, causal_key_end(q0 + rows - 1, e, p.is_causal));
+      // Key tiles start an even number of keys into the range (bf16 products take key pairs).
+      const int window_begin = std::max(item.key_begin, window_key_begin(q0, e, window));
+      const int key_start = item.key_begin + ((window_begin - item.key_begin) & ~1);
+      const int key_limit = std::min(item.key_end, window_key_end(q0 + rows - 1, e, window));
       fill<acc>(t.grad_q.get(), static_cast<int64_t>(rows) * ld, 0);
-      if (key_limit > item.key_begin)
+      if (key_limit > key_start) {
         load_query_tile<scalar_t>(p, delta, item.batch, head, e, q0, rows, t);
+        if (dropout)
+          fill_dropout_lanes(p, item.batch, head, 1, e.q_start + q0, rows, t.dropout_lanes);
+      }
       int tiles_in_grad_q = 0;  // key tiles summed into grad_q since its last add
       bool has_query_total = false;
-      for (int k0 = item.key_begin; k0 < key_limit; k0 = tile_end(k0, key_limit, kBlockN)) {
+      for (int k0 = key_start; k0 < key_limit; k0 = tile_end(k0, key_limit, kBlockN)) {
         const int cols = std::min(kBlockN, key_limit - k0);
         const int key = k0 - item.key_begin;  // within the range
         t.products.scores(key, cols, lanes, t.scores_t.get(), t.grad_scores_t.get());
-        probabilities_and_score_grads<acc>(p, e, q0, rows, lanes, k0, cols, t.scores_t.get(),
-                                           t.grad_scores_t.get(), t.lse.get(), t.delta.get());
+        if (variants.alibi != nullptr) {
+          fill_alibi_lanes<acc>(p, e, item.batch, head, 1, q0, rows, k0, t.alibi);
+        }
+        if (dropout) {
+          dropout_factors<acc>(p, t.dropout_lanes, e.k_start + k0, cols, lanes,
+                               t.dropout_factors.get());
+        }
+        if (variants.transforms()) {
+          probabilities_and_score_grads<acc, true>(e, window, scale, variants, q0, rows, lanes, k0,
+                                                   cols, t.scores_t.get(), t.grad_scores_t.get(),
+                                                   t.lse.get(), t.delta.get(), dropout_t);
+        } else {
+          probabilities_and_score_grads<acc, false>(e, window, scale, variants, q0, rows, lanes, k0,
+                                                    cols, t.scores_t.get(), t.grad_scores_t.get(),
+                                                    t.lse.get(), t.delta.get(), dropout_t);
+        }
         t.products.accumulate_grads(key, cols, rows, t.scores_t.get(), t.grad_scores_t.get(),
                                     t.grad_v.get(), t.grad_k.get(), t.grad_q.get());
         if (++tiles_in_grad_q == kKeyTilesPerSum && tile_end(k0, key_limit, kBlockN) < key_limit) {
@@ -225,7 +284,7 @@ void backward_item(const BackwardParams& p, const std::vector<acc_t<scalar_t>>& 
         finish_compensated(t.grad_q.get(), static_cast<int64_t>(rows) * ld, t.grad_q_total.get(),
                            t.grad_q_compensation.get());
       }
-      if (key_limit > item.key_begin && ++query_tiles_in_grads == kQueryTilesPerSum) {
+      if (key_limit > key_start && ++query_tiles_in_grads == kQueryTilesPerSum) {
         if (!has_key_totals) {
           if (static_cast<int64_t>(t.grad_kv_totals.size()) < 4 * range_size) {
             t.grad_kv_totals.resize(4 * range_size);
@@ -274,9 +333,11 @@ void backward_item(const BackwardParams& p, const std::vector<acc_t<scalar_t>>& 
                         p.grad_v_row_stride);
 }
 
-// Work of key tile [k0, k0 + cols): the queries that see its first key times its keys.
-int64_t key_tile_cost(const BlockExtent& e, int k0, int cols, bool is_causal) {
-  return static_cast<int64_t>(cols) * (e.len_q - causal_query_begin(k0, e, is_causal));
+// Work of key tile [k0, k0 + cols): the queries that see any of its keys times its keys.
+int64_t key_tile_cost(const BlockExtent& e, int k0, int cols, const KeyWindow& window) {
+  const int queries =
+      window_query_end(k0 + cols - 1, e, window) - window_query_begin(k0, e, window);
+  return static_cast<int64_t>(cols) * std::max(queries, 0);
 }
 
 // Splits blocks into key ranges of at most `max_cost` work (whole blocks when it is 0) and lists
@@ -291,7 +352,7 @@ std::vector<WorkItem> make_work_items(const BackwardParams& p, int64_t max_cost,
     WorkItem current{0, 0, j, 0, 0, 0, 0};
     for (int k0 = 0; k0 < e.len_k; k0 = tile_end(k0, e.len_k, kBlockN)) {
       const int cols = std::min(kBlockN, e.len_k - k0);
-      const int64_t cost = key_tile_cost(e, k0, cols, p.is_causal);
+      const int64_t cost = key_tile_cost(e, k0, cols, key_window(p));
       if (max_cost > 0 && current.key_end > current.key_begin && current.cost + cost > max_cost) {
         ranges.push_back(current);
         current = {0, 0, j, k0, k0, current.range + 1, 0};
@@ -337,7 +398,7 @@ int64_t max_item_cost(const BackwardParams& p) {
     const BlockExtent e = block_extent(p, j);
     int64_t block = 0;
     for (int k0 = 0; k0 < e.len_k; k0 = tile_end(k0, e.len_k, kBlockN)) {
-      block += key_tile_cost(e, k0, std::min(kBlockN, e.len_k - k0), p.is_causal);
+      block += key_tile_cost(e, k0, std::min(kBlockN, e.len_k - k0), key_window(p));
     }
     total += block * p.batch * p.heads_kv;
     largest = std::max(largest, block);

@@ -1,5 +1,5 @@
 // CPU forward: FlashAttention-style online softmax over the key tiles of each query tile's
-// own block; tiles past the causal diagonal are never visited.
+// own block; tiles outside the causal mask or the sliding window are never visited.
 //
 // Scores are kept transposed (keys × queries): the register-tiled product then broadcasts K
 // straight from its packed rows, the transposed Q is packed once per query tile, and the
@@ -12,10 +12,12 @@
 #include <vector>
 
 #include "attention_cpu.h"
+#include "dropout_tile.h"
 #include "few_query_scores.h"
 #include "forward_key_split.h"
 #include "forward_products.h"
 #include "rows_outside_blocks.h"
+#include "score_variants.h"
 #include "tile_math.h"
 #include "tile_schedule.h"
 #include "work_queue.h"
@@ -26,7 +28,7 @@ namespace {
 // 64 queries are the vector lanes of the transposed scores (4 AVX-512 vectors, the register
 // tile's width). 256 keys per tile amortise the online-softmax rescaling of the output and the
 // per-tile packing; a 64×256 score tile (64 KB) and the K and V tiles stay in L2.
-constexpr int kBlockM = 64;
+constexpr int kBlockM = kTileLanes;
 constexpr int kBlockN = 256;
 constexpr int64_t kTilesPerTake = 4;
 // A query's output sums at most this many key tiles (4096 keys) in plain float before the sum
@@ -61,29 +63,40 @@ struct ForwardScratch {
   acc *scores_t, *out, *row_max, *row_sum, *correction, *inverse_sum;
   // Compensated running totals: of row_sum, and of `out` over the key tiles summed before.
   acc *sum_compensation, *out_total, *out_compensation;
+  // The window's lane interval of each key of a tile, and the tile's ALiBi lanes.
   std::vector<int> first_lane = std::vector<int>(kBlockN);
+  std::vector<int> end_lane = std::vector<int>(kBlockN);
+  AlibiLanes<acc> alibi;
+  // Dropout: the tile's counter words and the factors of its current key tile.
+  DropoutLanes dropout_lanes;
+  AlignedBuffer<acc> dropout_factors = AlignedBuffer<acc>(kBlockN * kBlockM);
 };
 
-// Scales, masks, exponentiates and sums one transposed score tile (cols keys × `lanes` queries,
-// row stride kBlockM) against the running maxima and sums of the queries. Key row c is masked
-// for the lanes before first_lane[c] (causal tiles; nullptr: nothing masked). Leaves P in
-// scores_t and each query's output rescaling factor in `correction`. Each tile's sum is added
-// to row_sum compensated (sum_compensation), so long rows keep the sum's precision.
-template <typename acc>
-void online_softmax_tile(int cols, int lanes, acc scale, const int* first_lane, acc* scores_t,
-                         acc* row_max, acc* row_sum, acc* sum_compensation, acc* correction) {
+// Scales, transforms (softcap, ALiBi), masks, exponentiates and sums one transposed score tile
+// (cols keys × `lanes` queries, row stride kBlockM) against the running maxima and sums of the
+// queries. Leaves P in scores_t and each query's output rescaling factor in `correction`. Each
+// tile's sum is added to row_sum compensated (sum_compensation), so long rows keep the sum's
+// precision. kTransforms: the variants have a softcap or ALiBi (plain tiles skip their code).
+template <typename acc, bool kTransforms>
+void online_softmax_tile(int cols, int lanes, acc scale, const TileVariants<acc>& variants,
+                         acc* scores_t, acc* row_max, acc* row_sum, acc* sum_compensation,
+                         acc* correction) {
   using Vec = at::vec::Vectorized<acc>;
   constexpr int W = kVecWidth<acc>;
-  const Vec lane_index = Vec::arange(0, 1);
   for (int v0 = 0; v0 < lanes; v0 += W) {
     const Vec old_max = Vec::loadu(row_max + v0);
     Vec new_max = old_max;
     for (int t = 0; t < cols; ++t) {
       acc* s = scores_t + t * kBlockM + v0;
       Vec scaled = Vec::loadu(s) * Vec(scale);
-      if (first_lane != nullptr && first_lane[t] > v0) {
-        const Vec masked = (lane_index + Vec(v0)) < Vec(first_lane[t]);
-        scaled = Vec::blendv(scaled, Vec(-kInf<acc>), masked);
+      if constexpr (kTransforms) {
+        Vec tanh_unused;
+        scaled = transformed<acc>(scaled, variants, t, v0, tanh_unused);
+      }
+      if (variants.first_lane != nullptr &&
+          (variants.first_lane[t] > v0 || variants.end_lane[t] < v0 + W)) {
+        scaled = Vec::blendv(scaled, Vec(-kInf<acc>),
+                             outside_lanes<acc>(v0, variants.first_lane[t], variants.end_lane[t]));
       }
       scaled.store(s);
       new_max = at::vec::maximum(new_max, scaled);
@@ -128,9 +141,9 @@ void write_lane(const ForwardParams& p, int batch, int head, int heads, const Bl
 // One query tile of `heads` consecutive query heads that share a kv head, starting at `head`.
 // Its lanes are (row, head) pairs, lane = row · heads + head offset: the heads read each K and V
 // tile once, and a tile of few rows (decoding, short chunks) fills more of its vector lanes.
-// The causally masked lanes of a key stay a prefix: those of the rows before its first query.
-// Keys [keys.begin, keys.end) of the block only (multiples of kBlockN but the end); with a
-// `partial` slot the unnormalised results go there for merge_key_ranges instead of to out/lse.
+// The lanes that may see a key stay an interval: the rows its window reaches. Keys
+// [keys.begin, keys.end) of the block only; with a `partial` slot the unnormalised results go
+// there for merge_key_ranges instead of to out/lse.
 template <typename scalar_t>
 void forward_tile(const ForwardParams& p, int batch, int head, int heads, const Tile& tile,
                   KeyRange keys, acc_t<scalar_t>* partial, ForwardScratch<scalar_t>& t) {
@@ -154,17 +167,26 @@ void forward_tile(const ForwardParams& p, int batch, int head, int heads, const 
     return q + (lane % heads) * p.q_head_stride + (lane / heads) * p.q_row_stride;
   };
   const bool few = used <= kFewQueries;
-  const int key_end = std::min(keys.end, causal_key_end(tile.end - 1, e, p.is_causal));
+  const KeyWindow window = key_window(p);
+  const int key_begin = std::max(keys.begin, window_key_begin(tile.begin, e, window));
+  const int key_end = std::min(keys.end, window_key_end(tile.end - 1, e, window));
+  TileVariants<acc> variants;
+  variants.softcap = static_cast<acc>(p.softcap);
+  if (p.alibi_slopes != nullptr) variants.alibi = &t.alibi;
+  if (window.masks()) {
+    variants.first_lane = t.first_lane.data();
+    variants.end_lane = t.end_lane.data();
+  }
   if (!few) {
     // Q is packed next and K and V are read right after: ask for all three tiles at once, so
     // that their first reads from memory overlap instead of each stalling in turn (the
     // few-query path prefetches its own keys as it goes).
-    const int first_keys = std::min(kBlockN, key_end - keys.begin);
+    const int first_keys = std::clamp(key_end - key_begin, 0, kBlockN);
     for (int h = 0; h < heads; ++h) {
       prefetch_rows(q + h * p.q_head_stride, p.q_row_stride, rows, dim);
     }
-    prefetch_rows(k + keys.begin * p.k_row_stride, p.k_row_stride, first_keys, dim);
-    prefetch_rows(v + keys.begin * p.v_row_stride, p.v_row_stride, first_keys, dim);
+    prefetch_rows(k + key_begin * p.k_row_stride, p.k_row_stride, first_keys, dim);
+    prefetch_rows(v + key_begin * p.v_row_stride, p.v_row_stride, first_keys, dim);
   }
   if (few) {
     for (int lane = 0; lane < used; ++lane) {
@@ -180,6 +202,10 @@ void forward_tile(const ForwardParams& p, int batch, int head, int heads, const 
     }
     t.products.load_queries(gathered, dim, used);
   }
+  const bool dropout = p.dropout_seed_offset != nullptr;
+  if (dropout) {
+    fill_dropout_lanes(p, batch, head, heads, e.q_start + tile.begin, used, t.dropout_lanes);
+  }
   fill<acc>(t.out, static_cast<int64_t>(used) * ld, 0);
   fill<acc>(t.row_max, kBlockM, -kInf<acc>);
   fill<acc>(t.row_sum, kBlockM, 0);
@@ -187,7 +213,7 @@ void forward_tile(const ForwardParams& p, int batch, int head, int heads, const 
   int tiles_in_out = 0;    // key tiles summed into t.out since it was last added to out_total
   bool has_total = false;  // out_total holds earlier tiles' sum
 
-  for (int k0 = keys.begin; k0 < key_end; k0 = tile_end(k0, key_end, kBlockN)) {
+  for (int k0 = key_begin; k0 < key_end; k0 = tile_end(k0, key_end, kBlockN)) {
     const int cols = std::min(kBlockN, key_end - k0);
     // Sᵀ = K · Qᵀ: keys × queries.
     if (few) {
@@ -198,17 +224,26 @@ void forward_tile(const ForwardParams& p, int batch, int head, int heads, const 
     } else {
       t.products.scores(k + k0 * p.k_row_stride, p.k_row_stride, cols, lanes, t.scores_t);
     }
-    if (p.is_causal) {
-      // Lanes before first_lane[c] (the tile's rows before the first that sees key k0 + c) are
-      // masked.
+    if (window.masks()) {
       for (int c = 0; c < cols; ++c) {
-        const int first_row = std::clamp(causal_query_begin(k0 + c, e, true) - tile.begin, 0, rows);
+        const int first_row =
+            std::clamp(window_query_begin(k0 + c, e, window) - tile.begin, 0, rows);
+        const int end_row = std::clamp(window_query_end(k0 + c, e, window) - tile.begin, 0, rows);
         t.first_lane[c] = first_row * heads;
+        // Padding lanes are never read: leave them unmasked when every row may see the key.
+        t.end_lane[c] = end_row == rows ? kBlockM : end_row * heads;
       }
     }
-    online_softmax_tile<acc>(cols, lanes, static_cast<acc>(p.scale),
-                             p.is_causal ? t.first_lane.data() : nullptr, t.scores_t, t.row_max,
-                             t.row_sum, t.sum_compensation, t.correction);
+    if (variants.alibi != nullptr) {
+      fill_alibi_lanes<acc>(p, e, batch, head, heads, tile.begin, used, k0, t.alibi);
+    }
+    if (variants.transforms()) {
+      online_softmax_tile<acc, true>(cols, lanes, static_cast<acc>(p.scale), variants, t.scores_t,
+                                     t.row_max, t.row_sum, t.sum_compensation, t.correction);
+    } else {
+      online_softmax_tile<acc, false>(cols, lanes, static_cast<acc>(p.scale), variants, t.scores_t,
+                                      t.row_max, t.row_sum, t.sum_compensation, t.correction);
+    }
     for (int r = 0; r < used; ++r) {
       if (t.correction[r] == acc(1)) continue;
       scale_in_place(t.out + r * ld, ld, t.correction[r]);
@@ -216,6 +251,12 @@ void forward_tile(const ForwardParams& p, int batch, int head, int heads, const 
         scale_in_place(t.out_total + r * ld, ld, t.correction[r]);
         scale_in_place(t.out_compensation + r * ld, ld, t.correction[r]);
       }
+    }
+    if (dropout) {
+      // The sums above are of the probabilities before dropout: the normaliser is unchanged.
+      dropout_factors<acc>(p, t.dropout_lanes, e.k_start + k0, cols, lanes,
+                           t.dropout_factors.get());
+      multiply_in_place(t.scores_t, t.dropout_factors.get(), cols * kBlockM);
     }
     // O += P · V.
     t.products.accumulate_values(t.scores_t, v + k0 * p.v_row_stride, p.v_row_stride, cols, used,
@@ -278,6 +319,7 @@ void run_forward(const ForwardParams& p) {
     int64_t partial;  // its key range's slot in `partials`, or -1: written out directly
   };
   const int groups = p.heads_q / p.heads_kv;
+  const KeyWindow window = key_window(p);
   std::vector<Item> whole;
   for (int64_t bh = 0; bh < static_cast<int64_t>(p.batch) * p.heads_q; ++bh) {
     const int in_group = static_cast<int>(bh % groups);
@@ -287,8 +329,11 @@ void run_forward(const ForwardParams& p) {
       const int per_item = std::clamp(kBlockM / rows, 1, groups);
       if (in_group % per_item != 0) continue;  // this head runs in the item of an earlier one
       const int heads = std::min(per_item, groups - in_group);
-      const int keys = causal_key_end(tile.end - 1, block_extent(p, tile.block), p.is_causal);
-      whole.push_back({static_cast<int64_t>(keys) * rows * heads, bh, i, heads, {0, keys}, -1});
+      const BlockExtent e = block_extent(p, tile.block);
+      const int key_end = window_key_end(tile.end - 1, e, window);
+      const int key_begin = std::min(window_key_begin(tile.begin, e, window), key_end);
+      const int64_t cost = static_cast<int64_t>(key_end - key_begin) * rows * heads;
+      whole.push_back({cost, bh, i, heads, {key_begin, key_end}, -1});
     }
   }
   // Too few items for the threads: the costliest tiles' keys are split into ranges whose
@@ -306,10 +351,9 @@ void run_forward(const ForwardParams& p) {
   int64_t partial_size = 0;
   for (const Item& item : whole) {
     const int rows = tiles[item.tile].end - tiles[item.tile].begin;
-    const std::vector<KeyRange> ranges =
-        item.cost > cost_limit && cost_limit > 0
-            ? split_keys(item.keys.end, kBlockN, item.cost, cost_limit)
-            : std::vector<KeyRange>{item.keys};
+    const std::vector<KeyRange> ranges = item.cost > cost_limit && cost_limit > 0
+                                             ? split_keys(item.keys, kBlockN, item.cost, cost_limit)
+                                             : std::vector<KeyRange>{item.keys};
     if (ranges.size() == 1) {
       items.push_back(item);
       continue;

@@ -32,23 +32,24 @@ inline int64_t forward_split_cost(const std::vector<int64_t>& costs, int64_t thr
   return largest > limit ? limit : 0;
 }
 
-// Key ranges [begin, end) of whole `tile`-key tiles that split keys [0, keys) into pieces of
+// Key ranges of whole `tile`-key tiles (counted from keys.begin) that split `keys` into pieces of
 // about `limit` / `cost_per_key` keys each (one range: not split).
 struct KeyRange {
   int begin;
   int end;
 };
-inline std::vector<KeyRange> split_keys(int keys, int tile, int64_t cost, int64_t limit) {
-  // In int64: rounding `keys` up to whole tiles passes INT32_MAX near the int32 edge.
-  const int64_t tiles = (static_cast<int64_t>(keys) + tile - 1) / tile;
-  if (tiles <= 1 || limit <= 0) return {{0, keys}};
+inline std::vector<KeyRange> split_keys(KeyRange keys, int tile, int64_t cost, int64_t limit) {
+  // In int64: rounding the length up to whole tiles passes INT32_MAX near the int32 edge.
+  const int64_t length = static_cast<int64_t>(keys.end) - keys.begin;
+  const int64_t tiles = (length + tile - 1) / tile;
+  if (tiles <= 1 || limit <= 0) return {keys};
   const int64_t wanted = (cost + limit - 1) / limit;
   const int64_t ranges = std::clamp<int64_t>(wanted, 1, std::min<int64_t>(tiles, kMaxKeyRanges));
   const int64_t tiles_per_range = (tiles + ranges - 1) / ranges;
   std::vector<KeyRange> out;
   for (int64_t t = 0; t < tiles; t += tiles_per_range) {
-    const int64_t end = std::min<int64_t>(keys, (t + tiles_per_range) * tile);
-    out.push_back({static_cast<int>(t * tile), static_cast<int>(end)});
+    const int64_t end = std::min<int64_t>(length, (t + tiles_per_range) * tile);
+    out.push_back({static_cast<int>(keys.begin + t * tile), static_cast<int>(keys.begin + end)});
   }
   return out;
 }

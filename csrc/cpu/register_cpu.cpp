@@ -51,19 +51,22 @@ void check_offsets_on_host(const at::Tensor& q, const at::Tensor& k, const at::T
   check_offset_values(cu_seqlens_k, k.size(2), max_seqlen_k, "cu_seqlens_k");
 }
 
-std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& q, const at::Tensor& k,
-                                                         const at::Tensor& v,
-                                                         const at::Tensor& cu_seqlens_q,
-                                                         const at::Tensor& cu_seqlens_k,
-                                                         int64_t max_seqlen_q, int64_t max_seqlen_k,
-                                                         bool causal, double scale) {
+std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,
+    const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, bool causal,
+    double scale, int64_t window_left, int64_t window_right, double softcap,
+    const std::optional<at::Tensor>& alibi, double dropout_p,
+    const std::optional<at::Tensor>& seed_offset) {
+  const VariantArgs variants{window_left, window_right, softcap, alibi, dropout_p, seed_offset};
   check_forward_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale);
+  check_variants(q, variants);
   check_offsets_on_host(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
   auto [out, lse] = allocate_forward_outputs(q);
   cpu::advise_huge_pages(out);
   if (!forward_has_work(q)) return {out, lse};
-  const ForwardParams params = make_forward_params(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
-                                                   max_seqlen_q, max_seqlen_k, causal, scale);
+  ForwardParams params = make_forward_params(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
+                                             max_seqlen_q, max_seqlen_k, causal, scale);
+  set_variants(params, variants);
   cpu::selected_kernels().forward[kernel_dtype(q)](params);
   return {out, lse};
 }
@@ -72,16 +75,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& grad_lse,
     const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
-    int64_t max_seqlen_k, bool causal, double scale, bool deterministic) {
+    int64_t max_seqlen_k, bool causal, double scale, bool deterministic, int64_t window_left,
+    int64_t window_right, double softcap, const std::optional<at::Tensor>& alibi, double dropout_p,
+    const std::optional<at::Tensor>& seed_offset) {
+  const VariantArgs variants{window_left, window_right, softcap, alibi, dropout_p, seed_offset};
   check_forward_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale);
+  check_variants(q, variants);
   check_backward_inputs(grad_out, q, k, v, out, lse, grad_lse);
   check_offsets_on_host(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
   auto [grad_q, grad_k, grad_v] = allocate_gradients(q, k, v);
   for (const at::Tensor& grad : {grad_q, grad_k, grad_v}) cpu::advise_huge_pages(grad);
   if (!backward_has_work(q, k)) return {grad_q, grad_k, grad_v};
-  const BackwardParams params = make_backward_params(
+  BackwardParams params = make_backward_params(
       grad_out, q, k, v, out, lse, grad_lse, grad_q, grad_k, grad_v, cu_seqlens_q, cu_seqlens_k,
       max_seqlen_q, max_seqlen_k, causal, scale, deterministic);
+  set_variants(params, variants);
   cpu::selected_kernels().backward[kernel_dtype(q)](params);
   return {grad_q, grad_k, grad_v};
 }

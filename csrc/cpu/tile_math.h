@@ -165,6 +165,17 @@ inline void scale_in_place(T* x, int n, T factor) {
   for (; i < n; ++i) x[i] *= factor;
 }
 
+// x[i] *= factors[i] for i < n.
+template <typename T>
+inline void multiply_in_place(T* x, const T* factors, int n) {
+  using Vec = at::vec::Vectorized<T>;
+  int i = 0;
+  for (; i + kVecWidth<T> <= n; i += kVecWidth<T>) {
+    (Vec::loadu(x + i) * Vec::loadu(factors + i)).store(x + i);
+  }
+  for (; i < n; ++i) x[i] *= factors[i];
+}
+
 // The rounding error of t = s + v (Neumaier): exact whichever of s and v is larger.
 template <typename T>
 inline at::vec::Vectorized<T> addition_error(const at::vec::Vectorized<T>& s,

@@ -41,6 +41,16 @@ void check_cuda_limits(const at::Tensor& q, const at::Tensor& cu_seqlens_q) {
               " on CUDA, got ", q.size(0) * q.size(1));
 }
 
+// The CUDA kernels compute plain, causal and block-diagonal attention; the score variants run on
+// the CPU kernels and the reference only, so far.
+void refuse_variants_on_cuda(const VariantArgs& variants, bool causal) {
+  TORCH_CHECK_NOT_IMPLEMENTED(
+      !variants.any(causal),
+      "window_size, softcap, alibi_slopes and dropout_p are not implemented by the CUDA kernels "
+      "yet (they are on CPU); for CUDA tensors use block_attn.reference.attention with the same "
+      "arguments");
+}
+
 // An uninitialised float32 scratch buffer of `elements` on q's device (from the caching
 // allocator, so graph capture works), or an undefined tensor for none.
 at::Tensor float_scratch(const at::Tensor& q, size_t elements) {
@@ -55,9 +65,14 @@ float* data_or_null(const at::Tensor& scratch) {
 std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,
     const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, bool causal,
-    double scale) {
+    double scale, int64_t window_left, int64_t window_right, double softcap,
+    const std::optional<at::Tensor>& alibi, double dropout_p,
+    const std::optional<at::Tensor>& seed_offset) {
+  const VariantArgs variants{window_left, window_right, softcap, alibi, dropout_p, seed_offset};
   check_forward_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale);
+  check_variants(q, variants);
   check_cuda_limits(q, cu_seqlens_q);
+  refuse_variants_on_cuda(variants, causal);
   const c10::cuda::CUDAGuard device_guard(q.device());
   auto [out, lse] = allocate_forward_outputs(q);
   if (!forward_has_work(q)) return {out, lse};
@@ -79,10 +94,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& grad_lse,
     const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
-    int64_t max_seqlen_k, bool causal, double scale, bool deterministic) {
+    int64_t max_seqlen_k, bool causal, double scale, bool deterministic, int64_t window_left,
+    int64_t window_right, double softcap, const std::optional<at::Tensor>& alibi, double dropout_p,
+    const std::optional<at::Tensor>& seed_offset) {
+  const VariantArgs variants{window_left, window_right, softcap, alibi, dropout_p, seed_offset};
   check_forward_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale);
   check_backward_inputs(grad_out, q, k, v, out, lse, grad_lse);
+  check_variants(q, variants);
   check_cuda_limits(q, cu_seqlens_q);
+  refuse_variants_on_cuda(variants, causal);
   TORCH_CHECK(
       grad_out.device() == q.device() && out.device() == q.device() && lse.device() == q.device(),
       "grad_out, out and lse must be on q's device ", q.device());

@@ -157,19 +157,34 @@ void check_int32_edge() {
     expect("tile loop over " + name, contiguous && covered == len &&
                                          tiles == (static_cast<int64_t>(len) + kTile - 1) / kTile);
     const int64_t cost = static_cast<int64_t>(len) * 64;
-    const std::vector<KeyRange> ranges = split_keys(len, kTile, cost, cost / kMaxKeyRanges);
+    const std::vector<KeyRange> ranges = split_keys({0, len}, kTile, cost, cost / kMaxKeyRanges);
     bool covers =
         ranges.size() == kMaxKeyRanges && ranges.front().begin == 0 && ranges.back().end == len;
     for (size_t i = 1; i < ranges.size(); ++i) {
       covers &= ranges[i].begin == ranges[i - 1].end && ranges[i].begin % kTile == 0;
     }
     expect("split_keys of " + name, covers);
+    const int begin = len / 3;
+    const std::vector<KeyRange> tail = split_keys({begin, len}, kTile, cost, cost / kMaxKeyRanges);
+    bool covers_tail = tail.front().begin == begin && tail.back().end == len;
+    for (size_t i = 1; i < tail.size(); ++i) {
+      covers_tail &= tail[i].begin == tail[i - 1].end && (tail[i].begin - begin) % kTile == 0;
+    }
+    expect("split_keys of the keys after " + std::to_string(begin) + " of " + name, covers_tail);
     const BlockExtent one_query{0, 0, 1, len};
     const BlockExtent square{0, 0, len, len};
-    expect("causal limits of " + name, causal_key_end(0, one_query, true) == len &&
-                                           causal_key_end(0, square, true) == 1 &&
-                                           causal_key_end(len - 1, square, true) == len &&
-                                           causal_query_begin(len - 1, one_query, true) == 0);
+    const KeyWindow causal{-1, 0};
+    expect("causal limits of " + name, window_key_end(0, one_query, causal) == len &&
+                                           window_key_end(0, square, causal) == 1 &&
+                                           window_key_end(len - 1, square, causal) == len &&
+                                           window_query_begin(len - 1, one_query, causal) == 0);
+    const KeyWindow wide{len, len};
+    expect("window limits of " + name, window_key_begin(len - 1, square, wide) == 0 &&
+                                           window_key_end(0, square, wide) == len &&
+                                           window_query_begin(len - 1, square, wide) == 0 &&
+                                           window_query_end(0, square, wide) == len &&
+                                           window_query_end(0, one_query, {0, -1}) == 0 &&
+                                           window_query_end(len - 1, one_query, {0, -1}) == 1);
   }
 }
 

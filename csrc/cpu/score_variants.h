@@ -1,0 +1,90 @@
+// The score variants of the CPU kernels on transposed score tiles (keys × lanes): the window's
+// per-key lane interval, the softcap and ALiBi (block_attn/variants.py). The forward and the
+// backward apply them identically, so the backward's recomputed probabilities are the forward's.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+
+#include "../attention_params.h"
+#include "tile_math.h"
+#include "tile_schedule.h"
+
+namespace block_attn::cpu {
+
+// The lanes of a score tile: its queries (times query heads, in the forward).
+constexpr int kTileLanes = 64;
+
+// Per lane of a tile: the ALiBi slope and the query's position i' relative to the tile's first
+// key, so that key c of the tile is |position - c| away. Padding lanes hold slope 0.
+template <typename acc>
+struct AlibiLanes {
+  alignas(64) acc slope[kTileLanes];
+  alignas(64) acc position[kTileLanes];
+};
+
+// What a tile's scaled scores go through: softcap, then ALiBi, then the window's lane intervals.
+// Lanes [first_lane[c], end_lane[c]) may see key c (first_lane == nullptr: every lane may).
+template <typename acc>
+struct TileVariants {
+  acc softcap = 0;
+  const AlibiLanes<acc>* alibi = nullptr;
+  const int* first_lane = nullptr;
+  const int* end_lane = nullptr;
+
+  bool transforms() const { return softcap != 0 || alibi != nullptr; }
+};
+
+// The slope of query head `head` of batch `batch`.
+inline float alibi_slope(const ForwardParams& p, int batch, int head) {
+  return p.alibi_slopes[batch * p.alibi_batch_stride + head];
+}
+
+// softcap · tanh(s / softcap), and in `tanh_out` the tanh (the backward's derivative needs it).
+template <typename acc>
+inline at::vec::Vectorized<acc> capped(at::vec::Vectorized<acc> s, acc softcap,
+                                       at::vec::Vectorized<acc>& tanh_out) {
+  using Vec = at::vec::Vectorized<acc>;
+  tanh_out = (s * Vec(acc(1) / softcap)).tanh();
+  return tanh_out * Vec(softcap);
+}
+
+// Scaled scores of key c (tile-local) for lanes [v0, v0 + W) through the softcap and ALiBi.
+template <typename acc>
+inline at::vec::Vectorized<acc> transformed(at::vec::Vectorized<acc> s, const TileVariants<acc>& v,
+                                            int c, int v0, at::vec::Vectorized<acc>& tanh_out) {
+  using Vec = at::vec::Vectorized<acc>;
+  if (v.softcap != 0) s = capped<acc>(s, v.softcap, tanh_out);
+  if (v.alibi != nullptr) {
+    const Vec distance = (Vec::loadu(v.alibi->position + v0) - Vec(static_cast<acc>(c))).abs();
+    s = s - Vec::loadu(v.alibi->slope + v0) * distance;
+  }
+  return s;
+}
+
+// True for lanes [v0, v0 + W) outside [first, end).
+template <typename acc>
+inline at::vec::Vectorized<acc> outside_lanes(int v0, int first, int end) {
+  using Vec = at::vec::Vectorized<acc>;
+  const Vec lane = Vec::arange(static_cast<acc>(v0), 1);
+  return (lane < Vec(static_cast<acc>(first))) | (lane >= Vec(static_cast<acc>(end)));
+}
+
+// Fills the lanes' slopes and positions for a tile whose lane l is query row
+// `first_row + l / heads` of head `first_head + l % heads`, against keys from `key`.
+template <typename acc>
+void fill_alibi_lanes(const ForwardParams& p, const BlockExtent& e, int batch, int first_head,
+                      int heads, int first_row, int used, int key, AlibiLanes<acc>& lanes) {
+  for (int l = 0; l < kTileLanes; ++l) {
+    if (l >= used) {
+      lanes.slope[l] = 0;
+      lanes.position[l] = 0;
+      continue;
+    }
+    const int64_t position = static_cast<int64_t>(first_row) + l / heads + e.len_k - e.len_q - key;
+    lanes.slope[l] = static_cast<acc>(alibi_slope(p, batch, first_head + l % heads));
+    lanes.position[l] = static_cast<acc>(position);
+  }
+}
+
+}  // namespace block_attn::cpu
