@@ -52,8 +52,9 @@ class MultiheadBlockAttention(nn.Module):
     (``embed_dim // num_heads * num_kv_heads`` outputs) and groups of query heads share a
     key/value head (grouped-query attention; ``num_kv_heads=1`` is multi-query attention).
 
-    ``dropout`` is applied to the output projection's output. Dropout on the attention
-    probabilities inside the kernels is not implemented yet.
+    ``dropout`` drops attention probabilities in training mode, as
+    ``torch.nn.MultiheadAttention`` does, inside the kernels (the mask is drawn from the default
+    generator of the inputs' device; see ``dropout_p`` of :func:`block_attn.attention`).
 
     ``window_size``, ``softcap`` and ``alibi`` are the score variants of
     :func:`block_attn.attention` (see :mod:`block_attn.variants`); the CUDA kernels do not
@@ -69,7 +70,8 @@ class MultiheadBlockAttention(nn.Module):
         causal: each query attends only keys at or before its position (inside its block).
             When query and key lengths differ (and no blocks are used) the mask is aligned
             bottom-right: query i attends key j iff ``j <= i + Nk - Nq``.
-        dropout: probability of zeroing elements of the output in training.
+        dropout: probability of dropping each attention probability in training mode (the kept
+            ones are scaled by ``1 / (1 - dropout)``); in [0, 1).
         bias: add biases to the four projections.
         window_size: ``(left, right)`` sliding window inside each block, FlashAttention's
             convention: query i (aligned bottom-right to its key block, at ``i'``) attends key j
@@ -147,8 +149,8 @@ class MultiheadBlockAttention(nn.Module):
         )
         if dtype is not None and not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
-        if not 0.0 <= dropout <= 1.0:
-            raise ValueError(f"dropout must be in [0, 1], got {dropout}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         self.embed_dim = embed_dim
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
@@ -163,7 +165,7 @@ class MultiheadBlockAttention(nn.Module):
         self.k_proj = nn.Linear(embed_dim, kv_dim, bias=bias, **factory)
         self.v_proj = nn.Linear(embed_dim, kv_dim, bias=bias, **factory)
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = dropout
         self.sinks = nn.Parameter(torch.empty(num_heads, **factory)) if sinks else None
         slopes = None
         if alibi:
@@ -199,7 +201,7 @@ class MultiheadBlockAttention(nn.Module):
         options = (
             f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, "
             f"num_kv_heads={self.num_kv_heads}, block_size={self.block_size}, "
-            f"causal={self.causal}, dropout={self.dropout.p}, sinks={self.sinks is not None}"
+            f"causal={self.causal}, dropout={self.dropout}, sinks={self.sinks is not None}"
         )
         if self.window_size != (-1, -1):
             options += f", window_size={self.window_size}"
@@ -279,9 +281,10 @@ class MultiheadBlockAttention(nn.Module):
             softcap=self.softcap,
             alibi_slopes=self.alibi_slopes,
             sinks=self.sinks,
+            dropout_p=self.dropout if self.training else 0.0,
         )
         out = out.transpose(1, 2).reshape(batch, len_q, self.embed_dim)
-        out = self.dropout(self.out_proj(out))
+        out = self.out_proj(out)
         return out if weights is None else (out, weights)
 
     def _check_inputs(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:

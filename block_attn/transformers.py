@@ -191,15 +191,6 @@ def padding_blocks_mask(
     return torch.nn.functional.pad(offsets, (1, 0)).to(torch.int32).view(1, 1, 2, -1)
 
 
-def _refuse_dropout(dropout: float) -> None:
-    if dropout:
-        raise NotImplementedError(
-            f"block_attn does not support dropout yet (got attention dropout {dropout}); set the "
-            "config's attention_dropout to 0.0 or use attn_implementation='eager' or 'sdpa' for "
-            "this model"
-        )
-
-
 def _window_size(sliding_window: int | None, longest_keys: int) -> tuple[int, int]:
     """transformers' ``sliding_window`` (a query sees that many keys, itself included) as
     block_attn's ``window_size``, as transformers' flash-attention path converts it: causal,
@@ -271,7 +262,8 @@ def attention_forward(
         value: (B, Hkv, Nk, D).
         attention_mask: (1, 1, 2, 5B + 1) offsets from :func:`padding_blocks_mask`, or None.
         scaling: softmax scale; default 1/sqrt(D).
-        dropout: must be 0 (dropout is not supported yet).
+        dropout: attention dropout (transformers passes the config's ``attention_dropout`` in
+            training, else 0), as ``dropout_p`` of :func:`block_attn.attention`.
         sliding_window: None, or the keys a query sees, itself included (Mistral, Qwen2 and
             Gemma's sliding layers), counted inside its block: ``window_size=(sliding_window - 1,
             sliding_window - 1)`` with the causal mask, as transformers' flash-attention path.
@@ -285,10 +277,9 @@ def attention_forward(
         (B, Nq, Hq, D) output (padding queries give 0) and None (no attention weights).
 
     Raises:
-        NotImplementedError: dropout > 0, or a dense 4-D mask (not supported yet), or a window
-            or softcap on CUDA tensors, which the CUDA kernels do not implement yet.
+        NotImplementedError: a dense 4-D mask (not supported yet), or a window, softcap or
+            dropout on CUDA tensors, which the CUDA kernels do not implement yet.
     """
-    _refuse_dropout(dropout)
     is_causal = kwargs.get("is_causal")
     causal = bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
     batch, _, length_q, _ = query.shape
@@ -328,6 +319,7 @@ def attention_forward(
         "window_size": _window_size(sliding_window, longest_keys),
         "softcap": 0.0 if softcap is None else softcap,
         "sinks": s_aux,
+        "dropout_p": dropout,
     }
     if blocks is None:
         out = attention(query, key, value, causal=causal, scale=scaling, **variants)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import block_attn
+from block_attn import reference
 from block_attn.nn import MultiheadBlockAttention, alibi_slopes
 
 DEVICES = [
@@ -238,15 +239,25 @@ def test_gradients_reach_every_parameter(device, num_kv_heads):
         assert torch.isfinite(parameter.grad).all(), f"{name} got a non-finite gradient"
 
 
-def test_dropout_applies_in_training_only():
+def test_dropout_drops_attention_probabilities_in_training_only():
     torch.manual_seed(8)
-    module = MultiheadBlockAttention(EMBED_DIM, NUM_HEADS, dropout=0.5)
+    module = MultiheadBlockAttention(EMBED_DIM, NUM_HEADS, dropout=0.5, causal=True)
     x = torch.randn(2, 6, EMBED_DIM)
     module.eval()
     assert torch.equal(module(x), module(x))
+    plain = module(x)
     module.train()
-    zeros = (module(x) == 0).float().mean().item()
-    assert 0.3 < zeros < 0.7, f"about half the outputs should be dropped, got {zeros:.2f}"
+    torch.manual_seed(3)
+    dropped = module(x)
+    assert not torch.equal(dropped, plain)
+    # The same draw from the default generator, through the reference's mask rule.
+    q = module.q_proj(x).view(2, 6, NUM_HEADS, -1).transpose(1, 2)
+    k = module.k_proj(x).view(2, 6, NUM_HEADS, -1).transpose(1, 2)
+    v = module.v_proj(x).view(2, 6, NUM_HEADS, -1).transpose(1, 2)
+    torch.manual_seed(3)
+    attended = reference.attention(q, k, v, causal=True, dropout_p=0.5)
+    expected = module.out_proj(attended.transpose(1, 2).reshape(2, 6, EMBED_DIM))
+    assert_close(dropped, expected, "dropped output")
 
 
 def test_parameters_follow_dtype_and_output_keeps_it():
@@ -449,7 +460,7 @@ def test_alibi_slopes_errors():
         ({"embed_dim": 24, "num_heads": 4, "num_kv_heads": 3}, "multiple of num_kv_heads"),
         ({"embed_dim": 24, "num_heads": 0}, "must be positive"),
         ({"embed_dim": 24, "num_heads": 4, "block_size": 0}, "block_size must be a positive"),
-        ({"embed_dim": 24, "num_heads": 4, "dropout": 1.5}, r"dropout must be in \[0, 1\]"),
+        ({"embed_dim": 24, "num_heads": 4, "dropout": 1.5}, r"dropout must be in \[0, 1\)"),
     ],
 )
 def test_constructor_errors(kwargs, match):

@@ -15,6 +15,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
+import block_attn.reference  # noqa: E402
 import block_attn.transformers as hf_backend  # noqa: E402
 
 NAME = hf_backend.register()
@@ -200,10 +201,14 @@ class Layer(torch.nn.Module):
     is_causal = True
 
 
-def test_dropout_is_refused():
+def test_dropout_is_the_kernels_attention_dropout():
     q, k, v = torch.randn(1, 4, 8, 16), torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16)
-    with pytest.raises(NotImplementedError, match="does not support dropout yet"):
-        hf_backend.attention_forward(Layer(), q, k, v, None, dropout=0.1)
+    torch.manual_seed(4)
+    out, _ = hf_backend.attention_forward(Layer(), q, k, v, None, dropout=0.3)
+    torch.manual_seed(4)
+    expected = block_attn.reference.attention(q, k, v, causal=True, dropout_p=0.3)
+    assert torch.allclose(out, expected.transpose(1, 2), atol=1e-6)
+    assert not torch.allclose(out, hf_backend.attention_forward(Layer(), q, k, v, None)[0])
 
 
 def test_a_window_longer_than_the_keys_is_exact():
