@@ -57,8 +57,8 @@ class MultiheadBlockAttention(nn.Module):
     generator of the inputs' device; see ``dropout_p`` of :func:`block_attn.attention`).
 
     ``window_size``, ``softcap`` and ``alibi`` are the score variants of
-    :func:`block_attn.attention` (see :mod:`block_attn.variants`); the CUDA kernels do not
-    implement them yet, so a module using one runs on the CPU only for now.
+    :func:`block_attn.attention` (see :mod:`block_attn.variants`); on CUDA they run in the simple
+    kernels for now, not the tensor-core ones.
 
     Args:
         embed_dim: width E of the inputs and the output; a multiple of ``num_heads``.

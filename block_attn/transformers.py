@@ -277,8 +277,7 @@ def attention_forward(
         (B, Nq, Hq, D) output (padding queries give 0) and None (no attention weights).
 
     Raises:
-        NotImplementedError: a dense 4-D mask (not supported yet), or a window, softcap or
-            dropout on CUDA tensors, which the CUDA kernels do not implement yet.
+        NotImplementedError: a dense 4-D mask (not supported yet).
     """
     is_causal = kwargs.get("is_causal")
     causal = bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)

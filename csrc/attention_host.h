@@ -35,13 +35,6 @@ struct VariantArgs {
   std::optional<at::Tensor> alibi_slopes;
   double dropout_p = 0;
   std::optional<at::Tensor> dropout_seed_offset;  // (seed, offset), int64, when dropout_p > 0
-
-  // Whether any variant changes a call with these causal settings (causal already bounds the
-  // window's right side).
-  bool any(bool is_causal) const {
-    return window_left >= 0 || (window_right >= 0 && !is_causal) || softcap != 0 ||
-           alibi_slopes.has_value() || dropout_p != 0;
-  }
 };
 
 void check_variants(const at::Tensor& q, const VariantArgs& variants);

@@ -186,7 +186,17 @@ def test_operator_checks_seed_offset(seed_offset, match):
 
 
 @requires_cuda
-def test_cuda_refuses_dropout_it_lacks():
-    q, k, v = make_qkv(1, 2, 2, 16, 16, 16, device="cuda")
-    with pytest.raises(NotImplementedError, match="not implemented by the CUDA kernels yet"):
-        block_attn.attention(q, k, v, dropout_p=0.1)
+def test_cuda_mask_is_the_cpu_mask():
+    """The same seed and offset give bitwise the same mask on CPU and CUDA."""
+    n = 300
+    offsets = [0, 70, 75, n]
+    seed_offset = torch.tensor([-8_123_456_789_012_345_678, 42], dtype=torch.int64)
+    masks = []
+    for device in ("cpu", "cuda"):
+        q = torch.zeros(2, 3, n, n, dtype=torch.float64, device=device)
+        v = torch.eye(n, dtype=torch.float64, device=device).expand(2, 3, n, n)
+        cu = torch.tensor(offsets, dtype=torch.int32, device=device)
+        settings = (225, 225, False, 1.0, -1, -1, 0.0, None, 0.3, seed_offset.to(device))
+        out, _ = ops.attention_forward(q, q, v, cu, cu, *settings)
+        masks.append(out.cpu() != 0)
+    assert torch.equal(masks[0], masks[1]), f"{int((masks[0] != masks[1]).sum())} decisions differ"

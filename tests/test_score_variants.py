@@ -212,14 +212,17 @@ def test_operator_checks_variants(index, value, match):
 
 
 @requires_cuda
-def test_cuda_refuses_variants_it_lacks():
-    q, k, v = make_qkv(1, 2, 2, 16, 16, 16, device="cuda")
-    with pytest.raises(NotImplementedError, match="not implemented by the CUDA kernels yet"):
-        block_attn.attention(q, k, v, window_size=(4, 0))
+@pytest.mark.parametrize("variant", VARIANTS.values(), ids=VARIANTS.keys())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_matches_reference(variant, dtype):
+    q, k, v = make_qkv(2, 4, 2, 131, 197, 40, dtype=dtype, device="cuda")
+    kwargs = with_slopes(variant, 2, 4, "cuda")
+    blocks = dict(cu_seqlens=OFFSETS_Q, cu_seqlens_k=OFFSETS_K)
+    check_against_reference(q, k, v, dict(causal=True, **blocks, **kwargs), dtype)
 
 
 def test_plain_causal_call_reaches_the_kernels_without_a_window(monkeypatch):
-    """Causal alone is no window: the CUDA kernels, which lack windows, must still take it."""
+    """Causal alone is no window: it keeps to the plain kernels (on CUDA, the fast ones)."""
     seen = {}
     forward = block_attn.func_transforms.attention_forward
 

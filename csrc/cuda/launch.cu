@@ -10,6 +10,7 @@
 #include "hopper/hopper_kernels.h"
 #include "kernel_launch.cuh"
 #include "launch.h"
+#include "score_variants.cuh"
 #include "simple/simple_kernels.h"
 #include "static_switch.h"
 #include "utils.cuh"
@@ -172,6 +173,8 @@ cudaError_t launch_backward_flash(const BackwardParams& params, int max_shared_b
 cudaError_t plan_forward(const ForwardParams& params, DType dtype, ForwardPlan& plan) {
   plan = ForwardPlan{};
   if (!head_dim_supported(params.head_dim)) return cudaErrorInvalidValue;
+  // Only the simple kernels have the variants so far.
+  if (has_variants(params)) return cudaSuccess;
   cudaError_t err = plan_decode(params, dtype, plan);
   if (err != cudaSuccess) return err;
   if (plan.path == KernelPath::kDecode) {
@@ -228,6 +231,7 @@ cudaError_t launch_forward(const ForwardParams& params, const ForwardPlan& plan,
 cudaError_t plan_backward(const BackwardParams& params, DType dtype, BackwardPlan& plan) {
   plan = BackwardPlan{};
   if (!head_dim_supported(params.head_dim)) return cudaErrorInvalidValue;
+  if (has_variants(params)) return cudaSuccess;
   if (!is_half_type(dtype)) return cudaSuccess;
   bool tensor_cores = false;
   cudaError_t err = device_has_tensor_core_kernels(tensor_cores);

@@ -41,16 +41,6 @@ void check_cuda_limits(const at::Tensor& q, const at::Tensor& cu_seqlens_q) {
               " on CUDA, got ", q.size(0) * q.size(1));
 }
 
-// The CUDA kernels compute plain, causal and block-diagonal attention; the score variants run on
-// the CPU kernels and the reference only, so far.
-void refuse_variants_on_cuda(const VariantArgs& variants, bool causal) {
-  TORCH_CHECK_NOT_IMPLEMENTED(
-      !variants.any(causal),
-      "window_size, softcap, alibi_slopes and dropout_p are not implemented by the CUDA kernels "
-      "yet (they are on CPU); for CUDA tensors use block_attn.reference.attention with the same "
-      "arguments");
-}
-
 // An uninitialised float32 scratch buffer of `elements` on q's device (from the caching
 // allocator, so graph capture works), or an undefined tensor for none.
 at::Tensor float_scratch(const at::Tensor& q, size_t elements) {
@@ -72,12 +62,12 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(
   check_forward_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale);
   check_variants(q, variants);
   check_cuda_limits(q, cu_seqlens_q);
-  refuse_variants_on_cuda(variants, causal);
   const c10::cuda::CUDAGuard device_guard(q.device());
   auto [out, lse] = allocate_forward_outputs(q);
   if (!forward_has_work(q)) return {out, lse};
-  const ForwardParams params = make_forward_params(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
-                                                   max_seqlen_q, max_seqlen_k, causal, scale);
+  ForwardParams params = make_forward_params(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
+                                             max_seqlen_q, max_seqlen_k, causal, scale);
+  set_variants(params, variants);
   const cuda::DType dtype = to_kernel_dtype(q.scalar_type());
   cuda::ForwardPlan plan;
   C10_CUDA_CHECK(cuda::plan_forward(params, dtype, plan));
@@ -102,7 +92,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
   check_backward_inputs(grad_out, q, k, v, out, lse, grad_lse);
   check_variants(q, variants);
   check_cuda_limits(q, cu_seqlens_q);
-  refuse_variants_on_cuda(variants, causal);
   TORCH_CHECK(
       grad_out.device() == q.device() && out.device() == q.device() && lse.device() == q.device(),
       "grad_out, out and lse must be on q's device ", q.device());
@@ -119,9 +108,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
   const cuda::DType dtype = to_kernel_dtype(q.scalar_type());
   // Delta has lse's shape and dtype: the accumulator type.
   at::Tensor delta = empty_lse_for(q);
-  const BackwardParams params = make_backward_params(
+  BackwardParams params = make_backward_params(
       grad_out, q, k, v, out, lse, grad_lse_contiguous, grad_q, grad_k, grad_v, cu_seqlens_q,
       cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, deterministic);
+  set_variants(params, variants);
   cuda::BackwardPlan plan;
   C10_CUDA_CHECK(cuda::plan_backward(params, dtype, plan));
   const at::Tensor dq_accumulator = float_scratch(q, plan.dq_accumulator_elements);

@@ -25,6 +25,7 @@
 #include "cuda/hopper/fwd_wgmma.cuh"
 #include "cuda/launch.h"
 #include "cuda/static_switch.h"
+#include "dropout_philox.h"
 #include "emulated_elements.h"
 #include "emulated_kernel_paths.h"
 #include "emulated_long_rows.h"
@@ -67,7 +68,22 @@ struct Case {
   int tail_q = 0;
   int tail_k = 0;
   double scale_factor = 1.0;  // scale = scale_factor / sqrt(head_dim)
+  // The variants (score_variants.cuh): window sides (-1 unbounded), softcap (0 none), ALiBi
+  // slopes per (batch, head) and dropout (0 none).
+  int window_left = -1;
+  int window_right = -1;
+  double softcap = 0;
+  bool alibi = false;
+  double dropout_p = 0;
 };
+
+// The case's ALiBi slope of (batch, head): distinct per batch row, so the batch stride counts.
+double alibi_slope_of(const Case& c, int b, int h) {
+  return static_cast<float>(0.05 * (1 + h + b * c.heads_q));
+}
+
+// The case's dropout (seed, offset): the seed's top bit set, as a drawn int64 may have it.
+const int64_t kDropoutSeedOffset[2] = {-1234567890123456789LL, 987654321LL};
 
 // launch_backward, or for a wgmma case the wgmma backward called directly (dQ by atomics, or
 // deterministic).
@@ -170,9 +186,12 @@ Blocks offsets(const Case& c) {
   return b;
 }
 
-// Float64 attention of one query row: the allowed keys' probabilities, out and lse.
+// Float64 attention of one query row: the allowed keys' probabilities, their dropout factors and
+// softcap derivatives, out and lse.
 struct RowReference {
-  std::vector<double> p;  // over the block's keys, 0 where masked
+  std::vector<double> p;      // over the block's keys, 0 where masked
+  std::vector<double> kept;   // the dropout factor: 1 / (1 - p) or 0; 1 without dropout
+  std::vector<double> slope;  // d(score)/d(scaled q.k): 1 - tanh^2 under a softcap, else 1
   std::vector<double> out;
   double lse;
 };
@@ -183,24 +202,47 @@ RowReference reference_row(const Case& c, const Blocks& blocks, Tensor<T>& q, Te
   const int hk = h / (c.heads_q / c.heads_kv);
   const int len_q = c.lengths_q[block], len_k = c.lengths_k[block];
   const int q0 = blocks.q[block], k0 = blocks.k[block];
-  const int key_end = c.causal ? std::clamp(i + 1 + len_k - len_q, 0, len_k) : len_k;
-  RowReference row{std::vector<double>(len_k, 0.0), std::vector<double>(c.head_dim, 0.0),
+  const int64_t position = static_cast<int64_t>(i) + len_k - len_q;  // i' of the variants
+  const int right = c.causal ? 0 : c.window_right;
+  const int key_begin =
+      c.window_left < 0 ? 0
+                        : static_cast<int>(std::clamp<int64_t>(position - c.window_left, 0, len_k));
+  const int key_end =
+      right < 0 ? len_k : static_cast<int>(std::clamp<int64_t>(position + right + 1, 0, len_k));
+  RowReference row{std::vector<double>(len_k, 0.0), std::vector<double>(len_k, 1.0),
+                   std::vector<double>(len_k, 1.0), std::vector<double>(c.head_dim, 0.0),
                    -INFINITY};
   double max_score = -INFINITY;
-  std::vector<double> scores(key_end);
-  for (int t = 0; t < key_end; ++t) {
+  std::vector<double> scores(len_k, -INFINITY);
+  for (int t = key_begin; t < key_end; ++t) {
     double s = 0;
     for (int d = 0; d < c.head_dim; ++d) s += q.value(b, h, q0 + i, d) * k.value(b, hk, k0 + t, d);
-    scores[t] = s * scale;
+    s *= scale;
+    if (c.softcap > 0) {
+      const double th = std::tanh(s / c.softcap);
+      s = c.softcap * th;
+      row.slope[t] = 1 - th * th;
+    }
+    if (c.alibi) s -= alibi_slope_of(c, b, h) * std::abs(static_cast<double>(position - t));
+    scores[t] = s;
     max_score = std::max(max_score, scores[t]);
   }
-  if (key_end == 0) return row;
+  if (key_end <= key_begin) return row;
   double sum = 0;
-  for (int t = 0; t < key_end; ++t) sum += std::exp(scores[t] - max_score);
+  for (int t = key_begin; t < key_end; ++t) sum += std::exp(scores[t] - max_score);
   row.lse = max_score + std::log(sum);
-  for (int t = 0; t < key_end; ++t) {
+  const uint32_t threshold = block_attn::dropout_threshold(c.dropout_p);
+  for (int t = key_begin; t < key_end; ++t) {
     row.p[t] = std::exp(scores[t] - row.lse);
-    for (int d = 0; d < c.head_dim; ++d) row.out[d] += row.p[t] * v.value(b, hk, k0 + t, d);
+    if (c.dropout_p > 0) {
+      const bool keep = block_attn::dropout_keep(static_cast<uint64_t>(kDropoutSeedOffset[0]),
+                                                 static_cast<uint64_t>(kDropoutSeedOffset[1]),
+                                                 static_cast<uint32_t>(b * c.heads_q + h), q0 + i,
+                                                 k0 + t, threshold);
+      row.kept[t] = keep ? 1 / (1 - c.dropout_p) : 0;
+    }
+    for (int d = 0; d < c.head_dim; ++d)
+      row.out[d] += row.p[t] * row.kept[t] * v.value(b, hk, k0 + t, d);
   }
   return row;
 }
@@ -268,9 +310,14 @@ void run_case(const Case& c) {
                                 ? ", rows after the last offset " + std::to_string(c.tail_q) + ":" +
                                       std::to_string(c.tail_k)
                                 : "";
-  std::printf("%s [%s, head_dim %d%s%s%s]\n", c.name.c_str(), Element<T>::kName, c.head_dim,
+  char variants[160] = "";
+  if (c.window_left >= 0 || c.window_right >= 0 || c.softcap > 0 || c.alibi || c.dropout_p > 0) {
+    std::snprintf(variants, sizeof(variants), ", window (%d, %d), softcap %g, alibi %d, dropout %g",
+                  c.window_left, c.window_right, c.softcap, c.alibi ? 1 : 0, c.dropout_p);
+  }
+  std::printf("%s [%s, head_dim %d%s%s%s%s]\n", c.name.c_str(), Element<T>::kName, c.head_dim,
               c.causal ? ", causal" : "", c.wgmma ? ", wgmma kernels called directly" : "",
-              tails.c_str());
+              tails.c_str(), variants);
   std::mt19937 rng(1234);
   const Blocks blocks = offsets(c);
   const int seqlen_q = blocks.q.back() + c.tail_q, seqlen_k = blocks.k.back() + c.tail_k;
@@ -318,6 +365,22 @@ void run_case(const Case& c) {
   p.head_dim = dim;
   p.scale = scale;
   p.is_causal = c.causal;
+  p.window_left = c.window_left;
+  p.window_right = c.window_right;
+  p.softcap = c.softcap;
+  std::vector<float> slopes;
+  if (c.alibi) {
+    for (int b = 0; b < c.batch; ++b) {
+      for (int h = 0; h < hq; ++h) slopes.push_back(static_cast<float>(alibi_slope_of(c, b, h)));
+    }
+    p.alibi_slopes = slopes.data();
+    p.alibi_batch_stride = hq;
+  }
+  if (c.dropout_p > 0) {
+    p.dropout_seed_offset = kDropoutSeedOffset;
+    p.dropout_threshold = block_attn::dropout_threshold(c.dropout_p);
+    p.dropout_scale = 1 / (1 - c.dropout_p);
+  }
 
   cudaError_t err = run_forward<T>(c, p);
   if (err != cudaSuccess) {
@@ -351,14 +414,14 @@ void run_case(const Case& c) {
             double dp = 0;
             for (int d = 0; d < dim; ++d)
               dp += grad_out.value(b, h, q0 + i, d) * v.value(b, hk, k0 + t, d);
-            const double ds = row.p[t] * (dp - row_delta);
+            const double ds = row.p[t] * (dp * row.kept[t] - row_delta) * row.slope[t];
             auto& dk_row = dk_ref[(static_cast<size_t>(b) * hkv + hk) * seqlen_k + k0 + t];
             auto& dv_row = dv_ref[(static_cast<size_t>(b) * hkv + hk) * seqlen_k + k0 + t];
             auto& dq_row = dq_ref[(static_cast<size_t>(b) * hq + h) * seqlen_q + q0 + i];
             for (int d = 0; d < dim; ++d) {
               dq_row[d] += scale * ds * k.value(b, hk, k0 + t, d);
               dk_row[d] += scale * ds * q.value(b, h, q0 + i, d);
-              dv_row[d] += row.p[t] * grad_out.value(b, h, q0 + i, d);
+              dv_row[d] += row.p[t] * row.kept[t] * grad_out.value(b, h, q0 + i, d);
             }
           }
         }
@@ -804,7 +867,54 @@ int main(int argc, char** argv) {
   tail_decode_empty.tail_q = 20;
   tail_decode_empty.tail_k = 10;
 
+  // The variants, which the simple kernels take on every device and dtype: each alone and all
+  // together, with ragged and separate key blocks, GQA and rows after the last offset.
+  std::vector<std::pair<DType, Case>> variant_cases;
+  {
+    Case base{"variants: ", {70, 1, 0, 45}, {90, 1, 5, 45}, 2, 4, 2, 64, false, Layout::kRowsFirst};
+    base.tail_q = 7;
+    base.tail_k = 3;
+    Case window = base;
+    window.name += "window";
+    window.window_left = 20;
+    window.window_right = 5;
+    Case causal_window = base;
+    causal_window.name += "causal window";
+    causal_window.causal = true;
+    causal_window.window_left = 33;
+    Case softcap = base;
+    softcap.name += "softcap";
+    softcap.softcap = 1.5;
+    softcap.q_scale = 3.0;
+    Case alibi = base;
+    alibi.name += "alibi";
+    alibi.alibi = true;
+    alibi.causal = true;
+    Case dropout = base;
+    dropout.name += "dropout";
+    dropout.dropout_p = 0.3;
+    Case all = base;
+    all.name += "all at once";
+    all.causal = true;
+    all.window_left = 40;
+    all.softcap = 2.0;
+    all.alibi = true;
+    all.dropout_p = 0.2;
+    for (const Case& c : {window, causal_window, softcap, alibi, dropout, all}) {
+      variant_cases.push_back({DType::kFloat32, c});
+    }
+    variant_cases.push_back({DType::kFloat64, all});
+    variant_cases.push_back({DType::kBFloat16, all});
+    variant_cases.push_back({DType::kFloat16, window});
+    Case wide = all;
+    wide.name += ", head_dim 128";
+    wide.head_dim = 128;
+    wide.batch = 1;
+    variant_cases.push_back({DType::kBFloat16, wide});
+  }
+
   cuda_emulator::DeviceProperties sm90;  // 227 KiB of shared memory per CTA
+  run_on(sm90, "sm_90 (variants)", variant_cases);
   run_on(sm90, "sm_90",
          {{DType::kBFloat16, causal128},       {DType::kFloat16, causal128},
           {DType::kBFloat16, long_causal},     {DType::kBFloat16, gqa64},

@@ -3,13 +3,17 @@
 //   2. dkdv_simple_kernel: one CTA per key tile of a block and kv head; each warp owns key rows
 //      and loops over the group's query heads and the query tiles that see its keys.
 //   3. dq_simple_kernel: one CTA per query tile, looping over the key tiles it sees.
-// P is recomputed from lse; dS = P * (dP - Delta).
+// P is recomputed from lse; dS = P * (dP - Delta). With the variants (kVariants) the scores go
+// through the softcap and ALiBi as in the forward, dP is multiplied by the dropout factor Z, dV
+// sums Z * P * dO, and dS gains the softcap's derivative 1 - tanh^2.
 #pragma once
 
 #include <type_traits>
 
 #include "../kernel_launch.cuh"
+#include "../score_variants.cuh"
 #include "../shared_memory.cuh"
+#include "../static_switch.h"
 #include "../tensor_rows.cuh"
 #include "../utils.cuh"
 #include "simple_kernels.h"
@@ -50,8 +54,30 @@ __device__ __forceinline__ void fold_sums(A (&total)[kRows][kPerLane], A (&part)
   }
 }
 
+// The gradient terms of one allowed (query i, key t) pair under the variants: the probability
+// times the dropout factor (dV's weight) and dS before the final scale.
+template <typename A>
+struct PairGrads {
+  A kept_p;
+  A ds;
+};
+template <typename A>
+__device__ __forceinline__ PairGrads<A> variant_pair_grads(const ForwardParams& params, A s, A lse,
+                                                           A dp, A delta, A slope, int i, int t,
+                                                           BlockRange qr, BlockRange kr,
+                                                           int batch_head) {
+  A tanh_value;
+  const A score = transformed_score<A>(params, s, slope, i, t, qr.length, kr.length, tanh_value);
+  const A p = exp_acc(score - lse);
+  const A z = dropout_factor<A>(params, batch_head, static_cast<int64_t>(qr.start) + i,
+                                static_cast<int64_t>(kr.start) + t);
+  const A ds = p * (dp * z - delta) * (A(1) - tanh_value * tanh_value);
+  return {p * z, ds};
+}
+
 // kLongRows: blocks may have more than kMaxKeysPerAccumulator queries (see fold_sums).
-template <typename Traits, typename T, bool kIsCausal, bool kLongRows>
+// kVariants: the call has a window, softcap, ALiBi or dropout.
+template <typename Traits, typename T, bool kIsCausal, bool kLongRows, bool kVariants>
 __global__ void __launch_bounds__(Traits::kThreads)
     dkdv_simple_kernel(const BackwardParams params, const Acc<T>* delta) {
   using A = Acc<T>;
@@ -109,12 +135,20 @@ __global__ void __launch_bounds__(Traits::kThreads)
   const A scale = static_cast<A>(params.scale);
   // Query tiles that may see the first key of this tile (earlier ones see none of it), from a
   // multiple of kTileRows and counted in tiles, so that no row index passes INT32_MAX.
-  const int m_begin =
+  [[maybe_unused]] const KeyWindow window = key_window(params);
+  int m_begin =
       kIsCausal ? causal_query_begin(n0, qr.length, kr.length) / kTileRows * kTileRows : 0;
-  const int m_tiles = ceil_div(qr.length - m_begin, kTileRows);
+  int m_stop = qr.length;
+  if constexpr (kVariants) {
+    const int last_key = tile_last_row(n0, Traits::kRowsPerBlock, kr.length);
+    m_begin = window_query_begin(n0, qr.length, kr.length, window) / kTileRows * kTileRows;
+    m_stop = window_query_end(last_key, qr.length, kr.length, window);
+  }
+  const int m_tiles = ceil_div(m_stop - m_begin, kTileRows);
 
   for (int g = 0; g < group; ++g) {
     const int head = head_kv * group + g;
+    [[maybe_unused]] const A slope = alibi_slope<A>(params, batch, head);
     const T* q = q_rows<T>(params, batch, head, qr.start);
     const T* grad_out = grad_out_rows<T>(params, batch, head, qr.start);
     const int64_t row_base = lse_index(params, batch, head, qr.start);
@@ -134,14 +168,28 @@ __global__ void __launch_bounds__(Traits::kThreads)
       for (int r = 0; r < kRows; ++r) {
         const int t = n0 + warp * kRows + r;
         if (t >= kr.length) continue;  // warp-uniform
-        const int first = kIsCausal ? causal_query_begin(t, qr.length, kr.length) - m0 : 0;
-        for (int m = max(first, 0); m < m_end; ++m) {
+        int first = kIsCausal ? causal_query_begin(t, qr.length, kr.length) - m0 : 0;
+        int stop = m_end;
+        if constexpr (kVariants) {
+          first = window_query_begin(t, qr.length, kr.length, window) - m0;
+          stop = min(m_end, window_query_end(t, qr.length, kr.length, window) - m0);
+        }
+        for (int m = max(first, 0); m < stop; ++m) {
           const T* qrow = sQ + m * kHeadDim;
           const T* dorow = sdO + m * kHeadDim;
           const A s = dot_row<Traits>(k_reg[r], qrow, lane) * scale;
           const A dp = dot_row<Traits>(v_reg[r], dorow, lane);
-          const A p = exp_acc(s - s_lse[m]);
-          const A ds = p * (dp - s_delta[m]);
+          A p, ds;
+          if constexpr (kVariants) {
+            const PairGrads<A> pair =
+                variant_pair_grads<A>(params, s, s_lse[m], dp, s_delta[m], slope, m0 + m, t, qr, kr,
+                                      batch * params.heads_q + head);
+            p = pair.kept_p;
+            ds = pair.ds;
+          } else {
+            p = exp_acc(s - s_lse[m]);
+            ds = p * (dp - s_delta[m]);
+          }
 #pragma unroll
           for (int e = 0; e < kPerLane; ++e) {
             dv[r][e] += p * to_acc(dorow[lane + 32 * e]);
@@ -180,7 +228,8 @@ __global__ void __launch_bounds__(Traits::kThreads)
 }
 
 // kLongRows: blocks may have more than kMaxKeysPerAccumulator keys (see fold_sums).
-template <typename Traits, typename T, bool kIsCausal, bool kLongRows>
+// kVariants: the call has a window, softcap, ALiBi or dropout.
+template <typename Traits, typename T, bool kIsCausal, bool kLongRows, bool kVariants>
 __global__ void __launch_bounds__(Traits::kThreads)
     dq_simple_kernel(const BackwardParams params, const Acc<T>* delta) {
   using A = Acc<T>;
@@ -240,11 +289,19 @@ __global__ void __launch_bounds__(Traits::kThreads)
   [[maybe_unused]] A total_dq[kLongRows ? kRows : 1][kPerLane] = {};
 
   const A scale = static_cast<A>(params.scale);
-  const int n_end = tile_key_end<kIsCausal>(m0, Traits::kRowsPerBlock, qr, kr);
-  const int n_tiles = ceil_div(n_end, kTileRows);
+  [[maybe_unused]] const KeyWindow window = key_window(params);
+  [[maybe_unused]] const A slope = alibi_slope<A>(params, batch, head);
+  int n_begin = 0;
+  int n_end = tile_key_end<kIsCausal>(m0, Traits::kRowsPerBlock, qr, kr);
+  if constexpr (kVariants) {
+    const int last = tile_last_row(m0, Traits::kRowsPerBlock, qr.length);
+    n_begin = window_key_begin(m0, qr.length, kr.length, window) / kTileRows * kTileRows;
+    n_end = window_key_end(last, qr.length, kr.length, window);
+  }
+  const int n_tiles = ceil_div(n_end - n_begin, kTileRows);
 
   for (int tile = 0; tile < n_tiles; ++tile) {
-    const int n0 = tile * kTileRows;
+    const int n0 = n_begin + tile * kTileRows;
     __syncthreads();
     load_tile<Traits>(sK, k, params.k_row_stride, n0, n_end, head_dim);
     load_tile<Traits>(sV, v, params.v_row_stride, n0, n_end, head_dim);
@@ -253,13 +310,25 @@ __global__ void __launch_bounds__(Traits::kThreads)
     for (int r = 0; r < kRows; ++r) {
       const int i = m0 + warp * kRows + r;
       if (i >= qr.length) continue;  // warp-uniform
-      const int key_end = kIsCausal ? causal_key_end(i, qr.length, kr.length) : kr.length;
+      int key_begin = 0;
+      int key_end = kIsCausal ? causal_key_end(i, qr.length, kr.length) : kr.length;
+      if constexpr (kVariants) {
+        key_begin = window_key_begin(i, qr.length, kr.length, window);
+        key_end = window_key_end(i, qr.length, kr.length, window);
+      }
       const int n_stop = min(kTileRows, key_end - n0);
-      for (int n = 0; n < n_stop; ++n) {
+      for (int n = max(key_begin - n0, 0); n < n_stop; ++n) {
         const T* krow = sK + n * kHeadDim;
         const A s = dot_row<Traits>(q_reg[r], krow, lane) * scale;
         const A dp = dot_row<Traits>(do_reg[r], sV + n * kHeadDim, lane);
-        const A ds = exp_acc(s - lse[r]) * (dp - row_delta[r]);
+        A ds;
+        if constexpr (kVariants) {
+          ds = variant_pair_grads<A>(params, s, lse[r], dp, row_delta[r], slope, i, n0 + n, qr, kr,
+                                     blockIdx.z)
+                   .ds;
+        } else {
+          ds = exp_acc(s - lse[r]) * (dp - row_delta[r]);
+        }
 #pragma unroll
         for (int e = 0; e < kPerLane; ++e) dq[r][e] += ds * to_acc(krow[lane + 32 * e]);
       }
@@ -300,24 +369,27 @@ cudaError_t run_bwd_simple(const BackwardParams& params, void* delta_workspace,
   // float64 sums do not stall before 2^53 terms. dK and dV sum every query of the group's heads.
   constexpr bool kFloatSums = !std::is_same_v<Acc<T>, double>;
   const bool long_queries = kFloatSums && long_query_rows(params);
+  const bool variants = has_variants(params);
   if (grid_dkdv.x > 0 && grid_dkdv.y > 0 && grid_dkdv.z > 0) {
-    const cudaError_t err =
-        long_queries
-            ? launch_kernel(dkdv_simple_kernel<Traits, T, kIsCausal, true>, grid_dkdv,
-                            Traits::kThreads, Traits::kKeySharedBytes, stream, params, delta)
-            : launch_kernel(dkdv_simple_kernel<Traits, T, kIsCausal, false>, grid_dkdv,
-                            Traits::kThreads, Traits::kKeySharedBytes, stream, params, delta);
+    const cudaError_t err = BOOL_SWITCH(long_queries, kLongRows, [&] {
+      return BOOL_SWITCH(variants, kVariants, [&] {
+        return launch_kernel(dkdv_simple_kernel<Traits, T, kIsCausal, kLongRows, kVariants>,
+                             grid_dkdv, Traits::kThreads, Traits::kKeySharedBytes, stream, params,
+                             delta);
+      });
+    });
     if (err != cudaSuccess) return err;
   }
   const dim3 grid_dq(tiles_with_tail(params.max_seqlen_q, params.seqlen_q, Traits::kRowsPerBlock),
                      params.num_blocks, params.batch * params.heads_q);
   const bool long_keys = kFloatSums && params.max_seqlen_k > kMaxKeysPerAccumulator;
   if (grid_dq.x > 0 && grid_dq.y > 0 && grid_dq.z > 0) {
-    const cudaError_t err =
-        long_keys ? launch_kernel(dq_simple_kernel<Traits, T, kIsCausal, true>, grid_dq,
-                                  Traits::kThreads, Traits::kSharedBytes, stream, params, delta)
-                  : launch_kernel(dq_simple_kernel<Traits, T, kIsCausal, false>, grid_dq,
-                                  Traits::kThreads, Traits::kSharedBytes, stream, params, delta);
+    const cudaError_t err = BOOL_SWITCH(long_keys, kLongRows, [&] {
+      return BOOL_SWITCH(variants, kVariants, [&] {
+        return launch_kernel(dq_simple_kernel<Traits, T, kIsCausal, kLongRows, kVariants>, grid_dq,
+                             Traits::kThreads, Traits::kSharedBytes, stream, params, delta);
+      });
+    });
     if (err != cudaSuccess) return err;
   }
   return cudaSuccess;

@@ -1,12 +1,15 @@
 // Simple forward: grid (query tiles of the longest block, blocks, batch * heads_q). Each warp
 // owns kRowsPerWarp query rows and runs an online softmax over key/value tiles staged in shared
-// memory; key tiles past the causal diagonal are skipped, not masked.
+// memory; key tiles past the causal diagonal (or outside the sliding window) are skipped, not
+// masked.
 #pragma once
 
 #include <type_traits>
 
 #include "../kernel_launch.cuh"
+#include "../score_variants.cuh"
 #include "../shared_memory.cuh"
+#include "../static_switch.h"
 #include "../tensor_rows.cuh"
 #include "../utils.cuh"
 #include "simple_kernels.h"
@@ -15,8 +18,9 @@
 namespace block_attn::cuda {
 
 // kLongRows: rows may see more than kMaxKeysPerAccumulator keys; each chunk of that many is summed
-// apart and folded into a second accumulator, so no float sum takes more terms.
-template <typename Traits, typename T, bool kIsCausal, bool kLongRows>
+// apart and folded into a second accumulator, so no float sum takes more terms. kVariants: the
+// call has a window, softcap, ALiBi or dropout (score_variants.cuh).
+template <typename Traits, typename T, bool kIsCausal, bool kLongRows, bool kVariants>
 __global__ void __launch_bounds__(Traits::kThreads) fwd_simple_kernel(const ForwardParams params) {
   using A = Acc<T>;
   constexpr int kPerLane = Traits::kPerLane;
@@ -97,11 +101,19 @@ __global__ void __launch_bounds__(Traits::kThreads) fwd_simple_kernel(const Forw
   }
 
   // Keys any row of this tile may see, in tiles (counted so that no index passes INT32_MAX).
-  const int n_end = tile_key_end<kIsCausal>(m0, Traits::kRowsPerBlock, qr, kr);
-  const int n_tiles = ceil_div(n_end, kTileRows);
+  [[maybe_unused]] const KeyWindow window = key_window(params);
+  [[maybe_unused]] const A slope = alibi_slope<A>(params, batch, head);
+  int n_begin = 0;
+  int n_end = tile_key_end<kIsCausal>(m0, Traits::kRowsPerBlock, qr, kr);
+  if constexpr (kVariants) {
+    const int last = tile_last_row(m0, Traits::kRowsPerBlock, qr.length);
+    n_begin = window_key_begin(m0, qr.length, kr.length, window) / kTileRows * kTileRows;
+    n_end = window_key_end(last, qr.length, kr.length, window);
+  }
+  const int n_tiles = ceil_div(n_end - n_begin, kTileRows);
 
   for (int tile = 0; tile < n_tiles; ++tile) {
-    const int n0 = tile * kTileRows;
+    const int n0 = n_begin + tile * kTileRows;
     __syncthreads();
     load_tile<Traits>(sK, k, params.k_row_stride, n0, n_end, head_dim);
     load_tile<Traits>(sV, v, params.v_row_stride, n0, n_end, head_dim);
@@ -110,12 +122,24 @@ __global__ void __launch_bounds__(Traits::kThreads) fwd_simple_kernel(const Forw
     for (int r = 0; r < kRows; ++r) {
       const int i = m0 + warp * kRows + r;
       if (i >= qr.length) continue;  // warp-uniform
-      const int key_end = kIsCausal ? causal_key_end(i, qr.length, kr.length) : kr.length;
+      int key_begin = 0;
+      int key_end = kIsCausal ? causal_key_end(i, qr.length, kr.length) : kr.length;
+      if constexpr (kVariants) {
+        key_begin = window_key_begin(i, qr.length, kr.length, window);
+        key_end = window_key_end(i, qr.length, kr.length, window);
+      }
       // Lane n keeps the score of key n0 + n.
       A my_score = neg_inf<A>();
       for (int n = 0; n < kTileRows; ++n) {
         const A s = dot_row<Traits>(q_reg[r], sK + n * kHeadDim, lane);
-        if (lane == n && n0 + n < key_end) my_score = s * scale;
+        if (lane == n && n0 + n >= key_begin && n0 + n < key_end) my_score = s * scale;
+      }
+      if constexpr (kVariants) {
+        A tanh_unused;
+        if (my_score != neg_inf<A>()) {
+          my_score = transformed_score<A>(params, my_score, slope, i, n0 + lane, qr.length,
+                                          kr.length, tanh_unused);
+        }
       }
       // max() drops NaN scores, so a row whose allowed scores are all NaN (a NaN query) keeps
       // max -inf: it goes on with 0 in place of the max, and its NaN reaches the sum and output.
@@ -127,10 +151,16 @@ __global__ void __launch_bounds__(Traits::kThreads) fwd_simple_kernel(const Forw
       const A p = exp_acc(my_score - max_used);
       row_sum[r] = row_sum[r] * alpha + warp_sum(p);
       row_max[r] = new_max;
+      // Dropout keeps the normaliser of every probability and drops from the output only.
+      A p_kept = p;
+      if constexpr (kVariants) {
+        p_kept = p * dropout_factor<A>(params, blockIdx.z, static_cast<int64_t>(qr.start) + i,
+                                       static_cast<int64_t>(kr.start) + n0 + lane);
+      }
 #pragma unroll
       for (int e = 0; e < kPerLane; ++e) acc[r][e] *= alpha;
       for (int n = 0; n < kTileRows; ++n) {
-        const A pn = __shfl_sync(0xffffffffu, p, n);
+        const A pn = __shfl_sync(0xffffffffu, p_kept, n);
         const T* vrow = sV + n * kHeadDim;
 #pragma unroll
         for (int e = 0; e < kPerLane; ++e) acc[r][e] += pn * to_acc(vrow[lane + 32 * e]);
@@ -174,12 +204,14 @@ cudaError_t run_fwd_simple(const ForwardParams& params, cudaStream_t stream) {
                   params.num_blocks, params.batch * params.heads_q);
   if (grid.x == 0 || grid.y == 0 || grid.z == 0) return cudaSuccess;
   // float64 sums do not stall before 2^53 terms.
-  if (!std::is_same_v<Acc<T>, double> && params.max_seqlen_k > kMaxKeysPerAccumulator) {
-    return launch_kernel(fwd_simple_kernel<Traits, T, kIsCausal, true>, grid, Traits::kThreads,
-                         Traits::kSharedBytes, stream, params);
-  }
-  return launch_kernel(fwd_simple_kernel<Traits, T, kIsCausal, false>, grid, Traits::kThreads,
-                       Traits::kSharedBytes, stream, params);
+  const bool long_rows =
+      !std::is_same_v<Acc<T>, double> && params.max_seqlen_k > kMaxKeysPerAccumulator;
+  return BOOL_SWITCH(long_rows, kLongRows, [&] {
+    return BOOL_SWITCH(has_variants(params), kVariants, [&] {
+      return launch_kernel(fwd_simple_kernel<Traits, T, kIsCausal, kLongRows, kVariants>, grid,
+                           Traits::kThreads, Traits::kSharedBytes, stream, params);
+    });
+  });
 }
 
 }  // namespace block_attn::cuda

@@ -1,0 +1,85 @@
+// The attention variants on the device (block_attn/variants.py): sliding window limits, softcap,
+// ALiBi and the dropout factor, computed as the CPU kernels and the reference compute them.
+#pragma once
+
+#include <cstdint>
+
+#include "../attention_params.h"
+#include "../dropout_philox.h"
+#include "utils.cuh"
+
+namespace block_attn::cuda {
+
+// Whether a call needs the variant kernels (causal alone does not: its window is the plain one).
+__host__ __device__ inline bool has_variants(const ForwardParams& p) {
+  return p.window_left >= 0 || (p.window_right >= 0 && !p.is_causal) || p.softcap != 0 ||
+         p.alibi_slopes != nullptr || p.dropout_seed_offset != nullptr;
+}
+
+// Local query i stands at i' = i + len_k - len_q and sees local key t iff
+// -right <= i' - t <= left (-1: unbounded; causal makes right 0). In int64, as in causal_key_end.
+struct KeyWindow {
+  int64_t left;
+  int64_t right;
+};
+__host__ __device__ inline KeyWindow key_window(const ForwardParams& p) {
+  return {p.window_left, p.is_causal ? 0 : p.window_right};
+}
+
+// Query i sees keys [window_key_begin, window_key_end).
+__host__ __device__ inline int window_key_begin(int i, int len_q, int len_k, KeyWindow w) {
+  if (w.left < 0) return 0;
+  return clamp_to_length(static_cast<int64_t>(i) + len_k - len_q - w.left, len_k);
+}
+__host__ __device__ inline int window_key_end(int i, int len_q, int len_k, KeyWindow w) {
+  if (w.right < 0) return len_k;
+  return clamp_to_length(static_cast<int64_t>(i) + len_k - len_q + w.right + 1, len_k);
+}
+// Key t is seen by queries [window_query_begin, window_query_end).
+__host__ __device__ inline int window_query_begin(int t, int len_q, int len_k, KeyWindow w) {
+  if (w.right < 0) return 0;
+  return clamp_to_length(static_cast<int64_t>(t) - w.right - len_k + len_q, len_q);
+}
+__host__ __device__ inline int window_query_end(int t, int len_q, int len_k, KeyWindow w) {
+  if (w.left < 0) return len_q;
+  return clamp_to_length(static_cast<int64_t>(t) + w.left + 1 - len_k + len_q, len_q);
+}
+
+// The ALiBi slope of (batch, head), 0 without ALiBi.
+template <typename A>
+__device__ __forceinline__ A alibi_slope(const ForwardParams& p, int batch, int head) {
+  if (p.alibi_slopes == nullptr) return A(0);
+  return static_cast<A>(p.alibi_slopes[batch * p.alibi_batch_stride + head]);
+}
+
+// The scaled score s of local query i and key t after the softcap and ALiBi; `tanh_out` gets the
+// softcap's tanh (0 without one), whose 1 - tanh^2 the backward multiplies dS by.
+template <typename A>
+__device__ __forceinline__ A transformed_score(const ForwardParams& p, A s, A slope, int i, int t,
+                                               int len_q, int len_k, A& tanh_out) {
+  tanh_out = A(0);
+  if (p.softcap != 0) {
+    const A cap = static_cast<A>(p.softcap);
+    tanh_out = tanh(s / cap);
+    s = cap * tanh_out;
+  }
+  if (p.alibi_slopes != nullptr) {
+    const int64_t distance = static_cast<int64_t>(i) + len_k - len_q - t;
+    s -= slope * static_cast<A>(distance < 0 ? -distance : distance);
+  }
+  return s;
+}
+
+// 1 / (1 - p) where dropout keeps the probability of (batch_head = b * Hq + h, global query row,
+// global key row), else 0; 1 without dropout.
+template <typename A>
+__device__ __forceinline__ A dropout_factor(const ForwardParams& p, int batch_head, int64_t row,
+                                            int64_t key) {
+  if (p.dropout_seed_offset == nullptr) return A(1);
+  const bool keep = dropout_keep(static_cast<uint64_t>(p.dropout_seed_offset[0]),
+                                 static_cast<uint64_t>(p.dropout_seed_offset[1]),
+                                 static_cast<uint32_t>(batch_head), row, key, p.dropout_threshold);
+  return keep ? static_cast<A>(p.dropout_scale) : A(0);
+}
+
+}  // namespace block_attn::cuda
