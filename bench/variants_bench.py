@@ -3,11 +3,14 @@
 Sliding window (causal): time and useful GFLOP/s (4·D flops per (query, allowed key) pair in
 the forward, 2.5 times that in the backward) against plain causal attention at the same N, and
 the time at the largest N over the time at the smallest for a fixed window. Softcap, ALiBi,
-sinks and dropout: forward+backward time over the plain path's at one shape. Medians after a
+sinks and dropout: forward+backward time over the plain path's at one shape. With ``--peers``,
+the sliding window (forward) against compiled FlexAttention with a sliding-window ``mask_mod``
+and SDPA with the dense mask, and dropout (forward+backward) against SDPA's. Medians after a
 warm-up round, steps interleaved so a slow stretch of the machine hits them alike.
 
     python -m bench.variants_bench --out bench/results/variants_cpu.json
     python -m bench.variants_bench --seqlens 4096 16384 --windows 512 --dims 64 --quick
+    python -m bench.variants_bench --peers --out bench/results/variants_peers_cpu.json
 """
 
 from __future__ import annotations
@@ -76,8 +79,8 @@ def window_rows(args, dtype, dim) -> list[dict]:
                         seqlen=seqlen,
                         window=window,
                         direction="fwd+bwd" if backward else "fwd",
-                        median_ms=stats["median"],
-                        useful_gflops=flops / stats["median"] / 1e6,
+                        median_ms=stats["ms"],
+                        useful_gflops=flops / stats["ms"] / 1e6,
                     )
                 )
     return rows
@@ -97,7 +100,7 @@ def overhead_rows(args, dtype, dim) -> list[dict]:
         "dropout 0.1": dict(dropout_p=0.1),
     }
     steps = {name: make_step(q, k, v, True, causal=True, **kw) for name, kw in variants.items()}
-    times = {n: summarize(s)["median"] for n, s in sample_ms(steps, "cpu", args.reps).items()}
+    times = {n: summarize(s)["ms"] for n, s in sample_ms(steps, "cpu", args.reps).items()}
     return [
         dict(
             kind="overhead",
@@ -112,6 +115,88 @@ def overhead_rows(args, dtype, dim) -> list[dict]:
     ]
 
 
+def window_peer_steps(q, k, v, window: int, flex, max_dense_bytes: int) -> dict:
+    """Causal sliding-window forward steps: block_attn, FlexAttention with the window's
+    ``mask_mod``, and SDPA with the dense boolean mask where its float scores fit the bytes."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    seqlen = q.shape[2]
+
+    def sliding_window(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (q_idx - kv_idx <= window)
+
+    block_mask = create_block_mask(sliding_window, None, None, seqlen, seqlen, device="cpu")
+    steps = {
+        "block_attn": make_step(q, k, v, False, causal=True, window_size=(window, 0)),
+        "flex": lambda: flex(q, k, v, block_mask=block_mask),
+    }
+    if seqlen * seqlen * 4 <= max_dense_bytes:
+        positions = torch.arange(seqlen)
+        behind = positions[:, None] - positions[None, :]
+        dense = (behind >= 0) & (behind <= window)
+        steps["sdpa dense mask"] = lambda: torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=dense
+        )
+    return steps
+
+
+def peer_rows(args, dtype, dim) -> list[dict]:
+    """Sliding window (forward) against FlexAttention and SDPA's dense mask, at each N; dropout
+    0.1 (forward+backward, causal) against SDPA's at ``--overhead-seqlen``."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    flex = torch.compile(flex_attention, dynamic=False)
+    rows = []
+    for seqlen in args.seqlens:
+        q, k, v = (torch.randn(1, args.heads, seqlen, dim, dtype=dtype) for _ in range(3))
+        for window in args.windows:
+            steps = window_peer_steps(q, k, v, window, flex, args.max_dense_bytes)
+            times = {n: summarize(x)["ms"] for n, x in sample_ms(steps, "cpu", args.reps).items()}
+            for name, ms in times.items():
+                rows.append(
+                    dict(
+                        kind="window peers",
+                        dtype=str(dtype).removeprefix("torch."),
+                        dim=dim,
+                        seqlen=seqlen,
+                        window=window,
+                        impl=name,
+                        median_ms=ms,
+                        speedup_of_block_attn=ms / times["block_attn"],
+                    )
+                )
+    seqlen = args.overhead_seqlen
+    q, k, v = (
+        torch.randn(1, args.heads, seqlen, dim, dtype=dtype, requires_grad=True) for _ in range(3)
+    )
+    grad_out = torch.randn_like(q)
+
+    def sdpa_dropout():
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, dropout_p=0.1, is_causal=True
+        )
+        return torch.autograd.grad(out, (q, k, v), grad_out)
+
+    steps = {
+        "block_attn": make_step(q, k, v, True, causal=True, dropout_p=0.1),
+        "sdpa": sdpa_dropout,
+    }
+    times = {n: summarize(x)["ms"] for n, x in sample_ms(steps, "cpu", args.reps).items()}
+    for name, ms in times.items():
+        rows.append(
+            dict(
+                kind="dropout peers",
+                dtype=str(dtype).removeprefix("torch."),
+                dim=dim,
+                seqlen=seqlen,
+                impl=name,
+                median_ms=ms,
+                speedup_of_block_attn=ms / times["block_attn"],
+            )
+        )
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seqlens", type=int, nargs="+", default=[16384, 65536])
@@ -122,12 +207,19 @@ def main() -> None:
     parser.add_argument("--overhead-seqlen", type=int, default=4096)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="skip the overhead rows")
+    parser.add_argument("--peers", action="store_true", help="time FlexAttention and SDPA instead")
+    parser.add_argument("--max-dense-bytes", type=int, default=2**31)
     parser.add_argument("--out", help="write the rows and the machine's facts as JSON")
     args = parser.parse_args()
     rows = []
     for dtype_name in args.dtypes:
         dtype = getattr(torch, dtype_name)
         for dim in args.dims:
+            if args.peers:
+                for row in peer_rows(args, dtype, dim):
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+                continue
             for row in window_rows(args, dtype, dim):
                 rows.append(row)
                 print(json.dumps(row), flush=True)

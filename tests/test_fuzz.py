@@ -202,18 +202,21 @@ def _draw_variants(rng: random.Random) -> dict:
         variants["softcap"] = rng.choice((1.0, 5.0, 30.0))
     if rng.random() < 0.15:
         variants["alibi"] = rng.choice(("heads", "batch"))
+    if rng.random() < 0.15:
+        variants["dropout_p"] = rng.choice((0.1, 0.5))
     return variants
 
 
 def variant_kwargs(case: Case, device: str) -> dict:
-    """The case's variants as keyword arguments; none on CUDA, whose kernels lack them so far."""
-    if device != "cpu":
-        return {}
+    """The case's variants as keyword arguments for a call on ``device``; each call gets a fresh
+    CPU generator in the same state, so kernel and reference drop the same probabilities."""
     kwargs = {k: v for k, v in case.variants.items() if k != "alibi"}
+    gen = torch.Generator().manual_seed(case.seed)
     if "alibi" in case.variants:
         shape = (case.heads_q,) if case.variants["alibi"] == "heads" else (case.batch, case.heads_q)
-        gen = torch.Generator().manual_seed(case.seed)
-        kwargs["alibi_slopes"] = torch.rand(shape, generator=gen) * 0.5
+        kwargs["alibi_slopes"] = (torch.rand(shape, generator=gen) * 0.5).to(device)
+    if "dropout_p" in case.variants:
+        kwargs["generator"] = gen
     return kwargs
 
 
@@ -344,7 +347,7 @@ def test_fuzz(device, seed):
         ]
         grads = (grad_out.cpu().to(dtype), grad_lse.cpu().to(torch.promote_types(dtype, lse_dtype)))
         # Always with lse, whose -inf rows say which rows have no allowed key.
-        kwargs = reference_kwargs(case) | variant_kwargs(case, device)
+        kwargs = reference_kwargs(case) | variant_kwargs(case, "cpu")
         return run(reference.attention, inputs, needs_grad, *grads, kwargs, case, True)
 
     exact = reference_run(torch.float64)

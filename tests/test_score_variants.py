@@ -234,3 +234,34 @@ def test_plain_causal_call_reaches_the_kernels_without_a_window(monkeypatch):
     q, k, v = make_qkv(1, 2, 2, 8, 8, 8)
     block_attn.attention(q, k, v, causal=True)
     assert seen["window"] == (-1, -1)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_long_windowed_rows_match_a_chunked_reference(threads):
+    """Blocks of 9000 keys: more query tiles per key range than one dK/dV sum takes, with a
+    window, so the sums move into their totals only where the window touched them."""
+    n, window = 9000, 2100
+    q, k, v = make_qkv(1, 2, 1, n, n, 16, dtype=torch.float64, requires_grad=True)
+    grad_out = torch.randn_like(q)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        ours = run(block_attn.attention, (q, k, v), grad_out, causal=True, window_size=(window, 0))
+    finally:
+        torch.set_num_threads(before)
+    # Queries [a, b) see keys [a - window, b) only: the reference on that slice, aligned
+    # bottom-right, is the same attention.
+    pieces = []
+    for a in range(0, n, 500):
+        b, first = min(a + 500, n), max(a - window, 0)
+        pieces.append(
+            reference.attention(
+                q[:, :, a:b], k[:, :, first:b], v[:, :, first:b], causal=True,
+                window_size=(window, 0),
+            )
+        )  # fmt: skip
+    expected_out = torch.cat(pieces, dim=2)
+    expected = (expected_out, *torch.autograd.grad(expected_out, (q, k, v), grad_out))
+    for name, got, want in zip(("out", "grad_q", "grad_k", "grad_v"), (ours[0], *ours[2]),
+                               expected, strict=True):  # fmt: skip
+        assert_close(got, want, atol=1e-10, rtol=1e-9, what=f"{name} with {threads} threads")

@@ -53,12 +53,34 @@ struct WorkItem {
   int64_t cost;
 };
 
+// The query rows [begin, end) (block-local, from a query tile's start to a tile's end or the
+// block's) whose dQ a key range of a split block writes, and where its partial starts:
+// [batch][head][row - begin][dim].
+struct QuerySpan {
+  int begin;
+  int end;
+  int64_t offset;
+};
+
 // Where dQ goes: straight into grad_q for blocks kept whole, else into per-range partials.
 struct QueryGradTarget {
-  std::vector<int> ranges;              // key ranges per block
-  std::vector<int64_t> partial_offset;  // per block: start of its partials, or -1
+  std::vector<int> ranges;                    // key ranges per block
+  std::vector<std::vector<QuerySpan>> spans;  // per block, per range; empty for whole blocks
   int64_t partial_size = 0;
+
+  bool whole(int block) const { return spans[block].empty(); }
 };
+
+// The query tiles that see keys [key_begin, key_end) of block e: from a tile start to the end of
+// the last one.
+inline QuerySpan query_span(const BlockExtent& e, const KeyWindow& window, int key_begin,
+                            int key_end) {
+  const int begin = window_query_begin(key_begin, e, window) / kBlockM * kBlockM;
+  const int last = window_query_end(key_end - 1, e, window);
+  if (last <= begin) return {begin, begin, 0};
+  const int64_t tiles = (static_cast<int64_t>(last) - begin + kBlockM - 1) / kBlockM;
+  return {begin, static_cast<int>(std::min<int64_t>(begin + tiles * kBlockM, e.len_q)), 0};
+}
 
 template <typename scalar_t>
 struct BackwardScratch {
@@ -217,12 +239,17 @@ void backward_item(const BackwardParams& p, const std::vector<acc_t<scalar_t>>& 
   acc* kv_totals = nullptr;  // dK total, its compensation, dV total, its compensation
 
   // A block kept whole writes the dQ of all its queries (zeros where they see none of its keys);
-  // the ranges of a split block visit only the queries that see them (partials start at zero).
+  // the ranges of a split block visit only the query tiles that see them, their span.
   const KeyWindow window = key_window(p);
-  const bool whole_block = target.partial_offset[item.block] < 0;
-  const int first_query =
-      whole_block ? 0 : window_query_begin(item.key_begin, e, window) / kBlockM * kBlockM;
-  const int query_end = whole_block ? e.len_q : window_query_end(item.key_end - 1, e, window);
+  const bool whole_block = target.whole(item.block);
+  const QuerySpan span =
+      whole_block ? QuerySpan{0, e.len_q, 0} : target.spans[item.block][item.range];
+  // Key rows (range-local) summed into grad_k/grad_v since their last move into the totals.
+  int touched_begin = range_keys, touched_end = 0;
+  // A window bounding every key's queries to what one plain sum takes needs no totals at all.
+  const int64_t queries_per_key = window.left + window.right + 1;
+  const bool few_terms_per_key = window.left >= 0 && window.right >= 0 &&
+                                 group * queries_per_key <= kQueryTilesPerSum * kBlockM;
   TileVariants<acc> variants;
   variants.softcap = static_cast<acc>(p.softcap);
   if (p.alibi_slopes != nullptr) variants.alibi = &t.alibi;
@@ -231,7 +258,7 @@ void backward_item(const BackwardParams& p, const std::vector<acc_t<scalar_t>>& 
   const acc* dropout_t = dropout ? t.dropout_factors.get() : nullptr;
   for (int g = 0; g < group; ++g) {
     const int head = item.kv_head * group + g;
-    for (int q0 = first_query; q0 < query_end; q0 = tile_end(q0, e.len_q, kBlockM)) {
+    for (int q0 = span.begin; q0 < span.end; q0 = tile_end(q0, span.end, kBlockM)) {
       const int rows = std::min(kBlockM, e.len_q - q0);
       const int lanes = padded<acc>(rows);
       // Key tiles start an even number of keys into the range (bf16 products take key pairs).
@@ -240,6 +267,8 @@ void backward_item(const BackwardParams& p, const std::vector<acc_t<scalar_t>>& 
       const int key_limit = std::min(item.key_end, window_key_end(q0 + rows - 1, e, window));
       fill<acc>(t.grad_q.get(), static_cast<int64_t>(rows) * ld, 0);
       if (key_limit > key_start) {
+        touched_begin = std::min(touched_begin, key_start - item.key_begin);
+        touched_end = std::max(touched_end, key_limit - item.key_begin);
         load_query_tile<scalar_t>(p, delta, item.batch, head, e, q0, rows, t);
         if (dropout)
           fill_dropout_lanes(p, item.batch, head, 1, e.q_start + q0, rows, t.dropout_lanes);
@@ -284,7 +313,8 @@ void backward_item(const BackwardParams& p, const std::vector<acc_t<scalar_t>>& 
         finish_compensated(t.grad_q.get(), static_cast<int64_t>(rows) * ld, t.grad_q_total.get(),
                            t.grad_q_compensation.get());
       }
-      if (key_limit > key_start && ++query_tiles_in_grads == kQueryTilesPerSum) {
+      if (key_limit > key_start && !few_terms_per_key &&
+          ++query_tiles_in_grads == kQueryTilesPerSum) {
         if (!has_key_totals) {
           if (static_cast<int64_t>(t.grad_kv_totals.size()) < 4 * range_size) {
             t.grad_kv_totals.resize(4 * range_size);
@@ -293,25 +323,31 @@ void backward_item(const BackwardParams& p, const std::vector<acc_t<scalar_t>>& 
           fill<acc>(kv_totals, 4 * range_size, 0);
           has_key_totals = true;
         }
-        move_into_compensated(t.grad_k.get(), range_size, kv_totals, kv_totals + range_size);
-        move_into_compensated(t.grad_v.get(), range_size, kv_totals + 2 * range_size,
-                              kv_totals + 3 * range_size);
+        // Only the rows touched since the last move hold anything (a window touches few).
+        const int64_t first = static_cast<int64_t>(touched_begin) * ld;
+        const int64_t size = static_cast<int64_t>(touched_end - touched_begin) * ld;
+        for (int side = 0; side < 2; ++side) {
+          acc* grads = side == 0 ? t.grad_k.get() : t.grad_v.get();
+          acc* totals = kv_totals + 2 * side * range_size;
+          move_into_compensated(grads + first, size, totals + first, totals + range_size + first);
+        }
+        touched_begin = range_keys;
+        touched_end = 0;
         query_tiles_in_grads = 0;
       }
       const int64_t q_row = e.q_start + q0;
-      if (target.partial_offset[item.block] < 0) {
+      if (whole_block) {
         unpack_rows<scalar_t>(t.grad_q.get(), ld, rows, dim, nullptr,
                               static_cast<scalar_t*>(p.grad_q) +
                                   item.batch * p.grad_q_batch_stride + head * p.grad_q_head_stride +
                                   q_row * p.grad_q_row_stride,
                               p.grad_q_row_stride);
       } else {
-        // Partials: [range][batch][head][query][dim] per split block.
+        const int64_t span_rows = span.end - span.begin;
         acc* partial =
-            partials + target.partial_offset[item.block] +
-            ((static_cast<int64_t>(item.range) * p.batch + item.batch) * p.heads_q + head) *
-                e.len_q * dim +
-            static_cast<int64_t>(q0) * dim;
+            partials + span.offset +
+            ((static_cast<int64_t>(item.batch) * p.heads_q + head) * span_rows + q0 - span.begin) *
+                dim;
         for (int r = 0; r < rows; ++r) {
           std::copy_n(t.grad_q.get() + r * ld, dim, partial + static_cast<int64_t>(r) * dim);
         }
@@ -346,7 +382,8 @@ std::vector<WorkItem> make_work_items(const BackwardParams& p, int64_t max_cost,
                                       QueryGradTarget& target) {
   std::vector<WorkItem> ranges;  // for batch 0, kv head 0
   target.ranges.assign(p.num_blocks, 0);
-  target.partial_offset.assign(p.num_blocks, -1);
+  target.spans.assign(p.num_blocks, {});
+  const KeyWindow window = key_window(p);
   for (int j = 0; j < p.num_blocks; ++j) {
     const BlockExtent e = block_extent(p, j);
     WorkItem current{0, 0, j, 0, 0, 0, 0};
@@ -363,9 +400,13 @@ std::vector<WorkItem> make_work_items(const BackwardParams& p, int64_t max_cost,
     if (e.len_k > 0) ranges.push_back(current);
     target.ranges[j] = e.len_k > 0 ? current.range + 1 : 0;
     if (target.ranges[j] > 1) {
-      target.partial_offset[j] = target.partial_size;
-      target.partial_size +=
-          static_cast<int64_t>(target.ranges[j]) * p.batch * p.heads_q * e.len_q * p.head_dim;
+      for (auto r = ranges.end() - target.ranges[j]; r != ranges.end(); ++r) {
+        QuerySpan span = query_span(e, window, r->key_begin, r->key_end);
+        span.offset = target.partial_size;
+        target.partial_size +=
+            static_cast<int64_t>(span.end - span.begin) * p.batch * p.heads_q * p.head_dim;
+        target.spans[j].push_back(span);
+      }
     }
   }
   // Head by head, in sequence order within a head: among items of equal cost (which keep this
@@ -426,14 +467,15 @@ void zero_query_grads_of_keyless_blocks(const BackwardParams& p) {
   }
 }
 
-// grad_q of split blocks = the sum of their ranges' partials, in range order.
+// grad_q of split blocks = the sum of their ranges' partials, in range order (rows outside
+// every span see no key: zero).
 template <typename scalar_t>
 void reduce_query_grad_partials(const BackwardParams& p, const QueryGradTarget& target,
                                 const acc_t<scalar_t>* partials) {
   using acc = acc_t<scalar_t>;
   std::vector<int> split;
   for (int j = 0; j < p.num_blocks; ++j) {
-    if (target.partial_offset[j] >= 0) split.push_back(j);
+    if (!target.whole(j)) split.push_back(j);
   }
   const int64_t heads = static_cast<int64_t>(p.batch) * p.heads_q;
   at::parallel_for(
@@ -441,18 +483,19 @@ void reduce_query_grad_partials(const BackwardParams& p, const QueryGradTarget& 
         std::vector<acc> sum(p.head_dim);
         for (int64_t i = begin; i < end; ++i) {
           const int j = split[i / heads];
-          const int b = static_cast<int>((i % heads) / p.heads_q);
-          const int h = static_cast<int>(i % p.heads_q);
+          const int64_t batch_head = i % heads;
+          const int b = static_cast<int>(batch_head / p.heads_q);
+          const int h = static_cast<int>(batch_head % p.heads_q);
           const BlockExtent e = block_extent(p, j);
-          const int64_t range_stride = heads * e.len_q * p.head_dim;
-          const acc* first =
-              partials + target.partial_offset[j] + (i % heads) * e.len_q * p.head_dim;
           auto* dq = static_cast<scalar_t*>(p.grad_q) + b * p.grad_q_batch_stride +
                      h * p.grad_q_head_stride + e.q_start * p.grad_q_row_stride;
           for (int r = 0; r < e.len_q; ++r) {
             std::fill(sum.begin(), sum.end(), acc(0));
-            for (int c = 0; c < target.ranges[j]; ++c) {
-              const acc* row = first + c * range_stride + static_cast<int64_t>(r) * p.head_dim;
+            for (const QuerySpan& span : target.spans[j]) {
+              if (r < span.begin || r >= span.end) continue;
+              const int64_t span_rows = span.end - span.begin;
+              const acc* row =
+                  partials + span.offset + (batch_head * span_rows + r - span.begin) * p.head_dim;
               for (int d = 0; d < p.head_dim; ++d) sum[d] += row[d];
             }
             for (int d = 0; d < p.head_dim; ++d) {
@@ -478,7 +521,7 @@ void run_backward(const BackwardParams& p) {
   for (const WorkItem& item : items) {
     max_range_keys = std::max(max_range_keys, item.key_end - item.key_begin);
   }
-  std::vector<acc> partials(target.partial_size);  // zeros: ranges skip queries they cannot see
+  std::vector<acc> partials(target.partial_size);
 
   zero_query_grads_of_keyless_blocks<scalar_t>(p);
   zero_gradient_rows_after_blocks<scalar_t>(p);
