@@ -15,7 +15,7 @@
 # are advisory). When a wgmma probe fails, the later steps run with BLOCK_ATTN_HOPPER_KERNELS=0,
 # and the summary says so.
 # SUITE_BUDGET (seconds, default 540) bounds the whole run: later steps get what is left.
-# STEPS (default "env build probes tests sanitizer bench decode profile") picks steps, e.g. STEPS="bench";
+# STEPS (default "env build probes tests sanitizer bench decode variants profile") picks steps, e.g. STEPS="bench";
 # they run in that order.
 # SANITIZER_KERNELS (default block_attn): substring of the kernels racecheck/initcheck check.
 # BENCH_ARGS adds arguments to bench.gpu_bench (e.g. "--dry-run --device cpu" for a logic check).
@@ -28,7 +28,7 @@ OUT="$(cd "$OUT" && pwd)"
 LOG="$OUT/gpu_suite.log"
 SUMMARY="$OUT/summary.txt"
 SUMMARY_JSON="$OUT/summary.json"
-STEPS="${STEPS:-env build probes tests sanitizer bench decode profile}"
+STEPS="${STEPS:-env build probes tests sanitizer bench decode variants profile}"
 SUITE_BUDGET="${SUITE_BUDGET:-540}"
 export PYTHONUNBUFFERED=1
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0a}"
@@ -293,6 +293,17 @@ if wanted decode; then
   if wanted profile; then reserve=45; fi
   run_step decode 40 "$reserve" 0 python3 -m bench.decode_bench --device cuda --rounds 10 \
     --out "$OUT"
+fi
+
+# Advisory: the attention variants against plain causal attention, FlexAttention and SDPA
+# (variants_cuda.json, variants_peers_cuda.json).
+if wanted variants; then
+  reserve=0
+  if wanted profile; then reserve=45; fi
+  run_step variants 60 "$reserve" 0 bash -c 'python3 -m bench.variants_bench --device cuda \
+    --seqlens 16384 --dims 128 --dtypes bfloat16 --heads 16 --out "$OUT/variants_cuda.json" &&
+    python3 -m bench.variants_bench --device cuda --peers --seqlens 16384 --dims 128 \
+    --dtypes bfloat16 --heads 16 --out "$OUT/variants_peers_cuda.json"'
 fi
 
 if wanted profile; then

@@ -11,6 +11,7 @@ warm-up round, steps interleaved so a slow stretch of the machine hits them alik
     python -m bench.variants_bench --out bench/results/variants_cpu.json
     python -m bench.variants_bench --seqlens 4096 16384 --windows 512 --dims 64 --quick
     python -m bench.variants_bench --peers --out bench/results/variants_peers_cpu.json
+    python -m bench.variants_bench --device cuda --seqlens 16384 --dims 128 --dtypes bfloat16
 """
 
 from __future__ import annotations
@@ -56,7 +57,9 @@ def window_rows(args, dtype, dim) -> list[dict]:
     rows = []
     for seqlen in args.seqlens:
         q, k, v = (
-            torch.randn(1, args.heads, seqlen, dim, dtype=dtype, requires_grad=True)
+            torch.randn(
+                1, args.heads, seqlen, dim, dtype=dtype, device=args.device
+            ).requires_grad_()
             for _ in range(3)
         )
         for backward in (False, True):
@@ -65,7 +68,7 @@ def window_rows(args, dtype, dim) -> list[dict]:
                 steps[f"window {window}"] = make_step(
                     q, k, v, backward, causal=True, window_size=(window, 0)
                 )
-            times = sample_ms(steps, "cpu", reps=args.reps, warmup=1)
+            times = sample_ms(steps, args.device, reps=args.reps, warmup=1)
             factor = 1 + (BACKWARD_FLOPS_FACTOR if backward else 0)
             for name, samples in times.items():
                 window = None if name == "causal" else int(name.split()[1])
@@ -89,18 +92,19 @@ def window_rows(args, dtype, dim) -> list[dict]:
 def overhead_rows(args, dtype, dim) -> list[dict]:
     seqlen = args.overhead_seqlen
     q, k, v = (
-        torch.randn(1, args.heads, seqlen, dim, dtype=dtype, requires_grad=True) for _ in range(3)
+        torch.randn(1, args.heads, seqlen, dim, dtype=dtype, device=args.device).requires_grad_()
+        for _ in range(3)
     )
-    sinks = torch.randn(args.heads, requires_grad=True)
+    sinks = torch.randn(args.heads, device=args.device, requires_grad=True)
     variants = {
         "plain": {},
         "softcap": dict(softcap=30.0),
-        "alibi": dict(alibi_slopes=torch.rand(args.heads) * 0.1),
+        "alibi": dict(alibi_slopes=torch.rand(args.heads, device=args.device) * 0.1),
         "sinks": dict(sinks=sinks),
         "dropout 0.1": dict(dropout_p=0.1),
     }
     steps = {name: make_step(q, k, v, True, causal=True, **kw) for name, kw in variants.items()}
-    times = {n: summarize(s)["ms"] for n, s in sample_ms(steps, "cpu", args.reps).items()}
+    times = {n: summarize(s)["ms"] for n, s in sample_ms(steps, args.device, args.reps).items()}
     return [
         dict(
             kind="overhead",
@@ -125,13 +129,13 @@ def window_peer_steps(q, k, v, window: int, flex, max_dense_bytes: int) -> dict:
     def sliding_window(b, h, q_idx, kv_idx):
         return (q_idx >= kv_idx) & (q_idx - kv_idx <= window)
 
-    block_mask = create_block_mask(sliding_window, None, None, seqlen, seqlen, device="cpu")
+    block_mask = create_block_mask(sliding_window, None, None, seqlen, seqlen, device=q.device)
     steps = {
         "block_attn": make_step(q, k, v, False, causal=True, window_size=(window, 0)),
         "flex": lambda: flex(q, k, v, block_mask=block_mask),
     }
     if seqlen * seqlen * 4 <= max_dense_bytes:
-        positions = torch.arange(seqlen)
+        positions = torch.arange(seqlen, device=q.device)
         behind = positions[:, None] - positions[None, :]
         dense = (behind >= 0) & (behind <= window)
         steps["sdpa dense mask"] = lambda: torch.nn.functional.scaled_dot_product_attention(
@@ -148,10 +152,14 @@ def peer_rows(args, dtype, dim) -> list[dict]:
     flex = torch.compile(flex_attention, dynamic=False)
     rows = []
     for seqlen in args.seqlens:
-        q, k, v = (torch.randn(1, args.heads, seqlen, dim, dtype=dtype) for _ in range(3))
+        q, k, v = (
+            torch.randn(1, args.heads, seqlen, dim, dtype=dtype, device=args.device)
+            for _ in range(3)
+        )
         for window in args.windows:
             steps = window_peer_steps(q, k, v, window, flex, args.max_dense_bytes)
-            times = {n: summarize(x)["ms"] for n, x in sample_ms(steps, "cpu", args.reps).items()}
+            samples = sample_ms(steps, args.device, args.reps)
+            times = {n: summarize(x)["ms"] for n, x in samples.items()}
             for name, ms in times.items():
                 rows.append(
                     dict(
@@ -167,7 +175,8 @@ def peer_rows(args, dtype, dim) -> list[dict]:
                 )
     seqlen = args.overhead_seqlen
     q, k, v = (
-        torch.randn(1, args.heads, seqlen, dim, dtype=dtype, requires_grad=True) for _ in range(3)
+        torch.randn(1, args.heads, seqlen, dim, dtype=dtype, device=args.device).requires_grad_()
+        for _ in range(3)
     )
     grad_out = torch.randn_like(q)
 
@@ -181,7 +190,7 @@ def peer_rows(args, dtype, dim) -> list[dict]:
         "block_attn": make_step(q, k, v, True, causal=True, dropout_p=0.1),
         "sdpa": sdpa_dropout,
     }
-    times = {n: summarize(x)["ms"] for n, x in sample_ms(steps, "cpu", args.reps).items()}
+    times = {n: summarize(x)["ms"] for n, x in sample_ms(steps, args.device, args.reps).items()}
     for name, ms in times.items():
         rows.append(
             dict(
@@ -204,6 +213,7 @@ def main() -> None:
     parser.add_argument("--dims", type=int, nargs="+", default=[64, 128])
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--heads", type=int, default=1)
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--overhead-seqlen", type=int, default=4096)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="skip the overhead rows")
@@ -234,7 +244,10 @@ def main() -> None:
             cpu_capability=info["cpu_capability"],
             threads=torch.get_num_threads(),
             torch=torch.__version__,
+            device=args.device,
         )
+        if args.device.startswith("cuda"):
+            machine["gpu"] = torch.cuda.get_device_name(args.device)
         with open(args.out, "w") as f:
             json.dump(dict(machine=machine, rows=rows), f, indent=1)
 
