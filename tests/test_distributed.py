@@ -47,6 +47,7 @@ class Case:
     head_dim: int = 8
     batch: int = 1
     sinks: bool = False
+    softcap: float = 0.0
 
 
 def _cases() -> list[Case]:
@@ -101,6 +102,7 @@ def _cases() -> list[Case]:
             Case(f"w{world}-rows-after-blocks-causal", world, seqlen, "tail", True),
             Case(f"w{world}-rows-after-blocks-full", world, seqlen, "tail", False, "contiguous"),
             Case(f"w{world}-sinks-causal-ragged", world, seqlen, "ragged", True, sinks=True),
+            Case(f"w{world}-softcap-causal-ragged", world, seqlen, "ragged", True, softcap=0.7),
         ]
     return cases
 
@@ -171,7 +173,7 @@ def _run_case(case: Case, group: dist.ProcessGroup | None) -> str | None:
     sinks_full = None if sinks is None else sinks.clone().requires_grad_()
     out_full = block_attn.attention(
         q_full, k_full, v_full, cu_seqlens=offsets, block_size=block_size, causal=case.causal,
-        sinks=sinks_full,
+        softcap=case.softcap, sinks=sinks_full,
     )  # fmt: skip
     out_full.backward(grad)
 
@@ -189,6 +191,7 @@ def _run_case(case: Case, group: dist.ProcessGroup | None) -> str | None:
         group=group,
         layout=case.layout,
         schedule=case.schedule,
+        softcap=case.softcap,
         sinks=sinks_l,
     )
     out_l.backward(local(grad))

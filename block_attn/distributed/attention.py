@@ -12,7 +12,7 @@ from block_attn.distributed.checks import check_local_inputs, check_same_on_all_
 from block_attn.distributed.ring import ring_backward, ring_forward
 from block_attn.distributed.schedule import Schedule, build_schedule
 from block_attn.validation import as_bool, check_qkv, resolve_scale, with_unit_last_stride
-from block_attn.variants import add_sinks, check_sinks
+from block_attn.variants import add_sinks, resolve_variants
 
 __all__ = ["context_parallel_attention"]
 
@@ -29,10 +29,12 @@ class _ContextParallelAttention(torch.autograd.Function):
         scale: float,
         mode: str,
         group: dist.ProcessGroup | None,
+        softcap: float,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        out, lse = ring_forward(q, k, v, schedule, rank, scale, mode, group)
+        out, lse = ring_forward(q, k, v, schedule, rank, scale, mode, group, softcap)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.schedule, ctx.rank, ctx.scale, ctx.mode, ctx.group = schedule, rank, scale, mode, group
+        ctx.softcap = softcap
         ctx.set_materialize_grads(False)
         return out, lse
 
@@ -54,8 +56,9 @@ class _ContextParallelAttention(torch.autograd.Function):
             ctx.mode,
             ctx.group,
             grad_lse,
+            ctx.softcap,
         )
-        return grad_q, grad_k, grad_v, None, None, None, None, None
+        return grad_q, grad_k, grad_v, None, None, None, None, None, None
 
 
 def context_parallel_attention(
@@ -71,6 +74,7 @@ def context_parallel_attention(
     layout: str = "zigzag",
     schedule: str = "block",
     validate: bool = True,
+    softcap: float = 0.0,
     sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Block attention over a sequence sharded across the ranks of ``group``.
@@ -96,6 +100,9 @@ def context_parallel_attention(
             shard around the whole ring (the classic ring attention, for comparison).
         validate: check with one small all_gather that all ranks pass matching shapes, blocks
             and options, so a mismatch raises ValueError on every rank instead of hanging.
+        softcap: caps the scaled scores at ±softcap through tanh (Gemma 2), as in
+            :func:`block_attn.attention`; the same on every rank. (Sliding windows, ALiBi and
+            dropout are not supported here yet.)
         sinks: (Hq,) attention sinks as in :func:`block_attn.attention`, the same on every
             rank; added once to each merged row. Each rank's gradient of ``sinks`` covers its
             own rows: sum it over the ranks, as for any parameter the ranks share.
@@ -118,8 +125,7 @@ def context_parallel_attention(
         check_qkv(q, k, v)
         scale = resolve_scale(scale, q.shape[-1])
         check_local_inputs(q, k, v, scale, world_size, layout, schedule)
-        if sinks is not None:
-            check_sinks(sinks, q)
+        softcap = resolve_variants(q, causal=causal, softcap=softcap, sinks=sinks).softcap
         seqlen = q.shape[2] * world_size
         blocks = resolve_blocks(
             seqlen, seqlen, q.device, block_size=block_size, cu_seqlens=cu_seqlens
@@ -130,7 +136,9 @@ def context_parallel_attention(
             raise
         local_error = error
     if validate:
-        check_same_on_all_ranks(q, k, offsets, causal, scale, layout, schedule, group, local_error)
+        check_same_on_all_ranks(
+            q, k, offsets, causal, scale, layout, schedule, group, local_error, softcap
+        )
     plan = build_schedule(offsets, world_size, layout, causal, q.shape[2] * world_size)
     out, lse = _ContextParallelAttention.apply(
         with_unit_last_stride(q),
@@ -141,5 +149,6 @@ def context_parallel_attention(
         scale,
         schedule,
         group,
+        softcap,
     )
     return out if sinks is None else add_sinks(out, lse, sinks)[0]

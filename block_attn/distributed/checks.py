@@ -26,6 +26,7 @@ _FIELDS = (
     "layout",
     "schedule",
     "scale (bits)",
+    "softcap (bits)",
     "number of block offsets",
     "block offsets (crc32)",
 )
@@ -73,6 +74,7 @@ def check_same_on_all_ranks(
     schedule: str,
     group: dist.ProcessGroup | None,
     local_error: Exception | None = None,
+    softcap: float = 0.0,
 ) -> None:
     """Raises on every rank if any rank's inputs are invalid or the ranks disagree.
 
@@ -82,13 +84,13 @@ def check_same_on_all_ranks(
     Args:
         q, k: this rank's query and key shards.
         offsets: the global block offsets this rank derived.
-        causal, scale, layout, schedule: this rank's options.
+        causal, scale, layout, schedule, softcap: this rank's options.
         group: the process group.
         local_error: the error this rank's own checks raised, if any: re-raised here after
             the exchange, and every other rank raises ValueError naming this rank.
     """
     if local_error is None:
-        values = [0, *_summary(q, k, offsets, causal, scale, layout, schedule)]
+        values = [0, *_summary(q, k, offsets, causal, scale, layout, schedule, softcap)]
     else:
         values = [1] + [0] * len(_FIELDS)
     device = q.device if isinstance(q, torch.Tensor) else torch.device("cpu")
@@ -113,12 +115,12 @@ def check_same_on_all_ranks(
         per_rank = {
             name: table[:, _FIELDS.index(name)].tolist()
             for name in differing
-            if name not in ("scale (bits)", "block offsets (crc32)")
+            if name not in ("scale (bits)", "softcap (bits)", "block offsets (crc32)")
         }
         raise ValueError(
             f"context-parallel inputs differ between ranks in: {', '.join(differing)}; "
             f"every rank must pass same-shaped shards and the same global cu_seqlens / "
-            f"block_size, causal, scale, layout and schedule (per-rank values: {per_rank})"
+            f"block_size, causal, scale, softcap, layout and schedule (per-rank values: {per_rank})"
         )
 
 
@@ -130,9 +132,10 @@ def _summary(
     scale: float,
     layout: str,
     schedule: str,
+    softcap: float,
 ) -> list[int]:
     """The integers compared across ranks, one per entry of ``_FIELDS``."""
-    scale_bits = torch.tensor([scale], dtype=torch.float64).view(torch.int64).item()
+    scale_bits, softcap_bits = torch.tensor([scale, softcap], dtype=torch.float64).view(torch.int64)
     offsets_crc = zlib.crc32(torch.tensor(offsets, dtype=torch.int64).numpy().tobytes())
     return [
         q.shape[0],
@@ -144,7 +147,8 @@ def _summary(
         int(causal),
         LAYOUTS.index(layout),
         SCHEDULES.index(schedule),
-        scale_bits,
+        int(scale_bits),
+        int(softcap_bits),
         len(offsets),
         offsets_crc,
     ]

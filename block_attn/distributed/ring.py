@@ -120,6 +120,7 @@ def ring_forward(
     scale: float,
     mode: str,
     group: dist.ProcessGroup | None,
+    softcap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Context-parallel forward for this rank's queries.
 
@@ -132,6 +133,7 @@ def ring_forward(
         scale: multiplies q·k before the softmax.
         mode: ``"block"`` or ``"ring"``.
         group: the process group.
+        softcap: caps the scaled scores through tanh (0: none), as in :func:`block_attn.attention`.
 
     Returns:
         out (B, Hq, n, D) in q's dtype and lse (B, Hq, n), float64 for float64 q else float32.
@@ -161,6 +163,7 @@ def ring_forward(
                 plan.max_seqlen_k,
                 plan.causal,
                 scale,
+                softcap=softcap,
             )
             merge_into(
                 _chunk(out_acc, plan.q_chunk, chunk_size),
@@ -184,6 +187,7 @@ def _shard_grads(
     chunk_size: int,
     scale: float,
     grad_q: torch.Tensor,
+    softcap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Adds this rank's queries' gradient against one key shard into grad_q; returns that
     shard's (grad_k, grad_v) contributions in the accumulation dtype."""
@@ -208,6 +212,7 @@ def _shard_grads(
             plan.causal,
             scale,
             deterministic,
+            softcap=softcap,
         )
         _chunk(grad_q, plan.q_chunk, chunk_size).add_(dq)
         _chunk(grad_k, plan.k_chunk, chunk_size).add_(dk)
@@ -228,6 +233,7 @@ def ring_backward(
     mode: str,
     group: dist.ProcessGroup | None,
     grad_lse: torch.Tensor | None = None,
+    softcap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Context-parallel backward (FlashAttention-2 style, from the merged out and lse).
 
@@ -238,7 +244,7 @@ def ring_backward(
         grad_out: (B, Hq, n, D) gradient of this rank's output.
         q, k, v, out: as in and from :func:`ring_forward`.
         lse: (B, Hq, n) float32 from :func:`ring_forward`.
-        schedule, rank, scale, mode, group: as in :func:`ring_forward`.
+        schedule, rank, scale, mode, group, softcap: as in :func:`ring_forward`.
         grad_lse: (B, Hq, n) gradient of the merged lse, or None.
 
     Returns:
@@ -283,6 +289,7 @@ def ring_backward(
                 chunk_size,
                 scale,
                 grad_q,
+                softcap,
             )
             contribution = pack(grad_k, grad_v)
         else:
