@@ -27,8 +27,11 @@ if [[ -z "$VENV" ]]; then
     python3 -m venv "$VENV" || fail "could not create a venv at $VENV"
   fi
   torch_version="$(bash "$ROOT/scripts/pinned_torch.sh" torch-cuda)"
-  "$VENV/bin/python" -m pip install --quiet "torch==$torch_version" ninja numpy ||
-    fail "pip install torch==$torch_version ninja numpy"
+  # The CUDA torch and its libraries take about 6 GB installed; the cache would double that.
+  "$VENV/bin/python" -m pip install --quiet --no-cache-dir "torch==$torch_version" ninja numpy || {
+    df -h "$VENV" >&2
+    fail "pip install torch==$torch_version ninja numpy (free space above)"
+  }
 fi
 PYTHON="$VENV/bin/python"
 [[ -x "$PYTHON" ]] || fail "no python at $PYTHON"
