@@ -69,6 +69,13 @@ KERNEL_CAPABILITY_FLAGS = {
 # of their loops (the bf16 backward is about 5% faster without it).
 OPTIMIZE = ["-O3", "-fno-wrapv", "-fopenmp"]
 KERNEL_SOURCES = ("attention_fwd_cpu.cpp", "attention_bwd_cpu.cpp", "kernel_table.cpp")
+# Only the kernel table is exported, so inline code compiled for one instruction set never stands
+# in for another binary's.
+KERNEL_OBJECT_FLAGS = [
+    "-fvisibility=hidden",
+    "-fvisibility-inlines-hidden",
+    "-DBLOCK_ATTN_CPU_KERNEL_OBJECT",
+]
 
 
 def cpu_arch() -> str:
@@ -90,13 +97,6 @@ def kernel_objects(link_flags: list[str]) -> list:
     """One shared object of CPU kernels per capability, in a portable build."""
     if not portable_cpu_build():
         return []
-    # Only the kernel table is exported, so inline code compiled for one instruction set never
-    # stands in for another binary's.
-    hidden = [
-        "-fvisibility=hidden",
-        "-fvisibility-inlines-hidden",
-        "-DBLOCK_ATTN_CPU_KERNEL_OBJECT",
-    ]
     return [
         cpp_extension.CppExtension(
             f"block_attn._cpu_kernels_{name}",
@@ -105,7 +105,7 @@ def kernel_objects(link_flags: list[str]) -> list:
                 "cxx": [
                     *OPTIMIZE,
                     *flags,
-                    *hidden,
+                    *KERNEL_OBJECT_FLAGS,
                     f'-DBLOCK_ATTN_CPU_CAPABILITY_NAME="{name}"',
                 ]
             },

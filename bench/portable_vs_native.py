@@ -11,6 +11,7 @@ Usage (repo root, extension built in place): ``python -m bench.portable_vs_nativ
 from __future__ import annotations
 
 import argparse
+import ast
 import os
 
 import torch
@@ -22,7 +23,6 @@ from block_attn import _C
 from block_attn.cpu_kernels import kernel_objects
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SOURCES = ("attention_fwd_cpu.cpp", "attention_bwd_cpu.cpp", "kernel_table.cpp")
 WORKLOADS = (
     ("fixed256 f32 D64 N8192", torch.float32, 64, 8192, {"block_size": 256}),
     ("causal f32 D64 N4096", torch.float32, 64, 4096, {"causal": True}),
@@ -32,18 +32,32 @@ WORKLOADS = (
 )  # fmt: skip
 
 
+def setup_constant(name: str):
+    """A constant of setup.py, read without running it, so the native build matches the
+    portable one's flags."""
+    with open(os.path.join(ROOT, "setup.py")) as f:
+        tree = ast.parse(f.read())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(
+            isinstance(t, ast.Name) and t.id == name for t in node.targets
+        ):
+            return ast.literal_eval(node.value)
+    raise LookupError(f"setup.py defines no {name}")
+
+
 def build_native_object() -> str:
     """Path of the kernels built with -march=native (the same flags as the portable objects')."""
+    flags = setup_constant("OPTIMIZE") + setup_constant("KERNEL_OBJECT_FLAGS")
     return cpp_extension.load(
         name="native_kernels",
-        sources=[os.path.join(ROOT, "csrc", "cpu", source) for source in SOURCES],
-        extra_cflags=["-O3", "-fno-wrapv", "-fopenmp", "-march=native", "-fvisibility=hidden",
-                      "-fvisibility-inlines-hidden", "-DBLOCK_ATTN_CPU_KERNEL_OBJECT",
-                      '-DBLOCK_ATTN_CPU_CAPABILITY_NAME=\\"native\\"'],
+        sources=[
+            os.path.join(ROOT, "csrc", "cpu", source) for source in setup_constant("KERNEL_SOURCES")
+        ],
+        extra_cflags=[*flags, "-march=native", '-DBLOCK_ATTN_CPU_CAPABILITY_NAME=\\"native\\"'],
         extra_ldflags=["-fopenmp"],
         build_directory=_build_directory(),
         is_python_module=False,
-    )  # fmt: skip
+    )
 
 
 def _build_directory() -> str:

@@ -53,15 +53,27 @@ def make_step(q, k, v, backward: bool, **kwargs) -> Callable[[], object]:
     return forward_backward
 
 
+def random_qkv(args, seqlen: int, dtype, dim: int, grad: bool) -> tuple[torch.Tensor, ...]:
+    """q, k, v of one batch row, ``args.heads`` heads, on ``args.device``."""
+    return tuple(
+        torch.randn(1, args.heads, seqlen, dim, dtype=dtype, device=args.device).requires_grad_(
+            grad
+        )
+        for _ in range(3)
+    )
+
+
+def shape_row(kind: str, dtype, dim: int, seqlen: int, **measured) -> dict:
+    """One result row: what was run, then what was measured."""
+    return dict(
+        kind=kind, dtype=str(dtype).removeprefix("torch."), dim=dim, seqlen=seqlen, **measured
+    )
+
+
 def window_rows(args, dtype, dim) -> list[dict]:
     rows = []
     for seqlen in args.seqlens:
-        q, k, v = (
-            torch.randn(
-                1, args.heads, seqlen, dim, dtype=dtype, device=args.device
-            ).requires_grad_()
-            for _ in range(3)
-        )
+        q, k, v = random_qkv(args, seqlen, dtype, dim, grad=True)
         for backward in (False, True):
             steps = {"causal": make_step(q, k, v, backward, causal=True)}
             for window in args.windows:
@@ -75,11 +87,11 @@ def window_rows(args, dtype, dim) -> list[dict]:
                 stats = summarize(samples)
                 flops = 4 * dim * allowed_pairs(seqlen, window) * args.heads * factor
                 rows.append(
-                    dict(
-                        kind="window",
-                        dtype=str(dtype).removeprefix("torch."),
-                        dim=dim,
-                        seqlen=seqlen,
+                    shape_row(
+                        "window",
+                        dtype,
+                        dim,
+                        seqlen,
                         window=window,
                         direction="fwd+bwd" if backward else "fwd",
                         median_ms=stats["ms"],
@@ -91,10 +103,7 @@ def window_rows(args, dtype, dim) -> list[dict]:
 
 def overhead_rows(args, dtype, dim) -> list[dict]:
     seqlen = args.overhead_seqlen
-    q, k, v = (
-        torch.randn(1, args.heads, seqlen, dim, dtype=dtype, device=args.device).requires_grad_()
-        for _ in range(3)
-    )
+    q, k, v = random_qkv(args, seqlen, dtype, dim, grad=True)
     sinks = torch.randn(args.heads, device=args.device, requires_grad=True)
     variants = {
         "plain": {},
@@ -106,11 +115,11 @@ def overhead_rows(args, dtype, dim) -> list[dict]:
     steps = {name: make_step(q, k, v, True, causal=True, **kw) for name, kw in variants.items()}
     times = {n: summarize(s)["ms"] for n, s in sample_ms(steps, args.device, args.reps).items()}
     return [
-        dict(
-            kind="overhead",
-            dtype=str(dtype).removeprefix("torch."),
-            dim=dim,
-            seqlen=seqlen,
+        shape_row(
+            "overhead",
+            dtype,
+            dim,
+            seqlen,
             variant=name,
             median_ms=ms,
             ratio_to_plain=ms / times["plain"],
@@ -152,21 +161,18 @@ def peer_rows(args, dtype, dim) -> list[dict]:
     flex = torch.compile(flex_attention, dynamic=False)
     rows = []
     for seqlen in args.seqlens:
-        q, k, v = (
-            torch.randn(1, args.heads, seqlen, dim, dtype=dtype, device=args.device)
-            for _ in range(3)
-        )
+        q, k, v = random_qkv(args, seqlen, dtype, dim, grad=False)
         for window in args.windows:
             steps = window_peer_steps(q, k, v, window, flex, args.max_dense_bytes)
             samples = sample_ms(steps, args.device, args.reps)
             times = {n: summarize(x)["ms"] for n, x in samples.items()}
             for name, ms in times.items():
                 rows.append(
-                    dict(
-                        kind="window peers",
-                        dtype=str(dtype).removeprefix("torch."),
-                        dim=dim,
-                        seqlen=seqlen,
+                    shape_row(
+                        "window peers",
+                        dtype,
+                        dim,
+                        seqlen,
                         window=window,
                         impl=name,
                         median_ms=ms,
@@ -174,10 +180,7 @@ def peer_rows(args, dtype, dim) -> list[dict]:
                     )
                 )
     seqlen = args.overhead_seqlen
-    q, k, v = (
-        torch.randn(1, args.heads, seqlen, dim, dtype=dtype, device=args.device).requires_grad_()
-        for _ in range(3)
-    )
+    q, k, v = random_qkv(args, seqlen, dtype, dim, grad=True)
     grad_out = torch.randn_like(q)
 
     def sdpa_dropout():
@@ -193,11 +196,11 @@ def peer_rows(args, dtype, dim) -> list[dict]:
     times = {n: summarize(x)["ms"] for n, x in sample_ms(steps, args.device, args.reps).items()}
     for name, ms in times.items():
         rows.append(
-            dict(
-                kind="dropout peers",
-                dtype=str(dtype).removeprefix("torch."),
-                dim=dim,
-                seqlen=seqlen,
+            shape_row(
+                "dropout peers",
+                dtype,
+                dim,
+                seqlen,
                 impl=name,
                 median_ms=ms,
                 speedup_of_block_attn=ms / times["block_attn"],

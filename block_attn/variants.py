@@ -43,10 +43,6 @@ class Variants:
     dropout_p: float = 0.0
     generator: torch.Generator | None = None
 
-    @property
-    def has_window(self) -> bool:
-        return self.window_left >= 0 or self.window_right >= 0
-
 
 def resolve_variants(
     q: torch.Tensor,

@@ -4,13 +4,7 @@
 
 #include <cstdint>
 
-#ifndef BLOCK_ATTN_HOST_DEVICE
-#ifdef __CUDACC__
-#define BLOCK_ATTN_HOST_DEVICE __host__ __device__
-#else
-#define BLOCK_ATTN_HOST_DEVICE
-#endif
-#endif
+#include "host_device.h"
 
 namespace block_attn {
 
@@ -83,12 +77,18 @@ BLOCK_ATTN_HOST_DEVICE inline PhiloxWords philox4x32_10(uint32_t c0, uint32_t c1
 // the low 32 bits of j div 4 and i; that equals the Python rule for i < 2^32 and j < 2^34 (the
 // int32 cu_seqlens keep real indices below 2^31). Past that the Python's int64 arithmetic is not
 // Philox on any 32-bit counter, and the two are not expected to agree.
+// dropout_words gives the whole block, which serves keys 4c .. 4c + 3 of the row at once.
+BLOCK_ATTN_HOST_DEVICE inline PhiloxWords dropout_words(uint64_t seed, uint64_t offset,
+                                                        uint32_t batch_head, int64_t query_row,
+                                                        int64_t key_row) {
+  return philox4x32_10(static_cast<uint32_t>(key_row >> 2), static_cast<uint32_t>(query_row),
+                       batch_head, static_cast<uint32_t>(offset), philox_key(seed));
+}
+
 BLOCK_ATTN_HOST_DEVICE inline bool dropout_keep(uint64_t seed, uint64_t offset, uint32_t batch_head,
                                                 int64_t query_row, int64_t key_row,
                                                 uint32_t threshold) {
-  const PhiloxWords words =
-      philox4x32_10(static_cast<uint32_t>(key_row >> 2), static_cast<uint32_t>(query_row),
-                    batch_head, static_cast<uint32_t>(offset), philox_key(seed));
+  const PhiloxWords words = dropout_words(seed, offset, batch_head, query_row, key_row);
   return words.word(static_cast<int>(key_row & 3)) >= threshold;
 }
 

@@ -175,10 +175,10 @@ int main() {
   one.grad_q = grad_q_one;
 
   const double fwd_two = median_ms([&] {
-    return kernels::launch_fwd_flash_kernel<bf16, kHeadDim, kCausal, 2, false>(p, nullptr);
+    return kernels::launch_fwd_flash_kernel<bf16, kHeadDim, kCausal, 2, false, false>(p, nullptr);
   });
   const double fwd_one = median_ms([&] {
-    return kernels::launch_fwd_flash_kernel<bf16, kHeadDim, kCausal, 1, false>(one, nullptr);
+    return kernels::launch_fwd_flash_kernel<bf16, kHeadDim, kCausal, 1, false, false>(one, nullptr);
   });
   const bool vectorized = kernels::rows_are_16_byte_aligned(p);
   int max_shared = 0;
@@ -189,7 +189,7 @@ int main() {
                                   nullptr, p, delta);
   });
   const double dkdv_ms = median_ms([&] {
-    auto kernel = kernels::dkdv_flash_kernel<Traits, bf16, kCausal, false, false>;
+    auto kernel = kernels::dkdv_flash_kernel<Traits, bf16, kCausal, false, false, false>;
     const cudaError_t err = kernels::allow_shared_bytes(kernel, Traits::kSharedBytes);
     if (err != cudaSuccess) return err;
     return kernels::launch_kernel(kernel, dim3(kTokens / Traits::kBlockOwn, 1, kHeads),

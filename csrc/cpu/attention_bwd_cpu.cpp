@@ -75,8 +75,8 @@ struct QueryGradTarget {
 // the last one.
 inline QuerySpan query_span(const BlockExtent& e, const KeyWindow& window, int key_begin,
                             int key_end) {
-  const int begin = window_query_begin(key_begin, e, window) / kBlockM * kBlockM;
-  const int last = window_query_end(key_end - 1, e, window);
+  const int begin = window_query_begin(key_begin, e.len_q, e.len_k, window) / kBlockM * kBlockM;
+  const int last = window_query_end(key_end - 1, e.len_q, e.len_k, window);
   if (last <= begin) return {begin, begin, 0};
   const int64_t tiles = (static_cast<int64_t>(last) - begin + kBlockM - 1) / kBlockM;
   return {begin, static_cast<int>(std::min<int64_t>(begin + tiles * kBlockM, e.len_q)), 0};
@@ -159,8 +159,9 @@ void probabilities_and_score_grads(const BlockExtent& e, const KeyWindow& window
     // Queries outside [first, end) (tile-local) may not see key k0 + c.
     int first = 0, end = kBlockM;
     if (window.masks()) {
-      first = std::clamp(window_query_begin(k0 + c, e, window) - q0, 0, rows);
-      const int end_row = std::clamp(window_query_end(k0 + c, e, window) - q0, 0, rows);
+      first = std::clamp(window_query_begin(k0 + c, e.len_q, e.len_k, window) - q0, 0, rows);
+      const int end_row =
+          std::clamp(window_query_end(k0 + c, e.len_q, e.len_k, window) - q0, 0, rows);
       end = end_row == rows ? kBlockM : end_row;
     }
     for (int v0 = 0; v0 < lanes; v0 += W) {
@@ -262,9 +263,11 @@ void backward_item(const BackwardParams& p, const std::vector<acc_t<scalar_t>>& 
       const int rows = std::min(kBlockM, e.len_q - q0);
       const int lanes = padded<acc>(rows);
       // Key tiles start an even number of keys into the range (bf16 products take key pairs).
-      const int window_begin = std::max(item.key_begin, window_key_begin(q0, e, window));
+      const int window_begin =
+          std::max(item.key_begin, window_key_begin(q0, e.len_q, e.len_k, window));
       const int key_start = item.key_begin + ((window_begin - item.key_begin) & ~1);
-      const int key_limit = std::min(item.key_end, window_key_end(q0 + rows - 1, e, window));
+      const int key_limit =
+          std::min(item.key_end, window_key_end(q0 + rows - 1, e.len_q, e.len_k, window));
       fill<acc>(t.grad_q.get(), static_cast<int64_t>(rows) * ld, 0);
       if (key_limit > key_start) {
         touched_begin = std::min(touched_begin, key_start - item.key_begin);
@@ -371,8 +374,8 @@ void backward_item(const BackwardParams& p, const std::vector<acc_t<scalar_t>>& 
 
 // Work of key tile [k0, k0 + cols): the queries that see any of its keys times its keys.
 int64_t key_tile_cost(const BlockExtent& e, int k0, int cols, const KeyWindow& window) {
-  const int queries =
-      window_query_end(k0 + cols - 1, e, window) - window_query_begin(k0, e, window);
+  const int queries = window_query_end(k0 + cols - 1, e.len_q, e.len_k, window) -
+                      window_query_begin(k0, e.len_q, e.len_k, window);
   return static_cast<int64_t>(cols) * std::max(queries, 0);
 }
 

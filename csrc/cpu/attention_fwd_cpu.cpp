@@ -168,8 +168,9 @@ void forward_tile(const ForwardParams& p, int batch, int head, int heads, const 
   };
   const bool few = used <= kFewQueries;
   const KeyWindow window = key_window(p);
-  const int key_begin = std::max(keys.begin, window_key_begin(tile.begin, e, window));
-  const int key_end = std::min(keys.end, window_key_end(tile.end - 1, e, window));
+  const int key_begin =
+      std::max(keys.begin, window_key_begin(tile.begin, e.len_q, e.len_k, window));
+  const int key_end = std::min(keys.end, window_key_end(tile.end - 1, e.len_q, e.len_k, window));
   TileVariants<acc> variants;
   variants.softcap = static_cast<acc>(p.softcap);
   if (p.alibi_slopes != nullptr) variants.alibi = &t.alibi;
@@ -227,8 +228,9 @@ void forward_tile(const ForwardParams& p, int batch, int head, int heads, const 
     if (window.masks()) {
       for (int c = 0; c < cols; ++c) {
         const int first_row =
-            std::clamp(window_query_begin(k0 + c, e, window) - tile.begin, 0, rows);
-        const int end_row = std::clamp(window_query_end(k0 + c, e, window) - tile.begin, 0, rows);
+            std::clamp(window_query_begin(k0 + c, e.len_q, e.len_k, window) - tile.begin, 0, rows);
+        const int end_row =
+            std::clamp(window_query_end(k0 + c, e.len_q, e.len_k, window) - tile.begin, 0, rows);
         t.first_lane[c] = first_row * heads;
         // Padding lanes are never read: leave them unmasked when every row may see the key.
         t.end_lane[c] = end_row == rows ? kBlockM : end_row * heads;
@@ -330,8 +332,9 @@ void run_forward(const ForwardParams& p) {
       if (in_group % per_item != 0) continue;  // this head runs in the item of an earlier one
       const int heads = std::min(per_item, groups - in_group);
       const BlockExtent e = block_extent(p, tile.block);
-      const int key_end = window_key_end(tile.end - 1, e, window);
-      const int key_begin = std::min(window_key_begin(tile.begin, e, window), key_end);
+      const int key_end = window_key_end(tile.end - 1, e.len_q, e.len_k, window);
+      const int key_begin =
+          std::min(window_key_begin(tile.begin, e.len_q, e.len_k, window), key_end);
       const int64_t cost = static_cast<int64_t>(key_end - key_begin) * rows * heads;
       whole.push_back({cost, bh, i, heads, {key_begin, key_end}, -1});
     }

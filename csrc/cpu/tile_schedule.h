@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "../attention_params.h"
+#include "../key_window.h"
 
 namespace block_attn::cpu {
 
@@ -74,45 +75,6 @@ inline std::vector<Tile> make_tiles(const ForwardParams& p, int tile, bool by_qu
     }
   }
   return tiles;
-}
-
-// Which keys each query of a block sees: local query i stands at i' = i + len_k - len_q and sees
-// local key t iff -right <= i' - t <= left (a side of -1 is unbounded; causal makes right 0). The
-// keys a query sees, and the queries that see a key, are one interval each; all arithmetic is in
-// int64, as i' + left passes INT32_MAX near the int32 edge.
-struct KeyWindow {
-  int64_t left = -1;
-  int64_t right = -1;
-
-  bool masks() const { return left >= 0 || right >= 0; }
-};
-
-inline KeyWindow key_window(const ForwardParams& p) {
-  return {p.window_left, p.is_causal ? 0 : p.window_right};
-}
-
-inline int clamp_to(int64_t value, int hi) {
-  return static_cast<int>(std::clamp<int64_t>(value, 0, hi));
-}
-
-// Local query `query` sees keys [window_key_begin, window_key_end).
-inline int window_key_begin(int query, const BlockExtent& e, const KeyWindow& w) {
-  if (w.left < 0) return 0;
-  return clamp_to(static_cast<int64_t>(query) + e.len_k - e.len_q - w.left, e.len_k);
-}
-inline int window_key_end(int query, const BlockExtent& e, const KeyWindow& w) {
-  if (w.right < 0) return e.len_k;
-  return clamp_to(static_cast<int64_t>(query) + e.len_k - e.len_q + w.right + 1, e.len_k);
-}
-
-// Local key `key` is seen by queries [window_query_begin, window_query_end).
-inline int window_query_begin(int key, const BlockExtent& e, const KeyWindow& w) {
-  if (w.right < 0) return 0;
-  return clamp_to(static_cast<int64_t>(key) - w.right - (e.len_k - e.len_q), e.len_q);
-}
-inline int window_query_end(int key, const BlockExtent& e, const KeyWindow& w) {
-  if (w.left < 0) return e.len_q;
-  return clamp_to(static_cast<int64_t>(key) + w.left + 1 - (e.len_k - e.len_q), e.len_q);
 }
 
 }  // namespace block_attn::cpu

@@ -173,8 +173,6 @@ cudaError_t launch_backward_flash(const BackwardParams& params, int max_shared_b
 cudaError_t plan_forward(const ForwardParams& params, DType dtype, ForwardPlan& plan) {
   plan = ForwardPlan{};
   if (!head_dim_supported(params.head_dim)) return cudaErrorInvalidValue;
-  // Only the simple kernels have the variants so far.
-  if (has_variants(params)) return cudaSuccess;
   cudaError_t err = plan_decode(params, dtype, plan);
   if (err != cudaSuccess) return err;
   if (plan.path == KernelPath::kDecode) {
@@ -231,7 +229,6 @@ cudaError_t launch_forward(const ForwardParams& params, const ForwardPlan& plan,
 cudaError_t plan_backward(const BackwardParams& params, DType dtype, BackwardPlan& plan) {
   plan = BackwardPlan{};
   if (!head_dim_supported(params.head_dim)) return cudaErrorInvalidValue;
-  if (has_variants(params)) return cudaSuccess;
   if (!is_half_type(dtype)) return cudaSuccess;
   bool tensor_cores = false;
   cudaError_t err = device_has_tensor_core_kernels(tensor_cores);
@@ -243,9 +240,12 @@ cudaError_t plan_backward(const BackwardParams& params, DType dtype, BackwardPla
   if (params.head_dim > 128 && max_shared_bytes < flash_bwd_min_shared_bytes<256>()) {
     return cudaSuccess;
   }
+  // The variants run in the simple and mma.sync backward kernels so far.
   bool hopper = false;
-  err = uses_hopper_kernels(params, rows_are_16_byte_aligned(params), dtype, false, hopper);
-  if (err != cudaSuccess) return err;
+  if (!has_variants(params)) {
+    err = uses_hopper_kernels(params, rows_are_16_byte_aligned(params), dtype, false, hopper);
+    if (err != cudaSuccess) return err;
+  }
   plan.path = hopper ? KernelPath::kHopper : KernelPath::kTensorCore;
   plan.max_shared_bytes = max_shared_bytes;
   // dQ by atomics sums one float per key tile; over key blocks longer than

@@ -24,6 +24,21 @@ enum class KernelPath {
   kDecode,      // forward only: float16/bfloat16 blocks of few queries (flash/fwd_decode.cuh)
 };
 
+// The family's name as plan_forward / plan_backward report it to Python.
+inline const char* kernel_path_name(KernelPath path) {
+  switch (path) {
+    case KernelPath::kTensorCore:
+      return "tensor_core";
+    case KernelPath::kHopper:
+      return "hopper";
+    case KernelPath::kDecode:
+      return "decode";
+    case KernelPath::kSimple:
+      break;
+  }
+  return "simple";
+}
+
 struct ForwardPlan {
   // kDecode for float16/bfloat16 blocks of at most 16 queries against longer key blocks, on
   // sm_80+, unless the environment variable BLOCK_ATTN_DECODE_KERNEL is "0". Otherwise kHopper

@@ -124,20 +124,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
   return {grad_q, grad_k, grad_v};
 }
 
-const char* path_name(cuda::KernelPath path) {
-  switch (path) {
-    case cuda::KernelPath::kTensorCore:
-      return "tensor_core";
-    case cuda::KernelPath::kHopper:
-      return "hopper";
-    case cuda::KernelPath::kDecode:
-      return "decode";
-    case cuda::KernelPath::kSimple:
-      break;
-  }
-  return "simple";
-}
-
 // The plan attention_forward_cuda makes for these inputs (with out allocated as it allocates it).
 pybind11::dict plan_forward_for(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                 const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
@@ -152,7 +138,7 @@ pybind11::dict plan_forward_for(const at::Tensor& q, const at::Tensor& k, const 
   cuda::ForwardPlan plan;
   C10_CUDA_CHECK(cuda::plan_forward(params, to_kernel_dtype(q.scalar_type()), plan));
   pybind11::dict result;
-  result["path"] = path_name(plan.path);
+  result["path"] = cuda::kernel_path_name(plan.path);
   result["decode_splits"] = plan.decode_splits;
   result["split_partials_elements"] = plan.split_partials_elements;
   return result;
@@ -177,7 +163,7 @@ pybind11::dict plan_backward_for(const at::Tensor& q, const at::Tensor& k, const
   cuda::BackwardPlan plan;
   C10_CUDA_CHECK(cuda::plan_backward(params, to_kernel_dtype(q.scalar_type()), plan));
   pybind11::dict result;
-  result["path"] = path_name(plan.path);
+  result["path"] = cuda::kernel_path_name(plan.path);
   result["max_shared_bytes"] = plan.max_shared_bytes;
   result["dq_accumulator_elements"] = plan.dq_accumulator_elements;
   return result;

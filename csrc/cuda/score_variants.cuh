@@ -6,6 +6,7 @@
 
 #include "../attention_params.h"
 #include "../dropout_philox.h"
+#include "../key_window.h"
 #include "utils.cuh"
 
 namespace block_attn::cuda {
@@ -14,35 +15,6 @@ namespace block_attn::cuda {
 __host__ __device__ inline bool has_variants(const ForwardParams& p) {
   return p.window_left >= 0 || (p.window_right >= 0 && !p.is_causal) || p.softcap != 0 ||
          p.alibi_slopes != nullptr || p.dropout_seed_offset != nullptr;
-}
-
-// Local query i stands at i' = i + len_k - len_q and sees local key t iff
-// -right <= i' - t <= left (-1: unbounded; causal makes right 0). In int64, as in causal_key_end.
-struct KeyWindow {
-  int64_t left;
-  int64_t right;
-};
-__host__ __device__ inline KeyWindow key_window(const ForwardParams& p) {
-  return {p.window_left, p.is_causal ? 0 : p.window_right};
-}
-
-// Query i sees keys [window_key_begin, window_key_end).
-__host__ __device__ inline int window_key_begin(int i, int len_q, int len_k, KeyWindow w) {
-  if (w.left < 0) return 0;
-  return clamp_to_length(static_cast<int64_t>(i) + len_k - len_q - w.left, len_k);
-}
-__host__ __device__ inline int window_key_end(int i, int len_q, int len_k, KeyWindow w) {
-  if (w.right < 0) return len_k;
-  return clamp_to_length(static_cast<int64_t>(i) + len_k - len_q + w.right + 1, len_k);
-}
-// Key t is seen by queries [window_query_begin, window_query_end).
-__host__ __device__ inline int window_query_begin(int t, int len_q, int len_k, KeyWindow w) {
-  if (w.right < 0) return 0;
-  return clamp_to_length(static_cast<int64_t>(t) - w.right - len_k + len_q, len_q);
-}
-__host__ __device__ inline int window_query_end(int t, int len_q, int len_k, KeyWindow w) {
-  if (w.left < 0) return len_q;
-  return clamp_to_length(static_cast<int64_t>(t) + w.left + 1 - len_k + len_q, len_q);
 }
 
 // The ALiBi slope of (batch, head), 0 without ALiBi.
@@ -80,6 +52,29 @@ __device__ __forceinline__ A dropout_factor(const ForwardParams& p, int batch_he
                                  static_cast<uint64_t>(p.dropout_seed_offset[1]),
                                  static_cast<uint32_t>(batch_head), row, key, p.dropout_threshold);
   return keep ? static_cast<A>(p.dropout_scale) : A(0);
+}
+
+// dropout_factor of keys key and key + 1 of one row: one Philox block serves both when key is
+// even.
+template <typename A>
+__device__ __forceinline__ void dropout_factor_pair(const ForwardParams& p, int batch_head,
+                                                    int64_t row, int64_t key, A& first, A& second) {
+  if (p.dropout_seed_offset == nullptr) {
+    first = second = A(1);
+    return;
+  }
+  if (key % 2 != 0) {
+    first = dropout_factor<A>(p, batch_head, row, key);
+    second = dropout_factor<A>(p, batch_head, row, key + 1);
+    return;
+  }
+  const PhiloxWords words = dropout_words(static_cast<uint64_t>(p.dropout_seed_offset[0]),
+                                          static_cast<uint64_t>(p.dropout_seed_offset[1]),
+                                          static_cast<uint32_t>(batch_head), row, key);
+  const int lane = static_cast<int>(key & 3);
+  const A kept = static_cast<A>(p.dropout_scale);
+  first = words.word(lane) >= p.dropout_threshold ? kept : A(0);
+  second = words.word(lane + 1) >= p.dropout_threshold ? kept : A(0);
 }
 
 }  // namespace block_attn::cuda

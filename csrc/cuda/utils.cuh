@@ -7,6 +7,8 @@
 
 #include <cstdint>
 
+#include "../key_window.h"
+
 namespace block_attn::cuda {
 
 // float16/bfloat16/float32 accumulate in float, float64 in double.
@@ -102,12 +104,8 @@ __device__ __forceinline__ BlockRange block_range(const int32_t* cu_seqlens, int
   return {start, end - start};
 }
 
-// x clamped to [0, limit]. The causal bounds below are computed in int64: with lengths up to
-// INT32_MAX, i + 1 + len_k - len_q and t - len_k + len_q overflow int.
-__host__ __device__ __forceinline__ int clamp_to_length(int64_t x, int limit) {
-  return x < 0 ? 0 : (x > limit ? limit : static_cast<int>(x));
-}
-
+// The causal bounds below are computed in int64: with lengths up to INT32_MAX, i + 1 + len_k -
+// len_q and t - len_k + len_q overflow int.
 // Causal, bottom-right aligned: local query i attends local key t iff t <= i + (len_k - len_q).
 // Number of keys, from the start, that query i may see (clamped to [0, len_k]).
 __host__ __device__ __forceinline__ int causal_key_end(int i, int len_q, int len_k) {

@@ -18,20 +18,6 @@ namespace {
 using cuda::DType;
 using cuda::KernelPath;
 
-const char* path_name(KernelPath path) {
-  switch (path) {
-    case KernelPath::kSimple:
-      return "simple";
-    case KernelPath::kTensorCore:
-      return "tensor-core";
-    case KernelPath::kHopper:
-      return "hopper";
-    case KernelPath::kDecode:
-      return "decode";
-  }
-  return "?";
-}
-
 // One (batch 1, 4 query heads, 2 kv heads) problem of 256 rows in two blocks, contiguous
 // (batch, heads, rows, head_dim) rows; `row_stride` other than head_dim misaligns them.
 BackwardParams problem(int head_dim, int max_seqlen_q, int max_seqlen_k, bool deterministic,
@@ -79,12 +65,12 @@ int check(const char* what, const BackwardParams& p, DType dtype, Expected expec
   if (cuda::plan_forward(p, dtype, forward) != cudaSuccess) problem = "plan_forward failed";
   if (cuda::plan_backward(p, dtype, backward) != cudaSuccess) problem = "plan_backward failed";
   if (problem.empty() && forward.path != expected.forward) {
-    problem = std::string("forward path ") + path_name(forward.path) + ", expected " +
-              path_name(expected.forward);
+    problem = std::string("forward path ") + kernel_path_name(forward.path) + ", expected " +
+              kernel_path_name(expected.forward);
   }
   if (problem.empty() && backward.path != expected.backward) {
-    problem = std::string("backward path ") + path_name(backward.path) + ", expected " +
-              path_name(expected.backward);
+    problem = std::string("backward path ") + kernel_path_name(backward.path) + ", expected " +
+              kernel_path_name(expected.backward);
   }
   // Scratch: the split partials only for a split decoding forward, the dQ accumulator only
   // where a tensor-core backward sums dQ with atomics (not over key blocks longer than
@@ -110,7 +96,7 @@ int check(const char* what, const BackwardParams& p, DType dtype, Expected expec
     problem = "a float32 launch of a tensor-core forward plan was not refused";
   }
   std::printf("  %-4s %-44s %s / %s%s\n", problem.empty() ? "ok" : "FAIL", what,
-              path_name(forward.path), path_name(backward.path),
+              kernel_path_name(forward.path), kernel_path_name(backward.path),
               problem.empty() ? "" : (", " + problem).c_str());
   return problem.empty() ? 0 : 1;
 }
@@ -183,6 +169,23 @@ int check_kernel_paths() {
   failures += check("bf16 decoding, BLOCK_ATTN_DECODE_KERNEL=0", problem(128, 1, 8192, false), bf16,
                     {hopper, hopper});
   unsetenv("BLOCK_ATTN_DECODE_KERNEL");
+  // Calls with variants take the simple kernels (float32 / float64), or the float16 / bfloat16
+  // kernels that have them: every forward, the mma.sync backward.
+  BackwardParams windowed = problem(128, 128, 8192, false);
+  windowed.window_left = 256;
+  failures += check("bf16 d128 window", windowed, bf16, {hopper, tensor_core});
+  BackwardParams capped_decode = problem(128, 1, 1024, false);
+  capped_decode.softcap = 30;
+  failures += check("bf16 decoding shape, softcap", capped_decode, bf16, {decode, tensor_core});
+  BackwardParams dropped = problem(64, 128, 128, true);
+  dropped.dropout_threshold = 1u << 30;
+  int64_t seed_offset[2] = {1, 2};
+  dropped.dropout_seed_offset = seed_offset;
+  failures += check("fp16 d64 deterministic, dropout", dropped, fp16, {tensor_core, tensor_core});
+  BackwardParams alibi_fp32 = problem(64, 128, 128, false);
+  const float slopes[4] = {0.5f, 0.25f, 0.125f, 0.0625f};
+  alibi_fp32.alibi_slopes = slopes;
+  failures += check("fp32 d64 alibi", alibi_fp32, DType::kFloat32, {simple, simple});
   failures += check_refused(0);
   failures += check_refused(264);
   failures += check_unknown_dtype_refused();
@@ -203,6 +206,7 @@ int check_kernel_paths() {
   std::printf("=== emulated sm_75: kernel paths\n");
   failures += check("bf16 d128", problem(128, 128, 128, false), bf16, {simple, simple});
   failures += check("fp16 decoding", problem(64, 1, 1024, false), fp16, {simple, simple});
+  failures += check("bf16 d128 window", windowed, bf16, {simple, simple});
 
   cuda_emulator::set_device_properties(cuda_emulator::DeviceProperties{});
   return failures;

@@ -86,20 +86,6 @@ struct LongCase {
   bool wgmma_forward = false;  // the Hopper forward called directly (plans take it past 4096 keys)
 };
 
-const char* path_name(KernelPath path) {
-  switch (path) {
-    case KernelPath::kSimple:
-      return "simple";
-    case KernelPath::kTensorCore:
-      return "tensor-core";
-    case KernelPath::kHopper:
-      return "hopper";
-    case KernelPath::kDecode:
-      return "decode";
-  }
-  return "?";
-}
-
 // Largest |got - want| over the largest |want|, per output.
 struct Error {
   double max_error = 0.0;
@@ -190,9 +176,9 @@ int run(const LongCase& c) {
   }
   const KernelPath forward_path = c.wgmma_forward ? KernelPath::kHopper : forward_plan.path;
   if (problem.empty() && (forward_path != c.forward || backward_plan.path != c.backward)) {
-    problem = std::string("paths ") + path_name(forward_path) + " / " +
-              path_name(backward_plan.path) + ", expected " + path_name(c.forward) + " / " +
-              path_name(c.backward);
+    problem = std::string("paths ") + kernel_path_name(forward_path) + " / " +
+              kernel_path_name(backward_plan.path) + ", expected " + kernel_path_name(c.forward) +
+              " / " + kernel_path_name(c.backward);
   }
   // The decoding forward's splits keep every CTA to kMaxKeysPerAccumulator keys.
   if (problem.empty() && forward_plan.path == KernelPath::kDecode &&
@@ -312,8 +298,8 @@ int run(const LongCase& c) {
     judge("dv", e_dv, tol_grad);
   }
   std::printf("  %-4s %s [%s, head_dim %d%s] %s / %s%s: %s%s\n", problem.empty() ? "ok" : "FAIL",
-              c.name, Element<T>::kName, dim, c.causal ? ", causal" : "", path_name(forward_path),
-              path_name(backward_plan.path),
+              c.name, Element<T>::kName, dim, c.causal ? ", causal" : "",
+              kernel_path_name(forward_path), kernel_path_name(backward_plan.path),
               forward_plan.path == KernelPath::kDecode
                   ? (", " + std::to_string(forward_plan.decode_splits) + " splits").c_str()
                   : "",

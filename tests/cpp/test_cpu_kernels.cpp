@@ -171,20 +171,20 @@ void check_int32_edge() {
       covers_tail &= tail[i].begin == tail[i - 1].end && (tail[i].begin - begin) % kTile == 0;
     }
     expect("split_keys of the keys after " + std::to_string(begin) + " of " + name, covers_tail);
-    const BlockExtent one_query{0, 0, 1, len};
-    const BlockExtent square{0, 0, len, len};
+    // (len_q, len_k) of a block with one query, and of a square block.
+    const int one = 1, all = len;
     const KeyWindow causal{-1, 0};
-    expect("causal limits of " + name, window_key_end(0, one_query, causal) == len &&
-                                           window_key_end(0, square, causal) == 1 &&
-                                           window_key_end(len - 1, square, causal) == len &&
-                                           window_query_begin(len - 1, one_query, causal) == 0);
+    expect("causal limits of " + name, window_key_end(0, one, len, causal) == len &&
+                                           window_key_end(0, all, len, causal) == 1 &&
+                                           window_key_end(len - 1, all, len, causal) == len &&
+                                           window_query_begin(len - 1, one, len, causal) == 0);
     const KeyWindow wide{len, len};
-    expect("window limits of " + name, window_key_begin(len - 1, square, wide) == 0 &&
-                                           window_key_end(0, square, wide) == len &&
-                                           window_query_begin(len - 1, square, wide) == 0 &&
-                                           window_query_end(0, square, wide) == len &&
-                                           window_query_end(0, one_query, {0, -1}) == 0 &&
-                                           window_query_end(len - 1, one_query, {0, -1}) == 1);
+    expect("window limits of " + name, window_key_begin(len - 1, all, len, wide) == 0 &&
+                                           window_key_end(0, all, len, wide) == len &&
+                                           window_query_begin(len - 1, all, len, wide) == 0 &&
+                                           window_query_end(0, all, len, wide) == len &&
+                                           window_query_end(0, one, len, {0, -1}) == 0 &&
+                                           window_query_end(len - 1, one, len, {0, -1}) == 1);
   }
 }
 

@@ -85,15 +85,19 @@ double alibi_slope_of(const Case& c, int b, int h) {
 // The case's dropout (seed, offset): the seed's top bit set, as a drawn int64 may have it.
 const int64_t kDropoutSeedOffset[2] = {-1234567890123456789LL, 987654321LL};
 
-// launch_backward, or for a wgmma case the wgmma backward called directly (dQ by atomics, or
-// deterministic).
+bool has_variants(const Case& c) {
+  return c.window_left >= 0 || c.window_right >= 0 || c.softcap > 0 || c.alibi || c.dropout_p > 0;
+}
+
+// launch_backward, or for a wgmma case without variants the wgmma backward called directly (dQ by
+// atomics, or deterministic).
 template <typename T>
 cudaError_t run_backward(const Case& c, const BackwardParams& p,
                          const block_attn::cuda::BackwardPlan& plan,
                          const block_attn::cuda::BackwardWorkspace& workspace) {
   using block_attn::cuda::hopper::BackwardHeadDims;
   if constexpr (sizeof(T) == 2) {
-    if (c.wgmma && BackwardHeadDims::contains(p.head_dim)) {
+    if (c.wgmma && !has_variants(c) && BackwardHeadDims::contains(p.head_dim)) {
       float* delta = static_cast<float*>(workspace.delta);
       float* sums = p.deterministic ? nullptr : workspace.dq_accumulator;
       return BackwardHeadDims::dispatch(p.head_dim, cudaErrorInvalidValue, [&](auto head_dim) {
@@ -311,7 +315,7 @@ void run_case(const Case& c) {
                                       std::to_string(c.tail_k)
                                 : "";
   char variants[160] = "";
-  if (c.window_left >= 0 || c.window_right >= 0 || c.softcap > 0 || c.alibi || c.dropout_p > 0) {
+  if (has_variants(c)) {
     std::snprintf(variants, sizeof(variants), ", window (%d, %d), softcap %g, alibi %d, dropout %g",
                   c.window_left, c.window_right, c.softcap, c.alibi ? 1 : 0, c.dropout_p);
   }
@@ -657,6 +661,23 @@ RandomProblem random_case(std::mt19937& rng, int index) {
   // Peaky scores only in float32 / float64: with float16 / bfloat16 P, one key taking almost all
   // of a row's weight lets the gradients stray past the half types' tolerance.
   if (family == Family::kSimple && draw.uniform() < 0.3) c.q_scale = draw.pick(2) == 0 ? 4.0 : 10.0;
+  // The variants, in the families whose kernels have them: any combination, half the time.
+  const bool variant_family = family == Family::kSimple || family == Family::kSimpleHalf ||
+                              family == Family::kTensorCore || family == Family::kDecode ||
+                              family == Family::kWgmma;
+  if (variant_family && draw.pick(2) == 0) {
+    static const int kLeft[] = {-1, 0, 5, 33, 100};
+    static const int kRight[] = {-1, 0, 7, 64};
+    if (draw.uniform() < 0.6) {
+      c.window_left = draw.choice(kLeft);
+      c.window_right = draw.choice(kRight);
+    }
+    static const double kCaps[] = {1.0, 5.0};
+    if (draw.uniform() < 0.4) c.softcap = draw.choice(kCaps);
+    c.alibi = draw.uniform() < 0.4;
+    static const double kDropouts[] = {0.1, 0.5};
+    if (draw.uniform() < 0.4) c.dropout_p = draw.choice(kDropouts);
+  }
 
   // Shrink the batch, then the query groups, then the heads, then the head dim, until the
   // emulator's work is a few seconds at most; the lengths are what the draw is after.
@@ -867,8 +888,9 @@ int main(int argc, char** argv) {
   tail_decode_empty.tail_q = 20;
   tail_decode_empty.tail_k = 10;
 
-  // The variants, which the simple kernels take on every device and dtype: each alone and all
-  // together, with ragged and separate key blocks, GQA and rows after the last offset.
+  // The variants, in the simple kernels (every dtype) and the mma.sync and decoding kernels
+  // (float16 / bfloat16): each alone and all together, with ragged and separate key blocks, GQA
+  // and rows after the last offset.
   std::vector<std::pair<DType, Case>> variant_cases;
   {
     Case base{"variants: ", {70, 1, 0, 45}, {90, 1, 5, 45}, 2, 4, 2, 64, false, Layout::kRowsFirst};
@@ -911,6 +933,47 @@ int main(int argc, char** argv) {
     wide.head_dim = 128;
     wide.batch = 1;
     variant_cases.push_back({DType::kBFloat16, wide});
+    // float16 / bfloat16 take the mma.sync forward on sm_90: each variant alone there too, a
+    // window wide enough that query tiles have key tiles inside every row's window (no mask),
+    // and head_dim 256.
+    for (const Case& c : {causal_window, softcap, alibi, dropout}) {
+      variant_cases.push_back({DType::kFloat16, c});
+    }
+    Case interior{"variants: window (150, 10) over 300-row blocks",
+                  {300, 0, 130},
+                  {300, 0, 130},
+                  1,
+                  2,
+                  1,
+                  64,
+                  false,
+                  Layout::kRowsFirst};
+    interior.window_left = 150;
+    interior.window_right = 10;
+    interior.softcap = 3.0;
+    variant_cases.push_back({DType::kBFloat16, interior});
+    Case all_dim256 = all;
+    all_dim256.name += ", head_dim 256";
+    all_dim256.head_dim = 256;
+    all_dim256.batch = 1;
+    all_dim256.heads_q = 2;
+    all_dim256.heads_kv = 1;
+    variant_cases.push_back({DType::kFloat16, all_dim256});
+    // The decoding forward: key splits, lanes of several heads (each its own ALiBi slope and
+    // dropout mask), and a window that reaches past the query.
+    Case decode_all = decode_ragged;
+    decode_all.name = "variants: decoding, key caches of 300, 1000, 0 and 77, GQA 8:2, all at once";
+    decode_all.window_left = 150;
+    decode_all.softcap = 2.0;
+    decode_all.alibi = true;
+    decode_all.dropout_p = 0.2;
+    variant_cases.push_back({DType::kBFloat16, decode_all});
+    Case decode_window = decode_straddle;
+    decode_window.name = "variants: decoding, 3, 16 and 5 queries, GQA 6:2, window (40, 3)";
+    decode_window.causal = false;
+    decode_window.window_left = 40;
+    decode_window.window_right = 3;
+    variant_cases.push_back({DType::kFloat16, decode_window});
   }
 
   cuda_emulator::DeviceProperties sm90;  // 227 KiB of shared memory per CTA
@@ -982,6 +1045,35 @@ int main(int argc, char** argv) {
     c.tail_q = 150;
     c.tail_k = 90;
     wgmma_cases.push_back({head_dim == 128 ? DType::kFloat16 : DType::kBFloat16, c});
+  }
+  // The wgmma forward with variants (its backward through launch_backward): a window wider and
+  // narrower than the 128-key tiles, each variant alone and all together, every head_dim.
+  for (const int head_dim : {64, 128, 256}) {
+    Case c{"wgmma variants: ragged, GQA 4:2, window (150, 20)",
+           {300, 1, 129},
+           {300, 1, 129},
+           1,
+           4,
+           2,
+           head_dim,
+           false,
+           Layout::kRowsFirst};
+    c.wgmma = true;
+    c.window_left = 150;
+    c.window_right = 20;
+    c.tail_q = 9;
+    wgmma_cases.push_back({head_dim == 128 ? DType::kFloat16 : DType::kBFloat16, c});
+    Case all = c;
+    all.name = "wgmma variants: ragged causal, Lq != Lk, all at once";
+    all.lengths_q = {64, 129, 0};
+    all.lengths_k = {130, 20, 5};
+    all.causal = true;
+    all.window_left = 40;
+    all.window_right = -1;
+    all.softcap = 2.0;
+    all.alibi = true;
+    all.dropout_p = 0.2;
+    wgmma_cases.push_back({head_dim == 128 ? DType::kBFloat16 : DType::kFloat16, all});
   }
   run_on(sm90, "sm_90", wgmma_cases);
 

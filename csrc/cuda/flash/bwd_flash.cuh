@@ -14,14 +14,18 @@
 //        accumulator with atomics, as FlashAttention-2 does (five products), and
 //        dq_convert_kernel scales and rounds the sums into grad_q.
 // Causal: query/key tiles that see nothing are skipped; only tiles crossing the diagonal (or the
-// block's end) are masked.
+// block's end) are masked. kVariants (score_variants.cuh): likewise for a sliding window's edges;
+// P is recomputed from the softcapped score with ALiBi, dV takes the dropped P, and
+// dS = P (Z dP - Delta) (1 - tanh^2) with Z the dropout factors and tanh the softcap's.
 #pragma once
 
 #include <type_traits>
 
 #include "../kernel_launch.cuh"
+#include "../score_variants.cuh"
 #include "../shared_memory.cuh"
 #include "../simple/bwd_simple.cuh"
+#include "../static_switch.h"
 #include "../tensor_rows.cuh"
 #include "../utils.cuh"
 #include "bwd_traits.h"
@@ -65,7 +69,8 @@ __device__ __forceinline__ void stage_row_statistics(const BackwardParams& param
 // kAtomicDq: also adds each tile's dS K into dq_accumulator ((batch, heads_q, seqlen_q, head_dim)
 // float32, zeroed), with atomics. kLongRows: more than kMaxKeysPerAccumulator queries of the
 // group's heads may see a key; dK and dV sum chunks of at most that many apart and add them up.
-template <typename Traits, typename T, bool kIsCausal, bool kAtomicDq, bool kLongRows>
+template <typename Traits, typename T, bool kIsCausal, bool kAtomicDq, bool kLongRows,
+          bool kVariants>
 __global__ void __launch_bounds__(Traits::kThreads)
     dkdv_flash_kernel(const BackwardParams params, const float* delta, float* dq_accumulator,
                       const bool vectorized) {
@@ -118,11 +123,17 @@ __global__ void __launch_bounds__(Traits::kThreads)
   load_tile_async<Traits, kBlockN>(sK, k, params.k_row_stride, n0, kr.length, head_dim, vectorized);
   load_tile_async<Traits, kBlockN>(sV, v, params.v_row_stride, n0, kr.length, head_dim, vectorized);
 
-  // Query tiles that may see a key of this tile, for each query head of the group. They start
-  // at a multiple of kBlockM, so that no row index of a tile passes INT32_MAX.
-  const int m_begin =
-      kIsCausal ? causal_query_begin(n0, qr.length, kr.length) / kBlockM * kBlockM : 0;
-  const int m_tiles = ceil_div(qr.length - m_begin, kBlockM);
+  // Query tiles that may see a key of this tile, [m_begin, m_end) for each query head of the
+  // group. They start at a multiple of kBlockM, so that no row index of a tile passes INT32_MAX.
+  int m_begin = kIsCausal ? causal_query_begin(n0, qr.length, kr.length) / kBlockM * kBlockM : 0;
+  int m_end = qr.length;
+  [[maybe_unused]] const KeyWindow window = key_window(params);
+  if constexpr (kVariants) {
+    const int last_key = tile_last_row(n0, kBlockN, kr.length);
+    m_begin = window_query_begin(n0, qr.length, kr.length, window) / kBlockM * kBlockM;
+    m_end = window_query_end(last_key, qr.length, kr.length, window);
+  }
+  const int m_tiles = ceil_div(m_end - m_begin, kBlockM);
   constexpr float kLog2e = 1.4426950408889634f;
 
   auto load_query_tile = [&](int head, int m0, int buf) {
@@ -147,6 +158,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
   cp_async_commit();
 
   const float scale_log2 = params.scale * kLog2e;
+  [[maybe_unused]] const float scale = static_cast<float>(params.scale);
   constexpr int kColumns = Traits::kWarpColumns;
   float dk[kColumns / 8][4];
   float dv[kColumns / 8][4];
@@ -168,7 +180,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
     const int m0 = tile_m0;
     [[maybe_unused]] const int head = tile_head;
     // The next tile, without a division per iteration (nor tile_m0 + kBlockM past INT32_MAX).
-    if (tile_m0 >= qr.length - kBlockM) {
+    if (tile_m0 >= m_end - kBlockM) {
       tile_m0 = m_begin;
       ++tile_head;
     } else {
@@ -177,8 +189,15 @@ __global__ void __launch_bounds__(Traits::kThreads)
     if (tile_head < head_end) load_query_tile(tile_head, tile_m0, buf ^ 1);
     cp_async_commit();
 
-    const bool needs_mask = m0 > qr.length - kBlockM ||
-                            (kIsCausal && n0 > causal_key_end(m0, qr.length, kr.length) - kBlockN);
+    bool needs_mask = m0 > qr.length - kBlockM ||
+                      (kIsCausal && n0 > causal_key_end(m0, qr.length, kr.length) - kBlockN);
+    if constexpr (kVariants) {
+      // Unmasked: every key of the tile is in the block and seen by every query of the tile.
+      needs_mask = m0 > qr.length - kBlockM || n0 > kr.length - kBlockN ||
+                   window_query_begin(n0 + kBlockN - 1, qr.length, kr.length, window) > m0 ||
+                   window_query_end(n0, qr.length, kr.length, window) - kBlockM < m0;
+    }
+    [[maybe_unused]] const float slope = alibi_slope<float>(params, batch, head);
     // P^T = exp(S^T - lse) into s and dS^T = P^T (dP^T - Delta) into dp, in place, for the
     // warp's 16 keys and the tile's queries q0, q0 + 1, ...; masked pairs get 0.
     auto probabilities = [&](auto mask_tag, auto& s, auto& dp, int q0) {
@@ -189,16 +208,33 @@ __global__ void __launch_bounds__(Traits::kThreads)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int col = q0 + n * 8 + quad_col * 2 + (e % 2);  // query within the tile
-          float p = fast_exp2(s[n][e] * scale_log2 - s_lse[buf * kBlockM + col]);
-          if (kMask) {
-            const int t = n0 + key_group * 16 + group_row + (e / 2) * 8;
-            const int i = m0 + col;
-            const bool allowed =
-                i < qr.length && (!kIsCausal || t < causal_key_end(i, qr.length, kr.length));
-            if (!allowed) p = 0.f;
+          const int t = n0 + key_group * 16 + group_row + (e / 2) * 8;
+          const int i = m0 + col;
+          if constexpr (kVariants) {
+            float th;
+            const float x = transformed_score<float>(params, s[n][e] * scale, slope, i, t,
+                                                     qr.length, kr.length, th);
+            float p = fast_exp2(x * kLog2e - s_lse[buf * kBlockM + col]);
+            if (kMask &&
+                !(i < qr.length && t >= window_key_begin(i, qr.length, kr.length, window) &&
+                  t < window_key_end(i, qr.length, kr.length, window))) {
+              p = 0.f;
+            }
+            const float z = dropout_factor<float>(params, batch * params.heads_q + head,
+                                                  static_cast<int64_t>(qr.start) + i,
+                                                  static_cast<int64_t>(kr.start) + t);
+            s[n][e] = p * z;
+            dp[n][e] = p * (z * dp[n][e] - s_delta[buf * kBlockM + col]) * (1.f - th * th);
+          } else {
+            float p = fast_exp2(s[n][e] * scale_log2 - s_lse[buf * kBlockM + col]);
+            if (kMask) {
+              const bool allowed =
+                  i < qr.length && (!kIsCausal || t < causal_key_end(i, qr.length, kr.length));
+              if (!allowed) p = 0.f;
+            }
+            s[n][e] = p;
+            dp[n][e] = p * (dp[n][e] - s_delta[buf * kBlockM + col]);
           }
-          s[n][e] = p;
-          dp[n][e] = p * (dp[n][e] - s_delta[buf * kBlockM + col]);
         }
       }
     };
@@ -320,7 +356,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
 // under a causal mask.
 // kLongRows: blocks may have more than kMaxKeysPerAccumulator keys; dQ sums chunks of at most
 // that many apart and adds them up.
-template <typename Traits, typename T, bool kIsCausal, bool kLongRows>
+template <typename Traits, typename T, bool kIsCausal, bool kLongRows, bool kVariants>
 __global__ void __launch_bounds__(Traits::kThreads)
     dq_flash_kernel(const BackwardParams params, const float* delta, const bool vectorized) {
 #ifdef BLOCK_ATTN_SM80_OR_NEWER
@@ -364,21 +400,38 @@ __global__ void __launch_bounds__(Traits::kThreads)
   const T* k = k_rows<T>(params, batch, head_kv, kr.start);
   const T* v = v_rows<T>(params, batch, head_kv, kr.start);
 
-  const int n_end = tile_key_end<kIsCausal>(m0, kBlockM, qr, kr);
-  const int unmasked_end = tile_unmasked_key_end<kIsCausal>(m0, qr, kr);
-  const int n_tiles = ceil_div(n_end, kBlockN);
+  // Keys some row sees, [n_begin, n_end) with n_begin on a tile edge, and keys every row sees,
+  // [unmasked_begin, unmasked_end), as in fwd_flash_kernel.
+  int n_begin = 0;
+  int n_end = tile_key_end<kIsCausal>(m0, kBlockM, qr, kr);
+  int unmasked_begin = 0;
+  int unmasked_end = tile_unmasked_key_end<kIsCausal>(m0, qr, kr);
+  [[maybe_unused]] const KeyWindow window = key_window(params);
+  [[maybe_unused]] const float slope = alibi_slope<float>(params, batch, head);
+  if constexpr (kVariants) {
+    const int last = tile_last_row(m0, kBlockM, qr.length);
+    n_begin = window_key_begin(m0, qr.length, kr.length, window) / kBlockN * kBlockN;
+    n_end = window_key_end(last, qr.length, kr.length, window);
+    unmasked_begin = window_key_begin(last, qr.length, kr.length, window);
+    unmasked_end = window_key_end(m0, qr.length, kr.length, window);
+  }
+  const int j_begin = n_begin / kBlockN;
+  const int j_end = max(ceil_div(n_end, kBlockN), j_begin);
 
   load_tile_async<Traits, kBlockM>(sQ, q, params.q_row_stride, m0, qr.length, head_dim, vectorized);
   load_tile_async<Traits, kBlockM>(sdO, grad_out, params.grad_out_row_stride, m0, qr.length,
                                    head_dim, vectorized);
-  if (n_tiles > 0) {
-    load_tile_async<Traits, kBlockN>(sK, k, params.k_row_stride, 0, n_end, head_dim, vectorized);
-    load_tile_async<Traits, kBlockN>(sV, v, params.v_row_stride, 0, n_end, head_dim, vectorized);
+  if (j_end > j_begin) {
+    load_tile_async<Traits, kBlockN>(sK, k, params.k_row_stride, n_begin, n_end, head_dim,
+                                     vectorized);
+    load_tile_async<Traits, kBlockN>(sV, v, params.v_row_stride, n_begin, n_end, head_dim,
+                                     vectorized);
   }
   cp_async_commit();
 
   constexpr float kLog2e = 1.4426950408889634f;
   const float scale_log2 = params.scale * kLog2e;
+  [[maybe_unused]] const float scale = static_cast<float>(params.scale);
   const int64_t row_base = lse_index(params, batch, head, qr.start);
   float lse_log2[kRowGroups][2];
   float row_delta[kRowGroups][2];
@@ -397,12 +450,12 @@ __global__ void __launch_bounds__(Traits::kThreads)
   const T* sQ_warp = sQ + warp_row0 * kStride;
   const T* sdO_warp = sdO + warp_row0 * kStride;
 
-  for (int j = 0; j < n_tiles; ++j) {
-    const int buf = j % 2;
+  for (int j = j_begin; j < j_end; ++j) {
+    const int buf = (j - j_begin) % 2;
     const int n0 = j * kBlockN;
     cp_async_wait_all();
     __syncthreads();  // tile j is in; every warp is done with the other buffer
-    if (j + 1 < n_tiles) {
+    if (j + 1 < j_end) {
       load_tile_async<Traits, kBlockN>((sK + (buf ^ 1) * kTile), k, params.k_row_stride,
                                        n0 + kBlockN, n_end, head_dim, vectorized);
       load_tile_async<Traits, kBlockN>((sV + (buf ^ 1) * kTile), v, params.v_row_stride,
@@ -428,20 +481,35 @@ __global__ void __launch_bounds__(Traits::kThreads)
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
             const int rr = e / 2;
-            float p = fast_exp2(s[g][n][e] * scale_log2 - lse_log2[g][rr]);
-            if (kMask) {
-              const int i = m0 + warp_row0 + g * 16 + group_row + rr * 8;
-              const int key = n0 + n * 8 + quad_col * 2 + (e % 2);
-              const int key_end = kIsCausal ? causal_key_end(i, qr.length, kr.length) : kr.length;
-              if (key >= key_end) p = 0.f;
+            const int i = m0 + warp_row0 + g * 16 + group_row + rr * 8;
+            const int key = n0 + n * 8 + quad_col * 2 + (e % 2);
+            if constexpr (kVariants) {
+              float th;
+              const float x = transformed_score<float>(params, s[g][n][e] * scale, slope, i, key,
+                                                       qr.length, kr.length, th);
+              float p = fast_exp2(x * kLog2e - lse_log2[g][rr]);
+              if (kMask && (key < window_key_begin(i, qr.length, kr.length, window) ||
+                            key >= window_key_end(i, qr.length, kr.length, window))) {
+                p = 0.f;
+              }
+              const float z = dropout_factor<float>(params, batch * params.heads_q + head,
+                                                    static_cast<int64_t>(qr.start) + i,
+                                                    static_cast<int64_t>(kr.start) + key);
+              s[g][n][e] = p * (z * dp[g][n][e] - row_delta[g][rr]) * (1.f - th * th);  // dS
+            } else {
+              float p = fast_exp2(s[g][n][e] * scale_log2 - lse_log2[g][rr]);
+              if (kMask) {
+                const int key_end = kIsCausal ? causal_key_end(i, qr.length, kr.length) : kr.length;
+                if (key >= key_end) p = 0.f;
+              }
+              s[g][n][e] = p * (dp[g][n][e] - row_delta[g][rr]);  // dS
             }
-            s[g][n][e] = p * (dp[g][n][e] - row_delta[g][rr]);  // dS
           }
         }
       }
       warp_gemm_pb<T, kBlockN, kHeadDim, kStride, kRowGroups>(dq, s, (sK + buf * kTile), lane);
     };
-    if (n0 > unmasked_end - kBlockN) {
+    if (n0 < unmasked_begin || n0 > unmasked_end - kBlockN) {
       accumulate_tile(std::true_type{});
     } else {
       accumulate_tile(std::false_type{});
@@ -516,12 +584,16 @@ cudaError_t launch_dq_flash(const BackwardParams& params, const float* delta, bo
   const dim3 grid(tiles_with_tail(params.max_seqlen_q, params.seqlen_q, Traits::kBlockOwn),
                   params.num_blocks, params.batch * params.heads_q);
   if (grid.x == 0 || grid.y == 0 || grid.z == 0) return cudaSuccess;
-  auto kernel = dq_flash_kernel<Traits, T, kIsCausal, false>;
-  // Long key blocks take one row group (run_bwd_flash_tiles), which leaves registers for the
-  // second accumulator.
+  auto kernel = dq_flash_kernel<Traits, T, kIsCausal, false, false>;
+  // Long key blocks and calls with variants take one row group (run_bwd_flash_tiles), which
+  // leaves registers for the second accumulator and the per-score work.
   if constexpr (Traits::kRowGroups == 1) {
-    if (params.max_seqlen_k > kMaxKeysPerAccumulator) {
-      kernel = dq_flash_kernel<Traits, T, kIsCausal, true>;
+    const bool long_rows = params.max_seqlen_k > kMaxKeysPerAccumulator;
+    if (has_variants(params)) {
+      kernel = long_rows ? dq_flash_kernel<Traits, T, kIsCausal, true, true>
+                         : dq_flash_kernel<Traits, T, kIsCausal, false, true>;
+    } else if (long_rows) {
+      kernel = dq_flash_kernel<Traits, T, kIsCausal, true, false>;
     }
   }
   cudaError_t err = allow_shared_bytes(kernel, Traits::kSharedBytes);
@@ -538,10 +610,13 @@ cudaError_t launch_dkdv_flash(const BackwardParams& params, const float* delta,
   if (grid.x == 0 || grid.y == 0 || grid.z == 0) return cudaSuccess;
   const bool atomic_dq = dq_accumulator != nullptr;
   const bool long_rows = long_query_rows(params);
-  auto kernel = atomic_dq ? (long_rows ? dkdv_flash_kernel<Traits, T, kIsCausal, true, true>
-                                       : dkdv_flash_kernel<Traits, T, kIsCausal, true, false>)
-                          : (long_rows ? dkdv_flash_kernel<Traits, T, kIsCausal, false, true>
-                                       : dkdv_flash_kernel<Traits, T, kIsCausal, false, false>);
+  auto kernel = BOOL_SWITCH(has_variants(params), kVariants, [&] {
+    return atomic_dq
+               ? (long_rows ? dkdv_flash_kernel<Traits, T, kIsCausal, true, true, kVariants>
+                            : dkdv_flash_kernel<Traits, T, kIsCausal, true, false, kVariants>)
+               : (long_rows ? dkdv_flash_kernel<Traits, T, kIsCausal, false, true, kVariants>
+                            : dkdv_flash_kernel<Traits, T, kIsCausal, false, false, kVariants>);
+  });
   const int shared_bytes = Traits::dkdv_shared_bytes(atomic_dq);
   cudaError_t err = allow_shared_bytes(kernel, shared_bytes);
   if (err != cudaSuccess) return err;
@@ -564,7 +639,7 @@ cudaError_t run_bwd_flash_tiles(const BackwardParams& params, float* delta, floa
   if (dq_accumulator != nullptr) return launch_dq_convert<T>(params, dq_accumulator, stream);
   if constexpr (!std::is_void_v<DqTwo>) {
     if (params.max_seqlen_q > 64 && DqTwo::kSharedBytes <= max_shared_bytes &&
-        params.max_seqlen_k <= kMaxKeysPerAccumulator) {
+        params.max_seqlen_k <= kMaxKeysPerAccumulator && !has_variants(params)) {
       return launch_dq_flash<T, DqTwo, kIsCausal>(params, delta, vectorized, stream);
     }
   }

@@ -11,11 +11,15 @@
 // them. Within a CTA each of the four warps takes 16 keys of every 64-key tile, with its own
 // online softmax; the warps' partial results merge in shared memory at the end. Loads use
 // cp.async: V_j streams in while S_j is computed, and K_{j+1} while P_j V_j is.
+// kVariants (score_variants.cuh), as in the flash forward: a window's key tiles only, split over
+// the CTAs, masks on the tiles crossing its edges; softcap and ALiBi (each lane its head's slope)
+// on every score; dropout on P after the row sums took it.
 #pragma once
 
 #include <type_traits>
 
 #include "../kernel_launch.cuh"
+#include "../score_variants.cuh"
 #include "../shared_memory.cuh"
 #include "../tensor_rows.cuh"
 #include "../utils.cuh"
@@ -135,7 +139,7 @@ __device__ __forceinline__ int decode_key_end(int row, BlockRange qr, BlockRange
   return kIsCausal ? causal_key_end(row, qr.length, kr.length) : kr.length;
 }
 
-template <typename Traits, typename T, bool kIsCausal>
+template <typename Traits, typename T, bool kIsCausal, bool kVariants>
 __global__ void __launch_bounds__(Traits::kThreads)
     fwd_decode_kernel(const ForwardParams params, const int lane_tiles, float* split_partials,
                       const bool vectorized) {
@@ -178,16 +182,36 @@ __global__ void __launch_bounds__(Traits::kThreads)
   const T* k = k_rows<T>(params, tile.batch, tile.head_kv, kr.start);
   const T* v = v_rows<T>(params, tile.batch, tile.head_kv, kr.start);
 
-  // Keys some lane may see, keys every lane sees (no mask below), and this split's key tiles.
-  const int n_end = decode_key_end<kIsCausal>(last_row, qr, kr);
-  const int unmasked_tiles = decode_key_end<kIsCausal>(first_row, qr, kr) / kBlockN;
-  const int n_tiles = ceil_div(n_end, kBlockN);
+  // Key tiles some lane may see, [first_tile, n_tiles); tiles every lane sees whole (no mask),
+  // [unmasked_begin, unmasked_end); and this split's share of the first.
+  int first_tile = 0;
+  int n_end = decode_key_end<kIsCausal>(last_row, qr, kr);
+  int unmasked_begin = 0;
+  int unmasked_end = decode_key_end<kIsCausal>(first_row, qr, kr) / kBlockN;
+  [[maybe_unused]] const KeyWindow window = key_window(params);
+  if constexpr (kVariants) {
+    first_tile = window_key_begin(first_row, qr.length, kr.length, window) / kBlockN;
+    n_end = window_key_end(last_row, qr.length, kr.length, window);
+    unmasked_begin = ceil_div(window_key_begin(last_row, qr.length, kr.length, window), kBlockN);
+    unmasked_end = window_key_end(first_row, qr.length, kr.length, window) / kBlockN;
+  }
+  const int n_tiles = max(ceil_div(n_end, kBlockN), first_tile);
   const int splits = gridDim.x / lane_tiles;
-  const int tiles_per_split = ceil_div(n_tiles, splits);
-  const int tile_begin = min(tile.split * tiles_per_split, n_tiles);
+  const int tiles_per_split = ceil_div(n_tiles - first_tile, splits);
+  const int tile_begin = first_tile + min(tile.split * tiles_per_split, n_tiles - first_tile);
   const int tile_end = min(tile_begin + tiles_per_split, n_tiles);
 
   const float scale_log2 = params.scale * 1.4426950408889634f;
+  [[maybe_unused]] const float scale = static_cast<float>(params.scale);
+  // The ALiBi slopes of the thread's two fragment rows (lanes group_row and group_row + 8).
+  [[maybe_unused]] float slope[2] = {0.f, 0.f};
+  if constexpr (kVariants) {
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+      slope[rr] =
+          alibi_slope<float>(params, tile.batch, lane_head(tile, tile.lane0 + group_row + rr * 8));
+    }
+  }
   // One 16-row group: the shapes online_softmax_step and the warp products take.
   float acc_o[1][kNBlocksO][4];
   float row_max[1][2] = {{-INFINITY, -INFINITY}};
@@ -218,16 +242,44 @@ __global__ void __launch_bounds__(Traits::kThreads)
     for (int n = 0; n < kNBlocksS; ++n) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        s[0][n][e] *= scale_log2;  // scale first (it may be negative), then mask
-        if (kMask) {
-          const int row = (tile.lane0 + group_row + (e / 2) * 8) / tile.groups;
-          const int key = n0 + n * 8 + quad_col * 2 + (e % 2);
-          if (key >= decode_key_end<kIsCausal>(row, qr, kr)) s[0][n][e] = -INFINITY;
+        const int row = (tile.lane0 + group_row + (e / 2) * 8) / tile.groups;
+        const int key = n0 + n * 8 + quad_col * 2 + (e % 2);
+        if constexpr (kVariants) {
+          float tanh_unused;
+          const float x = transformed_score<float>(params, s[0][n][e] * scale, slope[e / 2], row,
+                                                   key, qr.length, kr.length, tanh_unused);
+          s[0][n][e] = x * 1.4426950408889634f;
+          if (kMask && (key < window_key_begin(row, qr.length, kr.length, window) ||
+                        key >= window_key_end(row, qr.length, kr.length, window))) {
+            s[0][n][e] = -INFINITY;
+          }
+        } else {
+          s[0][n][e] *= scale_log2;  // scale first (it may be negative), then mask
+          if (kMask && key >= decode_key_end<kIsCausal>(row, qr, kr)) s[0][n][e] = -INFINITY;
         }
       }
     }
 
     online_softmax_step(s, row_max, row_sum, acc_o);  // the warp's 16 keys
+    // Dropout keeps every probability in the row sums and drops from the output only.
+    if constexpr (kVariants) {
+      if (params.dropout_seed_offset != nullptr) {
+#pragma unroll
+        for (int rr = 0; rr < 2; ++rr) {
+          const int lane_index = tile.lane0 + group_row + rr * 8;
+          const int batch_head = tile.batch * params.heads_q + lane_head(tile, lane_index);
+#pragma unroll
+          for (int n = 0; n < kNBlocksS; ++n) {
+            const int key = n0 + n * 8 + quad_col * 2;
+            float first, second;
+            dropout_factor_pair<float>(params, batch_head, lane_row(tile, lane_index),
+                                       static_cast<int64_t>(kr.start) + key, first, second);
+            s[0][n][2 * rr] *= first;
+            s[0][n][2 * rr + 1] *= second;
+          }
+        }
+      }
+    }
 
     cp_async_wait_all();
     __syncthreads();  // V_j is in; every warp is done with K_j
@@ -241,8 +293,11 @@ __global__ void __launch_bounds__(Traits::kThreads)
         acc_o, s, sV + warp * Traits::kKeysPerWarp * kStride, lane);
   };
 
+  const int j_unmasked_begin = min(max(unmasked_begin, tile_begin), tile_end);
+  const int j_unmasked_end = max(min(unmasked_end, tile_end), j_unmasked_begin);
   int j = tile_begin;
-  for (; j < min(unmasked_tiles, tile_end); ++j) process_key_tile(j, std::false_type{});
+  for (; j < j_unmasked_begin; ++j) process_key_tile(j, std::true_type{});
+  for (; j < j_unmasked_end; ++j) process_key_tile(j, std::false_type{});
   for (; j < tile_end; ++j) process_key_tile(j, std::true_type{});
 
   cp_async_wait_all();
@@ -363,7 +418,8 @@ cudaError_t run_fwd_decode(const ForwardParams& params, int splits, float* split
   const dim3 grid(splits * lane_tiles, params.num_blocks, params.batch * params.heads_kv);
   if (grid.x == 0 || grid.y == 0 || grid.z == 0) return cudaSuccess;
   const bool vectorized = rows_are_16_byte_aligned(params);
-  auto kernel = fwd_decode_kernel<Traits, T, kIsCausal>;
+  auto kernel = has_variants(params) ? fwd_decode_kernel<Traits, T, kIsCausal, true>
+                                     : fwd_decode_kernel<Traits, T, kIsCausal, false>;
   if (Traits::kSharedBytes > 48 * 1024) {
     const cudaError_t err = cudaFuncSetAttribute(
         kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Traits::kSharedBytes);

@@ -11,12 +11,17 @@
 // Shared-memory rows are padded by 16 bytes so the eight row addresses of every ldmatrix hit
 // distinct banks.
 // Causal: only key tiles up to the diagonal are visited and only tiles crossing it are masked.
+// kVariants (score_variants.cuh): a sliding window visits only the key tiles some row's window
+// reaches and masks only those that cross a window's edge; softcap and ALiBi transform each score
+// before the softmax; dropout zeroes P after the row sums took it, before P V.
 #pragma once
 
 #include <type_traits>
 
 #include "../kernel_launch.cuh"
+#include "../score_variants.cuh"
 #include "../shared_memory.cuh"
+#include "../static_switch.h"
 #include "../tensor_rows.cuh"
 #include "../utils.cuh"
 #include "flash_kernels.h"
@@ -47,7 +52,7 @@ struct FlashFwdTraits {
 
 // kLongRows: rows may see more than kMaxKeysPerAccumulator keys; each chunk of that many is summed
 // apart and folded into a second accumulator, so no float sum takes more terms.
-template <typename Traits, typename T, bool kIsCausal, bool kLongRows>
+template <typename Traits, typename T, bool kIsCausal, bool kLongRows, bool kVariants>
 __global__ void __launch_bounds__(Traits::kThreads)
     fwd_flash_kernel(const ForwardParams params, const bool vectorized) {
 #ifdef BLOCK_ATTN_SM80_OR_NEWER
@@ -87,13 +92,27 @@ __global__ void __launch_bounds__(Traits::kThreads)
   const T* k = k_rows<T>(params, batch, head_kv, kr.start);
   const T* v = v_rows<T>(params, batch, head_kv, kr.start);
 
-  // Keys some row of the tile may see, and keys every row sees (no mask needed below it).
-  const int n_end = tile_key_end<kIsCausal>(m0, kBlockM, qr, kr);
-  const int unmasked_end = tile_unmasked_key_end<kIsCausal>(m0, qr, kr);
-  const int n_tiles = ceil_div(n_end, kBlockN);
+  // Keys some row of the tile may see, [n_begin, n_end) with n_begin on a tile edge, and keys
+  // every row sees, [unmasked_begin, unmasked_end): tiles inside those need no mask.
+  int n_begin = 0;
+  int n_end = tile_key_end<kIsCausal>(m0, kBlockM, qr, kr);
+  int unmasked_begin = 0;
+  int unmasked_end = tile_unmasked_key_end<kIsCausal>(m0, qr, kr);
+  [[maybe_unused]] const KeyWindow window = key_window(params);
+  [[maybe_unused]] const float slope = alibi_slope<float>(params, batch, head);
+  if constexpr (kVariants) {
+    const int last = tile_last_row(m0, kBlockM, qr.length);
+    n_begin = window_key_begin(m0, qr.length, kr.length, window) / kBlockN * kBlockN;
+    n_end = window_key_end(last, qr.length, kr.length, window);
+    unmasked_begin = window_key_begin(last, qr.length, kr.length, window);
+    unmasked_end = window_key_end(m0, qr.length, kr.length, window);
+  }
+  const int j_begin = n_begin / kBlockN;
+  const int j_end = max(ceil_div(n_end, kBlockN), j_begin);
 
   // Scores are kept in the log2 domain: exp(x * scale) = exp2(x * scale * log2(e)).
   const float scale_log2 = params.scale * 1.4426950408889634f;
+  [[maybe_unused]] const float scale = static_cast<float>(params.scale);
   float acc_o[kRowGroups][kNBlocksO][4];
   float row_max[kRowGroups][2];
   float row_sum[kRowGroups][2];  // per-thread partial sums, reduced over the quad at the end
@@ -139,8 +158,9 @@ __global__ void __launch_bounds__(Traits::kThreads)
   }
 
   load_tile_async<Traits, kBlockM>(sQ, q, params.q_row_stride, m0, qr.length, head_dim, vectorized);
-  if (n_tiles > 0) {
-    load_tile_async<Traits, kBlockN>(sK, k, params.k_row_stride, 0, n_end, head_dim, vectorized);
+  if (j_end > j_begin) {
+    load_tile_async<Traits, kBlockN>(sK, k, params.k_row_stride, n_begin, n_end, head_dim,
+                                     vectorized);
   }
   cp_async_commit();
 
@@ -166,22 +186,55 @@ __global__ void __launch_bounds__(Traits::kThreads)
       for (int n = 0; n < kNBlocksS; ++n) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          s[g][n][e] *= scale_log2;
-          if (kMask) {
-            const int i = m0 + warp_row0 + g * 16 + group_row + (e / 2) * 8;
-            const int key = n0 + n * 8 + quad_col * 2 + (e % 2);
-            const int key_end = kIsCausal ? causal_key_end(i, qr.length, kr.length) : kr.length;
-            if (key >= key_end) s[g][n][e] = -INFINITY;
+          const int i = m0 + warp_row0 + g * 16 + group_row + (e / 2) * 8;
+          const int key = n0 + n * 8 + quad_col * 2 + (e % 2);
+          if constexpr (kVariants) {
+            float tanh_unused;
+            const float x = transformed_score<float>(params, s[g][n][e] * scale, slope, i, key,
+                                                     qr.length, kr.length, tanh_unused);
+            s[g][n][e] = x * 1.4426950408889634f;
+            if (kMask && (key < window_key_begin(i, qr.length, kr.length, window) ||
+                          key >= window_key_end(i, qr.length, kr.length, window))) {
+              s[g][n][e] = -INFINITY;
+            }
+          } else {
+            s[g][n][e] *= scale_log2;
+            if (kMask) {
+              const int key_end = kIsCausal ? causal_key_end(i, qr.length, kr.length) : kr.length;
+              if (key >= key_end) s[g][n][e] = -INFINITY;
+            }
           }
         }
       }
     }
 
     online_softmax_step(s, row_max, row_sum, acc_o);
+    // Dropout keeps every probability in the row sums and drops from the output only.
+    if constexpr (kVariants) {
+      if (params.dropout_seed_offset != nullptr) {
+        const int batch_head = batch * params.heads_q + head;
+#pragma unroll
+        for (int g = 0; g < kRowGroups; ++g) {
+#pragma unroll
+          for (int n = 0; n < kNBlocksS; ++n) {
+#pragma unroll
+            for (int rr = 0; rr < 2; ++rr) {
+              const int i = m0 + warp_row0 + g * 16 + group_row + rr * 8;
+              const int key = n0 + n * 8 + quad_col * 2;
+              float first, second;
+              dropout_factor_pair<float>(params, batch_head, static_cast<int64_t>(qr.start) + i,
+                                         static_cast<int64_t>(kr.start) + key, first, second);
+              s[g][n][2 * rr] *= first;
+              s[g][n][2 * rr + 1] *= second;
+            }
+          }
+        }
+      }
+    }
 
     cp_async_wait_all();
     __syncthreads();  // V_j is in; every warp is done with K_j
-    if (j + 1 < n_tiles) {
+    if (j + 1 < j_end) {
       load_tile_async<Traits, kBlockN>(sK, k, params.k_row_stride, n0 + kBlockN, n_end, head_dim,
                                        vectorized);
     }
@@ -194,11 +247,14 @@ __global__ void __launch_bounds__(Traits::kThreads)
     }
   };
 
-  // Tiles below unmasked_end need no mask; the rest (the diagonal, the block's end) do.
-  const int unmasked_tiles = unmasked_end / kBlockN;
-  int j = 0;
-  for (; j < unmasked_tiles; ++j) process_key_tile(j, std::false_type{});
-  for (; j < n_tiles; ++j) process_key_tile(j, std::true_type{});
+  // Tiles inside [unmasked_begin, unmasked_end) need no mask; the rest (the diagonal, a window's
+  // edges, the block's end) do.
+  const int j_unmasked_begin = min(max(ceil_div(unmasked_begin, kBlockN), j_begin), j_end);
+  const int j_unmasked_end = max(min(unmasked_end / kBlockN, j_end), j_unmasked_begin);
+  int j = j_begin;
+  for (; j < j_unmasked_begin; ++j) process_key_tile(j, std::true_type{});
+  for (; j < j_unmasked_end; ++j) process_key_tile(j, std::false_type{});
+  for (; j < j_end; ++j) process_key_tile(j, std::true_type{});
   if constexpr (kLongRows) {
     fold();
 #pragma unroll
@@ -250,13 +306,13 @@ __global__ void __launch_bounds__(Traits::kThreads)
 #endif
 }
 
-template <typename T, int kHeadDim, bool kIsCausal, int kRowGroups, bool kLongRows>
+template <typename T, int kHeadDim, bool kIsCausal, int kRowGroups, bool kLongRows, bool kVariants>
 cudaError_t launch_fwd_flash_kernel(const ForwardParams& params, cudaStream_t stream) {
   using Traits = FlashFwdTraits<kHeadDim, kRowGroups>;
   const dim3 grid(tiles_with_tail(params.max_seqlen_q, params.seqlen_q, Traits::kBlockM),
                   params.num_blocks, params.batch * params.heads_q);
   if (grid.x == 0 || grid.y == 0 || grid.z == 0) return cudaSuccess;
-  auto kernel = fwd_flash_kernel<Traits, T, kIsCausal, kLongRows>;
+  auto kernel = fwd_flash_kernel<Traits, T, kIsCausal, kLongRows, kVariants>;
   if (Traits::kSharedBytes > 48 * 1024) {
     const cudaError_t err = cudaFuncSetAttribute(
         kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Traits::kSharedBytes);
@@ -269,18 +325,24 @@ cudaError_t launch_fwd_flash_kernel(const ForwardParams& params, cudaStream_t st
 // 128-row tiles (two row groups per warp) unless every block has at most 64 queries, where
 // half of such a tile would idle, or head_dim is 256, where O fits in registers only once.
 // Blocks of more than kMaxKeysPerAccumulator keys take 64-row tiles, which leave registers for
-// the second accumulator.
+// the second accumulator, and so do calls with variants, whose per-score work needs registers too.
 template <typename T, int kHeadDim, bool kIsCausal>
 cudaError_t run_fwd_flash(const ForwardParams& params, cudaStream_t stream) {
-  if (params.max_seqlen_k > kMaxKeysPerAccumulator) {
-    return launch_fwd_flash_kernel<T, kHeadDim, kIsCausal, 1, true>(params, stream);
+  const bool long_rows = params.max_seqlen_k > kMaxKeysPerAccumulator;
+  if (has_variants(params)) {
+    return BOOL_SWITCH(long_rows, kLongRows, [&] {
+      return launch_fwd_flash_kernel<T, kHeadDim, kIsCausal, 1, kLongRows, true>(params, stream);
+    });
+  }
+  if (long_rows) {
+    return launch_fwd_flash_kernel<T, kHeadDim, kIsCausal, 1, true, false>(params, stream);
   }
   if constexpr (kHeadDim <= 128) {
     if (params.max_seqlen_q > 64) {
-      return launch_fwd_flash_kernel<T, kHeadDim, kIsCausal, 2, false>(params, stream);
+      return launch_fwd_flash_kernel<T, kHeadDim, kIsCausal, 2, false, false>(params, stream);
     }
   }
-  return launch_fwd_flash_kernel<T, kHeadDim, kIsCausal, 1, false>(params, stream);
+  return launch_fwd_flash_kernel<T, kHeadDim, kIsCausal, 1, false, false>(params, stream);
 }
 
 }  // namespace block_attn::cuda

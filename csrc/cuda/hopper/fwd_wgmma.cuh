@@ -11,6 +11,8 @@
 // V N-major. With kOverlapSoftmax, K and V are double-buffered and iteration j issues
 // S_j and then P_{j-1} V_{j-1}, so the softmax of S_j runs on the FP32 and MUFU units while the
 // tensor cores form the second product. Requires 16-byte aligned rows (rows_are_16_byte_aligned).
+// kVariants (score_variants.cuh), as in the flash forward: a window's key tiles only, masks on the
+// tiles crossing its edges, softcap and ALiBi on every score, dropout on P before P V.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -21,6 +23,7 @@
 #include "../../attention_params.h"
 #include "../flash/mma_utils.cuh"
 #include "../kernel_launch.cuh"
+#include "../score_variants.cuh"
 #include "../shared_memory.cuh"
 #include "../tensor_rows.cuh"
 #include "../utils.cuh"
@@ -116,7 +119,7 @@ struct SoftmaxRows {
 
 // kLongRows: rows may see more than kMaxKeysPerAccumulator keys; each chunk of that many is summed
 // apart and folded into a second accumulator, so no float sum takes more terms.
-template <typename Traits, typename T, bool kIsCausal, bool kLongRows>
+template <typename Traits, typename T, bool kIsCausal, bool kLongRows, bool kVariants>
 __global__ void __launch_bounds__(Traits::kThreads) fwd_wgmma_kernel(const ForwardParams params) {
 #ifdef BLOCK_ATTN_WGMMA
   constexpr int kThreads = Traits::kThreads;
@@ -159,15 +162,31 @@ __global__ void __launch_bounds__(Traits::kThreads) fwd_wgmma_kernel(const Forwa
   const T* k = k_rows<T>(params, batch, head_kv, kr.start);
   const T* v = v_rows<T>(params, batch, head_kv, kr.start);
 
-  const int n_end = tile_key_end<kIsCausal>(m0, kBlockM, qr, kr);
-  const int unmasked_end = tile_unmasked_key_end<kIsCausal>(m0, qr, kr);
-  const int n_tiles = ceil_div(n_end, kBlockN);
-  const int unmasked_tiles = unmasked_end / kBlockN;
+  // Key tiles some row sees, [j_begin, j_end), and tiles every row sees whole (no mask),
+  // [j_unmasked_begin, j_unmasked_end).
+  int n_begin = 0;
+  int n_end = tile_key_end<kIsCausal>(m0, kBlockM, qr, kr);
+  int unmasked_begin = 0;
+  int unmasked_end = tile_unmasked_key_end<kIsCausal>(m0, qr, kr);
+  [[maybe_unused]] const KeyWindow window = key_window(params);
+  [[maybe_unused]] const float slope = alibi_slope<float>(params, batch, head);
+  if constexpr (kVariants) {
+    const int last = tile_last_row(m0, kBlockM, qr.length);
+    n_begin = window_key_begin(m0, qr.length, kr.length, window) / kBlockN * kBlockN;
+    n_end = window_key_end(last, qr.length, kr.length, window);
+    unmasked_begin = window_key_begin(last, qr.length, kr.length, window);
+    unmasked_end = window_key_end(m0, qr.length, kr.length, window);
+  }
+  const int j_begin = n_begin / kBlockN;
+  const int j_end = max(ceil_div(n_end, kBlockN), j_begin);
+  const int j_unmasked_begin = min(max(ceil_div(unmasked_begin, kBlockN), j_begin), j_end);
+  const int j_unmasked_end = max(min(unmasked_end / kBlockN, j_end), j_unmasked_begin);
   auto load_keys = [&](unsigned char* dst, const T* src, int64_t row_stride, int j) {
     load_tile_swizzled<kBlockN, kHeadDim, kThreads>(dst, src, row_stride, j * kBlockN, n_end);
   };
 
   const float scale_log2 = params.scale * 1.4426950408889634f;
+  [[maybe_unused]] const float scale = static_cast<float>(params.scale);
   float acc_o[kColumnBlocks][32];  // 64-column blocks of O, wgmma accumulator layout
 #pragma unroll
   for (int h = 0; h < kColumnBlocks; ++h) {
@@ -217,14 +236,49 @@ __global__ void __launch_bounds__(Traits::kThreads) fwd_wgmma_kernel(const Forwa
     load_tile_swizzled<64, kHeadDim, kThreads>(sQ + g * Traits::kQueryTileBytes, q,
                                                params.q_row_stride, m0 + 64 * g, qr.length);
   }
-  if (n_tiles > 0) load_keys(k_tile(0), k, params.k_row_stride, 0);
+  if (j_end > j_begin) load_keys(k_tile(j_begin), k, params.k_row_stride, j_begin);
   cp_async_commit();
 
-  // Softmax of S_j (tiles from unmasked_tiles on test each key); whether O needs rescaling.
+  // Softmax of S_j (tiles outside [j_unmasked_begin, j_unmasked_end) test each key); whether O
+  // needs rescaling. With variants the scores are transformed and masked here, in the log2
+  // domain, and the softmax takes them as they are.
   auto softmax_of_tile = [&](float (&s)[kScores], int j) {
-    return j < unmasked_tiles
-               ? softmax.update<false, kIsCausal>(s, scale_log2, j * kBlockN, row0, qr, kr)
-               : softmax.update<true, kIsCausal>(s, scale_log2, j * kBlockN, row0, qr, kr);
+    const bool mask = j < j_unmasked_begin || j >= j_unmasked_end;
+    if constexpr (kVariants) {
+#pragma unroll
+      for (int i = 0; i < kScores; ++i) {
+        const int row = row0 + group_row + ((i % 4) / 2) * 8;
+        const int key = j * kBlockN + (i / 4) * 8 + quad_col * 2 + i % 2;
+        float tanh_unused;
+        const float x = transformed_score<float>(params, s[i] * scale, slope, row, key, qr.length,
+                                                 kr.length, tanh_unused);
+        s[i] = x * 1.4426950408889634f;
+        if (mask && (key < window_key_begin(row, qr.length, kr.length, window) ||
+                     key >= window_key_end(row, qr.length, kr.length, window))) {
+          s[i] = -INFINITY;
+        }
+      }
+      return softmax.update<false, kIsCausal>(s, 1.f, j * kBlockN, row0, qr, kr);
+    }
+    return mask ? softmax.update<true, kIsCausal>(s, scale_log2, j * kBlockN, row0, qr, kr)
+                : softmax.update<false, kIsCausal>(s, scale_log2, j * kBlockN, row0, qr, kr);
+  };
+  // Dropout of P_j, after the row sums took it: s[i] and s[i + 1] are adjacent keys of a row.
+  auto drop = [&](float (&s)[kScores], int j) {
+    if constexpr (kVariants) {
+      if (params.dropout_seed_offset == nullptr) return;
+      const int batch_head = batch * params.heads_q + head;
+#pragma unroll
+      for (int i = 0; i < kScores; i += 2) {
+        const int row = row0 + group_row + ((i % 4) / 2) * 8;
+        const int key = j * kBlockN + (i / 4) * 8 + quad_col * 2;
+        float first, second;
+        dropout_factor_pair<float>(params, batch_head, static_cast<int64_t>(qr.start) + row,
+                                   static_cast<int64_t>(kr.start) + key, first, second);
+        s[i] *= first;
+        s[i + 1] *= second;
+      }
+    }
   };
 
   if constexpr (Traits::kOverlapSoftmax) {
@@ -232,17 +286,17 @@ __global__ void __launch_bounds__(Traits::kThreads) fwd_wgmma_kernel(const Forwa
     // of S_j while the second product runs; its loads (K_{j+1}, V_j) have a whole iteration to
     // land.
     uint32_t p_frag[kBlockN / 16][4];  // P_{j-1}
-    for (int j = 0; j < n_tiles; ++j) {
+    for (int j = j_begin; j < j_end; ++j) {
       wait_tiles_for_wgmma();  // K_j, V_{j-1} are in; every thread is done with K_{j-1}, V_{j-2}
       load_keys(v_tile(j), v, params.v_row_stride, j);
-      if (j + 1 < n_tiles) load_keys(k_tile(j + 1), k, params.k_row_stride, j + 1);
+      if (j + 1 < j_end) load_keys(k_tile(j + 1), k, params.k_row_stride, j + 1);
       cp_async_commit();
 
       float s[kScores];
       wgmma_fence();
       warpgroup_gemm_abt<T, kHeadDim>(s, sQ_mine, 64 * 128, k_tile(j), kBlockN * 128);
       wgmma_commit();
-      if (j > 0) {
+      if (j > j_begin) {
         wgmma_fence();  // the compiler may pack P_{j-1} after the first fence
         warpgroup_gemm_pb<T>(acc_o, p_frag, v_tile(j - 1), kBlockN * 128);
         wgmma_commit();
@@ -256,13 +310,14 @@ __global__ void __launch_bounds__(Traits::kThreads) fwd_wgmma_kernel(const Forwa
       fence_operands(acc_o);
       fence_operands(p_frag);
       if (rescale) softmax.rescale(acc_o);
+      drop(s, j);
       to_a_fragments<T>(s, p_frag);
       fold_after_tile(j);  // O holds tiles up to j - 1 and the sums up to j: both fold alike
     }
-    if (n_tiles > 0) {
-      wait_tiles_for_wgmma();  // V_{n_tiles - 1} is in
+    if (j_end > j_begin) {
+      wait_tiles_for_wgmma();  // V_{j_end - 1} is in
       wgmma_fence();
-      warpgroup_gemm_pb<T>(acc_o, p_frag, v_tile(n_tiles - 1), kBlockN * 128);
+      warpgroup_gemm_pb<T>(acc_o, p_frag, v_tile(j_end - 1), kBlockN * 128);
       wgmma_commit();
       wgmma_wait<0>();
       fence_operands(acc_o);
@@ -271,7 +326,7 @@ __global__ void __launch_bounds__(Traits::kThreads) fwd_wgmma_kernel(const Forwa
   } else {
     // Each tile in turn: S_j, its softmax, O += P_j V_j, with V_j loading during S_j and K_{j+1}
     // during P_j V_j.
-    for (int j = 0; j < n_tiles; ++j) {
+    for (int j = j_begin; j < j_end; ++j) {
       wait_tiles_for_wgmma();  // K_j is in; every thread is done with V_{j-1}
       load_keys(sV, v, params.v_row_stride, j);
       cp_async_commit();
@@ -285,13 +340,14 @@ __global__ void __launch_bounds__(Traits::kThreads) fwd_wgmma_kernel(const Forwa
       if (softmax_of_tile(s, j)) softmax.rescale(acc_o);
 
       wait_tiles_for_wgmma();  // V_j is in; every thread is done with K_j
-      if (j + 1 < n_tiles) load_keys(sK, k, params.k_row_stride, j + 1);
+      if (j + 1 < j_end) load_keys(sK, k, params.k_row_stride, j + 1);
       cp_async_commit();
 
       // O += P V: keys 16 kk .. 16 kk + 15 of P as A fragments (all packed before the fence that
       // orders them for the tensor cores); V's rows for those keys, one 64-column block of
       // head_dim per product.
       uint32_t p_frag[kBlockN / 16][4];
+      drop(s, j);
       to_a_fragments<T>(s, p_frag);
       wgmma_fence();
       warpgroup_gemm_pb<T>(acc_o, p_frag, sV, kBlockN * 128);
@@ -351,9 +407,12 @@ cudaError_t run_fwd_wgmma(const ForwardParams& params, cudaStream_t stream) {
   const dim3 grid(tiles_with_tail(params.max_seqlen_q, params.seqlen_q, Traits::kBlockM),
                   params.num_blocks, params.batch * params.heads_q);
   if (grid.x == 0 || grid.y == 0 || grid.z == 0) return cudaSuccess;
-  auto kernel = params.max_seqlen_k > kMaxKeysPerAccumulator
-                    ? fwd_wgmma_kernel<Traits, T, kIsCausal, true>
-                    : fwd_wgmma_kernel<Traits, T, kIsCausal, false>;
+  const bool long_rows = params.max_seqlen_k > kMaxKeysPerAccumulator;
+  auto kernel = has_variants(params)
+                    ? (long_rows ? fwd_wgmma_kernel<Traits, T, kIsCausal, true, true>
+                                 : fwd_wgmma_kernel<Traits, T, kIsCausal, false, true>)
+                    : (long_rows ? fwd_wgmma_kernel<Traits, T, kIsCausal, true, false>
+                                 : fwd_wgmma_kernel<Traits, T, kIsCausal, false, false>);
   const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                Traits::kSharedBytes);
   if (err != cudaSuccess) return err;
