@@ -240,12 +240,9 @@ cudaError_t plan_backward(const BackwardParams& params, DType dtype, BackwardPla
   if (params.head_dim > 128 && max_shared_bytes < flash_bwd_min_shared_bytes<256>()) {
     return cudaSuccess;
   }
-  // The variants run in the simple and mma.sync backward kernels so far.
   bool hopper = false;
-  if (!has_variants(params)) {
-    err = uses_hopper_kernels(params, rows_are_16_byte_aligned(params), dtype, false, hopper);
-    if (err != cudaSuccess) return err;
-  }
+  err = uses_hopper_kernels(params, rows_are_16_byte_aligned(params), dtype, false, hopper);
+  if (err != cudaSuccess) return err;
   plan.path = hopper ? KernelPath::kHopper : KernelPath::kTensorCore;
   plan.max_shared_bytes = max_shared_bytes;
   // dQ by atomics sums one float per key tile; over key blocks longer than

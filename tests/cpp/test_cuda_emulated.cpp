@@ -89,15 +89,15 @@ bool has_variants(const Case& c) {
   return c.window_left >= 0 || c.window_right >= 0 || c.softcap > 0 || c.alibi || c.dropout_p > 0;
 }
 
-// launch_backward, or for a wgmma case without variants the wgmma backward called directly (dQ by
-// atomics, or deterministic).
+// launch_backward, or for a wgmma case the wgmma backward called directly (dQ by atomics, or
+// deterministic).
 template <typename T>
 cudaError_t run_backward(const Case& c, const BackwardParams& p,
                          const block_attn::cuda::BackwardPlan& plan,
                          const block_attn::cuda::BackwardWorkspace& workspace) {
   using block_attn::cuda::hopper::BackwardHeadDims;
   if constexpr (sizeof(T) == 2) {
-    if (c.wgmma && !has_variants(c) && BackwardHeadDims::contains(p.head_dim)) {
+    if (c.wgmma && BackwardHeadDims::contains(p.head_dim)) {
       float* delta = static_cast<float*>(workspace.delta);
       float* sums = p.deterministic ? nullptr : workspace.dq_accumulator;
       return BackwardHeadDims::dispatch(p.head_dim, cudaErrorInvalidValue, [&](auto head_dim) {
@@ -1046,8 +1046,8 @@ int main(int argc, char** argv) {
     c.tail_k = 90;
     wgmma_cases.push_back({head_dim == 128 ? DType::kFloat16 : DType::kBFloat16, c});
   }
-  // The wgmma forward with variants (its backward through launch_backward): a window wider and
-  // narrower than the 128-key tiles, each variant alone and all together, every head_dim.
+  // The wgmma kernels with variants: a window wider and narrower than their tiles, and all the
+  // variants together, at every head_dim (256: the forward; the backward is the mma.sync one).
   for (const int head_dim : {64, 128, 256}) {
     Case c{"wgmma variants: ragged, GQA 4:2, window (150, 20)",
            {300, 1, 129},
@@ -1074,6 +1074,28 @@ int main(int argc, char** argv) {
     all.alibi = true;
     all.dropout_p = 0.2;
     wgmma_cases.push_back({head_dim == 128 ? DType::kBFloat16 : DType::kFloat16, all});
+    if (head_dim == 128) {  // each variant alone
+      Case softcap = all;
+      softcap.name = "wgmma variants: ragged causal, Lq != Lk, softcap";
+      softcap.window_left = -1;
+      softcap.alibi = false;
+      softcap.dropout_p = 0;
+      softcap.q_scale = 3.0;
+      wgmma_cases.push_back({DType::kFloat16, softcap});
+      Case alibi = softcap;
+      alibi.name = "wgmma variants: ragged causal, Lq != Lk, alibi";
+      alibi.softcap = 0;
+      alibi.q_scale = 1.0;
+      alibi.alibi = true;
+      wgmma_cases.push_back({DType::kBFloat16, alibi});
+      Case dropout = softcap;
+      dropout.name = "wgmma variants: ragged, Lq != Lk, dropout";
+      dropout.causal = false;
+      dropout.softcap = 0;
+      dropout.q_scale = 1.0;
+      dropout.dropout_p = 0.3;
+      wgmma_cases.push_back({DType::kFloat16, dropout});
+    }
   }
   run_on(sm90, "sm_90", wgmma_cases);
 
@@ -1091,6 +1113,14 @@ int main(int argc, char** argv) {
           {DType::kFloat16, tail_dim256},
           {DType::kFloat16, tail_decode},
           {DType::kBFloat16, tail_decode_empty}});
+  // The float16 / bfloat16 variant cases again where the mma.sync kernels take both directions
+  // (on sm_90 the Hopper backward takes head_dim 64 and 128).
+  std::vector<std::pair<DType, Case>> half_variant_cases;
+  for (const auto& [dtype, c] : variant_cases) {
+    if (dtype == DType::kFloat16 || dtype == DType::kBFloat16)
+      half_variant_cases.push_back({dtype, c});
+  }
+  run_on(sm86, "sm_86 (variants)", half_variant_cases);
   cuda_emulator::DeviceProperties sm75{7, 5, 64 * 1024};  // no tensor-core kernels
   run_on(sm75, "sm_75",
          {{DType::kFloat16, causal_gqa64},

@@ -16,6 +16,9 @@
 //                                   CTA's keys where they go round) and adds them to the float32
 //                                   accumulator with atomics.
 // Requires 16-byte aligned rows (rows_are_16_byte_aligned).
+// kVariants (score_variants.cuh), as in dkdv_flash_kernel: a window's query tiles only, masks on
+// the tiles crossing its edges; P from the softcapped score with ALiBi; dV takes the dropped P and
+// dS = P (Z dP - Delta) (1 - tanh^2).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -27,7 +30,9 @@
 #include "../flash/bwd_flash.cuh"
 #include "../flash/mma_utils.cuh"
 #include "../kernel_launch.cuh"
+#include "../score_variants.cuh"
 #include "../shared_memory.cuh"
+#include "../static_switch.h"
 #include "../tensor_rows.cuh"
 #include "../utils.cuh"
 #include "dq_wgmma.cuh"
@@ -69,7 +74,8 @@ struct WgmmaBwdTraits {
 // float32, zeroed) with atomics; without it dQ is left to dq_wgmma_kernel. kLongRows: more than
 // kMaxKeysPerAccumulator queries of the group's heads may see a key; dK and dV sum chunks of at
 // most that many apart and add them up.
-template <typename Traits, typename T, bool kIsCausal, bool kAtomicDq, bool kLongRows>
+template <typename Traits, typename T, bool kIsCausal, bool kAtomicDq, bool kLongRows,
+          bool kVariants>
 __global__ void __launch_bounds__(Traits::kThreads)
     dkdv_wgmma_kernel(const BackwardParams params, const float* delta, float* dq_accumulator) {
 #ifdef BLOCK_ATTN_WGMMA
@@ -119,11 +125,17 @@ __global__ void __launch_bounds__(Traits::kThreads)
   load_tile_swizzled<kBlockN, kHeadDim, kThreads>(sK, k, params.k_row_stride, n0, kr.length);
   load_tile_swizzled<kBlockN, kHeadDim, kThreads>(sV, v, params.v_row_stride, n0, kr.length);
 
-  // Query tiles that may see a key of this CTA, for each query head of the group.
-  // They start at a multiple of kBlockM, so that no row index of a tile passes INT32_MAX.
-  const int m_begin =
-      kIsCausal ? causal_query_begin(n0, qr.length, kr.length) / kBlockM * kBlockM : 0;
-  const int m_tiles = ceil_div(qr.length - m_begin, kBlockM);
+  // Query tiles that may see a key of this CTA, [m_begin, m_end) for each query head of the
+  // group. They start at a multiple of kBlockM, so that no row index of a tile passes INT32_MAX.
+  int m_begin = kIsCausal ? causal_query_begin(n0, qr.length, kr.length) / kBlockM * kBlockM : 0;
+  int m_end = qr.length;
+  [[maybe_unused]] const KeyWindow window = key_window(params);
+  if constexpr (kVariants) {
+    const int last_key = tile_last_row(n0, kBlockN, kr.length);
+    m_begin = window_query_begin(n0, qr.length, kr.length, window) / kBlockM * kBlockM;
+    m_end = window_query_end(last_key, qr.length, kr.length, window);
+  }
+  const int m_tiles = ceil_div(m_end - m_begin, kBlockM);
   constexpr float kLog2e = 1.4426950408889634f;
 
   auto load_query_tile = [&](int head, int m0, int buf) {
@@ -148,6 +160,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
   cp_async_commit();
 
   const float scale_log2 = params.scale * kLog2e;
+  const float scale = params.scale;
   // dK and dV of the warpgroup's 64 keys: 64-column blocks of head_dim, accumulator layout
   // (register 4 n + e: key row group_row + 8 (e / 2) of the warp's 16, column 8 n + 2 quad_col
   // + e % 2 of the block).
@@ -189,9 +202,9 @@ __global__ void __launch_bounds__(Traits::kThreads)
   for (int buf = 0; tile_head < head_end; buf ^= 1) {
     wait_tiles_for_wgmma();  // this tile is in; every thread is done with the other buffer and dS^T
     const int m0 = tile_m0;
-    [[maybe_unused]] const int head = tile_head;  // for the atomic dQ rows
+    [[maybe_unused]] const int head = tile_head;  // for the atomic dQ rows and the variants
     // The next tile, without a division per iteration (nor tile_m0 + kBlockM past INT32_MAX).
-    if (tile_m0 >= qr.length - kBlockM) {
+    if (tile_m0 >= m_end - kBlockM) {
       tile_m0 = m_begin;
       ++tile_head;
     } else {
@@ -219,23 +232,47 @@ __global__ void __launch_bounds__(Traits::kThreads)
 
     // P^T and dS^T in place of S^T and dP^T. Only tiles crossing the causal diagonal or the end
     // of the query block test indices (separate copies: predicated tests would run on every tile).
-    const bool needs_mask = m0 > qr.length - kBlockM ||
-                            (kIsCausal && n0 > causal_key_end(m0, qr.length, kr.length) - kBlockN);
+    bool needs_mask = m0 > qr.length - kBlockM ||
+                      (kIsCausal && n0 > causal_key_end(m0, qr.length, kr.length) - kBlockN);
+    if constexpr (kVariants) {
+      // Unmasked: every key of the CTA is in the block and seen by every query of the tile.
+      needs_mask = m0 > qr.length - kBlockM || n0 > kr.length - kBlockN ||
+                   window_query_begin(n0 + kBlockN - 1, qr.length, kr.length, window) > m0 ||
+                   window_query_end(n0, qr.length, kr.length, window) - kBlockM < m0;
+    }
+    [[maybe_unused]] const float slope = alibi_slope<float>(params, batch, head);
     auto softmax_gradient = [&](auto mask_tag) {
       constexpr bool kMask = decltype(mask_tag)::value;
 #pragma unroll
       for (int i = 0; i < 32; ++i) {
         const int col = 8 * (i / 4) + 2 * quad_col + i % 2;
-        float p = fast_exp2(s[i] * scale_log2 - lse_tile[col]);
-        if (kMask) {
-          const int key = n0 + key_row0 + group_row + 8 * ((i % 4) / 2);
-          const int query = m0 + col;
-          const bool allowed = query < qr.length &&
-                               (!kIsCausal || key < causal_key_end(query, qr.length, kr.length));
-          if (!allowed) p = 0.f;
+        const int key = n0 + key_row0 + group_row + 8 * ((i % 4) / 2);
+        const int query = m0 + col;
+        if constexpr (kVariants) {
+          float th;
+          const float x = transformed_score<float>(params, s[i] * scale, slope, query, key,
+                                                   qr.length, kr.length, th);
+          float p = fast_exp2(x * kLog2e - lse_tile[col]);
+          if (kMask &&
+              !(query < qr.length && key >= window_key_begin(query, qr.length, kr.length, window) &&
+                key < window_key_end(query, qr.length, kr.length, window))) {
+            p = 0.f;
+          }
+          const float z = dropout_factor<float>(params, batch * params.heads_q + head,
+                                                static_cast<int64_t>(qr.start) + query,
+                                                static_cast<int64_t>(kr.start) + key);
+          s[i] = p * z;
+          dp[i] = p * (z * dp[i] - delta_tile[col]) * (1.f - th * th);
+        } else {
+          float p = fast_exp2(s[i] * scale_log2 - lse_tile[col]);
+          if (kMask) {
+            const bool allowed = query < qr.length &&
+                                 (!kIsCausal || key < causal_key_end(query, qr.length, kr.length));
+            if (!allowed) p = 0.f;
+          }
+          s[i] = p;
+          dp[i] = p * (dp[i] - delta_tile[col]);
         }
-        s[i] = p;
-        dp[i] = p * (dp[i] - delta_tile[col]);
       }
     };
     if (needs_mask) {
@@ -342,7 +379,6 @@ __global__ void __launch_bounds__(Traits::kThreads)
   // dK (scaled) and dV straight from the accumulators; rows past the block are dropped.
   T* grad_k = grad_k_rows<T>(params, batch, head_kv, kr.start);
   T* grad_v = grad_v_rows<T>(params, batch, head_kv, kr.start);
-  const float scale = params.scale;
 #pragma unroll
   for (int rr = 0; rr < 2; ++rr) {
     const int t = n0 + key_row0 + group_row + 8 * rr;
@@ -379,10 +415,13 @@ cudaError_t run_bwd_wgmma(const BackwardParams& params, float* delta, float* dq_
                   params.num_blocks, params.batch * params.heads_kv);
   if (grid.x > 0 && grid.y > 0 && grid.z > 0) {
     const bool long_rows = long_query_rows(params);
-    auto kernel = atomic_dq ? (long_rows ? dkdv_wgmma_kernel<Traits, T, kIsCausal, true, true>
-                                         : dkdv_wgmma_kernel<Traits, T, kIsCausal, true, false>)
-                            : (long_rows ? dkdv_wgmma_kernel<Traits, T, kIsCausal, false, true>
-                                         : dkdv_wgmma_kernel<Traits, T, kIsCausal, false, false>);
+    auto kernel = BOOL_SWITCH(has_variants(params), kVariants, [&] {
+      return atomic_dq
+                 ? (long_rows ? dkdv_wgmma_kernel<Traits, T, kIsCausal, true, true, kVariants>
+                              : dkdv_wgmma_kernel<Traits, T, kIsCausal, true, false, kVariants>)
+                 : (long_rows ? dkdv_wgmma_kernel<Traits, T, kIsCausal, false, true, kVariants>
+                              : dkdv_wgmma_kernel<Traits, T, kIsCausal, false, false, kVariants>);
+    });
     err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                Traits::kSharedBytes);
     if (err != cudaSuccess) return err;

@@ -7,7 +7,7 @@
 //   S = Q K^T and dP = dO V^T      both operands from shared memory (K-major);
 //   P = exp(S - lse), dS = P (dP - Delta)   in the accumulators' registers;
 //   dQ += dS K                     dS from registers (already in the A-fragment layout), K N-major.
-// Requires 16-byte aligned rows (rows_are_16_byte_aligned).
+// Requires 16-byte aligned rows (rows_are_16_byte_aligned). kVariants: as dq_flash_kernel.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -19,6 +19,7 @@
 #include "../flash/bwd_flash.cuh"
 #include "../flash/mma_utils.cuh"
 #include "../kernel_launch.cuh"
+#include "../score_variants.cuh"
 #include "../shared_memory.cuh"
 #include "../tensor_rows.cuh"
 #include "../utils.cuh"
@@ -43,7 +44,7 @@ struct WgmmaDqTraits {
 
 // kLongRows: blocks may have more than kMaxKeysPerAccumulator keys; dQ sums chunks of at most
 // that many apart and adds them up.
-template <typename Traits, typename T, bool kIsCausal, bool kLongRows>
+template <typename Traits, typename T, bool kIsCausal, bool kLongRows, bool kVariants>
 __global__ void __launch_bounds__(Traits::kThreads)
     dq_wgmma_kernel(const BackwardParams params, const float* delta) {
 #ifdef BLOCK_ATTN_WGMMA
@@ -86,21 +87,38 @@ __global__ void __launch_bounds__(Traits::kThreads)
   const T* k = k_rows<T>(params, batch, head_kv, kr.start);
   const T* v = v_rows<T>(params, batch, head_kv, kr.start);
 
-  const int n_end = tile_key_end<kIsCausal>(m0, kBlockM, qr, kr);
-  const int unmasked_end = tile_unmasked_key_end<kIsCausal>(m0, qr, kr);
-  const int n_tiles = ceil_div(n_end, kBlockN);
+  // Key tiles some row sees, [j_begin, j_end), and tiles every row sees whole (no mask),
+  // [j_unmasked_begin, j_unmasked_end), as in the wgmma forward.
+  int n_begin = 0;
+  int n_end = tile_key_end<kIsCausal>(m0, kBlockM, qr, kr);
+  int unmasked_begin = 0;
+  int unmasked_end = tile_unmasked_key_end<kIsCausal>(m0, qr, kr);
+  [[maybe_unused]] const KeyWindow window = key_window(params);
+  [[maybe_unused]] const float slope = alibi_slope<float>(params, batch, head);
+  if constexpr (kVariants) {
+    const int last = tile_last_row(m0, kBlockM, qr.length);
+    n_begin = window_key_begin(m0, qr.length, kr.length, window) / kBlockN * kBlockN;
+    n_end = window_key_end(last, qr.length, kr.length, window);
+    unmasked_begin = window_key_begin(last, qr.length, kr.length, window);
+    unmasked_end = window_key_end(m0, qr.length, kr.length, window);
+  }
+  const int j_begin = n_begin / kBlockN;
+  const int j_end = max(ceil_div(n_end, kBlockN), j_begin);
+  const int j_unmasked_begin = min(max(ceil_div(unmasked_begin, kBlockN), j_begin), j_end);
+  const int j_unmasked_end = max(min(unmasked_end / kBlockN, j_end), j_unmasked_begin);
 
   load_tile_swizzled<kBlockM, kHeadDim, kThreads>(sQ, q, params.q_row_stride, m0, qr.length);
   load_tile_swizzled<kBlockM, kHeadDim, kThreads>(sdO, grad_out, params.grad_out_row_stride, m0,
                                                   qr.length);
-  if (n_tiles > 0) {
-    load_tile_swizzled<kBlockN, kHeadDim, kThreads>(sK, k, params.k_row_stride, 0, n_end);
-    load_tile_swizzled<kBlockN, kHeadDim, kThreads>(sV, v, params.v_row_stride, 0, n_end);
+  if (j_end > j_begin) {
+    load_tile_swizzled<kBlockN, kHeadDim, kThreads>(sK, k, params.k_row_stride, n_begin, n_end);
+    load_tile_swizzled<kBlockN, kHeadDim, kThreads>(sV, v, params.v_row_stride, n_begin, n_end);
   }
   cp_async_commit();
 
   // lse and Delta of the thread's two rows.
   const float scale_log2 = params.scale * 1.4426950408889634f;
+  const float scale = params.scale;
   const int64_t row_base = lse_index(params, batch, head, qr.start);
   float lse_log2[2];
   float row_delta[2];
@@ -138,9 +156,9 @@ __global__ void __launch_bounds__(Traits::kThreads)
   auto process_key_tile = [&](const int j, auto mask_tag) {
     constexpr bool kMask = decltype(mask_tag)::value;
     const int n0 = j * kBlockN;
-    const int buf = j % 2;
+    const int buf = (j - j_begin) % 2;
     wait_tiles_for_wgmma();  // K_j and V_j are in; every thread is done with the other buffer
-    if (j + 1 < n_tiles) {
+    if (j + 1 < j_end) {
       load_tile_swizzled<kBlockN, kHeadDim, kThreads>(sK + (buf ^ 1) * kTileBytes, k,
                                                       params.k_row_stride, n0 + kBlockN, n_end);
       load_tile_swizzled<kBlockN, kHeadDim, kThreads>(sV + (buf ^ 1) * kTileBytes, v,
@@ -166,14 +184,29 @@ __global__ void __launch_bounds__(Traits::kThreads)
 #pragma unroll
     for (int i = 0; i < 32; ++i) {
       const int rr = (i % 4) / 2;
-      float p = fast_exp2(s[i] * scale_log2 - lse_log2[rr]);
-      if (kMask) {
-        const int row = row0 + group_row + 8 * rr;
-        const int key = n0 + 8 * (i / 4) + 2 * quad_col + i % 2;
-        const int key_end = kIsCausal ? causal_key_end(row, qr.length, kr.length) : kr.length;
-        if (key >= key_end) p = 0.f;
+      const int row = row0 + group_row + 8 * rr;
+      const int key = n0 + 8 * (i / 4) + 2 * quad_col + i % 2;
+      if constexpr (kVariants) {
+        float th;
+        const float x = transformed_score<float>(params, s[i] * scale, slope, row, key, qr.length,
+                                                 kr.length, th);
+        float p = fast_exp2(x * 1.4426950408889634f - lse_log2[rr]);
+        if (kMask && (key < window_key_begin(row, qr.length, kr.length, window) ||
+                      key >= window_key_end(row, qr.length, kr.length, window))) {
+          p = 0.f;
+        }
+        const float z = dropout_factor<float>(params, batch * params.heads_q + head,
+                                              static_cast<int64_t>(qr.start) + row,
+                                              static_cast<int64_t>(kr.start) + key);
+        dp[i] = p * (z * dp[i] - row_delta[rr]) * (1.f - th * th);
+      } else {
+        float p = fast_exp2(s[i] * scale_log2 - lse_log2[rr]);
+        if (kMask) {
+          const int key_end = kIsCausal ? causal_key_end(row, qr.length, kr.length) : kr.length;
+          if (key >= key_end) p = 0.f;
+        }
+        dp[i] = p * (dp[i] - row_delta[rr]);
       }
-      dp[i] = p * (dp[i] - row_delta[rr]);
     }
     uint32_t ds_frag[kBlockN / 16][4];
     to_a_fragments<T>(dp, ds_frag);
@@ -190,10 +223,10 @@ __global__ void __launch_bounds__(Traits::kThreads)
     }
   };
 
-  const int unmasked_tiles = unmasked_end / kBlockN;
-  int j = 0;
-  for (; j < unmasked_tiles; ++j) process_key_tile(j, std::false_type{});
-  for (; j < n_tiles; ++j) process_key_tile(j, std::true_type{});
+  int j = j_begin;
+  for (; j < j_unmasked_begin; ++j) process_key_tile(j, std::true_type{});
+  for (; j < j_unmasked_end; ++j) process_key_tile(j, std::false_type{});
+  for (; j < j_end; ++j) process_key_tile(j, std::true_type{});
   cp_async_wait_all();
   if constexpr (kLongRows) {
     fold();
@@ -205,7 +238,6 @@ __global__ void __launch_bounds__(Traits::kThreads)
   }
 
   T* grad_q = grad_q_rows<T>(params, batch, head, qr.start);
-  const float scale = params.scale;
 #pragma unroll
   for (int rr = 0; rr < 2; ++rr) {
     const int i = row0 + group_row + 8 * rr;
@@ -232,9 +264,12 @@ cudaError_t run_dq_wgmma(const BackwardParams& params, const float* delta, cudaS
   const dim3 grid(tiles_with_tail(params.max_seqlen_q, params.seqlen_q, Traits::kBlockM),
                   params.num_blocks, params.batch * params.heads_q);
   if (grid.x == 0 || grid.y == 0 || grid.z == 0) return cudaSuccess;
-  auto kernel = params.max_seqlen_k > kMaxKeysPerAccumulator
-                    ? dq_wgmma_kernel<Traits, T, kIsCausal, true>
-                    : dq_wgmma_kernel<Traits, T, kIsCausal, false>;
+  const bool long_rows = params.max_seqlen_k > kMaxKeysPerAccumulator;
+  auto kernel = has_variants(params)
+                    ? (long_rows ? dq_wgmma_kernel<Traits, T, kIsCausal, true, true>
+                                 : dq_wgmma_kernel<Traits, T, kIsCausal, false, true>)
+                    : (long_rows ? dq_wgmma_kernel<Traits, T, kIsCausal, true, false>
+                                 : dq_wgmma_kernel<Traits, T, kIsCausal, false, false>);
   const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                Traits::kSharedBytes);
   if (err != cudaSuccess) return err;
