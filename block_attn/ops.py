@@ -34,6 +34,8 @@ def attention_forward(
     alibi_slopes: torch.Tensor | None = None,
     dropout_p: float = 0.0,
     dropout_seed_offset: torch.Tensor | None = None,
+    query_offset: int = -1,
+    key_offset: int = -1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Raw forward operator: ``block_attn.attention`` without its checks of the offsets' values.
 
@@ -59,6 +61,12 @@ def attention_forward(
         dropout_p: probability of dropping each normalised probability.
         dropout_seed_offset: with ``dropout_p > 0``, the (seed, offset) int64 tensor on q's device
             that the mask of :mod:`block_attn.dropout_mask` is a function of.
+        query_offset, key_offset: for a call on pieces of a longer sequence (context
+            parallelism), the positions in it of q's and k's row 0, both or neither (-1). Given,
+            query row r and key row s stand at ``query_offset + r`` and ``key_offset + s``: the
+            causal mask, the window and ALiBi measure ``i' - t`` between those positions instead
+            of aligning each block bottom-right, and the dropout mask is that of those rows of
+            the longer sequence.
 
     Returns:
         out (B, Hq, Nq, D) in q's dtype and layout; lse (B, Hq, Nq), float64 for float64 q
@@ -80,6 +88,8 @@ def attention_forward(
         alibi_slopes,
         dropout_p,
         dropout_seed_offset,
+        query_offset,
+        key_offset,
     )
 
 
@@ -104,6 +114,8 @@ def attention_backward(
     alibi_slopes: torch.Tensor | None = None,
     dropout_p: float = 0.0,
     dropout_seed_offset: torch.Tensor | None = None,
+    query_offset: int = -1,
+    key_offset: int = -1,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Raw backward operator: (grad_q, grad_k, grad_v) shaped like (q, k, v)."""
     return torch.ops.block_attn.attention_backward.default(
@@ -127,6 +139,8 @@ def attention_backward(
         alibi_slopes,
         dropout_p,
         dropout_seed_offset,
+        query_offset,
+        key_offset,
     )
 
 
@@ -147,6 +161,8 @@ def _attention_forward_fake(
     alibi_slopes=None,
     dropout_p=0.0,
     dropout_seed_offset=None,
+    query_offset=-1,
+    key_offset=-1,
 ):
     # A call mixing meta and real tensors runs this kernel, not the C++ checks.
     torch._check_value(
@@ -181,6 +197,8 @@ def _attention_backward_fake(
     alibi_slopes=None,
     dropout_p=0.0,
     dropout_seed_offset=None,
+    query_offset=-1,
+    key_offset=-1,
 ):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
@@ -197,6 +215,8 @@ _SETTINGS = {
     "alibi_slopes": None,
     "dropout_p": 0.0,
     "dropout_seed_offset": None,
+    "query_offset": -1,
+    "key_offset": -1,
 }
 
 
@@ -241,6 +261,8 @@ def _backward(ctx, grad_out, grad_lse):
         alibi_slopes,
         settings["dropout_p"],
         seed_offset,
+        settings["query_offset"],
+        settings["key_offset"],
     )
     return grad_q, grad_k, grad_v, *([None] * (2 + len(_SETTINGS)))
 

@@ -111,6 +111,11 @@ void check_variants(const at::Tensor& q, const VariantArgs& variants) {
                     "softcap must be a finite float >= 0 (0 disables it), got ", variants.softcap);
   TORCH_CHECK_VALUE(variants.dropout_p >= 0 && variants.dropout_p < 1,
                     "dropout_p must be in [0, 1), got ", variants.dropout_p);
+  TORCH_CHECK_VALUE((variants.query_offset == -1 && variants.key_offset == -1) ||
+                        (variants.query_offset >= 0 && variants.key_offset >= 0 &&
+                         variants.query_offset <= kInt32Max && variants.key_offset <= kInt32Max),
+                    "query_offset and key_offset must both be -1 (not given) or both in [0, ",
+                    kInt32Max, "], got ", variants.query_offset, " and ", variants.key_offset);
   if (variants.dropout_p > 0) {
     TORCH_CHECK_VALUE(variants.dropout_seed_offset.has_value(),
                       "dropout_p > 0 needs dropout_seed_offset, the (seed, offset) of the mask");
@@ -143,6 +148,8 @@ void set_variants(ForwardParams& p, const VariantArgs& variants) {
   p.window_left = static_cast<int>(variants.window_left);
   p.window_right = static_cast<int>(variants.window_right);
   p.softcap = variants.softcap;
+  p.query_offset = variants.query_offset;
+  p.key_offset = variants.key_offset;
   if (variants.alibi_slopes.has_value()) {
     const at::Tensor& slopes = *variants.alibi_slopes;
     p.alibi_slopes = slopes.data_ptr<float>();

@@ -35,6 +35,8 @@ struct VariantArgs {
   std::optional<at::Tensor> alibi_slopes;
   double dropout_p = 0;
   std::optional<at::Tensor> dropout_seed_offset;  // (seed, offset), int64, when dropout_p > 0
+  int64_t query_offset = -1;  // global positions of the call's first query and key rows
+  int64_t key_offset = -1;
 };
 
 void check_variants(const at::Tensor& q, const VariantArgs& variants);

@@ -58,6 +58,12 @@ struct ForwardParams {
   const int64_t* dropout_seed_offset = nullptr;
   uint32_t dropout_threshold = 0;
   double dropout_scale = 1;
+  // Global positions, for a call on pieces of a longer sequence (context parallelism): query row r
+  // and key row s of this call stand at query_offset + r and key_offset + s. Given (>= 0), the
+  // causal mask, the window and ALiBi measure i' - t between those positions instead of aligning
+  // each block bottom-right, and dropout keys its mask by them; -1: not given.
+  int64_t query_offset = -1;
+  int64_t key_offset = -1;
 };
 
 // Backward: the forward's fields plus the gradients. grad_lse may be null (treated as zero).

@@ -19,18 +19,21 @@
 TORCH_LIBRARY(block_attn, m) {
   // Block j pairs queries [cu_seqlens_q[j], cu_seqlens_q[j+1]) with keys
   // [cu_seqlens_k[j], cu_seqlens_k[j+1]); causal masking is bottom-right aligned per block. The
-  // trailing arguments are the variants (block_attn/variants.py), off by default.
+  // trailing arguments are the variants (block_attn/variants.py), off by default; query_offset
+  // and key_offset place the call's rows in a longer sequence for them (context parallelism).
   m.def(
       "attention_forward(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
       "int max_seqlen_q, int max_seqlen_k, bool causal, float scale, int window_left=-1, "
       "int window_right=-1, float softcap=0.0, Tensor? alibi_slopes=None, float dropout_p=0.0, "
-      "Tensor? dropout_seed_offset=None) -> (Tensor out, Tensor lse)");
+      "Tensor? dropout_seed_offset=None, int query_offset=-1, int key_offset=-1) -> "
+      "(Tensor out, Tensor lse)");
   m.def(
       "attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
       "Tensor? grad_lse, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, "
       "int max_seqlen_k, bool causal, float scale, bool deterministic, int window_left=-1, "
       "int window_right=-1, float softcap=0.0, Tensor? alibi_slopes=None, float dropout_p=0.0, "
-      "Tensor? dropout_seed_offset=None) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
+      "Tensor? dropout_seed_offset=None, int query_offset=-1, int key_offset=-1) -> "
+      "(Tensor grad_q, Tensor grad_k, Tensor grad_v)");
 }
 
 namespace {

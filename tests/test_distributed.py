@@ -48,6 +48,9 @@ class Case:
     batch: int = 1
     sinks: bool = False
     softcap: float = 0.0
+    window: tuple[int, int] = (-1, -1)
+    alibi: bool = False
+    dropout_p: float = 0.0
 
 
 def _cases() -> list[Case]:
@@ -103,6 +106,48 @@ def _cases() -> list[Case]:
             Case(f"w{world}-rows-after-blocks-full", world, seqlen, "tail", False, "contiguous"),
             Case(f"w{world}-sinks-causal-ragged", world, seqlen, "ragged", True, sinks=True),
             Case(f"w{world}-softcap-causal-ragged", world, seqlen, "ragged", True, softcap=0.7),
+            # Windows narrower and wider than a chunk (seqlen / 2W rows under zigzag).
+            Case(f"w{world}-window-causal-ragged", world, seqlen, "ragged", True, window=(5, 0)),
+            Case(
+                f"w{world}-window-causal-one-document", world, seqlen, "none", True, window=(9, 0)
+            ),
+            Case(
+                f"w{world}-window-full-contiguous",
+                world,
+                seqlen,
+                "fixed",
+                False,
+                "contiguous",
+                window=(3, 6),
+            ),
+            Case(f"w{world}-alibi-causal-ragged", world, seqlen, "ragged", True, alibi=True),
+            Case(f"w{world}-alibi-full-one-document", world, seqlen, "none", False, alibi=True),
+            Case(f"w{world}-dropout-causal-ragged", world, seqlen, "ragged", True, dropout_p=0.3),
+            Case(
+                f"w{world}-all-variants-causal-ragged",
+                world,
+                seqlen,
+                "ragged",
+                True,
+                heads=(4, 2),
+                window=(11, 0),
+                softcap=1.3,
+                alibi=True,
+                dropout_p=0.2,
+                sinks=True,
+            ),
+            Case(
+                f"w{world}-all-variants-ring-float32",
+                world,
+                seqlen,
+                "none",
+                True,
+                dtype=torch.float32,
+                schedule="ring",
+                window=(7, 0),
+                alibi=True,
+                dropout_p=0.1,
+            ),
         ]
     return cases
 
@@ -171,9 +216,13 @@ def _run_case(case: Case, group: dist.ProcessGroup | None) -> str | None:
     if case.sinks:
         sinks = torch.linspace(-1.0, 2.0, case.heads[0], dtype=q.dtype)
     sinks_full = None if sinks is None else sinks.clone().requires_grad_()
+    slopes = torch.linspace(0.05, 0.5, case.heads[0]) if case.alibi else None
+    variants = dict(
+        window_size=case.window, softcap=case.softcap, alibi_slopes=slopes, dropout_p=case.dropout_p
+    )
     out_full = block_attn.attention(
         q_full, k_full, v_full, cu_seqlens=offsets, block_size=block_size, causal=case.causal,
-        softcap=case.softcap, sinks=sinks_full,
+        sinks=sinks_full, generator=torch.Generator().manual_seed(99), **variants,
     )  # fmt: skip
     out_full.backward(grad)
 
@@ -191,8 +240,9 @@ def _run_case(case: Case, group: dist.ProcessGroup | None) -> str | None:
         group=group,
         layout=case.layout,
         schedule=case.schedule,
-        softcap=case.softcap,
         sinks=sinks_l,
+        generator=torch.Generator().manual_seed(99),
+        **variants,
     )
     out_l.backward(local(grad))
     tol = _tolerance(case.dtype)
@@ -239,6 +289,21 @@ def _run_bytes(world: int, group: dist.ProcessGroup | None) -> dict[str, int]:
         STATS.reset()
         out.backward(grad)
         results[f"{name}-backward"] = STATS.bytes_sent
+    # One document under a causal window narrower than a shard: each rank needs only its
+    # predecessor's keys.
+    q, k, v, grad = (
+        shard_sequence(t, dim=2, group=group, layout="contiguous")
+        for t in _inputs(Case("", world, seqlen, "", True))
+    )
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    STATS.reset()
+    out = context_parallel_attention(
+        q, k, v, causal=True, group=group, layout="contiguous", window_size=(5, 0)
+    )
+    results["window-forward"] = STATS.bytes_sent
+    STATS.reset()
+    out.backward(grad)
+    results["window-backward"] = STATS.bytes_sent
     results["rank"] = rank
     return results
 
@@ -367,6 +432,24 @@ def test_bytes_match_schedule(results, processes: int) -> None:
         assert sent["ragged-block-forward"] == needed_by * kv, (rank, sent)
         assert sent["ragged-block-backward"] == (needed_by + needs) * kv, (rank, sent)
         assert sent["ragged-block-forward"] <= sent["ragged-ring-forward"]
+
+
+@pytest.mark.parametrize("processes", [2, 4])
+def test_pairs_outside_the_window_send_nothing(results, processes: int) -> None:
+    world = processes
+    kv = _kv_bytes(world)
+    seqlen = 16 * world
+    windowed = build_schedule((0, seqlen), world, "contiguous", True, seqlen, (5, 0))
+    assert windowed.num_transfers() == world - 1
+    unbounded = build_schedule((0, seqlen), world, "contiguous", True)
+    assert unbounded.num_transfers() == world * (world - 1) // 2  # every earlier shard
+    for rank, per_rank in enumerate(results[processes]):
+        sent = per_rank["bytes"]
+        needed_by = sum(windowed.needs(d, rank) for d in range(world) if d != rank)
+        needs = sum(windowed.needs(rank, s) for s in range(world) if s != rank)
+        assert needed_by == (1 if rank < world - 1 else 0)
+        assert sent["window-forward"] == needed_by * kv, (rank, sent)
+        assert sent["window-backward"] == (needed_by + needs) * kv, (rank, sent)
 
 
 @pytest.mark.parametrize("processes", [2, 4])

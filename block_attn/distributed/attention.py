@@ -9,10 +9,11 @@ import torch.distributed as dist
 
 from block_attn.blocks import resolve_blocks
 from block_attn.distributed.checks import check_local_inputs, check_same_on_all_ranks
-from block_attn.distributed.ring import ring_backward, ring_forward
+from block_attn.distributed.ring import PairOptions, ring_backward, ring_forward
 from block_attn.distributed.schedule import Schedule, build_schedule
+from block_attn.dropout_mask import draw_seed_offset
 from block_attn.validation import as_bool, check_qkv, resolve_scale, with_unit_last_stride
-from block_attn.variants import add_sinks, resolve_variants
+from block_attn.variants import Variants, add_sinks, resolve_variants
 
 __all__ = ["context_parallel_attention"]
 
@@ -29,12 +30,12 @@ class _ContextParallelAttention(torch.autograd.Function):
         scale: float,
         mode: str,
         group: dist.ProcessGroup | None,
-        softcap: float,
+        options: PairOptions,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        out, lse = ring_forward(q, k, v, schedule, rank, scale, mode, group, softcap)
+        out, lse = ring_forward(q, k, v, schedule, rank, scale, mode, group, options)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.schedule, ctx.rank, ctx.scale, ctx.mode, ctx.group = schedule, rank, scale, mode, group
-        ctx.softcap = softcap
+        ctx.options = options
         ctx.set_materialize_grads(False)
         return out, lse
 
@@ -56,7 +57,7 @@ class _ContextParallelAttention(torch.autograd.Function):
             ctx.mode,
             ctx.group,
             grad_lse,
-            ctx.softcap,
+            ctx.options,
         )
         return grad_q, grad_k, grad_v, None, None, None, None, None, None
 
@@ -74,8 +75,12 @@ def context_parallel_attention(
     layout: str = "zigzag",
     schedule: str = "block",
     validate: bool = True,
+    window_size: Sequence[int] = (-1, -1),
     softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
     sinks: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Block attention over a sequence sharded across the ranks of ``group``.
 
@@ -100,12 +105,16 @@ def context_parallel_attention(
             shard around the whole ring (the classic ring attention, for comparison).
         validate: check with one small all_gather that all ranks pass matching shapes, blocks
             and options, so a mismatch raises ValueError on every rank instead of hanging.
-        softcap: caps the scaled scores at ±softcap through tanh (Gemma 2), as in
-            :func:`block_attn.attention`; the same on every rank. (Sliding windows, ALiBi and
-            dropout are not supported here yet.)
+        window_size, softcap, alibi_slopes: the variants of :func:`block_attn.attention`, by
+            global position, the same on every rank. A pair of shards that no window reaches is
+            neither computed nor sent.
         sinks: (Hq,) attention sinks as in :func:`block_attn.attention`, the same on every
             rank; added once to each merged row. Each rank's gradient of ``sinks`` covers its
             own rows: sum it over the ranks, as for any parameter the ranks share.
+        dropout_p, generator: attention dropout as in :func:`block_attn.attention`. The
+            (seed, offset) drawn from the group's first rank's ``generator`` is sent to every
+            rank (each rank's ``generator`` advances alike), and the mask is keyed by global
+            positions: it is the mask of the single-process call with that generator state.
 
     Returns:
         (B, Hq, N / W, D) this rank's output, in q's dtype.
@@ -119,13 +128,23 @@ def context_parallel_attention(
     # Local checks first, but raise only after the ranks have compared notes: a rank that
     # raised alone would leave the others waiting for it forever.
     offsets: tuple[int, ...] = ()
+    variants = Variants()
     local_error: Exception | None = None
     try:
         causal = as_bool(causal, "causal")
         check_qkv(q, k, v)
         scale = resolve_scale(scale, q.shape[-1])
         check_local_inputs(q, k, v, scale, world_size, layout, schedule)
-        softcap = resolve_variants(q, causal=causal, softcap=softcap, sinks=sinks).softcap
+        variants = resolve_variants(
+            q,
+            causal=causal,
+            window_size=window_size,
+            softcap=softcap,
+            alibi_slopes=alibi_slopes,
+            sinks=sinks,
+            dropout_p=dropout_p,
+            generator=generator,
+        )
         seqlen = q.shape[2] * world_size
         blocks = resolve_blocks(
             seqlen, seqlen, q.device, block_size=block_size, cu_seqlens=cu_seqlens
@@ -137,9 +156,17 @@ def context_parallel_attention(
         local_error = error
     if validate:
         check_same_on_all_ranks(
-            q, k, offsets, causal, scale, layout, schedule, group, local_error, softcap
+            q, k, offsets, causal, scale, layout, schedule, group, local_error, variants
         )
-    plan = build_schedule(offsets, world_size, layout, causal, q.shape[2] * world_size)
+    window = (variants.window_left, variants.window_right)
+    plan = build_schedule(offsets, world_size, layout, causal, q.shape[2] * world_size, window)
+    seed_offset = None
+    if variants.dropout_p > 0:
+        seed_offset = draw_seed_offset(variants.generator, q.device)
+        dist.broadcast(seed_offset, dist.get_global_rank(group or dist.group.WORLD, 0), group)
+    options = PairOptions(
+        *window, variants.softcap, variants.alibi_slopes, variants.dropout_p, seed_offset
+    )
     out, lse = _ContextParallelAttention.apply(
         with_unit_last_stride(q),
         with_unit_last_stride(k),
@@ -149,6 +176,6 @@ def context_parallel_attention(
         scale,
         schedule,
         group,
-        softcap,
+        options,
     )
     return out if sinks is None else add_sinks(out, lse, sinks)[0]

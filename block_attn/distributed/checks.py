@@ -9,6 +9,7 @@ import torch.distributed as dist
 
 from block_attn.distributed.layout import LAYOUTS, check_divisible, check_layout
 from block_attn.validation import SUPPORTED_DTYPES, check_tensors
+from block_attn.variants import Variants
 
 __all__ = ["check_local_inputs", "check_same_on_all_ranks"]
 
@@ -27,6 +28,10 @@ _FIELDS = (
     "schedule",
     "scale (bits)",
     "softcap (bits)",
+    "window left",
+    "window right",
+    "alibi_slopes given",
+    "dropout_p (bits)",
     "number of block offsets",
     "block offsets (crc32)",
 )
@@ -74,7 +79,7 @@ def check_same_on_all_ranks(
     schedule: str,
     group: dist.ProcessGroup | None,
     local_error: Exception | None = None,
-    softcap: float = 0.0,
+    variants: Variants | None = None,
 ) -> None:
     """Raises on every rank if any rank's inputs are invalid or the ranks disagree.
 
@@ -84,13 +89,15 @@ def check_same_on_all_ranks(
     Args:
         q, k: this rank's query and key shards.
         offsets: the global block offsets this rank derived.
-        causal, scale, layout, schedule, softcap: this rank's options.
+        causal, scale, layout, schedule, variants: this rank's options (of the variants, the
+            window, softcap, whether ALiBi slopes are given, and dropout_p are compared).
         group: the process group.
         local_error: the error this rank's own checks raised, if any: re-raised here after
             the exchange, and every other rank raises ValueError naming this rank.
     """
     if local_error is None:
-        values = [0, *_summary(q, k, offsets, causal, scale, layout, schedule, softcap)]
+        variants = variants if variants is not None else Variants()
+        values = [0, *_summary(q, k, offsets, causal, scale, layout, schedule, variants)]
     else:
         values = [1] + [0] * len(_FIELDS)
     device = q.device if isinstance(q, torch.Tensor) else torch.device("cpu")
@@ -115,12 +122,13 @@ def check_same_on_all_ranks(
         per_rank = {
             name: table[:, _FIELDS.index(name)].tolist()
             for name in differing
-            if name not in ("scale (bits)", "softcap (bits)", "block offsets (crc32)")
+            if not name.endswith(("(bits)", "(crc32)"))
         }
         raise ValueError(
             f"context-parallel inputs differ between ranks in: {', '.join(differing)}; "
             f"every rank must pass same-shaped shards and the same global cu_seqlens / "
-            f"block_size, causal, scale, softcap, layout and schedule (per-rank values: {per_rank})"
+            f"block_size, causal, scale, variants, layout and schedule (per-rank values: "
+            f"{per_rank})"
         )
 
 
@@ -132,10 +140,12 @@ def _summary(
     scale: float,
     layout: str,
     schedule: str,
-    softcap: float,
+    variants: Variants,
 ) -> list[int]:
     """The integers compared across ranks, one per entry of ``_FIELDS``."""
-    scale_bits, softcap_bits = torch.tensor([scale, softcap], dtype=torch.float64).view(torch.int64)
+    scale_bits, softcap_bits, dropout_bits = torch.tensor(
+        [scale, variants.softcap, variants.dropout_p], dtype=torch.float64
+    ).view(torch.int64)
     offsets_crc = zlib.crc32(torch.tensor(offsets, dtype=torch.int64).numpy().tobytes())
     return [
         q.shape[0],
@@ -149,6 +159,10 @@ def _summary(
         SCHEDULES.index(schedule),
         int(scale_bits),
         int(softcap_bits),
+        variants.window_left,
+        variants.window_right,
+        int(variants.alibi_slopes is not None),
+        int(dropout_bits),
         len(offsets),
         offsets_crc,
     ]

@@ -29,7 +29,45 @@ from block_attn.distributed.comm import exchange, pack, unpack, wait_all
 from block_attn.distributed.merge import merge_into
 from block_attn.distributed.schedule import PairPlan, Schedule
 
-__all__ = ["ring_backward", "ring_forward"]
+__all__ = ["PairOptions", "ring_backward", "ring_forward"]
+
+
+@dataclass(frozen=True)
+class PairOptions:
+    """The variants every pair's op call takes (checked by :mod:`block_attn.variants`).
+
+    The window and ALiBi are measured between global positions, and dropout is keyed by global
+    rows, so each pair call gets its chunks' global starts as ``query_offset`` / ``key_offset``
+    (plain calls and softcap alone need none, and keep the plain kernels).
+    """
+
+    window_left: int = -1
+    window_right: int = -1
+    softcap: float = 0.0
+    alibi_slopes: torch.Tensor | None = None
+    dropout_p: float = 0.0
+    dropout_seed_offset: torch.Tensor | None = None
+
+    def op_arguments(self, q_start: int, k_start: int) -> dict:
+        """Keyword arguments of ``ops.attention_forward`` / ``attention_backward`` for a pair
+        of chunks starting at global rows ``q_start`` and ``k_start``."""
+        arguments = dict(
+            window_left=self.window_left,
+            window_right=self.window_right,
+            softcap=self.softcap,
+            alibi_slopes=self.alibi_slopes,
+            dropout_p=self.dropout_p,
+            dropout_seed_offset=self.dropout_seed_offset,
+        )
+        positional = (
+            self.window_left >= 0
+            or self.window_right >= 0
+            or self.alibi_slopes is not None
+            or self.dropout_p > 0
+        )
+        if positional:
+            arguments.update(query_offset=q_start, key_offset=k_start)
+        return arguments
 
 
 @dataclass(frozen=True)
@@ -120,7 +158,7 @@ def ring_forward(
     scale: float,
     mode: str,
     group: dist.ProcessGroup | None,
-    softcap: float = 0.0,
+    options: PairOptions = PairOptions(),
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Context-parallel forward for this rank's queries.
 
@@ -133,7 +171,7 @@ def ring_forward(
         scale: multiplies q·k before the softmax.
         mode: ``"block"`` or ``"ring"``.
         group: the process group.
-        softcap: caps the scaled scores through tanh (0: none), as in :func:`block_attn.attention`.
+        options: the variants of every pair call.
 
     Returns:
         out (B, Hq, n, D) in q's dtype and lse (B, Hq, n), float64 for float64 q else float32.
@@ -153,6 +191,10 @@ def ring_forward(
         k_s, v_s = (k, v) if i == 0 else unpack(buffer, k.shape)
         for plan in schedule.pairs[rank][source]:
             cu_q, cu_k = offsets(plan)
+            starts = (
+                schedule.chunks[rank][plan.q_chunk][0],
+                schedule.chunks[source][plan.k_chunk][0],
+            )
             out, lse = ops.attention_forward(
                 _chunk(q, plan.q_chunk, chunk_size),
                 _chunk(k_s, plan.k_chunk, chunk_size),
@@ -163,7 +205,7 @@ def ring_forward(
                 plan.max_seqlen_k,
                 plan.causal,
                 scale,
-                softcap=softcap,
+                **options.op_arguments(*starts),
             )
             merge_into(
                 _chunk(out_acc, plan.q_chunk, chunk_size),
@@ -187,10 +229,13 @@ def _shard_grads(
     chunk_size: int,
     scale: float,
     grad_q: torch.Tensor,
-    softcap: float = 0.0,
+    starts: tuple[tuple[int, int], ...],
+    key_starts: tuple[tuple[int, int], ...],
+    options: PairOptions,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Adds this rank's queries' gradient against one key shard into grad_q; returns that
-    shard's (grad_k, grad_v) contributions in the accumulation dtype."""
+    shard's (grad_k, grad_v) contributions in the accumulation dtype. ``starts`` and
+    ``key_starts``: the global ranges of this rank's chunks and of the key shard's."""
     dtype = grad_q.dtype
     grad_k = torch.zeros(k_s.shape, dtype=dtype, device=k_s.device)
     grad_v = torch.zeros(v_s.shape, dtype=dtype, device=v_s.device)
@@ -212,7 +257,7 @@ def _shard_grads(
             plan.causal,
             scale,
             deterministic,
-            softcap=softcap,
+            **options.op_arguments(starts[plan.q_chunk][0], key_starts[plan.k_chunk][0]),
         )
         _chunk(grad_q, plan.q_chunk, chunk_size).add_(dq)
         _chunk(grad_k, plan.k_chunk, chunk_size).add_(dk)
@@ -233,7 +278,7 @@ def ring_backward(
     mode: str,
     group: dist.ProcessGroup | None,
     grad_lse: torch.Tensor | None = None,
-    softcap: float = 0.0,
+    options: PairOptions = PairOptions(),
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Context-parallel backward (FlashAttention-2 style, from the merged out and lse).
 
@@ -244,7 +289,7 @@ def ring_backward(
         grad_out: (B, Hq, n, D) gradient of this rank's output.
         q, k, v, out: as in and from :func:`ring_forward`.
         lse: (B, Hq, n) float32 from :func:`ring_forward`.
-        schedule, rank, scale, mode, group, softcap: as in :func:`ring_forward`.
+        schedule, rank, scale, mode, group, options: as in :func:`ring_forward`.
         grad_lse: (B, Hq, n) gradient of the merged lse, or None.
 
     Returns:
@@ -289,7 +334,9 @@ def ring_backward(
                 chunk_size,
                 scale,
                 grad_q,
-                softcap,
+                schedule.chunks[rank],
+                schedule.chunks[source],
+                options,
             )
             contribution = pack(grad_k, grad_v)
         else:

@@ -13,6 +13,10 @@ either the same or disjoint:
 * key chunk before the query chunk: every key precedes every query, so the pair is full
   (non-causal) inside each shared block;
 * key chunk after the query chunk: nothing is visible; the pair is skipped.
+
+Sliding windows. A pair is skipped when no query of it is within the window of any key it
+shares a block with (the window is measured between global positions), so its shards never
+travel.
 """
 
 from __future__ import annotations
@@ -65,6 +69,15 @@ def _overlap(a0: int, a1: int, b0: int, b1: int) -> int:
     return max(0, min(a1, b1) - max(a0, b0))
 
 
+def _window_reaches(q: tuple[int, int], k: tuple[int, int], window: tuple[int, int]) -> bool:
+    """Whether some query in global range ``q`` is within ``window`` (left, right; -1:
+    unbounded) of some key in range ``k``: some ``q_pos - k_pos`` in ``[-right, left]``."""
+    left, right = window
+    behind_most = q[1] - 1 - k[0]  # the largest q_pos - k_pos
+    behind_least = q[0] - (k[1] - 1)  # the smallest
+    return (left < 0 or behind_least <= left) and (right < 0 or behind_most >= -right)
+
+
 def plan_pair(
     offsets: tuple[int, ...],
     q_range: tuple[int, int],
@@ -72,6 +85,7 @@ def plan_pair(
     causal: bool,
     q_chunk: int = 0,
     k_chunk: int = 0,
+    window: tuple[int, int] = (-1, -1),
 ) -> PairPlan | None:
     """The op call for queries in ``q_range`` against keys in ``k_range``, or None if no work.
 
@@ -82,6 +96,7 @@ def plan_pair(
         causal: the global causal flag.
         q_chunk: index recorded in the plan.
         k_chunk: index recorded in the plan.
+        window: the sliding window (left, right) by global position, -1 unbounded.
     """
     same = q_range == k_range
     if not same and _overlap(*q_range, *k_range) > 0:
@@ -101,7 +116,10 @@ def plan_pair(
         length_k = _overlap(b0, b1, *k_range)
         if length_q == 0 and length_k == 0:
             continue
-        shared = shared or (length_q > 0 and length_k > 0)
+        if length_q > 0 and length_k > 0:
+            q_piece = (max(b0, q_range[0]), min(b1, q_range[1]))
+            k_piece = (max(b0, k_range[0]), min(b1, k_range[1]))
+            shared = shared or _window_reaches(q_piece, k_piece, window)
         lengths_q.append(length_q)
         lengths_k.append(length_k)
     if not shared:
@@ -153,9 +171,11 @@ def build_schedule(
     layout: str,
     causal: bool,
     seqlen: int | None = None,
+    window: tuple[int, int] = (-1, -1),
 ) -> Schedule:
     """The schedule for global block ``offsets`` over ``seqlen`` rows (by default the last
-    offset; rows after it belong to no block) split over ``world_size`` ranks."""
+    offset; rows after it belong to no block) split over ``world_size`` ranks, for a sliding
+    ``window`` (left, right) by global position (-1: unbounded)."""
     seqlen = offsets[-1] if seqlen is None else seqlen
     chunks = tuple(chunk_ranges(seqlen, world_size, r, layout) for r in range(world_size))
     pairs = tuple(
@@ -164,7 +184,8 @@ def build_schedule(
                 plan
                 for qi, q_range in enumerate(chunks[r])
                 for ki, k_range in enumerate(chunks[s])
-                if (plan := plan_pair(offsets, q_range, k_range, causal, qi, ki)) is not None
+                if (plan := plan_pair(offsets, q_range, k_range, causal, qi, ki, window))
+                is not None
             )
             for s in range(world_size)
         )

@@ -241,7 +241,7 @@ void backward_item(const BackwardParams& p, const std::vector<acc_t<scalar_t>>& 
 
   // A block kept whole writes the dQ of all its queries (zeros where they see none of its keys);
   // the ranges of a split block visit only the query tiles that see them, their span.
-  const KeyWindow window = key_window(p);
+  const KeyWindow window = key_window(p, e);
   const bool whole_block = target.whole(item.block);
   const QuerySpan span =
       whole_block ? QuerySpan{0, e.len_q, 0} : target.spans[item.block][item.range];
@@ -386,13 +386,13 @@ std::vector<WorkItem> make_work_items(const BackwardParams& p, int64_t max_cost,
   std::vector<WorkItem> ranges;  // for batch 0, kv head 0
   target.ranges.assign(p.num_blocks, 0);
   target.spans.assign(p.num_blocks, {});
-  const KeyWindow window = key_window(p);
   for (int j = 0; j < p.num_blocks; ++j) {
     const BlockExtent e = block_extent(p, j);
+    const KeyWindow window = key_window(p, e);
     WorkItem current{0, 0, j, 0, 0, 0, 0};
     for (int k0 = 0; k0 < e.len_k; k0 = tile_end(k0, e.len_k, kBlockN)) {
       const int cols = std::min(kBlockN, e.len_k - k0);
-      const int64_t cost = key_tile_cost(e, k0, cols, key_window(p));
+      const int64_t cost = key_tile_cost(e, k0, cols, window);
       if (max_cost > 0 && current.key_end > current.key_begin && current.cost + cost > max_cost) {
         ranges.push_back(current);
         current = {0, 0, j, k0, k0, current.range + 1, 0};
@@ -442,7 +442,7 @@ int64_t max_item_cost(const BackwardParams& p) {
     const BlockExtent e = block_extent(p, j);
     int64_t block = 0;
     for (int k0 = 0; k0 < e.len_k; k0 = tile_end(k0, e.len_k, kBlockN)) {
-      block += key_tile_cost(e, k0, std::min(kBlockN, e.len_k - k0), key_window(p));
+      block += key_tile_cost(e, k0, std::min(kBlockN, e.len_k - k0), key_window(p, e));
     }
     total += block * p.batch * p.heads_kv;
     largest = std::max(largest, block);

@@ -167,7 +167,7 @@ void forward_tile(const ForwardParams& p, int batch, int head, int heads, const 
     return q + (lane % heads) * p.q_head_stride + (lane / heads) * p.q_row_stride;
   };
   const bool few = used <= kFewQueries;
-  const KeyWindow window = key_window(p);
+  const KeyWindow window = key_window(p, e);
   const int key_begin =
       std::max(keys.begin, window_key_begin(tile.begin, e.len_q, e.len_k, window));
   const int key_end = std::min(keys.end, window_key_end(tile.end - 1, e.len_q, e.len_k, window));
@@ -321,7 +321,6 @@ void run_forward(const ForwardParams& p) {
     int64_t partial;  // its key range's slot in `partials`, or -1: written out directly
   };
   const int groups = p.heads_q / p.heads_kv;
-  const KeyWindow window = key_window(p);
   std::vector<Item> whole;
   for (int64_t bh = 0; bh < static_cast<int64_t>(p.batch) * p.heads_q; ++bh) {
     const int in_group = static_cast<int>(bh % groups);
@@ -332,6 +331,7 @@ void run_forward(const ForwardParams& p) {
       if (in_group % per_item != 0) continue;  // this head runs in the item of an earlier one
       const int heads = std::min(per_item, groups - in_group);
       const BlockExtent e = block_extent(p, tile.block);
+      const KeyWindow window = key_window(p, e);
       const int key_end = window_key_end(tile.end - 1, e.len_q, e.len_k, window);
       const int key_begin =
           std::min(window_key_begin(tile.begin, e.len_q, e.len_k, window), key_end);

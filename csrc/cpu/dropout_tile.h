@@ -19,21 +19,23 @@ struct DropoutLanes {
   alignas(64) uint32_t batch_head[kTileLanes];
 };
 
-// Lane l of a tile is global query row `first_row + l / heads` of head `first_head + l % heads`.
+// Lane l of a tile is query row `first_row + l / heads` of the call, head `first_head + l % heads`.
 inline void fill_dropout_lanes(const ForwardParams& p, int batch, int first_head, int heads,
                                int64_t first_row, int used, DropoutLanes& lanes) {
   for (int l = 0; l < kTileLanes; ++l) {
     const int lane = std::min(l, std::max(used - 1, 0));  // padding lanes repeat the last one
-    lanes.row[l] = static_cast<uint32_t>(first_row + lane / heads);
+    lanes.row[l] = static_cast<uint32_t>(dropout_query_row(p, first_row + lane / heads));
     lanes.batch_head[l] =
         static_cast<uint32_t>(static_cast<int64_t>(batch) * p.heads_q + first_head + lane % heads);
   }
 }
 
-// factors_t[c * kTileLanes + l] for global keys [first_key, first_key + cols) and lanes [0, lanes).
+// factors_t[c * kTileLanes + l] for the call's keys [call_key, call_key + cols) and lanes
+// [0, lanes).
 template <typename acc>
-void dropout_factors(const ForwardParams& p, const DropoutLanes& lanes, int64_t first_key, int cols,
+void dropout_factors(const ForwardParams& p, const DropoutLanes& lanes, int64_t call_key, int cols,
                      int lane_count, acc* factors_t) {
+  const int64_t first_key = dropout_key_row(p, call_key);
   const PhiloxKey key = philox_key(static_cast<uint64_t>(p.dropout_seed_offset[0]));
   const auto offset = static_cast<uint32_t>(p.dropout_seed_offset[1]);
   const uint32_t threshold = p.dropout_threshold;

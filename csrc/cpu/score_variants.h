@@ -89,13 +89,14 @@ inline at::vec::Vectorized<acc> outside_lanes(int v0, int first, int end) {
 template <typename acc>
 void fill_alibi_lanes(const ForwardParams& p, const BlockExtent& e, int batch, int first_head,
                       int heads, int first_row, int used, int key, AlibiLanes<acc>& lanes) {
+  const KeyWindow window = key_window(p, e);
   for (int l = 0; l < kTileLanes; ++l) {
     if (l >= used) {
       lanes.slope[l] = 0;
       lanes.position[l] = 0;
       continue;
     }
-    const int64_t position = static_cast<int64_t>(first_row) + l / heads + e.len_k - e.len_q - key;
+    const int64_t position = key_distance(first_row + l / heads, key, e.len_q, e.len_k, window);
     lanes.slope[l] = static_cast<acc>(alibi_slope(p, batch, first_head + l % heads));
     lanes.position[l] = static_cast<acc>(position);
   }

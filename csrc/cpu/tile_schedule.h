@@ -44,6 +44,11 @@ inline BlockExtent block_extent(const ForwardParams& p, int block) {
   return {q0, k0, static_cast<int>(q1 - q0), static_cast<int>(k1 - k0)};
 }
 
+// The window of block e (key_window.h).
+inline KeyWindow key_window(const ForwardParams& p, const BlockExtent& e) {
+  return block_window(p, e.q_start, e.k_start, e.len_q, e.len_k);
+}
+
 // The offsets live in host memory for CPU kernels, so they are checked here once: an invalid
 // list would otherwise index out of bounds.
 inline void check_host_offsets(const int32_t* offsets, int num_blocks, int seqlen,

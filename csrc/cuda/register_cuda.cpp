@@ -57,8 +57,9 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(
     const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, bool causal,
     double scale, int64_t window_left, int64_t window_right, double softcap,
     const std::optional<at::Tensor>& alibi, double dropout_p,
-    const std::optional<at::Tensor>& seed_offset) {
-  const VariantArgs variants{window_left, window_right, softcap, alibi, dropout_p, seed_offset};
+    const std::optional<at::Tensor>& seed_offset, int64_t query_offset, int64_t key_offset) {
+  const VariantArgs variants{window_left, window_right, softcap,      alibi,
+                             dropout_p,   seed_offset,  query_offset, key_offset};
   check_forward_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale);
   check_variants(q, variants);
   check_cuda_limits(q, cu_seqlens_q);
@@ -86,8 +87,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
     const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
     int64_t max_seqlen_k, bool causal, double scale, bool deterministic, int64_t window_left,
     int64_t window_right, double softcap, const std::optional<at::Tensor>& alibi, double dropout_p,
-    const std::optional<at::Tensor>& seed_offset) {
-  const VariantArgs variants{window_left, window_right, softcap, alibi, dropout_p, seed_offset};
+    const std::optional<at::Tensor>& seed_offset, int64_t query_offset, int64_t key_offset) {
+  const VariantArgs variants{window_left, window_right, softcap,      alibi,
+                             dropout_p,   seed_offset,  query_offset, key_offset};
   check_forward_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale);
   check_backward_inputs(grad_out, q, k, v, out, lse, grad_lse);
   check_variants(q, variants);

@@ -75,6 +75,9 @@ struct Case {
   double softcap = 0;
   bool alibi = false;
   double dropout_p = 0;
+  // Global positions of the first query and key rows (-1: not given), with some variant.
+  int query_offset = -1;
+  int key_offset = -1;
 };
 
 // The case's ALiBi slope of (batch, head): distinct per batch row, so the batch stride counts.
@@ -86,7 +89,8 @@ double alibi_slope_of(const Case& c, int b, int h) {
 const int64_t kDropoutSeedOffset[2] = {-1234567890123456789LL, 987654321LL};
 
 bool has_variants(const Case& c) {
-  return c.window_left >= 0 || c.window_right >= 0 || c.softcap > 0 || c.alibi || c.dropout_p > 0;
+  return c.window_left >= 0 || c.window_right >= 0 || c.softcap > 0 || c.alibi || c.dropout_p > 0 ||
+         c.query_offset >= 0;
 }
 
 // launch_backward, or for a wgmma case the wgmma backward called directly (dQ by atomics, or
@@ -206,7 +210,12 @@ RowReference reference_row(const Case& c, const Blocks& blocks, Tensor<T>& q, Te
   const int hk = h / (c.heads_q / c.heads_kv);
   const int len_q = c.lengths_q[block], len_k = c.lengths_k[block];
   const int q0 = blocks.q[block], k0 = blocks.k[block];
-  const int64_t position = static_cast<int64_t>(i) + len_k - len_q;  // i' of the variants
+  // i' of the variants: bottom-right aligned, or by global positions when the case gives them.
+  const int64_t position = c.query_offset >= 0
+                               ? static_cast<int64_t>(c.query_offset) + q0 + i - c.key_offset - k0
+                               : static_cast<int64_t>(i) + len_k - len_q;
+  const int64_t row_base = c.query_offset >= 0 ? c.query_offset : 0;
+  const int64_t key_base = c.key_offset >= 0 ? c.key_offset : 0;
   const int right = c.causal ? 0 : c.window_right;
   const int key_begin =
       c.window_left < 0 ? 0
@@ -241,8 +250,8 @@ RowReference reference_row(const Case& c, const Blocks& blocks, Tensor<T>& q, Te
     if (c.dropout_p > 0) {
       const bool keep = block_attn::dropout_keep(static_cast<uint64_t>(kDropoutSeedOffset[0]),
                                                  static_cast<uint64_t>(kDropoutSeedOffset[1]),
-                                                 static_cast<uint32_t>(b * c.heads_q + h), q0 + i,
-                                                 k0 + t, threshold);
+                                                 static_cast<uint32_t>(b * c.heads_q + h),
+                                                 row_base + q0 + i, key_base + k0 + t, threshold);
       row.kept[t] = keep ? 1 / (1 - c.dropout_p) : 0;
     }
     for (int d = 0; d < c.head_dim; ++d)
@@ -372,6 +381,8 @@ void run_case(const Case& c) {
   p.window_left = c.window_left;
   p.window_right = c.window_right;
   p.softcap = c.softcap;
+  p.query_offset = c.query_offset;
+  p.key_offset = c.key_offset;
   std::vector<float> slopes;
   if (c.alibi) {
     for (int b = 0; b < c.batch; ++b) {
@@ -677,6 +688,10 @@ RandomProblem random_case(std::mt19937& rng, int index) {
     c.alibi = draw.uniform() < 0.4;
     static const double kDropouts[] = {0.1, 0.5};
     if (draw.uniform() < 0.4) c.dropout_p = draw.choice(kDropouts);
+    if (draw.uniform() < 0.3) {  // a piece of a longer sequence, as context parallelism calls
+      c.query_offset = draw.pick(400);
+      c.key_offset = draw.pick(400);
+    }
   }
 
   // Shrink the batch, then the query groups, then the heads, then the head dim, until the
@@ -974,6 +989,25 @@ int main(int argc, char** argv) {
     decode_window.window_left = 40;
     decode_window.window_right = 3;
     variant_cases.push_back({DType::kFloat16, decode_window});
+    // Global positions (context parallelism's pieces): queries 100 and keys 37 rows into a
+    // longer sequence, so the window, ALiBi and dropout differ from the bottom-right ones.
+    Case offsets = base;
+    offsets.name += "window, ALiBi and dropout at global positions";
+    offsets.window_left = 70;
+    offsets.window_right = 0;
+    offsets.alibi = true;
+    offsets.dropout_p = 0.25;
+    offsets.query_offset = 100;
+    offsets.key_offset = 37;
+    variant_cases.push_back({DType::kFloat32, offsets});
+    variant_cases.push_back({DType::kBFloat16, offsets});
+    Case decode_offsets = decode_all;
+    decode_offsets.name += ", global positions";
+    decode_offsets.causal = false;
+    decode_offsets.window_right = 0;
+    decode_offsets.query_offset = 1200;
+    decode_offsets.key_offset = 0;
+    variant_cases.push_back({DType::kFloat16, decode_offsets});
   }
 
   cuda_emulator::DeviceProperties sm90;  // 227 KiB of shared memory per CTA
@@ -1095,6 +1129,13 @@ int main(int argc, char** argv) {
       dropout.q_scale = 1.0;
       dropout.dropout_p = 0.3;
       wgmma_cases.push_back({DType::kFloat16, dropout});
+      Case offsets = all;
+      offsets.name = "wgmma variants: all at global positions";
+      offsets.causal = false;
+      offsets.window_right = 0;
+      offsets.query_offset = 260;
+      offsets.key_offset = 190;
+      wgmma_cases.push_back({DType::kBFloat16, offsets});
     }
   }
   run_on(sm90, "sm_90", wgmma_cases);

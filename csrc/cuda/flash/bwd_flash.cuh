@@ -127,7 +127,8 @@ __global__ void __launch_bounds__(Traits::kThreads)
   // group. They start at a multiple of kBlockM, so that no row index of a tile passes INT32_MAX.
   int m_begin = kIsCausal ? causal_query_begin(n0, qr.length, kr.length) / kBlockM * kBlockM : 0;
   int m_end = qr.length;
-  [[maybe_unused]] const KeyWindow window = key_window(params);
+  [[maybe_unused]] const KeyWindow window =
+      block_window(params, qr.start, kr.start, qr.length, kr.length);
   if constexpr (kVariants) {
     const int last_key = tile_last_row(n0, kBlockN, kr.length);
     m_begin = window_query_begin(n0, qr.length, kr.length, window) / kBlockM * kBlockM;
@@ -213,7 +214,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
           if constexpr (kVariants) {
             float th;
             const float x = transformed_score<float>(params, s[n][e] * scale, slope, i, t,
-                                                     qr.length, kr.length, th);
+                                                     qr.length, kr.length, window, th);
             float p = fast_exp2(x * kLog2e - s_lse[buf * kBlockM + col]);
             if (kMask &&
                 !(i < qr.length && t >= window_key_begin(i, qr.length, kr.length, window) &&
@@ -406,7 +407,8 @@ __global__ void __launch_bounds__(Traits::kThreads)
   int n_end = tile_key_end<kIsCausal>(m0, kBlockM, qr, kr);
   int unmasked_begin = 0;
   int unmasked_end = tile_unmasked_key_end<kIsCausal>(m0, qr, kr);
-  [[maybe_unused]] const KeyWindow window = key_window(params);
+  [[maybe_unused]] const KeyWindow window =
+      block_window(params, qr.start, kr.start, qr.length, kr.length);
   [[maybe_unused]] const float slope = alibi_slope<float>(params, batch, head);
   if constexpr (kVariants) {
     const int last = tile_last_row(m0, kBlockM, qr.length);
@@ -486,7 +488,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
             if constexpr (kVariants) {
               float th;
               const float x = transformed_score<float>(params, s[g][n][e] * scale, slope, i, key,
-                                                       qr.length, kr.length, th);
+                                                       qr.length, kr.length, window, th);
               float p = fast_exp2(x * kLog2e - lse_log2[g][rr]);
               if (kMask && (key < window_key_begin(i, qr.length, kr.length, window) ||
                             key >= window_key_end(i, qr.length, kr.length, window))) {

@@ -188,7 +188,8 @@ __global__ void __launch_bounds__(Traits::kThreads)
   int n_end = decode_key_end<kIsCausal>(last_row, qr, kr);
   int unmasked_begin = 0;
   int unmasked_end = decode_key_end<kIsCausal>(first_row, qr, kr) / kBlockN;
-  [[maybe_unused]] const KeyWindow window = key_window(params);
+  [[maybe_unused]] const KeyWindow window =
+      block_window(params, qr.start, kr.start, qr.length, kr.length);
   if constexpr (kVariants) {
     first_tile = window_key_begin(first_row, qr.length, kr.length, window) / kBlockN;
     n_end = window_key_end(last_row, qr.length, kr.length, window);
@@ -247,7 +248,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
         if constexpr (kVariants) {
           float tanh_unused;
           const float x = transformed_score<float>(params, s[0][n][e] * scale, slope[e / 2], row,
-                                                   key, qr.length, kr.length, tanh_unused);
+                                                   key, qr.length, kr.length, window, tanh_unused);
           s[0][n][e] = x * 1.4426950408889634f;
           if (kMask && (key < window_key_begin(row, qr.length, kr.length, window) ||
                         key >= window_key_end(row, qr.length, kr.length, window))) {

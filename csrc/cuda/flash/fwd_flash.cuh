@@ -98,7 +98,8 @@ __global__ void __launch_bounds__(Traits::kThreads)
   int n_end = tile_key_end<kIsCausal>(m0, kBlockM, qr, kr);
   int unmasked_begin = 0;
   int unmasked_end = tile_unmasked_key_end<kIsCausal>(m0, qr, kr);
-  [[maybe_unused]] const KeyWindow window = key_window(params);
+  [[maybe_unused]] const KeyWindow window =
+      block_window(params, qr.start, kr.start, qr.length, kr.length);
   [[maybe_unused]] const float slope = alibi_slope<float>(params, batch, head);
   if constexpr (kVariants) {
     const int last = tile_last_row(m0, kBlockM, qr.length);
@@ -191,7 +192,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
           if constexpr (kVariants) {
             float tanh_unused;
             const float x = transformed_score<float>(params, s[g][n][e] * scale, slope, i, key,
-                                                     qr.length, kr.length, tanh_unused);
+                                                     qr.length, kr.length, window, tanh_unused);
             s[g][n][e] = x * 1.4426950408889634f;
             if (kMask && (key < window_key_begin(i, qr.length, kr.length, window) ||
                           key >= window_key_end(i, qr.length, kr.length, window))) {

@@ -129,7 +129,8 @@ __global__ void __launch_bounds__(Traits::kThreads)
   // group. They start at a multiple of kBlockM, so that no row index of a tile passes INT32_MAX.
   int m_begin = kIsCausal ? causal_query_begin(n0, qr.length, kr.length) / kBlockM * kBlockM : 0;
   int m_end = qr.length;
-  [[maybe_unused]] const KeyWindow window = key_window(params);
+  [[maybe_unused]] const KeyWindow window =
+      block_window(params, qr.start, kr.start, qr.length, kr.length);
   if constexpr (kVariants) {
     const int last_key = tile_last_row(n0, kBlockN, kr.length);
     m_begin = window_query_begin(n0, qr.length, kr.length, window) / kBlockM * kBlockM;
@@ -251,7 +252,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
         if constexpr (kVariants) {
           float th;
           const float x = transformed_score<float>(params, s[i] * scale, slope, query, key,
-                                                   qr.length, kr.length, th);
+                                                   qr.length, kr.length, window, th);
           float p = fast_exp2(x * kLog2e - lse_tile[col]);
           if (kMask &&
               !(query < qr.length && key >= window_key_begin(query, qr.length, kr.length, window) &&

@@ -93,7 +93,8 @@ __global__ void __launch_bounds__(Traits::kThreads)
   int n_end = tile_key_end<kIsCausal>(m0, kBlockM, qr, kr);
   int unmasked_begin = 0;
   int unmasked_end = tile_unmasked_key_end<kIsCausal>(m0, qr, kr);
-  [[maybe_unused]] const KeyWindow window = key_window(params);
+  [[maybe_unused]] const KeyWindow window =
+      block_window(params, qr.start, kr.start, qr.length, kr.length);
   [[maybe_unused]] const float slope = alibi_slope<float>(params, batch, head);
   if constexpr (kVariants) {
     const int last = tile_last_row(m0, kBlockM, qr.length);
@@ -189,7 +190,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
       if constexpr (kVariants) {
         float th;
         const float x = transformed_score<float>(params, s[i] * scale, slope, row, key, qr.length,
-                                                 kr.length, th);
+                                                 kr.length, window, th);
         float p = fast_exp2(x * 1.4426950408889634f - lse_log2[rr]);
         if (kMask && (key < window_key_begin(row, qr.length, kr.length, window) ||
                       key >= window_key_end(row, qr.length, kr.length, window))) {

@@ -168,7 +168,8 @@ __global__ void __launch_bounds__(Traits::kThreads) fwd_wgmma_kernel(const Forwa
   int n_end = tile_key_end<kIsCausal>(m0, kBlockM, qr, kr);
   int unmasked_begin = 0;
   int unmasked_end = tile_unmasked_key_end<kIsCausal>(m0, qr, kr);
-  [[maybe_unused]] const KeyWindow window = key_window(params);
+  [[maybe_unused]] const KeyWindow window =
+      block_window(params, qr.start, kr.start, qr.length, kr.length);
   [[maybe_unused]] const float slope = alibi_slope<float>(params, batch, head);
   if constexpr (kVariants) {
     const int last = tile_last_row(m0, kBlockM, qr.length);
@@ -251,7 +252,7 @@ __global__ void __launch_bounds__(Traits::kThreads) fwd_wgmma_kernel(const Forwa
         const int key = j * kBlockN + (i / 4) * 8 + quad_col * 2 + i % 2;
         float tanh_unused;
         const float x = transformed_score<float>(params, s[i] * scale, slope, row, key, qr.length,
-                                                 kr.length, tanh_unused);
+                                                 kr.length, window, tanh_unused);
         s[i] = x * 1.4426950408889634f;
         if (mask && (key < window_key_begin(row, qr.length, kr.length, window) ||
                      key >= window_key_end(row, qr.length, kr.length, window))) {

@@ -65,9 +65,11 @@ template <typename A>
 __device__ __forceinline__ PairGrads<A> variant_pair_grads(const ForwardParams& params, A s, A lse,
                                                            A dp, A delta, A slope, int i, int t,
                                                            BlockRange qr, BlockRange kr,
+                                                           const KeyWindow& window,
                                                            int batch_head) {
   A tanh_value;
-  const A score = transformed_score<A>(params, s, slope, i, t, qr.length, kr.length, tanh_value);
+  const A score =
+      transformed_score<A>(params, s, slope, i, t, qr.length, kr.length, window, tanh_value);
   const A p = exp_acc(score - lse);
   const A z = dropout_factor<A>(params, batch_head, static_cast<int64_t>(qr.start) + i,
                                 static_cast<int64_t>(kr.start) + t);
@@ -135,7 +137,8 @@ __global__ void __launch_bounds__(Traits::kThreads)
   const A scale = static_cast<A>(params.scale);
   // Query tiles that may see the first key of this tile (earlier ones see none of it), from a
   // multiple of kTileRows and counted in tiles, so that no row index passes INT32_MAX.
-  [[maybe_unused]] const KeyWindow window = key_window(params);
+  [[maybe_unused]] const KeyWindow window =
+      block_window(params, qr.start, kr.start, qr.length, kr.length);
   int m_begin =
       kIsCausal ? causal_query_begin(n0, qr.length, kr.length) / kTileRows * kTileRows : 0;
   int m_stop = qr.length;
@@ -183,7 +186,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
           if constexpr (kVariants) {
             const PairGrads<A> pair =
                 variant_pair_grads<A>(params, s, s_lse[m], dp, s_delta[m], slope, m0 + m, t, qr, kr,
-                                      batch * params.heads_q + head);
+                                      window, batch * params.heads_q + head);
             p = pair.kept_p;
             ds = pair.ds;
           } else {
@@ -289,7 +292,8 @@ __global__ void __launch_bounds__(Traits::kThreads)
   [[maybe_unused]] A total_dq[kLongRows ? kRows : 1][kPerLane] = {};
 
   const A scale = static_cast<A>(params.scale);
-  [[maybe_unused]] const KeyWindow window = key_window(params);
+  [[maybe_unused]] const KeyWindow window =
+      block_window(params, qr.start, kr.start, qr.length, kr.length);
   [[maybe_unused]] const A slope = alibi_slope<A>(params, batch, head);
   int n_begin = 0;
   int n_end = tile_key_end<kIsCausal>(m0, Traits::kRowsPerBlock, qr, kr);
@@ -324,7 +328,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
         A ds;
         if constexpr (kVariants) {
           ds = variant_pair_grads<A>(params, s, lse[r], dp, row_delta[r], slope, i, n0 + n, qr, kr,
-                                     blockIdx.z)
+                                     window, blockIdx.z)
                    .ds;
         } else {
           ds = exp_acc(s - lse[r]) * (dp - row_delta[r]);

@@ -101,7 +101,8 @@ __global__ void __launch_bounds__(Traits::kThreads) fwd_simple_kernel(const Forw
   }
 
   // Keys any row of this tile may see, in tiles (counted so that no index passes INT32_MAX).
-  [[maybe_unused]] const KeyWindow window = key_window(params);
+  [[maybe_unused]] const KeyWindow window =
+      block_window(params, qr.start, kr.start, qr.length, kr.length);
   [[maybe_unused]] const A slope = alibi_slope<A>(params, batch, head);
   int n_begin = 0;
   int n_end = tile_key_end<kIsCausal>(m0, Traits::kRowsPerBlock, qr, kr);
@@ -138,7 +139,7 @@ __global__ void __launch_bounds__(Traits::kThreads) fwd_simple_kernel(const Forw
         A tanh_unused;
         if (my_score != neg_inf<A>()) {
           my_score = transformed_score<A>(params, my_score, slope, i, n0 + lane, qr.length,
-                                          kr.length, tanh_unused);
+                                          kr.length, window, tanh_unused);
         }
       }
       // max() drops NaN scores, so a row whose allowed scores are all NaN (a NaN query) keeps
