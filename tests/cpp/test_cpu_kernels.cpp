@@ -142,6 +142,7 @@ void check_dtype(at::ScalarType dtype, double tolerance) {
 // once, key splits cover the block, and causal limits stay exact (no int32 overflow).
 void check_int32_edge() {
   using namespace block_attn::cpu;
+  using namespace block_attn;
   constexpr int kTile = 256;
   constexpr int kMax = std::numeric_limits<int32_t>::max();
   for (const int len : {kMax, kMax - 16, kMax - kTile}) {
