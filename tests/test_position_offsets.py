@@ -125,3 +125,17 @@ def test_offsets_come_in_pairs():
         ops.attention_forward(
             q, q, q, offsets, offsets, 4, 4, False, 1.0, query_offset=-2, key_offset=-2
         )
+
+
+def test_opcheck_with_offsets():
+    generator = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 24, 16, generator=generator) for _ in range(3))
+    cu = torch.tensor([0, 10, 24], dtype=torch.int32)
+    slopes = torch.tensor([0.25, 0.5])
+    seed_offset = torch.tensor([42, 7])
+    args = (q, k, v, cu, cu, 14, 14, False, 0.25, 6, 0, 0.0, slopes, 0.2, seed_offset, 40, 21)
+    torch.library.opcheck(torch.ops.block_attn.attention_forward.default, args)
+    out, lse = ops.attention_forward(*args)
+    backward_args = (torch.randn_like(out), q, k, v, out, lse, None, cu, cu, 14, 14, False, 0.25,
+                     False, 6, 0, 0.0, slopes, 0.2, seed_offset, 40, 21)  # fmt: skip
+    torch.library.opcheck(torch.ops.block_attn.attention_backward.default, backward_args)
