@@ -146,6 +146,7 @@ if ! "$PYTHON" -c "$STAMP_PY" check "$STAMP"; then
     # build/temp and recompiles only those whose sources or flags changed (--force: setuptools
     # alone would skip an extension whose sources are older than it, even with new flags).
     echo "compiling (log: build/build.log)"
+    mkdir -p build  # a fresh checkout where an earlier one stood has none yet
     if ! "$PYTHON" -W ignore setup.py build_ext --inplace --force --build-temp build/temp \
       > build/build.log 2>&1; then
       tail -n 40 build/build.log
