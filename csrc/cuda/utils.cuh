@@ -129,15 +129,78 @@ __device__ __forceinline__ int tile_key_end(int m0, int rows, BlockRange qr, Blo
   return kIsCausal ? causal_key_end(tile_last_row(m0, rows, qr.length), qr.length, kr.length)
                    : kr.length;
 }
-// Keys that every query of a tile starting at m0 sees: key tiles below need no mask.
-template <bool kIsCausal>
-__device__ __forceinline__ int tile_unmasked_key_end(int m0, BlockRange qr, BlockRange kr) {
-  return kIsCausal ? causal_key_end(m0, qr.length, kr.length) : kr.length;
-}
 
 // Without a + b - 1, which overflows for a near INT32_MAX; 0 for a <= 0.
 __host__ __device__ constexpr int ceil_div(int a, int b) {
   return a > 0 ? (a - 1) / b + 1 : 0;
+}
+
+// The key tiles (of `tile` keys) that query rows [first, last] of a block visit: some row sees
+// keys of tiles [begin, end) (key_end: the last such key + 1), every row sees all keys of tiles
+// [unmasked_begin, unmasked_end), which need no mask. kVariants: by the window (key_window.h),
+// else by the causal mask or none.
+struct KeyTiles {
+  int begin;
+  int end;
+  int unmasked_begin;
+  int unmasked_end;
+  int key_end;
+};
+template <bool kIsCausal, bool kVariants>
+__device__ __forceinline__ KeyTiles key_tiles_of_rows(const KeyWindow& window, int first, int last,
+                                                      BlockRange qr, BlockRange kr, int tile) {
+  int key_begin = 0, all_begin = 0;
+  int key_end = kIsCausal ? causal_key_end(last, qr.length, kr.length) : kr.length;
+  int all_end = kIsCausal ? causal_key_end(first, qr.length, kr.length) : kr.length;
+  if constexpr (kVariants) {
+    key_begin = window_key_begin(first, qr.length, kr.length, window);
+    key_end = window_key_end(last, qr.length, kr.length, window);
+    all_begin = window_key_begin(last, qr.length, kr.length, window);
+    all_end = window_key_end(first, qr.length, kr.length, window);
+  }
+  KeyTiles t;
+  t.begin = key_begin / tile;
+  t.end = max(ceil_div(key_end, tile), t.begin);
+  t.unmasked_begin = min(max(ceil_div(all_begin, tile), t.begin), t.end);
+  t.unmasked_end = max(min(all_end / tile, t.end), t.unmasked_begin);
+  t.key_end = key_end;
+  return t;
+}
+
+// The query rows [begin, end) of a block that see some key of the tile of `keys` keys from n0
+// (n0 < kr.length); begin is a multiple of query_tile, so that no row index of a tile passes
+// INT32_MAX.
+struct QueryRows {
+  int begin;
+  int end;
+};
+template <bool kIsCausal, bool kVariants>
+__device__ __forceinline__ QueryRows query_rows_of_keys(const KeyWindow& window, int n0, int keys,
+                                                        BlockRange qr, BlockRange kr,
+                                                        int query_tile) {
+  if constexpr (kVariants) {
+    const int last_key = tile_last_row(n0, keys, kr.length);
+    return {window_query_begin(n0, qr.length, kr.length, window) / query_tile * query_tile,
+            window_query_end(last_key, qr.length, kr.length, window)};
+  }
+  const int begin = kIsCausal ? causal_query_begin(n0, qr.length, kr.length) : 0;
+  return {begin / query_tile * query_tile, qr.length};
+}
+
+// Whether the tile of query rows [m0, m0 + rows) against keys [n0, n0 + keys) holds a pair to
+// mask: a query past the block, or (kVariants) a key past it or outside some query's window, or
+// (causal) a key past the diagonal.
+template <bool kIsCausal, bool kVariants>
+__device__ __forceinline__ bool tile_pair_needs_mask(const KeyWindow& window, int m0, int rows,
+                                                     int n0, int keys, BlockRange qr,
+                                                     BlockRange kr) {
+  if (m0 > qr.length - rows) return true;
+  if constexpr (kVariants) {
+    return n0 > kr.length - keys ||
+           window_query_begin(n0 + keys - 1, qr.length, kr.length, window) > m0 ||
+           window_query_end(n0, qr.length, kr.length, window) - rows < m0;
+  }
+  return kIsCausal && n0 > causal_key_end(m0, qr.length, kr.length) - keys;
 }
 
 // Most keys (or queries) one float accumulator sums. Past 2^24 terms of similar size a float sum

@@ -123,17 +123,13 @@ __global__ void __launch_bounds__(Traits::kThreads)
   load_tile_async<Traits, kBlockN>(sK, k, params.k_row_stride, n0, kr.length, head_dim, vectorized);
   load_tile_async<Traits, kBlockN>(sV, v, params.v_row_stride, n0, kr.length, head_dim, vectorized);
 
-  // Query tiles that may see a key of this tile, [m_begin, m_end) for each query head of the
-  // group. They start at a multiple of kBlockM, so that no row index of a tile passes INT32_MAX.
-  int m_begin = kIsCausal ? causal_query_begin(n0, qr.length, kr.length) / kBlockM * kBlockM : 0;
-  int m_end = qr.length;
   [[maybe_unused]] const KeyWindow window =
       block_window(params, qr.start, kr.start, qr.length, kr.length);
-  if constexpr (kVariants) {
-    const int last_key = tile_last_row(n0, kBlockN, kr.length);
-    m_begin = window_query_begin(n0, qr.length, kr.length, window) / kBlockM * kBlockM;
-    m_end = window_query_end(last_key, qr.length, kr.length, window);
-  }
+  // Query rows that may see a key of this tile, [m_begin, m_end) for each query head of the
+  // group, from a multiple of kBlockM.
+  const QueryRows query_rows =
+      query_rows_of_keys<kIsCausal, kVariants>(window, n0, kBlockN, qr, kr, kBlockM);
+  const int m_begin = query_rows.begin, m_end = query_rows.end;
   const int m_tiles = ceil_div(m_end - m_begin, kBlockM);
   constexpr float kLog2e = 1.4426950408889634f;
 
@@ -190,14 +186,8 @@ __global__ void __launch_bounds__(Traits::kThreads)
     if (tile_head < head_end) load_query_tile(tile_head, tile_m0, buf ^ 1);
     cp_async_commit();
 
-    bool needs_mask = m0 > qr.length - kBlockM ||
-                      (kIsCausal && n0 > causal_key_end(m0, qr.length, kr.length) - kBlockN);
-    if constexpr (kVariants) {
-      // Unmasked: every key of the tile is in the block and seen by every query of the tile.
-      needs_mask = m0 > qr.length - kBlockM || n0 > kr.length - kBlockN ||
-                   window_query_begin(n0 + kBlockN - 1, qr.length, kr.length, window) > m0 ||
-                   window_query_end(n0, qr.length, kr.length, window) - kBlockM < m0;
-    }
+    const bool needs_mask =
+        tile_pair_needs_mask<kIsCausal, kVariants>(window, m0, kBlockM, n0, kBlockN, qr, kr);
     [[maybe_unused]] const float slope = alibi_slope<float>(params, batch, head);
     // P^T = exp(S^T - lse) into s and dS^T = P^T (dP^T - Delta) into dp, in place, for the
     // warp's 16 keys and the tile's queries q0, q0 + 1, ...; masked pairs get 0.
@@ -401,32 +391,21 @@ __global__ void __launch_bounds__(Traits::kThreads)
   const T* k = k_rows<T>(params, batch, head_kv, kr.start);
   const T* v = v_rows<T>(params, batch, head_kv, kr.start);
 
-  // Keys some row sees, [n_begin, n_end) with n_begin on a tile edge, and keys every row sees,
-  // [unmasked_begin, unmasked_end), as in fwd_flash_kernel.
-  int n_begin = 0;
-  int n_end = tile_key_end<kIsCausal>(m0, kBlockM, qr, kr);
-  int unmasked_begin = 0;
-  int unmasked_end = tile_unmasked_key_end<kIsCausal>(m0, qr, kr);
   [[maybe_unused]] const KeyWindow window =
       block_window(params, qr.start, kr.start, qr.length, kr.length);
   [[maybe_unused]] const float slope = alibi_slope<float>(params, batch, head);
-  if constexpr (kVariants) {
-    const int last = tile_last_row(m0, kBlockM, qr.length);
-    n_begin = window_key_begin(m0, qr.length, kr.length, window) / kBlockN * kBlockN;
-    n_end = window_key_end(last, qr.length, kr.length, window);
-    unmasked_begin = window_key_begin(last, qr.length, kr.length, window);
-    unmasked_end = window_key_end(m0, qr.length, kr.length, window);
-  }
-  const int j_begin = n_begin / kBlockN;
-  const int j_end = max(ceil_div(n_end, kBlockN), j_begin);
+  // The key tiles the tile's rows visit, and those every row sees whole (no mask).
+  const KeyTiles tiles = key_tiles_of_rows<kIsCausal, kVariants>(
+      window, m0, tile_last_row(m0, kBlockM, qr.length), qr, kr, kBlockN);
+  const int j_begin = tiles.begin, j_end = tiles.end, n_end = tiles.key_end;
 
   load_tile_async<Traits, kBlockM>(sQ, q, params.q_row_stride, m0, qr.length, head_dim, vectorized);
   load_tile_async<Traits, kBlockM>(sdO, grad_out, params.grad_out_row_stride, m0, qr.length,
                                    head_dim, vectorized);
   if (j_end > j_begin) {
-    load_tile_async<Traits, kBlockN>(sK, k, params.k_row_stride, n_begin, n_end, head_dim,
+    load_tile_async<Traits, kBlockN>(sK, k, params.k_row_stride, j_begin * kBlockN, n_end, head_dim,
                                      vectorized);
-    load_tile_async<Traits, kBlockN>(sV, v, params.v_row_stride, n_begin, n_end, head_dim,
+    load_tile_async<Traits, kBlockN>(sV, v, params.v_row_stride, j_begin * kBlockN, n_end, head_dim,
                                      vectorized);
   }
   cp_async_commit();
@@ -511,7 +490,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
       }
       warp_gemm_pb<T, kBlockN, kHeadDim, kStride, kRowGroups>(dq, s, (sK + buf * kTile), lane);
     };
-    if (n0 < unmasked_begin || n0 > unmasked_end - kBlockN) {
+    if (j < tiles.unmasked_begin || j >= tiles.unmasked_end) {
       accumulate_tile(std::true_type{});
     } else {
       accumulate_tile(std::false_type{});

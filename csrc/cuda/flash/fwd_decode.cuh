@@ -184,19 +184,12 @@ __global__ void __launch_bounds__(Traits::kThreads)
 
   // Key tiles some lane may see, [first_tile, n_tiles); tiles every lane sees whole (no mask),
   // [unmasked_begin, unmasked_end); and this split's share of the first.
-  int first_tile = 0;
-  int n_end = decode_key_end<kIsCausal>(last_row, qr, kr);
-  int unmasked_begin = 0;
-  int unmasked_end = decode_key_end<kIsCausal>(first_row, qr, kr) / kBlockN;
   [[maybe_unused]] const KeyWindow window =
       block_window(params, qr.start, kr.start, qr.length, kr.length);
-  if constexpr (kVariants) {
-    first_tile = window_key_begin(first_row, qr.length, kr.length, window) / kBlockN;
-    n_end = window_key_end(last_row, qr.length, kr.length, window);
-    unmasked_begin = ceil_div(window_key_begin(last_row, qr.length, kr.length, window), kBlockN);
-    unmasked_end = window_key_end(first_row, qr.length, kr.length, window) / kBlockN;
-  }
-  const int n_tiles = max(ceil_div(n_end, kBlockN), first_tile);
+  const KeyTiles tiles =
+      key_tiles_of_rows<kIsCausal, kVariants>(window, first_row, last_row, qr, kr, kBlockN);
+  const int first_tile = tiles.begin, n_tiles = tiles.end, n_end = tiles.key_end;
+  const int unmasked_begin = tiles.unmasked_begin, unmasked_end = tiles.unmasked_end;
   const int splits = gridDim.x / lane_tiles;
   const int tiles_per_split = ceil_div(n_tiles - first_tile, splits);
   const int tile_begin = first_tile + min(tile.split * tiles_per_split, n_tiles - first_tile);

@@ -92,24 +92,13 @@ __global__ void __launch_bounds__(Traits::kThreads)
   const T* k = k_rows<T>(params, batch, head_kv, kr.start);
   const T* v = v_rows<T>(params, batch, head_kv, kr.start);
 
-  // Keys some row of the tile may see, [n_begin, n_end) with n_begin on a tile edge, and keys
-  // every row sees, [unmasked_begin, unmasked_end): tiles inside those need no mask.
-  int n_begin = 0;
-  int n_end = tile_key_end<kIsCausal>(m0, kBlockM, qr, kr);
-  int unmasked_begin = 0;
-  int unmasked_end = tile_unmasked_key_end<kIsCausal>(m0, qr, kr);
   [[maybe_unused]] const KeyWindow window =
       block_window(params, qr.start, kr.start, qr.length, kr.length);
   [[maybe_unused]] const float slope = alibi_slope<float>(params, batch, head);
-  if constexpr (kVariants) {
-    const int last = tile_last_row(m0, kBlockM, qr.length);
-    n_begin = window_key_begin(m0, qr.length, kr.length, window) / kBlockN * kBlockN;
-    n_end = window_key_end(last, qr.length, kr.length, window);
-    unmasked_begin = window_key_begin(last, qr.length, kr.length, window);
-    unmasked_end = window_key_end(m0, qr.length, kr.length, window);
-  }
-  const int j_begin = n_begin / kBlockN;
-  const int j_end = max(ceil_div(n_end, kBlockN), j_begin);
+  // The key tiles the tile's rows visit, and those every row sees whole (no mask).
+  const KeyTiles tiles = key_tiles_of_rows<kIsCausal, kVariants>(
+      window, m0, tile_last_row(m0, kBlockM, qr.length), qr, kr, kBlockN);
+  const int j_begin = tiles.begin, j_end = tiles.end, n_end = tiles.key_end;
 
   // Scores are kept in the log2 domain: exp(x * scale) = exp2(x * scale * log2(e)).
   const float scale_log2 = params.scale * 1.4426950408889634f;
@@ -160,7 +149,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
 
   load_tile_async<Traits, kBlockM>(sQ, q, params.q_row_stride, m0, qr.length, head_dim, vectorized);
   if (j_end > j_begin) {
-    load_tile_async<Traits, kBlockN>(sK, k, params.k_row_stride, n_begin, n_end, head_dim,
+    load_tile_async<Traits, kBlockN>(sK, k, params.k_row_stride, j_begin * kBlockN, n_end, head_dim,
                                      vectorized);
   }
   cp_async_commit();
@@ -248,13 +237,11 @@ __global__ void __launch_bounds__(Traits::kThreads)
     }
   };
 
-  // Tiles inside [unmasked_begin, unmasked_end) need no mask; the rest (the diagonal, a window's
-  // edges, the block's end) do.
-  const int j_unmasked_begin = min(max(ceil_div(unmasked_begin, kBlockN), j_begin), j_end);
-  const int j_unmasked_end = max(min(unmasked_end / kBlockN, j_end), j_unmasked_begin);
+  // Tiles every row sees whole need no mask; the rest (the diagonal, a window's edges, the
+  // block's end) do.
   int j = j_begin;
-  for (; j < j_unmasked_begin; ++j) process_key_tile(j, std::true_type{});
-  for (; j < j_unmasked_end; ++j) process_key_tile(j, std::false_type{});
+  for (; j < tiles.unmasked_begin; ++j) process_key_tile(j, std::true_type{});
+  for (; j < tiles.unmasked_end; ++j) process_key_tile(j, std::false_type{});
   for (; j < j_end; ++j) process_key_tile(j, std::true_type{});
   if constexpr (kLongRows) {
     fold();

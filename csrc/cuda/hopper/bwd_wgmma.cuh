@@ -125,17 +125,13 @@ __global__ void __launch_bounds__(Traits::kThreads)
   load_tile_swizzled<kBlockN, kHeadDim, kThreads>(sK, k, params.k_row_stride, n0, kr.length);
   load_tile_swizzled<kBlockN, kHeadDim, kThreads>(sV, v, params.v_row_stride, n0, kr.length);
 
-  // Query tiles that may see a key of this CTA, [m_begin, m_end) for each query head of the
-  // group. They start at a multiple of kBlockM, so that no row index of a tile passes INT32_MAX.
-  int m_begin = kIsCausal ? causal_query_begin(n0, qr.length, kr.length) / kBlockM * kBlockM : 0;
-  int m_end = qr.length;
   [[maybe_unused]] const KeyWindow window =
       block_window(params, qr.start, kr.start, qr.length, kr.length);
-  if constexpr (kVariants) {
-    const int last_key = tile_last_row(n0, kBlockN, kr.length);
-    m_begin = window_query_begin(n0, qr.length, kr.length, window) / kBlockM * kBlockM;
-    m_end = window_query_end(last_key, qr.length, kr.length, window);
-  }
+  // Query rows that may see a key of this CTA, [m_begin, m_end) for each query head of the
+  // group, from a multiple of kBlockM.
+  const QueryRows query_rows =
+      query_rows_of_keys<kIsCausal, kVariants>(window, n0, kBlockN, qr, kr, kBlockM);
+  const int m_begin = query_rows.begin, m_end = query_rows.end;
   const int m_tiles = ceil_div(m_end - m_begin, kBlockM);
   constexpr float kLog2e = 1.4426950408889634f;
 
@@ -233,14 +229,8 @@ __global__ void __launch_bounds__(Traits::kThreads)
 
     // P^T and dS^T in place of S^T and dP^T. Only tiles crossing the causal diagonal or the end
     // of the query block test indices (separate copies: predicated tests would run on every tile).
-    bool needs_mask = m0 > qr.length - kBlockM ||
-                      (kIsCausal && n0 > causal_key_end(m0, qr.length, kr.length) - kBlockN);
-    if constexpr (kVariants) {
-      // Unmasked: every key of the CTA is in the block and seen by every query of the tile.
-      needs_mask = m0 > qr.length - kBlockM || n0 > kr.length - kBlockN ||
-                   window_query_begin(n0 + kBlockN - 1, qr.length, kr.length, window) > m0 ||
-                   window_query_end(n0, qr.length, kr.length, window) - kBlockM < m0;
-    }
+    const bool needs_mask =
+        tile_pair_needs_mask<kIsCausal, kVariants>(window, m0, kBlockM, n0, kBlockN, qr, kr);
     [[maybe_unused]] const float slope = alibi_slope<float>(params, batch, head);
     auto softmax_gradient = [&](auto mask_tag) {
       constexpr bool kMask = decltype(mask_tag)::value;

@@ -164,24 +164,13 @@ __global__ void __launch_bounds__(Traits::kThreads) fwd_wgmma_kernel(const Forwa
 
   // Key tiles some row sees, [j_begin, j_end), and tiles every row sees whole (no mask),
   // [j_unmasked_begin, j_unmasked_end).
-  int n_begin = 0;
-  int n_end = tile_key_end<kIsCausal>(m0, kBlockM, qr, kr);
-  int unmasked_begin = 0;
-  int unmasked_end = tile_unmasked_key_end<kIsCausal>(m0, qr, kr);
   [[maybe_unused]] const KeyWindow window =
       block_window(params, qr.start, kr.start, qr.length, kr.length);
   [[maybe_unused]] const float slope = alibi_slope<float>(params, batch, head);
-  if constexpr (kVariants) {
-    const int last = tile_last_row(m0, kBlockM, qr.length);
-    n_begin = window_key_begin(m0, qr.length, kr.length, window) / kBlockN * kBlockN;
-    n_end = window_key_end(last, qr.length, kr.length, window);
-    unmasked_begin = window_key_begin(last, qr.length, kr.length, window);
-    unmasked_end = window_key_end(m0, qr.length, kr.length, window);
-  }
-  const int j_begin = n_begin / kBlockN;
-  const int j_end = max(ceil_div(n_end, kBlockN), j_begin);
-  const int j_unmasked_begin = min(max(ceil_div(unmasked_begin, kBlockN), j_begin), j_end);
-  const int j_unmasked_end = max(min(unmasked_end / kBlockN, j_end), j_unmasked_begin);
+  const KeyTiles tiles = key_tiles_of_rows<kIsCausal, kVariants>(
+      window, m0, tile_last_row(m0, kBlockM, qr.length), qr, kr, kBlockN);
+  const int j_begin = tiles.begin, j_end = tiles.end, n_end = tiles.key_end;
+  const int j_unmasked_begin = tiles.unmasked_begin, j_unmasked_end = tiles.unmasked_end;
   auto load_keys = [&](unsigned char* dst, const T* src, int64_t row_stride, int j) {
     load_tile_swizzled<kBlockN, kHeadDim, kThreads>(dst, src, row_stride, j * kBlockN, n_end);
   };
