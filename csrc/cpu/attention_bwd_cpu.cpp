@@ -144,15 +144,15 @@ std::vector<acc_t<scalar_t>> compute_delta(const BackwardParams& p) {
 // score after scaling and the variants: ds/dS = scale, times 1 − tanh² under a softcap. With
 // dropout factors Z (dropout_t, else nullptr) dP becomes Z ∘ dP and scores_t gets Z ∘ P (what dV
 // needs), else P. Keys [k0, k0 + cols) and queries [q0, q0 + rows) are block-local; `lanes` is
-// rows rounded up to whole vectors. kTransforms: the variants have a softcap or ALiBi.
-template <typename acc, bool kTransforms>
-void probabilities_and_score_grads(const BlockExtent& e, const KeyWindow& window, acc scale_value,
+// rows rounded up to whole vectors. kSoftcap, kAlibi: what the variants transform.
+template <typename acc, bool kSoftcap, bool kAlibi>
+void probabilities_and_score_grads(const BlockExtent& e, const KeyWindow& window,
                                    const TileVariants<acc>& variants, int q0, int rows, int lanes,
                                    int k0, int cols, acc* scores_t, acc* grad_scores_t,
                                    const acc* lse, const acc* delta, const acc* dropout_t) {
   using Vec = at::vec::Vectorized<acc>;
   constexpr int W = kVecWidth<acc>;
-  const Vec scale(scale_value);
+  const Vec scale(variants.scale);
   for (int c = 0; c < cols; ++c) {
     acc* s = scores_t + c * kBlockM;
     acc* ds = grad_scores_t + c * kBlockM;
@@ -164,29 +164,46 @@ void probabilities_and_score_grads(const BlockExtent& e, const KeyWindow& window
           std::clamp(window_query_end(k0 + c, e.len_q, e.len_k, window) - q0, 0, rows);
       end = end_row == rows ? kBlockM : end_row;
     }
-    for (int v0 = 0; v0 < lanes; v0 += W) {
-      Vec prob;
-      Vec slope = scale;
-      if constexpr (kTransforms) {
-        Vec tanh_value;
-        const Vec score = transformed<acc>(Vec::loadu(s + v0) * scale, variants, c, v0, tanh_value);
-        prob = vec_exp<acc>(score - Vec::loadu(lse + v0));
-        if (variants.softcap != 0) slope = scale * (Vec(1) - tanh_value * tanh_value);
-      } else {
-        prob = vec_exp<acc>(at::vec::fmadd(Vec::loadu(s + v0), scale, -Vec::loadu(lse + v0)));
+    // kVecs lane vectors at a time: their exp (and tanh) chains are independent, and the core
+    // overlaps them only when they stand close together in the instruction stream.
+    auto lane_vectors = [&](auto count, int v0) {
+      constexpr int kVecs = decltype(count)::value;
+      Vec prob[kVecs], slope[kVecs];
+#pragma GCC unroll 4
+      for (int j = 0; j < kVecs; ++j) {
+        const int v = v0 + j * W;
+        if constexpr (kSoftcap || kAlibi) {
+          const Vec score = transformed_score<acc, kSoftcap, kAlibi>(Vec::loadu(s + v), variants, c,
+                                                                     v, &slope[j]);
+          prob[j] = vec_exp<acc>(score - Vec::loadu(lse + v));
+        } else {
+          slope[j] = scale;
+          prob[j] = vec_exp<acc>(at::vec::fmadd(Vec::loadu(s + v), scale, -Vec::loadu(lse + v)));
+        }
       }
-      if (first > v0 || end < v0 + W) {
-        prob = Vec::blendv(prob, Vec(0), outside_lanes<acc>(v0, first, end));
+#pragma GCC unroll 4
+      for (int j = 0; j < kVecs; ++j) {
+        const int v = v0 + j * W;
+        if (first > v || end < v + W) {
+          prob[j] = Vec::blendv(prob[j], Vec(0), outside_lanes<acc>(v, first, end));
+        }
+        Vec grad = Vec::loadu(ds + v);
+        if (dropout_t != nullptr) {
+          const Vec kept = Vec::loadu(dropout_t + c * kBlockM + v);
+          grad = grad * kept;
+          (prob[j] * kept).store(s + v);
+        } else {
+          prob[j].store(s + v);
+        }
+        (prob[j] * (grad - Vec::loadu(delta + v)) * slope[j]).store(ds + v);
       }
-      if (dropout_t != nullptr) {
-        const Vec kept = Vec::loadu(dropout_t + c * kBlockM + v0);
-        (prob * (Vec::loadu(ds + v0) * kept - Vec::loadu(delta + v0)) * slope).store(ds + v0);
-        (prob * kept).store(s + v0);
-        continue;
-      }
-      prob.store(s + v0);
-      (prob * (Vec::loadu(ds + v0) - Vec::loadu(delta + v0)) * slope).store(ds + v0);
+    };
+    constexpr int kGroup = 4;
+    int v0 = 0;
+    for (; v0 + kGroup * W <= lanes; v0 += kGroup * W) {
+      lane_vectors(std::integral_constant<int, kGroup>(), v0);
     }
+    for (; v0 < lanes; v0 += W) lane_vectors(std::integral_constant<int, 1>(), v0);
   }
 }
 
@@ -251,10 +268,8 @@ void backward_item(const BackwardParams& p, const std::vector<acc_t<scalar_t>>& 
   const int64_t queries_per_key = window.left + window.right + 1;
   const bool few_terms_per_key = window.left >= 0 && window.right >= 0 &&
                                  group * queries_per_key <= kQueryTilesPerSum * kBlockM;
-  TileVariants<acc> variants;
-  variants.softcap = static_cast<acc>(p.softcap);
-  if (p.alibi_slopes != nullptr) variants.alibi = &t.alibi;
-  const acc scale = static_cast<acc>(p.scale);
+  const TileVariants<acc> variants(p.scale, p.softcap,
+                                   p.alibi_slopes != nullptr ? &t.alibi : nullptr);
   const bool dropout = p.dropout_seed_offset != nullptr;
   const acc* dropout_t = dropout ? t.dropout_factors.get() : nullptr;
   for (int g = 0; g < group; ++g) {
@@ -289,15 +304,11 @@ void backward_item(const BackwardParams& p, const std::vector<acc_t<scalar_t>>& 
           dropout_factors<acc>(p, t.dropout_lanes, e.k_start + k0, cols, lanes,
                                t.dropout_factors.get());
         }
-        if (variants.transforms()) {
-          probabilities_and_score_grads<acc, true>(e, window, scale, variants, q0, rows, lanes, k0,
-                                                   cols, t.scores_t.get(), t.grad_scores_t.get(),
-                                                   t.lse.get(), t.delta.get(), dropout_t);
-        } else {
-          probabilities_and_score_grads<acc, false>(e, window, scale, variants, q0, rows, lanes, k0,
-                                                    cols, t.scores_t.get(), t.grad_scores_t.get(),
-                                                    t.lse.get(), t.delta.get(), dropout_t);
-        }
+        with_score_transforms(variants, [&](auto softcap, auto alibi) {
+          probabilities_and_score_grads<acc, decltype(softcap)::value, decltype(alibi)::value>(
+              e, window, variants, q0, rows, lanes, k0, cols, t.scores_t.get(),
+              t.grad_scores_t.get(), t.lse.get(), t.delta.get(), dropout_t);
+        });
         t.products.accumulate_grads(key, cols, rows, t.scores_t.get(), t.grad_scores_t.get(),
                                     t.grad_v.get(), t.grad_k.get(), t.grad_q.get());
         if (++tiles_in_grad_q == kKeyTilesPerSum && tile_end(k0, key_limit, kBlockN) < key_limit) {

@@ -76,11 +76,10 @@ struct ForwardScratch {
 // (cols keys × `lanes` queries, row stride kBlockM) against the running maxima and sums of the
 // queries. Leaves P in scores_t and each query's output rescaling factor in `correction`. Each
 // tile's sum is added to row_sum compensated (sum_compensation), so long rows keep the sum's
-// precision. kTransforms: the variants have a softcap or ALiBi (plain tiles skip their code).
-template <typename acc, bool kTransforms>
-void online_softmax_tile(int cols, int lanes, acc scale, const TileVariants<acc>& variants,
-                         acc* scores_t, acc* row_max, acc* row_sum, acc* sum_compensation,
-                         acc* correction) {
+// precision. kSoftcap, kAlibi: what the variants transform (plain tiles skip their code).
+template <typename acc, bool kSoftcap, bool kAlibi>
+void online_softmax_tile(int cols, int lanes, const TileVariants<acc>& variants, acc* scores_t,
+                         acc* row_max, acc* row_sum, acc* sum_compensation, acc* correction) {
   using Vec = at::vec::Vectorized<acc>;
   constexpr int W = kVecWidth<acc>;
   for (int v0 = 0; v0 < lanes; v0 += W) {
@@ -88,11 +87,8 @@ void online_softmax_tile(int cols, int lanes, acc scale, const TileVariants<acc>
     Vec new_max = old_max;
     for (int t = 0; t < cols; ++t) {
       acc* s = scores_t + t * kBlockM + v0;
-      Vec scaled = Vec::loadu(s) * Vec(scale);
-      if constexpr (kTransforms) {
-        Vec tanh_unused;
-        scaled = transformed<acc>(scaled, variants, t, v0, tanh_unused);
-      }
+      Vec scaled =
+          transformed_score<acc, kSoftcap, kAlibi>(Vec::loadu(s), variants, t, v0, nullptr);
       if (variants.first_lane != nullptr &&
           (variants.first_lane[t] > v0 || variants.end_lane[t] < v0 + W)) {
         scaled = Vec::blendv(scaled, Vec(-kInf<acc>),
@@ -171,9 +167,7 @@ void forward_tile(const ForwardParams& p, int batch, int head, int heads, const 
   const int key_begin =
       std::max(keys.begin, window_key_begin(tile.begin, e.len_q, e.len_k, window));
   const int key_end = std::min(keys.end, window_key_end(tile.end - 1, e.len_q, e.len_k, window));
-  TileVariants<acc> variants;
-  variants.softcap = static_cast<acc>(p.softcap);
-  if (p.alibi_slopes != nullptr) variants.alibi = &t.alibi;
+  TileVariants<acc> variants(p.scale, p.softcap, p.alibi_slopes != nullptr ? &t.alibi : nullptr);
   if (window.masks()) {
     variants.first_lane = t.first_lane.data();
     variants.end_lane = t.end_lane.data();
@@ -239,13 +233,11 @@ void forward_tile(const ForwardParams& p, int batch, int head, int heads, const 
     if (variants.alibi != nullptr) {
       fill_alibi_lanes<acc>(p, e, batch, head, heads, tile.begin, used, k0, t.alibi);
     }
-    if (variants.transforms()) {
-      online_softmax_tile<acc, true>(cols, lanes, static_cast<acc>(p.scale), variants, t.scores_t,
-                                     t.row_max, t.row_sum, t.sum_compensation, t.correction);
-    } else {
-      online_softmax_tile<acc, false>(cols, lanes, static_cast<acc>(p.scale), variants, t.scores_t,
-                                      t.row_max, t.row_sum, t.sum_compensation, t.correction);
-    }
+    with_score_transforms(variants, [&](auto softcap, auto alibi) {
+      online_softmax_tile<acc, decltype(softcap)::value, decltype(alibi)::value>(
+          cols, lanes, variants, t.scores_t, t.row_max, t.row_sum, t.sum_compensation,
+          t.correction);
+    });
     for (int r = 0; r < used; ++r) {
       if (t.correction[r] == acc(1)) continue;
       scale_in_place(t.out + r * ld, ld, t.correction[r]);

@@ -28,12 +28,20 @@ struct AlibiLanes {
 // Lanes [first_lane[c], end_lane[c]) may see key c (first_lane == nullptr: every lane may).
 template <typename acc>
 struct TileVariants {
+  acc scale = 1;
   acc softcap = 0;
+  // 2 · scale / softcap: a raw score's exponent in tanh x = 1 − 2 / (1 + exp(2x)).
+  acc softcap_exponent = 0;
   const AlibiLanes<acc>* alibi = nullptr;
   const int* first_lane = nullptr;
   const int* end_lane = nullptr;
 
-  bool transforms() const { return softcap != 0 || alibi != nullptr; }
+  TileVariants(double scale_value, double softcap_value, const AlibiLanes<acc>* alibi_lanes)
+      : scale(static_cast<acc>(scale_value)),
+        softcap(static_cast<acc>(softcap_value)),
+        softcap_exponent(softcap_value != 0 ? static_cast<acc>(2 * scale_value / softcap_value)
+                                            : acc(0)),
+        alibi(alibi_lanes) {}
 };
 
 // The slope of query head `head` of batch `batch`.
@@ -41,35 +49,44 @@ inline float alibi_slope(const ForwardParams& p, int batch, int head) {
   return p.alibi_slopes[batch * p.alibi_batch_stride + head];
 }
 
-// tanh on a vector: float32 as 2 / (1 + exp(-2x)) - 1 on the kernels' own exp (Sleef's tanh cost
-// a softcapped forward half again its time; the absolute error stays near float32's ulp of 1);
-// float64 keeps Sleef's, exact for gradcheck.
-template <typename acc>
-inline at::vec::Vectorized<acc> vec_tanh(at::vec::Vectorized<acc> x) {
-  using Vec = at::vec::Vectorized<acc>;
-  if constexpr (std::is_same_v<acc, float>) {
-    return Vec(2) / (Vec(1) + vec_exp<acc>(Vec(-2) * x)) - Vec(1);
-  } else {
-    return x.tanh();
+// Calls f(std::bool_constant<softcap>(), std::bool_constant<alibi>()): the variants a tile's
+// score code is compiled for, so that each combination runs without tests per score.
+template <typename acc, typename F>
+void with_score_transforms(const TileVariants<acc>& v, F&& f) {
+  const bool alibi = v.alibi != nullptr;
+  if (v.softcap != 0) {
+    if (alibi) return f(std::true_type(), std::true_type());
+    return f(std::true_type(), std::false_type());
   }
+  if (alibi) return f(std::false_type(), std::true_type());
+  f(std::false_type(), std::false_type());
 }
 
-// softcap · tanh(s / softcap), and in `tanh_out` the tanh (the backward's derivative needs it).
-template <typename acc>
-inline at::vec::Vectorized<acc> capped(at::vec::Vectorized<acc> s, acc softcap,
-                                       at::vec::Vectorized<acc>& tanh_out) {
+// The scaled score raw · scale of key c (tile-local) for lanes [v0, v0 + W), through the softcap
+// (kSoftcap) and ALiBi (kAlibi). With `slope`, also d score / d raw there: scale, times 1 − tanh²
+// under the softcap. Float32 takes tanh x as 1 − q with q = 2 / (1 + exp(2x)), on the kernels' own
+// exp (Sleef's tanh cost a softcapped forward half again its time; the absolute error stays near
+// float32's ulp of 1), and 1 − tanh² as q · (2 − q); float64 keeps Sleef's tanh, exact for
+// gradcheck.
+template <typename acc, bool kSoftcap, bool kAlibi>
+inline at::vec::Vectorized<acc> transformed_score(at::vec::Vectorized<acc> raw,
+                                                  const TileVariants<acc>& v, int c, int v0,
+                                                  at::vec::Vectorized<acc>* slope) {
   using Vec = at::vec::Vectorized<acc>;
-  tanh_out = vec_tanh<acc>(s * Vec(acc(1) / softcap));
-  return tanh_out * Vec(softcap);
-}
-
-// Scaled scores of key c (tile-local) for lanes [v0, v0 + W) through the softcap and ALiBi.
-template <typename acc>
-inline at::vec::Vectorized<acc> transformed(at::vec::Vectorized<acc> s, const TileVariants<acc>& v,
-                                            int c, int v0, at::vec::Vectorized<acc>& tanh_out) {
-  using Vec = at::vec::Vectorized<acc>;
-  if (v.softcap != 0) s = capped<acc>(s, v.softcap, tanh_out);
-  if (v.alibi != nullptr) {
+  Vec s;
+  if constexpr (!kSoftcap) {
+    s = raw * Vec(v.scale);
+    if (slope != nullptr) *slope = Vec(v.scale);
+  } else if constexpr (std::is_same_v<acc, float>) {
+    const Vec q = Vec(2) / (Vec(1) + vec_exp<acc>(raw * Vec(v.softcap_exponent)));
+    s = Vec(v.softcap) - q * Vec(v.softcap);
+    if (slope != nullptr) *slope = Vec(v.scale) * q * (Vec(2) - q);
+  } else {
+    const Vec t = (raw * Vec(v.scale / v.softcap)).tanh();
+    s = t * Vec(v.softcap);
+    if (slope != nullptr) *slope = Vec(v.scale) * (Vec(1) - t * t);
+  }
+  if constexpr (kAlibi) {
     const Vec distance = (Vec::loadu(v.alibi->position + v0) - Vec(static_cast<acc>(c))).abs();
     s = s - Vec::loadu(v.alibi->slope + v0) * distance;
   }
