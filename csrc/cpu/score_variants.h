@@ -30,7 +30,7 @@ template <typename acc>
 struct TileVariants {
   acc scale = 1;
   acc softcap = 0;
-  // 2 · scale / softcap: a raw score's exponent in tanh x = 1 − 2 / (1 + exp(2x)).
+  // 2 · scale / softcap · log2(e): a raw score's power of 2 in tanh x = 1 − 2 / (1 + exp(2x)).
   acc softcap_exponent = 0;
   const AlibiLanes<acc>* alibi = nullptr;
   const int* first_lane = nullptr;
@@ -39,7 +39,8 @@ struct TileVariants {
   TileVariants(double scale_value, double softcap_value, const AlibiLanes<acc>* alibi_lanes)
       : scale(static_cast<acc>(scale_value)),
         softcap(static_cast<acc>(softcap_value)),
-        softcap_exponent(softcap_value != 0 ? static_cast<acc>(2 * scale_value / softcap_value)
+        softcap_exponent(softcap_value != 0 ? static_cast<acc>(2 * scale_value / softcap_value *
+                                                               1.4426950408889634)
                                             : acc(0)),
         alibi(alibi_lanes) {}
 };
@@ -47,6 +48,27 @@ struct TileVariants {
 // The slope of query head `head` of batch `batch`.
 inline float alibi_slope(const ForwardParams& p, int batch, int head) {
   return p.alibi_slopes[batch * p.alibi_batch_stride + head];
+}
+
+// 2^u for the softcap's tanh, cheaper than the softmax's exp: u is clamped to ±64, where tanh has
+// long saturated, and 2^u is a degree-5 polynomial (a relative minimax fit) in u's distance to its
+// nearest integer n, scaled by 2^n: within a few float32 ulps. AVX-512 only (it scales by vscalef);
+// other vectors take vec_exp. A NaN stays NaN.
+inline at::vec::Vectorized<float> tanh_exp2(at::vec::Vectorized<float> u) {
+#if defined(CPU_CAPABILITY_AVX512)
+  u = _mm512_max_ps(_mm512_set1_ps(-64.0f), _mm512_min_ps(_mm512_set1_ps(64.0f), u));
+  const __m512 n = _mm512_roundscale_ps(u, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(u, n);
+  __m512 p = _mm512_set1_ps(1.327645848505199e-3f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.675540961325169e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550713464617729e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022120237350464e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931469440460205e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0000001192092896f));
+  return _mm512_scalef_ps(p, n);
+#else
+  return vec_exp<float>(u * at::vec::Vectorized<float>(0.6931471805599453f));
+#endif
 }
 
 // Calls f(std::bool_constant<softcap>(), std::bool_constant<alibi>()): the variants a tile's
@@ -64,8 +86,8 @@ void with_score_transforms(const TileVariants<acc>& v, F&& f) {
 
 // The scaled score raw · scale of key c (tile-local) for lanes [v0, v0 + W), through the softcap
 // (kSoftcap) and ALiBi (kAlibi). With `slope`, also d score / d raw there: scale, times 1 − tanh²
-// under the softcap. Float32 takes tanh x as 1 − q with q = 2 / (1 + exp(2x)), on the kernels' own
-// exp (Sleef's tanh cost a softcapped forward half again its time; the absolute error stays near
+// under the softcap. Float32 takes tanh x as 1 − q with q = 2 / (1 + exp(2x)), on tanh_exp2
+// (Sleef's tanh cost a softcapped forward half again its time; the absolute error stays near
 // float32's ulp of 1), and 1 − tanh² as q · (2 − q); float64 keeps Sleef's tanh, exact for
 // gradcheck.
 template <typename acc, bool kSoftcap, bool kAlibi>
@@ -78,7 +100,7 @@ inline at::vec::Vectorized<acc> transformed_score(at::vec::Vectorized<acc> raw,
     s = raw * Vec(v.scale);
     if (slope != nullptr) *slope = Vec(v.scale);
   } else if constexpr (std::is_same_v<acc, float>) {
-    const Vec q = Vec(2) / (Vec(1) + vec_exp<acc>(raw * Vec(v.softcap_exponent)));
+    const Vec q = Vec(2) / (Vec(1) + tanh_exp2(raw * Vec(v.softcap_exponent)));
     s = Vec(v.softcap) - q * Vec(v.softcap);
     if (slope != nullptr) *slope = Vec(v.scale) * q * (Vec(2) - q);
   } else {
