@@ -11,6 +11,7 @@
 #include "vector_isa.h"  // first: it picks the SIMD flavour of the ATen headers below
 // clang-format on
 #include <algorithm>
+#include <memory>
 #include <vector>
 
 #include "attention_cpu.h"
@@ -131,9 +132,8 @@ std::vector<acc_t<scalar_t>> compute_delta(const BackwardParams& p) {
                       h * p.out_head_stride + n * p.out_row_stride;
       const auto* g = static_cast<const scalar_t*>(p.grad_out) + b * p.grad_out_batch_stride +
                       h * p.grad_out_head_stride + n * p.grad_out_row_stride;
-      acc sum = 0;
-      for (int d = 0; d < p.head_dim; ++d) sum += static_cast<acc>(o[d]) * static_cast<acc>(g[d]);
-      delta[i] = sum - (p.grad_lse ? static_cast<const acc*>(p.grad_lse)[i] : acc(0));
+      delta[i] = dot_row(o, g, p.head_dim) -
+                 (p.grad_lse ? static_cast<const acc*>(p.grad_lse)[i] : acc(0));
     }
   });
   return delta;
@@ -482,39 +482,47 @@ void zero_query_grads_of_keyless_blocks(const BackwardParams& p) {
 }
 
 // grad_q of split blocks = the sum of their ranges' partials, in range order (rows outside
-// every span see no key: zero).
+// every span see no key: zero). Split over chunks of rows too: a single long block's sum is
+// otherwise one thread's work while the others wait.
 template <typename scalar_t>
 void reduce_query_grad_partials(const BackwardParams& p, const QueryGradTarget& target,
                                 const acc_t<scalar_t>* partials) {
   using acc = acc_t<scalar_t>;
-  std::vector<int> split;
+  constexpr int kChunkRows = 256;
+  struct Chunk {
+    int block;
+    int row_begin;
+  };
+  std::vector<Chunk> chunks;
   for (int j = 0; j < p.num_blocks; ++j) {
-    if (!target.whole(j)) split.push_back(j);
+    if (target.whole(j)) continue;
+    const int len_q = block_extent(p, j).len_q;
+    for (int r = 0; r < len_q; r = tile_end(r, len_q, kChunkRows)) chunks.push_back({j, r});
   }
   const int64_t heads = static_cast<int64_t>(p.batch) * p.heads_q;
   at::parallel_for(
-      0, static_cast<int64_t>(split.size()) * heads, 1, [&](int64_t begin, int64_t end) {
+      0, static_cast<int64_t>(chunks.size()) * heads, 1, [&](int64_t begin, int64_t end) {
         std::vector<acc> sum(p.head_dim);
         for (int64_t i = begin; i < end; ++i) {
-          const int j = split[i / heads];
+          const Chunk& chunk = chunks[i / heads];
           const int64_t batch_head = i % heads;
           const int b = static_cast<int>(batch_head / p.heads_q);
           const int h = static_cast<int>(batch_head % p.heads_q);
-          const BlockExtent e = block_extent(p, j);
+          const BlockExtent e = block_extent(p, chunk.block);
           auto* dq = static_cast<scalar_t*>(p.grad_q) + b * p.grad_q_batch_stride +
                      h * p.grad_q_head_stride + e.q_start * p.grad_q_row_stride;
-          for (int r = 0; r < e.len_q; ++r) {
+          const int row_end = std::min(e.len_q, chunk.row_begin + kChunkRows);
+          for (int r = chunk.row_begin; r < row_end; ++r) {
             std::fill(sum.begin(), sum.end(), acc(0));
-            for (const QuerySpan& span : target.spans[j]) {
+            for (const QuerySpan& span : target.spans[chunk.block]) {
               if (r < span.begin || r >= span.end) continue;
               const int64_t span_rows = span.end - span.begin;
               const acc* row =
                   partials + span.offset + (batch_head * span_rows + r - span.begin) * p.head_dim;
               for (int d = 0; d < p.head_dim; ++d) sum[d] += row[d];
             }
-            for (int d = 0; d < p.head_dim; ++d) {
-              dq[r * p.grad_q_row_stride + d] = static_cast<scalar_t>(sum[d]);
-            }
+            unpack_rows<scalar_t>(sum.data(), p.head_dim, 1, p.head_dim, nullptr,
+                                  dq + r * p.grad_q_row_stride, p.grad_q_row_stride);
           }
         }
       });
@@ -535,7 +543,8 @@ void run_backward(const BackwardParams& p) {
   for (const WorkItem& item : items) {
     max_range_keys = std::max(max_range_keys, item.key_end - item.key_begin);
   }
-  std::vector<acc> partials(target.partial_size);
+  // Every row of every span is written by its range's item: no need to clear it first.
+  const std::unique_ptr<acc[]> partials(new acc[target.partial_size]);
 
   zero_query_grads_of_keyless_blocks<scalar_t>(p);
   zero_gradient_rows_after_blocks<scalar_t>(p);
@@ -543,9 +552,9 @@ void run_backward(const BackwardParams& p) {
       static_cast<int64_t>(items.size()),
       [&] { return BackwardScratch<scalar_t>(p.head_dim, max_range_keys); },
       [&](int64_t i, BackwardScratch<scalar_t>& scratch) {
-        backward_item<scalar_t>(p, delta, items[i], target, partials.data(), scratch);
+        backward_item<scalar_t>(p, delta, items[i], target, partials.get(), scratch);
       });
-  reduce_query_grad_partials<scalar_t>(p, target, partials.data());
+  reduce_query_grad_partials<scalar_t>(p, target, partials.get());
 }
 
 template void run_backward<float>(const BackwardParams&);

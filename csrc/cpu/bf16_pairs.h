@@ -10,6 +10,7 @@
 #define BLOCK_ATTN_BF16_PAIRS 1
 #endif
 
+#include <ATen/cpu/vec/vec.h>
 #include <c10/util/BFloat16.h>
 
 #include <cstdint>
@@ -48,9 +49,19 @@ using PairMatrix = StridedMatrix<Bf16Pair>;
 
 // dst[p * ld + r] = (src[r][2p], src[r][2p + 1]): rows become lanes, pairs run along dim (zero
 // high half when dim is odd). Q and dO as the B operand of products reduced over head_dim.
+// bf16 rows of even length and stride are rows of pairs already: a transpose of 32-bit words,
+// which at::vec's register transpose does (bit for bit: it only moves them).
 template <typename scalar_t>
 inline void pack_pairs_transposed(const scalar_t* src, int64_t stride, int rows, int dim,
                                   Bf16Pair* dst, int64_t ld) {
+#ifdef BLOCK_ATTN_BF16_PAIRS
+  if (std::is_same_v<scalar_t, c10::BFloat16> && dim % 2 == 0 && stride % 2 == 0 &&
+      reinterpret_cast<uintptr_t>(src) % 4 == 0) {
+    at::vec::transpose_mxn<float>(reinterpret_cast<const float*>(src), stride / 2,
+                                  reinterpret_cast<float*>(dst), ld, rows, dim / 2);
+    return;
+  }
+#endif
   for (int r = 0; r < rows; ++r) {
     const scalar_t* in = src + r * stride;
     for (int p = 0; 2 * p < dim; ++p) {

@@ -28,32 +28,6 @@ constexpr int kFewQueries = 8;
 // prefetched.
 constexpr int kPrefetchKeys = 16;
 
-// `count` (≤ one vector) elements of `src` in the accumulation type, zero past `count`.
-template <typename scalar_t>
-inline at::vec::Vectorized<acc_t<scalar_t>> load_as_acc(const scalar_t* src, int count) {
-  using Vec = at::vec::Vectorized<acc_t<scalar_t>>;
-  constexpr int W = kVecWidth<acc_t<scalar_t>>;
-  if constexpr (std::is_same_v<scalar_t, acc_t<scalar_t>>) {
-    return count == W ? Vec::loadu(src) : Vec::loadu(src, count);
-  } else {
-    Vec out;
-    if (count == W) {
-      at::vec::load_to_float(src, out);
-    } else {
-      scalar_t tail[W] = {};  // a full-width load would read past the row
-      std::copy(src, src + count, tail);
-      at::vec::load_to_float(tail, out);
-    }
-    return out;
-  }
-}
-
-template <typename T>
-inline T horizontal_sum(const at::vec::Vectorized<T>& v) {
-  return at::vec::vec_reduce_all<T>(
-      [](const at::vec::Vectorized<T>& a, const at::vec::Vectorized<T>& b) { return a + b; }, v);
-}
-
 // Rows of K and V read next: the tile's keys, and the value rows P · V will read after it.
 template <typename scalar_t>
 struct KeyValueRows {

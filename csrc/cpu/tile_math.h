@@ -2,6 +2,7 @@
 // (plain or transposed), and the vectorised exponentials of the softmax.
 #pragma once
 
+#include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -154,6 +155,45 @@ inline at::vec::Vectorized<T> vec_exp(at::vec::Vectorized<T> x) {
   } else {
     return x.exp();
   }
+}
+
+// `count` (≤ one vector) elements of `src` in the accumulation type, zero past `count`.
+template <typename scalar_t>
+inline at::vec::Vectorized<acc_t<scalar_t>> load_as_acc(const scalar_t* src, int count) {
+  using Vec = at::vec::Vectorized<acc_t<scalar_t>>;
+  constexpr int W = kVecWidth<acc_t<scalar_t>>;
+  if constexpr (std::is_same_v<scalar_t, acc_t<scalar_t>>) {
+    return count == W ? Vec::loadu(src) : Vec::loadu(src, count);
+  } else {
+    Vec out;
+    if (count == W) {
+      at::vec::load_to_float(src, out);
+    } else {
+      scalar_t tail[W] = {};  // a full-width load would read past the row
+      std::copy(src, src + count, tail);
+      at::vec::load_to_float(tail, out);
+    }
+    return out;
+  }
+}
+
+template <typename T>
+inline T horizontal_sum(const at::vec::Vectorized<T>& v) {
+  return at::vec::vec_reduce_all<T>(
+      [](const at::vec::Vectorized<T>& a, const at::vec::Vectorized<T>& b) { return a + b; }, v);
+}
+
+// Σ_d a[d] · b[d] over one row each, in the accumulation type.
+template <typename scalar_t>
+inline acc_t<scalar_t> dot_row(const scalar_t* a, const scalar_t* b, int dim) {
+  using acc = acc_t<scalar_t>;
+  constexpr int W = kVecWidth<acc>;
+  at::vec::Vectorized<acc> sum(0);
+  for (int d = 0; d < dim; d += W) {
+    const int count = std::min(W, dim - d);
+    sum = at::vec::fmadd(load_as_acc(a + d, count), load_as_acc(b + d, count), sum);
+  }
+  return horizontal_sum(sum);
 }
 
 // x[i] *= factor
