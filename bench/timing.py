@@ -6,6 +6,7 @@ stream); figures are medians, so a stray slow call from other load does not move
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable, Mapping
@@ -33,14 +34,15 @@ def sample_ms(
     device: str,
     reps: int,
     warmup: int = 1,
-    calls: int = 1,
+    calls: int | Mapping[str, int] = 1,
     before_call: Callable[[], object] | None = None,
 ) -> dict[str, list[float]]:
     """Milliseconds per call of each step in ``reps`` interleaved rounds after ``warmup`` rounds.
 
     Each round calls every step in turn, so a slow stretch of a shared machine hits them alike.
     Each sample is ``calls`` calls between two synchronisations, divided by ``calls`` (several
-    calls keep short CUDA calls from being timed by their launch latency). ``before_call`` runs
+    calls keep short CUDA calls from being timed by their launch latency; a mapping gives each
+    step its own count, see ``calls_lasting``). ``before_call`` runs
     before each sample, outside the time (e.g. a barrier between processes).
     """
     for _ in range(warmup):
@@ -52,12 +54,25 @@ def sample_ms(
             if before_call is not None:
                 before_call()
             synchronize(device)
+            count = calls[name] if isinstance(calls, Mapping) else calls
             start = time.perf_counter()
-            for _ in range(calls):
+            for _ in range(count):
                 fn()
             synchronize(device)
-            times[name].append((time.perf_counter() - start) * 1e3 / calls)
+            times[name].append((time.perf_counter() - start) * 1e3 / count)
     return times
+
+
+def calls_lasting(
+    steps: Mapping[str, Callable[[], object]], device: str, min_ms: float
+) -> dict[str, int]:
+    """Calls per sample that make each step's sample last at least ``min_ms``, from one timed call
+    of each (which also warms it up): short steps are otherwise timed at the clock's and the
+    scheduler's grain on a shared machine."""
+    return {
+        name: max(1, math.ceil(min_ms / (call_seconds(fn, device) * 1e3)))
+        for name, fn in steps.items()
+    }
 
 
 def summarize(samples_ms: list[float]) -> dict:

@@ -24,7 +24,7 @@ from collections.abc import Callable
 import torch
 
 import block_attn
-from bench.timing import sample_ms, summarize
+from bench.timing import calls_lasting, sample_ms, summarize
 
 BACKWARD_FLOPS_FACTOR = 2.5  # five tile products against the forward's two
 
@@ -80,7 +80,8 @@ def window_rows(args, dtype, dim) -> list[dict]:
                 steps[f"window {window}"] = make_step(
                     q, k, v, backward, causal=True, window_size=(window, 0)
                 )
-            times = sample_ms(steps, args.device, reps=args.reps, warmup=1)
+            calls = calls_lasting(steps, args.device, args.min_sample_ms)
+            times = sample_ms(steps, args.device, reps=args.reps, warmup=0, calls=calls)
             factor = 1 + (BACKWARD_FLOPS_FACTOR if backward else 0)
             for name, samples in times.items():
                 window = None if name == "causal" else int(name.split()[1])
@@ -113,7 +114,9 @@ def overhead_rows(args, dtype, dim) -> list[dict]:
         "dropout 0.1": dict(dropout_p=0.1),
     }
     steps = {name: make_step(q, k, v, True, causal=True, **kw) for name, kw in variants.items()}
-    times = {n: summarize(s)["ms"] for n, s in sample_ms(steps, args.device, args.reps).items()}
+    calls = calls_lasting(steps, args.device, args.min_sample_ms)
+    samples = sample_ms(steps, args.device, args.reps, warmup=0, calls=calls)
+    times = {n: summarize(s)["ms"] for n, s in samples.items()}
     return [
         shape_row(
             "overhead",
@@ -218,7 +221,10 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=1)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--overhead-seqlen", type=int, default=4096)
-    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument(
+        "--min-sample-ms", type=float, default=50.0, help="repeat short calls within a sample"
+    )
     parser.add_argument("--quick", action="store_true", help="skip the overhead rows")
     parser.add_argument("--peers", action="store_true", help="time FlexAttention and SDPA instead")
     parser.add_argument("--max-dense-bytes", type=int, default=2**31)
