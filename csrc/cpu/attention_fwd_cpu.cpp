@@ -31,6 +31,9 @@ namespace {
 constexpr int kBlockM = kTileLanes;
 constexpr int kBlockN = 256;
 constexpr int64_t kTilesPerTake = 4;
+// Where K and V are converted to float for the products, neighbouring tiles taken together share
+// one conversion of their keys.
+constexpr int64_t kConvertedTilesPerTake = 8;
 // A query's output sums at most this many key tiles (4096 keys) in plain float before the sum
 // is added, compensated, to its running total: a plain float sum over a whole long row stops
 // growing once it passes 2^24 times its terms. Rows of up to that many tiles never add.
@@ -184,6 +187,11 @@ void forward_tile(const ForwardParams& p, int batch, int head, int heads, const 
     prefetch_rows(v + key_begin * p.v_row_stride, p.v_row_stride, first_keys, dim);
   }
   if (few) {
+    t.products.drop_kept_keys();  // a few queries read K rows as they are
+  } else {
+    t.products.keep_keys(k, p.k_row_stride, v, p.v_row_stride, key_begin, key_end);
+  }
+  if (few) {
     for (int lane = 0; lane < used; ++lane) {
       pack_rows(query_row(lane), 0, 1, dim, t.query_rows.get() + lane * ld, ld);
     }
@@ -217,7 +225,7 @@ void forward_tile(const ForwardParams& p, int batch, int head, int heads, const 
       few_query_scores(rows_now, cols, dim, t.query_rows.get(), ld, used, lanes, t.scores_t,
                        kBlockM);
     } else {
-      t.products.scores(k + k0 * p.k_row_stride, p.k_row_stride, cols, lanes, t.scores_t);
+      t.products.scores(k + k0 * p.k_row_stride, p.k_row_stride, k0, cols, lanes, t.scores_t);
     }
     if (window.masks()) {
       for (int c = 0; c < cols; ++c) {
@@ -253,8 +261,8 @@ void forward_tile(const ForwardParams& p, int batch, int head, int heads, const 
       multiply_in_place(t.scores_t, t.dropout_factors.get(), cols * kBlockM);
     }
     // O += P · V.
-    t.products.accumulate_values(t.scores_t, v + k0 * p.v_row_stride, p.v_row_stride, cols, used,
-                                 t.out);
+    t.products.accumulate_values(t.scores_t, v + k0 * p.v_row_stride, p.v_row_stride, k0, cols,
+                                 used, t.out);
     if (++tiles_in_out == kTilesPerSum && tile_end(k0, key_end, kBlockN) < key_end) {
       const int64_t size = static_cast<int64_t>(used) * ld;
       if (!has_total) {
@@ -362,19 +370,56 @@ void run_forward(const ForwardParams& p) {
     }
   }
   std::vector<acc> partials(partial_size);
-  std::stable_sort(items.begin(), items.end(),
-                   [](const Item& a, const Item& b) { return a.cost > b.cost; });
   // A thread takes up to kTilesPerTake consecutive whole items of one (head, block) at a time:
   // they read the same K and V tiles, which then come from its own cache. Key ranges go alone.
-  std::vector<int64_t> takes;
-  for (int64_t i = 0; i < static_cast<int64_t>(items.size()); ++i) {
-    const bool same_block = !takes.empty() && i - takes.back() < kTilesPerTake &&
-                            items[i].partial < 0 && items[i - 1].partial < 0 &&
-                            items[i].head == items[i - 1].head &&
-                            tiles[items[i].tile].block == tiles[items[i - 1].tile].block;
-    if (!same_block) takes.push_back(i);
+  auto same_take = [&](const Item& a, const Item& b) {
+    return a.partial < 0 && b.partial < 0 && a.head == b.head &&
+           tiles[a.tile].block == tiles[b.tile].block;
+  };
+  std::vector<int64_t> takes;  // take j is items [takes[j], takes[j + 1])
+  auto close_takes = [&](int64_t tiles_per_take) {
+    takes = {0};
+    for (int64_t i = 1; i < static_cast<int64_t>(items.size()); ++i) {
+      if (i - takes.back() == tiles_per_take || !same_take(items[i], items[i - 1])) {
+        takes.push_back(i);
+      }
+    }
+    if (!items.empty()) takes.push_back(static_cast<int64_t>(items.size()));
+  };
+  // Where the products convert K and V (float16/bfloat16 on float products), neighbouring tiles
+  // are taken together whatever their costs, the one reaching furthest first, so that one
+  // conversion of its keys serves the others; the takes are then ordered costliest first (as long
+  // as there are enough of them to share out evenly).
+  constexpr bool kConvertsKeys = !std::is_same_v<scalar_t, acc> && !kUsesBf16Pairs<scalar_t>;
+  bool taken = false;
+  if (kConvertsKeys && !items.empty()) {
+    close_takes(kConvertedTilesPerTake);
+    const int64_t count = static_cast<int64_t>(takes.size()) - 1;
+    if (count >= 4 * planning_threads()) {
+      std::vector<int64_t> order(count);
+      std::vector<int64_t> costs(count, 0);
+      for (int64_t t = 0; t < count; ++t) {
+        order[t] = t;
+        for (int64_t i = takes[t]; i < takes[t + 1]; ++i) costs[t] += items[i].cost;
+      }
+      std::stable_sort(order.begin(), order.end(),
+                       [&](int64_t a, int64_t b) { return costs[a] > costs[b]; });
+      std::vector<Item> ordered;
+      std::vector<int64_t> bounds = {0};
+      for (int64_t t : order) {
+        for (int64_t i = takes[t + 1] - 1; i >= takes[t]; --i) ordered.push_back(items[i]);
+        bounds.push_back(static_cast<int64_t>(ordered.size()));
+      }
+      items = std::move(ordered);
+      takes = std::move(bounds);
+      taken = true;
+    }
   }
-  takes.push_back(static_cast<int64_t>(items.size()));
+  if (!taken) {
+    std::stable_sort(items.begin(), items.end(),
+                     [](const Item& a, const Item& b) { return a.cost > b.cost; });
+    close_takes(kTilesPerTake);
+  }
   run_work_items(
       static_cast<int64_t>(takes.size()) - 1, [&] { return ForwardScratch<scalar_t>(p.head_dim); },
       [&](int64_t take, ForwardScratch<scalar_t>& scratch) {

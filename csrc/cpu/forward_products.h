@@ -4,8 +4,11 @@
 // P rounded to bf16 before P · V, as in FlashAttention's low-precision kernels.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
+#include <optional>
 #include <type_traits>
+#include <utility>
 
 #include "bf16_pairs.h"
 #include "tile_math.h"
@@ -29,25 +32,63 @@ class FloatForwardProducts {
     pack_rows_transposed(q, stride, rows, dim_, q_t_.get(), kBlockM);
   }
 
-  // scores_t (cols × lanes, row stride kBlockM) = K · Qᵀ, unscaled.
-  void scores(const scalar_t* k, int64_t stride, int cols, int lanes, acc* scores_t) {
+  // Keeps keys [begin, end) of the block whose K and V rows start at `k` and `v` converted to the
+  // accumulation type, converting only the rows not kept yet: the query tiles a thread takes in
+  // turn from one block then share one conversion (float16/bfloat16 inputs; float32 and float64
+  // rows are read in place anyway). True when the keys are kept and scores / accumulate_values
+  // will read them from there; false (nothing kept) for float inputs and blocks of more keys than
+  // kMaxKeptKeys.
+  bool keep_keys(const scalar_t* k, int64_t k_stride, const scalar_t* v, int64_t v_stride,
+                 int begin, int end) {
+    if (std::is_same_v<scalar_t, acc> || end - begin > kMaxKeptKeys) {
+      kept_k_ = nullptr;
+      return false;
+    }
+    if (k != kept_k_ || v != kept_v_ || begin < kept_begin_ || end - kept_begin_ > kMaxKeptKeys) {
+      kept_k_ = k;
+      kept_v_ = v;
+      kept_begin_ = kept_end_ = begin;
+    }
+    if (end > kept_end_) {
+      reserve_kept(end - kept_begin_);
+      const int64_t first = static_cast<int64_t>(kept_end_ - kept_begin_) * ld_;
+      pack_rows(k + kept_end_ * k_stride, k_stride, end - kept_end_, dim_,
+                kept_keys_->get() + first, ld_);
+      pack_rows(v + kept_end_ * v_stride, v_stride, end - kept_end_, dim_,
+                kept_values_->get() + first, ld_);
+      kept_end_ = end;
+    }
+    return true;
+  }
+
+  // Keeps no keys: scores / accumulate_values convert their own tiles again.
+  void drop_kept_keys() { kept_k_ = nullptr; }
+
+  // scores_t (cols × lanes, row stride kBlockM) = K · Qᵀ, unscaled, for the key rows from `k`
+  // (key `key` of the kept block when keys are kept).
+  void scores(const scalar_t* k, int64_t stride, int key, int cols, int lanes, acc* scores_t) {
     StridedMatrix<acc> k_rows{k_.get(), ld_, 1};
     if constexpr (std::is_same_v<scalar_t, acc>) {
       k_rows = {k, stride, 1};  // only broadcast from: any row stride will do
+    } else if (kept_k_ != nullptr) {
+      k_rows = {kept_keys_->get() + static_cast<int64_t>(key - kept_begin_) * ld_, ld_, 1};
     } else {
       pack_rows(k, stride, cols, dim_, k_.get(), ld_);
     }
     tile_product<acc>(false, cols, lanes, dim_, k_rows, q_t_.get(), kBlockM, scores_t, kBlockM);
   }
 
-  // out (rows × ld, ld = padded dim) += P · V, with P read from its transposed tile.
-  void accumulate_values(const acc* probs_t, const scalar_t* v, int64_t stride, int cols, int rows,
-                         acc* out) {
+  // out (rows × ld, ld = padded dim) += P · V, with P read from its transposed tile, for the
+  // value rows from `v` (key `key` of the kept block when keys are kept).
+  void accumulate_values(const acc* probs_t, const scalar_t* v, int64_t stride, int key, int cols,
+                         int rows, acc* out) {
     const acc* v_rows = v_.get();
     int64_t v_stride = ld_;
     if (std::is_same_v<scalar_t, acc> && dim_ == ld_) {  // rows are whole vectors: in place
       v_rows = reinterpret_cast<const acc*>(v);
       v_stride = stride;
+    } else if (kept_k_ != nullptr) {
+      v_rows = kept_values_->get() + static_cast<int64_t>(key - kept_begin_) * ld_;
     } else {
       pack_rows(v, stride, cols, dim_, v_.get(), ld_);
     }
@@ -55,9 +96,33 @@ class FloatForwardProducts {
   }
 
  private:
+  // Kept keys at most: 4096 rows of K and V at head_dim 128 are 4 MB of float32 per thread.
+  static constexpr int kMaxKeptKeys = 4096;
+
+  // Room for `rows` kept rows of K and V, the rows kept so far copied over.
+  void reserve_kept(int rows) {
+    if (rows <= kept_capacity_) return;
+    const int capacity = std::min(kMaxKeptKeys, std::max(rows, 2 * kept_capacity_));
+    const int64_t size = static_cast<int64_t>(capacity) * ld_;
+    const int64_t used = static_cast<int64_t>(kept_end_ - kept_begin_) * ld_;
+    std::optional<AlignedBuffer<acc>> keys(std::in_place, size), values(std::in_place, size);
+    if (kept_keys_) {
+      std::copy_n(kept_keys_->get(), used, keys->get());
+      std::copy_n(kept_values_->get(), used, values->get());
+    }
+    kept_keys_ = std::move(keys);
+    kept_values_ = std::move(values);
+    kept_capacity_ = capacity;
+  }
+
   int dim_;
   int ld_;
   AlignedBuffer<acc> q_t_, k_, v_;
+  std::optional<AlignedBuffer<acc>> kept_keys_, kept_values_;
+  int kept_capacity_ = 0;
+  const scalar_t* kept_k_ = nullptr;  // the kept block's first K row, or nullptr: none kept
+  const scalar_t* kept_v_ = nullptr;
+  int kept_begin_ = 0, kept_end_ = 0;
 };
 
 #ifdef BLOCK_ATTN_BF16_PAIRS
@@ -78,7 +143,14 @@ class Bf16ForwardProducts {
     pack_pairs_transposed(q, stride, rows, dim_, q_pairs_.get(), kBlockM);
   }
 
-  void scores(const c10::BFloat16* k, int64_t stride, int cols, int lanes, float* scores_t) {
+  // bf16 pairs are packed per tile (or read in place): nothing is kept.
+  bool keep_keys(const c10::BFloat16*, int64_t, const c10::BFloat16*, int64_t, int, int) {
+    return false;
+  }
+  void drop_kept_keys() {}
+
+  void scores(const c10::BFloat16* k, int64_t stride, int /*key*/, int cols, int lanes,
+              float* scores_t) {
     PairMatrix k_rows{k_pairs_.get(), pairs_, 1};
     // Even rows of even length are already pairs.
     if (dim_ % 2 == 0 && stride % 2 == 0 && reinterpret_cast<uintptr_t>(k) % 4 == 0) {
@@ -90,8 +162,8 @@ class Bf16ForwardProducts {
                                    scores_t, kBlockM);
   }
 
-  void accumulate_values(const float* probs_t, const c10::BFloat16* v, int64_t stride, int cols,
-                         int rows, float* out) {
+  void accumulate_values(const float* probs_t, const c10::BFloat16* v, int64_t stride, int /*key*/,
+                         int cols, int rows, float* out) {
     const int lanes = padded<float>(rows);
     pack_row_pairs(probs_t, kBlockM, cols, lanes, prob_pairs_.get(), kBlockM);
     pack_row_pairs(v, stride, cols, dim_, v_pairs_.get(), ld_);
