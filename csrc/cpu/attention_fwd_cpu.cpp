@@ -188,22 +188,21 @@ void forward_tile(const ForwardParams& p, int batch, int head, int heads, const 
   }
   if (few) {
     t.products.drop_kept_keys();  // a few queries read K rows as they are
-  } else {
-    t.products.keep_keys(k, p.k_row_stride, v, p.v_row_stride, key_begin, key_end);
-  }
-  if (few) {
     for (int lane = 0; lane < used; ++lane) {
       pack_rows(query_row(lane), 0, 1, dim, t.query_rows.get() + lane * ld, ld);
     }
-  } else if (heads == 1) {
-    t.products.load_queries(q, p.q_row_stride, rows);
   } else {
-    scalar_t* gathered = t.gathered_queries.get();
-    for (int lane = 0; lane < used; ++lane) {
-      std::copy(query_row(lane), query_row(lane) + dim,
-                gathered + static_cast<int64_t>(lane) * dim);
+    t.products.keep_keys(k, p.k_row_stride, v, p.v_row_stride, key_begin, key_end);
+    if (heads == 1) {
+      t.products.load_queries(q, p.q_row_stride, rows);
+    } else {
+      scalar_t* gathered = t.gathered_queries.get();
+      for (int lane = 0; lane < used; ++lane) {
+        std::copy(query_row(lane), query_row(lane) + dim,
+                  gathered + static_cast<int64_t>(lane) * dim);
+      }
+      t.products.load_queries(gathered, dim, used);
     }
-    t.products.load_queries(gathered, dim, used);
   }
   const bool dropout = p.dropout_seed_offset != nullptr;
   if (dropout) {
@@ -390,9 +389,8 @@ void run_forward(const ForwardParams& p) {
   // are taken together whatever their costs, the one reaching furthest first, so that one
   // conversion of its keys serves the others; the takes are then ordered costliest first (as long
   // as there are enough of them to share out evenly).
-  constexpr bool kConvertsKeys = !std::is_same_v<scalar_t, acc> && !kUsesBf16Pairs<scalar_t>;
   bool taken = false;
-  if (kConvertsKeys && !items.empty()) {
+  if (decltype(ForwardScratch<scalar_t>::products)::kKeepsKeys && !items.empty()) {
     close_takes(kConvertedTilesPerTake);
     const int64_t count = static_cast<int64_t>(takes.size()) - 1;
     if (count >= 4 * planning_threads()) {

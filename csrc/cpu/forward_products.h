@@ -32,17 +32,20 @@ class FloatForwardProducts {
     pack_rows_transposed(q, stride, rows, dim_, q_t_.get(), kBlockM);
   }
 
+  // Whether keep_keys keeps anything: float16/bfloat16 rows are converted for the products,
+  // float32 and float64 rows are read in place anyway.
+  static constexpr bool kKeepsKeys = !std::is_same_v<scalar_t, acc>;
+
   // Keeps keys [begin, end) of the block whose K and V rows start at `k` and `v` converted to the
   // accumulation type, converting only the rows not kept yet: the query tiles a thread takes in
-  // turn from one block then share one conversion (float16/bfloat16 inputs; float32 and float64
-  // rows are read in place anyway). True when the keys are kept and scores / accumulate_values
-  // will read them from there; false (nothing kept) for float inputs and blocks of more keys than
+  // turn from one block then share one conversion, and scores / accumulate_values read them from
+  // there. Nothing is kept (each tile is converted again) without kKeepsKeys or for more keys than
   // kMaxKeptKeys.
-  bool keep_keys(const scalar_t* k, int64_t k_stride, const scalar_t* v, int64_t v_stride,
+  void keep_keys(const scalar_t* k, int64_t k_stride, const scalar_t* v, int64_t v_stride,
                  int begin, int end) {
-    if (std::is_same_v<scalar_t, acc> || end - begin > kMaxKeptKeys) {
+    if (!kKeepsKeys || end - begin > kMaxKeptKeys) {
       kept_k_ = nullptr;
-      return false;
+      return;
     }
     if (k != kept_k_ || v != kept_v_ || begin < kept_begin_ || end - kept_begin_ > kMaxKeptKeys) {
       kept_k_ = k;
@@ -58,7 +61,6 @@ class FloatForwardProducts {
                 kept_values_->get() + first, ld_);
       kept_end_ = end;
     }
-    return true;
   }
 
   // Keeps no keys: scores / accumulate_values convert their own tiles again.
@@ -144,9 +146,8 @@ class Bf16ForwardProducts {
   }
 
   // bf16 pairs are packed per tile (or read in place): nothing is kept.
-  bool keep_keys(const c10::BFloat16*, int64_t, const c10::BFloat16*, int64_t, int, int) {
-    return false;
-  }
+  static constexpr bool kKeepsKeys = false;
+  void keep_keys(const c10::BFloat16*, int64_t, const c10::BFloat16*, int64_t, int, int) {}
   void drop_kept_keys() {}
 
   void scores(const c10::BFloat16* k, int64_t stride, int /*key*/, int cols, int lanes,
